@@ -1,0 +1,206 @@
+//! The records the cluster state is made of. Everything here is serialized into the Raft log,
+//! snapshots and the controller API, so field names are part of the wire format.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Apps every cluster has from bootstrap on. They carry their configuration as env, exactly
+/// like user apps, so `flynn -a blobstore env set ...` is the one way to configure them.
+pub const SYSTEM_APPS: &[&str] = &[
+    "controller",
+    "router",
+    "blobstore",
+    "discoverd",
+    "status",
+    "gitreceive",
+    "docker-receive",
+    "taffy",
+    "dashboard",
+    "redis",
+    "mariadb",
+    "mongodb",
+];
+
+/// Default TCP route port range, as Flynn's router serves it.
+pub const TCP_PORT_RANGE: std::ops::RangeInclusive<u16> = 3000..=3500;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct App {
+    pub name: String,
+    pub system: bool,
+    /// Revision at which the app was created.
+    pub created_revision: u64,
+    pub env: Env,
+}
+
+/// Env of an app: global variables plus per-process-type overrides. A lookup for a process
+/// type sees the override first, then the global value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Env {
+    #[serde(default)]
+    pub global: BTreeMap<String, String>,
+    #[serde(default)]
+    pub types: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl Env {
+    /// The value a process of `proc_type` sees for `key`.
+    pub fn get(&self, proc_type: Option<&str>, key: &str) -> Option<&str> {
+        proc_type
+            .and_then(|t| self.types.get(t))
+            .and_then(|vars| vars.get(key))
+            .or_else(|| self.global.get(key))
+            .map(String::as_str)
+    }
+
+    /// The full env a process of `proc_type` sees (global merged with the override).
+    pub fn resolved(&self, proc_type: Option<&str>) -> BTreeMap<String, String> {
+        let mut out = self.global.clone();
+        if let Some(vars) = proc_type.and_then(|t| self.types.get(t)) {
+            out.extend(vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Route {
+    Http(HttpRoute),
+    Tcp(TcpRoute),
+}
+
+impl Route {
+    pub fn id(&self) -> &str {
+        match self {
+            Route::Http(r) => &r.id,
+            Route::Tcp(r) => &r.id,
+        }
+    }
+    pub fn app(&self) -> &str {
+        match self {
+            Route::Http(r) => &r.app,
+            Route::Tcp(r) => &r.app,
+        }
+    }
+    pub fn service(&self) -> &str {
+        match self {
+            Route::Http(r) => &r.service,
+            Route::Tcp(r) => &r.service,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpRoute {
+    pub id: String,
+    pub app: String,
+    pub domain: String,
+    /// Path prefix, always starting with `/`.
+    pub path: String,
+    pub service: String,
+    #[serde(default)]
+    pub sticky: bool,
+    /// Only the service's leader instance receives traffic.
+    #[serde(default)]
+    pub leader: bool,
+    /// Keep-alive connections to backends; Flynn's `--disable-keep-alives` turns it off.
+    #[serde(default = "yes")]
+    pub backend_keepalive: bool,
+    /// Drain a removed backend's in-flight requests instead of cutting them.
+    #[serde(default = "yes")]
+    pub drain_backends: bool,
+    /// Id of the certificate served for this domain, if any.
+    #[serde(default)]
+    pub certificate: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpRoute {
+    pub id: String,
+    pub app: String,
+    pub port: u16,
+    pub service: String,
+    #[serde(default)]
+    pub leader: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Certificate {
+    pub id: String,
+    pub domains: Vec<String>,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// A discoverable service and its live instances.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub name: String,
+    pub instances: BTreeMap<String, Instance>,
+}
+
+impl Service {
+    /// The leader is the longest-registered live instance: stable while it lives, and every
+    /// host computes the same answer from the same state.
+    pub fn leader(&self) -> Option<&Instance> {
+        self.instances
+            .values()
+            .min_by_key(|i| (i.registered_revision, &i.id))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    pub id: String,
+    /// `host:port` the instance serves on.
+    pub addr: String,
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
+    pub registered_revision: u64,
+    pub ttl_ms: u64,
+    /// Wall-clock deadline (ms since the epoch, from the proposing host's clock).
+    pub expires_at_ms: u64,
+}
+
+/// A change the data plane follows: everything routers need, nothing else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventKind {
+    RouteSet {
+        route: Route,
+    },
+    RouteRemoved {
+        id: String,
+    },
+    CertificateSet {
+        certificate: Certificate,
+    },
+    CertificateRemoved {
+        id: String,
+    },
+    InstanceUp {
+        service: String,
+        instance: Instance,
+    },
+    InstanceDown {
+        service: String,
+        id: String,
+    },
+    ServiceLeader {
+        service: String,
+        leader: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub revision: u64,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
