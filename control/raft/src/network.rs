@@ -1,0 +1,139 @@
+//! Raft RPCs between hosts: JSON over HTTP, authenticated by the cluster secret.
+//!
+//! The server side lives with the daemon's HTTP router; it answers each path below with the
+//! JSON of `Result<Response, RaftError>`, so remote Raft errors arrive typed.
+
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::{NodeId, TypeConfig, SECRET_HEADER};
+
+pub const PATH_APPEND: &str = "/raft/append";
+pub const PATH_VOTE: &str = "/raft/vote";
+pub const PATH_SNAPSHOT: &str = "/raft/snapshot";
+
+/// Builds one connection handle per peer; they share a pooled HTTP client.
+#[derive(Clone)]
+pub struct HttpNetwork {
+    client: reqwest::Client,
+    secret: String,
+}
+
+impl HttpNetwork {
+    pub fn new(secret: String) -> Self {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(500))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .tcp_nodelay(true)
+            .build()
+            .expect("http client");
+        HttpNetwork { client, secret }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
+        PeerConnection {
+            target,
+            base: format!("http://{}", node.addr),
+            client: self.client.clone(),
+            secret: self.secret.clone(),
+        }
+    }
+}
+
+pub struct PeerConnection {
+    target: NodeId,
+    base: String,
+    client: reqwest::Client,
+    secret: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct TransportError(String);
+
+impl PeerConnection {
+    async fn call<Req, Resp, E>(
+        &self,
+        path: &str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let resp = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header(SECRET_HEADER, &self.secret)
+            .timeout(option.hard_ttl())
+            .json(req)
+            .send()
+            .await
+            .map_err(|e| {
+                // Connection refused or timed out: openraft backs off from unreachable peers.
+                if e.is_connect() || e.is_timeout() {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                } else {
+                    RPCError::Network(NetworkError::new(&e))
+                }
+            })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            return Err(RPCError::Network(NetworkError::new(&TransportError(
+                format!("peer {} answered {status}: {body}", self.target),
+            ))));
+        }
+        let result: Result<Resp, RaftError<NodeId, E>> = resp
+            .json()
+            .await
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(PATH_APPEND, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call(PATH_SNAPSHOT, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(PATH_VOTE, &rpc, &option).await
+    }
+}
