@@ -1,1 +1,401 @@
-fn main() {}
+//! `flynn`: the developer and operator CLI for the controller API.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use flynn_cli::flynnrc::{self, FlynnRc};
+use flynn_cli::{print_table, run_main};
+use flynn_client::{ControllerClient, EnvUpdate, RouteRequest};
+use flynn_state::Route;
+
+#[derive(Parser)]
+#[command(name = "flynn", version, about = "Manage apps on a Flynn cluster")]
+struct Cli {
+    /// App to act on.
+    #[arg(short = 'a', long = "app", env = "FLYNN_APP", global = true)]
+    app: Option<String>,
+    /// Cluster (from flynnrc) to talk to; defaults to the default cluster.
+    #[arg(
+        short = 'c',
+        long = "cluster",
+        env = "FLYNN_CLUSTER_NAME",
+        global = true
+    )]
+    cluster: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List, add and remove clusters in flynnrc.
+    Cluster(ClusterArgs),
+    /// Create an app.
+    Create {
+        /// App name (defaults to -a).
+        name: Option<String>,
+    },
+    /// List apps.
+    Apps,
+    /// Delete the app given with -a.
+    Delete {
+        /// Skip the confirmation prompt.
+        #[arg(short = 'y', long = "yes")]
+        yes: bool,
+    },
+    /// Show and change an app's env.
+    Env(EnvArgs),
+    /// Show and change an app's routes.
+    Route(RouteArgs),
+}
+
+#[derive(Args)]
+struct ClusterArgs {
+    #[command(subcommand)]
+    cmd: Option<ClusterCmd>,
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Add a cluster: NAME, its controller URL (or host:port), and a controller key.
+    Add {
+        /// Make it the default cluster.
+        #[arg(short = 'd', long = "default")]
+        default: bool,
+        name: String,
+        url: String,
+        key: String,
+    },
+    /// Remove a cluster from flynnrc.
+    Remove { name: String },
+    /// Show or set the default cluster.
+    Default { name: Option<String> },
+}
+
+#[derive(Args)]
+struct EnvArgs {
+    /// Process type whose env to show.
+    #[arg(short = 't', long = "process-type")]
+    proc_type: Option<String>,
+    #[command(subcommand)]
+    cmd: Option<EnvCmd>,
+}
+
+#[derive(Subcommand)]
+enum EnvCmd {
+    /// Print one variable.
+    Get {
+        #[arg(short = 't', long = "process-type")]
+        proc_type: Option<String>,
+        key: String,
+    },
+    /// Set variables (KEY=VALUE ...), for one process type with -t.
+    Set {
+        #[arg(short = 't', long = "process-type")]
+        proc_type: Option<String>,
+        #[arg(required = true)]
+        pairs: Vec<String>,
+    },
+    /// Unset variables, for one process type with -t.
+    Unset {
+        #[arg(short = 't', long = "process-type")]
+        proc_type: Option<String>,
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct RouteArgs {
+    #[command(subcommand)]
+    cmd: Option<RouteCmd>,
+}
+
+#[derive(Subcommand)]
+enum RouteCmd {
+    /// Add a route.
+    Add {
+        #[command(subcommand)]
+        kind: RouteKind,
+    },
+    /// Remove a route by id.
+    Remove { id: String },
+}
+
+#[derive(Subcommand)]
+enum RouteKind {
+    /// An HTTP route: DOMAIN or DOMAIN/PATH.
+    Http {
+        /// Service to route to (default APP-web).
+        #[arg(short = 's', long)]
+        service: Option<String>,
+        /// Pin each client to one backend with a cookie.
+        #[arg(long)]
+        sticky: bool,
+        /// Send traffic only to the service's leader.
+        #[arg(long, conflicts_with = "no_leader")]
+        leader: bool,
+        #[arg(long, hide = true)]
+        no_leader: bool,
+        /// Do not wait for in-flight requests when a backend goes away.
+        #[arg(long)]
+        no_drain_backends: bool,
+        /// No keep-alive connections to backends.
+        #[arg(long)]
+        disable_keep_alives: bool,
+        /// Certificate id (from the certificates API) to serve for the domain.
+        #[arg(long)]
+        certificate: Option<String>,
+        domain: String,
+    },
+    /// A TCP route on a port (default: the first free one in 3000-3500).
+    Tcp {
+        #[arg(short = 's', long)]
+        service: Option<String>,
+        #[arg(short = 'p', long)]
+        port: Option<u16>,
+        #[arg(long)]
+        leader: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    run_main("flynn", run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let rc_path = flynnrc::path()?;
+    if let Cmd::Cluster(args) = &cli.cmd {
+        return cluster_cmd(&rc_path, args);
+    }
+    let rc = FlynnRc::load(&rc_path)?;
+    let cluster = rc.pick(cli.cluster.as_deref())?;
+    let client = ControllerClient::new(&cluster.url, &cluster.key);
+    let app = || {
+        cli.app
+            .clone()
+            .context("no app given: use -a APP or set FLYNN_APP")
+    };
+    match cli.cmd {
+        Cmd::Cluster(_) => unreachable!("handled above"),
+        Cmd::Create { name } => {
+            let name = name
+                .or(cli.app.clone())
+                .context("usage: flynn create NAME")?;
+            let created = client.create_app(&name).await?;
+            println!("Created {}", created.name);
+        }
+        Cmd::Apps => {
+            let apps = client.apps().await?;
+            let rows: Vec<Vec<String>> = apps
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.name.clone(),
+                        if a.system { "system" } else { "user" }.to_string(),
+                        a.created_revision.to_string(),
+                    ]
+                })
+                .collect();
+            print_table(&["NAME", "KIND", "CREATED_REV"], &rows);
+        }
+        Cmd::Delete { yes } => {
+            let app = app()?;
+            if !yes {
+                if !std::io::stdin().is_terminal() {
+                    bail!("refusing to delete {app} without confirmation: pass -y");
+                }
+                eprint!("Are you sure you want to delete the app ({app})? (yes/no): ");
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if answer.trim() != "yes" {
+                    bail!("not deleted");
+                }
+            }
+            client.delete_app(&app).await?;
+            println!("Deleted {app}");
+        }
+        Cmd::Env(args) => env_cmd(&client, &app()?, args).await?,
+        Cmd::Route(args) => route_cmd(&client, &app()?, args).await?,
+    }
+    Ok(())
+}
+
+fn cluster_cmd(rc_path: &std::path::Path, args: &ClusterArgs) -> anyhow::Result<()> {
+    let mut rc = FlynnRc::load(rc_path)?;
+    match &args.cmd {
+        None => {
+            let rows: Vec<Vec<String>> = rc
+                .clusters
+                .iter()
+                .map(|c| {
+                    let mark = if rc.default.as_deref() == Some(&c.name) {
+                        "(default)"
+                    } else {
+                        ""
+                    };
+                    vec![c.name.clone(), c.url.clone(), mark.to_string()]
+                })
+                .collect();
+            print_table(&["NAME", "URL", ""], &rows);
+            return Ok(());
+        }
+        Some(ClusterCmd::Add {
+            default,
+            name,
+            url,
+            key,
+        }) => {
+            rc.add(name, url, key, *default)?;
+            rc.save(rc_path)?;
+            println!("Cluster {name} added.");
+        }
+        Some(ClusterCmd::Remove { name }) => {
+            rc.remove(name)?;
+            rc.save(rc_path)?;
+            println!("Cluster {name} removed.");
+        }
+        Some(ClusterCmd::Default { name: None }) => {
+            println!("{}", rc.pick(None)?.name);
+        }
+        Some(ClusterCmd::Default { name: Some(name) }) => {
+            rc.pick(Some(name))?;
+            rc.default = Some(name.clone());
+            rc.save(rc_path)?;
+            println!("\"{name}\" is now the default cluster.");
+        }
+    }
+    Ok(())
+}
+
+fn parse_pairs(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for p in pairs {
+        let (k, v) = p
+            .split_once('=')
+            .with_context(|| format!("{p:?} is not KEY=VALUE"))?;
+        if k.is_empty() {
+            bail!("{p:?} has an empty name");
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+async fn env_cmd(client: &ControllerClient, app: &str, args: EnvArgs) -> anyhow::Result<()> {
+    match args.cmd {
+        None => {
+            for (k, v) in client.env(app, args.proc_type.as_deref()).await? {
+                println!("{k}={v}");
+            }
+        }
+        Some(EnvCmd::Get { proc_type, key }) => {
+            let env = client
+                .env(app, proc_type.as_deref().or(args.proc_type.as_deref()))
+                .await?;
+            match env.get(&key) {
+                Some(v) => println!("{v}"),
+                None => bail!("{key} is not set"),
+            }
+        }
+        Some(EnvCmd::Set { proc_type, pairs }) => {
+            let update = EnvUpdate {
+                proc_type: proc_type.or(args.proc_type),
+                set: parse_pairs(&pairs)?,
+                unset: vec![],
+            };
+            client.update_env(app, &update).await?;
+            println!("Env updated for {app}.");
+        }
+        Some(EnvCmd::Unset { proc_type, keys }) => {
+            let update = EnvUpdate {
+                proc_type: proc_type.or(args.proc_type),
+                set: BTreeMap::new(),
+                unset: keys,
+            };
+            client.update_env(app, &update).await?;
+            println!("Env updated for {app}.");
+        }
+    }
+    Ok(())
+}
+
+fn route_row(r: &Route) -> Vec<String> {
+    match r {
+        Route::Http(h) => vec![
+            format!(
+                "http:{}{}",
+                h.domain,
+                if h.path == "/" { "" } else { &h.path }
+            ),
+            h.service.clone(),
+            h.id.clone(),
+            h.sticky.to_string(),
+            h.leader.to_string(),
+        ],
+        Route::Tcp(t) => vec![
+            format!("tcp:{}", t.port),
+            t.service.clone(),
+            t.id.clone(),
+            "false".into(),
+            t.leader.to_string(),
+        ],
+    }
+}
+
+async fn route_cmd(client: &ControllerClient, app: &str, args: RouteArgs) -> anyhow::Result<()> {
+    match args.cmd {
+        None => {
+            let rows: Vec<Vec<String>> = client.routes(app).await?.iter().map(route_row).collect();
+            print_table(&["ROUTE", "SERVICE", "ID", "STICKY", "LEADER"], &rows);
+        }
+        Some(RouteCmd::Add { kind }) => {
+            let req = match kind {
+                RouteKind::Http {
+                    service,
+                    sticky,
+                    leader,
+                    no_leader: _,
+                    no_drain_backends,
+                    disable_keep_alives,
+                    certificate,
+                    domain,
+                } => {
+                    let (domain, path) = match domain.find('/') {
+                        Some(i) => (domain[..i].to_string(), Some(domain[i..].to_string())),
+                        None => (domain, None),
+                    };
+                    RouteRequest::Http {
+                        domain,
+                        path,
+                        service,
+                        sticky,
+                        leader,
+                        disable_keepalive: disable_keep_alives,
+                        no_drain_backends,
+                        certificate,
+                    }
+                }
+                RouteKind::Tcp {
+                    service,
+                    port,
+                    leader,
+                } => RouteRequest::Tcp {
+                    port,
+                    service,
+                    leader,
+                },
+            };
+            let route = client.add_route(app, &req).await?;
+            println!("{}", route.id());
+        }
+        Some(RouteCmd::Remove { id }) => {
+            client.remove_route(app, &id).await?;
+            println!("Route {id} removed.");
+        }
+    }
+    Ok(())
+}

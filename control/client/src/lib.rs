@@ -1,1 +1,427 @@
-pub fn x() {}
+//! HTTP clients for the controller API (`flynn`) and the host API (`flynn-host`).
+
+pub mod types;
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use flynn_state::{App, Certificate, NewCertificate, Route, Service};
+pub use types::*;
+
+/// Header carrying the cluster secret on host-to-host and host-admin requests.
+pub const SECRET_HEADER: &str = "x-flynn-cluster-secret";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error status and body.
+    #[error("{message}")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// The request did not complete; for a write the outcome is unknown.
+    #[error("cannot reach {url}: {reason}")]
+    Transport { url: String, reason: String },
+    #[error("unexpected answer from {url}: {reason}")]
+    Decode { url: String, reason: String },
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// True when the server may or may not have applied the write.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            ClientError::Transport { .. } | ClientError::Decode { .. } => true,
+            ClientError::Api { code, .. } => code == "unknown_outcome",
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Http {
+    base: String,
+    http: reqwest::Client,
+    auth: Auth,
+}
+
+#[derive(Clone)]
+enum Auth {
+    Key(String),
+    Secret(Option<String>),
+}
+
+impl Http {
+    fn new(base: &str, auth: Auth, timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2).min(timeout))
+            .timeout(timeout)
+            .build()
+            .expect("http client");
+        Http {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+            auth,
+        }
+    }
+
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let rb = self.http.request(method, format!("{}{path}", self.base));
+        match &self.auth {
+            Auth::Key(k) => rb.bearer_auth(k),
+            Auth::Secret(Some(s)) => rb.header(SECRET_HEADER, s),
+            Auth::Secret(None) => rb,
+        }
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        rb: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let req = rb.build().map_err(|e| ClientError::Transport {
+            url: self.base.clone(),
+            reason: e.to_string(),
+        })?;
+        let url = req.url().to_string();
+        let resp = self
+            .http
+            .execute(req)
+            .await
+            .map_err(|e| ClientError::Transport {
+                url: url.clone(),
+                reason: error_chain(&e),
+            })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| ClientError::Transport {
+            url: url.clone(),
+            reason: error_chain(&e),
+        })?;
+        if !status.is_success() {
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(b) => ClientError::Api {
+                    status: status.as_u16(),
+                    code: b.error,
+                    message: b.message,
+                },
+                Err(_) => ClientError::Api {
+                    status: status.as_u16(),
+                    code: status_code_name(status),
+                    message: String::from_utf8_lossy(&bytes).trim().to_string(),
+                },
+            });
+        }
+        let body: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+        serde_json::from_slice(body).map_err(|e| ClientError::Decode {
+            url,
+            reason: e.to_string(),
+        })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send(self.request(Method::GET, path)).await
+    }
+
+    async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T, ClientError> {
+        self.send(self.request(Method::POST, path).json(body)).await
+    }
+
+    async fn put<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T, ClientError> {
+        self.send(self.request(Method::PUT, path).json(body)).await
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), ClientError> {
+        self.send::<serde_json::Value>(self.request(Method::DELETE, path))
+            .await
+            .map(|_| ())
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+fn status_code_name(s: StatusCode) -> String {
+    s.canonical_reason()
+        .unwrap_or("error")
+        .to_lowercase()
+        .replace(' ', "_")
+}
+
+/// Percent-encodes one path segment.
+fn seg(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Client of the controller API served by every host.
+#[derive(Clone)]
+pub struct ControllerClient {
+    http: Http,
+}
+
+impl ControllerClient {
+    pub fn new(url: &str, key: &str) -> Self {
+        Self::with_timeout(url, key, Duration::from_secs(30))
+    }
+
+    pub fn with_timeout(url: &str, key: &str, timeout: Duration) -> Self {
+        ControllerClient {
+            http: Http::new(url, Auth::Key(key.to_string()), timeout),
+        }
+    }
+
+    pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
+        self.http.get("/status").await
+    }
+
+    pub async fn apps(&self) -> Result<Vec<App>, ClientError> {
+        self.http.get("/apps").await
+    }
+
+    pub async fn app(&self, name: &str) -> Result<App, ClientError> {
+        self.http.get(&format!("/apps/{}", seg(name))).await
+    }
+
+    pub async fn create_app(&self, name: &str) -> Result<App, ClientError> {
+        self.http
+            .post("/apps", &CreateApp { name: name.into() })
+            .await
+    }
+
+    pub async fn delete_app(&self, name: &str) -> Result<(), ClientError> {
+        self.http.delete(&format!("/apps/{}", seg(name))).await
+    }
+
+    /// The env a process of `proc_type` sees (global merged with the override).
+    pub async fn env(
+        &self,
+        app: &str,
+        proc_type: Option<&str>,
+    ) -> Result<std::collections::BTreeMap<String, String>, ClientError> {
+        let q = proc_type
+            .map(|t| format!("?type={}", seg(t)))
+            .unwrap_or_default();
+        self.http.get(&format!("/apps/{}/env{q}", seg(app))).await
+    }
+
+    /// Like [`Self::env`] but answered from the contacted host's applied state, without
+    /// confirming with the leader (faster, possibly stale).
+    pub async fn env_stale(
+        &self,
+        app: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>, ClientError> {
+        self.http
+            .get(&format!("/apps/{}/env?stale=true", seg(app)))
+            .await
+    }
+
+    pub async fn update_env(&self, app: &str, update: &EnvUpdate) -> Result<App, ClientError> {
+        self.http
+            .post(&format!("/apps/{}/env", seg(app)), update)
+            .await
+    }
+
+    pub async fn routes(&self, app: &str) -> Result<Vec<Route>, ClientError> {
+        self.http.get(&format!("/apps/{}/routes", seg(app))).await
+    }
+
+    pub async fn add_route(&self, app: &str, route: &RouteRequest) -> Result<Route, ClientError> {
+        self.http
+            .post(&format!("/apps/{}/routes", seg(app)), route)
+            .await
+    }
+
+    pub async fn remove_route(&self, app: &str, id: &str) -> Result<(), ClientError> {
+        self.http
+            .delete(&format!("/apps/{}/routes/{}", seg(app), seg(id)))
+            .await
+    }
+
+    pub async fn certificates(&self) -> Result<Vec<Certificate>, ClientError> {
+        self.http.get("/certificates").await
+    }
+
+    pub async fn add_certificate(&self, c: &NewCertificate) -> Result<Certificate, ClientError> {
+        self.http.post("/certificates", c).await
+    }
+
+    pub async fn service(&self, name: &str) -> Result<Service, ClientError> {
+        self.http.get(&format!("/services/{}", seg(name))).await
+    }
+
+    pub async fn register_instance(
+        &self,
+        service: &str,
+        id: &str,
+        reg: &InstanceRegistration,
+    ) -> Result<flynn_state::Instance, ClientError> {
+        self.http
+            .put(
+                &format!("/services/{}/instances/{}", seg(service), seg(id)),
+                reg,
+            )
+            .await
+    }
+
+    pub async fn heartbeat(
+        &self,
+        service: &str,
+        id: &str,
+    ) -> Result<flynn_state::Instance, ClientError> {
+        self.http
+            .post(
+                &format!("/services/{}/instances/{}/heartbeat", seg(service), seg(id)),
+                &serde_json::json!({}),
+            )
+            .await
+    }
+
+    /// Opens the watch stream and hands each line to `f` until it returns false or the
+    /// stream ends.
+    pub async fn watch(
+        &self,
+        since: u64,
+        mut f: impl FnMut(WatchLine) -> bool,
+    ) -> Result<(), ClientError> {
+        let url = format!("{}/watch?since={since}", self.http.base);
+        let rb = self
+            .http
+            .request(Method::GET, &format!("/watch?since={since}"));
+        // The stream is long-lived: no overall timeout.
+        let req = rb
+            .timeout(Duration::from_secs(24 * 3600))
+            .build()
+            .map_err(|e| ClientError::Transport {
+                url: url.clone(),
+                reason: e.to_string(),
+            })?;
+        let resp = self
+            .http
+            .http
+            .execute(req)
+            .await
+            .map_err(|e| ClientError::Transport {
+                url: url.clone(),
+                reason: error_chain(&e),
+            })?;
+        if !resp.status().is_success() {
+            return Err(ClientError::Api {
+                status: resp.status().as_u16(),
+                code: status_code_name(resp.status()),
+                message: resp.text().await.unwrap_or_default(),
+            });
+        }
+        let mut stream = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ClientError::Transport {
+                url: url.clone(),
+                reason: error_chain(&e),
+            })?;
+            buf.extend_from_slice(&chunk);
+            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                let item: WatchLine =
+                    serde_json::from_slice(&line).map_err(|e| ClientError::Decode {
+                        url: url.clone(),
+                        reason: e.to_string(),
+                    })?;
+                if !f(item) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Client of a host's own API: bootstrap, membership and host listing.
+#[derive(Clone)]
+pub struct HostClient {
+    http: Http,
+}
+
+impl HostClient {
+    /// `secret` is the cluster secret; calls that need none work without it.
+    pub fn new(url: &str, secret: Option<&str>, timeout: Duration) -> Self {
+        HostClient {
+            http: Http::new(url, Auth::Secret(secret.map(String::from)), timeout),
+        }
+    }
+
+    pub async fn info(&self) -> Result<HostInfo, ClientError> {
+        self.http.get("/host/info").await
+    }
+
+    pub async fn status(&self) -> Result<ClusterStatus, ClientError> {
+        self.http.get("/host/status").await
+    }
+
+    pub async fn list(&self) -> Result<Vec<HostEntry>, ClientError> {
+        self.http.get("/host/list").await
+    }
+
+    pub async fn bootstrap(&self, req: &BootstrapRequest) -> Result<HostInfo, ClientError> {
+        self.http.post("/host/bootstrap", req).await
+    }
+
+    pub async fn join(&self, req: &JoinRequest) -> Result<serde_json::Value, ClientError> {
+        self.http.post("/host/join", req).await
+    }
+
+    pub async fn promote(&self, host: &str) -> Result<Vec<HostEntry>, ClientError> {
+        self.http
+            .post(
+                "/host/promote",
+                &MembershipRequest {
+                    host: host.into(),
+                    force: false,
+                },
+            )
+            .await
+    }
+
+    pub async fn demote(&self, host: &str, force: bool) -> Result<Vec<HostEntry>, ClientError> {
+        self.http
+            .post(
+                "/host/demote",
+                &MembershipRequest {
+                    host: host.into(),
+                    force,
+                },
+            )
+            .await
+    }
+}

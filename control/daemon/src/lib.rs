@@ -1,1 +1,23 @@
-pub fn x() {}
+//! flynn-host's control-plane seat: the Raft node, the controller and host APIs, bootstrap,
+//! join and recovery. The `flynn-host` binary is a thin CLI over this crate.
+
+pub mod api;
+pub mod bootstrap;
+pub mod daemon;
+pub mod error;
+pub mod hostdir;
+pub mod node;
+
+pub use daemon::{prepare_recovery, run, DaemonConfig, DEFAULT_PORT};
+
+/// The version this host reports and checks at bootstrap and join. Operators testing an
+/// upgrade path can set `FLYNN_HOST_VERSION` to stand in for another build.
+pub fn version() -> &'static str {
+    static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    V.get_or_init(|| {
+        std::env::var("FLYNN_HOST_VERSION")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())
+    })
+}

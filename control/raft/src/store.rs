@@ -7,6 +7,9 @@
 //! next synced write (log append, vote, purge) persists them, and a lost tail is re-applied
 //! from the log on restart (the committed index is saved too).
 
+// openraft's storage traits fix the error type (StorageError, ~224 bytes); helpers share it.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
 use std::io::Cursor;

@@ -1,0 +1,338 @@
+//! `flynn-host`: runs a host and manages the cluster's hosts.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use flynn_cli::{print_table, run_main};
+use flynn_client::{HostClient, HostEntry};
+use flynn_daemon::bootstrap::{bootstrap, BootstrapOptions};
+use flynn_daemon::hostdir::{HostDir, InitConfig};
+use flynn_daemon::{DaemonConfig, DEFAULT_PORT};
+
+#[derive(Parser)]
+#[command(name = "flynn-host", version, about = "Run and manage Flynn hosts")]
+struct Cli {
+    /// The host's data directory.
+    #[arg(
+        long,
+        env = "FLYNN_DATA_DIR",
+        default_value = "/var/lib/flynn",
+        global = true
+    )]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run this host's daemon.
+    Daemon {
+        /// Address other hosts reach this one at (default: from init, else 127.0.0.1).
+        #[arg(long)]
+        external_ip: Option<String>,
+        /// Host API port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0")]
+        listen_ip: IpAddr,
+        /// Peers to ask for admission (default: from init).
+        #[arg(long, value_delimiter = ',')]
+        peer_ips: Vec<String>,
+    },
+    /// Record this host's cluster settings before its first start.
+    Init {
+        /// Addresses of the cluster's peers (IP or IP:PORT), comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        peer_ips: Vec<String>,
+        /// Cluster secret of an existing cluster: the daemon then joins it as a proxy.
+        #[arg(long, env = "FLYNN_CLUSTER_SECRET")]
+        secret: Option<String>,
+        #[arg(long)]
+        external_ip: Option<String>,
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// Form a new cluster from hosts whose daemons are running.
+    Bootstrap {
+        /// Wait until this many hosts answer.
+        #[arg(long, default_value_t = 1)]
+        min_hosts: usize,
+        /// Host addresses (IP or IP:PORT), comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        peer_ips: Vec<String>,
+        /// Seconds to wait for the hosts.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the cluster's hosts.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Make a proxy host a voting peer.
+    Promote {
+        host: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Make a peer a proxy; with --force, remove a peer that is gone for good.
+    Demote {
+        #[arg(long)]
+        force: bool,
+        host: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Prepare a stopped host to restart as the only peer of a new cluster holding its
+    /// state: the way out when a cluster has lost its quorum for good.
+    Recover,
+    /// Show this host's view of the cluster.
+    Status {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print the version.
+    Version,
+}
+
+#[derive(clap::Args)]
+struct Target {
+    /// Host API of the host to ask (default: this host).
+    #[arg(long, env = "FLYNN_HOST_URL")]
+    host_url: Option<String>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Daemon { .. }) {
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
+            .with_writer(std::io::stderr)
+            .init();
+    }
+    run_main("flynn-host", run(cli))
+}
+
+fn host_url(ip: &str, port: u16) -> String {
+    if ip.contains(':') && !ip.starts_with('[') {
+        format!("http://{ip}")
+    } else {
+        format!("http://{ip}:{port}")
+    }
+}
+
+/// Client for this host's daemon, authenticated with the secret in its data dir.
+fn local_host(data_dir: &Path, target: &Target) -> anyhow::Result<HostClient> {
+    let dir = HostDir::new(data_dir);
+    let secret = match std::env::var("FLYNN_CLUSTER_SECRET") {
+        Ok(s) if !s.is_empty() => Some(s),
+        _ => dir.secret()?,
+    };
+    let secret = secret.with_context(|| {
+        format!(
+            "no cluster secret in {} (is this host part of a cluster?)",
+            data_dir.display()
+        )
+    })?;
+    let url = match &target.host_url {
+        Some(u) => u.clone(),
+        None => {
+            let port = dir.init_config()?.port.unwrap_or(DEFAULT_PORT);
+            format!("http://127.0.0.1:{port}")
+        }
+    };
+    Ok(HostClient::new(
+        &url,
+        Some(&secret),
+        Duration::from_secs(60),
+    ))
+}
+
+fn print_hosts(hosts: &[HostEntry]) {
+    let rows: Vec<Vec<String>> = hosts
+        .iter()
+        .map(|h| {
+            vec![
+                h.node_id.to_string(),
+                h.addr.clone(),
+                h.role.to_string(),
+                if h.leader { "leader" } else { "" }.to_string(),
+                if h.reachable { "up" } else { "unreachable" }.to_string(),
+                h.version.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "ADDR", "ROLE", "LEADER", "STATE", "VERSION"], &rows);
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let dir = HostDir::new(&cli.data_dir);
+    match cli.cmd {
+        Cmd::Daemon {
+            external_ip,
+            port,
+            listen_ip,
+            peer_ips,
+        } => {
+            let init = dir.init_config()?;
+            let cfg = DaemonConfig {
+                data_dir: cli.data_dir.clone(),
+                external_ip: external_ip
+                    .or(init.external_ip)
+                    .unwrap_or_else(|| "127.0.0.1".into()),
+                port: port.or(init.port).unwrap_or(DEFAULT_PORT),
+                listen_ip,
+                peer_ips: if peer_ips.is_empty() {
+                    init.peer_ips
+                } else {
+                    peer_ips
+                },
+            };
+            flynn_daemon::run(cfg).await
+        }
+        Cmd::Init {
+            peer_ips,
+            secret,
+            external_ip,
+            port,
+        } => {
+            if dir.secret()?.is_some() {
+                bail!(
+                    "{} already belongs to a cluster; refusing to re-init",
+                    cli.data_dir.display()
+                );
+            }
+            for ip in &peer_ips {
+                if ip.is_empty() {
+                    bail!("--peer-ips has an empty entry");
+                }
+            }
+            dir.write_init_config(&InitConfig {
+                external_ip,
+                port,
+                peer_ips,
+            })?;
+            if let Some(s) = secret {
+                if s.len() < 32 {
+                    bail!("--secret is too short to be a cluster secret");
+                }
+                dir.write_secret(&s)?;
+                println!(
+                    "Initialized {}: the daemon will join the cluster as a proxy.",
+                    cli.data_dir.display()
+                );
+            } else {
+                println!(
+                    "Initialized {}: start the daemon, then run flynn-host bootstrap.",
+                    cli.data_dir.display()
+                );
+            }
+            Ok(())
+        }
+        Cmd::Bootstrap {
+            min_hosts,
+            peer_ips,
+            timeout,
+            json,
+        } => {
+            let opts = BootstrapOptions {
+                hosts: peer_ips
+                    .iter()
+                    .map(|ip| host_url(ip, DEFAULT_PORT))
+                    .collect(),
+                min_hosts,
+                timeout: Duration::from_secs(timeout),
+            };
+            let out = bootstrap(&opts).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "controller_url": out.controller_url,
+                        "controller_key": out.auth_key,
+                        "cluster_secret": out.secret,
+                        "peers": out.peers.iter().map(|p| &p.addr).collect::<Vec<_>>(),
+                        "proxies": out.proxies.iter().map(|p| &p.addr).collect::<Vec<_>>(),
+                    })
+                );
+            } else {
+                println!(
+                    "Cluster bootstrapped with {} peer(s) and {} proxy(ies).",
+                    out.peers.len(),
+                    out.proxies.len()
+                );
+                println!();
+                println!("Controller URL: {}", out.controller_url);
+                println!("Controller key: {}", out.auth_key);
+                println!(
+                    "Cluster secret: {}  (new hosts: flynn-host init --peer-ips ... --secret ...)",
+                    out.secret
+                );
+                println!();
+                println!("Try it:");
+                println!(
+                    "  flynn cluster add -d default {} {}",
+                    out.controller_url, out.auth_key
+                );
+                println!("  flynn create myapp && flynn -a myapp env set -t web GREETING=hello");
+            }
+            Ok(())
+        }
+        Cmd::List { json, target } => {
+            let hosts = local_host(&cli.data_dir, &target)?.list().await?;
+            if json {
+                println!("{}", serde_json::to_string(&hosts)?);
+            } else {
+                print_hosts(&hosts);
+            }
+            Ok(())
+        }
+        Cmd::Promote { host, target } => {
+            let hosts = local_host(&cli.data_dir, &target)?.promote(&host).await?;
+            println!("Promoted {host}.");
+            print_hosts(&hosts);
+            Ok(())
+        }
+        Cmd::Demote {
+            force,
+            host,
+            target,
+        } => {
+            let hosts = local_host(&cli.data_dir, &target)?
+                .demote(&host, force)
+                .await?;
+            println!("{} {host}.", if force { "Removed" } else { "Demoted" });
+            print_hosts(&hosts);
+            Ok(())
+        }
+        Cmd::Recover => {
+            let (apps, revision) = flynn_daemon::prepare_recovery(&cli.data_dir)?;
+            println!(
+                "Prepared recovery of {apps} apps at revision {revision}. Start the daemon: it becomes the only peer of a new cluster with this state. Then wipe the other hosts' data dirs, init them with --peer-ips THIS_IP --secret (same secret), start them, and promote them."
+            );
+            Ok(())
+        }
+        Cmd::Status { target } => {
+            let status = local_host(&cli.data_dir, &target)?.status().await?;
+            println!("{}", serde_json::to_string_pretty(&status)?);
+            Ok(())
+        }
+        Cmd::Version => {
+            println!("{}", flynn_daemon::version());
+            Ok(())
+        }
+    }
+}

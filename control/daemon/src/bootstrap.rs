@@ -1,0 +1,129 @@
+//! `flynn-host bootstrap`: turns a set of fresh hosts into a cluster.
+//!
+//! Waits until `min_hosts` of the given hosts answer, checks they all run this version,
+//! makes the cluster secret and the first controller key, and hands both to each host. Up
+//! to five of them become voting peers (an odd number: 1, 3 or 5); the rest join as proxies.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use flynn_client::{BootstrapRequest, ClusterStatus, HostClient, HostInfo};
+
+use crate::version;
+
+#[derive(Debug, Clone)]
+pub struct BootstrapOptions {
+    /// Host API URLs (`http://IP:PORT`) of the hosts to bootstrap.
+    pub hosts: Vec<String>,
+    pub min_hosts: usize,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct BootstrapOutcome {
+    pub controller_url: String,
+    pub auth_key: String,
+    pub secret: String,
+    pub peers: Vec<HostInfo>,
+    pub proxies: Vec<HostInfo>,
+    pub status: ClusterStatus,
+}
+
+pub fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+fn voters_for(n: usize) -> usize {
+    match n {
+        0 => 0,
+        1 | 2 => 1,
+        3 | 4 => 3,
+        _ => 5,
+    }
+}
+
+pub async fn bootstrap(opts: &BootstrapOptions) -> anyhow::Result<BootstrapOutcome> {
+    if opts.min_hosts == 0 || opts.min_hosts > opts.hosts.len() {
+        bail!(
+            "--min-hosts must be between 1 and the number of hosts given ({})",
+            opts.hosts.len()
+        );
+    }
+    let deadline = Instant::now() + opts.timeout;
+    let found = loop {
+        let probes = opts.hosts.iter().map(|url| async move {
+            let c = HostClient::new(url, None, Duration::from_secs(2));
+            (url.clone(), c.info().await)
+        });
+        let answers = futures::future::join_all(probes).await;
+        let up: Vec<(String, HostInfo)> = answers
+            .into_iter()
+            .filter_map(|(url, r)| r.ok().map(|i| (url, i)))
+            .collect();
+        if let Some((url, _)) = up.iter().find(|(_, i)| i.initialized) {
+            bail!("host {url} already belongs to a cluster");
+        }
+        if up.len() >= opts.min_hosts {
+            break up;
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "only {} of the {} hosts needed answered within {}s",
+                up.len(),
+                opts.min_hosts,
+                opts.timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    for (url, info) in &found {
+        if info.version != version() {
+            bail!(
+                "host {url} runs version {}, but this flynn-host is version {}",
+                info.version,
+                version()
+            );
+        }
+    }
+    let secret = random_hex(32);
+    let auth_key = random_hex(20);
+    let n_voters = voters_for(found.len());
+    let (peers, proxies) = found.split_at(n_voters);
+    let members: BTreeMap<u64, String> = peers
+        .iter()
+        .map(|(_, i)| (i.node_id, i.addr.clone()))
+        .collect();
+    let initializer = peers[0].1.node_id;
+    for (url, _) in found.iter() {
+        let req = BootstrapRequest {
+            secret: secret.clone(),
+            members: members.clone(),
+            initializer,
+            auth_key: auth_key.clone(),
+            version: version().to_string(),
+        };
+        HostClient::new(url, None, Duration::from_secs(10))
+            .bootstrap(&req)
+            .await
+            .with_context(|| format!("bootstrapping {url}"))?;
+    }
+    let first = HostClient::new(&peers[0].0, None, Duration::from_secs(2));
+    let status = loop {
+        match first.status().await {
+            Ok(s) if s.bootstrapped && s.leader.is_some() => break s,
+            _ if Instant::now() >= deadline => bail!("the cluster did not elect a leader in time"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    Ok(BootstrapOutcome {
+        controller_url: peers[0].0.clone(),
+        auth_key,
+        secret,
+        peers: peers.iter().map(|(_, i)| i.clone()).collect(),
+        proxies: proxies.iter().map(|(_, i)| i.clone()).collect(),
+        status,
+    })
+}

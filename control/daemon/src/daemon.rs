@@ -1,0 +1,408 @@
+//! `flynn-host daemon`: one host's seat in the cluster.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use flynn_client::{BootstrapRequest, HostClient, HostInfo, JoinRequest};
+use flynn_raft::network::HttpNetwork;
+use flynn_raft::openraft::BasicNode;
+use flynn_raft::{store, NodeId, Raft};
+use flynn_state::Command;
+use tokio::sync::mpsc;
+
+use crate::error::{ApiError, ApiResult};
+use crate::hostdir::HostDir;
+use crate::node::Node;
+use crate::version;
+
+/// Default port of the host API (as Flynn's host API).
+pub const DEFAULT_PORT: u16 = 1113;
+
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub data_dir: PathBuf,
+    /// Address other hosts use to reach this one.
+    pub external_ip: String,
+    pub port: u16,
+    /// Address to bind; defaults to all interfaces.
+    pub listen_ip: IpAddr,
+    /// Peers to ask for admission when this host has a secret but no cluster state yet.
+    pub peer_ips: Vec<String>,
+}
+
+pub struct Host {
+    pub dir: HostDir,
+    pub id: NodeId,
+    pub addr: String,
+    port: u16,
+    node: OnceLock<Arc<Node>>,
+    start: tokio::sync::Mutex<()>,
+    fatal: mpsc::UnboundedSender<anyhow::Error>,
+}
+
+impl Host {
+    pub fn info(&self) -> HostInfo {
+        HostInfo {
+            node_id: self.id,
+            addr: self.addr.clone(),
+            version: version().to_string(),
+            initialized: self.node.get().is_some(),
+        }
+    }
+
+    pub fn node(&self) -> ApiResult<&Arc<Node>> {
+        self.node.get().ok_or_else(|| {
+            ApiError::Unavailable(
+                "this host is not part of a cluster yet (run `flynn-host bootstrap`, or init it with the cluster secret to join)".into(),
+            )
+        })
+    }
+
+    /// Handles `POST /host/bootstrap` from `flynn-host bootstrap`.
+    pub async fn accept_bootstrap(self: &Arc<Self>, req: BootstrapRequest) -> ApiResult<()> {
+        let _guard = self.start.lock().await;
+        if self.node.get().is_some() {
+            return Err(ApiError::Conflict(format!(
+                "host {} already belongs to a cluster",
+                self.addr
+            )));
+        }
+        if req.version != version() {
+            return Err(ApiError::VersionMismatch(format!(
+                "host {} runs version {}, but the bootstrapping cluster runs version {}",
+                self.addr,
+                version(),
+                req.version
+            )));
+        }
+        let is_member = req.members.contains_key(&self.id);
+        if is_member && req.members.get(&self.id) != Some(&self.addr) {
+            return Err(ApiError::Invalid(format!(
+                "the member list names this host ({}) at another address than {}",
+                self.id, self.addr
+            )));
+        }
+        if req.secret.len() < 32 {
+            return Err(ApiError::Invalid("the cluster secret is too short".into()));
+        }
+        self.dir
+            .write_secret(&req.secret)
+            .map_err(|e| ApiError::Internal(format!("saving the cluster secret: {e}")))?;
+        let node = self
+            .start_node(req.secret.clone())
+            .await
+            .map_err(|e| ApiError::Internal(format!("{e:#}")))?;
+        if !is_member {
+            // More hosts than peers: this one joins the new cluster as a proxy.
+            let peers = req.members.values().cloned().collect();
+            tokio::spawn(self.clone().join(node, peers, req.secret));
+            return Ok(());
+        }
+        if req.initializer == self.id {
+            let members: BTreeMap<NodeId, BasicNode> = req
+                .members
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode::new(addr)))
+                .collect();
+            node.raft
+                .initialize(members)
+                .await
+                .map_err(|e| ApiError::Internal(format!("initializing raft: {e}")))?;
+            let auth_key = req.auth_key.clone();
+            tokio::spawn(async move {
+                // Seeds the system apps; retried until some leader has it.
+                loop {
+                    match node
+                        .propose(Command::Bootstrap {
+                            auth_key: auth_key.clone(),
+                        })
+                        .await
+                    {
+                        Ok(_) | Err(ApiError::Conflict(_)) => break,
+                        Err(e) => tracing::warn!(error = %e, "bootstrap command not committed yet"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                tracing::info!("cluster bootstrapped");
+            });
+        }
+        Ok(())
+    }
+
+    async fn start_node(&self, secret: String) -> anyhow::Result<Arc<Node>> {
+        if let Some(n) = self.node.get() {
+            return Ok(n.clone());
+        }
+        let raft_dir = self.dir.raft_dir();
+        let (log, sm) = store::open(&raft_dir)
+            .with_context(|| format!("opening the raft store in {}", raft_dir.display()))?;
+        let handle = sm.handle();
+        let config = Arc::new(flynn_raft::raft_config().validate()?);
+        let raft = Raft::new(self.id, config, HttpNetwork::new(secret.clone()), log, sm)
+            .await
+            .context("starting raft")?;
+        let node = Node::new(self.id, self.addr.clone(), raft, handle, secret);
+        let _ = self.node.set(node.clone());
+        tokio::spawn(leader_housekeeping(node.clone()));
+        tracing::info!(node_id = self.id, addr = %self.addr, "raft node started");
+        Ok(node)
+    }
+
+    /// Asks the configured peers to admit this host as a proxy until one accepts.
+    async fn join(self: Arc<Self>, node: Arc<Node>, peers: Vec<String>, secret: String) {
+        let request = JoinRequest {
+            node_id: self.id,
+            addr: self.addr.clone(),
+            version: version().to_string(),
+        };
+        loop {
+            if node.role() != flynn_client::Role::None {
+                return;
+            }
+            for peer in &peers {
+                let url = if peer.contains(':') {
+                    format!("http://{peer}")
+                } else {
+                    format!("http://{peer}:{}", self.port)
+                };
+                let client = HostClient::new(&url, Some(&secret), Duration::from_secs(20));
+                match client.join(&request).await {
+                    Ok(_) => {
+                        tracing::info!(peer = %url, "joined the cluster as a proxy");
+                        return;
+                    }
+                    Err(flynn_client::ClientError::Api { code, message, .. })
+                        if code == "version_mismatch" || code == "unauthorized" =>
+                    {
+                        let _ = self
+                            .fatal
+                            .send(anyhow::anyhow!("cannot join the cluster: {message}"));
+                        return;
+                    }
+                    Err(e) => tracing::warn!(peer = %url, error = %e, "join attempt failed"),
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Recovery from quorum loss: this host starts a new one-member cluster that holds the
+    /// state it had applied (see `flynn-host recover`).
+    async fn finish_recovery(self: Arc<Self>, node: Arc<Node>, state: flynn_state::ClusterState) {
+        let members = BTreeMap::from([(self.id, BasicNode::new(&self.addr))]);
+        if let Err(e) = node.raft.initialize(members).await {
+            tracing::warn!(error = %e, "initialize during recovery (already done?)");
+        }
+        loop {
+            match node
+                .propose(Command::Restore {
+                    state: Box::new(state.clone()),
+                })
+                .await
+            {
+                Ok(_) => break,
+                Err(e) => tracing::warn!(error = %e, "restoring state not committed yet"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        match self.dir.remove_recover_state() {
+            Ok(()) => tracing::info!("recovery finished: this host is the only peer; add hosts back as proxies and promote them"),
+            Err(e) => tracing::error!(error = %e, "recovery applied, but recover.json could not be removed"),
+        }
+    }
+
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, value: u64| {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+            ));
+        };
+        let Some(node) = self.node.get() else {
+            gauge(
+                "flynn_host_in_cluster",
+                "1 once the host belongs to a cluster",
+                0,
+            );
+            return out;
+        };
+        let m = node.metrics();
+        let membership = m.membership_config.membership();
+        gauge(
+            "flynn_host_in_cluster",
+            "1 once the host belongs to a cluster",
+            1,
+        );
+        gauge("flynn_raft_term", "current Raft term", m.current_term);
+        gauge(
+            "flynn_raft_is_leader",
+            "1 if this host leads",
+            u64::from(node.is_leader()),
+        );
+        gauge(
+            "flynn_raft_last_log_index",
+            "index of the last log entry",
+            m.last_log_index.unwrap_or(0),
+        );
+        gauge(
+            "flynn_raft_last_applied_index",
+            "index of the last applied entry",
+            m.last_applied.map_or(0, |l| l.index),
+        );
+        gauge(
+            "flynn_raft_voters",
+            "voting peers in the membership",
+            membership.voter_ids().count() as u64,
+        );
+        gauge(
+            "flynn_raft_members",
+            "peers and proxies in the membership",
+            membership.nodes().count() as u64,
+        );
+        gauge(
+            "flynn_cluster_revision",
+            "cluster state revision applied here",
+            node.state.read(|a| a.state.revision),
+        );
+        out
+    }
+}
+
+/// Leader-only upkeep: expire lapsed service instances and keep `DISCOVERD_PEERS` equal to
+/// the Raft voter set.
+async fn leader_housekeeping(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if !node.is_leader() {
+            continue;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
+        let (lapsed, bootstrapped, peers_env) = node.state.read(|a| {
+            let s = &a.state;
+            (
+                s.services
+                    .values()
+                    .any(|svc| svc.instances.values().any(|i| i.expires_at_ms < now)),
+                s.bootstrapped,
+                s.apps
+                    .get("discoverd")
+                    .and_then(|d| d.env.global.get("DISCOVERD_PEERS").cloned()),
+            )
+        });
+        if lapsed {
+            if let Err(e) = node.propose(Command::ExpireInstances { now_ms: now }).await {
+                tracing::debug!(error = %e, "expiring instances");
+            }
+        }
+        if bootstrapped {
+            let m = node.metrics();
+            let membership = m.membership_config.membership();
+            let peers: Vec<String> = membership
+                .voter_ids()
+                .filter_map(|id| membership.get_node(&id).map(|n| n.addr.clone()))
+                .collect();
+            if peers_env.as_deref() != Some(peers.join(",").as_str()) {
+                if let Err(e) = node.propose(Command::SetDiscoverdPeers { peers }).await {
+                    tracing::debug!(error = %e, "updating DISCOVERD_PEERS");
+                }
+            }
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT or a fatal error.
+pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
+    let dir = HostDir::new(&cfg.data_dir);
+    dir.create()
+        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    let id = dir.node_id()?;
+    let listen = SocketAddr::new(cfg.listen_ip, cfg.port);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
+    let host = Arc::new(Host {
+        dir: dir.clone(),
+        id,
+        addr: format!("{}:{}", cfg.external_ip, cfg.port),
+        port: cfg.port,
+        node: OnceLock::new(),
+        start: tokio::sync::Mutex::new(()),
+        fatal: fatal_tx,
+    });
+    tracing::info!(node_id = id, addr = %host.addr, version = version(), "flynn-host daemon starting");
+
+    if let Some(secret) = dir.secret()? {
+        let recovering = dir.recover_state()?;
+        let node = host.start_node(secret.clone()).await?;
+        if let Some(state) = recovering {
+            tokio::spawn(host.clone().finish_recovery(node, state));
+        } else if node.role() == flynn_client::Role::None && !cfg.peer_ips.is_empty() {
+            tokio::spawn(host.clone().join(node, cfg.peer_ips.clone(), secret));
+        }
+    } else {
+        tracing::info!(
+            "waiting to be bootstrapped (flynn-host bootstrap) or given a cluster secret"
+        );
+    }
+
+    let app = crate::api::router(host.clone());
+    let shutdown = async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => Ok(()),
+            _ = tokio::signal::ctrl_c() => Ok(()),
+            Some(e) = fatal_rx.recv() => Err(e),
+        }
+    };
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let r = shutdown.await;
+        let _ = done_tx.send(r);
+    });
+    server.await.context("http server")?;
+    if let Some(node) = host.node.get() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), node.raft.shutdown()).await;
+    }
+    match done_rx.await {
+        Ok(Err(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// `flynn-host recover`: prepares a stopped host's data dir to restart as the single peer of
+/// a new cluster holding its applied state. Used when a cluster has lost its quorum for good.
+pub fn prepare_recovery(data_dir: &std::path::Path) -> anyhow::Result<(usize, u64)> {
+    let dir = HostDir::new(data_dir);
+    if dir.secret()?.is_none() {
+        anyhow::bail!("{} holds no cluster state (no secret)", data_dir.display());
+    }
+    let raft_dir = dir.raft_dir();
+    let (state, _) = store::read_applied_state(&raft_dir).with_context(|| {
+        format!(
+            "reading {}: is the daemon still running?",
+            raft_dir.display()
+        )
+    })?;
+    // Keep the old store until the seed is safely written, then move it aside.
+    dir.write_recover_state(&state)?;
+    let aside = data_dir.join(format!(
+        "raft.before-recovery.{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default()
+    ));
+    std::fs::rename(&raft_dir, &aside)
+        .with_context(|| format!("moving {} aside", raft_dir.display()))?;
+    Ok((state.apps.len(), state.revision))
+}

@@ -1,0 +1,463 @@
+//! A running Raft member and the operations that need the leader.
+//!
+//! Everything that must happen on the leader (a write, a read index, a membership change) is a
+//! [`LeaderOp`]. [`Node::on_leader`] runs it locally when this host leads and otherwise sends
+//! it to the leader's `/raft/leader` endpoint, retrying while leadership is in flux. So a write
+//! to any host reaches the leader: forwarded, never refused.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flynn_client::{ErrorBody, HostClient, HostEntry, JoinRequest, Role, SECRET_HEADER};
+use flynn_raft::openraft::error::{
+    ChangeMembershipError, CheckIsLeaderError, ClientWriteError, RaftError,
+};
+use flynn_raft::openraft::{BasicNode, ChangeMembers, ServerState};
+use flynn_raft::store::StateHandle;
+use flynn_raft::{NodeId, Raft};
+use flynn_state::{ApplyResult, Command};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ApiError, ApiResult};
+use crate::version;
+
+/// How long an API call waits for a leader before answering 503.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+/// How long a write may take to commit before its outcome is reported unknown.
+const COMMIT_WAIT: Duration = Duration::from_secs(8);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum LeaderOp {
+    Propose { command: Command },
+    ReadIndex,
+    Join { request: JoinRequest },
+    Promote { node_id: NodeId },
+    Demote { node_id: NodeId, force: bool },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum LeaderReply {
+    Applied { result: ApplyResult },
+    ReadIndex { index: Option<u64> },
+    Done,
+}
+
+/// Why a leader-side attempt did not finish, and whether trying again is safe.
+enum Attempt {
+    /// Not leader (any more) or the leader is unknown: nothing was done; retry.
+    Retry(String),
+    Failed(ApiError),
+}
+
+pub struct Node {
+    pub id: NodeId,
+    pub addr: String,
+    pub raft: Raft,
+    pub state: StateHandle,
+    secret: String,
+    peers: reqwest::Client,
+}
+
+impl Node {
+    pub fn new(
+        id: NodeId,
+        addr: String,
+        raft: Raft,
+        state: StateHandle,
+        secret: String,
+    ) -> Arc<Self> {
+        let peers = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .build()
+            .expect("http client");
+        Arc::new(Node {
+            id,
+            addr,
+            raft,
+            state,
+            secret,
+            peers,
+        })
+    }
+
+    pub fn secret_matches(&self, given: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        given.ct_eq(self.secret.as_bytes()).into()
+    }
+
+    pub fn metrics(&self) -> flynn_raft::RaftMetrics {
+        self.raft.metrics().borrow().clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+    }
+
+    pub fn role(&self) -> Role {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let membership = m.membership_config.membership();
+        if membership.voter_ids().any(|v| v == self.id) {
+            Role::Peer
+        } else if membership.get_node(&self.id).is_some() {
+            Role::Proxy
+        } else {
+            Role::None
+        }
+    }
+
+    /// The leader's id and host API address, as this host last heard.
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let id = m.current_leader?;
+        let node = m.membership_config.membership().get_node(&id)?;
+        Some((id, node.addr.clone()))
+    }
+
+    /// Proposes a command and returns what applying it answered.
+    pub async fn propose(&self, command: Command) -> ApiResult<flynn_state::Response> {
+        match self.on_leader(LeaderOp::Propose { command }).await? {
+            LeaderReply::Applied { result } => result.map_err(ApiError::from),
+            other => Err(ApiError::Internal(format!(
+                "unexpected leader reply {other:?}"
+            ))),
+        }
+    }
+
+    /// Waits until this host's applied state reflects every write committed before the call:
+    /// a linearizable read can then be answered from local state.
+    pub async fn read_barrier(&self) -> ApiResult<()> {
+        let index = match self.on_leader(LeaderOp::ReadIndex).await? {
+            LeaderReply::ReadIndex { index } => index,
+            other => {
+                return Err(ApiError::Internal(format!(
+                    "unexpected leader reply {other:?}"
+                )))
+            }
+        };
+        if let Some(index) = index {
+            self.raft
+                .wait(Some(LEADER_WAIT))
+                .applied_index_at_least(Some(index), "read barrier")
+                .await
+                .map_err(|e| {
+                    ApiError::Unavailable(format!("waiting to apply index {index}: {e}"))
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Runs `op` on the leader, wherever it is.
+    pub async fn on_leader(&self, op: LeaderOp) -> ApiResult<LeaderReply> {
+        let deadline = Instant::now() + LEADER_WAIT;
+        loop {
+            let attempt = match self.leader() {
+                Some((id, _)) if id == self.id => self.run_as_leader(op.clone()).await,
+                Some((_, addr)) => self.forward(&addr, &op).await,
+                None => Err(Attempt::Retry("no leader elected".into())),
+            };
+            match attempt {
+                Ok(reply) => return Ok(reply),
+                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Retry(why)) if Instant::now() >= deadline => {
+                    return Err(ApiError::Unavailable(format!(
+                        "no leader reachable within {}s: {why}",
+                        LEADER_WAIT.as_secs()
+                    )));
+                }
+                Err(Attempt::Retry(_)) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn forward(&self, addr: &str, op: &LeaderOp) -> Result<LeaderReply, Attempt> {
+        let sent = self
+            .peers
+            .post(format!("http://{addr}/raft/leader"))
+            .header(SECRET_HEADER, &self.secret)
+            .timeout(COMMIT_WAIT + Duration::from_secs(2))
+            .json(op)
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            // Never connected: the leader did not see the op.
+            Err(e) if e.is_connect() => return Err(Attempt::Retry(format!("leader {addr}: {e}"))),
+            Err(e) => {
+                return Err(match op {
+                    LeaderOp::Propose { .. } | LeaderOp::Join { .. } => {
+                        Attempt::Failed(ApiError::UnknownOutcome(format!(
+                            "the leader at {addr} did not answer ({e}); the write may or may not have been applied"
+                        )))
+                    }
+                    _ => Attempt::Retry(format!("leader {addr}: {e}")),
+                })
+            }
+        };
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| {
+            Attempt::Failed(ApiError::UnknownOutcome(format!(
+                "reading the leader's answer: {e}"
+            )))
+        })?;
+        if status.is_success() {
+            return serde_json::from_slice(&bytes).map_err(|e| {
+                Attempt::Failed(ApiError::Internal(format!("bad leader reply: {e}")))
+            });
+        }
+        let err = serde_json::from_slice::<ErrorBody>(&bytes)
+            .map(ApiError::from_body)
+            .unwrap_or_else(|_| {
+                ApiError::Internal(format!(
+                    "leader answered {status}: {}",
+                    String::from_utf8_lossy(&bytes)
+                ))
+            });
+        match err {
+            // The target stepped down or had not learnt the new leader yet.
+            ApiError::Unavailable(m) => Err(Attempt::Retry(m)),
+            e => Err(Attempt::Failed(e)),
+        }
+    }
+
+    /// Executes `op` if this host is the leader; the `/raft/leader` endpoint calls this.
+    pub async fn leader_endpoint(&self, op: LeaderOp) -> ApiResult<LeaderReply> {
+        match self.run_as_leader(op).await {
+            Ok(r) => Ok(r),
+            Err(Attempt::Retry(m)) => Err(ApiError::Unavailable(m)),
+            Err(Attempt::Failed(e)) => Err(e),
+        }
+    }
+
+    async fn run_as_leader(&self, op: LeaderOp) -> Result<LeaderReply, Attempt> {
+        match op {
+            LeaderOp::Propose { command } => {
+                let write = tokio::time::timeout(COMMIT_WAIT, self.raft.client_write(command));
+                match write.await {
+                    Err(_) => Err(Attempt::Failed(ApiError::UnknownOutcome(format!(
+                        "not committed within {}s; the write may still be applied",
+                        COMMIT_WAIT.as_secs()
+                    )))),
+                    Ok(Ok(resp)) => Ok(LeaderReply::Applied { result: resp.data }),
+                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(
+                        Attempt::Retry(format!("not the leader (leader: {:?})", f.leader_id)),
+                    ),
+                    Ok(Err(e)) => Err(Attempt::Failed(ApiError::UnknownOutcome(e.to_string()))),
+                }
+            }
+            LeaderOp::ReadIndex => {
+                let read = tokio::time::timeout(COMMIT_WAIT, self.raft.get_read_log_id());
+                match read.await {
+                    Err(_) => Err(Attempt::Retry("leadership not confirmed in time".into())),
+                    Ok(Ok((read_log_id, _))) => Ok(LeaderReply::ReadIndex {
+                        index: read_log_id.map(|l| l.index),
+                    }),
+                    Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
+                        Err(Attempt::Retry("not the leader".into()))
+                    }
+                    Ok(Err(e)) => Err(Attempt::Retry(e.to_string())),
+                }
+            }
+            LeaderOp::Join { request } => self.join(request).await,
+            LeaderOp::Promote { node_id } => {
+                let voters = self.voters();
+                if voters.contains(&node_id) {
+                    return Err(Attempt::Failed(ApiError::Conflict(format!(
+                        "host {node_id} is a peer already"
+                    ))));
+                }
+                self.change(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])), true)
+                    .await
+            }
+            LeaderOp::Demote { node_id, force } => self.demote(node_id, force).await,
+        }
+    }
+
+    async fn join(&self, request: JoinRequest) -> Result<LeaderReply, Attempt> {
+        if request.version != version() {
+            return Err(Attempt::Failed(ApiError::VersionMismatch(format!(
+                "host {} runs version {}, but the cluster runs version {}",
+                request.addr,
+                request.version,
+                version()
+            ))));
+        }
+        let m = self.metrics();
+        if m.membership_config
+            .membership()
+            .get_node(&request.node_id)
+            .is_some()
+        {
+            return Ok(LeaderReply::Done);
+        }
+        let add = self
+            .raft
+            .add_learner(request.node_id, BasicNode::new(&request.addr), false);
+        match tokio::time::timeout(COMMIT_WAIT, add).await {
+            Err(_) => Err(Attempt::Failed(ApiError::UnknownOutcome(
+                "adding the host did not commit in time".into(),
+            ))),
+            Ok(r) => membership_result(r),
+        }
+    }
+
+    async fn demote(&self, node_id: NodeId, force: bool) -> Result<LeaderReply, Attempt> {
+        let voters = self.voters();
+        if !voters.contains(&node_id) {
+            return Err(Attempt::Failed(ApiError::Conflict(format!(
+                "host {node_id} is not a peer"
+            ))));
+        }
+        let remaining: Vec<NodeId> = voters.iter().copied().filter(|v| *v != node_id).collect();
+        if remaining.is_empty() {
+            return Err(Attempt::Failed(ApiError::Conflict(
+                "cannot demote the last peer".into(),
+            )));
+        }
+        let hosts = self.list_hosts().await;
+        let reachable = |id: NodeId| hosts.iter().any(|h| h.node_id == id && h.reachable);
+        let addr = hosts
+            .iter()
+            .find(|h| h.node_id == node_id)
+            .map(|h| h.addr.clone())
+            .unwrap_or_default();
+        if !force && !reachable(node_id) {
+            return Err(Attempt::Failed(ApiError::Conflict(format!(
+                "host {addr} is unreachable; if it is gone for good, remove it with `flynn-host demote --force {}`",
+                addr.split(':').next().unwrap_or(&addr)
+            ))));
+        }
+        let alive = remaining.iter().filter(|id| reachable(**id)).count();
+        if alive <= remaining.len() / 2 {
+            return Err(Attempt::Failed(ApiError::Conflict(format!(
+                "refusing: only {alive} of the {} remaining peers are reachable, which is no quorum",
+                remaining.len()
+            ))));
+        }
+        // A plain demote keeps the host as a proxy; a forced one removes it altogether.
+        self.change(
+            ChangeMembers::RemoveVoters(BTreeSet::from([node_id])),
+            !force,
+        )
+        .await
+    }
+
+    async fn change(
+        &self,
+        change: ChangeMembers<NodeId, BasicNode>,
+        retain: bool,
+    ) -> Result<LeaderReply, Attempt> {
+        let fut = self.raft.change_membership(change, retain);
+        match tokio::time::timeout(COMMIT_WAIT * 2, fut).await {
+            Err(_) => Err(Attempt::Failed(ApiError::UnknownOutcome(
+                "the membership change did not commit in time".into(),
+            ))),
+            Ok(r) => membership_result(r),
+        }
+    }
+
+    pub fn voters(&self) -> BTreeSet<NodeId> {
+        self.metrics()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    /// Every member host from the Raft membership, probed for reachability.
+    pub async fn list_hosts(&self) -> Vec<HostEntry> {
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let nodes: BTreeMap<NodeId, BasicNode> =
+            membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
+        let probes = nodes.iter().map(|(id, node)| {
+            let id = *id;
+            let addr = node.addr.clone();
+            let own = id == self.id;
+            async move {
+                let version = if own {
+                    Some(version().to_string())
+                } else {
+                    let c =
+                        HostClient::new(&format!("http://{addr}"), None, Duration::from_secs(1));
+                    c.info()
+                        .await
+                        .ok()
+                        .filter(|i| i.node_id == id)
+                        .map(|i| i.version)
+                };
+                (id, addr, version)
+            }
+        });
+        futures::future::join_all(probes)
+            .await
+            .into_iter()
+            .map(|(id, addr, version)| HostEntry {
+                node_id: id,
+                role: if voters.contains(&id) {
+                    Role::Peer
+                } else {
+                    Role::Proxy
+                },
+                leader: m.current_leader == Some(id),
+                reachable: version.is_some(),
+                addr,
+                version,
+            })
+            .collect()
+    }
+
+    /// Finds a member by IP, IP:port or node id.
+    pub fn resolve_host(&self, host: &str) -> ApiResult<NodeId> {
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let matches: Vec<NodeId> = membership
+            .nodes()
+            .filter(|(id, n)| {
+                n.addr == host
+                    || n.addr.rsplit_once(':').map(|(ip, _)| ip) == Some(host)
+                    || id.to_string() == host
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        match matches.as_slice() {
+            [id] => Ok(*id),
+            [] => Err(ApiError::NotFound(format!("no cluster host at {host}"))),
+            _ => Err(ApiError::Conflict(format!(
+                "{host} names several hosts; give IP:PORT"
+            ))),
+        }
+    }
+}
+
+fn membership_result(
+    r: Result<
+        flynn_raft::openraft::raft::ClientWriteResponse<flynn_raft::TypeConfig>,
+        RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>,
+    >,
+) -> Result<LeaderReply, Attempt> {
+    match r {
+        Ok(_) => Ok(LeaderReply::Done),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+            Err(Attempt::Retry("not the leader".into()))
+        }
+        Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+            let retry = matches!(e, ChangeMembershipError::InProgress(_));
+            if retry {
+                Err(Attempt::Retry(e.to_string()))
+            } else {
+                Err(Attempt::Failed(ApiError::Conflict(e.to_string())))
+            }
+        }
+        Err(e) => Err(Attempt::Failed(ApiError::Unavailable(e.to_string()))),
+    }
+}
