@@ -1,1 +1,428 @@
+//! Test fixture: a cluster of real `flynn-host daemon` processes, one per network namespace,
+//! joined by a bridge that this fixture creates (root needed). Any host can be killed,
+//! restarted, paused (SIGSTOP) and cut off (its link set down).
+//!
+//! The bridge lives in the test's own namespace with the address `.254`, so the test talks
+//! to every host directly; hosts use `10.199.T.1..` where T is unique per fixture.
 
+pub mod linearizability;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use flynn_client::{ControllerClient, HostClient, HostEntry};
+
+pub const PORT: u16 = 1113;
+
+/// Where the `flynn` and `flynn-host` binaries are: `FLYNN_BIN_DIR`, else next to the test
+/// binary's `deps/` folder (`cargo build` puts them there).
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("FLYNN_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    assert!(
+        dir.join("flynn-host").exists(),
+        "{} has no flynn-host binary: run `cargo build --bins` first (or set FLYNN_BIN_DIR)",
+        dir.display()
+    );
+    dir
+}
+
+fn sh(args: &[&str]) -> Output {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    out
+}
+
+fn must(args: &[&str]) {
+    let out = sh(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub struct TestHost {
+    pub ns: String,
+    pub ip: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    link: String,
+    child: Option<Child>,
+    /// Extra environment for the daemon (e.g. a version override).
+    pub env: Vec<(String, String)>,
+}
+
+impl TestHost {
+    pub fn url(&self) -> String {
+        format!("http://{}:{PORT}", self.ip)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn secret(&self) -> Option<String> {
+        std::fs::read_to_string(self.data_dir.join("secret"))
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
+}
+
+pub struct Cluster {
+    tag: u32,
+    bridge: String,
+    pub hosts: Vec<TestHost>,
+    pub key: String,
+    pub secret: String,
+    root: tempfile::TempDir,
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+impl Cluster {
+    /// Creates `n` hosts and starts their daemons (not yet bootstrapped).
+    pub fn start(n: usize) -> Cluster {
+        assert!(
+            sh(&["id", "-u"]).stdout.starts_with(b"0"),
+            "the cluster tests need root (network namespaces); run them as root"
+        );
+        let tag = (std::process::id() + NEXT.fetch_add(1, Ordering::SeqCst) * 7) % 200 + 20;
+        let bridge = format!("flb{tag}");
+        let _ = sh(&["ip", "link", "del", &bridge]);
+        must(&["ip", "link", "add", &bridge, "type", "bridge"]);
+        must(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.199.{tag}.254/24"),
+            "dev",
+            &bridge,
+        ]);
+        must(&["ip", "link", "set", &bridge, "up"]);
+        let mut c = Cluster {
+            tag,
+            bridge,
+            hosts: Vec::new(),
+            key: String::new(),
+            secret: String::new(),
+            root: tempfile::tempdir().expect("temp dir"),
+        };
+        for _ in 0..n {
+            let i = c.add_host();
+            c.start_daemon(i);
+        }
+        for i in 0..n {
+            c.wait_up(i);
+        }
+        c
+    }
+
+    /// Adds a host namespace wired to the bridge; its daemon is not started.
+    pub fn add_host(&mut self) -> usize {
+        let i = self.hosts.len();
+        let ns = format!("flt{}h{i}", self.tag);
+        let link = format!("flv{}h{i}", self.tag);
+        let peer = format!("fle{}h{i}", self.tag);
+        let ip = format!("10.199.{}.{}", self.tag, i + 1);
+        let _ = sh(&["ip", "netns", "del", &ns]);
+        let _ = sh(&["ip", "link", "del", &link]);
+        must(&["ip", "netns", "add", &ns]);
+        must(&[
+            "ip", "link", "add", &link, "type", "veth", "peer", "name", &peer,
+        ]);
+        must(&["ip", "link", "set", &peer, "netns", &ns]);
+        must(&["ip", "-n", &ns, "link", "set", &peer, "name", "eth0"]);
+        must(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ]);
+        must(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+        must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        must(&["ip", "link", "set", &link, "master", &self.bridge]);
+        must(&["ip", "link", "set", &link, "up"]);
+        let data_dir = self.root.path().join(format!("host{i}"));
+        std::fs::create_dir_all(&data_dir).expect("data dir");
+        self.hosts.push(TestHost {
+            log: self.root.path().join(format!("host{i}.log")),
+            ns,
+            ip,
+            data_dir,
+            link,
+            child: None,
+            env: Vec::new(),
+        });
+        i
+    }
+
+    pub fn start_daemon(&mut self, i: usize) {
+        let h = &mut self.hosts[i];
+        assert!(h.child.is_none(), "host {i} is running already");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&h.log)
+            .expect("log file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &h.ns])
+            .arg(bin_dir().join("flynn-host"))
+            .arg("--data-dir")
+            .arg(&h.data_dir)
+            .args([
+                "daemon",
+                "--external-ip",
+                &h.ip,
+                "--port",
+                &PORT.to_string(),
+            ])
+            .env("RUST_LOG", "info,openraft=error")
+            .envs(h.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn flynn-host");
+        h.child = Some(child);
+    }
+
+    /// Waits until host `i` answers its info endpoint.
+    pub fn wait_up(&self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let addr: std::net::SocketAddr = format!("{}:{PORT}", self.hosts[i].ip)
+                .parse()
+                .expect("host addr");
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "host {i} did not come up: {}",
+                self.hosts[i].log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILLs host `i` and reaps it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.hosts[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills and starts host `i` again on the same data dir.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.start_daemon(i);
+        self.wait_up(i);
+    }
+
+    /// Waits for host `i`'s daemon to exit by itself; returns its success.
+    pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> Option<bool> {
+        let deadline = Instant::now() + timeout;
+        let child = self.hosts[i].child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.hosts[i].child = None;
+                return Some(status.success());
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn signal(&self, i: usize, sig: &str) {
+        if let Some(pid) = self.hosts[i].pid() {
+            must(&["kill", &format!("-{sig}"), &pid.to_string()]);
+        }
+    }
+
+    pub fn pause(&self, i: usize) {
+        self.signal(i, "STOP");
+    }
+
+    pub fn resume(&self, i: usize) {
+        self.signal(i, "CONT");
+    }
+
+    /// Cuts host `i` off from every other host (and from the test).
+    pub fn cut(&self, i: usize) {
+        must(&["ip", "link", "set", &self.hosts[i].link, "down"]);
+    }
+
+    pub fn heal(&self, i: usize) {
+        must(&["ip", "link", "set", &self.hosts[i].link, "up"]);
+    }
+
+    /// Runs `flynn-host bootstrap` over the first `n` hosts and records key and secret.
+    pub fn bootstrap(&mut self, n: usize) {
+        let ips: Vec<String> = self.hosts[..n]
+            .iter()
+            .map(|h| format!("{}:{PORT}", h.ip))
+            .collect();
+        let out = Command::new(bin_dir().join("flynn-host"))
+            .args(["bootstrap", "--json", "--timeout", "30"])
+            .args(["--min-hosts", &n.to_string(), "--peer-ips", &ips.join(",")])
+            .output()
+            .expect("run flynn-host bootstrap");
+        assert!(
+            out.status.success(),
+            "bootstrap failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bootstrap json");
+        self.key = v["controller_key"].as_str().expect("key").to_string();
+        self.secret = v["cluster_secret"].as_str().expect("secret").to_string();
+    }
+
+    pub fn client(&self, i: usize) -> ControllerClient {
+        ControllerClient::with_timeout(&self.hosts[i].url(), &self.key, Duration::from_secs(15))
+    }
+
+    pub fn client_with_timeout(&self, i: usize, timeout: Duration) -> ControllerClient {
+        ControllerClient::with_timeout(&self.hosts[i].url(), &self.key, timeout)
+    }
+
+    pub fn host_client(&self, i: usize) -> HostClient {
+        HostClient::new(
+            &self.hosts[i].url(),
+            Some(&self.secret),
+            Duration::from_secs(30),
+        )
+    }
+
+    /// Runs the `flynn` CLI inside host `i`'s namespace against that host's API
+    /// (`127.0.0.1`), with a flynnrc of its own.
+    pub fn flynn(&self, i: usize, args: &[&str]) -> Output {
+        let rc = self.root.path().join(format!("flynnrc{i}"));
+        if !rc.exists() {
+            let out = self.run_in(
+                i,
+                "flynn",
+                &[
+                    "cluster",
+                    "add",
+                    "default",
+                    &format!("127.0.0.1:{PORT}"),
+                    &self.key,
+                ],
+                &rc,
+            );
+            assert!(out.status.success(), "cluster add: {out:?}");
+        }
+        self.run_in(i, "flynn", args, &rc)
+    }
+
+    /// Runs `flynn-host` inside host `i`'s namespace, on that host's data dir.
+    pub fn flynn_host(&self, i: usize, args: &[&str]) -> Output {
+        let mut full = vec![
+            "--data-dir",
+            self.hosts[i].data_dir.to_str().expect("utf-8 path"),
+        ];
+        full.extend_from_slice(args);
+        self.run_in(i, "flynn-host", &full, &self.root.path().join("unused-rc"))
+    }
+
+    fn run_in(&self, i: usize, bin: &str, args: &[&str], rc: &Path) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.hosts[i].ns, "timeout", "60"])
+            .arg(bin_dir().join(bin))
+            .args(args)
+            .env("FLYNNRC", rc)
+            .env_remove("FLYNN_APP")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run cli")
+    }
+
+    /// `flynn-host list` as seen from host `i`.
+    pub async fn list(&self, i: usize) -> Vec<HostEntry> {
+        self.host_client(i).list().await.expect("host list")
+    }
+
+    /// Polls host `from` until it names a leader that is not `except`; returns its index.
+    pub async fn wait_leader(&self, from: usize, except: Option<usize>) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(s) = self.host_client(from).status().await {
+                if let Some(addr) = s.leader_addr {
+                    let idx = self
+                        .hosts
+                        .iter()
+                        .position(|h| addr == format!("{}:{PORT}", h.ip));
+                    if let Some(idx) = idx.filter(|i| Some(*i) != except) {
+                        return idx;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader seen from host {from}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn dump_logs(&self) -> String {
+        self.hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| format!("----- host {i} ({})\n{}", h.ip, h.log_text()))
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.hosts.len() {
+            self.resume(i);
+            self.kill(i);
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.dump_logs());
+        }
+        for h in &self.hosts {
+            let _ = sh(&["ip", "link", "del", &h.link]);
+            let _ = sh(&["ip", "netns", "del", &h.ns]);
+        }
+        let _ = sh(&["ip", "link", "del", &self.bridge]);
+    }
+}
+
+/// Retries `f` until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -118,9 +118,10 @@ fn main() {
         tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "info,openraft=warn".into()),
+                    .unwrap_or_else(|_| "info,openraft=error".into()),
             )
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
     run_main("flynn-host", run(cli))

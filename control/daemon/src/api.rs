@@ -134,6 +134,10 @@ async fn require_key(State(host): State<Arc<Host>>, req: Request, next: Next) ->
         Ok(n) => n,
         Err(e) => return e.into_response(),
     };
+    if host.is_recovering() {
+        return ApiError::Unavailable("quorum-loss recovery in progress; retry shortly".into())
+            .into_response();
+    }
     let Some(given) = presented_key(req.headers()) else {
         return ApiError::Unauthorized("a controller key is required".into()).into_response();
     };

@@ -97,7 +97,10 @@ pub async fn bootstrap(opts: &BootstrapOptions) -> anyhow::Result<BootstrapOutco
         .map(|(_, i)| (i.node_id, i.addr.clone()))
         .collect();
     let initializer = peers[0].1.node_id;
-    for (url, _) in found.iter() {
+    // The initializer goes last, so the others hold the secret before it asks for votes.
+    let mut order: Vec<&(String, HostInfo)> = found.iter().collect();
+    order.sort_by_key(|(_, i)| i.node_id == initializer);
+    for (url, _) in order {
         let req = BootstrapRequest {
             secret: secret.clone(),
             members: members.clone(),

@@ -40,6 +40,9 @@ pub struct Host {
     pub addr: String,
     port: u16,
     node: OnceLock<Arc<Node>>,
+    /// Set while a quorum-loss recovery has not yet restored the saved state: the
+    /// controller API answers 503 instead of serving the empty new cluster.
+    recovering: std::sync::atomic::AtomicBool,
     start: tokio::sync::Mutex<()>,
     fatal: mpsc::UnboundedSender<anyhow::Error>,
 }
@@ -52,6 +55,10 @@ impl Host {
             version: version().to_string(),
             initialized: self.node.get().is_some(),
         }
+    }
+
+    pub fn is_recovering(&self) -> bool {
+        self.recovering.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn node(&self) -> ApiResult<&Arc<Node>> {
@@ -209,6 +216,8 @@ impl Host {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        self.recovering
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         match self.dir.remove_recover_state() {
             Ok(()) => tracing::info!("recovery finished: this host is the only peer; add hosts back as proxies and promote them"),
             Err(e) => tracing::error!(error = %e, "recovery applied, but recover.json could not be removed"),
@@ -335,6 +344,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         addr: format!("{}:{}", cfg.external_ip, cfg.port),
         port: cfg.port,
         node: OnceLock::new(),
+        recovering: std::sync::atomic::AtomicBool::new(false),
         start: tokio::sync::Mutex::new(()),
         fatal: fatal_tx,
     });
@@ -344,6 +354,8 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         let recovering = dir.recover_state()?;
         let node = host.start_node(secret.clone()).await?;
         if let Some(state) = recovering {
+            host.recovering
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             tokio::spawn(host.clone().finish_recovery(node, state));
         } else if node.role() == flynn_client::Role::None && !cfg.peer_ips.is_empty() {
             tokio::spawn(host.clone().join(node, cfg.peer_ips.clone(), secret));
