@@ -1,0 +1,25 @@
+# Shared helpers for the project's scripts. Sourced, not run.
+
+# Installs the Debian packages named, when any is missing (one `apt-get update` first).
+need_debs() {
+    local missing=()
+    for p in "$@"; do
+        dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    echo "==> installing ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# What building the workspace needs: RocksDB from Debian (linked, not compiled: see
+# ARCHITECTURE.md), libclang for its bindings, iproute2 for the multi-host tests.
+setup_build_deps() {
+    need_debs build-essential pkg-config librocksdb-dev libclang-dev iproute2 curl
+    if ! command -v cargo >/dev/null; then
+        echo "cargo is missing: install Rust (https://rustup.rs) first" >&2
+        exit 1
+    fi
+}
