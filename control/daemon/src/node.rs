@@ -52,6 +52,109 @@ enum Attempt {
     Failed(ApiError),
 }
 
+/// A command waiting to be proposed, and where its outcome goes.
+struct Proposal {
+    command: Command,
+    reply: tokio::sync::oneshot::Sender<ProposeOutcome>,
+}
+
+enum ProposeOutcome {
+    Applied(ApplyResult),
+    /// Not appended: this host is not the leader (any more).
+    NotLeader(String),
+    /// Appended, but whether it committed is not known.
+    Unknown(String),
+}
+
+/// Most commands one log entry carries.
+const MAX_BATCH: usize = 512;
+/// Batches proposed at once; more only queue behind them (and so batch better).
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// Proposes queued commands in batches: everything that arrived while earlier batches were
+/// in flight goes into one log entry. openraft 0.9 appends each client write separately and
+/// waits for its fsync inside the Raft core, so without this every write would pay a
+/// serialized fsync on the leader.
+fn spawn_proposer(raft: Raft) -> tokio::sync::mpsc::Sender<Proposal> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Proposal>(8192);
+    tokio::spawn(async move {
+        let permits = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+        while let Some(first) = rx.recv().await {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            let raft = raft.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                propose_batch(&raft, batch).await;
+            });
+        }
+    });
+    tx
+}
+
+async fn propose_batch(raft: &Raft, batch: Vec<Proposal>) {
+    let (commands, replies): (Vec<Command>, Vec<_>) =
+        batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+    let single = commands.len() == 1;
+    let entry = if single {
+        commands.into_iter().next().expect("one command")
+    } else {
+        Command::Batch { commands }
+    };
+    let outcomes: Vec<ProposeOutcome> =
+        match tokio::time::timeout(COMMIT_WAIT, raft.client_write(entry)).await {
+            Ok(Ok(resp)) if single => vec![ProposeOutcome::Applied(resp.data)],
+            Ok(Ok(resp)) => match resp.data {
+                Ok(flynn_state::Response::Batch { results }) if results.len() == replies.len() => {
+                    results.into_iter().map(ProposeOutcome::Applied).collect()
+                }
+                other => {
+                    let why = format!("unexpected batch result {other:?}");
+                    replies
+                        .iter()
+                        .map(|_| ProposeOutcome::Unknown(why.clone()))
+                        .collect()
+                }
+            },
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                let why = format!("not the leader (leader: {:?})", f.leader_id);
+                replies
+                    .iter()
+                    .map(|_| ProposeOutcome::NotLeader(why.clone()))
+                    .collect()
+            }
+            Ok(Err(e)) => {
+                let why = e.to_string();
+                replies
+                    .iter()
+                    .map(|_| ProposeOutcome::Unknown(why.clone()))
+                    .collect()
+            }
+            Err(_) => {
+                let why = format!(
+                    "not committed within {}s; the write may still be applied",
+                    COMMIT_WAIT.as_secs()
+                );
+                replies
+                    .iter()
+                    .map(|_| ProposeOutcome::Unknown(why.clone()))
+                    .collect()
+            }
+        };
+    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+        // A caller that gave up has nothing to hear.
+        let _ = reply.send(outcome);
+    }
+}
+
 pub struct Node {
     pub id: NodeId,
     pub addr: String,
@@ -59,6 +162,7 @@ pub struct Node {
     pub state: StateHandle,
     secret: String,
     peers: reqwest::Client,
+    proposer: tokio::sync::mpsc::Sender<Proposal>,
 }
 
 impl Node {
@@ -74,6 +178,7 @@ impl Node {
             .tcp_nodelay(true)
             .build()
             .expect("http client");
+        let proposer = spawn_proposer(raft.clone());
         Arc::new(Node {
             id,
             addr,
@@ -81,6 +186,7 @@ impl Node {
             state,
             secret,
             peers,
+            proposer,
         })
     }
 
@@ -240,17 +346,26 @@ impl Node {
     async fn run_as_leader(&self, op: LeaderOp) -> Result<LeaderReply, Attempt> {
         match op {
             LeaderOp::Propose { command } => {
-                let write = tokio::time::timeout(COMMIT_WAIT, self.raft.client_write(command));
-                match write.await {
-                    Err(_) => Err(Attempt::Failed(ApiError::UnknownOutcome(format!(
-                        "not committed within {}s; the write may still be applied",
-                        COMMIT_WAIT.as_secs()
-                    )))),
-                    Ok(Ok(resp)) => Ok(LeaderReply::Applied { result: resp.data }),
-                    Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(
-                        Attempt::Retry(format!("not the leader (leader: {:?})", f.leader_id)),
-                    ),
-                    Ok(Err(e)) => Err(Attempt::Failed(ApiError::UnknownOutcome(e.to_string()))),
+                let (reply, outcome) = tokio::sync::oneshot::channel();
+                if self
+                    .proposer
+                    .send(Proposal { command, reply })
+                    .await
+                    .is_err()
+                {
+                    return Err(Attempt::Failed(ApiError::Internal(
+                        "proposer stopped".into(),
+                    )));
+                }
+                match outcome.await {
+                    Ok(ProposeOutcome::Applied(result)) => Ok(LeaderReply::Applied { result }),
+                    Ok(ProposeOutcome::NotLeader(why)) => Err(Attempt::Retry(why)),
+                    Ok(ProposeOutcome::Unknown(why)) => {
+                        Err(Attempt::Failed(ApiError::UnknownOutcome(why)))
+                    }
+                    Err(_) => Err(Attempt::Failed(ApiError::UnknownOutcome(
+                        "the proposer dropped the write".into(),
+                    ))),
                 }
             }
             LeaderOp::ReadIndex => {

@@ -73,6 +73,11 @@ pub enum Command {
     Restore {
         state: Box<ClusterState>,
     },
+    /// Several commands in one log entry, applied in order, each with its own result and
+    /// revision. The leader batches concurrent proposals so one fsync serves many writes.
+    Batch {
+        commands: Vec<Command>,
+    },
 }
 
 /// A route as a client asks for it; the state machine assigns the id (and a TCP port if none).
@@ -125,6 +130,7 @@ pub enum Response {
     Certificate { certificate: Certificate },
     Instance { instance: Instance },
     Expired { count: usize },
+    Batch { results: Vec<ApplyResult> },
 }
 
 /// Why a command was refused. Refusal is deterministic: every host refuses the same command

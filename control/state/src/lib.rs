@@ -65,6 +65,23 @@ impl ClusterState {
     /// Applies one command. On error nothing is changed.
     pub fn apply(&mut self, cmd: Command) -> (ApplyResult, Vec<Event>) {
         let mut events = Vec::new();
+        if let Command::Batch { commands } = cmd {
+            if commands.iter().any(|c| matches!(c, Command::Batch { .. })) {
+                return (
+                    Err(StateError::Invalid("batches do not nest".into())),
+                    events,
+                );
+            }
+            let results = commands
+                .into_iter()
+                .map(|c| {
+                    let (r, ev) = self.apply(c);
+                    events.extend(ev);
+                    r
+                })
+                .collect();
+            return (Ok(Response::Batch { results }), events);
+        }
         let next = self.revision + 1;
         let dirty_before = self.dirty.len();
         let result = self.apply_inner(cmd, next, &mut events);
@@ -287,6 +304,7 @@ impl ClusterState {
                 }
                 Ok(Response::Done)
             }
+            Command::Batch { .. } => unreachable!("batches are unrolled in apply()"),
             Command::Restore { state } => {
                 let old: Vec<(Table, String)> = self.all_keys();
                 let revision = self.revision.max(state.revision);

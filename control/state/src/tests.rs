@@ -327,3 +327,33 @@ fn t60_validation() {
     assert!(validate::instance("i", "nope", 5_000).is_err());
     assert!(validate::instance("i", "127.0.0.1:80", 5_000).is_ok());
 }
+
+#[test]
+fn t70_batch_applies_each_command_with_its_own_result_and_revision() {
+    let mut s = booted();
+    let rev = s.revision;
+    let (r, ev) = ok(
+        &mut s,
+        Command::Batch {
+            commands: vec![
+                Command::CreateApp { name: "a".into() },
+                Command::CreateApp { name: "a".into() },
+                http("a", "a.example.com", None),
+            ],
+        },
+    );
+    let Response::Batch { results } = r else {
+        panic!("{r:?}")
+    };
+    assert!(results[0].is_ok());
+    assert!(matches!(results[1], Err(StateError::Conflict(_))));
+    assert!(results[2].is_ok());
+    // Two commands changed state: two revisions; the refused one took none.
+    assert_eq!(s.revision, rev + 2);
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].revision, rev + 2);
+    let nested = Command::Batch {
+        commands: vec![Command::Batch { commands: vec![] }],
+    };
+    assert!(s.apply(nested).0.is_err());
+}
