@@ -15,11 +15,24 @@ fn set(k: &str, v: &str) -> EnvUpdate {
     }
 }
 
+/// A bootstrapped 3-peer cluster, settled: the leader has also derived DISCOVERD_PEERS, so
+/// no housekeeping write lands in the middle of a test.
 async fn three_peers() -> Cluster {
     let mut c = Cluster::start(3);
     c.bootstrap(3);
     c.wait_leader(0, None).await;
+    eventually(Duration::from_secs(10), "DISCOVERD_PEERS set", || async {
+        let env = c.client(0).env("discoverd", None).await.ok()?;
+        (env.get("DISCOVERD_PEERS")?.split(',').count() == 3).then_some(())
+    })
+    .await;
     c
+}
+
+/// The revision host `i` has applied, after a linearizable read there (so it is current).
+async fn revision(c: &Cluster, i: usize) -> u64 {
+    c.client(i).apps().await.expect("barrier read");
+    c.host_client(i).status().await.expect("status").revision
 }
 
 /// Writes `n` keys to `app` through `host`, returning what was acknowledged.
@@ -188,7 +201,7 @@ async fn futures_join(c: &Cluster) -> Vec<u64> {
 }
 
 /// Adds a host that joins the running cluster as a proxy, the way an operator would:
-/// `flynn-host init --peer-ips ... --secret ...` then the daemon.
+/// `flynn-host init --peer-ips ... --secret ...` then the daemon (not waited for).
 fn join_new_host(c: &mut Cluster, env: Vec<(String, String)>) -> usize {
     let i = c.add_host();
     c.hosts[i].env = env;
@@ -205,7 +218,6 @@ fn join_new_host(c: &mut Cluster, env: Vec<(String, String)>) -> usize {
     );
     assert!(out.status.success(), "init: {out:?}");
     c.start_daemon(i);
-    c.wait_up(i);
     i
 }
 
@@ -215,6 +227,7 @@ async fn t50_proxy_joins_is_promoted_and_dead_peer_is_forced_out() {
     c.client(0).create_app("grow").await.unwrap();
     write_keys(&c, 0, "grow", "k", 5).await;
     let d = join_new_host(&mut c, vec![]);
+    c.wait_up(d);
     let d_addr = format!("{}:{PORT}", c.hosts[d].ip);
     eventually(
         Duration::from_secs(15),
@@ -313,7 +326,7 @@ async fn t60_version_mismatch_is_refused_at_join() {
 async fn t70_bad_input_gets_clear_errors_and_changes_nothing() {
     let c = three_peers().await;
     c.client(0).create_app("strict").await.unwrap();
-    let before = c.host_client(0).status().await.unwrap().revision;
+    let before = revision(&c, 0).await;
     let url = c.hosts[1].url();
     let http = reqwest_lite(&url, &c.key);
     // Malformed JSON, unknown app, oversized body, bad key, no key.
@@ -375,7 +388,7 @@ async fn t70_bad_input_gets_clear_errors_and_changes_nothing() {
             serde_json::from_str(&json).unwrap_or_else(|_| panic!("not JSON: {json}"));
         assert!(v["error"].is_string() && v["message"].is_string(), "{json}");
     }
-    let after = c.host_client(0).status().await.unwrap().revision;
+    let after = revision(&c, 0).await;
     assert_eq!(before, after, "a refused request changed the cluster");
     assert!(c.client(0).app("sneaky").await.is_err());
     // The CLI: an unknown flag and an unknown app each give one error line and exit != 0.
@@ -596,6 +609,7 @@ async fn t95_recovery_after_quorum_loss() {
         .expect("write after recovery");
     // A replacement host joins the recovered cluster and is promoted.
     let fresh = join_new_host(&mut c, vec![]);
+    c.wait_up(fresh);
     eventually(Duration::from_secs(15), "replacement joined", || async {
         let env = c.client(fresh).env_stale("precious").await.ok()?;
         (env.get("AFTER").map(String::as_str) == Some("recovery")).then_some(())
