@@ -257,7 +257,13 @@ async fn t50_proxy_joins_is_promoted_and_dead_peer_is_forced_out() {
     // Promote it with the CLI, run on the proxy itself.
     let out = c.flynn_host(d, &["promote", &c.hosts[d].ip.clone()]);
     assert!(out.status.success(), "promote: {out:?}");
-    assert_eq!(c.client(d).status().await.unwrap().role, Role::Peer);
+    // The promoted host learns of it when the membership entry reaches it.
+    eventually(
+        Duration::from_secs(5),
+        "promoted host sees itself a peer",
+        || async { (c.client(d).status().await.ok()?.role == Role::Peer).then_some(()) },
+    )
+    .await;
 
     // A peer dies for good. A plain demote is refused; --force removes it.
     let leader = c.wait_leader(0, None).await;

@@ -589,6 +589,11 @@ async fn deregister_instance(
 struct WatchOpts {
     #[serde(default)]
     since: u64,
+    /// Start from this host's applied state even if it lags (a router on a cut-off host
+    /// keeps its routes); by default the stream starts at least as new as every write
+    /// acknowledged before it was opened.
+    #[serde(default)]
+    stale: bool,
 }
 
 /// Streams data-plane changes after `since` as newline-delimited JSON, then follows live.
@@ -597,6 +602,9 @@ async fn watch(
     Query(opts): Query<WatchOpts>,
 ) -> ApiResult<Response> {
     let node = host.node()?.clone();
+    if !opts.stale {
+        node.read_barrier().await?;
+    }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(256);
     tokio::spawn(async move {
         // Subscribe before reading history so nothing falls between the two.
