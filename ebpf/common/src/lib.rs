@@ -2,6 +2,11 @@
 //! Everything is `#[repr(C)]` and plain data; the `user` feature adds aya's `Pod`.
 #![no_std]
 
+/// Internal prefixes kept inline in `Config` (checked by mask compare, no map lookup);
+/// a policy with more uses the LPM tries instead (`FLAG_USE_LPM`).
+pub const INLINE_V4: usize = 16;
+pub const INLINE_V6: usize = 8;
+
 /// Policy switches, in the single entry of the `CONFIG` array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -14,7 +19,16 @@ pub struct Config {
     pub syn_burst: u32,
     /// How long (seconds) a UDP reply is accepted after the host's own outbound packet.
     pub udp_reply_secs: u32,
+    pub v4_count: u32,
+    pub v6_count: u32,
+    /// (network-order address, network-order mask) pairs.
+    pub v4: [[u32; 2]; INLINE_V4],
+    /// (address halves, mask halves), each as two u64 read from the bytes in memory order.
+    pub v6: [[u64; 4]; INLINE_V6],
 }
+
+/// The internal prefixes did not fit inline: look sources up in the LPM tries.
+pub const FLAG_USE_LPM: u32 = 1 << 2;
 
 /// ICMP/ICMPv6 echo requests from outside are answered.
 pub const FLAG_ALLOW_ECHO: u32 = 1;

@@ -13,7 +13,7 @@ use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp, XdpMode};
 use aya::Ebpf;
 use flynn_xdp_common::{
     Config, Counter, Reason, CLASS_NAMES, COUNTER_CELLS, FLAG_ALLOW_ECHO, FLAG_PASS_FRAGMENTS,
-    PORT_CLASSES, PORT_WORDS,
+    FLAG_USE_LPM, INLINE_V4, INLINE_V6, PORT_CLASSES, PORT_WORDS,
 };
 use serde::Serialize;
 
@@ -136,19 +136,58 @@ impl Policy {
     }
 
     fn config(&self) -> Config {
-        let mut flags = 0;
-        if self.allow_echo {
-            flags |= FLAG_ALLOW_ECHO;
-        }
-        if self.pass_fragments {
-            flags |= FLAG_PASS_FRAGMENTS;
-        }
-        Config {
-            flags,
+        let mut cfg = Config {
+            flags: 0,
             syn_rate: self.syn_rate,
             syn_burst: self.syn_burst,
             udp_reply_secs: self.udp_reply_secs,
+            ..Config::default()
+        };
+        if self.allow_echo {
+            cfg.flags |= FLAG_ALLOW_ECHO;
         }
+        if self.pass_fragments {
+            cfg.flags |= FLAG_PASS_FRAGMENTS;
+        }
+        let v4: Vec<[u32; 2]> = self
+            .internal_prefixes
+            .iter()
+            .filter_map(|(a, len)| match a {
+                IpAddr::V4(a) => {
+                    let mask = if *len == 0 { 0 } else { u32::MAX << (32 - len) };
+                    let mask = u32::from_ne_bytes(mask.to_be_bytes());
+                    Some([u32::from_ne_bytes(a.octets()) & mask, mask])
+                }
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let v6: Vec<[u64; 4]> = self
+            .internal_prefixes
+            .iter()
+            .filter_map(|(a, len)| match a {
+                IpAddr::V6(a) => {
+                    let mask = if *len == 0 {
+                        0
+                    } else {
+                        u128::MAX << (128 - len)
+                    };
+                    let (m, o) = (mask.to_be_bytes(), a.octets());
+                    let half = |b: &[u8]| u64::from_ne_bytes(b.try_into().expect("8 bytes"));
+                    let (ma, mb) = (half(&m[..8]), half(&m[8..]));
+                    Some([half(&o[..8]) & ma, half(&o[8..]) & mb, ma, mb])
+                }
+                IpAddr::V4(_) => None,
+            })
+            .collect();
+        if v4.len() > INLINE_V4 || v6.len() > INLINE_V6 {
+            cfg.flags |= FLAG_USE_LPM;
+        } else {
+            cfg.v4_count = v4.len() as u32;
+            cfg.v6_count = v6.len() as u32;
+            cfg.v4[..v4.len()].copy_from_slice(&v4);
+            cfg.v6[..v6.len()].copy_from_slice(&v6);
+        }
+        cfg
     }
 }
 

@@ -365,3 +365,33 @@ fn t22_policy_changes_apply_without_reattach() {
     assert_eq!(verdict(&fw, &syn4(OUTSIDE, 80)), XDP_DROP);
     assert_eq!(verdict(&fw, &syn4(OUTSIDE, 8080)), XDP_PASS);
 }
+
+#[test]
+fn t23_many_internal_prefixes_use_the_lpm_tries() {
+    let mut fw = fw();
+    // More than fit inline (16 IPv4): the program switches to the LPM tries.
+    let many: Vec<String> = (0..40).map(|i| format!("10.{i}.0.0/16")).collect();
+    fw.set_policy(&Policy {
+        internal_prefixes: Policy::parse_prefixes(&many.join(",")).unwrap(),
+        ..Policy::default()
+    })
+    .unwrap();
+    assert_eq!(
+        verdict(&fw, &syn4([10, 39, 1, 1], 22)),
+        XDP_PASS,
+        "last prefix"
+    );
+    assert_eq!(
+        verdict(&fw, &syn4([10, 40, 1, 1], 22)),
+        XDP_DROP,
+        "just outside"
+    );
+    // Back to a few: inline again, and the removed ones are gone from the tries too.
+    fw.set_policy(&Policy {
+        internal_prefixes: Policy::parse_prefixes("10.39.0.0/16").unwrap(),
+        ..Policy::default()
+    })
+    .unwrap();
+    assert_eq!(verdict(&fw, &syn4([10, 39, 1, 1], 22)), XDP_PASS);
+    assert_eq!(verdict(&fw, &syn4([10, 3, 1, 1], 22)), XDP_DROP);
+}

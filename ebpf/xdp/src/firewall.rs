@@ -22,7 +22,8 @@ use aya_ebpf::maps::{Array, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::{TcContext, XdpContext};
 use flynn_xdp_common::{
     port_class, Config, Counter, Reason, SynBucket, UdpFlow, CLASS_NONE, COUNTER_CELLS,
-    FLAG_ALLOW_ECHO, FLAG_PASS_FRAGMENTS, PORT_CLASSES, PORT_WORDS,
+    FLAG_ALLOW_ECHO, FLAG_PASS_FRAGMENTS, FLAG_USE_LPM, INLINE_V4, INLINE_V6, PORT_CLASSES,
+    PORT_WORDS,
 };
 
 #[map]
@@ -39,6 +40,10 @@ static INTERNAL_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(1024, 0);
 static SYN_BUCKETS: LruHashMap<[u8; 16], SynBucket> = LruHashMap::with_max_entries(65536, 0);
 #[map]
 static UDP_FLOWS: LruHashMap<UdpFlow, u64> = LruHashMap::with_max_entries(65536, 0);
+/// Local ports that have sent UDP (one bit each): a cheap first test before the flow lookup,
+/// so a flood to ports the host never used drops without touching the LRU map.
+#[map]
+static UDP_LOCAL_PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
 #[map]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_CELLS, 0);
 
@@ -129,8 +134,60 @@ fn count(reason: Reason, class: u32, bytes: u64) {
 }
 
 #[inline(always)]
-fn config() -> Config {
-    CONFIG.get(0).copied().unwrap_or_default()
+fn config() -> Option<&'static Config> {
+    CONFIG.get(0)
+}
+
+#[inline(always)]
+fn flags() -> u32 {
+    config().map_or(0, |c| c.flags)
+}
+
+/// Is the source inside a cluster-internal prefix? Asked only where the answer changes the
+/// verdict (a packet on its way to a drop or a rate limit), so passing traffic never pays.
+#[inline(always)]
+fn internal(src: &[u8; 16], v6: bool) -> bool {
+    let Some(cfg) = config() else {
+        return false;
+    };
+    if cfg.flags & FLAG_USE_LPM != 0 {
+        return if v6 {
+            INTERNAL_V6.get(Key::new(128, *src)).is_some()
+        } else {
+            INTERNAL_V4
+                .get(Key::new(32, [src[12], src[13], src[14], src[15]]))
+                .is_some()
+        };
+    }
+    if v6 {
+        let a = u64::from_ne_bytes([
+            src[0], src[1], src[2], src[3], src[4], src[5], src[6], src[7],
+        ]);
+        let b = u64::from_ne_bytes([
+            src[8], src[9], src[10], src[11], src[12], src[13], src[14], src[15],
+        ]);
+        for i in 0..INLINE_V6 {
+            if i as u32 >= cfg.v6_count {
+                break;
+            }
+            let [pa, pb, ma, mb] = cfg.v6[i];
+            if a & ma == pa && b & mb == pb {
+                return true;
+            }
+        }
+    } else {
+        let a = u32::from_ne_bytes([src[12], src[13], src[14], src[15]]);
+        for i in 0..INLINE_V4 {
+            if i as u32 >= cfg.v4_count {
+                break;
+            }
+            let [p, m] = cfg.v4[i];
+            if a & m == p {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 #[inline(always)]
@@ -174,14 +231,13 @@ fn ipv4(pkt: &Packet, off: usize) -> Option<Verdict> {
     if ihl > 20 {
         let _: [u8; 4] = pkt.bytes(off + ihl - 4)?;
     }
-    let src = [h[12], h[13], h[14], h[15]];
-    if INTERNAL_V4.get(Key::new(32, src)).is_some() {
-        return Some(pass(Reason::PassInternal, CLASS_NONE));
-    }
-    if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
-        return Some(fragment());
-    }
-    transport(pkt, h[9], off + ihl, v4_mapped(src), false)
+    let src = v4_mapped([h[12], h[13], h[14], h[15]]);
+    let verdict = if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
+        fragment()
+    } else {
+        transport(pkt, h[9], off + ihl, src, false)?
+    };
+    Some(unless_internal(verdict, &src, false))
 }
 
 #[inline(always)]
@@ -192,9 +248,23 @@ fn ipv6(pkt: &Packet, off: usize) -> Option<Verdict> {
     }
     let mut src = [0u8; 16];
     src.copy_from_slice(&h[8..24]);
-    if INTERNAL_V6.get(Key::new(128, src)).is_some() {
-        return Some(pass(Reason::PassInternal, CLASS_NONE));
+    let verdict = ipv6_chain(pkt, &h, off, src)?;
+    Some(unless_internal(verdict, &src, true))
+}
+
+/// A drop turns into a pass when the source is internal (a truncated or malformed packet
+/// stays dropped: there is nothing sound to pass).
+#[inline(always)]
+fn unless_internal(v: Verdict, src: &[u8; 16], v6: bool) -> Verdict {
+    if v.0 == xdp_action::XDP_DROP && !matches!(v.1, Reason::DropMalformed) && internal(src, v6) {
+        pass(Reason::PassInternal, CLASS_NONE)
+    } else {
+        v
     }
+}
+
+#[inline(always)]
+fn ipv6_chain(pkt: &Packet, h: &[u8; 40], off: usize, src: [u8; 16]) -> Option<Verdict> {
     let mut next = h[6];
     let mut l4 = off + 40;
     for _ in 0..MAX_EXT_HEADERS {
@@ -233,7 +303,7 @@ fn ipv6(pkt: &Packet, off: usize) -> Option<Verdict> {
 
 #[inline(always)]
 fn fragment() -> Verdict {
-    if config().flags & FLAG_PASS_FRAGMENTS != 0 {
+    if flags() & FLAG_PASS_FRAGMENTS != 0 {
         pass(Reason::PassFragment, CLASS_NONE)
     } else {
         drop(Reason::DropFragment, CLASS_NONE)
@@ -263,7 +333,7 @@ fn transport(pkt: &Packet, proto: u8, l4: usize, src: [u8; 16], v6: bool) -> Opt
             if !port_allowed(&TCP_PORTS, dport) {
                 return Some(drop(Reason::DropTcpPort, class));
             }
-            if syn_allowed(src) {
+            if syn_allowed(&src, v6) {
                 Some(pass(Reason::PassTcpAllowed, class))
             } else {
                 Some(drop(Reason::DropSynFlood, class))
@@ -310,7 +380,7 @@ fn transport(pkt: &Packet, proto: u8, l4: usize, src: [u8; 16], v6: bool) -> Opt
 
 #[inline(always)]
 fn echo() -> Verdict {
-    if config().flags & FLAG_ALLOW_ECHO != 0 {
+    if flags() & FLAG_ALLOW_ECHO != 0 {
         pass(Reason::PassIcmp, CLASS_NONE)
     } else {
         drop(Reason::DropIcmp, CLASS_NONE)
@@ -319,15 +389,17 @@ fn echo() -> Verdict {
 
 /// Token bucket per source: `syn_rate` new connections per second, bursts of `syn_burst`.
 #[inline(always)]
-fn syn_allowed(src: [u8; 16]) -> bool {
-    let cfg = config();
+fn syn_allowed(src: &[u8; 16], v6: bool) -> bool {
+    let Some(cfg) = config() else {
+        return true;
+    };
     if cfg.syn_rate == 0 {
         return true;
     }
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let cap = cfg.syn_burst.max(1) as u64 * 1000;
-    match SYN_BUCKETS.get_ptr_mut(src) {
+    match SYN_BUCKETS.get_ptr_mut(*src) {
         Some(b) => {
             // SAFETY: the pointer is to this entry's value; concurrent updates from other
             // CPUs can only make the bucket slightly more generous, never unsafe.
@@ -343,7 +415,8 @@ fn syn_allowed(src: [u8; 16]) -> bool {
                 true
             } else {
                 b.milli_tokens = tokens;
-                false
+                // Cluster hosts are never limited.
+                internal(src, v6)
             }
         }
         None => {
@@ -351,7 +424,7 @@ fn syn_allowed(src: [u8; 16]) -> bool {
                 milli_tokens: cap - 1000,
                 last_ns: now,
             };
-            let _ = SYN_BUCKETS.insert(src, bucket, 0);
+            let _ = SYN_BUCKETS.insert(*src, bucket, 0);
             true
         }
     }
@@ -359,6 +432,9 @@ fn syn_allowed(src: [u8; 16]) -> bool {
 
 #[inline(always)]
 fn udp_reply(src: [u8; 16], sport: u16, dport: u16) -> bool {
+    if !port_allowed(&UDP_LOCAL_PORTS, dport) {
+        return false;
+    }
     let key = UdpFlow {
         remote: src,
         remote_port: sport,
@@ -371,7 +447,8 @@ fn udp_reply(src: [u8; 16], sport: u16, dport: u16) -> bool {
     let seen = unsafe { *seen };
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    now.saturating_sub(seen) <= config().udp_reply_secs as u64 * 1_000_000_000
+    let secs = config().map_or(0, |c| c.udp_reply_secs) as u64;
+    now.saturating_sub(seen) <= secs * 1_000_000_000
 }
 
 /// Egress: remembers the host's own outbound UDP flows so their replies get in.
@@ -415,6 +492,18 @@ fn track_udp(ctx: &TcContext) -> Option<()> {
         remote_port,
         local_port,
     };
+    if let Some(word) = UDP_LOCAL_PORTS.get_ptr_mut((local_port >> 6) as u32) {
+        let bit = 1u64 << (local_port & 63);
+        // SAFETY: pointer to an array slot. No atomic OR on this target: two CPUs setting
+        // bits of one word at the same instant may lose one; every outbound packet checks
+        // again, so the port's next packet restores it (the flow table, the authority on
+        // replies, is unaffected).
+        unsafe {
+            if *word & bit == 0 {
+                *word |= bit;
+            }
+        }
+    }
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     UDP_FLOWS.insert(key, now, 0).ok()
