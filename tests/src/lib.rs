@@ -62,6 +62,8 @@ pub struct TestHost {
     child: Option<Child>,
     /// Extra environment for the daemon (e.g. a version override).
     pub env: Vec<(String, String)>,
+    /// Extra `flynn-host daemon` arguments.
+    pub args: Vec<String>,
 }
 
 impl TestHost {
@@ -98,6 +100,18 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 impl Cluster {
     /// Creates `n` hosts and starts their daemons (not yet bootstrapped).
     pub fn start(n: usize) -> Cluster {
+        let mut c = Cluster::create(n);
+        for i in 0..n {
+            c.start_daemon(i);
+        }
+        for i in 0..n {
+            c.wait_up(i);
+        }
+        c
+    }
+
+    /// Creates `n` host namespaces without starting daemons.
+    pub fn create(n: usize) -> Cluster {
         assert!(
             sh(&["id", "-u"]).stdout.starts_with(b"0"),
             "the cluster tests need root (network namespaces); run them as root"
@@ -124,13 +138,37 @@ impl Cluster {
             root: tempfile::tempdir().expect("temp dir"),
         };
         for _ in 0..n {
-            let i = c.add_host();
-            c.start_daemon(i);
-        }
-        for i in 0..n {
-            c.wait_up(i);
+            c.add_host();
         }
         c
+    }
+
+    /// The test's own address on the bridge (the "admin network").
+    pub fn bridge_ip(&self) -> String {
+        format!("10.199.{}.254", self.tag)
+    }
+
+    /// Starts `cmd` inside host `i`'s namespace; it is killed when the handle drops.
+    pub fn spawn_in(&self, i: usize, cmd: &[&str]) -> Background {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.hosts[i].ns])
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn in namespace");
+        Background(child)
+    }
+
+    /// Runs `cmd` inside host `i`'s namespace to completion.
+    pub fn run_cmd_in(&self, i: usize, cmd: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.hosts[i].ns])
+            .args(cmd)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run in namespace")
     }
 
     /// Adds a host namespace wired to the bridge; its daemon is not started.
@@ -172,6 +210,7 @@ impl Cluster {
             link,
             child: None,
             env: Vec::new(),
+            args: Vec::new(),
         });
         i
     }
@@ -196,6 +235,7 @@ impl Cluster {
                 "--port",
                 &PORT.to_string(),
             ])
+            .args(&h.args)
             .env("RUST_LOG", "info,openraft=error")
             .envs(h.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -391,6 +431,16 @@ impl Cluster {
             .enumerate()
             .map(|(i, h)| format!("----- host {i} ({})\n{}", h.ip, h.log_text()))
             .collect()
+    }
+}
+
+/// A helper process in a namespace, killed on drop.
+pub struct Background(Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

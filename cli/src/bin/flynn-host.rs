@@ -43,6 +43,13 @@ enum Cmd {
         /// Peers to ask for admission (default: from init).
         #[arg(long, value_delimiter = ',')]
         peer_ips: Vec<String>,
+        #[command(flatten)]
+        firewall: FirewallArgs,
+    },
+    /// The XDP firewall.
+    Firewall {
+        #[command(subcommand)]
+        cmd: FirewallCmd,
     },
     /// Record this host's cluster settings before its first start.
     Init {
@@ -103,6 +110,68 @@ enum Cmd {
     },
     /// Print the version.
     Version,
+}
+
+/// XDP firewall settings of `daemon`. With interfaces given, the host filters them; the
+/// cluster config (router app env) extends these once the host is in a cluster.
+#[derive(clap::Args)]
+struct FirewallArgs {
+    /// External interfaces to filter (comma-separated or repeated).
+    #[arg(long = "firewall-iface", value_delimiter = ',')]
+    ifaces: Vec<String>,
+    /// TCP ports open to new connections from outside.
+    #[arg(long = "firewall-tcp-ports", default_value = "80,443,3000-3500")]
+    tcp_ports: String,
+    /// UDP ports open to anyone.
+    #[arg(long = "firewall-udp-ports", default_value = "")]
+    udp_ports: String,
+    /// Sources never filtered (ADDR/LEN, comma-separated); cluster hosts are added.
+    #[arg(long = "firewall-internal", default_value = "")]
+    internal: String,
+    /// New TCP connections per second per source (0: unlimited).
+    #[arg(long = "firewall-syn-rate", default_value_t = 1000)]
+    syn_rate: u32,
+    #[arg(long = "firewall-syn-burst", default_value_t = 2000)]
+    syn_burst: u32,
+    /// Drop ICMP echo requests from outside.
+    #[arg(long = "firewall-no-echo")]
+    no_echo: bool,
+    /// Drop non-first IP fragments from outside.
+    #[arg(long = "firewall-drop-fragments")]
+    drop_fragments: bool,
+}
+
+impl FirewallArgs {
+    fn config(&self) -> anyhow::Result<Option<flynn_daemon::firewall::FirewallConfig>> {
+        if self.ifaces.is_empty() {
+            return Ok(None);
+        }
+        let base = flynn_xdp::Policy {
+            tcp_ports: flynn_xdp::Policy::parse_ports(&self.tcp_ports)?,
+            udp_ports: flynn_xdp::Policy::parse_ports(&self.udp_ports)?,
+            internal_prefixes: flynn_xdp::Policy::parse_prefixes(&self.internal)?,
+            syn_rate: self.syn_rate,
+            syn_burst: self.syn_burst,
+            allow_echo: !self.no_echo,
+            pass_fragments: !self.drop_fragments,
+            ..flynn_xdp::Policy::default()
+        };
+        Ok(Some(flynn_daemon::firewall::FirewallConfig {
+            interfaces: self.ifaces.clone(),
+            base,
+        }))
+    }
+}
+
+#[derive(Subcommand)]
+enum FirewallCmd {
+    /// Interfaces, mode, policy and counters of this host's firewall.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 #[derive(clap::Args)]
@@ -187,6 +256,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             port,
             listen_ip,
             peer_ips,
+            firewall,
         } => {
             let init = dir.init_config()?;
             let cfg = DaemonConfig {
@@ -201,6 +271,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     peer_ips
                 },
+                firewall: firewall.config()?,
             };
             flynn_daemon::run(cfg).await
         }
@@ -329,6 +400,50 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Status { target } => {
             let status = local_host(&cli.data_dir, &target)?.status().await?;
             println!("{}", serde_json::to_string_pretty(&status)?);
+            Ok(())
+        }
+        Cmd::Firewall {
+            cmd: FirewallCmd::Status { json, target },
+        } => {
+            let status = local_host(&cli.data_dir, &target)?.firewall().await?;
+            if json {
+                println!("{status}");
+                return Ok(());
+            }
+            if status["enabled"] != true {
+                println!("Firewall: off (start the daemon with --firewall-iface IFACE)");
+                return Ok(());
+            }
+            let ifaces: Vec<String> = status["interfaces"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|i| {
+                    format!(
+                        "{} ({})",
+                        i["name"].as_str().unwrap_or("?"),
+                        i["mode"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect();
+            println!("Interfaces: {}", ifaces.join(", "));
+            println!("Policy:     {}", status["policy"]);
+            println!();
+            let rows: Vec<Vec<String>> = status["counters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    ["verdict", "reason", "port_class", "packets", "bytes"]
+                        .iter()
+                        .map(|k| match &r[*k] {
+                            serde_json::Value::String(s) => s.clone(),
+                            v => v.to_string(),
+                        })
+                        .collect()
+                })
+                .collect();
+            print_table(&["VERDICT", "REASON", "PORTS", "PACKETS", "BYTES"], &rows);
             Ok(())
         }
         Cmd::Version => {

@@ -393,6 +393,11 @@ impl HostClient {
         self.http.get("/host/list").await
     }
 
+    /// The XDP firewall's interfaces, policy and counters (JSON as the host reports it).
+    pub async fn firewall(&self) -> Result<serde_json::Value, ClientError> {
+        self.http.get("/host/firewall").await
+    }
+
     pub async fn bootstrap(&self, req: &BootstrapRequest) -> Result<HostInfo, ClientError> {
         self.http.post("/host/bootstrap", req).await
     }

@@ -46,6 +46,7 @@ pub fn router(host: Arc<Host>) -> Router {
         .route("/raft/snapshot", post(raft_snapshot))
         .route("/raft/leader", post(raft_leader))
         .route("/host/list", get(host_list))
+        .route("/host/firewall", get(host_firewall))
         .route("/host/join", post(host_join))
         .route("/host/promote", post(host_promote))
         .route("/host/demote", post(host_demote))
@@ -248,6 +249,13 @@ async fn host_bootstrap(
 
 async fn host_list(State(host): State<Arc<Host>>) -> ApiResult<impl IntoResponse> {
     Ok(Json(host.node()?.list_hosts().await))
+}
+
+async fn host_firewall(State(host): State<Arc<Host>>) -> impl IntoResponse {
+    match host.firewall() {
+        Some(fw) => Json(serde_json::to_value(fw.status()).unwrap_or_default()),
+        None => Json(serde_json::json!({"enabled": false, "interfaces": [], "counters": []})),
+    }
 }
 
 async fn host_join(

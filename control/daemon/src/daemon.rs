@@ -32,6 +32,8 @@ pub struct DaemonConfig {
     pub listen_ip: IpAddr,
     /// Peers to ask for admission when this host has a secret but no cluster state yet.
     pub peer_ips: Vec<String>,
+    /// The XDP firewall, when external interfaces are configured.
+    pub firewall: Option<crate::firewall::FirewallConfig>,
 }
 
 pub struct Host {
@@ -45,6 +47,7 @@ pub struct Host {
     recovering: std::sync::atomic::AtomicBool,
     start: tokio::sync::Mutex<()>,
     fatal: mpsc::UnboundedSender<anyhow::Error>,
+    firewall: Option<crate::firewall::HostFirewall>,
 }
 
 impl Host {
@@ -55,6 +58,10 @@ impl Host {
             version: version().to_string(),
             initialized: self.node.get().is_some(),
         }
+    }
+
+    pub fn firewall(&self) -> Option<&crate::firewall::HostFirewall> {
+        self.firewall.as_ref()
     }
 
     pub fn is_recovering(&self) -> bool {
@@ -225,6 +232,11 @@ impl Host {
     }
 
     pub fn prometheus(&self) -> String {
+        let firewall = self
+            .firewall
+            .as_ref()
+            .map(|f| f.prometheus())
+            .unwrap_or_default();
         let mut out = String::new();
         let mut gauge = |name: &str, help: &str, value: u64| {
             out.push_str(&format!(
@@ -237,7 +249,7 @@ impl Host {
                 "1 once the host belongs to a cluster",
                 0,
             );
-            return out;
+            return out + &firewall;
         };
         let m = node.metrics();
         let membership = m.membership_config.membership();
@@ -277,7 +289,7 @@ impl Host {
             "cluster state revision applied here",
             node.state.read(|a| a.state.revision),
         );
-        out
+        out + &firewall
     }
 }
 
@@ -338,6 +350,13 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
+    // Filter before serving anything: a host told to filter must never run open.
+    let firewall = match &cfg.firewall {
+        Some(fc) => {
+            Some(crate::firewall::HostFirewall::start(fc).context("starting the XDP firewall")?)
+        }
+        None => None,
+    };
     let host = Arc::new(Host {
         dir: dir.clone(),
         id,
@@ -347,7 +366,11 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         recovering: std::sync::atomic::AtomicBool::new(false),
         start: tokio::sync::Mutex::new(()),
         fatal: fatal_tx,
+        firewall,
     });
+    if host.firewall.is_some() {
+        tokio::spawn(crate::firewall::follow_cluster(host.clone()));
+    }
     tracing::info!(node_id = id, addr = %host.addr, version = version(), "flynn-host daemon starting");
 
     if let Some(secret) = dir.secret()? {

@@ -5,6 +5,7 @@ pub mod api;
 pub mod bootstrap;
 pub mod daemon;
 pub mod error;
+pub mod firewall;
 pub mod hostdir;
 pub mod node;
 
