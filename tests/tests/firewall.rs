@@ -144,4 +144,17 @@ async fn t30_firewall_filters_a_real_interface_and_follows_the_cluster() {
         text.contains("flynn_firewall_packets_total{verdict=\"drop\",reason=\"syn_flood\",port_class=\"http\"}"),
         "{text}"
     );
+
+    // SIGTERM: the daemon detaches on its way out, and the host is unfiltered again.
+    drop(_services);
+    let _services = c.spawn_in(0, &["python3", &py, "listen", "22"]);
+    c.signal(0, "TERM");
+    assert_eq!(
+        c.wait_exit(0, Duration::from_secs(15)),
+        Some(true),
+        "clean exit"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let open = c.run_cmd_in(outsider, &["python3", &py, "connect", &host_ip, "22", "1"]);
+    assert!(ok(&open), "still filtering after shutdown");
 }

@@ -408,6 +408,9 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     if let Some(node) = host.node.get() {
         let _ = tokio::time::timeout(Duration::from_secs(5), node.raft.shutdown()).await;
     }
+    if let Some(fw) = host.firewall() {
+        fw.detach();
+    }
     match done_rx.await {
         Ok(Err(e)) => Err(e),
         _ => Ok(()),

@@ -71,6 +71,13 @@ impl HostFirewall {
         }
     }
 
+    /// Detaches from every interface (on shutdown: a stopped host must not keep filtering
+    /// with a policy nobody maintains).
+    pub fn detach(&self) {
+        self.fw.lock().expect("firewall lock").detach_all();
+        tracing::info!("XDP firewall detached");
+    }
+
     pub fn prometheus(&self) -> String {
         self.fw
             .lock()
