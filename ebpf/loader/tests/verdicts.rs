@@ -395,3 +395,61 @@ fn t23_many_internal_prefixes_use_the_lpm_tries() {
     assert_eq!(verdict(&fw, &syn4([10, 39, 1, 1], 22)), XDP_PASS);
     assert_eq!(verdict(&fw, &syn4([10, 3, 1, 1], 22)), XDP_DROP);
 }
+
+/// A throwaway interface for attach tests, removed on drop: a bridge device, which has no
+/// native XDP support (the dummy driver is not always built).
+struct Dummy(String);
+
+impl Dummy {
+    fn new() -> Self {
+        let name = format!("flxbr{}", std::process::id() % 100_000);
+        let ip = |args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap()
+        };
+        let _ = ip(&["link", "del", &name]);
+        assert!(ip(&["link", "add", &name, "type", "bridge"]).success());
+        assert!(ip(&["link", "set", &name, "up"]).success());
+        Dummy(name)
+    }
+}
+
+impl Drop for Dummy {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn t24_no_driver_support_falls_back_to_generic_mode_and_detaches() {
+    // A bridge has no native XDP: attaching must fall back to generic (skb) mode.
+    let dummy = Dummy::new();
+    let mut fw = fw();
+    let mode = fw.attach(&dummy.0).expect("attach");
+    assert_eq!(mode, flynn_xdp::Mode::Generic);
+    assert_eq!(
+        fw.interfaces(),
+        vec![(dummy.0.clone(), flynn_xdp::Mode::Generic)]
+    );
+    let shown = std::process::Command::new("ip")
+        .args(["link", "show", &dummy.0])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("xdpgeneric"));
+    fw.detach_all();
+    let shown = std::process::Command::new("ip")
+        .args(["link", "show", &dummy.0])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&shown.stdout).contains("xdp"),
+        "still attached"
+    );
+    // An interface that does not exist is a clear error, not a panic.
+    let err = fw.attach("no-such-if0").unwrap_err().to_string();
+    assert!(err.contains("no-such-if0"), "{err}");
+}
