@@ -29,36 +29,8 @@ pub struct EnvUpdate {
     pub unset: Vec<String>,
 }
 
-/// `POST /apps/{app}/routes`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum RouteRequest {
-    Http {
-        domain: String,
-        #[serde(default)]
-        path: Option<String>,
-        #[serde(default)]
-        service: Option<String>,
-        #[serde(default)]
-        sticky: bool,
-        #[serde(default)]
-        leader: bool,
-        #[serde(default)]
-        disable_keepalive: bool,
-        #[serde(default)]
-        no_drain_backends: bool,
-        #[serde(default)]
-        certificate: Option<String>,
-    },
-    Tcp {
-        #[serde(default)]
-        port: Option<u16>,
-        #[serde(default)]
-        service: Option<String>,
-        #[serde(default)]
-        leader: bool,
-    },
-}
+/// `POST /apps/{app}/routes`: the state machine's own route spec.
+pub type RouteRequest = flynn_state::RouteSpec;
 
 /// `PUT /services/{service}/instances/{id}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -25,7 +25,7 @@ use flynn_client::{
 use flynn_raft::openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use flynn_raft::store::WatchItem;
 use flynn_raft::TypeConfig;
-use flynn_state::{Command, NewCertificate, NewRoute, Response as StateResponse};
+use flynn_state::{Command, NewCertificate, Response as StateResponse};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
@@ -429,39 +429,11 @@ async fn add_route(
     Path(app): Path<String>,
     JsonBody(req): JsonBody<RouteRequest>,
 ) -> ApiResult<impl IntoResponse> {
-    let route = match req {
-        RouteRequest::Http {
-            domain,
-            path,
-            service,
-            sticky,
-            leader,
-            disable_keepalive,
-            no_drain_backends,
-            certificate,
-        } => NewRoute::Http {
-            app,
-            domain,
-            path,
-            service,
-            sticky,
-            leader,
-            disable_keepalive,
-            no_drain_backends,
-            certificate,
-        },
-        RouteRequest::Tcp {
-            port,
-            service,
-            leader,
-        } => NewRoute::Tcp {
-            app,
-            port,
-            service,
-            leader,
-        },
-    };
-    match host.node()?.propose(Command::AddRoute { route }).await? {
+    match host
+        .node()?
+        .propose(Command::AddRoute { app, route: req })
+        .await?
+    {
         StateResponse::Route { route } => Ok((StatusCode::CREATED, Json(route))),
         other => Err(ApiError::Internal(format!("unexpected result {other:?}"))),
     }

@@ -30,7 +30,8 @@ pub enum Command {
         unset: Vec<String>,
     },
     AddRoute {
-        route: NewRoute,
+        app: String,
+        route: RouteSpec,
     },
     RemoveRoute {
         app: String,
@@ -80,12 +81,12 @@ pub enum Command {
     },
 }
 
-/// A route as a client asks for it; the state machine assigns the id (and a TCP port if none).
+/// A route as a client asks for it (`POST /apps/{app}/routes`); the state machine assigns
+/// the id (and a TCP port if none is given).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
-pub enum NewRoute {
+pub enum RouteSpec {
     Http {
-        app: String,
         domain: String,
         #[serde(default)]
         path: Option<String>,
@@ -103,7 +104,6 @@ pub enum NewRoute {
         certificate: Option<String>,
     },
     Tcp {
-        app: String,
         #[serde(default)]
         port: Option<u16>,
         #[serde(default)]

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use command::{ApplyResult, Command, NewCertificate, NewRoute, Response, StateError};
+pub use command::{ApplyResult, Command, NewCertificate, Response, RouteSpec, StateError};
 pub use model::*;
 
 /// A persisted table of the state; the storage layer keeps one record per `(Table, key)`.
@@ -125,7 +125,7 @@ impl ClusterState {
                 set,
                 unset,
             } => self.update_env(&app, proc_type, set, unset),
-            Command::AddRoute { route } => self.add_route(route, rev, ev),
+            Command::AddRoute { app, route } => self.add_route(app, route, rev, ev),
             Command::RemoveRoute { app, id } => {
                 match self.routes.get(&id) {
                     Some(r) if r.app() == app => {}
@@ -427,11 +427,16 @@ impl ClusterState {
         Ok(Response::App { app })
     }
 
-    fn add_route(&mut self, route: NewRoute, rev: u64, ev: &mut Vec<Event>) -> ApplyResult {
+    fn add_route(
+        &mut self,
+        app: String,
+        route: RouteSpec,
+        rev: u64,
+        ev: &mut Vec<Event>,
+    ) -> ApplyResult {
         let route =
             match route {
-                NewRoute::Http {
-                    app,
+                RouteSpec::Http {
                     domain,
                     path,
                     service,
@@ -472,8 +477,7 @@ impl ClusterState {
                         certificate,
                     })
                 }
-                NewRoute::Tcp {
-                    app,
+                RouteSpec::Tcp {
                     port,
                     service,
                     leader,

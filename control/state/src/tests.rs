@@ -29,8 +29,8 @@ fn env_set(app: &str, t: Option<&str>, k: &str, v: &str) -> Command {
 
 fn http(app: &str, domain: &str, path: Option<&str>) -> Command {
     Command::AddRoute {
-        route: NewRoute::Http {
-            app: app.into(),
+        app: app.into(),
+        route: RouteSpec::Http {
             domain: domain.into(),
             path: path.map(String::from),
             service: None,
@@ -183,8 +183,8 @@ fn t30_routes_get_ids_events_and_revisions() {
 fn t31_tcp_ports_are_allocated_from_the_range_and_unique() {
     let mut s = booted();
     let tcp = |port| Command::AddRoute {
-        route: NewRoute::Tcp {
-            app: "redis".into(),
+        app: "redis".into(),
+        route: RouteSpec::Tcp {
             port,
             service: None,
             leader: false,
