@@ -573,6 +573,22 @@ async fn t85_watch_streams_and_resumes_and_instances_expire() {
         c.client(1).service("web-web").await.unwrap_err().status(),
         Some(404)
     );
+    // A refused watch reports the server's error, like every other call.
+    let refused = flynn_client::ControllerClient::new(&c.hosts[0].url(), "not-a-valid-key-at-all")
+        .watch(0, |_| true)
+        .await
+        .unwrap_err();
+    match &refused {
+        flynn_client::ClientError::Api {
+            status,
+            code,
+            message,
+        } => assert_eq!(
+            (*status, code.as_str(), message.as_str()),
+            (401, "unauthorized", "invalid controller key")
+        ),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -84,42 +84,50 @@ impl Http {
         }
     }
 
-    async fn send<T: DeserializeOwned>(
+    /// Sends a request; a non-success answer becomes `ClientError::Api` (with the code and
+    /// message of its JSON error body when it has one).
+    async fn execute(
         &self,
         rb: reqwest::RequestBuilder,
-    ) -> Result<T, ClientError> {
+    ) -> Result<(String, reqwest::Response), ClientError> {
         let req = rb.build().map_err(|e| ClientError::Transport {
             url: self.base.clone(),
             reason: e.to_string(),
         })?;
         let url = req.url().to_string();
-        let resp = self
-            .http
-            .execute(req)
-            .await
-            .map_err(|e| ClientError::Transport {
-                url: url.clone(),
-                reason: error_chain(&e),
-            })?;
+        let transport = |e: reqwest::Error| ClientError::Transport {
+            url: url.clone(),
+            reason: error_chain(&e),
+        };
+        let resp = self.http.execute(req).await.map_err(transport)?;
         let status = resp.status();
+        if status.is_success() {
+            return Ok((url, resp));
+        }
+        let bytes = resp.bytes().await.map_err(transport)?;
+        Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(b) => ClientError::Api {
+                status: status.as_u16(),
+                code: b.error,
+                message: b.message,
+            },
+            Err(_) => ClientError::Api {
+                status: status.as_u16(),
+                code: status_code_name(status),
+                message: String::from_utf8_lossy(&bytes).trim().to_string(),
+            },
+        })
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        rb: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
+        let (url, resp) = self.execute(rb).await?;
         let bytes = resp.bytes().await.map_err(|e| ClientError::Transport {
             url: url.clone(),
             reason: error_chain(&e),
         })?;
-        if !status.is_success() {
-            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(b) => ClientError::Api {
-                    status: status.as_u16(),
-                    code: b.error,
-                    message: b.message,
-                },
-                Err(_) => ClientError::Api {
-                    status: status.as_u16(),
-                    code: status_code_name(status),
-                    message: String::from_utf8_lossy(&bytes).trim().to_string(),
-                },
-            });
-        }
         let body: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
         serde_json::from_slice(body).map_err(|e| ClientError::Decode {
             url,
@@ -315,34 +323,12 @@ impl ControllerClient {
         since: u64,
         mut f: impl FnMut(WatchLine) -> bool,
     ) -> Result<(), ClientError> {
-        let url = format!("{}/watch?since={since}", self.http.base);
+        // The stream is long-lived: no overall timeout.
         let rb = self
             .http
-            .request(Method::GET, &format!("/watch?since={since}"));
-        // The stream is long-lived: no overall timeout.
-        let req = rb
-            .timeout(Duration::from_secs(24 * 3600))
-            .build()
-            .map_err(|e| ClientError::Transport {
-                url: url.clone(),
-                reason: e.to_string(),
-            })?;
-        let resp = self
-            .http
-            .http
-            .execute(req)
-            .await
-            .map_err(|e| ClientError::Transport {
-                url: url.clone(),
-                reason: error_chain(&e),
-            })?;
-        if !resp.status().is_success() {
-            return Err(ClientError::Api {
-                status: resp.status().as_u16(),
-                code: status_code_name(resp.status()),
-                message: resp.text().await.unwrap_or_default(),
-            });
-        }
+            .request(Method::GET, &format!("/watch?since={since}"))
+            .timeout(Duration::from_secs(24 * 3600));
+        let (url, resp) = self.http.execute(rb).await?;
         let mut stream = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
         while let Some(chunk) = stream.next().await {
