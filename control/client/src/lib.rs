@@ -321,12 +321,23 @@ impl ControllerClient {
     pub async fn watch(
         &self,
         since: u64,
+        f: impl FnMut(WatchLine) -> bool,
+    ) -> Result<(), ClientError> {
+        self.watch_from(since, false, f).await
+    }
+
+    /// Like [`Self::watch`]; with `stale`, the host answers from its own applied state even
+    /// when it cannot reach the leader (what a router on that host wants).
+    pub async fn watch_from(
+        &self,
+        since: u64,
+        stale: bool,
         mut f: impl FnMut(WatchLine) -> bool,
     ) -> Result<(), ClientError> {
         // The stream is long-lived: no overall timeout.
         let rb = self
             .http
-            .request(Method::GET, &format!("/watch?since={since}"))
+            .request(Method::GET, &format!("/watch?since={since}&stale={stale}"))
             .timeout(Duration::from_secs(24 * 3600));
         let (url, resp) = self.http.execute(rb).await?;
         let mut stream = resp.bytes_stream();
