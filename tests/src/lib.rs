@@ -78,12 +78,6 @@ impl TestHost {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
-
-    pub fn secret(&self) -> Option<String> {
-        std::fs::read_to_string(self.data_dir.join("secret"))
-            .ok()
-            .map(|s| s.trim().to_string())
-    }
 }
 
 pub struct Cluster {

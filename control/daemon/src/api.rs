@@ -32,6 +32,7 @@ use serde::Deserialize;
 use crate::daemon::Host;
 use crate::error::{ApiError, ApiResult};
 use crate::node::{LeaderOp, Node};
+use crate::now_ms;
 use crate::version;
 
 /// Largest request body the controller API accepts.
@@ -503,13 +504,6 @@ async fn get_service(
         "leader": leader,
         "instances": svc.instances,
     })))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 fn expect_instance(r: StateResponse) -> ApiResult<impl IntoResponse> {

@@ -302,10 +302,7 @@ async fn leader_housekeeping(node: Arc<Node>) {
         if !node.is_leader() {
             continue;
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or_default();
+        let now = crate::now_ms();
         let (lapsed, bootstrapped, peers_env) = node.state.read(|a| {
             let s = &a.state;
             (

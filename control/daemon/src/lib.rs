@@ -22,3 +22,11 @@ pub fn version() -> &'static str {
             .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_string())
     })
 }
+
+/// Wall-clock milliseconds since the epoch: the time that enters commands (TTLs, expiry).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
