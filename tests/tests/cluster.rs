@@ -509,6 +509,7 @@ async fn t85_watch_streams_and_resumes_and_instances_expire() {
                 disable_keepalive: false,
                 no_drain_backends: false,
                 certificate: None,
+                https_redirect: false,
             },
         )
         .await

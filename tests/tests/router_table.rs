@@ -19,6 +19,7 @@ fn http_route(domain: &str) -> RouteRequest {
         disable_keepalive: false,
         no_drain_backends: false,
         certificate: None,
+        https_redirect: false,
     }
 }
 

@@ -148,6 +148,9 @@ enum RouteKind {
         /// Certificate id (from the certificates API) to serve for the domain.
         #[arg(long)]
         certificate: Option<String>,
+        /// Redirect plain-HTTP requests for this route to HTTPS.
+        #[arg(long)]
+        redirect_https: bool,
         domain: String,
     },
     /// A TCP route on a port (default: the first free one in 3000-3500).
@@ -362,6 +365,7 @@ async fn route_cmd(client: &ControllerClient, app: &str, args: RouteArgs) -> any
                     no_drain_backends,
                     disable_keep_alives,
                     certificate,
+                    redirect_https,
                     domain,
                 } => {
                     let (domain, path) = match domain.find('/') {
@@ -377,6 +381,7 @@ async fn route_cmd(client: &ControllerClient, app: &str, args: RouteArgs) -> any
                         disable_keepalive: disable_keep_alives,
                         no_drain_backends,
                         certificate,
+                        https_redirect: redirect_https,
                     }
                 }
                 RouteKind::Tcp {

@@ -102,6 +102,8 @@ pub enum RouteSpec {
         no_drain_backends: bool,
         #[serde(default)]
         certificate: Option<String>,
+        #[serde(default)]
+        https_redirect: bool,
     },
     Tcp {
         #[serde(default)]

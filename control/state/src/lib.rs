@@ -445,6 +445,7 @@ impl ClusterState {
                     disable_keepalive,
                     no_drain_backends,
                     certificate,
+                    https_redirect,
                 } => {
                     self.app(&app)?;
                     let domain = validate::domain(&domain)?;
@@ -475,6 +476,7 @@ impl ClusterState {
                         backend_keepalive: !disable_keepalive,
                         drain_backends: !no_drain_backends,
                         certificate,
+                        https_redirect,
                     })
                 }
                 RouteSpec::Tcp {

@@ -114,6 +114,9 @@ pub struct HttpRoute {
     /// Id of the certificate served for this domain, if any.
     #[serde(default)]
     pub certificate: Option<String>,
+    /// Answer plain-HTTP requests with a redirect to HTTPS.
+    #[serde(default)]
+    pub https_redirect: bool,
 }
 
 fn yes() -> bool {

@@ -16,6 +16,7 @@ fn http(id: &str, domain: &str, path: &str, service: &str, leader: bool) -> Watc
                 backend_keepalive: true,
                 drain_backends: true,
                 certificate: None,
+                https_redirect: false,
             }),
         },
     })
