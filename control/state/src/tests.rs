@@ -39,6 +39,7 @@ fn http(app: &str, domain: &str, path: Option<&str>) -> Command {
             disable_keepalive: false,
             no_drain_backends: false,
             certificate: None,
+            https_redirect: false,
         },
     }
 }
