@@ -1,6 +1,7 @@
 //! Shared pieces of the `flynn` and `flynn-host` binaries.
 
 pub mod flynnrc;
+pub mod router;
 
 /// Prints rows as left-aligned columns under a header.
 pub fn print_table(header: &[&str], rows: &[Vec<String>]) {

@@ -46,6 +46,8 @@ enum Cmd {
         #[command(flatten)]
         firewall: FirewallArgs,
     },
+    /// Run the router (HTTP, HTTPS and TCP routes) from a routes file or a cluster.
+    Router(Box<flynn_cli::router::RouterArgs>),
     /// The XDP firewall.
     Firewall {
         #[command(subcommand)]
@@ -183,7 +185,7 @@ struct Target {
 
 fn main() {
     let cli = Cli::parse();
-    if matches!(cli.cmd, Cmd::Daemon { .. }) {
+    if matches!(cli.cmd, Cmd::Daemon { .. } | Cmd::Router(_)) {
         tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -446,6 +448,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_table(&["VERDICT", "REASON", "PORTS", "PACKETS", "BYTES"], &rows);
             Ok(())
         }
+        Cmd::Router(args) => flynn_cli::router::run(*args).await,
         Cmd::Version => {
             println!("{}", flynn_daemon::version());
             Ok(())

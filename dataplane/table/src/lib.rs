@@ -73,6 +73,19 @@ impl RouteTable {
         self.tcp.keys().copied()
     }
 
+    /// Every backend address any route sends to.
+    pub fn backend_addrs(&self) -> std::collections::HashSet<&str> {
+        let http = self
+            .exact
+            .values()
+            .chain(self.wildcard.values())
+            .flatten()
+            .map(|e| &e.backends);
+        http.chain(self.tcp.values().map(|e| &e.backends))
+            .flat_map(|b| b.iter().map(|b| b.addr.as_str()))
+            .collect()
+    }
+
     /// The certificate for a TLS server name: exact, then wildcard.
     pub fn certificate(&self, server_name: &str) -> Option<&Arc<Certificate>> {
         let name = normalize_host(server_name);

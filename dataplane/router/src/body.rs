@@ -1,0 +1,215 @@
+//! Message bodies in flight: decoding whatever framing the sender used into plain bytes, and
+//! encoding them again for the receiver. Bodies move through in pieces of at most one read
+//! buffer, never whole, so a 1 GiB upload costs no more memory than a 1 KiB one.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use flynn_http1::{ChunkedDecoder, Http1Error};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Largest piece read at once.
+pub const READ_CHUNK: usize = 64 * 1024;
+
+#[derive(Debug)]
+pub enum Framing {
+    None,
+    Length(u64),
+    Chunked(Box<ChunkedDecoder>),
+    /// Ends when the sender closes (responses only).
+    Close,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("timed out")]
+    Timeout,
+    #[error("{0}")]
+    Framing(#[from] Http1Error),
+    #[error("connection closed mid-body")]
+    Truncated,
+}
+
+/// Decodes one body from a connection's read buffer plus further reads.
+#[derive(Debug)]
+pub struct BodyReader {
+    framing: Framing,
+    done: bool,
+}
+
+impl BodyReader {
+    pub fn new(framing: Framing) -> Self {
+        let done = matches!(framing, Framing::None | Framing::Length(0));
+        BodyReader { framing, done }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Whether the sender chunked the body (it is re-chunked for receivers that can take it).
+    pub fn is_chunked(&self) -> bool {
+        matches!(self.framing, Framing::Chunked(_))
+    }
+
+    /// Whether the body ends only when the sender closes.
+    pub fn close_delimited(&self) -> bool {
+        matches!(self.framing, Framing::Close)
+    }
+
+    /// Moves the body bytes already in `buf` into `out`, leaving anything after the body (a
+    /// pipelined message) in `buf`.
+    pub fn take_buffered(
+        &mut self,
+        buf: &mut BytesMut,
+        out: &mut Vec<u8>,
+    ) -> Result<(), BodyError> {
+        match &mut self.framing {
+            Framing::None => {}
+            Framing::Length(remaining) => {
+                let n = (*remaining).min(buf.len() as u64) as usize;
+                out.extend_from_slice(&buf[..n]);
+                buf.advance(n);
+                *remaining -= n as u64;
+                self.done = *remaining == 0;
+            }
+            Framing::Chunked(dec) => {
+                let d = dec.decode(buf, out)?;
+                buf.advance(d.consumed);
+                self.done = d.done;
+            }
+            Framing::Close => {
+                out.extend_from_slice(buf);
+                buf.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the next piece of the body into `out` (after whatever `buf` held). Returns false
+    /// once the body is complete.
+    pub async fn next<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+        buf: &mut BytesMut,
+        out: &mut Vec<u8>,
+        timeout: Duration,
+    ) -> Result<bool, BodyError> {
+        if self.done {
+            return Ok(false);
+        }
+        loop {
+            self.take_buffered(buf, out)?;
+            if self.done || !out.is_empty() {
+                return Ok(true);
+            }
+            buf.reserve(READ_CHUNK);
+            let n = tokio::time::timeout(timeout, r.read_buf(buf))
+                .await
+                .map_err(|_| BodyError::Timeout)??;
+            if n == 0 {
+                if matches!(self.framing, Framing::Close) {
+                    self.done = true;
+                    return Ok(!out.is_empty());
+                }
+                return Err(BodyError::Truncated);
+            }
+        }
+    }
+}
+
+/// How a body is written to its receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// As is (Content-Length or close-delimited).
+    Raw,
+    Chunked,
+}
+
+impl Encoding {
+    /// Appends one piece of body in this encoding.
+    pub fn frame(self, data: &[u8], out: &mut Vec<u8>) {
+        if data.is_empty() {
+            return;
+        }
+        match self {
+            Encoding::Raw => out.extend_from_slice(data),
+            Encoding::Chunked => {
+                use std::io::Write;
+                let _ = write!(out, "{:x}\r\n", data.len());
+                out.extend_from_slice(data);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+
+    /// Appends the end of the body.
+    pub fn finish(self, out: &mut Vec<u8>) {
+        if self == Encoding::Chunked {
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
+    }
+}
+
+/// Copies a whole body from `r` to `w`, re-encoded. `pending` is written first (a head,
+/// usually), so a small message goes out in one write. Returns the body bytes moved.
+#[allow(clippy::too_many_arguments)]
+pub async fn pump<R, W>(
+    reader: &mut BodyReader,
+    r: &mut R,
+    buf: &mut BytesMut,
+    w: &mut W,
+    encoding: Encoding,
+    mut pending: Vec<u8>,
+    timeout: Duration,
+) -> Result<u64, PumpError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut moved = 0u64;
+    let mut piece = Vec::new();
+    loop {
+        piece.clear();
+        let more = reader
+            .next(r, buf, &mut piece, timeout)
+            .await
+            .map_err(PumpError::Read)?;
+        moved += piece.len() as u64;
+        encoding.frame(&piece, &mut pending);
+        if !more || reader.is_done() {
+            encoding.finish(&mut pending);
+            write_timed(w, &pending, timeout).await?;
+            return Ok(moved);
+        }
+        if pending.len() >= 16 * 1024 || buf.is_empty() {
+            write_timed(w, &pending, timeout).await?;
+            pending.clear();
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PumpError {
+    #[error("reading body: {0}")]
+    Read(BodyError),
+    #[error("writing body: {0}")]
+    Write(io::Error),
+}
+
+async fn write_timed<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    data: &[u8],
+    timeout: Duration,
+) -> Result<(), PumpError> {
+    match tokio::time::timeout(timeout, w.write_all(data)).await {
+        Ok(r) => r.map_err(PumpError::Write),
+        Err(_) => Err(PumpError::Write(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "write timed out",
+        ))),
+    }
+}

@@ -1,0 +1,393 @@
+//! HTTP/2 from clients (over TLS by ALPN, or h2c with prior knowledge), each stream proxied
+//! to an HTTP/1.1 backend. The `h2` crate does the framing, the concurrent-stream limit and
+//! flow control; the router releases receive window only as a body is forwarded and sends
+//! only into the window the client grants, so memory stays bounded per stream. A drain
+//! sends GOAWAY and lets open streams finish.
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use flynn_http1::{BodyFraming, Header, RequestHead};
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{HeaderValue, Request, Response};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::body::{BodyReader, Encoding};
+use crate::h1::{self, ConnCtx};
+use crate::upstream;
+use crate::worker::Worker;
+
+pub async fn serve<S>(w: Rc<Worker>, io: S, ctx: ConnCtx)
+where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let cfg = &w.shared.config;
+    let handshake = h2::server::Builder::new()
+        .max_concurrent_streams(cfg.h2_max_streams)
+        .initial_window_size(256 * 1024)
+        .initial_connection_window_size(1024 * 1024)
+        .max_header_list_size(cfg.limits.max_head as u32)
+        .max_send_buffer_size(256 * 1024)
+        .handshake::<_, Bytes>(io);
+    let mut conn = match tokio::time::timeout(cfg.timeouts.header, handshake).await {
+        Ok(Ok(c)) => c,
+        _ => return,
+    };
+    let mut shutdown = w.shutdown.clone();
+    let mut draining = *shutdown.borrow();
+    if draining {
+        conn.graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    tokio::task::spawn_local(stream(w.clone(), req, respond, ctx));
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "h2 connection ended");
+                    break;
+                }
+                None => break,
+            },
+            _ = shutdown.changed(), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+            }
+        }
+    }
+}
+
+fn error(
+    w: &Worker,
+    respond: &mut SendResponse<Bytes>,
+    status: u16,
+    why: &str,
+    route: &str,
+    start: Instant,
+) {
+    w.stats.borrow_mut().request(route, status, start.elapsed());
+    let (ctype, body) = match (&w.shared.page_503, status) {
+        (Some(page), 503) => ("text/html; charset=utf-8", Bytes::from(page.clone())),
+        _ => (
+            "application/json",
+            Bytes::from(format!(
+                "{{\"error\":{},\"status\":{status}}}",
+                h1::json_string(why)
+            )),
+        ),
+    };
+    let resp = Response::builder()
+        .status(status)
+        .header("content-type", ctype)
+        .header("content-length", body.len())
+        .body(())
+        .expect("static response parts");
+    if let Ok(mut s) = respond.send_response(resp, false) {
+        let _ = s.send_data(body, true);
+    }
+}
+
+/// Headers that exist only per connection in HTTP/1.1 and are not allowed in HTTP/2.
+fn connection_specific(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "upgrade"
+            | "te"
+            | "trailer"
+    )
+}
+
+async fn stream(
+    w: Rc<Worker>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    ctx: ConnCtx,
+) {
+    let start = Instant::now();
+    let (parts, mut body) = req.into_parts();
+    let host = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .map(String::from)
+        })
+        .unwrap_or_default();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let table = w.table();
+    let Some(entry) = table.http(&host, &path) else {
+        return error(
+            &w,
+            &mut respond,
+            404,
+            "no route for this host and path",
+            "",
+            start,
+        );
+    };
+    let route = &entry.route;
+    if entry.backends.is_empty() {
+        return error(
+            &w,
+            &mut respond,
+            503,
+            "no live backend for this route",
+            &route.id,
+            start,
+        );
+    }
+    let length = parts
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().parse::<u64>());
+    let framing = match length {
+        Some(Ok(0)) => BodyFraming::None,
+        Some(Ok(n)) => BodyFraming::Length(n),
+        Some(Err(_)) => {
+            return error(
+                &w,
+                &mut respond,
+                400,
+                "invalid content-length",
+                &route.id,
+                start,
+            )
+        }
+        None if body.is_end_stream() => BodyFraming::None,
+        None => BodyFraming::Chunked,
+    };
+    // The request as an HTTP/1.1 head, so the headers the router adds are the same.
+    let mut headers = vec![Header {
+        name: "host".into(),
+        value: host.clone().into_bytes(),
+    }];
+    let mut cookies: Vec<Vec<u8>> = Vec::new();
+    for (name, value) in &parts.headers {
+        let n = name.as_str();
+        if connection_specific(n) || n == "host" {
+            continue;
+        }
+        if n == "cookie" {
+            cookies.push(value.as_bytes().to_vec());
+            continue;
+        }
+        headers.push(Header {
+            name: n.to_string(),
+            value: value.as_bytes().to_vec(),
+        });
+    }
+    if !cookies.is_empty() {
+        // HTTP/2 may split cookies across fields; HTTP/1.1 wants one.
+        headers.push(Header {
+            name: "cookie".into(),
+            value: cookies.join(&b"; "[..]),
+        });
+    }
+    let head = RequestHead {
+        method: parts.method.as_str().to_string(),
+        target: path.clone(),
+        minor_version: 1,
+        headers,
+    };
+    let cookie_values: Vec<&[u8]> = cookies.iter().map(Vec::as_slice).collect();
+    let sticky = if route.sticky {
+        upstream::sticky_backend(&cookie_values, &entry.backends)
+    } else {
+        None
+    };
+    let has_body = framing != BodyFraming::None;
+    let Some((idx, mut conn)) = h1::connect_backend(
+        &w,
+        &entry.backends,
+        sticky,
+        route.backend_keepalive,
+        has_body,
+    )
+    .await
+    else {
+        return error(
+            &w,
+            &mut respond,
+            503,
+            "no backend could be reached",
+            &route.id,
+            start,
+        );
+    };
+    let backend = &entry.backends[idx];
+    let _in_flight = w.upstreams.begin(&backend.addr);
+    let t = w.shared.config.timeouts;
+    let mut out = Vec::with_capacity(1024);
+    h1::write_request_head(
+        &w,
+        &head,
+        framing,
+        ctx,
+        &path,
+        route.backend_keepalive,
+        false,
+        &mut out,
+    );
+
+    // Request body: forwarded as it arrives, window released only once it is written.
+    let encoding = if framing == BodyFraming::Chunked {
+        Encoding::Chunked
+    } else {
+        Encoding::Raw
+    };
+    if has_body {
+        while let Some(data) = body.data().await {
+            let Ok(data) = data else {
+                return; // the client reset the stream
+            };
+            encoding.frame(&data, &mut out);
+            if conn.stream.write_all(&out).await.is_err() {
+                return error(&w, &mut respond, 502, "backend failed", &route.id, start);
+            }
+            out.clear();
+            let _ = body.flow_control().release_capacity(data.len());
+        }
+        encoding.finish(&mut out);
+    }
+    if conn.stream.write_all(&out).await.is_err() {
+        return error(&w, &mut respond, 502, "backend failed", &route.id, start);
+    }
+    let mut response = match h1::read_response_head(&mut conn, t.upstream).await {
+        Ok(r) => r,
+        Err(h1::UpstreamError::Timeout) => {
+            return error(
+                &w,
+                &mut respond,
+                504,
+                "backend did not answer in time",
+                &route.id,
+                start,
+            )
+        }
+        Err(_) => return error(&w, &mut respond, 502, "backend failed", &route.id, start),
+    };
+    while response.status / 100 == 1 {
+        response = match h1::read_response_head(&mut conn, t.upstream).await {
+            Ok(r) => r,
+            Err(_) => return error(&w, &mut respond, 502, "backend failed", &route.id, start),
+        };
+    }
+    let framing = match h1::response_framing(parts.method == http::Method::HEAD, &response) {
+        Ok(f) => f,
+        Err(why) => return error(&w, &mut respond, 502, why, &route.id, start),
+    };
+    let mut reader = BodyReader::new(framing);
+    let reusable = route.backend_keepalive
+        && response.minor_version == 1
+        && !response.connection_close()
+        && !reader.close_delimited();
+    let mut builder = Response::builder().status(response.status);
+    for (name, value) in &response.headers {
+        let lower = name.to_ascii_lowercase();
+        if connection_specific(&lower) || (reader.is_chunked() && lower == "content-length") {
+            continue;
+        }
+        if let Ok(v) = HeaderValue::from_bytes(value) {
+            builder = builder.header(lower, v);
+        }
+    }
+    if route.sticky && sticky != Some(idx) {
+        let cookie = format!(
+            "{}={}; Path=/; HttpOnly",
+            upstream::STICKY_COOKIE,
+            upstream::sticky_token(backend)
+        );
+        builder = builder.header("set-cookie", cookie);
+    }
+    let Ok(resp) = builder.body(()) else {
+        return error(
+            &w,
+            &mut respond,
+            502,
+            "backend sent an unusable header",
+            &route.id,
+            start,
+        );
+    };
+    let status = response.status;
+    let end = reader.is_done();
+    let mut send = match respond.send_response(resp, end) {
+        Ok(s) => s,
+        Err(_) => return,
+    };
+    let mut piece = Vec::new();
+    let mut sent = 0u64;
+    let mut ok = true;
+    if !end {
+        let mut scratch = BytesMut::new();
+        std::mem::swap(&mut scratch, &mut conn.buf);
+        loop {
+            piece.clear();
+            match reader
+                .next(&mut conn.stream, &mut scratch, &mut piece, t.upstream)
+                .await
+            {
+                Ok(more) => {
+                    sent += piece.len() as u64;
+                    if !send_within_window(&mut send, Bytes::copy_from_slice(&piece)).await {
+                        ok = false;
+                        break;
+                    }
+                    if !more || reader.is_done() {
+                        let _ = send.send_data(Bytes::new(), true);
+                        break;
+                    }
+                }
+                Err(_) => {
+                    send.send_reset(h2::Reason::INTERNAL_ERROR);
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        std::mem::swap(&mut scratch, &mut conn.buf);
+    }
+    {
+        let mut s = w.stats.borrow_mut();
+        s.request(&route.id, status, start.elapsed());
+        s.bytes_out += sent;
+    }
+    if ok && reusable && reader.is_done() {
+        w.upstreams.release(conn);
+    }
+}
+
+/// Sends `data` only as the client's flow-control window allows.
+async fn send_within_window(send: &mut h2::SendStream<Bytes>, mut data: Bytes) -> bool {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let granted = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(n)) => n,
+            _ => return false,
+        };
+        if granted == 0 {
+            continue;
+        }
+        let chunk = data.split_to(granted.min(data.len()));
+        if send.send_data(chunk, false).is_err() {
+            return false;
+        }
+    }
+    true
+}

@@ -1,0 +1,203 @@
+//! Router metrics. Each worker counts into its own plain struct and publishes a copy once a
+//! second (and when it stops), so the request path never touches shared memory; a scrape
+//! sums the published copies and is at most a second behind.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the latency histogram's buckets.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+#[derive(Debug, Clone, Default)]
+pub struct WorkerStats {
+    /// Route id ("" for requests no route matched) → counts by status class 1xx..5xx.
+    pub requests: HashMap<String, [u64; 5]>,
+    pub latency: [u64; LATENCY_BUCKETS.len() + 1],
+    pub latency_sum: f64,
+    pub latency_count: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub connect_errors: u64,
+    pub tls_handshakes: u64,
+    pub tls_failures: u64,
+    pub refused_connections: u64,
+}
+
+impl WorkerStats {
+    pub fn request(&mut self, route: &str, status: u16, elapsed: Duration) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        match self.requests.get_mut(route) {
+            Some(c) => c[class] += 1,
+            None => {
+                let mut c = [0; 5];
+                c[class] = 1;
+                self.requests.insert(route.to_string(), c);
+            }
+        }
+        let secs = elapsed.as_secs_f64();
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.latency[bucket] += 1;
+        self.latency_sum += secs;
+        self.latency_count += 1;
+    }
+
+    fn add(&mut self, o: &WorkerStats) {
+        for (route, c) in &o.requests {
+            let mine = self.requests.entry(route.clone()).or_default();
+            for i in 0..5 {
+                mine[i] += c[i];
+            }
+        }
+        for i in 0..self.latency.len() {
+            self.latency[i] += o.latency[i];
+        }
+        self.latency_sum += o.latency_sum;
+        self.latency_count += o.latency_count;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+        self.connect_errors += o.connect_errors;
+        self.tls_handshakes += o.tls_handshakes;
+        self.tls_failures += o.tls_failures;
+        self.refused_connections += o.refused_connections;
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    published: Mutex<Vec<WorkerStats>>,
+    /// Client connections open now, across workers (also enforces the connection limit).
+    pub open_connections: AtomicUsize,
+    pub table_revision: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new(workers: usize) -> Self {
+        Metrics {
+            published: Mutex::new(vec![WorkerStats::default(); workers]),
+            ..Metrics::default()
+        }
+    }
+
+    pub fn publish(&self, worker: usize, stats: &WorkerStats) {
+        let mut p = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = p.get_mut(worker) {
+            slot.clone_from(stats);
+        }
+    }
+
+    pub fn total(&self) -> WorkerStats {
+        let p = self.published.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = WorkerStats::default();
+        for s in p.iter() {
+            t.add(s);
+        }
+        t
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let t = self.total();
+        let mut o = String::new();
+        o.push_str(
+            "# HELP flynn_router_requests_total Requests answered, by route and status class.\n",
+        );
+        o.push_str("# TYPE flynn_router_requests_total counter\n");
+        let mut routes: Vec<_> = t.requests.iter().collect();
+        routes.sort();
+        for (route, c) in routes {
+            for (i, n) in c.iter().enumerate() {
+                let _ = writeln!(
+                    o,
+                    "flynn_router_requests_total{{route=\"{}\",class=\"{}xx\"}} {n}",
+                    escape(route),
+                    i + 1
+                );
+            }
+        }
+        o.push_str("# HELP flynn_router_request_duration_seconds Time from a request's head to the end of its response.\n");
+        o.push_str("# TYPE flynn_router_request_duration_seconds histogram\n");
+        let mut cumulative = 0;
+        for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
+            cumulative += t.latency[i];
+            let _ = writeln!(
+                o,
+                "flynn_router_request_duration_seconds_bucket{{le=\"{b}\"}} {cumulative}"
+            );
+        }
+        cumulative += t.latency[LATENCY_BUCKETS.len()];
+        let _ = writeln!(
+            o,
+            "flynn_router_request_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+        );
+        let _ = writeln!(
+            o,
+            "flynn_router_request_duration_seconds_sum {}",
+            t.latency_sum
+        );
+        let _ = writeln!(
+            o,
+            "flynn_router_request_duration_seconds_count {}",
+            t.latency_count
+        );
+        let counters = [
+            (
+                "flynn_router_bytes_received_total",
+                "Bytes read from clients.",
+                t.bytes_in,
+            ),
+            (
+                "flynn_router_bytes_sent_total",
+                "Bytes written to clients.",
+                t.bytes_out,
+            ),
+            (
+                "flynn_router_backend_connect_errors_total",
+                "Failed connects to backends.",
+                t.connect_errors,
+            ),
+            (
+                "flynn_router_tls_handshakes_total",
+                "Completed TLS handshakes.",
+                t.tls_handshakes,
+            ),
+            (
+                "flynn_router_tls_handshake_failures_total",
+                "Failed TLS handshakes.",
+                t.tls_failures,
+            ),
+            (
+                "flynn_router_refused_connections_total",
+                "Connections closed at once by the connection limit.",
+                t.refused_connections,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        }
+        let _ = writeln!(
+            o,
+            "# HELP flynn_router_open_connections Client connections open now.\n# TYPE flynn_router_open_connections gauge\nflynn_router_open_connections {}",
+            self.open_connections.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP flynn_router_table_revision Control-plane revision the route table reflects.\n# TYPE flynn_router_table_revision gauge\nflynn_router_table_revision {}",
+            self.table_revision.load(Ordering::Relaxed)
+        );
+        o
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}

@@ -1,0 +1,168 @@
+//! Starting and stopping the router: bind every listener up front (a port in use is an
+//! error at start, not a log line later), start one pinned worker thread per core, serve
+//! metrics from a thread of their own, and drain on request.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use arc_swap::ArcSwap;
+use flynn_router_table::RouteTable;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::watch;
+
+use crate::config::RouterConfig;
+use crate::metrics::Metrics;
+use crate::worker::{self, Kind, Shared, Worker};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("reading {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("{0}")]
+    Config(String),
+    #[error("starting a worker: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// A listening socket that other workers can share (SO_REUSEPORT): the kernel hashes each
+/// new connection to one of them.
+pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// `n` sockets on one address; port 0 picks one port for all of them.
+fn bind_group(
+    addr: SocketAddr,
+    n: usize,
+) -> Result<(SocketAddr, Vec<std::net::TcpListener>), RouterError> {
+    let first = reuseport_listener(addr).map_err(|e| RouterError::Bind(addr, e))?;
+    let bound = first.local_addr().map_err(|e| RouterError::Bind(addr, e))?;
+    let mut all = vec![first];
+    for _ in 1..n {
+        all.push(reuseport_listener(bound).map_err(|e| RouterError::Bind(bound, e))?);
+    }
+    Ok((bound, all))
+}
+
+pub struct Router {
+    shutdown: watch::Sender<bool>,
+    workers: Vec<JoinHandle<()>>,
+    metrics: Arc<Metrics>,
+    pub http_addrs: Vec<SocketAddr>,
+    pub https_addrs: Vec<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl Router {
+    /// Binds everything and starts the workers, routing by whatever `table` holds.
+    pub fn start(
+        config: RouterConfig,
+        table: Arc<ArcSwap<RouteTable>>,
+    ) -> Result<Router, RouterError> {
+        let n = config.workers.max(1);
+        if config.http.is_empty() && config.https.is_empty() {
+            return Err(RouterError::Config(
+                "no HTTP or HTTPS listener configured".into(),
+            ));
+        }
+        let page_503 = match &config.error_503_page {
+            Some(p) => Some(std::fs::read(p).map_err(|e| RouterError::Read(p.clone(), e))?),
+            None => None,
+        };
+        let tls = if config.https.is_empty() {
+            None
+        } else {
+            let default =
+                crate::tls::default_key(config.tls_cert.as_deref(), config.tls_key.as_deref())?;
+            if default.is_none() && (config.tls_cert.is_some() || config.tls_key.is_some()) {
+                return Err(RouterError::Config(
+                    "--tls-cert and --tls-key go together".into(),
+                ));
+            }
+            let resolver = Arc::new(crate::tls::SniResolver::new(table.clone(), default));
+            Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
+                resolver, true,
+            )?))
+        };
+        let mut per_worker: Vec<Vec<(std::net::TcpListener, Kind)>> =
+            (0..n).map(|_| Vec::new()).collect();
+        let mut http_addrs = Vec::new();
+        let mut https_addrs = Vec::new();
+        for (addrs, kind, bound) in [
+            (&config.http, Kind::Http, &mut http_addrs),
+            (&config.https, Kind::Https, &mut https_addrs),
+        ] {
+            for addr in addrs {
+                let (at, group) = bind_group(*addr, n)?;
+                bound.push(at);
+                for (i, l) in group.into_iter().enumerate() {
+                    per_worker[i].push((l, kind));
+                }
+            }
+        }
+        let metrics = Arc::new(Metrics::new(n));
+        let metrics_addr = match config.metrics {
+            Some(addr) => Some(crate::metrics_server::start(addr, metrics.clone())?),
+            None => None,
+        };
+        let shared = Arc::new(Shared {
+            config,
+            table,
+            metrics: metrics.clone(),
+            tls,
+            page_503,
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let mut workers = Vec::new();
+        for (i, listeners) in per_worker.into_iter().enumerate() {
+            let (shared, rx) = (shared.clone(), shutdown_rx.clone());
+            let core =
+                (shared.config.pin_workers && !cores.is_empty()).then(|| cores[i % cores.len()]);
+            let handle = std::thread::Builder::new()
+                .name(format!("router-{i}"))
+                .spawn(move || {
+                    if let Some(core) = core {
+                        core_affinity::set_for_current(core);
+                    }
+                    worker::run(Worker::new(i, shared, rx), listeners);
+                })
+                .map_err(RouterError::Spawn)?;
+            workers.push(handle);
+        }
+        Ok(Router {
+            shutdown,
+            workers,
+            metrics,
+            http_addrs,
+            https_addrs,
+            metrics_addr,
+        })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to the drain timeout), and
+    /// returns when every worker has stopped.
+    pub fn drain(self) {
+        let _ = self.shutdown.send(true);
+        for w in self.workers {
+            let _ = w.join();
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! TCP routes: each route's port gets a listener in every worker (SO_REUSEPORT), opened and
+//! closed as the route table changes; each connection is copied both ways to a backend,
+//! each direction's close passed on as a half-close. A removed route's listener closes
+//! while its open connections run to their end (drain).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::worker::Worker;
+
+/// Keeps this worker's TCP listeners equal to the table's TCP routes.
+pub async fn manage(w: Rc<Worker>) {
+    let mut open: HashMap<u16, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut failed: HashMap<u16, String> = HashMap::new();
+    let mut shutdown = w.shutdown.clone();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => break,
+        }
+        if *shutdown.borrow() {
+            break;
+        }
+        let table = w.table();
+        let wanted: Vec<u16> = table.tcp_ports().collect();
+        open.retain(|port, task| {
+            let keep = wanted.contains(port);
+            if !keep {
+                task.abort(); // drops the listener; accepted connections live on
+            }
+            keep
+        });
+        failed.retain(|port, _| wanted.contains(port));
+        for port in wanted {
+            if open.contains_key(&port) {
+                continue;
+            }
+            let addr = SocketAddr::new(w.shared.config.tcp_ip, port);
+            match crate::server::reuseport_listener(addr) {
+                Ok(l) => match TcpListener::from_std(l) {
+                    Ok(l) => {
+                        failed.remove(&port);
+                        open.insert(port, tokio::task::spawn_local(accept(w.clone(), l, port)));
+                    }
+                    Err(e) => tracing::warn!(port, error = %e, "tcp route listener"),
+                },
+                Err(e) => {
+                    let e = e.to_string();
+                    if failed.get(&port) != Some(&e) {
+                        tracing::warn!(port, error = %e, "cannot listen for tcp route");
+                        failed.insert(port, e);
+                    }
+                }
+            }
+        }
+    }
+    for (_, task) in open {
+        task.abort();
+    }
+}
+
+async fn accept(w: Rc<Worker>, listener: TcpListener, port: u16) {
+    loop {
+        let (stream, _peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(port, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let w = w.clone();
+        tokio::task::spawn_local(async move {
+            let _ = stream.set_nodelay(true);
+            if let Some(mut upstream) = connect(&w, port).await {
+                let mut stream = stream;
+                let (up, down) = tokio::io::copy_bidirectional_with_sizes(
+                    &mut stream,
+                    &mut upstream,
+                    64 * 1024,
+                    64 * 1024,
+                )
+                .await
+                .unwrap_or((0, 0));
+                let mut s = w.stats.borrow_mut();
+                s.bytes_in += up;
+                s.bytes_out += down;
+            }
+        });
+    }
+}
+
+/// A connection to one of the route's backends, trying others when a connect fails.
+async fn connect(w: &Worker, port: u16) -> Option<TcpStream> {
+    let table = w.table();
+    let entry = table.tcp(port)?;
+    let mut tried = Vec::new();
+    while let Some(i) = w.upstreams.pick(&entry.backends, &tried) {
+        tried.push(i);
+        match w.upstreams.connect_new(&entry.backends[i].addr).await {
+            Ok(c) => return Some(c.stream),
+            Err(e) => {
+                w.stats.borrow_mut().connect_errors += 1;
+                tracing::debug!(port, backend = %entry.backends[i].addr, error = %e, "tcp backend connect failed");
+            }
+        }
+    }
+    None
+}

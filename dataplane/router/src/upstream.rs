@@ -1,0 +1,202 @@
+//! Backend connections and the choice of backend, per worker: an idle pool per backend
+//! address, outstanding-request counts for balancing, and the sticky-cookie token. All of it
+//! is worker-local (`RefCell`), so no request takes a lock or touches another core's memory.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use flynn_router_table::Backend;
+use tokio::net::TcpStream;
+
+/// One connection to a backend, with its read buffer.
+#[derive(Debug)]
+pub struct UpstreamConn {
+    pub stream: TcpStream,
+    pub buf: BytesMut,
+    pub addr: String,
+    /// Came from the idle pool: the backend may have closed it meanwhile.
+    pub reused: bool,
+}
+
+pub struct Upstreams {
+    idle: RefCell<HashMap<String, Vec<(TcpStream, Instant)>>>,
+    outstanding: RefCell<HashMap<String, u32>>,
+    rng: Cell<u64>,
+    max_idle: usize,
+    idle_timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl Upstreams {
+    pub fn new(
+        seed: u64,
+        max_idle: usize,
+        idle_timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Self {
+        Upstreams {
+            idle: RefCell::default(),
+            outstanding: RefCell::default(),
+            rng: Cell::new(seed | 1),
+            max_idle,
+            idle_timeout,
+            connect_timeout,
+        }
+    }
+
+    /// xorshift64*: cheap, worker-local randomness for balancing and request ids.
+    pub fn random(&self) -> u64 {
+        let mut x = self.rng.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng.set(x);
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn outstanding_of(&self, addr: &str) -> u32 {
+        self.outstanding.borrow().get(addr).copied().unwrap_or(0)
+    }
+
+    /// Least outstanding requests of two random choices among the backends not yet tried.
+    pub fn pick(&self, backends: &[Backend], tried: &[usize]) -> Option<usize> {
+        let open: Vec<usize> = (0..backends.len()).filter(|i| !tried.contains(i)).collect();
+        match open.len() {
+            0 => None,
+            1 => Some(open[0]),
+            n => {
+                let a = open[(self.random() % n as u64) as usize];
+                let mut b = open[(self.random() % (n as u64 - 1)) as usize];
+                if b == a {
+                    b = open[n - 1];
+                }
+                let (la, lb) = (
+                    self.outstanding_of(&backends[a].addr),
+                    self.outstanding_of(&backends[b].addr),
+                );
+                Some(if lb < la { b } else { a })
+            }
+        }
+    }
+
+    /// Counts a request against a backend until the guard drops.
+    pub fn begin<'a>(&'a self, addr: &str) -> InFlight<'a> {
+        *self
+            .outstanding
+            .borrow_mut()
+            .entry(addr.to_string())
+            .or_default() += 1;
+        InFlight {
+            upstreams: self,
+            addr: addr.to_string(),
+        }
+    }
+
+    /// A pooled connection if one is fresh, else a new one.
+    pub async fn connect(&self, addr: &str, pooled: bool) -> io::Result<UpstreamConn> {
+        if pooled {
+            let mut idle = self.idle.borrow_mut();
+            if let Some(list) = idle.get_mut(addr) {
+                while let Some((stream, since)) = list.pop() {
+                    if since.elapsed() < self.idle_timeout {
+                        return Ok(UpstreamConn {
+                            stream,
+                            buf: BytesMut::with_capacity(8 * 1024),
+                            addr: addr.to_string(),
+                            reused: true,
+                        });
+                    }
+                }
+            }
+        }
+        self.connect_new(addr).await
+    }
+
+    pub async fn connect_new(&self, addr: &str) -> io::Result<UpstreamConn> {
+        let stream = match addr.parse::<SocketAddr>() {
+            Ok(sa) => tokio::time::timeout(self.connect_timeout, TcpStream::connect(sa)).await,
+            Err(_) => tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await,
+        }
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        stream.set_nodelay(true)?;
+        Ok(UpstreamConn {
+            stream,
+            buf: BytesMut::with_capacity(8 * 1024),
+            addr: addr.to_string(),
+            reused: false,
+        })
+    }
+
+    /// Returns a connection whose last exchange ended cleanly to the pool.
+    pub fn release(&self, conn: UpstreamConn) {
+        if !conn.buf.is_empty() {
+            return; // the backend sent more than its response: do not trust the connection
+        }
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(conn.addr).or_default();
+        if list.len() < self.max_idle {
+            list.push((conn.stream, Instant::now()));
+        }
+    }
+
+    /// Drops idle connections to backends no longer in `live`, and stale ones.
+    pub fn sweep(&self, live: &std::collections::HashSet<&str>) {
+        let mut idle = self.idle.borrow_mut();
+        idle.retain(|addr, list| {
+            list.retain(|(_, since)| since.elapsed() < self.idle_timeout);
+            live.contains(addr.as_str()) && !list.is_empty()
+        });
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.borrow().values().map(Vec::len).sum()
+    }
+}
+
+pub struct InFlight<'a> {
+    upstreams: &'a Upstreams,
+    addr: String,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut map = self.upstreams.outstanding.borrow_mut();
+        if let Some(n) = map.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.addr);
+            }
+        }
+    }
+}
+
+/// The sticky cookie's value for a backend: a stable digest of its id (every router in the
+/// cluster computes the same one), so the cookie names no address.
+pub fn sticky_token(backend: &Backend) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    "flynn-sticky".hash(&mut h);
+    backend.id.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+pub const STICKY_COOKIE: &str = "_flynn_backend";
+
+/// The backend a request's sticky cookie names, if it is still live.
+pub fn sticky_backend(cookie_headers: &[&[u8]], backends: &[Backend]) -> Option<usize> {
+    for header in cookie_headers {
+        for pair in header.split(|b| *b == b';') {
+            let pair = String::from_utf8_lossy(pair);
+            if let Some((k, v)) = pair.trim().split_once('=') {
+                if k == STICKY_COOKIE {
+                    return backends.iter().position(|b| sticky_token(b) == v);
+                }
+            }
+        }
+    }
+    None
+}
