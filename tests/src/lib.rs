@@ -6,6 +6,7 @@
 //! to every host directly; hosts use `10.199.T.1..` where T is unique per fixture.
 
 pub mod linearizability;
+pub mod router;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
