@@ -206,6 +206,9 @@ fn trim(v: &[u8]) -> &[u8] {
     &v[start..end]
 }
 
+/// The most header lines a request may have, whatever [`Limits::max_headers`] says.
+pub const MAX_HEADER_SLOTS: usize = 256;
+
 /// Parses a request head from the start of `buf`. `Ok(None)`: incomplete, read more (the
 /// limits are enforced on what has arrived so far, so a slow client cannot grow the buffer
 /// past them). `Ok(Some((head, n)))`: the head took `n` bytes.
@@ -232,9 +235,12 @@ pub fn parse_request(
     if head_end.is_none() && buf.len() > limits.max_head {
         return Err(Http1Error::HeadersTooLarge(limits.max_head));
     }
-    let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut req = httparse::Request::new(&mut headers);
-    let status = match req.parse(buf) {
+    // Uninitialised header slots on the stack: no allocation and no clearing per request.
+    let mut slots =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADER_SLOTS];
+    let slots = &mut slots[..limits.max_headers.min(MAX_HEADER_SLOTS)];
+    let mut req = httparse::Request::new(&mut []);
+    let status = match req.parse_with_uninit_headers(buf, slots) {
         Ok(s) => s,
         Err(httparse::Error::TooManyHeaders) => {
             return Err(Http1Error::HeadersTooLarge(limits.max_head))

@@ -686,9 +686,12 @@ async fn read_head_from<R: AsyncRead + Unpin>(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         if !buf.is_empty() {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-            let mut resp = httparse::Response::new(&mut headers);
-            match resp.parse(buf) {
+            let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() };
+                MAX_RESPONSE_HEADERS];
+            let mut resp = httparse::Response::new(&mut []);
+            match httparse::ParserConfig::default()
+                .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
+            {
                 Ok(httparse::Status::Complete(n)) => {
                     let head = ResponseHead {
                         status: resp.code.ok_or(UpstreamError::Malformed)?,

@@ -13,6 +13,9 @@ use bytes::BytesMut;
 use flynn_router_table::Backend;
 use tokio::net::TcpStream;
 
+/// Read buffer per backend connection (kept with it in the pool).
+const READ_BUF: usize = 32 * 1024;
+
 /// One connection to a backend, with its read buffer.
 #[derive(Debug)]
 pub struct UpstreamConn {
@@ -23,8 +26,11 @@ pub struct UpstreamConn {
     pub reused: bool,
 }
 
+/// A pooled connection: stream, its read buffer, and since when it has been idle.
+type Idle = (TcpStream, BytesMut, Instant);
+
 pub struct Upstreams {
-    idle: RefCell<HashMap<String, Vec<(TcpStream, Instant)>>>,
+    idle: RefCell<HashMap<String, Vec<Idle>>>,
     outstanding: RefCell<HashMap<String, u32>>,
     rng: Cell<u64>,
     max_idle: usize,
@@ -85,15 +91,17 @@ impl Upstreams {
     }
 
     /// Counts a request against a backend until the guard drops.
-    pub fn begin<'a>(&'a self, addr: &str) -> InFlight<'a> {
-        *self
-            .outstanding
-            .borrow_mut()
-            .entry(addr.to_string())
-            .or_default() += 1;
+    pub fn begin<'a>(&'a self, addr: &'a str) -> InFlight<'a> {
+        let mut map = self.outstanding.borrow_mut();
+        match map.get_mut(addr) {
+            Some(n) => *n += 1,
+            None => {
+                map.insert(addr.to_string(), 1);
+            }
+        }
         InFlight {
             upstreams: self,
-            addr: addr.to_string(),
+            addr,
         }
     }
 
@@ -102,11 +110,11 @@ impl Upstreams {
         if pooled {
             let mut idle = self.idle.borrow_mut();
             if let Some(list) = idle.get_mut(addr) {
-                while let Some((stream, since)) = list.pop() {
+                while let Some((stream, buf, since)) = list.pop() {
                     if since.elapsed() < self.idle_timeout {
                         return Ok(UpstreamConn {
                             stream,
-                            buf: BytesMut::with_capacity(8 * 1024),
+                            buf,
                             addr: addr.to_string(),
                             reused: true,
                         });
@@ -126,7 +134,7 @@ impl Upstreams {
         stream.set_nodelay(true)?;
         Ok(UpstreamConn {
             stream,
-            buf: BytesMut::with_capacity(8 * 1024),
+            buf: BytesMut::with_capacity(READ_BUF),
             addr: addr.to_string(),
             reused: false,
         })
@@ -138,17 +146,21 @@ impl Upstreams {
             return; // the backend sent more than its response: do not trust the connection
         }
         let mut idle = self.idle.borrow_mut();
-        let list = idle.entry(conn.addr).or_default();
+        let list = match idle.get_mut(conn.addr.as_str()) {
+            Some(l) => l,
+            None => idle.entry(conn.addr.clone()).or_default(),
+        };
         if list.len() < self.max_idle {
-            list.push((conn.stream, Instant::now()));
+            list.push((conn.stream, conn.buf, Instant::now()));
         }
     }
 
     /// Drops idle connections to backends no longer in `live`, and stale ones.
     pub fn sweep(&self, live: &std::collections::HashSet<&str>) {
+        self.outstanding.borrow_mut().retain(|_, n| *n > 0);
         let mut idle = self.idle.borrow_mut();
         idle.retain(|addr, list| {
-            list.retain(|(_, since)| since.elapsed() < self.idle_timeout);
+            list.retain(|(_, _, since)| since.elapsed() < self.idle_timeout);
             live.contains(addr.as_str()) && !list.is_empty()
         });
     }
@@ -160,17 +172,14 @@ impl Upstreams {
 
 pub struct InFlight<'a> {
     upstreams: &'a Upstreams,
-    addr: String,
+    addr: &'a str,
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         let mut map = self.upstreams.outstanding.borrow_mut();
-        if let Some(n) = map.get_mut(&self.addr) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.addr);
-            }
+        if let Some(n) = map.get_mut(self.addr) {
+            *n = n.saturating_sub(1);
         }
     }
 }
