@@ -31,10 +31,21 @@ impl RouterProc {
     pub fn start(routes: &str, extra: &[&str]) -> RouterProc {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("routes.toml"), routes).expect("routes file");
-        let mut args: Vec<String> = vec![
-            "router".into(),
-            "--routes".into(),
-            dir.path().join("routes.toml").display().to_string(),
+        let source = vec!["--routes".into(), dir.path().join("routes.toml").display().to_string()];
+        Self::spawn(dir, source, extra)
+    }
+
+    /// Starts a router that follows a cluster's controller.
+    pub fn follow(controller: &str, key: &str, extra: &[&str]) -> RouterProc {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = vec!["--controller".into(), controller.into(), "--key".into(), key.into()];
+        Self::spawn(dir, source, extra)
+    }
+
+    fn spawn(dir: tempfile::TempDir, source: Vec<String>, extra: &[&str]) -> RouterProc {
+        let mut args: Vec<String> = vec!["router".into()];
+        args.extend(source);
+        args.extend([
             "--http".into(),
             "127.0.0.1:0".into(),
             "--metrics".into(),
@@ -42,7 +53,7 @@ impl RouterProc {
             "--workers".into(),
             "2".into(),
             "--no-pin".into(),
-        ];
+        ]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = Command::new(bin_dir().join("flynn-host"))
             .args(&args)

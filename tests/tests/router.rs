@@ -715,3 +715,74 @@ async fn t23_proxy_protocol_v1() {
     c.send("GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
     assert!(c.read(false).await.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t30_router_follows_the_cluster() {
+    use flynn_client::{InstanceRegistration, RouteRequest};
+    let mut c = flynn_tests::Cluster::start(1);
+    c.bootstrap(1);
+    c.wait_leader(0, None).await;
+    let api = c.client(0);
+    api.create_app("web").await.unwrap();
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    let r = RouterProc::follow(&c.hosts[0].url(), &c.key, &[]);
+    let route = |domain: &str, leader: bool| RouteRequest::Http {
+        domain: domain.into(),
+        path: None,
+        service: Some("web-svc".into()),
+        sticky: false,
+        leader,
+        disable_keepalive: false,
+        no_drain_backends: false,
+        certificate: None,
+        https_redirect: false,
+    };
+    let register = |id: &'static str, addr: std::net::SocketAddr| {
+        let api = api.clone();
+        async move {
+            let reg = InstanceRegistration {
+                addr: addr.to_string(),
+                ttl_ms: 60_000,
+                meta: Default::default(),
+            };
+            api.register_instance("web-svc", id, &reg).await.unwrap();
+        }
+    };
+    // A route without instances answers 503; with one, it serves.
+    let web = api.add_route("web", &route("web.example.com", false)).await.unwrap();
+    flynn_tests::eventually(Duration::from_secs(10), "503 before any instance", || async {
+        (get(r.http, "web.example.com", "/").await.status == 503).then_some(())
+    })
+    .await;
+    register("i1", a.addr).await;
+    flynn_tests::eventually(Duration::from_secs(10), "route to the first instance", || async {
+        let resp = get(r.http, "web.example.com", "/").await;
+        (resp.status == 200 && resp.json()["backend"] == "a").then_some(())
+    })
+    .await;
+    // A second instance joins the rotation; a leader route keeps to the first (the leader).
+    register("i2", b.addr).await;
+    api.add_route("web", &route("leader.example.com", true)).await.unwrap();
+    flynn_tests::eventually(Duration::from_secs(10), "both instances in rotation", || async {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..20 {
+            seen.insert(get(r.http, "web.example.com", "/").await.json()["backend"].to_string());
+        }
+        (seen.len() == 2).then_some(())
+    })
+    .await;
+    flynn_tests::eventually(Duration::from_secs(10), "leader route", || async {
+        (get(r.http, "leader.example.com", "/").await.status == 200).then_some(())
+    })
+    .await;
+    for _ in 0..10 {
+        assert_eq!(get(r.http, "leader.example.com", "/").await.json()["backend"], "a");
+    }
+    // Removing the route takes it out of the router.
+    api.remove_route("web", web.id()).await.unwrap();
+    flynn_tests::eventually(Duration::from_secs(10), "route removed", || async {
+        (get(r.http, "web.example.com", "/").await.status == 404).then_some(())
+    })
+    .await;
+}
