@@ -63,6 +63,9 @@ pub struct RouterArgs {
     /// Client connections across all workers.
     #[arg(long, default_value_t = 100_000)]
     max_connections: usize,
+    /// Idle keep-alive connections kept per backend, per worker.
+    #[arg(long, default_value_t = 256)]
+    max_idle_per_backend: usize,
     /// Seconds a request head may take.
     #[arg(long, default_value_t = 10)]
     header_timeout: u64,
@@ -94,6 +97,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         error_503_page: args.error_503_page,
         access_log: args.access_log,
         max_connections: args.max_connections,
+        max_idle_per_backend: args.max_idle_per_backend,
         ..RouterConfig::default()
     };
     if let Some(n) = args.workers {

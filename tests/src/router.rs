@@ -31,14 +31,22 @@ impl RouterProc {
     pub fn start(routes: &str, extra: &[&str]) -> RouterProc {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("routes.toml"), routes).expect("routes file");
-        let source = vec!["--routes".into(), dir.path().join("routes.toml").display().to_string()];
+        let source = vec![
+            "--routes".into(),
+            dir.path().join("routes.toml").display().to_string(),
+        ];
         Self::spawn(dir, source, extra)
     }
 
     /// Starts a router that follows a cluster's controller.
     pub fn follow(controller: &str, key: &str, extra: &[&str]) -> RouterProc {
         let dir = tempfile::tempdir().expect("tempdir");
-        let source = vec!["--controller".into(), controller.into(), "--key".into(), key.into()];
+        let source = vec![
+            "--controller".into(),
+            controller.into(),
+            "--key".into(),
+            key.into(),
+        ];
         Self::spawn(dir, source, extra)
     }
 

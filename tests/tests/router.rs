@@ -750,34 +750,54 @@ async fn t30_router_follows_the_cluster() {
         }
     };
     // A route without instances answers 503; with one, it serves.
-    let web = api.add_route("web", &route("web.example.com", false)).await.unwrap();
-    flynn_tests::eventually(Duration::from_secs(10), "503 before any instance", || async {
-        (get(r.http, "web.example.com", "/").await.status == 503).then_some(())
-    })
+    let web = api
+        .add_route("web", &route("web.example.com", false))
+        .await
+        .unwrap();
+    flynn_tests::eventually(
+        Duration::from_secs(10),
+        "503 before any instance",
+        || async { (get(r.http, "web.example.com", "/").await.status == 503).then_some(()) },
+    )
     .await;
     register("i1", a.addr).await;
-    flynn_tests::eventually(Duration::from_secs(10), "route to the first instance", || async {
-        let resp = get(r.http, "web.example.com", "/").await;
-        (resp.status == 200 && resp.json()["backend"] == "a").then_some(())
-    })
+    flynn_tests::eventually(
+        Duration::from_secs(10),
+        "route to the first instance",
+        || async {
+            let resp = get(r.http, "web.example.com", "/").await;
+            (resp.status == 200 && resp.json()["backend"] == "a").then_some(())
+        },
+    )
     .await;
     // A second instance joins the rotation; a leader route keeps to the first (the leader).
     register("i2", b.addr).await;
-    api.add_route("web", &route("leader.example.com", true)).await.unwrap();
-    flynn_tests::eventually(Duration::from_secs(10), "both instances in rotation", || async {
-        let mut seen = std::collections::HashSet::new();
-        for _ in 0..20 {
-            seen.insert(get(r.http, "web.example.com", "/").await.json()["backend"].to_string());
-        }
-        (seen.len() == 2).then_some(())
-    })
+    api.add_route("web", &route("leader.example.com", true))
+        .await
+        .unwrap();
+    flynn_tests::eventually(
+        Duration::from_secs(10),
+        "both instances in rotation",
+        || async {
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..20 {
+                seen.insert(
+                    get(r.http, "web.example.com", "/").await.json()["backend"].to_string(),
+                );
+            }
+            (seen.len() == 2).then_some(())
+        },
+    )
     .await;
     flynn_tests::eventually(Duration::from_secs(10), "leader route", || async {
         (get(r.http, "leader.example.com", "/").await.status == 200).then_some(())
     })
     .await;
     for _ in 0..10 {
-        assert_eq!(get(r.http, "leader.example.com", "/").await.json()["backend"], "a");
+        assert_eq!(
+            get(r.http, "leader.example.com", "/").await.json()["backend"],
+            "a"
+        );
     }
     // Removing the route takes it out of the router.
     api.remove_route("web", web.id()).await.unwrap();

@@ -1027,15 +1027,9 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
-/// An error response: a JSON body (the operator's page for 503s when one is configured).
+/// An error response, whole, for an HTTP/1.1 client.
 pub fn error_response(w: &Worker, status: u16, why: &str, close: bool) -> Vec<u8> {
-    let (ctype, body): (&str, Vec<u8>) = match (&w.shared.page_503, status) {
-        (Some(page), 503) => ("text/html; charset=utf-8", page.clone()),
-        _ => (
-            "application/json",
-            format!("{{\"error\":{},\"status\":{status}}}", json_string(why)).into_bytes(),
-        ),
-    };
+    let (ctype, body) = error_body(w, status, why);
     let mut out = format!(
         "HTTP/1.1 {status} {}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n{}\r\n",
         reason(status),
@@ -1045,6 +1039,18 @@ pub fn error_response(w: &Worker, status: u16, why: &str, close: bool) -> Vec<u8
     .into_bytes();
     out.extend_from_slice(&body);
     out
+}
+
+/// The body of an answer the router gives itself, and its content type: the operator's
+/// page for 503s when one is configured, else `{"error": ..., "status": ...}`.
+pub fn error_body(w: &Worker, status: u16, why: &str) -> (&'static str, Vec<u8>) {
+    match (&w.shared.page_503, status) {
+        (Some(page), 503) => ("text/html; charset=utf-8", page.clone()),
+        _ => (
+            "application/json",
+            format!("{{\"error\":{},\"status\":{status}}}", json_string(why)).into_bytes(),
+        ),
+    }
 }
 
 pub fn json_string(s: &str) -> String {

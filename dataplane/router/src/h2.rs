@@ -69,16 +69,8 @@ fn error(
     start: Instant,
 ) {
     w.stats.borrow_mut().request(route, status, start.elapsed());
-    let (ctype, body) = match (&w.shared.page_503, status) {
-        (Some(page), 503) => ("text/html; charset=utf-8", Bytes::from(page.clone())),
-        _ => (
-            "application/json",
-            Bytes::from(format!(
-                "{{\"error\":{},\"status\":{status}}}",
-                h1::json_string(why)
-            )),
-        ),
-    };
+    let (ctype, body) = h1::error_body(w, status, why);
+    let body = Bytes::from(body);
     let resp = Response::builder()
         .status(status)
         .header("content-type", ctype)
