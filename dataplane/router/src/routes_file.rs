@@ -194,3 +194,43 @@ pub fn parse(text: &str, dir: &Path) -> Result<RouteTable, String> {
     });
     Ok(builder.build())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+    use std::path::Path;
+
+    #[test]
+    fn t10_routes_file_builds_the_table() {
+        let t = parse(
+            "[[http]]\ndomain = \"App.Example.com\"\nbackends = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\nsticky = true\n\n\
+             [[http]]\ndomain = \"*.example.com\"\npath = \"/api\"\nbackends = []\nhttps_redirect = true\n\n\
+             [[tcp]]\nport = 3000\nbackends = [\"127.0.0.1:5432\"]\n",
+            Path::new("."),
+        )
+        .unwrap();
+        let e = t.http("app.example.com", "/x").unwrap();
+        assert!(e.route.sticky && e.route.backend_keepalive);
+        assert_eq!(e.backends.len(), 2);
+        let w = t.http("x.example.com", "/api/v").unwrap();
+        assert!(w.route.https_redirect && w.backends.is_empty());
+        assert!(t.http("x.example.com", "/other").is_none());
+        assert_eq!(t.tcp(3000).unwrap().backends[0].addr, "127.0.0.1:5432");
+    }
+
+    #[test]
+    fn t11_bad_files_are_refused_with_a_reason() {
+        for (text, want) in [
+            ("[[http]]\ndomain = \"a\"\nbackends = [\"nope\"]\n", "not HOST:PORT"),
+            ("[[http]]\ndomain = \"a\"\npath = \"x\"\nbackends = []\n", "must start with /"),
+            ("[[http]]\ndomain = \"a\"\nbackends = []\n[[http]]\ndomain = \"A\"\nbackends = []\n", "twice"),
+            ("[[tcp]]\nport = 1\nbackends = []\n[[tcp]]\nport = 1\nbackends = []\n", "repeated"),
+            ("[[http]]\ndomain = \"a\"\nbackend = []\n", "unknown field"),
+            ("[[certificate]]\nid = \"c\"\ndomains = [\"a\"]\ncert_file = \"/no/such\"\nkey_file = \"/no/such\"\n", "/no/such"),
+            ("[[http]\n", "invalid"),
+        ] {
+            let err = parse(text, Path::new(".")).unwrap_err();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+}

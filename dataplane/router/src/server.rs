@@ -20,7 +20,7 @@ use crate::worker::{self, Kind, Shared, Worker};
 pub enum RouterError {
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, std::io::Error),
-    #[error("TLS: {0}")]
+    #[error("TLS")]
     Tls(#[from] crate::tls::TlsError),
     #[error("reading {0}: {1}")]
     Read(PathBuf, std::io::Error),
