@@ -783,7 +783,11 @@ fn write_response_head(
     out: &mut Vec<u8>,
 ) {
     use std::io::Write;
-    let _ = write!(out, "HTTP/1.1 {} {}\r\n", r.status, r.reason);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    push_decimal(out, r.status as u64);
+    out.push(b' ');
+    out.extend_from_slice(r.reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
     let rechunk = length_header.is_some();
     for (name, value) in &r.headers {
         let keep_upgrade = r.status == 101 && name.eq_ignore_ascii_case("upgrade");
@@ -837,7 +841,11 @@ pub(crate) fn write_request_head(
     out: &mut Vec<u8>,
 ) {
     use std::io::Write;
-    let _ = write!(out, "{} {} HTTP/1.1\r\n", head.method, path);
+    // Written by hand, not with `write!`: formatting was 3% of the router's CPU.
+    out.extend_from_slice(head.method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut forwarded_for: Option<&[u8]> = None;
     let mut request_id = false;
     for h in &head.headers {
@@ -868,23 +876,29 @@ pub(crate) fn write_request_head(
         out.extend_from_slice(b", ");
     }
     let _ = write!(out, "{}\r\n", ctx.peer.ip());
-    let proto = if ctx.tls { "https" } else { "http" };
-    let _ = write!(
-        out,
-        "X-Forwarded-Proto: {proto}\r\nX-Forwarded-Port: {}\r\n",
-        ctx.local_port
-    );
+    out.extend_from_slice(if ctx.tls {
+        b"X-Forwarded-Proto: https\r\nX-Forwarded-Port: "
+    } else {
+        b"X-Forwarded-Proto: http\r\nX-Forwarded-Port: "
+    });
+    push_decimal(out, ctx.local_port as u64);
+    out.extend_from_slice(b"\r\nX-Request-Start: ");
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let _ = write!(out, "X-Request-Start: {now_ms}\r\n");
+        .map_or(0, |d| d.as_millis() as u64);
+    push_decimal(out, now_ms);
+    out.extend_from_slice(b"\r\n");
     if !request_id {
-        let _ = write!(out, "X-Request-Id: {}\r\n", request_id_value(w));
+        out.extend_from_slice(b"X-Request-Id: ");
+        push_request_id(w, out);
+        out.extend_from_slice(b"\r\n");
     }
     match framing {
         BodyFraming::None => {}
         BodyFraming::Length(n) => {
-            let _ = write!(out, "Content-Length: {n}\r\n");
+            out.extend_from_slice(b"Content-Length: ");
+            push_decimal(out, n);
+            out.extend_from_slice(b"\r\n");
         }
         BodyFraming::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
     }
@@ -897,17 +911,39 @@ pub(crate) fn write_request_head(
 }
 
 /// A random UUID (version 4 layout) for requests that arrive without an id.
-pub fn request_id_value(w: &Worker) -> String {
+fn push_request_id(w: &Worker, out: &mut Vec<u8>) {
     let a = w.upstreams.random();
     let b = w.upstreams.random();
-    format!(
-        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0xfff,
-        ((b >> 48) & 0x3fff) | 0x8000,
-        b & 0xffff_ffff_ffff
-    )
+    push_hex(out, a >> 32, 8);
+    out.push(b'-');
+    push_hex(out, (a >> 16) & 0xffff, 4);
+    out.extend_from_slice(b"-4");
+    push_hex(out, a & 0xfff, 3);
+    out.push(b'-');
+    push_hex(out, ((b >> 48) & 0x3fff) | 0x8000, 4);
+    out.push(b'-');
+    push_hex(out, b & 0xffff_ffff_ffff, 12);
+}
+
+fn push_hex(out: &mut Vec<u8>, v: u64, digits: u32) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for k in (0..digits).rev() {
+        out.push(HEX[((v >> (k * 4)) & 0xf) as usize]);
+    }
+}
+
+fn push_decimal(out: &mut Vec<u8>, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 /// After a 101: the bytes each side already sent go across first, then both directions

@@ -291,12 +291,17 @@ async fn stream(
         && !reader.close_delimited();
     let mut builder = Response::builder().status(response.status);
     for (name, value) in &response.headers {
-        let lower = name.to_ascii_lowercase();
-        if connection_specific(&lower) || (reader.is_chunked() && lower == "content-length") {
+        // HeaderName lowercases (and knows the standard names) without allocating.
+        let Ok(name) = http::HeaderName::from_bytes(name.as_bytes()) else {
+            continue;
+        };
+        if connection_specific(name.as_str())
+            || (reader.is_chunked() && name == http::header::CONTENT_LENGTH)
+        {
             continue;
         }
         if let Ok(v) = HeaderValue::from_bytes(value) {
-            builder = builder.header(lower, v);
+            builder = builder.header(name, v);
         }
     }
     if route.sticky && sticky != Some(idx) {
