@@ -22,6 +22,8 @@ pub struct RouterProc {
     log: Arc<Mutex<String>>,
     pub dir: tempfile::TempDir,
     pub http: SocketAddr,
+    /// Every plain-HTTP listener, in the order given.
+    pub http_all: Vec<SocketAddr>,
     pub https: Option<SocketAddr>,
     pub metrics: SocketAddr,
 }
@@ -96,11 +98,20 @@ impl RouterProc {
             if let (Some(http), Some(metrics)) = (find("http listener"), find("metrics listener")) {
                 let https = find("https listener");
                 if https.is_some() || !wants_https {
+                    let http_all = text
+                        .lines()
+                        .filter(|l| l.contains(" http listener"))
+                        .filter_map(|l| {
+                            l.rsplit_once("addr=")
+                                .and_then(|(_, a)| a.trim().parse().ok())
+                        })
+                        .collect();
                     return RouterProc {
                         child: Some(child),
                         log,
                         dir,
                         http,
+                        http_all,
                         https,
                         metrics,
                     };

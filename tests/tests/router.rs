@@ -109,7 +109,10 @@ async fn t10_routing_and_added_headers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t11_keepalive_both_sides_and_pipelining() {
     let a = Backend::start("a").await;
-    let r = RouterProc::start(&routes(&[("app.test", &[a.addr])], ""), &[]);
+    let r = RouterProc::start(
+        &routes(&[("app.test", &[a.addr])], ""),
+        &["--http", "127.0.0.1:0"],
+    );
     let mut c = Client::connect(r.http).await;
     for i in 0..20 {
         c.send(format!("GET /seq/{i} HTTP/1.1\r\nHost: app.test\r\n\r\n"))
@@ -145,6 +148,26 @@ async fn t11_keepalive_both_sides_and_pipelining() {
         None,
         "closed after Connection: close"
     );
+
+    // A route with backend keep-alive off: a new backend connection per request, each
+    // told to close; the client's own connection still stays open.
+    let b = Backend::start("b").await;
+    r.reload(&format!(
+        "{}[[http]]\ndomain = \"nokeep.test\"\nbackend_keepalive = false\nbackends = [\"{}\"]\n",
+        routes(&[("app.test", &[a.addr])], ""),
+        b.addr
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut k = Client::connect(r.http).await;
+    for _ in 0..5 {
+        k.send("GET / HTTP/1.1\r\nHost: nokeep.test\r\n\r\n").await;
+        let resp = k.read(false).await.expect("client connection kept");
+        assert_eq!(resp.json()["headers"]["connection"], "close");
+    }
+    assert_eq!(b.connections.load(Ordering::SeqCst), 5);
+    // An extra listener serves the same routes.
+    let extra = r.http_all.get(1).copied().expect("second --http listener");
+    assert_eq!(get(extra, "app.test", "/").await.json()["backend"], "a");
 
     // HTTP/1.0 keeps alive only when asked.
     let mut old = Client::connect(r.http).await;
@@ -313,7 +336,14 @@ async fn t15_hostile_input_is_refused_cleanly() {
     let a = Backend::start("a").await;
     let r = RouterProc::start(
         &routes(&[("app.test", &[a.addr])], ""),
-        &["--header-timeout", "1", "--body-timeout", "1"],
+        &[
+            "--header-timeout",
+            "1",
+            "--body-timeout",
+            "1",
+            "--idle-timeout",
+            "1",
+        ],
     );
     let long = "a".repeat(9000);
     let many: String = (0..200)
@@ -355,7 +385,19 @@ async fn t15_hostile_input_is_refused_cleanly() {
     c.send("POST / HTTP/1.1\r\nHost: app.test\r\nContent-Length: 100\r\n\r\nonly-part")
         .await;
     assert_eq!(c.read(false).await.unwrap().status, 408);
-    // An idle connection that never sends is closed silently at the header timeout.
+    // A keep-alive connection left idle is closed silently at the idle timeout.
+    let mut c = Client::connect(r.http).await;
+    c.send("GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
+    assert_eq!(c.read(false).await.unwrap().status, 200);
+    let idle_since = Instant::now();
+    assert!(
+        c.closed(Duration::from_secs(5)).await,
+        "idle connection not closed"
+    );
+    assert!(
+        idle_since.elapsed() >= Duration::from_millis(900),
+        "closed before the idle timeout"
+    );
     // The router is unharmed.
     assert_eq!(get(r.http, "app.test", "/").await.status, 200);
     assert!(r.log().contains("http listener"), "router still running");
