@@ -677,6 +677,8 @@ async fn t21_tcp_routes_with_half_close() {
     .await;
     // The backend speaks HTTP; the TCP route carries bytes, so a WebSocket-style exchange
     // shows both directions and the half-close.
+    // An open TCP-route connection counts (for the connection limit and the drain).
+    assert_eq!(r.metric("flynn_router_open_connections", &[]).await, 1.0);
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: raw\r\nConnection: upgrade\r\n\r\nabc")
         .await

@@ -205,7 +205,12 @@ async fn write_timed<W: AsyncWrite + Unpin>(
     data: &[u8],
     timeout: Duration,
 ) -> Result<(), PumpError> {
-    match tokio::time::timeout(timeout, w.write_all(data)).await {
+    // Flushed too: a TLS stream may hold records back when the socket was full.
+    let write = async {
+        w.write_all(data).await?;
+        w.flush().await
+    };
+    match tokio::time::timeout(timeout, write).await {
         Ok(r) => r.map_err(PumpError::Write),
         Err(_) => Err(PumpError::Write(io::Error::new(
             io::ErrorKind::TimedOut,

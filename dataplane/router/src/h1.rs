@@ -48,7 +48,7 @@ where
             HeadRead::Closed => return,
             HeadRead::Refuse(status, why) => {
                 let resp = error_response(&w, status, why, true);
-                let _ = client.write_all(&resp).await;
+                let _ = send(&mut client, &resp).await;
                 w.stats.borrow_mut().request("", status, Duration::ZERO);
                 let _ = client.shutdown().await;
                 return;
@@ -365,8 +365,7 @@ where
     while response.status / 100 == 1 && response.status != 101 {
         let mut interim = Vec::new();
         write_response_head(&response, None, &[], None, &mut interim);
-        if (response.status != 100 || !expect_continue) && client.write_all(&interim).await.is_err()
-        {
+        if (response.status != 100 || !expect_continue) && send(client, &interim).await.is_err() {
             return Next::Gone;
         }
         response = match read_response_head(&mut conn, t.upstream).await {
@@ -910,6 +909,12 @@ pub(crate) fn write_request_head(
     out.extend_from_slice(b"\r\n");
 }
 
+/// Writes and flushes (a TLS stream may hold records back otherwise).
+async fn send<S: AsyncWrite + Unpin>(client: &mut S, data: &[u8]) -> io::Result<()> {
+    client.write_all(data).await?;
+    client.flush().await
+}
+
 /// A random UUID (version 4 layout) for requests that arrive without an id.
 fn push_request_id(w: &Worker, out: &mut Vec<u8>) {
     let a = w.upstreams.random();
@@ -960,7 +965,7 @@ where
     let mut first = head;
     first.extend_from_slice(&conn.buf);
     conn.buf.clear();
-    if client.write_all(&first).await.is_err() {
+    if send(client, &first).await.is_err() {
         return Next::Gone;
     }
     if !buf.is_empty() {
@@ -998,7 +1003,7 @@ where
     w.stats
         .borrow_mut()
         .request(&req.route_id, 308, req.start.elapsed());
-    if client.write_all(resp.as_bytes()).await.is_err() {
+    if send(client, resp.as_bytes()).await.is_err() {
         return Next::Gone;
     }
     if close {
@@ -1018,7 +1023,7 @@ async fn refuse<S: AsyncWrite + Unpin>(
 ) -> Next {
     let resp = error_response(w, status, why, true);
     w.stats.borrow_mut().request(route, status, start.elapsed());
-    let _ = client.write_all(&resp).await;
+    let _ = send(client, &resp).await;
     Next::Close
 }
 
@@ -1037,7 +1042,7 @@ async fn answer<S: AsyncWrite + Unpin>(
     w.stats
         .borrow_mut()
         .request(&req.route_id, status, req.start.elapsed());
-    if client.write_all(&resp).await.is_err() {
+    if send(client, &resp).await.is_err() {
         return Next::Gone;
     }
     if close {

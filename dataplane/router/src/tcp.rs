@@ -1,7 +1,8 @@
 //! TCP routes: each route's port gets a listener in every worker (SO_REUSEPORT), opened and
 //! closed as the route table changes; each connection is copied both ways to a backend,
 //! each direction's close passed on as a half-close. A removed route's listener closes
-//! while its open connections run to their end (drain).
+//! while its open connections run to their end (drain). Connections count against
+//! `--max-connections`, and a SIGTERM drain waits for them up to its deadline.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::worker::Worker;
+use crate::worker::{Open, Worker};
 
 /// Keeps this worker's TCP listeners equal to the table's TCP routes.
 pub async fn manage(w: Rc<Worker>) {
@@ -74,8 +75,13 @@ async fn accept(w: Rc<Worker>, listener: TcpListener, port: u16) {
                 continue;
             }
         };
+        let Some(open) = Open::new(&w) else {
+            drop(stream);
+            continue;
+        };
         let w = w.clone();
         tokio::task::spawn_local(async move {
+            let _open = open;
             let _ = stream.set_nodelay(true);
             if let Some(mut upstream) = connect(&w, port).await {
                 let mut stream = stream;

@@ -83,11 +83,12 @@ impl Worker {
     }
 }
 
-/// Counts a client connection from accept to close.
-struct Open(Rc<Worker>);
+/// Counts a client connection from accept to close (against `--max-connections`, and for
+/// the drain to wait on).
+pub(crate) struct Open(Rc<Worker>);
 
 impl Open {
-    fn new(w: &Rc<Worker>) -> Option<Open> {
+    pub(crate) fn new(w: &Rc<Worker>) -> Option<Open> {
         let metrics = &w.shared.metrics;
         let n = metrics.open_connections.fetch_add(1, Ordering::Relaxed);
         if n >= w.shared.config.max_connections {
