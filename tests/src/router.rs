@@ -381,6 +381,7 @@ pub struct Backend {
     pub connections: Arc<AtomicUsize>,
     pub requests: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
+    open: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Backend {
@@ -392,13 +393,16 @@ impl Backend {
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
         let (c, r, n) = (connections.clone(), requests.clone(), name.to_string());
+        let open: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let tasks = open.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = listener.accept().await else {
                     return;
                 };
                 c.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve_backend(s, n.clone(), r.clone()));
+                let t = tokio::spawn(serve_backend(s, n.clone(), r.clone()));
+                tasks.lock().unwrap().push(t.abort_handle());
             }
         });
         Backend {
@@ -407,18 +411,22 @@ impl Backend {
             connections,
             requests,
             task,
+            open,
         }
     }
 
-    /// Stops accepting and drops the listener (open connections are cut by `kill`).
-    pub fn stop(&self) {
+    /// Dies: the listener and every open connection go away, mid-request or not.
+    pub fn kill(&self) {
         self.task.abort();
+        for t in self.open.lock().unwrap().drain(..) {
+            t.abort();
+        }
     }
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        self.task.abort();
+        self.kill();
     }
 }
 

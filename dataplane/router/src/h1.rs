@@ -250,6 +250,13 @@ where
     let backends = &entry.backends;
     let upgrade = wants_upgrade(&req.head);
     let has_body = !matches!(req.framing, BodyFraming::None);
+    // A request may be sent again only if nothing of it is lost (no body) and doing it twice
+    // is harmless (an idempotent method): the backend may have acted before it failed.
+    let replayable = !has_body
+        && matches!(
+            req.head.method.as_str(),
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        );
     let expect_continue = req.head.minor_version >= 1 && req.head.expects_continue();
 
     let cookies: Vec<&[u8]> = req
@@ -266,7 +273,10 @@ where
     };
     drop(cookies);
     let pooled = route.backend_keepalive && !upgrade;
-    let Some((idx, mut conn)) = connect_backend(w, backends, sticky, pooled, has_body).await else {
+    let mut tried = Vec::new();
+    let Some((mut idx, mut conn)) =
+        connect_backend(w, backends, sticky, pooled, !replayable, &mut tried).await
+    else {
         return answer(
             w,
             client,
@@ -277,9 +287,7 @@ where
         )
         .await;
     };
-    let backend = &backends[idx];
-    let _in_flight = w.upstreams.begin(&backend.addr);
-    let set_cookie = (route.sticky && sticky != Some(idx)).then(|| upstream::sticky_token(backend));
+    let mut in_flight = w.upstreams.begin(&backends[idx].addr);
 
     req.head.strip_hop_by_hop();
     let upstream_keepalive = route.backend_keepalive && !upgrade;
@@ -298,8 +306,7 @@ where
     if expect_continue && has_body {
         // The router answers the expectation itself once the route is known to be served,
         // then streams the body; the backend never sees `Expect`.
-        if client
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if send(client, b"HTTP/1.1 100 Continue\r\n\r\n")
             .await
             .is_err()
         {
@@ -308,8 +315,8 @@ where
     }
 
     // Send the request and read the response head. A pooled connection the backend closed
-    // in the meantime fails before any response byte: a bodiless request is then replayed
-    // once on a new connection to the same backend.
+    // in the meantime fails before any response byte: a replayable request is then sent
+    // again on a new connection to the same backend, or, if that backend is gone, another.
     let mut reader = BodyReader::new(request_framing(req.framing));
     let mut body_done;
     let response = loop {
@@ -336,13 +343,27 @@ where
         body_done = reader.is_done();
         match sent {
             Ok(r) => break r,
-            Err(SendError::Upstream(e)) if !has_body && conn.reused && e.before_response() => {
-                match w.upstreams.connect_new(&backend.addr).await {
+            Err(SendError::Upstream(e)) if replayable && conn.reused && e.before_response() => {
+                match w.upstreams.connect_new(&backends[idx].addr).await {
                     Ok(c) => conn = c,
                     Err(_) => {
                         w.stats.borrow_mut().connect_errors += 1;
-                        return answer(w, client, &req, 502, "backend closed the connection", true)
+                        let Some((i, c)) =
+                            connect_backend(w, backends, None, false, false, &mut tried).await
+                        else {
+                            return answer(
+                                w,
+                                client,
+                                &req,
+                                503,
+                                "no backend could be reached",
+                                false,
+                            )
                             .await;
+                        };
+                        idx = i;
+                        conn = c;
+                        in_flight = w.upstreams.begin(&backends[idx].addr);
                     }
                 }
             }
@@ -350,7 +371,7 @@ where
                 return answer(w, client, &req, 504, "backend did not answer in time", true).await;
             }
             Err(SendError::Upstream(e)) => {
-                tracing::debug!(backend = %backend.addr, error = %e, "backend failed");
+                tracing::debug!(backend = %backends[idx].addr, error = %e, "backend failed");
                 return answer(w, client, &req, 502, "backend failed", true).await;
             }
             Err(SendError::ClientBody(status)) => {
@@ -360,6 +381,9 @@ where
         }
     };
     let mut response = response;
+    let backend = &backends[idx];
+    let _in_flight = in_flight;
+    let set_cookie = (route.sticky && sticky != Some(idx)).then(|| upstream::sticky_token(backend));
 
     // Interim responses (1xx other than 101) go straight through; the final one follows.
     while response.status / 100 == 1 && response.status != 101 {
@@ -498,20 +522,20 @@ pub(crate) async fn connect_backend(
     backends: &[flynn_router_table::Backend],
     sticky: Option<usize>,
     pooled: bool,
-    has_body: bool,
+    must_be_open: bool,
+    tried: &mut Vec<usize>,
 ) -> Option<(usize, UpstreamConn)> {
-    let mut tried = Vec::new();
     loop {
         let idx = match (tried.is_empty(), sticky) {
             (true, Some(i)) => i,
-            _ => w.upstreams.pick(backends, &tried)?,
+            _ => w.upstreams.pick(backends, tried)?,
         };
         tried.push(idx);
         match w.upstreams.connect(&backends[idx].addr, pooled).await {
             Ok(mut c) => {
-                // A request with a body cannot be replayed, so it gets a connection that is
-                // known to be open: a pooled one the backend has closed reads EOF here.
-                if has_body && c.reused && !still_open(&c) {
+                // A request that cannot be replayed gets a connection known to be open: a
+                // pooled one the backend has closed reads EOF (or a reset) here.
+                if must_be_open && c.reused && !still_open(&c) {
                     match w.upstreams.connect_new(&backends[idx].addr).await {
                         Ok(n) => c = n,
                         Err(_) => {

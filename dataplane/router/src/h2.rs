@@ -209,7 +209,8 @@ async fn stream(
         &entry.backends,
         sticky,
         route.backend_keepalive,
-        has_body,
+        true, // streams are never replayed, so a pooled connection must be open
+        &mut Vec::new(),
     )
     .await
     else {
