@@ -252,11 +252,7 @@ where
     let has_body = !matches!(req.framing, BodyFraming::None);
     // A request may be sent again only if nothing of it is lost (no body) and doing it twice
     // is harmless (an idempotent method): the backend may have acted before it failed.
-    let replayable = !has_body
-        && matches!(
-            req.head.method.as_str(),
-            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-        );
+    let replayable = !has_body && idempotent(&req.head.method);
     let expect_continue = req.head.minor_version >= 1 && req.head.expects_continue();
 
     let cookies: Vec<&[u8]> = req
@@ -514,6 +510,14 @@ fn still_open(c: &UpstreamConn) -> bool {
     matches!(c.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
 }
 
+/// Methods that may be sent twice with the effect of once (RFC 9110 §9.2.2).
+pub(crate) fn idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
+}
+
 /// Picks and connects a backend: the sticky one first when the cookie names a live one,
 /// then least-outstanding of two random choices among those not yet tried, until one
 /// connects. `None`: none could be reached.
@@ -686,7 +690,7 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// Failed before the backend sent any response byte (the request may be replayed if it
     /// had no body).
-    fn before_response(&self) -> bool {
+    pub(crate) fn before_response(&self) -> bool {
         matches!(
             self,
             UpstreamError::ClosedEarly | UpstreamError::Io(_, true)

@@ -204,12 +204,13 @@ async fn stream(
         None
     };
     let has_body = framing != BodyFraming::None;
-    let Some((idx, mut conn)) = h1::connect_backend(
+    let replayable = !has_body && h1::idempotent(parts.method.as_str());
+    let Some((mut idx, mut conn)) = h1::connect_backend(
         &w,
         &entry.backends,
         sticky,
         route.backend_keepalive,
-        true, // streams are never replayed, so a pooled connection must be open
+        !replayable,
         &mut Vec::new(),
     )
     .await
@@ -223,8 +224,7 @@ async fn stream(
             start,
         );
     };
-    let backend = &entry.backends[idx];
-    let _in_flight = w.upstreams.begin(&backend.addr);
+    let mut in_flight = w.upstreams.begin(&entry.backends[idx].addr);
     let t = w.shared.config.timeouts;
     let mut out = Vec::with_capacity(1024);
     h1::write_request_head(
@@ -258,10 +258,45 @@ async fn stream(
         }
         encoding.finish(&mut out);
     }
-    if conn.stream.write_all(&out).await.is_err() {
-        return error(&w, &mut respond, 502, "backend failed", &route.id, start);
-    }
-    let mut response = match h1::read_response_head(&mut conn, t.upstream).await {
+    // As for HTTP/1.1: a replayable request whose pooled connection proves closed before
+    // any response byte goes again, on a new connection (another backend if need be).
+    let sent = loop {
+        let sent = match conn.stream.write_all(&out).await {
+            Ok(()) => h1::read_response_head(&mut conn, t.upstream).await,
+            Err(e) => Err(h1::UpstreamError::Io(e, true)),
+        };
+        match sent {
+            Err(e) if replayable && conn.reused && e.before_response() => {
+                // The same backend first (as if sticky), on fresh connections only.
+                let next = h1::connect_backend(
+                    &w,
+                    &entry.backends,
+                    Some(idx),
+                    false,
+                    false,
+                    &mut Vec::new(),
+                )
+                .await;
+                let Some((i, c)) = next else {
+                    return error(
+                        &w,
+                        &mut respond,
+                        503,
+                        "no backend could be reached",
+                        &route.id,
+                        start,
+                    );
+                };
+                idx = i;
+                conn = c;
+                in_flight = w.upstreams.begin(&entry.backends[idx].addr);
+            }
+            other => break other,
+        }
+    };
+    let backend = &entry.backends[idx];
+    let _in_flight = in_flight;
+    let mut response = match sent {
         Ok(r) => r,
         Err(h1::UpstreamError::Timeout) => {
             return error(
