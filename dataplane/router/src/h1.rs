@@ -47,9 +47,7 @@ where
             }
             HeadRead::Closed => return,
             HeadRead::Refuse(status, why) => {
-                let resp = error_response(&w, status, why, true);
-                let _ = send(&mut client, &resp).await;
-                w.stats.borrow_mut().request("", status, Duration::ZERO);
+                refuse(&w, &mut client, status, why, Instant::now()).await;
                 let _ = client.shutdown().await;
                 return;
             }
@@ -162,7 +160,7 @@ where
     let start = Instant::now();
     let framing = match head.framing() {
         Ok(f) => f,
-        Err(e) => return refuse(w, client, e.status(), refusal_text(e.status()), "", start).await,
+        Err(e) => return refuse(w, client, e.status(), refusal_text(e.status()), start).await,
     };
     let mut req = Req {
         keep_alive: head.keep_alive(),
@@ -271,7 +269,7 @@ where
     let pooled = route.backend_keepalive && !upgrade;
     let mut tried = Vec::new();
     let Some((mut idx, mut conn)) =
-        connect_backend(w, backends, sticky, pooled, !replayable, &mut tried).await
+        upstream::connect_backend(w, backends, sticky, pooled, !replayable, &mut tried).await
     else {
         return answer(
             w,
@@ -340,28 +338,15 @@ where
         match sent {
             Ok(r) => break r,
             Err(SendError::Upstream(e)) if replayable && conn.reused && e.before_response() => {
-                match w.upstreams.connect_new(&backends[idx].addr).await {
-                    Ok(c) => conn = c,
-                    Err(_) => {
-                        w.stats.borrow_mut().connect_errors += 1;
-                        let Some((i, c)) =
-                            connect_backend(w, backends, None, false, false, &mut tried).await
-                        else {
-                            return answer(
-                                w,
-                                client,
-                                &req,
-                                503,
-                                "no backend could be reached",
-                                false,
-                            )
-                            .await;
-                        };
-                        idx = i;
-                        conn = c;
-                        in_flight = w.upstreams.begin(&backends[idx].addr);
-                    }
+                let Some((i, c)) = upstream::reconnect(w, backends, idx, &mut tried).await else {
+                    return answer(w, client, &req, 503, "no backend could be reached", false)
+                        .await;
+                };
+                if i != idx {
+                    idx = i;
+                    in_flight = w.upstreams.begin(&backends[idx].addr);
                 }
+                conn = c;
             }
             Err(SendError::Upstream(UpstreamError::Timeout)) => {
                 return answer(w, client, &req, 504, "backend did not answer in time", true).await;
@@ -503,59 +488,12 @@ where
     }
 }
 
-/// Whether a pooled connection is still open: a non-blocking read sees EOF (or stray bytes)
-/// on a connection the backend has given up on.
-fn still_open(c: &UpstreamConn) -> bool {
-    let mut probe = [0u8; 1];
-    matches!(c.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-}
-
 /// Methods that may be sent twice with the effect of once (RFC 9110 §9.2.2).
 pub(crate) fn idempotent(method: &str) -> bool {
     matches!(
         method,
         "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
     )
-}
-
-/// Picks and connects a backend: the sticky one first when the cookie names a live one,
-/// then least-outstanding of two random choices among those not yet tried, until one
-/// connects. `None`: none could be reached.
-pub(crate) async fn connect_backend(
-    w: &Worker,
-    backends: &[flynn_router_table::Backend],
-    sticky: Option<usize>,
-    pooled: bool,
-    must_be_open: bool,
-    tried: &mut Vec<usize>,
-) -> Option<(usize, UpstreamConn)> {
-    loop {
-        let idx = match (tried.is_empty(), sticky) {
-            (true, Some(i)) => i,
-            _ => w.upstreams.pick(backends, tried)?,
-        };
-        tried.push(idx);
-        match w.upstreams.connect(&backends[idx].addr, pooled).await {
-            Ok(mut c) => {
-                // A request that cannot be replayed gets a connection known to be open: a
-                // pooled one the backend has closed reads EOF (or a reset) here.
-                if must_be_open && c.reused && !still_open(&c) {
-                    match w.upstreams.connect_new(&backends[idx].addr).await {
-                        Ok(n) => c = n,
-                        Err(_) => {
-                            w.stats.borrow_mut().connect_errors += 1;
-                            continue;
-                        }
-                    }
-                }
-                return Some((idx, c));
-            }
-            Err(e) => {
-                w.stats.borrow_mut().connect_errors += 1;
-                tracing::debug!(backend = %backends[idx].addr, error = %e, "backend connect failed");
-            }
-        }
-    }
 }
 
 fn wants_upgrade(head: &RequestHead) -> bool {
@@ -1041,16 +979,17 @@ where
     }
 }
 
+/// Answers a request that could not be read (malformed, too large, too slow); the
+/// connection is closed after it.
 async fn refuse<S: AsyncWrite + Unpin>(
     w: &Worker,
     client: &mut S,
     status: u16,
     why: &str,
-    route: &str,
     start: Instant,
 ) -> Next {
     let resp = error_response(w, status, why, true);
-    w.stats.borrow_mut().request(route, status, start.elapsed());
+    w.stats.borrow_mut().request("", status, start.elapsed());
     let _ = send(client, &resp).await;
     Next::Close
 }

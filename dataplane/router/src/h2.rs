@@ -205,13 +205,14 @@ async fn stream(
     };
     let has_body = framing != BodyFraming::None;
     let replayable = !has_body && h1::idempotent(parts.method.as_str());
-    let Some((mut idx, mut conn)) = h1::connect_backend(
+    let mut tried = Vec::new();
+    let Some((mut idx, mut conn)) = upstream::connect_backend(
         &w,
         &entry.backends,
         sticky,
         route.backend_keepalive,
         !replayable,
-        &mut Vec::new(),
+        &mut tried,
     )
     .await
     else {
@@ -267,16 +268,7 @@ async fn stream(
         };
         match sent {
             Err(e) if replayable && conn.reused && e.before_response() => {
-                // The same backend first (as if sticky), on fresh connections only.
-                let next = h1::connect_backend(
-                    &w,
-                    &entry.backends,
-                    Some(idx),
-                    false,
-                    false,
-                    &mut Vec::new(),
-                )
-                .await;
+                let next = upstream::reconnect(&w, &entry.backends, idx, &mut tried).await;
                 let Some((i, c)) = next else {
                     return error(
                         &w,
@@ -287,9 +279,11 @@ async fn stream(
                         start,
                     );
                 };
-                idx = i;
+                if i != idx {
+                    idx = i;
+                    in_flight = w.upstreams.begin(&entry.backends[idx].addr);
+                }
                 conn = c;
-                in_flight = w.upstreams.begin(&entry.backends[idx].addr);
             }
             other => break other,
         }

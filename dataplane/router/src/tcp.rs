@@ -105,16 +105,8 @@ async fn accept(w: Rc<Worker>, listener: TcpListener, port: u16) {
 async fn connect(w: &Worker, port: u16) -> Option<TcpStream> {
     let table = w.table();
     let entry = table.tcp(port)?;
-    let mut tried = Vec::new();
-    while let Some(i) = w.upstreams.pick(&entry.backends, &tried) {
-        tried.push(i);
-        match w.upstreams.connect_new(&entry.backends[i].addr).await {
-            Ok(c) => return Some(c.stream),
-            Err(e) => {
-                w.stats.borrow_mut().connect_errors += 1;
-                tracing::debug!(port, backend = %entry.backends[i].addr, error = %e, "tcp backend connect failed");
-            }
-        }
-    }
-    None
+    let (_, conn) =
+        crate::upstream::connect_backend(w, &entry.backends, None, false, false, &mut Vec::new())
+            .await?;
+    Some(conn.stream)
 }

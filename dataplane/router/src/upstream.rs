@@ -13,6 +13,8 @@ use bytes::BytesMut;
 use flynn_router_table::Backend;
 use tokio::net::TcpStream;
 
+use crate::worker::Worker;
+
 /// Read buffer per backend connection (kept with it in the pool).
 const READ_BUF: usize = 32 * 1024;
 
@@ -164,10 +166,6 @@ impl Upstreams {
             live.contains(addr.as_str()) && !list.is_empty()
         });
     }
-
-    pub fn idle_count(&self) -> usize {
-        self.idle.borrow().values().map(Vec::len).sum()
-    }
 }
 
 pub struct InFlight<'a> {
@@ -180,6 +178,70 @@ impl Drop for InFlight<'_> {
         let mut map = self.upstreams.outstanding.borrow_mut();
         if let Some(n) = map.get_mut(self.addr) {
             *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// Whether a pooled connection is still open: a non-blocking read sees EOF (or stray bytes)
+/// on a connection the backend has given up on.
+fn still_open(c: &UpstreamConn) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(c.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+/// Picks and connects a backend: the sticky one first when the cookie names a live one,
+/// then least-outstanding of two random choices among those not yet tried, until one
+/// connects. `None`: none could be reached.
+pub(crate) async fn connect_backend(
+    w: &Worker,
+    backends: &[Backend],
+    sticky: Option<usize>,
+    pooled: bool,
+    must_be_open: bool,
+    tried: &mut Vec<usize>,
+) -> Option<(usize, UpstreamConn)> {
+    loop {
+        let idx = match (tried.is_empty(), sticky) {
+            (true, Some(i)) => i,
+            _ => w.upstreams.pick(backends, tried)?,
+        };
+        tried.push(idx);
+        match w.upstreams.connect(&backends[idx].addr, pooled).await {
+            Ok(mut c) => {
+                // A request that cannot be replayed gets a connection known to be open: a
+                // pooled one the backend has closed reads EOF (or a reset) here.
+                if must_be_open && c.reused && !still_open(&c) {
+                    match w.upstreams.connect_new(&backends[idx].addr).await {
+                        Ok(n) => c = n,
+                        Err(_) => {
+                            w.stats.borrow_mut().connect_errors += 1;
+                            continue;
+                        }
+                    }
+                }
+                return Some((idx, c));
+            }
+            Err(e) => {
+                w.stats.borrow_mut().connect_errors += 1;
+                tracing::debug!(backend = %backends[idx].addr, error = %e, "backend connect failed");
+            }
+        }
+    }
+}
+
+/// A fresh connection for a request whose pooled connection proved closed before any
+/// response byte: the same backend first, then any other not yet tried.
+pub(crate) async fn reconnect(
+    w: &Worker,
+    backends: &[Backend],
+    idx: usize,
+    tried: &mut Vec<usize>,
+) -> Option<(usize, UpstreamConn)> {
+    match w.upstreams.connect_new(&backends[idx].addr).await {
+        Ok(c) => Some((idx, c)),
+        Err(_) => {
+            w.stats.borrow_mut().connect_errors += 1;
+            connect_backend(w, backends, None, false, false, tried).await
         }
     }
 }
