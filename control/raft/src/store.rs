@@ -103,14 +103,32 @@ fn synced() -> rocksdb::WriteOptions {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    flusher: Arc<Flusher>,
+}
+
+/// The WAL-sync thread. When the last log store goes, the thread is stopped and joined,
+/// so its handle on the database is released before the caller goes on: otherwise the
+/// database could be closed on that thread while the process exits around it (a crash in
+/// RocksDB's teardown at exit).
+struct Flusher {
+    tx: Option<mpsc::Sender<LogFlushed<TypeConfig>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.tx.take(); // the thread's receive loop ends once the queue is drained
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl LogStore {
     fn new(db: Arc<DB>) -> Self {
         let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
         let flush_db = db.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("raft-wal-sync".into())
             .spawn(move || {
                 while let Ok(first) = rx.recv() {
@@ -129,7 +147,13 @@ impl LogStore {
                 }
             })
             .expect("spawn wal sync thread");
-        LogStore { db, flusher: tx }
+        LogStore {
+            db,
+            flusher: Arc::new(Flusher {
+                tx: Some(tx),
+                thread: Some(thread),
+            }),
+        }
     }
 
     fn meta_get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StorageResult<Option<T>> {
@@ -228,7 +252,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .write(batch)
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         // Readable now; durable once the flusher's fsync completes.
-        if let Err(mpsc::SendError(cb)) = self.flusher.send(callback) {
+        let sent = match &self.flusher.tx {
+            Some(tx) => tx.send(callback).map_err(|mpsc::SendError(cb)| cb),
+            None => Err(callback),
+        };
+        if let Err(cb) = sent {
             cb.log_io_completed(Err(std::io::Error::other("wal sync thread is gone")));
         }
         Ok(())
