@@ -683,7 +683,11 @@ async fn t21_tcp_routes_with_half_close() {
     // The backend speaks HTTP; the TCP route carries bytes, so a WebSocket-style exchange
     // shows both directions and the half-close.
     // An open TCP-route connection counts (for the connection limit and the drain).
-    assert_eq!(r.metric("flynn_router_open_connections", &[]).await, 1.0);
+    // (The router accepts asynchronously: the count follows the client's connect.)
+    flynn_tests::eventually(Duration::from_secs(5), "tcp connection counted", || async {
+        (r.metric("flynn_router_open_connections", &[]).await == 1.0).then_some(())
+    })
+    .await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: raw\r\nConnection: upgrade\r\n\r\nabc")
         .await
