@@ -316,6 +316,11 @@ impl Cluster {
 
     /// Runs `flynn-host bootstrap` over the first `n` hosts and records key and secret.
     pub fn bootstrap(&mut self, n: usize) {
+        self.bootstrap_with(n, &[]);
+    }
+
+    /// `flynn-host bootstrap` with extra flags (e.g. `--domain`); returns its JSON outcome.
+    pub fn bootstrap_with(&mut self, n: usize, extra: &[&str]) -> serde_json::Value {
         let ips: Vec<String> = self.hosts[..n]
             .iter()
             .map(|h| format!("{}:{PORT}", h.ip))
@@ -323,6 +328,7 @@ impl Cluster {
         let out = Command::new(bin_dir().join("flynn-host"))
             .args(["bootstrap", "--json", "--timeout", "30"])
             .args(["--min-hosts", &n.to_string(), "--peer-ips", &ips.join(",")])
+            .args(extra)
             .output()
             .expect("run flynn-host bootstrap");
         assert!(
@@ -333,6 +339,21 @@ impl Cluster {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bootstrap json");
         self.key = v["controller_key"].as_str().expect("key").to_string();
         self.secret = v["cluster_secret"].as_str().expect("secret").to_string();
+        v
+    }
+
+    /// Runs the `flynn` CLI from the test's own namespace (the admin network) with the
+    /// flynnrc named `rc` (made on first use by the caller's `cluster add`).
+    pub fn flynn_here(&self, rc: &str, args: &[&str]) -> Output {
+        Command::new("timeout")
+            .arg("60")
+            .arg(bin_dir().join("flynn"))
+            .args(args)
+            .env("FLYNNRC", self.root.path().join(rc))
+            .env_remove("FLYNN_APP")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run flynn")
     }
 
     pub fn client(&self, i: usize) -> ControllerClient {

@@ -385,9 +385,13 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind backend");
+        Backend::start_on(name, "127.0.0.1").await
+    }
+
+    /// A backend listening on `ip` (e.g. the test's bridge address, which every test host
+    /// reaches).
+    pub async fn start_on(name: &str, ip: &str) -> Backend {
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind backend");
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));

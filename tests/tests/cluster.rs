@@ -74,7 +74,7 @@ async fn t10_bootstrap_three_peers() {
     assert_eq!(text.matches(" leader ").count(), 1, "one leader: {text}");
     // System apps exist and DISCOVERD_PEERS is derived from the membership.
     let apps = c.client(0).apps().await.unwrap();
-    for name in flynn_state::SYSTEM_APPS {
+    for name in flynn_model::SYSTEM_APPS {
         assert!(apps.iter().any(|a| &a.name == name), "{name} missing");
     }
     let mut want: Vec<String> = c.hosts.iter().map(|h| format!("{}:{PORT}", h.ip)).collect();
@@ -530,7 +530,7 @@ async fn t85_watch_streams_and_resumes_and_instances_expire() {
         .unwrap();
     assert!(matches!(lines[0], flynn_client::WatchLine::Reset { .. }));
     assert!(lines.iter().any(|l| matches!(l, flynn_client::WatchLine::Event(e)
-        if matches!(&e.kind, flynn_state::EventKind::RouteSet { route } if route.id() == first.id()))));
+        if matches!(&e.kind, flynn_model::EventKind::RouteSet { route } if route.id() == first.id()))));
     // An instance registers with a short TTL on another host; a watcher resuming from the
     // earlier revision sees it come up, and then expire without heartbeats.
     c.client(0)
@@ -554,20 +554,20 @@ async fn t85_watch_streams_and_resumes_and_instances_expire() {
         }
         !seen
             .iter()
-            .any(|k| matches!(k, flynn_state::EventKind::InstanceDown { id, .. } if id == "i1"))
+            .any(|k| matches!(k, flynn_model::EventKind::InstanceDown { id, .. } if id == "i1"))
     });
     tokio::time::timeout(Duration::from_secs(15), watch)
         .await
         .expect("instance expiry seen within 15s")
         .unwrap();
     assert!(
-        matches!(seen[0], flynn_state::EventKind::InstanceUp { .. }),
+        matches!(seen[0], flynn_model::EventKind::InstanceUp { .. }),
         "{seen:?}"
     );
     assert!(
         !seen
             .iter()
-            .any(|k| matches!(k, flynn_state::EventKind::RouteSet { .. })),
+            .any(|k| matches!(k, flynn_model::EventKind::RouteSet { .. })),
         "resume replays nothing old: {seen:?}"
     );
     assert_eq!(
@@ -585,8 +585,12 @@ async fn t85_watch_streams_and_resumes_and_instances_expire() {
             code,
             message,
         } => assert_eq!(
-            (*status, code.as_str(), message.as_str()),
-            (401, "unauthorized", "invalid controller key")
+            (*status, code, message.as_str()),
+            (
+                401,
+                &flynn_client::ErrorCode::Unauthorized,
+                "invalid controller key"
+            )
         ),
         other => panic!("{other:?}"),
     }

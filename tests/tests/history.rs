@@ -18,7 +18,7 @@ const CLIENTS: usize = 4;
 const RUN: Duration = Duration::from_secs(24);
 const MAX_OPS_PER_CLIENT: usize = 120;
 
-fn classify_write(r: &Result<flynn_state::App, ClientError>) -> Outcome {
+fn classify_write(r: &Result<flynn_model::App, ClientError>) -> Outcome {
     match r {
         Ok(_) => Outcome::Ok,
         // 503: no leader took it (nothing was appended); 4xx: refused outright.

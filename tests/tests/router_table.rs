@@ -10,17 +10,11 @@ use flynn_router_table::{follow, RouteTable};
 use flynn_tests::{eventually, Cluster};
 
 fn http_route(domain: &str) -> RouteRequest {
-    RouteRequest::Http {
-        domain: domain.into(),
-        path: None,
-        service: Some("web-svc".into()),
-        sticky: false,
-        leader: false,
-        disable_keepalive: false,
-        no_drain_backends: false,
-        certificate: None,
-        https_redirect: false,
+    let mut route = RouteRequest::http(domain);
+    if let RouteRequest::Http { service, .. } = &mut route {
+        *service = Some("web-svc".into());
     }
+    route
 }
 
 #[tokio::test(flavor = "multi_thread")]

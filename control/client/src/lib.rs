@@ -1,15 +1,16 @@
 //! HTTP clients for the controller API (`flynn`) and the host API (`flynn-host`).
 
+pub mod pin;
 pub mod types;
 
 use std::time::Duration;
 
 use futures::StreamExt;
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use flynn_state::{App, Certificate, NewCertificate, Route, Service};
+use flynn_model::{App, Certificate, NewCertificate, Route, Service};
 pub use types::*;
 
 /// Header carrying the cluster secret on host-to-host and host-admin requests.
@@ -21,7 +22,7 @@ pub enum ClientError {
     #[error("{message}")]
     Api {
         status: u16,
-        code: String,
+        code: ErrorCode,
         message: String,
     },
     /// The request did not complete; for a write the outcome is unknown.
@@ -43,7 +44,7 @@ impl ClientError {
     pub fn outcome_unknown(&self) -> bool {
         match self {
             ClientError::Transport { .. } | ClientError::Decode { .. } => true,
-            ClientError::Api { code, .. } => code == "unknown_outcome",
+            ClientError::Api { code, .. } => *code == ErrorCode::UnknownOutcome,
         }
     }
 }
@@ -61,18 +62,48 @@ enum Auth {
     Secret(Option<String>),
 }
 
+/// How to reach a controller beyond its URL.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    /// Trust exactly the certificate with this pin (`flynn cluster add -p`).
+    pub pin: Option<String>,
+    /// Connect here instead of resolving the URL's host name (a cluster without DNS yet).
+    pub ip: Option<std::net::IpAddr>,
+}
+
+/// Pooled connections idle longer than this are not reused: the API closes connections that
+/// sit idle for 10 s, and a request sent on one it is closing would fail.
+pub const POOL_IDLE: Duration = Duration::from_secs(5);
+
 impl Http {
     fn new(base: &str, auth: Auth, timeout: Duration) -> Self {
-        let http = reqwest::Client::builder()
+        Self::with_tls(base, auth, timeout, &Tls::default()).expect("plain http client")
+    }
+
+    fn with_tls(base: &str, auth: Auth, timeout: Duration, tls: &Tls) -> Result<Self, ClientError> {
+        let bad = |reason: String| ClientError::Transport {
+            url: base.to_string(),
+            reason,
+        };
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2).min(timeout))
             .timeout(timeout)
-            .build()
-            .expect("http client");
-        Http {
+            .pool_idle_timeout(POOL_IDLE);
+        if let Some(pin) = &tls.pin {
+            builder = builder.use_preconfigured_tls(pin::pinned_config(pin).map_err(bad)?);
+        }
+        if let Some(ip) = tls.ip {
+            let url = reqwest::Url::parse(base).map_err(|e| bad(e.to_string()))?;
+            let host = url.host_str().unwrap_or_default().to_string();
+            let port = url.port_or_known_default().unwrap_or(443);
+            builder = builder.resolve(&host, std::net::SocketAddr::new(ip, port));
+        }
+        let http = builder.build().map_err(|e| bad(error_chain(&e)))?;
+        Ok(Http {
             base: base.trim_end_matches('/').to_string(),
             http,
             auth,
-        }
+        })
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
@@ -113,7 +144,7 @@ impl Http {
             },
             Err(_) => ClientError::Api {
                 status: status.as_u16(),
-                code: status_code_name(status),
+                code: ErrorCode::from_status(status.as_u16()),
                 message: String::from_utf8_lossy(&bytes).trim().to_string(),
             },
         })
@@ -173,13 +204,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn status_code_name(s: StatusCode) -> String {
-    s.canonical_reason()
-        .unwrap_or("error")
-        .to_lowercase()
-        .replace(' ', "_")
-}
-
 /// Percent-encodes one path segment.
 fn seg(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -202,6 +226,19 @@ pub struct ControllerClient {
 impl ControllerClient {
     pub fn new(url: &str, key: &str) -> Self {
         Self::with_timeout(url, key, Duration::from_secs(30))
+    }
+
+    /// A client that reaches the controller over TLS with a pinned certificate and/or a
+    /// fixed address (see [`Tls`]).
+    pub fn with_tls(url: &str, key: &str, tls: &Tls) -> Result<Self, ClientError> {
+        Ok(ControllerClient {
+            http: Http::with_tls(
+                url,
+                Auth::Key(key.to_string()),
+                Duration::from_secs(30),
+                tls,
+            )?,
+        })
     }
 
     pub fn with_timeout(url: &str, key: &str, timeout: Duration) -> Self {
@@ -294,7 +331,7 @@ impl ControllerClient {
         service: &str,
         id: &str,
         reg: &InstanceRegistration,
-    ) -> Result<flynn_state::Instance, ClientError> {
+    ) -> Result<flynn_model::Instance, ClientError> {
         self.http
             .put(
                 &format!("/services/{}/instances/{}", seg(service), seg(id)),
@@ -307,7 +344,7 @@ impl ControllerClient {
         &self,
         service: &str,
         id: &str,
-    ) -> Result<flynn_state::Instance, ClientError> {
+    ) -> Result<flynn_model::Instance, ClientError> {
         self.http
             .post(
                 &format!("/services/{}/instances/{}/heartbeat", seg(service), seg(id)),
@@ -391,6 +428,11 @@ impl HostClient {
     }
 
     /// The XDP firewall's interfaces, policy and counters (JSON as the host reports it).
+    /// Every component the host runs, with its status (`/host/components`).
+    pub async fn components(&self) -> Result<serde_json::Value, ClientError> {
+        self.http.get("/host/components").await
+    }
+
     pub async fn firewall(&self) -> Result<serde_json::Value, ClientError> {
         self.http.get("/host/firewall").await
     }

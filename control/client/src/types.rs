@@ -4,12 +4,72 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// The class of an API error: one enum for the server that answers it and the client that
+/// reads it. Unknown codes (from a newer host) read as `Other`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    Invalid,
+    Unauthorized,
+    NotFound,
+    Conflict,
+    TooLarge,
+    VersionMismatch,
+    /// No leader could be reached in time; nothing was written.
+    Unavailable,
+    /// A write was sent but its fate is not known (the leader went away mid-request).
+    UnknownOutcome,
+    Timeout,
+    Internal,
+    #[serde(untagged)]
+    Other(String),
+}
+
+impl ErrorCode {
+    /// The HTTP status this class answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            ErrorCode::Invalid => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::NotFound => 404,
+            ErrorCode::Timeout => 408,
+            ErrorCode::Conflict | ErrorCode::VersionMismatch => 409,
+            ErrorCode::TooLarge => 413,
+            ErrorCode::Unavailable => 503,
+            ErrorCode::UnknownOutcome => 504,
+            ErrorCode::Internal | ErrorCode::Other(_) => 500,
+        }
+    }
+
+    /// The class of a non-JSON error answer, from its status alone.
+    pub fn from_status(status: u16) -> Self {
+        match status {
+            400 => ErrorCode::Invalid,
+            401 | 403 => ErrorCode::Unauthorized,
+            404 => ErrorCode::NotFound,
+            408 => ErrorCode::Timeout,
+            409 => ErrorCode::Conflict,
+            413 => ErrorCode::TooLarge,
+            502 | 503 => ErrorCode::Unavailable,
+            504 => ErrorCode::UnknownOutcome,
+            other => ErrorCode::Other(format!("http_{other}")),
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::String(s)) => f.write_str(&s),
+            _ => f.write_str("other"),
+        }
+    }
+}
+
 /// Every error answer of every API carries this body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
-    /// Machine-readable class: `invalid`, `unauthorized`, `not_found`, `conflict`,
-    /// `too_large`, `unavailable`, `unknown_outcome`, `version_mismatch`, `internal`.
-    pub error: String,
+    pub error: ErrorCode,
     pub message: String,
 }
 
@@ -30,7 +90,7 @@ pub struct EnvUpdate {
 }
 
 /// `POST /apps/{app}/routes`: the state machine's own route spec.
-pub type RouteRequest = flynn_state::RouteSpec;
+pub type RouteRequest = flynn_model::RouteSpec;
 
 /// `PUT /services/{service}/instances/{id}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -113,6 +173,15 @@ pub struct BootstrapRequest {
     pub initializer: u64,
     pub auth_key: String,
     pub version: String,
+    /// The cluster domain (`flynn-host bootstrap --domain`).
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// The certificate the router serves for `controller.$DOMAIN`.
+    #[serde(default)]
+    pub controller_certificate: Option<flynn_model::NewCertificate>,
+    /// Env of system apps set at bootstrap (app → key → value).
+    #[serde(default)]
+    pub system_env: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// Sent by a new host to join as a proxy.
@@ -131,22 +200,4 @@ pub struct MembershipRequest {
     pub force: bool,
 }
 
-/// A line of the `GET /watch` stream (newline-delimited JSON).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum WatchLine {
-    /// History from the requested revision was not available: forget what you know; the
-    /// events that follow (up to `Synced`) are the full current state.
-    Reset {
-        revision: u64,
-    },
-    Event(flynn_state::Event),
-    /// Everything up to `revision` has been sent.
-    Synced {
-        revision: u64,
-    },
-    /// Sent while idle so a client can tell a quiet stream from a dead one.
-    Heartbeat {
-        revision: u64,
-    },
-}
+pub use flynn_model::WatchLine;

@@ -18,6 +18,9 @@ pub struct BootstrapOptions {
     pub hosts: Vec<String>,
     pub min_hosts: usize,
     pub timeout: Duration,
+    /// The cluster domain: the controller is then served at `https://controller.$DOMAIN`
+    /// through every host's router, with a certificate made here.
+    pub domain: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -28,6 +31,9 @@ pub struct BootstrapOutcome {
     pub peers: Vec<HostInfo>,
     pub proxies: Vec<HostInfo>,
     pub status: ClusterStatus,
+    pub domain: Option<String>,
+    /// Pin of the controller's certificate (with a domain): `flynn cluster add -p PIN`.
+    pub controller_pin: Option<String>,
 }
 
 pub fn random_hex(bytes: usize) -> String {
@@ -90,6 +96,16 @@ pub async fn bootstrap(opts: &BootstrapOptions) -> anyhow::Result<BootstrapOutco
     }
     let secret = random_hex(32);
     let auth_key = random_hex(20);
+    let domain = match &opts.domain {
+        Some(d) => Some(
+            flynn_state::validate::domain(d).map_err(|e| anyhow::anyhow!("--domain {d:?}: {e}"))?,
+        ),
+        None => None,
+    };
+    let controller_tls = match &domain {
+        Some(d) => Some(crate::tls::self_signed(&[format!("controller.{d}")])?),
+        None => None,
+    };
     let n_voters = voters_for(found.len());
     let (peers, proxies) = found.split_at(n_voters);
     let members: BTreeMap<u64, String> = peers
@@ -97,6 +113,21 @@ pub async fn bootstrap(opts: &BootstrapOptions) -> anyhow::Result<BootstrapOutco
         .map(|(_, i)| (i.node_id, i.addr.clone()))
         .collect();
     let initializer = peers[0].1.node_id;
+    // Derived env every cluster reports from its first revision on (the leader keeps
+    // DISCOVERD_PEERS equal to the voters later).
+    let system_env = BTreeMap::from([
+        (
+            "discoverd".to_string(),
+            BTreeMap::from([(
+                "DISCOVERD_PEERS".to_string(),
+                members.values().cloned().collect::<Vec<_>>().join(","),
+            )]),
+        ),
+        (
+            "status".to_string(),
+            BTreeMap::from([("AUTH_KEY".to_string(), random_hex(20))]),
+        ),
+    ]);
     // The initializer goes last, so the others hold the secret before it asks for votes.
     let mut order: Vec<&(String, HostInfo)> = found.iter().collect();
     order.sort_by_key(|(_, i)| i.node_id == initializer);
@@ -107,6 +138,15 @@ pub async fn bootstrap(opts: &BootstrapOptions) -> anyhow::Result<BootstrapOutco
             initializer,
             auth_key: auth_key.clone(),
             version: version().to_string(),
+            domain: domain.clone(),
+            controller_certificate: controller_tls
+                .as_ref()
+                .map(|t| flynn_state::NewCertificate {
+                    domains: vec![format!("controller.{}", domain.as_deref().unwrap_or(""))],
+                    cert_pem: t.cert_pem.clone(),
+                    key_pem: t.key_pem.clone(),
+                }),
+            system_env: system_env.clone(),
         };
         HostClient::new(url, None, Duration::from_secs(10))
             .bootstrap(&req)
@@ -128,5 +168,7 @@ pub async fn bootstrap(opts: &BootstrapOptions) -> anyhow::Result<BootstrapOutco
         peers: peers.iter().map(|(_, i)| i.clone()).collect(),
         proxies: proxies.iter().map(|(_, i)| i.clone()).collect(),
         status,
+        domain,
+        controller_pin: controller_tls.map(|t| t.pin),
     })
 }

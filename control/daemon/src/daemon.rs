@@ -7,13 +7,16 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use flynn_client::{BootstrapRequest, HostClient, HostInfo, JoinRequest};
+use flynn_client::{BootstrapRequest, ErrorCode, HostClient, HostInfo, JoinRequest};
 use flynn_raft::network::HttpNetwork;
 use flynn_raft::openraft::BasicNode;
 use flynn_raft::{store, NodeId, Raft};
-use flynn_state::Command;
+use flynn_state::ClusterCommand;
 use tokio::sync::mpsc;
 
+use crate::component::{Components, LocalState};
+use crate::components::firewall::{FirewallConfig, HostFirewall};
+use crate::components::{controller::ControllerRegistration, router::RouterComponent};
 use crate::error::{ApiError, ApiResult};
 use crate::hostdir::HostDir;
 use crate::node::Node;
@@ -33,7 +36,9 @@ pub struct DaemonConfig {
     /// Peers to ask for admission when this host has a secret but no cluster state yet.
     pub peer_ips: Vec<String>,
     /// The XDP firewall, when external interfaces are configured.
-    pub firewall: Option<crate::firewall::FirewallConfig>,
+    pub firewall: Option<FirewallConfig>,
+    /// The router, unless `--no-router`.
+    pub router: Option<flynn_router::RouterConfig>,
 }
 
 pub struct Host {
@@ -47,7 +52,7 @@ pub struct Host {
     recovering: std::sync::atomic::AtomicBool,
     start: tokio::sync::Mutex<()>,
     fatal: mpsc::UnboundedSender<anyhow::Error>,
-    firewall: Option<crate::firewall::HostFirewall>,
+    components: Components,
 }
 
 impl Host {
@@ -60,8 +65,8 @@ impl Host {
         }
     }
 
-    pub fn firewall(&self) -> Option<&crate::firewall::HostFirewall> {
-        self.firewall.as_ref()
+    pub fn components(&self) -> &Components {
+        &self.components
     }
 
     pub fn is_recovering(&self) -> bool {
@@ -126,16 +131,16 @@ impl Host {
                 .initialize(members)
                 .await
                 .map_err(|e| ApiError::Internal(format!("initializing raft: {e}")))?;
-            let auth_key = req.auth_key.clone();
+            let command = ClusterCommand::Bootstrap {
+                auth_key: req.auth_key.clone(),
+                domain: req.domain.clone(),
+                controller_certificate: req.controller_certificate.clone(),
+                system_env: req.system_env.clone(),
+            };
             tokio::spawn(async move {
                 // Seeds the system apps; retried until some leader has it.
                 loop {
-                    match node
-                        .propose(Command::Bootstrap {
-                            auth_key: auth_key.clone(),
-                        })
-                        .await
-                    {
+                    match node.propose(command.clone()).await {
                         Ok(_) | Err(ApiError::Conflict(_)) => break,
                         Err(e) => tracing::warn!(error = %e, "bootstrap command not committed yet"),
                     }
@@ -161,7 +166,11 @@ impl Host {
             .context("starting raft")?;
         let node = Node::new(self.id, self.addr.clone(), raft, handle, secret);
         let _ = self.node.set(node.clone());
-        tokio::spawn(leader_housekeeping(node.clone()));
+        self.components.follow(&LocalState::new(node.clone()));
+        tokio::spawn(crate::leader::run(
+            node.clone(),
+            crate::leader::controllers(),
+        ));
         tracing::info!(node_id = self.id, addr = %self.addr, "raft node started");
         Ok(node)
     }
@@ -189,9 +198,11 @@ impl Host {
                         tracing::info!(peer = %url, "joined the cluster as a proxy");
                         return;
                     }
-                    Err(flynn_client::ClientError::Api { code, message, .. })
-                        if code == "version_mismatch" || code == "unauthorized" =>
-                    {
+                    Err(flynn_client::ClientError::Api {
+                        code: ErrorCode::VersionMismatch | ErrorCode::Unauthorized,
+                        message,
+                        ..
+                    }) => {
                         let _ = self
                             .fatal
                             .send(anyhow::anyhow!("cannot join the cluster: {message}"));
@@ -213,7 +224,7 @@ impl Host {
         }
         loop {
             match node
-                .propose(Command::Restore {
+                .propose(flynn_state::Command::Restore {
                     state: Box::new(state.clone()),
                 })
                 .await
@@ -232,11 +243,7 @@ impl Host {
     }
 
     pub fn prometheus(&self) -> String {
-        let firewall = self
-            .firewall
-            .as_ref()
-            .map(|f| f.prometheus())
-            .unwrap_or_default();
+        let firewall = self.components.prometheus();
         let mut out = String::new();
         let mut gauge = |name: &str, help: &str, value: u64| {
             out.push_str(&format!(
@@ -293,49 +300,6 @@ impl Host {
     }
 }
 
-/// Leader-only upkeep: expire lapsed service instances and keep `DISCOVERD_PEERS` equal to
-/// the Raft voter set.
-async fn leader_housekeeping(node: Arc<Node>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        tick.tick().await;
-        if !node.is_leader() {
-            continue;
-        }
-        let now = crate::now_ms();
-        let (lapsed, bootstrapped, peers_env) = node.state.read(|a| {
-            let s = &a.state;
-            (
-                s.services
-                    .values()
-                    .any(|svc| svc.instances.values().any(|i| i.expires_at_ms < now)),
-                s.bootstrapped,
-                s.apps
-                    .get("discoverd")
-                    .and_then(|d| d.env.global.get("DISCOVERD_PEERS").cloned()),
-            )
-        });
-        if lapsed {
-            if let Err(e) = node.propose(Command::ExpireInstances { now_ms: now }).await {
-                tracing::debug!(error = %e, "expiring instances");
-            }
-        }
-        if bootstrapped {
-            let m = node.metrics();
-            let membership = m.membership_config.membership();
-            let peers: Vec<String> = membership
-                .voter_ids()
-                .filter_map(|id| membership.get_node(&id).map(|n| n.addr.clone()))
-                .collect();
-            if peers_env.as_deref() != Some(peers.join(",").as_str()) {
-                if let Err(e) = node.propose(Command::SetDiscoverdPeers { peers }).await {
-                    tracing::debug!(error = %e, "updating DISCOVERD_PEERS");
-                }
-            }
-        }
-    }
-}
-
 /// Runs the daemon until SIGTERM/SIGINT or a fatal error.
 pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     let dir = HostDir::new(&cfg.data_dir);
@@ -347,27 +311,29 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
-    // Filter before serving anything: a host told to filter must never run open.
-    let firewall = match &cfg.firewall {
-        Some(fc) => {
-            Some(crate::firewall::HostFirewall::start(fc).context("starting the XDP firewall")?)
-        }
-        None => None,
-    };
+    let addr = format!("{}:{}", cfg.external_ip, cfg.port);
+    // Components start before anything is served: a host told to filter must never run
+    // open, and a router port in use stops the daemon here.
+    let mut components = Components::default();
+    if let Some(fc) = &cfg.firewall {
+        let fw = HostFirewall::start(fc).context("starting the XDP firewall")?;
+        components.add(Arc::new(fw));
+    }
+    if let Some(rc) = cfg.router.clone() {
+        components.add(Arc::new(RouterComponent::start(rc)?));
+    }
+    components.add(Arc::new(ControllerRegistration::new(id, addr.clone())));
     let host = Arc::new(Host {
         dir: dir.clone(),
         id,
-        addr: format!("{}:{}", cfg.external_ip, cfg.port),
+        addr,
         port: cfg.port,
         node: OnceLock::new(),
         recovering: std::sync::atomic::AtomicBool::new(false),
         start: tokio::sync::Mutex::new(()),
         fatal: fatal_tx,
-        firewall,
+        components,
     });
-    if host.firewall.is_some() {
-        tokio::spawn(crate::firewall::follow_cluster(host.clone()));
-    }
     tracing::info!(node_id = id, addr = %host.addr, version = version(), "flynn-host daemon starting");
 
     if let Some(secret) = dir.secret()? {
@@ -387,26 +353,23 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     }
 
     let app = crate::api::router(host.clone());
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let shutdown = async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
-        tokio::select! {
+        let r = tokio::select! {
             _ = term.recv() => Ok(()),
             _ = tokio::signal::ctrl_c() => Ok(()),
             Some(e) = fatal_rx.recv() => Err(e),
-        }
-    };
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let r = shutdown.await;
+        };
         let _ = done_tx.send(r);
-    });
-    server.await.context("http server")?;
+    };
+    crate::api::serve::serve(listener, app, shutdown).await;
+    tracing::info!("stopping");
+    // Components first (the router drains, the controller leaves discovery), Raft last.
+    host.components.stop().await;
     if let Some(node) = host.node.get() {
         let _ = tokio::time::timeout(Duration::from_secs(5), node.raft.shutdown()).await;
-    }
-    if let Some(fw) = host.firewall() {
-        fw.detach();
     }
     match done_rx.await {
         Ok(Err(e)) => Err(e),

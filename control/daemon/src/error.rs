@@ -3,7 +3,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use flynn_client::ErrorBody;
+use flynn_client::{ErrorBody, ErrorCode};
 use flynn_state::StateError;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,41 +26,36 @@ pub enum ApiError {
     /// A write was sent but its fate is not known (the leader went away mid-request).
     #[error("{0}")]
     UnknownOutcome(String),
+    /// The client was too slow sending its request.
+    #[error("{0}")]
+    Timeout(String),
     #[error("{0}")]
     Internal(String),
 }
 
 impl ApiError {
-    pub fn status(&self) -> StatusCode {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Conflict(_) | ApiError::VersionMismatch(_) => StatusCode::CONFLICT,
-            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::UnknownOutcome(_) => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Invalid(_) => ErrorCode::Invalid,
+            ApiError::Unauthorized(_) => ErrorCode::Unauthorized,
+            ApiError::NotFound(_) => ErrorCode::NotFound,
+            ApiError::Conflict(_) => ErrorCode::Conflict,
+            ApiError::TooLarge(_) => ErrorCode::TooLarge,
+            ApiError::VersionMismatch(_) => ErrorCode::VersionMismatch,
+            ApiError::Unavailable(_) => ErrorCode::Unavailable,
+            ApiError::UnknownOutcome(_) => ErrorCode::UnknownOutcome,
+            ApiError::Timeout(_) => ErrorCode::Timeout,
+            ApiError::Internal(_) => ErrorCode::Internal,
         }
     }
 
-    pub fn code(&self) -> &'static str {
-        match self {
-            ApiError::Invalid(_) => "invalid",
-            ApiError::Unauthorized(_) => "unauthorized",
-            ApiError::NotFound(_) => "not_found",
-            ApiError::Conflict(_) => "conflict",
-            ApiError::TooLarge(_) => "too_large",
-            ApiError::VersionMismatch(_) => "version_mismatch",
-            ApiError::Unavailable(_) => "unavailable",
-            ApiError::UnknownOutcome(_) => "unknown_outcome",
-            ApiError::Internal(_) => "internal",
-        }
+    pub fn status(&self) -> StatusCode {
+        StatusCode::from_u16(self.code().status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
-            error: self.code().to_string(),
+            error: self.code(),
             message: self.to_string(),
         }
     }
@@ -68,16 +63,17 @@ impl ApiError {
     /// Rebuilds the error a remote host answered with.
     pub fn from_body(body: ErrorBody) -> Self {
         let m = body.message;
-        match body.error.as_str() {
-            "invalid" => ApiError::Invalid(m),
-            "unauthorized" => ApiError::Unauthorized(m),
-            "not_found" => ApiError::NotFound(m),
-            "conflict" => ApiError::Conflict(m),
-            "too_large" => ApiError::TooLarge(m),
-            "version_mismatch" => ApiError::VersionMismatch(m),
-            "unavailable" => ApiError::Unavailable(m),
-            "unknown_outcome" => ApiError::UnknownOutcome(m),
-            _ => ApiError::Internal(m),
+        match body.error {
+            ErrorCode::Invalid => ApiError::Invalid(m),
+            ErrorCode::Unauthorized => ApiError::Unauthorized(m),
+            ErrorCode::NotFound => ApiError::NotFound(m),
+            ErrorCode::Conflict => ApiError::Conflict(m),
+            ErrorCode::TooLarge => ApiError::TooLarge(m),
+            ErrorCode::VersionMismatch => ApiError::VersionMismatch(m),
+            ErrorCode::Unavailable => ApiError::Unavailable(m),
+            ErrorCode::UnknownOutcome => ApiError::UnknownOutcome(m),
+            ErrorCode::Timeout => ApiError::Timeout(m),
+            ErrorCode::Internal | ErrorCode::Other(_) => ApiError::Internal(m),
         }
     }
 }
@@ -102,3 +98,9 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+impl From<flynn_state::UnexpectedResponse> for ApiError {
+    fn from(e: flynn_state::UnexpectedResponse) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}

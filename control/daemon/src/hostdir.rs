@@ -123,20 +123,28 @@ impl HostDir {
     }
 
     fn write_atomic(&self, name: &str, data: &[u8], mode: u32) -> std::io::Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
         self.create()?;
-        let tmp = self.root.join(format!(".{name}.tmp"));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, self.root.join(name))?;
-        std::fs::File::open(&self.root)?.sync_all()
+        write_atomic(&self.root.join(name), data, mode)
     }
+}
+
+/// Writes a file under a temporary name, fsyncs it and renames it into place, so a crash
+/// never leaves a half-written one.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

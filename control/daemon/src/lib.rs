@@ -1,13 +1,19 @@
-//! flynn-host's control-plane seat: the Raft node, the controller and host APIs, bootstrap,
-//! join and recovery. The `flynn-host` binary is a thin CLI over this crate.
+//! flynn-host's daemon: the Raft node, the controller and host APIs (one module per area),
+//! bootstrap, join and recovery, the host components (router, firewall, ...) and the leader
+//! controllers. The `flynn-host` binary is a thin CLI over this crate.
 
 pub mod api;
 pub mod bootstrap;
+pub mod component;
+pub mod components;
+pub mod config;
 pub mod daemon;
 pub mod error;
-pub mod firewall;
 pub mod hostdir;
+pub mod leader;
 pub mod node;
+pub mod tls;
+pub mod watch;
 
 pub use daemon::{prepare_recovery, run, DaemonConfig, DEFAULT_PORT};
 

@@ -175,6 +175,7 @@ impl Node {
     ) -> Arc<Self> {
         let peers = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
+            .pool_idle_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .build()
             .expect("http client");
@@ -228,13 +229,22 @@ impl Node {
     }
 
     /// Proposes a command and returns what applying it answered.
-    pub async fn propose(&self, command: Command) -> ApiResult<flynn_state::Response> {
+    pub async fn propose(&self, command: impl Into<Command>) -> ApiResult<flynn_state::Response> {
+        let command = command.into();
         match self.on_leader(LeaderOp::Propose { command }).await? {
             LeaderReply::Applied { result } => result.map_err(ApiError::from),
             other => Err(ApiError::Internal(format!(
                 "unexpected leader reply {other:?}"
             ))),
         }
+    }
+
+    /// Proposes a command whose result has one type (`App`, `Route`, ...) and returns it.
+    pub async fn propose_as<T>(&self, command: impl Into<Command>) -> ApiResult<T>
+    where
+        T: TryFrom<flynn_state::Response, Error = flynn_state::UnexpectedResponse>,
+    {
+        Ok(T::try_from(self.propose(command).await?)?)
     }
 
     /// Waits until this host's applied state reflects every write committed before the call:

@@ -34,7 +34,8 @@ impl HttpNetwork {
     pub fn new(secret: String) -> Self {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Under the API's 10 s idle close, so a pooled connection is never one being closed.
+            .pool_idle_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .build()
             .expect("http client");

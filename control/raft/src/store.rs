@@ -27,7 +27,7 @@ use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBat
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use flynn_state::{ClusterState, Event, Table};
+use flynn_state::{ClusterState, Event};
 
 use crate::{LogId, NodeId, TypeConfig};
 
@@ -330,6 +330,9 @@ impl Applied {
 pub struct StateHandle {
     inner: Arc<RwLock<Applied>>,
     events: broadcast::Sender<WatchItem>,
+    /// The applied log index, bumped after every apply batch, snapshot install and
+    /// membership change: the one subscription a host's components follow.
+    applied: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl StateHandle {
@@ -339,6 +342,18 @@ impl StateHandle {
 
     pub fn subscribe(&self) -> broadcast::Receiver<WatchItem> {
         self.events.subscribe()
+    }
+
+    /// Wakes on every change of the applied state (new entries, a snapshot, membership).
+    /// Components read what they need from [`StateHandle::read`] when it fires; a burst of
+    /// changes wakes them once.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    fn notify_applied(&self) {
+        let index = self.read(|a| a.last_applied.map_or(0, |l| l.index));
+        self.applied.send_replace(index);
     }
 }
 
@@ -366,11 +381,7 @@ impl StateMachine {
                 SM_MEMBERSHIP => membership = decode(&v)?,
                 key => {
                     let key = std::str::from_utf8(key).unwrap_or_default();
-                    let (table, name) = Table::ALL
-                        .iter()
-                        .find_map(|t| key.strip_prefix(t.prefix()).map(|n| (*t, n)))
-                        .ok_or_else(|| store_err(ErrorVerb::Read, BadRecord(key.to_string())))?;
-                    state.load_record(table, name, &v).map_err(|e| {
+                    state.load_record(key, &v).map_err(|e| {
                         store_err(ErrorVerb::Read, BadRecord(format!("{key}: {e}")))
                     })?;
                 }
@@ -389,6 +400,7 @@ impl StateMachine {
             handle: StateHandle {
                 inner: Arc::new(RwLock::new(applied)),
                 events,
+                applied: Arc::new(tokio::sync::watch::channel(0).0),
             },
         })
     }
@@ -402,8 +414,8 @@ impl StateMachine {
         let sm = cf(&self.db, CF_SM);
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(sm, [0u8].as_slice(), [0xffu8; 8].as_slice());
-        for (table, key, value) in applied.state.records() {
-            batch.put_cf(sm, format!("{}{key}", table.prefix()), value);
+        for (key, value) in applied.state.records() {
+            batch.put_cf(sm, key, value);
         }
         batch.put_cf(sm, SM_APPLIED, encode(&applied.last_applied));
         batch.put_cf(sm, SM_MEMBERSHIP, encode(&applied.membership));
@@ -454,7 +466,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let sm = cf(&self.db, CF_SM);
             let mut batch = WriteBatch::default();
             for (table, key) in applied.state.take_dirty() {
-                let name = format!("{}{key}", table.prefix());
+                let name = format!("{}{key}", table.0);
                 match applied.state.record(table, &key) {
                     Some(v) => batch.put_cf(sm, name, v),
                     None => batch.delete_cf(sm, name),
@@ -478,6 +490,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // No subscribers is fine: the history buffer above still has it.
             let _ = self.handle.events.send(WatchItem::Event(e));
         }
+        self.handle.notify_applied();
         Ok(results)
     }
 
@@ -525,6 +538,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 )
             })?;
         let _ = self.handle.events.send(WatchItem::Reset);
+        self.handle.notify_applied();
         Ok(())
     }
 

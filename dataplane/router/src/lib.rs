@@ -4,7 +4,8 @@
 //! loops; [`h1`] and [`h2`] serve clients; [`body`] moves bodies in bounded pieces;
 //! [`upstream`] holds backend pools and balancing; [`tls`] picks certificates by SNI;
 //! [`tcp`] carries TCP routes; [`metrics`] counts; [`routes_file`] is the standalone route
-//! source. The route table itself is `flynn-router-table`.
+//! source; [`standalone`] runs the router as its own process. The route table itself is
+//! `flynn-router-table`.
 
 pub mod body;
 pub mod config;
@@ -15,6 +16,7 @@ mod metrics_server;
 pub mod proxy_protocol;
 pub mod routes_file;
 pub mod server;
+pub mod standalone;
 pub mod tcp;
 pub mod tls;
 pub mod upstream;

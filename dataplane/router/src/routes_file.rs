@@ -26,8 +26,8 @@
 use std::path::{Path, PathBuf};
 
 use flynn_client::WatchLine;
+use flynn_model::{Certificate, Event, EventKind, HttpRoute, Instance, Route, TcpRoute};
 use flynn_router_table::{RouteTable, TableBuilder};
-use flynn_state::{Certificate, Event, EventKind, HttpRoute, Instance, Route, TcpRoute};
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]

@@ -19,6 +19,15 @@ pub async fn manage(w: Rc<Worker>) {
     let mut failed: HashMap<u16, String> = HashMap::new();
     let mut shutdown = w.shutdown.clone();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    // The router's own HTTP and HTTPS ports: SO_REUSEPORT would let a TCP route bind there
+    // too and split the router's connections with it, so such a route is never opened.
+    let config = &w.shared.config;
+    let own: Vec<u16> = config
+        .http
+        .iter()
+        .chain(&config.https)
+        .map(|a| a.port())
+        .collect();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -39,6 +48,16 @@ pub async fn manage(w: Rc<Worker>) {
         failed.retain(|port, _| wanted.contains(port));
         for port in wanted {
             if open.contains_key(&port) {
+                continue;
+            }
+            if own.contains(&port) {
+                if let std::collections::hash_map::Entry::Vacant(e) = failed.entry(port) {
+                    tracing::error!(
+                        port,
+                        "a tcp route wants one of the router's own ports; not opened"
+                    );
+                    e.insert("router port".into());
+                }
                 continue;
             }
             let addr = SocketAddr::new(w.shared.config.tcp_ip, port);

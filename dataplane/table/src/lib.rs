@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use flynn_client::{ControllerClient, WatchLine};
-use flynn_state::{Certificate, EventKind, HttpRoute, Instance, Route, TcpRoute};
+use flynn_model::{Certificate, EventKind, HttpRoute, Instance, Route, TcpRoute};
 
 /// A backend a route sends to: one live instance of its service.
 #[derive(Debug, Clone, PartialEq, Eq)]

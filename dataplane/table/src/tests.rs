@@ -1,5 +1,5 @@
 use super::*;
-use flynn_state::Event;
+use flynn_model::Event;
 
 fn http(id: &str, domain: &str, path: &str, service: &str, leader: bool) -> WatchLine {
     WatchLine::Event(Event {

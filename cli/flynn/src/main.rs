@@ -5,10 +5,12 @@ use std::io::IsTerminal;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use flynn_cli::flynnrc::{self, FlynnRc};
-use flynn_cli::{print_table, run_main};
+mod flynnrc;
+
+use flynn_cli_util::{print_table, run_main};
 use flynn_client::{ControllerClient, EnvUpdate, RouteRequest};
-use flynn_state::Route;
+use flynn_model::Route;
+use flynnrc::FlynnRc;
 
 #[derive(Parser)]
 #[command(name = "flynn", version, about = "Manage apps on a Flynn cluster")]
@@ -59,11 +61,19 @@ struct ClusterArgs {
 
 #[derive(Subcommand)]
 enum ClusterCmd {
-    /// Add a cluster: NAME, its controller URL (or host:port), and a controller key.
+    /// Add a cluster: NAME, its controller URL (or host:port) and a controller key; with
+    /// -p, NAME, the cluster DOMAIN (https://controller.DOMAIN) and a key.
     Add {
         /// Make it the default cluster.
         #[arg(short = 'd', long = "default")]
         default: bool,
+        /// Pin of the controller's TLS certificate, as `flynn-host bootstrap` printed it.
+        #[arg(short = 'p', long = "tls-pin")]
+        tls_pin: Option<String>,
+        /// Connect to this address instead of resolving the controller's name (a cluster
+        /// whose domain has no DNS yet).
+        #[arg(long)]
+        ip: Option<std::net::IpAddr>,
         name: String,
         url: String,
         key: String,
@@ -176,7 +186,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let rc = FlynnRc::load(&rc_path)?;
     let cluster = rc.pick(cli.cluster.as_deref())?;
-    let client = ControllerClient::new(&cluster.url, &cluster.key);
+    let client = cluster.client()?;
     let app = || {
         cli.app
             .clone()
@@ -248,11 +258,16 @@ fn cluster_cmd(rc_path: &std::path::Path, args: &ClusterArgs) -> anyhow::Result<
         }
         Some(ClusterCmd::Add {
             default,
+            tls_pin,
+            ip,
             name,
             url,
             key,
         }) => {
-            rc.add(name, url, key, *default)?;
+            rc.add(name, url, key, tls_pin.as_deref(), *default)?;
+            if let Some(c) = rc.clusters.iter_mut().find(|c| &c.name == name) {
+                c.ip = *ip;
+            }
             rc.save(rc_path)?;
             println!("Cluster {name} added.");
         }

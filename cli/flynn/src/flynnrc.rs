@@ -1,4 +1,5 @@
-//! `~/.flynnrc`: the clusters the `flynn` CLI knows (`flynn cluster add NAME URL KEY`).
+//! `~/.flynnrc`: the clusters the `flynn` CLI knows (`flynn cluster add NAME URL KEY`, or
+//! `flynn cluster add -p PIN NAME DOMAIN KEY` for a cluster's controller behind its router).
 
 use std::path::{Path, PathBuf};
 
@@ -19,6 +20,23 @@ pub struct Cluster {
     pub name: String,
     pub url: String,
     pub key: String,
+    /// Pin of the controller's certificate (base64 SHA-256 of its DER).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_pin: Option<String>,
+    /// Address to connect to instead of resolving the URL's host (no DNS yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<std::net::IpAddr>,
+}
+
+impl Cluster {
+    pub fn client(&self) -> anyhow::Result<flynn_client::ControllerClient> {
+        let tls = flynn_client::Tls {
+            pin: self.tls_pin.clone(),
+            ip: self.ip,
+        };
+        flynn_client::ControllerClient::with_tls(&self.url, &self.key, &tls)
+            .with_context(|| format!("cluster {:?} in flynnrc", self.name))
+    }
 }
 
 /// `$FLYNNRC`, else `~/.flynnrc`.
@@ -30,17 +48,24 @@ pub fn path() -> anyhow::Result<PathBuf> {
     Ok(Path::new(&home).join(".flynnrc"))
 }
 
-/// A cluster address as given on the command line: a URL, or a bare host[:port].
-pub fn normalize_url(url: &str) -> anyhow::Result<String> {
+/// A cluster address as given on the command line: a URL, or a bare host[:port]; with a
+/// TLS pin a bare name is the cluster domain, and the controller is
+/// `https://controller.DOMAIN` (as in Flynn).
+pub fn normalize_url(url: &str, pinned: bool) -> anyhow::Result<String> {
     let url = url.trim().trim_end_matches('/');
     if url.is_empty() {
         bail!("the cluster URL is empty");
     }
     let full = if url.contains("://") {
         url.to_string()
+    } else if pinned {
+        format!("https://controller.{url}")
     } else {
         format!("http://{url}")
     };
+    if pinned && !full.starts_with("https://") {
+        bail!("a TLS pin needs an https:// controller URL, not {full:?}");
+    }
     if !(full.starts_with("http://") || full.starts_with("https://")) {
         bail!("cluster URL {url:?} must be http:// or https://");
     }
@@ -82,8 +107,12 @@ impl FlynnRc {
         name: &str,
         url: &str,
         key: &str,
+        tls_pin: Option<&str>,
         make_default: bool,
     ) -> anyhow::Result<()> {
+        if let Some(pin) = tls_pin {
+            flynn_client::pin::parse_pin(pin).map_err(anyhow::Error::msg)?;
+        }
         if name.is_empty() || name.contains(char::is_whitespace) {
             bail!("cluster name {name:?} must be non-empty and without spaces");
         }
@@ -95,8 +124,10 @@ impl FlynnRc {
         }
         self.clusters.push(Cluster {
             name: name.to_string(),
-            url: normalize_url(url)?,
+            url: normalize_url(url, tls_pin.is_some())?,
             key: key.to_string(),
+            tls_pin: tls_pin.map(String::from),
+            ip: None,
         });
         if make_default || self.default.is_none() {
             self.default = Some(name.to_string());
@@ -139,10 +170,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("rc");
         let mut rc = FlynnRc::load(&p).unwrap();
-        rc.add("prod", "10.0.0.1:1113", "k1", false).unwrap();
-        rc.add("dev", "https://dev.example.com", "k2", false)
+        rc.add("prod", "10.0.0.1:1113", "k1", None, false).unwrap();
+        rc.add("dev", "https://dev.example.com", "k2", None, false)
             .unwrap();
-        assert!(rc.add("prod", "x", "k", false).is_err());
+        assert!(rc.add("prod", "x", "k", None, false).is_err());
+        // With a pin, a bare name is the cluster domain, reached over TLS.
+        let pin = "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
+        rc.add("tls", "dev.example.com", "k3", Some(pin), false)
+            .unwrap();
+        let c = rc.pick(Some("tls")).unwrap();
+        assert_eq!(c.url, "https://controller.dev.example.com");
+        assert_eq!(c.tls_pin.as_deref(), Some(pin));
+        assert!(rc
+            .add("bad", "dev.example.com", "k", Some("nope"), false)
+            .is_err());
+        assert!(rc
+            .add("bad", "http://dev.example.com", "k", Some(pin), false)
+            .is_err());
         rc.save(&p).unwrap();
         let rc = FlynnRc::load(&p).unwrap();
         assert_eq!(rc.pick(None).unwrap().url, "http://10.0.0.1:1113");

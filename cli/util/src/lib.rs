@@ -1,8 +1,5 @@
 //! Shared pieces of the `flynn` and `flynn-host` binaries.
 
-pub mod flynnrc;
-pub mod router;
-
 /// Prints rows as left-aligned columns under a header.
 pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();

@@ -1,16 +1,16 @@
 //! `flynn-host`: runs a host and manages the cluster's hosts.
 
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use flynn_cli::{print_table, run_main};
+use flynn_cli_util::{print_table, run_main};
 use flynn_client::{HostClient, HostEntry};
 use flynn_daemon::bootstrap::{bootstrap, BootstrapOptions};
+use flynn_daemon::config::DaemonArgs;
 use flynn_daemon::hostdir::{HostDir, InitConfig};
-use flynn_daemon::{DaemonConfig, DEFAULT_PORT};
+use flynn_daemon::DEFAULT_PORT;
 
 // The router allocates per request; mimalloc's thread-local free lists keep that off the
 // shared glibc arenas (measured: see ARCHITECTURE.md, "Data plane").
@@ -34,25 +34,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run this host's daemon.
-    Daemon {
-        /// Address other hosts reach this one at (default: from init, else 127.0.0.1).
-        #[arg(long)]
-        external_ip: Option<String>,
-        /// Host API port.
-        #[arg(long)]
-        port: Option<u16>,
-        /// Address to listen on.
-        #[arg(long, default_value = "0.0.0.0")]
-        listen_ip: IpAddr,
-        /// Peers to ask for admission (default: from init).
-        #[arg(long, value_delimiter = ',')]
-        peer_ips: Vec<String>,
-        #[command(flatten)]
-        firewall: FirewallArgs,
-    },
-    /// Run the router (HTTP, HTTPS and TCP routes) from a routes file or a cluster.
-    Router(Box<flynn_cli::router::RouterArgs>),
+    /// Run this host's daemon: its control-plane seat, the router and the firewall.
+    Daemon(Box<DaemonArgs>),
+    /// Run a standalone router (HTTP, HTTPS and TCP routes) from a routes file or a
+    /// cluster; the daemon runs one of its own.
+    Router(Box<flynn_router::standalone::RouterArgs>),
     /// The XDP firewall.
     Firewall {
         #[command(subcommand)]
@@ -85,6 +71,10 @@ enum Cmd {
         /// Print the outcome as JSON.
         #[arg(long)]
         json: bool,
+        /// The cluster domain: apps get APP.DOMAIN, and the controller is served at
+        /// https://controller.DOMAIN through every host's router.
+        #[arg(long)]
+        domain: Option<String>,
     },
     /// List the cluster's hosts.
     List {
@@ -119,57 +109,6 @@ enum Cmd {
     Version,
 }
 
-/// XDP firewall settings of `daemon`. With interfaces given, the host filters them; the
-/// cluster config (router app env) extends these once the host is in a cluster.
-#[derive(clap::Args)]
-struct FirewallArgs {
-    /// External interfaces to filter (comma-separated or repeated).
-    #[arg(long = "firewall-iface", value_delimiter = ',')]
-    ifaces: Vec<String>,
-    /// TCP ports open to new connections from outside.
-    #[arg(long = "firewall-tcp-ports", default_value = "80,443,3000-3500")]
-    tcp_ports: String,
-    /// UDP ports open to anyone.
-    #[arg(long = "firewall-udp-ports", default_value = "")]
-    udp_ports: String,
-    /// Sources never filtered (ADDR/LEN, comma-separated); cluster hosts are added.
-    #[arg(long = "firewall-internal", default_value = "")]
-    internal: String,
-    /// New TCP connections per second per source (0: unlimited).
-    #[arg(long = "firewall-syn-rate", default_value_t = 1000)]
-    syn_rate: u32,
-    #[arg(long = "firewall-syn-burst", default_value_t = 2000)]
-    syn_burst: u32,
-    /// Drop ICMP echo requests from outside.
-    #[arg(long = "firewall-no-echo")]
-    no_echo: bool,
-    /// Drop non-first IP fragments from outside.
-    #[arg(long = "firewall-drop-fragments")]
-    drop_fragments: bool,
-}
-
-impl FirewallArgs {
-    fn config(&self) -> anyhow::Result<Option<flynn_daemon::firewall::FirewallConfig>> {
-        if self.ifaces.is_empty() {
-            return Ok(None);
-        }
-        let base = flynn_xdp::Policy {
-            tcp_ports: flynn_xdp::Policy::parse_ports(&self.tcp_ports)?,
-            udp_ports: flynn_xdp::Policy::parse_ports(&self.udp_ports)?,
-            internal_prefixes: flynn_xdp::Policy::parse_prefixes(&self.internal)?,
-            syn_rate: self.syn_rate,
-            syn_burst: self.syn_burst,
-            allow_echo: !self.no_echo,
-            pass_fragments: !self.drop_fragments,
-            ..flynn_xdp::Policy::default()
-        };
-        Ok(Some(flynn_daemon::firewall::FirewallConfig {
-            interfaces: self.ifaces.clone(),
-            base,
-        }))
-    }
-}
-
 #[derive(Subcommand)]
 enum FirewallCmd {
     /// Interfaces, mode, policy and counters of this host's firewall.
@@ -190,7 +129,7 @@ struct Target {
 
 fn main() {
     let cli = Cli::parse();
-    if matches!(cli.cmd, Cmd::Daemon { .. } | Cmd::Router(_)) {
+    if matches!(cli.cmd, Cmd::Daemon(_) | Cmd::Router(_)) {
         tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -258,30 +197,7 @@ fn print_hosts(hosts: &[HostEntry]) {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let dir = HostDir::new(&cli.data_dir);
     match cli.cmd {
-        Cmd::Daemon {
-            external_ip,
-            port,
-            listen_ip,
-            peer_ips,
-            firewall,
-        } => {
-            let init = dir.init_config()?;
-            let cfg = DaemonConfig {
-                data_dir: cli.data_dir.clone(),
-                external_ip: external_ip
-                    .or(init.external_ip)
-                    .unwrap_or_else(|| "127.0.0.1".into()),
-                port: port.or(init.port).unwrap_or(DEFAULT_PORT),
-                listen_ip,
-                peer_ips: if peer_ips.is_empty() {
-                    init.peer_ips
-                } else {
-                    peer_ips
-                },
-                firewall: firewall.config()?,
-            };
-            flynn_daemon::run(cfg).await
-        }
+        Cmd::Daemon(args) => flynn_daemon::run(args.resolve(&cli.data_dir)?).await,
         Cmd::Init {
             peer_ips,
             secret,
@@ -326,6 +242,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             peer_ips,
             timeout,
             json,
+            domain,
         } => {
             let opts = BootstrapOptions {
                 hosts: peer_ips
@@ -334,6 +251,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .collect(),
                 min_hosts,
                 timeout: Duration::from_secs(timeout),
+                domain,
             };
             let out = bootstrap(&opts).await?;
             if json {
@@ -345,6 +263,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "cluster_secret": out.secret,
                         "peers": out.peers.iter().map(|p| &p.addr).collect::<Vec<_>>(),
                         "proxies": out.proxies.iter().map(|p| &p.addr).collect::<Vec<_>>(),
+                        "domain": out.domain,
+                        "controller_pin": out.controller_pin,
                     })
                 );
             } else {
@@ -362,10 +282,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 println!();
                 println!("Try it:");
-                println!(
-                    "  flynn cluster add -d default {} {}",
-                    out.controller_url, out.auth_key
-                );
+                match (&out.domain, &out.controller_pin) {
+                    (Some(domain), Some(pin)) => println!(
+                        "  flynn cluster add -p {pin} default {domain} {}",
+                        out.auth_key
+                    ),
+                    _ => println!(
+                        "  flynn cluster add -d default {} {}",
+                        out.controller_url, out.auth_key
+                    ),
+                }
                 println!("  flynn create myapp && flynn -a myapp env set -t web GREETING=hello");
             }
             Ok(())
@@ -453,7 +379,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_table(&["VERDICT", "REASON", "PORTS", "PACKETS", "BYTES"], &rows);
             Ok(())
         }
-        Cmd::Router(args) => flynn_cli::router::run(*args).await,
+        Cmd::Router(args) => {
+            let (config, source) = args.validate()?;
+            Ok(flynn_router::standalone::run(config, source).await?)
+        }
         Cmd::Version => {
             println!("{}", flynn_daemon::version());
             Ok(())

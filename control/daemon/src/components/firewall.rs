@@ -1,5 +1,5 @@
-//! The host firewall as the daemon runs it: attached at start to the configured external
-//! interfaces, its policy following the cluster config.
+//! The host firewall component: attached at start to the configured external interfaces,
+//! its policy following the cluster config.
 //!
 //! Policy = the flags' base policy, plus, once the host is in a cluster:
 //! - every cluster host's address is internal (from the Raft membership);
@@ -9,12 +9,64 @@
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use flynn_xdp::{CounterRow, Firewall, Mode, Policy};
+use futures::future::BoxFuture;
 use serde::Serialize;
 
-use crate::daemon::Host;
+use crate::component::{Component, LocalState};
+
+/// XDP firewall flags of `flynn-host daemon`. With interfaces given, the host filters them;
+/// the cluster config (router app env) extends these once the host is in a cluster.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FirewallArgs {
+    /// External interfaces to filter (comma-separated or repeated).
+    #[arg(long = "firewall-iface", value_delimiter = ',')]
+    pub ifaces: Vec<String>,
+    /// TCP ports open to new connections from outside.
+    #[arg(long = "firewall-tcp-ports", default_value = "80,443,3000-3500")]
+    pub tcp_ports: String,
+    /// UDP ports open to anyone.
+    #[arg(long = "firewall-udp-ports", default_value = "")]
+    pub udp_ports: String,
+    /// Sources never filtered (ADDR/LEN, comma-separated); cluster hosts are added.
+    #[arg(long = "firewall-internal", default_value = "")]
+    pub internal: String,
+    /// New TCP connections per second per source (0: unlimited).
+    #[arg(long = "firewall-syn-rate", default_value_t = 1000)]
+    pub syn_rate: u32,
+    #[arg(long = "firewall-syn-burst", default_value_t = 2000)]
+    pub syn_burst: u32,
+    /// Drop ICMP echo requests from outside.
+    #[arg(long = "firewall-no-echo")]
+    pub no_echo: bool,
+    /// Drop non-first IP fragments from outside.
+    #[arg(long = "firewall-drop-fragments")]
+    pub drop_fragments: bool,
+}
+
+impl FirewallArgs {
+    /// The firewall's config, `None` when no interface is to be filtered.
+    pub fn validate(&self) -> anyhow::Result<Option<FirewallConfig>> {
+        if self.ifaces.is_empty() {
+            return Ok(None);
+        }
+        let base = Policy {
+            tcp_ports: Policy::parse_ports(&self.tcp_ports)?,
+            udp_ports: Policy::parse_ports(&self.udp_ports)?,
+            internal_prefixes: Policy::parse_prefixes(&self.internal)?,
+            syn_rate: self.syn_rate,
+            syn_burst: self.syn_burst,
+            allow_echo: !self.no_echo,
+            pass_fragments: !self.drop_fragments,
+            ..Policy::default()
+        };
+        Ok(Some(FirewallConfig {
+            interfaces: self.ifaces.clone(),
+            base,
+        }))
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct FirewallConfig {
@@ -57,7 +109,7 @@ impl HostFirewall {
         })
     }
 
-    pub fn status(&self) -> FirewallStatus {
+    pub fn report(&self) -> FirewallStatus {
         let fw = self.fw.lock().expect("firewall lock");
         FirewallStatus {
             enabled: true,
@@ -78,7 +130,7 @@ impl HostFirewall {
         tracing::info!("XDP firewall detached");
     }
 
-    pub fn prometheus(&self) -> String {
+    pub fn metrics_text(&self) -> String {
         self.fw
             .lock()
             .expect("firewall lock")
@@ -99,25 +151,16 @@ impl HostFirewall {
 }
 
 /// The policy the cluster config asks for, on top of `base`.
-pub fn cluster_policy(base: &Policy, host: &Host) -> Policy {
+pub fn cluster_policy(base: &Policy, local: &LocalState) -> Policy {
     let mut policy = base.clone();
-    let Ok(node) = host.node() else {
-        return policy;
-    };
-    let m = node.metrics();
-    for (_, n) in m.membership_config.membership().nodes() {
-        let ip = n
-            .addr
-            .rsplit_once(':')
-            .map_or(n.addr.as_str(), |(ip, _)| ip);
+    for (_, addr) in local.members() {
+        let ip = addr.rsplit_once(':').map_or(addr.as_str(), |(ip, _)| ip);
         if let Ok(ip) = ip.trim_matches(['[', ']']).parse::<IpAddr>() {
             let len = if ip.is_ipv4() { 32 } else { 128 };
             policy.internal_prefixes.push((ip, len));
         }
     }
-    let router_env = node
-        .state
-        .read(|a| a.state.apps.get("router").map(|r| r.env.global.clone()));
+    let router_env = local.read(|s| s.apps.get("router").map(|r| r.env.global.clone()));
     if let Some(env) = router_env {
         if let Some(v) = env.get("FIREWALL_INTERNAL_PREFIXES") {
             match Policy::parse_prefixes(v) {
@@ -141,13 +184,35 @@ pub fn cluster_policy(base: &Policy, host: &Host) -> Policy {
     policy
 }
 
-/// Keeps the maps equal to what the cluster config asks for.
-pub async fn follow_cluster(host: Arc<Host>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        tick.tick().await;
-        if let Some(fw) = host.firewall() {
-            fw.apply(&cluster_policy(&fw.base, &host));
-        }
+impl Component for HostFirewall {
+    fn name(&self) -> &'static str {
+        "firewall"
+    }
+
+    /// Keeps the maps equal to what the cluster config asks for, on every applied change
+    /// (router env, membership).
+    fn follow(self: Arc<Self>, local: LocalState) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let mut changes = local.changes();
+            loop {
+                self.apply(&cluster_policy(&self.base, &local));
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::to_value(self.report()).unwrap_or_default()
+    }
+
+    fn prometheus(&self) -> String {
+        self.metrics_text()
+    }
+
+    /// A stopped host must not keep filtering with a policy nobody maintains.
+    fn stop(self: Arc<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move { self.detach() })
     }
 }

@@ -1,5 +1,4 @@
-//! The records the cluster state is made of. Everything here is serialized into the Raft log,
-//! snapshots and the controller API, so field names are part of the wire format.
+//! The records the cluster state is made of, and the requests that create them.
 
 use std::collections::BTreeMap;
 
@@ -171,39 +170,61 @@ pub struct Instance {
     pub expires_at_ms: u64,
 }
 
-/// A change the data plane follows: everything routers need, nothing else.
+/// A route as a client asks for it (`POST /apps/{app}/routes`); the state machine assigns
+/// the id (and a TCP port if none is given).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum EventKind {
-    RouteSet {
-        route: Route,
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum RouteSpec {
+    Http {
+        domain: String,
+        #[serde(default)]
+        path: Option<String>,
+        #[serde(default)]
+        service: Option<String>,
+        #[serde(default)]
+        sticky: bool,
+        #[serde(default)]
+        leader: bool,
+        #[serde(default)]
+        disable_keepalive: bool,
+        #[serde(default)]
+        no_drain_backends: bool,
+        #[serde(default)]
+        certificate: Option<String>,
+        #[serde(default)]
+        https_redirect: bool,
     },
-    RouteRemoved {
-        id: String,
-    },
-    CertificateSet {
-        certificate: Certificate,
-    },
-    CertificateRemoved {
-        id: String,
-    },
-    InstanceUp {
-        service: String,
-        instance: Instance,
-    },
-    InstanceDown {
-        service: String,
-        id: String,
-    },
-    ServiceLeader {
-        service: String,
-        leader: Option<String>,
+    Tcp {
+        #[serde(default)]
+        port: Option<u16>,
+        #[serde(default)]
+        service: Option<String>,
+        #[serde(default)]
+        leader: bool,
     },
 }
 
+impl RouteSpec {
+    /// A plain HTTP route for `domain` (path `/`, the app's web service, defaults elsewhere).
+    pub fn http(domain: &str) -> Self {
+        RouteSpec::Http {
+            domain: domain.into(),
+            path: None,
+            service: None,
+            sticky: false,
+            leader: false,
+            disable_keepalive: false,
+            no_drain_backends: false,
+            certificate: None,
+            https_redirect: false,
+        }
+    }
+}
+
+/// A certificate as a client uploads it; the state machine assigns the id.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Event {
-    pub revision: u64,
-    #[serde(flatten)]
-    pub kind: EventKind,
+pub struct NewCertificate {
+    pub domains: Vec<String>,
+    pub cert_pem: String,
+    pub key_pem: String,
 }

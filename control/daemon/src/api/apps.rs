@@ -1,0 +1,91 @@
+//! `/apps`: apps and their env.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use flynn_client::{CreateApp, EnvUpdate};
+use flynn_state::{App, AppsCommand};
+
+use super::{deleted, read, AppState, JsonBody, ReadOpts};
+use crate::error::ApiResult;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/apps", get(list).post(create))
+        .route("/apps/{app}", get(show).delete(delete))
+        .route("/apps/{app}/env", get(env).post(update_env))
+}
+
+async fn list(
+    State(host): State<AppState>,
+    Query(opts): Query<ReadOpts>,
+) -> ApiResult<Json<Vec<App>>> {
+    let apps = read(host.node()?, &opts, |s| {
+        Ok(s.apps.values().cloned().collect())
+    })
+    .await?;
+    Ok(Json(apps))
+}
+
+async fn show(
+    State(host): State<AppState>,
+    Path(app): Path<String>,
+    Query(opts): Query<ReadOpts>,
+) -> ApiResult<Json<App>> {
+    let app = read(host.node()?, &opts, |s| Ok(s.app(&app)?.clone())).await?;
+    Ok(Json(app))
+}
+
+async fn create(
+    State(host): State<AppState>,
+    JsonBody(req): JsonBody<CreateApp>,
+) -> ApiResult<(StatusCode, Json<App>)> {
+    flynn_state::validate::app_name(&req.name)?;
+    let app: App = host
+        .node()?
+        .propose_as(AppsCommand::CreateApp { name: req.name })
+        .await?;
+    Ok((StatusCode::CREATED, Json(app)))
+}
+
+async fn delete(
+    State(host): State<AppState>,
+    Path(app): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    host.node()?
+        .propose(AppsCommand::DeleteApp { name: app })
+        .await?;
+    Ok(deleted())
+}
+
+async fn env(
+    State(host): State<AppState>,
+    Path(app): Path<String>,
+    Query(opts): Query<ReadOpts>,
+) -> ApiResult<Json<BTreeMap<String, String>>> {
+    let env = read(host.node()?, &opts, |s| {
+        Ok(s.app(&app)?.env.resolved(opts.proc_type.as_deref()))
+    })
+    .await?;
+    Ok(Json(env))
+}
+
+async fn update_env(
+    State(host): State<AppState>,
+    Path(app): Path<String>,
+    JsonBody(req): JsonBody<EnvUpdate>,
+) -> ApiResult<Json<App>> {
+    let app: App = host
+        .node()?
+        .propose_as(AppsCommand::UpdateEnv {
+            app,
+            proc_type: req.proc_type,
+            set: req.set,
+            unset: req.unset,
+        })
+        .await?;
+    Ok(Json(app))
+}

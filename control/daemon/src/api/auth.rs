@@ -1,0 +1,92 @@
+//! Who may call what: the cluster secret for host-to-host and host-admin calls, a controller
+//! key for the controller API.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use flynn_client::SECRET_HEADER;
+
+use crate::daemon::Host;
+use crate::error::ApiError;
+
+pub async fn require_secret(State(host): State<Arc<Host>>, req: Request, next: Next) -> Response {
+    let node = match host.node() {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
+    };
+    let given = req
+        .headers()
+        .get(SECRET_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    if !node.secret_matches(given) {
+        return ApiError::Unauthorized("missing or wrong cluster secret".into()).into_response();
+    }
+    next.run(req).await
+}
+
+pub async fn require_key(State(host): State<Arc<Host>>, req: Request, next: Next) -> Response {
+    let node = match host.node() {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
+    };
+    if host.is_recovering() {
+        return ApiError::Unavailable("quorum-loss recovery in progress; retry shortly".into())
+            .into_response();
+    }
+    let Some(given) = presented_key(req.headers()) else {
+        return ApiError::Unauthorized("a controller key is required".into()).into_response();
+    };
+    let keys = node.state.read(|a| a.state.controller_keys());
+    // Check every key so the time taken does not say which one came close.
+    let mut ok = subtle::Choice::from(0);
+    for k in &keys {
+        ok |= subtle::ConstantTimeEq::ct_eq(given.as_bytes(), k.as_bytes());
+    }
+    if !bool::from(ok) {
+        return ApiError::Unauthorized("invalid controller key".into()).into_response();
+    }
+    next.run(req).await
+}
+
+fn presented_key(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = value.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(rest.trim().to_string());
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        // Flynn's clients send the key as the password of HTTP basic auth.
+        let decoded = base64_decode(rest.trim())?;
+        let text = String::from_utf8(decoded).ok()?;
+        return text.split_once(':').map(|(_, pw)| pw.to_string());
+    }
+    None
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let s = s.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for chunk in s.chunks(4) {
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= val(*c)? << (18 - 6 * i);
+        }
+        let bytes = n.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
+}

@@ -1,0 +1,128 @@
+//! The host's own endpoints: identity, status, bootstrap, membership and components.
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use flynn_client::{
+    BootstrapRequest, ClusterStatus, HostEntry, HostInfo, JoinRequest, MembershipRequest,
+};
+
+use super::{AppState, JsonBody};
+use crate::error::ApiResult;
+use crate::node::LeaderOp;
+use crate::version;
+
+/// Answered without any credential.
+pub fn open_routes() -> Router<AppState> {
+    Router::new()
+        .route("/host/info", get(info))
+        .route("/host/status", get(status))
+        .route("/host/bootstrap", post(bootstrap))
+        .route("/metrics", get(metrics))
+}
+
+/// Behind the cluster secret.
+pub fn secret_routes() -> Router<AppState> {
+    Router::new()
+        .route("/host/list", get(list))
+        .route("/host/components", get(components))
+        .route("/host/firewall", get(firewall))
+        .route("/host/join", post(join))
+        .route("/host/promote", post(promote))
+        .route("/host/demote", post(demote))
+}
+
+/// Behind a controller key.
+pub fn controller_routes() -> Router<AppState> {
+    Router::new().route("/status", get(status))
+}
+
+async fn info(State(host): State<AppState>) -> Json<HostInfo> {
+    Json(host.info())
+}
+
+async fn status(State(host): State<AppState>) -> ApiResult<Json<ClusterStatus>> {
+    let node = host.node()?;
+    let m = node.metrics();
+    let (revision, bootstrapped) = node
+        .state
+        .read(|a| (a.state.revision, a.state.bootstrapped()));
+    Ok(Json(ClusterStatus {
+        node_id: node.id,
+        addr: node.addr.clone(),
+        version: version().to_string(),
+        role: node.role(),
+        leader: m.current_leader,
+        leader_addr: node.leader().map(|(_, a)| a),
+        term: m.current_term,
+        last_applied_index: m.last_applied.map(|l| l.index),
+        revision,
+        bootstrapped,
+    }))
+}
+
+async fn bootstrap(
+    State(host): State<AppState>,
+    JsonBody(req): JsonBody<BootstrapRequest>,
+) -> ApiResult<Json<HostInfo>> {
+    host.accept_bootstrap(req).await?;
+    Ok(Json(host.info()))
+}
+
+async fn list(State(host): State<AppState>) -> ApiResult<Json<Vec<HostEntry>>> {
+    Ok(Json(host.node()?.list_hosts().await))
+}
+
+/// Every component this host runs, with its status.
+async fn components(State(host): State<AppState>) -> Json<serde_json::Value> {
+    Json(host.components().status())
+}
+
+async fn firewall(State(host): State<AppState>) -> Json<serde_json::Value> {
+    Json(
+        host.components().status_of("firewall").unwrap_or_else(
+            || serde_json::json!({"enabled": false, "interfaces": [], "counters": []}),
+        ),
+    )
+}
+
+async fn join(
+    State(host): State<AppState>,
+    JsonBody(request): JsonBody<JoinRequest>,
+) -> ApiResult<Json<serde_json::Value>> {
+    host.node()?.on_leader(LeaderOp::Join { request }).await?;
+    Ok(Json(serde_json::json!({"joined": true})))
+}
+
+async fn promote(
+    State(host): State<AppState>,
+    JsonBody(req): JsonBody<MembershipRequest>,
+) -> ApiResult<Json<Vec<HostEntry>>> {
+    let node = host.node()?;
+    let node_id = node.resolve_host(&req.host)?;
+    node.on_leader(LeaderOp::Promote { node_id }).await?;
+    Ok(Json(node.list_hosts().await))
+}
+
+async fn demote(
+    State(host): State<AppState>,
+    JsonBody(req): JsonBody<MembershipRequest>,
+) -> ApiResult<Json<Vec<HostEntry>>> {
+    let node = host.node()?;
+    let node_id = node.resolve_host(&req.host)?;
+    node.on_leader(LeaderOp::Demote {
+        node_id,
+        force: req.force,
+    })
+    .await?;
+    Ok(Json(node.list_hosts().await))
+}
+
+async fn metrics(State(host): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        host.prometheus(),
+    )
+}

@@ -1,0 +1,127 @@
+//! The HTTP API every host serves on one port, one module per area:
+//!
+//! - [`host`]: `/host/info`, `/host/status`, `/host/bootstrap` (open; bootstrap is refused
+//!   once a host has a cluster secret), `/host/list|firewall|join|promote|demote` (cluster
+//!   secret), `/metrics` (open).
+//! - [`raft`]: `/raft/*`, host to host (cluster secret).
+//! - the controller API, behind a controller key ([`auth`]): [`apps`] (`/apps`, env),
+//!   [`routes`] (routes, `/certificates`), [`services`] (`/services`), [`watch`] (`/watch`)
+//!   and `/status`.
+//!
+//! Every answer that is not a success is a JSON [`flynn_client::ErrorBody`].
+
+pub mod apps;
+pub mod auth;
+pub mod host;
+pub mod raft;
+pub mod routes;
+pub mod serve;
+pub mod services;
+pub mod watch;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::{middleware, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::daemon::Host;
+use crate::error::{ApiError, ApiResult};
+use crate::node::Node;
+
+/// Largest request body the controller API accepts.
+pub const MAX_API_BODY: usize = 1024 * 1024;
+/// Raft traffic carries log batches and snapshot chunks.
+const MAX_RAFT_BODY: usize = 64 * 1024 * 1024;
+/// Longest a request body may take to arrive, whole.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub type AppState = Arc<Host>;
+
+pub fn router(host: Arc<Host>) -> Router {
+    let cluster = raft::routes()
+        .merge(host::secret_routes())
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_RAFT_BODY))
+        .layer(middleware::from_fn_with_state(
+            host.clone(),
+            auth::require_secret,
+        ));
+    let controller = apps::routes()
+        .merge(routes::routes())
+        .merge(services::routes())
+        .merge(watch::routes())
+        .merge(host::controller_routes())
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY))
+        .layer(middleware::from_fn_with_state(
+            host.clone(),
+            auth::require_key,
+        ));
+    host::open_routes()
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY))
+        .merge(cluster)
+        .merge(controller)
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .with_state(host)
+}
+
+/// JSON body whose rejections are JSON errors too (axum's own answer plain text). The body
+/// must arrive whole within [`BODY_TIMEOUT`].
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let read = Bytes::from_request(req, state);
+        let bytes = tokio::time::timeout(BODY_TIMEOUT, read)
+            .await
+            .map_err(|_| {
+                ApiError::Timeout(format!(
+                    "the request body did not arrive within {}s",
+                    BODY_TIMEOUT.as_secs()
+                ))
+            })?
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::TooLarge(format!(
+                        "request body is over the {MAX_API_BODY} byte limit"
+                    ))
+                } else {
+                    ApiError::Invalid(format!("cannot read request body: {e}"))
+                }
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::Invalid(format!("malformed JSON body: {e}")))
+    }
+}
+
+#[derive(Deserialize, Default)]
+pub struct ReadOpts {
+    /// Answer from this host's applied state without confirming with the leader.
+    #[serde(default)]
+    pub stale: bool,
+    #[serde(rename = "type", default)]
+    pub proc_type: Option<String>,
+}
+
+/// Reads the applied state: linearizable (after a read barrier) unless `stale`.
+pub async fn read<T>(
+    node: &Node,
+    opts: &ReadOpts,
+    f: impl FnOnce(&flynn_state::ClusterState) -> ApiResult<T>,
+) -> ApiResult<T> {
+    if !opts.stale {
+        node.read_barrier().await?;
+    }
+    node.state.read(|a| f(&a.state))
+}
+
+/// The body of a successful delete.
+pub fn deleted() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({"deleted": true}))
+}

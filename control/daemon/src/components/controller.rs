@@ -1,0 +1,88 @@
+//! The controller API's registration in discovery: every host serves the controller API,
+//! and registers it as an instance of service `controller`, so the route
+//! `controller.$CLUSTER_DOMAIN` made at bootstrap reaches it through any host's router.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flynn_state::DiscoveryCommand;
+use futures::future::BoxFuture;
+
+use crate::component::{Component, LocalState};
+
+/// The service the controller API registers as.
+pub const SERVICE: &str = "controller";
+/// An instance not heard from for this long is dropped by the leader.
+const TTL: Duration = Duration::from_secs(15);
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
+pub struct ControllerRegistration {
+    /// Instance id: this host's node id.
+    id: String,
+    /// Where the controller API answers (`IP:PORT`).
+    addr: String,
+    local: std::sync::OnceLock<LocalState>,
+}
+
+impl ControllerRegistration {
+    pub fn new(node_id: u64, addr: String) -> Self {
+        ControllerRegistration {
+            id: format!("host-{node_id}"),
+            addr,
+            local: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn register(&self) -> DiscoveryCommand {
+        DiscoveryCommand::RegisterInstance {
+            service: SERVICE.into(),
+            id: self.id.clone(),
+            addr: self.addr.clone(),
+            meta: Default::default(),
+            ttl_ms: TTL.as_millis() as u64,
+            now_ms: crate::now_ms(),
+        }
+    }
+}
+
+impl Component for ControllerRegistration {
+    fn name(&self) -> &'static str {
+        "controller-registration"
+    }
+
+    fn follow(self: Arc<Self>, local: LocalState) -> BoxFuture<'static, ()> {
+        let _ = self.local.set(local.clone());
+        Box::pin(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT);
+            loop {
+                tick.tick().await;
+                if !local.read(|s| s.bootstrapped()) {
+                    continue;
+                }
+                // Registering again refreshes the TTL and keeps the instance's seniority.
+                if let Err(e) = local.node().propose(self.register()).await {
+                    tracing::debug!(error = %e, "controller registration not applied");
+                }
+            }
+        })
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({"service": SERVICE, "id": self.id, "addr": self.addr})
+    }
+
+    /// Leaves discovery at once, so routers stop sending here before the API closes.
+    fn stop(self: Arc<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let Some(local) = self.local.get() else {
+                return;
+            };
+            let deregister = DiscoveryCommand::Deregister {
+                service: SERVICE.into(),
+                id: self.id.clone(),
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), local.node().propose(deregister))
+                .await;
+        })
+    }
+}

@@ -1,0 +1,177 @@
+//! The router component: Flynn's front door on every host (HTTP on 80, HTTPS on 443, TCP
+//! routes in 3000-3500), following its own host's applied state in process, so it needs no
+//! controller key and keeps following across key rotations.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use flynn_router::{Router, RouterConfig};
+use flynn_router_table::{RouteTable, TableBuilder};
+use futures::future::BoxFuture;
+
+use crate::component::{Component, LocalState};
+
+/// Router flags of `flynn-host daemon`; what is not given takes [`RouterConfig::default`].
+#[derive(clap::Args, Debug, Clone)]
+pub struct RouterArgs {
+    /// Do not run the router on this host (its ports stay free).
+    #[arg(long)]
+    pub no_router: bool,
+    /// Plain-HTTP listener; repeat for extra ports.
+    #[arg(long = "router-http", default_value = "0.0.0.0:80")]
+    pub http: Vec<SocketAddr>,
+    /// HTTPS listener; repeat for extra ports.
+    #[arg(long = "router-https", default_value = "0.0.0.0:443")]
+    pub https: Vec<SocketAddr>,
+    /// Address TCP routes listen on.
+    #[arg(long = "router-tcp-ip", default_value = "0.0.0.0")]
+    pub tcp_ip: IpAddr,
+    /// Default certificate (PEM) for names no route certificate covers (default: a
+    /// self-signed one made once in the data dir).
+    #[arg(long = "router-tls-cert", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long = "router-tls-key", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Router worker threads (default: one per core).
+    #[arg(long = "router-workers")]
+    pub workers: Option<usize>,
+    /// Do not pin router workers to cores.
+    #[arg(long = "router-no-pin")]
+    pub no_pin: bool,
+    /// Accept HTTP/2 with prior knowledge on the plain listeners.
+    #[arg(long = "router-h2c")]
+    pub h2c: bool,
+    /// Expect a PROXY protocol v1 line on HTTP and HTTPS connections.
+    #[arg(long = "router-proxy-protocol")]
+    pub proxy_protocol: bool,
+}
+
+impl RouterArgs {
+    /// The router's config, `None` with `--no-router`. Without a default certificate one is
+    /// made under `data_dir/router/` (once; later starts reuse it).
+    pub fn validate(&self, data_dir: &Path) -> anyhow::Result<Option<RouterConfig>> {
+        if self.no_router {
+            return Ok(None);
+        }
+        anyhow::ensure!(
+            !self.http.is_empty() || !self.https.is_empty(),
+            "the router needs an HTTP or HTTPS listener (or --no-router)"
+        );
+        let mut config = RouterConfig {
+            http: self.http.clone(),
+            https: self.https.clone(),
+            tcp_ip: self.tcp_ip,
+            pin_workers: !self.no_pin,
+            h2c: self.h2c,
+            proxy_protocol: self.proxy_protocol,
+            ..RouterConfig::default()
+        };
+        if let Some(n) = self.workers {
+            anyhow::ensure!(n > 0, "--router-workers must be at least 1");
+            config.workers = n;
+        }
+        (config.tls_cert, config.tls_key) = match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => (Some(c.clone()), Some(k.clone())),
+            _ if config.https.is_empty() => (None, None),
+            _ => {
+                let (c, k) = default_certificate(&data_dir.join("router"))?;
+                (Some(c), Some(k))
+            }
+        };
+        Ok(Some(config))
+    }
+}
+
+/// A self-signed certificate for HTTPS requests no route certificate covers, made once.
+fn default_certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (cert, key) = (dir.join("default.crt"), dir.join("default.key"));
+    if cert.exists() && key.exists() {
+        return Ok((cert, key));
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let made = crate::tls::self_signed(&["flynn-default".to_string()])?;
+    crate::hostdir::write_atomic(&key, made.key_pem.as_bytes(), 0o600)?;
+    crate::hostdir::write_atomic(&cert, made.cert_pem.as_bytes(), 0o644)?;
+    tracing::info!(cert = %cert.display(), "made the router's self-signed default certificate");
+    Ok((cert, key))
+}
+
+pub struct RouterComponent {
+    router: Mutex<Option<Router>>,
+    table: Arc<ArcSwap<RouteTable>>,
+    http: Vec<SocketAddr>,
+    https: Vec<SocketAddr>,
+    metrics: Arc<flynn_router::metrics::Metrics>,
+}
+
+impl RouterComponent {
+    /// Binds every listener now: a port in use is a start error of the daemon.
+    pub fn start(config: RouterConfig) -> anyhow::Result<Self> {
+        let table = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
+        let router = Router::start(config, table.clone()).context("starting the router")?;
+        for a in &router.http_addrs {
+            tracing::info!(addr = %a, "router http listener");
+        }
+        for a in &router.https_addrs {
+            tracing::info!(addr = %a, "router https listener");
+        }
+        Ok(RouterComponent {
+            http: router.http_addrs.clone(),
+            https: router.https_addrs.clone(),
+            metrics: router.metrics().clone(),
+            router: Mutex::new(Some(router)),
+            table,
+        })
+    }
+}
+
+impl Component for RouterComponent {
+    fn name(&self) -> &'static str {
+        "router"
+    }
+
+    /// Folds the host's data-plane changes into the table and publishes it at each
+    /// `synced` mark, so the workers never see half a change.
+    fn follow(self: Arc<Self>, local: LocalState) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let mut builder = TableBuilder::default();
+            loop {
+                let mut lines = local.watch_lines(builder.revision());
+                let mut pending = builder.clone();
+                while let Some(line) = lines.recv().await {
+                    if pending.apply(line) {
+                        builder = pending.clone();
+                        self.table.store(Arc::new(builder.build()));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "http": self.http,
+            "https": self.https,
+            "revision": self.table.load().revision,
+        })
+    }
+
+    fn prometheus(&self) -> String {
+        self.metrics.render()
+    }
+
+    /// Stops accepting and lets in-flight requests finish.
+    fn stop(self: Arc<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let router = self.router.lock().expect("router lock").take();
+            if let Some(router) = router {
+                flynn_router::standalone::drain(router).await;
+            }
+        })
+    }
+}

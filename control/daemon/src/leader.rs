@@ -1,0 +1,120 @@
+//! Leader controllers: cluster-wide upkeep that only the Raft leader does (instance
+//! expiry, `DISCOVERD_PEERS`; next the scheduler and host failure detection).
+//!
+//! Each controller looks at the applied state and proposes what is missing. They run on
+//! every change of the state and on a timer (time passes without changes: TTLs lapse),
+//! only while this host leads. Adding one: a type implementing [`LeaderController`], one line
+//! in [`controllers`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flynn_state::{ClusterCommand, DiscoveryCommand};
+use futures::future::BoxFuture;
+
+use crate::node::Node;
+
+/// How often controllers run when nothing changes.
+const INTERVAL: Duration = Duration::from_millis(500);
+
+pub trait LeaderController: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+
+    /// One pass on the leader: compare the state with what it should be and propose the
+    /// difference. A failed proposal is retried on the next pass.
+    fn run<'a>(&'a self, node: &'a Arc<Node>) -> BoxFuture<'a, ()>;
+}
+
+/// Every leader controller, in the order they run.
+pub fn controllers() -> Vec<Box<dyn LeaderController>> {
+    vec![Box::new(InstanceExpiry), Box::new(DiscoverdPeers)]
+}
+
+/// Runs the controllers while this host leads, until the daemon stops.
+pub async fn run(node: Arc<Node>, controllers: Vec<Box<dyn LeaderController>>) {
+    let mut changes = node.state.changes();
+    let mut tick = tokio::time::interval(INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            r = changes.changed() => if r.is_err() { return },
+        }
+        if !node.is_leader() {
+            continue;
+        }
+        for c in &controllers {
+            c.run(&node).await;
+        }
+    }
+}
+
+/// Drops service instances whose TTL lapsed.
+struct InstanceExpiry;
+
+impl LeaderController for InstanceExpiry {
+    fn name(&self) -> &'static str {
+        "instance-expiry"
+    }
+
+    fn run<'a>(&'a self, node: &'a Arc<Node>) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let now = crate::now_ms();
+            if !node.state.read(|a| a.state.discovery.any_lapsed(now)) {
+                return;
+            }
+            if let Err(e) = node
+                .propose(DiscoveryCommand::ExpireInstances { now_ms: now })
+                .await
+            {
+                tracing::debug!(controller = self.name(), error = %e, "not applied");
+            }
+        })
+    }
+}
+
+/// Keeps the discoverd app's `DISCOVERD_PEERS` equal to the Raft voters' addresses.
+struct DiscoverdPeers;
+
+impl LeaderController for DiscoverdPeers {
+    fn name(&self) -> &'static str {
+        "discoverd-peers"
+    }
+
+    fn run<'a>(&'a self, node: &'a Arc<Node>) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let (bootstrapped, current) = node.state.read(|a| {
+                (
+                    a.state.bootstrapped(),
+                    a.state
+                        .apps
+                        .get("discoverd")
+                        .and_then(|d| d.env.global.get("DISCOVERD_PEERS").cloned()),
+                )
+            });
+            if !bootstrapped {
+                return;
+            }
+            let peers = voter_addrs(node);
+            if peers.is_empty() || current.as_deref() == Some(peers.join(",").as_str()) {
+                return;
+            }
+            if let Err(e) = node
+                .propose(ClusterCommand::SetDiscoverdPeers { peers })
+                .await
+            {
+                tracing::debug!(controller = self.name(), error = %e, "not applied");
+            }
+        })
+    }
+}
+
+/// Host API addresses of the voting peers, in node id order.
+pub fn voter_addrs(node: &Node) -> Vec<String> {
+    let m = node.metrics();
+    let membership = m.membership_config.membership();
+    membership
+        .voter_ids()
+        .filter_map(|id| membership.get_node(&id).map(|n| n.addr.clone()))
+        .collect()
+}
