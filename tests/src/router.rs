@@ -374,6 +374,7 @@ pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Resp {
 /// - `/ws` with `Upgrade`: 101, then echoes bytes upper-cased until EOF, then "BYE"
 /// - `/close`: a body delimited by closing the connection
 /// - `/interim`: a 103 before the 200
+/// - `/hop`: a 200 whose `Connection` header names `X-Hop`, which it also sends
 pub struct Backend {
     pub addr: SocketAddr,
     pub name: String,
@@ -582,6 +583,11 @@ async fn serve_backend(mut s: TcpStream, name: String, requests: Arc<AtomicUsize
                     .await
                     .is_ok()
             }
+            // A response header declared hop-by-hop by the response's own Connection header.
+            "hop" => s
+                .write_all(b"HTTP/1.1 200 OK\r\nConnection: X-Hop, keep-alive\r\nX-Hop: secret\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .is_ok(),
             "ws" if header("upgrade").is_some() => {
                 let _ = s
                     .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")

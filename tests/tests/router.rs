@@ -41,6 +41,10 @@ async fn t10_routing_and_added_headers() {
         "a"
     );
     assert_eq!(get(r.http, "app.test", "/api").await.json()["backend"], "c");
+    // A header the response's Connection names is hop-by-hop: never passed on.
+    let hop = get(r.http, "app.test", "/hop").await;
+    assert_eq!((hop.status, hop.header("x-kept")), (200, Some("yes")));
+    assert_eq!(hop.header("x-hop"), None);
     assert_eq!(
         get(r.http, "app.test", "/api/v1?q=1").await.json()["backend"],
         "c"

@@ -288,6 +288,23 @@ async fn t20_https_sni_resumption_h2_and_redirect() {
     let (status, body) = h2_get(&mut c_send, "x.wild.test", "/c", None).await;
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&body).contains("\"backend\":\"b\""));
+    // Over HTTP/2 too, a header the backend's Connection names is not passed on.
+    let req = http::Request::builder()
+        .uri("http://x.wild.test/hop")
+        .body(())
+        .unwrap();
+    let mut ready = c_send.clone().ready().await.unwrap();
+    let (resp, _) = ready.send_request(req, true).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(
+        resp.headers().get("x-kept").map(|v| v.as_bytes()),
+        Some(&b"yes"[..])
+    );
+    assert!(
+        resp.headers().get("x-hop").is_none(),
+        "{:?}",
+        resp.headers()
+    );
 
     // Plain HTTP on a redirecting route: 308 to the same URL over HTTPS.
     let resp = get(r.http, "app.test", "/path?q=1").await;

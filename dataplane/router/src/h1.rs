@@ -1,23 +1,27 @@
 //! HTTP/1.1 from clients: one loop per client connection, one request at a time (pipelined
 //! requests wait in the buffer, so responses leave in order), bodies streamed both ways.
 //!
-//! The phases of a request, each with its own failure answer: read the head (408/4xx),
-//! route (404, 301 to HTTPS, 503 without backends), pick and connect a backend (other
-//! backends on connect failure; 503 when none answers), send the request, read the response
-//! head (502/504), stream the body, then decide whether both connections live on.
+//! This module speaks HTTP/1.1 to the client: it reads the head (408/4xx), answers
+//! redirects, `Expect: 100-continue` and upgrades, streams bodies and decides whether the
+//! client connection lives on. Routing, the backend choice, sending and replaying, and the
+//! sticky cookie are the shared phases in [`crate::forward`]; the backend side of HTTP/1 is
+//! [`crate::backend_h1`]; every failure is a [`ProxyError`].
 
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use flynn_http1::{BodyFraming, ChunkedDecoder, RequestHead};
 use flynn_router_table::HttpEntry;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::backend_h1::{self, ResponseHead};
 use crate::body::{self, BodyReader, Encoding, Framing, PumpError};
-use crate::upstream::{self, UpstreamConn};
+use crate::error::{ErrorKind, ProxyError};
+use crate::forward::{self, Exchange};
+use crate::upstream::UpstreamConn;
 use crate::worker::Worker;
 
 /// What a client connection is, for the headers the router adds.
@@ -28,9 +32,6 @@ pub struct ConnCtx {
     pub local_port: u16,
     pub tls: bool,
 }
-
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-const MAX_RESPONSE_HEADERS: usize = 128;
 
 /// Serves a client connection until it closes, errs, times out or the router drains.
 pub async fn serve<S>(w: Rc<Worker>, mut client: S, mut buf: BytesMut, ctx: ConnCtx)
@@ -172,33 +173,17 @@ where
     let table = w.table();
     let host = request_host(&req.head).unwrap_or_default();
     let path = origin_path(&req.head.target).to_string();
-    let Some(entry) = table.http(&host, &path) else {
-        let close = !matches!(req.framing, BodyFraming::None);
-        return answer(
-            w,
-            client,
-            &req,
-            404,
-            "no route for this host and path",
-            close,
-        )
-        .await;
+    let body_unread = !matches!(req.framing, BodyFraming::None);
+    let entry = match forward::route(&table, &host, &path) {
+        Ok(e) => e,
+        Err(e) => return fail(w, client, &req, e, body_unread).await,
     };
     req.route_id.clone_from(&entry.route.id);
     if entry.route.https_redirect && !ctx.tls {
         return redirect(w, client, &req, &host, &path).await;
     }
-    if entry.backends.is_empty() {
-        let close = !matches!(req.framing, BodyFraming::None);
-        return answer(
-            w,
-            client,
-            &req,
-            503,
-            "no live backend for this route",
-            close,
-        )
-        .await;
+    if let Err(e) = forward::has_backends(entry) {
+        return fail(w, client, &req, e, body_unread).await;
     }
     proxy(w, client, buf, req, entry, ctx, &path).await
 }
@@ -229,7 +214,6 @@ fn origin_path(target: &str) -> &str {
     target
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn proxy<S>(
     w: &Rc<Worker>,
     client: &mut S,
@@ -242,16 +226,12 @@ async fn proxy<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let cfg = &w.shared.config;
-    let t = cfg.timeouts;
-    let route = &entry.route;
-    let backends = &entry.backends;
+    let t = w.shared.config.timeouts;
     let upgrade = wants_upgrade(&req.head);
     let has_body = !matches!(req.framing, BodyFraming::None);
-    // A request may be sent again only if nothing of it is lost (no body) and doing it twice
-    // is harmless (an idempotent method): the backend may have acted before it failed.
-    let replayable = !has_body && idempotent(&req.head.method);
+    let replayable = !has_body && forward::idempotent(&req.head.method);
     let expect_continue = req.head.minor_version >= 1 && req.head.expects_continue();
+    let upstream_keepalive = entry.route.backend_keepalive && !upgrade;
 
     let cookies: Vec<&[u8]> = req
         .head
@@ -260,33 +240,16 @@ where
         .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
         .map(|h| h.value.as_slice())
         .collect();
-    let sticky = if route.sticky {
-        upstream::sticky_backend(&cookies, backends)
-    } else {
-        None
-    };
+    let opened = Exchange::open(w, entry, &cookies, upstream_keepalive, replayable).await;
     drop(cookies);
-    let pooled = route.backend_keepalive && !upgrade;
-    let mut tried = Vec::new();
-    let Some((mut idx, mut conn)) =
-        upstream::connect_backend(w, backends, sticky, pooled, !replayable, &mut tried).await
-    else {
-        return answer(
-            w,
-            client,
-            &req,
-            503,
-            "no backend could be reached",
-            has_body,
-        )
-        .await;
+    let mut ex = match opened {
+        Ok(ex) => ex,
+        Err(e) => return fail(w, client, &req, e, has_body).await,
     };
-    let mut in_flight = w.upstreams.begin(&backends[idx].addr);
 
     req.head.strip_hop_by_hop();
-    let upstream_keepalive = route.backend_keepalive && !upgrade;
     let mut out = Vec::with_capacity(1024);
-    write_request_head(
+    backend_h1::write_request_head(
         w,
         &req.head,
         req.framing,
@@ -296,7 +259,6 @@ where
         upgrade,
         &mut out,
     );
-
     if expect_continue && has_body {
         // The router answers the expectation itself once the route is known to be served,
         // then streams the body; the backend never sees `Expect`.
@@ -308,119 +270,81 @@ where
         }
     }
 
-    // Send the request and read the response head. A pooled connection the backend closed
-    // in the meantime fails before any response byte: a replayable request is then sent
-    // again on a new connection to the same backend, or, if that backend is gone, another.
+    // Send the request and read the response head; a body streams while the backend may
+    // already answer.
     let mut reader = BodyReader::new(request_framing(req.framing));
-    let mut body_done;
-    let response = loop {
-        let sent = if has_body {
-            send_with_body(
-                w,
-                client,
-                buf,
-                &mut conn,
-                &mut reader,
-                &mut out,
-                t.body,
-                t.upstream,
-            )
-            .await
-        } else {
-            match conn.stream.write_all(&out).await {
-                Ok(()) => read_response_head(&mut conn, t.upstream)
-                    .await
-                    .map_err(SendError::Upstream),
-                Err(e) => Err(SendError::Upstream(UpstreamError::Io(e, true))),
-            }
-        };
-        body_done = reader.is_done();
-        match sent {
-            Ok(r) => break r,
-            Err(SendError::Upstream(e)) if replayable && conn.reused && e.before_response() => {
-                let Some((i, c)) = upstream::reconnect(w, backends, idx, &mut tried).await else {
-                    return answer(w, client, &req, 503, "no backend could be reached", false)
-                        .await;
-                };
-                if i != idx {
-                    idx = i;
-                    in_flight = w.upstreams.begin(&backends[idx].addr);
-                }
-                conn = c;
-            }
-            Err(SendError::Upstream(UpstreamError::Timeout)) => {
-                return answer(w, client, &req, 504, "backend did not answer in time", true).await;
-            }
-            Err(SendError::Upstream(e)) => {
-                tracing::debug!(backend = %backends[idx].addr, error = %e, "backend failed");
-                return answer(w, client, &req, 502, "backend failed", true).await;
-            }
-            Err(SendError::ClientBody(status)) => {
-                return answer(w, client, &req, status, "request body not received", true).await;
-            }
-            Err(SendError::ClientGone) => return Next::Gone,
+    let sent = if has_body {
+        send_with_body(
+            w,
+            client,
+            buf,
+            &mut ex.conn,
+            &mut reader,
+            &mut out,
+            t.body,
+            t.upstream,
+        )
+        .await
+    } else {
+        ex.send(&out).await
+    };
+    let body_done = reader.is_done();
+    let first = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(backend = %ex.backend().addr, error = %e, "request failed");
+            return fail(w, client, &req, e, !body_done).await;
         }
     };
-    let mut response = response;
-    let backend = &backends[idx];
-    let _in_flight = in_flight;
-    let set_cookie = (route.sticky && sticky != Some(idx)).then(|| upstream::sticky_token(backend));
 
     // Interim responses (1xx other than 101) go straight through; the final one follows.
-    while response.status / 100 == 1 && response.status != 101 {
-        let mut interim = Vec::new();
-        write_response_head(&response, None, &[], None, &mut interim);
-        if (response.status != 100 || !expect_continue) && send(client, &interim).await.is_err() {
-            return Next::Gone;
-        }
-        response = match read_response_head(&mut conn, t.upstream).await {
-            Ok(r) => r,
-            Err(_) => return answer(w, client, &req, 502, "backend failed", true).await,
-        };
+    let mut interims = Vec::new();
+    let response = ex
+        .final_head(first, |r| {
+            if r.status != 100 || !expect_continue {
+                write_response_head(r, None, &[], None, &mut interims);
+            }
+        })
+        .await;
+    if !interims.is_empty() && send(client, &interims).await.is_err() {
+        return Next::Gone;
     }
+    let response = match response {
+        Ok(r) => r,
+        Err(e) => return fail(w, client, &req, e, true).await,
+    };
 
     if response.status == 101 {
         if !upgrade {
-            return answer(
-                w,
-                client,
-                &req,
-                502,
-                "backend switched protocols unasked",
-                true,
-            )
-            .await;
+            let e = ProxyError::new(ErrorKind::BadResponse("backend switched protocols unasked"));
+            return fail(w, client, &req, e, true).await;
         }
         let mut head = Vec::new();
         write_response_head(&response, None, &[], Some("upgrade"), &mut head);
         w.stats
             .borrow_mut()
             .request(&req.route_id, 101, req.start.elapsed());
-        return splice_upgraded(client, buf, conn, head).await;
+        return splice_upgraded(client, buf, ex.into_conn(), head).await;
     }
 
     let head_request = req.head.method == "HEAD";
-    let framing = match response_framing(head_request, &response) {
+    let framing = match backend_h1::response_framing(head_request, &response) {
         Ok(f) => f,
-        Err(why) => return answer(w, client, &req, 502, why, true).await,
+        Err(why) => {
+            let e = ProxyError::new(ErrorKind::BadResponse(why));
+            return fail(w, client, &req, e, true).await;
+        }
     };
     let mut resp_reader = BodyReader::new(framing);
     let upstream_reusable = upstream_keepalive
-        && response.minor_version == 1
-        && !response.connection_close()
-        && !resp_reader.close_delimited()
-        && body_done;
+        && forward::reusable(entry, &response, resp_reader.close_delimited(), body_done);
     // The client connection lives on only if its request was read whole and the response
     // can be delimited for it.
     let chunked_out = resp_reader.is_chunked();
     let client_can_chunk = req.head.minor_version >= 1;
     let (encoding, length_header, delimit_by_close) = if chunked_out {
         if client_can_chunk {
-            (
-                Encoding::Chunked,
-                Some("transfer-encoding: chunked".to_string()),
-                false,
-            )
+            (Encoding::Chunked, Some("transfer-encoding: chunked"), false)
         } else {
             (Encoding::Raw, None, true)
         }
@@ -433,12 +357,11 @@ where
     } else {
         Some("close")
     };
-    let cookie =
-        set_cookie.map(|token| format!("{}={token}; Path=/; HttpOnly", upstream::STICKY_COOKIE));
+    let cookie = ex.sticky_cookie();
     let mut head = Vec::with_capacity(512);
     write_response_head(
         &response,
-        length_header.as_deref(),
+        length_header,
         cookie.as_slice(),
         connection,
         &mut head,
@@ -447,8 +370,8 @@ where
     let status = response.status;
     let moved = body::pump(
         &mut resp_reader,
-        &mut conn.stream,
-        &mut conn.buf,
+        &mut ex.conn.stream,
+        &mut ex.conn.buf,
         client,
         encoding,
         head,
@@ -467,16 +390,13 @@ where
         tracing::info!(
             target: "flynn_router::access",
             client = %ctx.peer, method = %req.head.method, host = %request_host(&req.head).unwrap_or_default(),
-            path = %req.head.target, status, route = %req.route_id, backend = %backend.addr,
+            path = %req.head.target, status, route = %req.route_id, backend = %ex.backend().addr,
             ms = elapsed.as_secs_f64() * 1000.0,
         );
     }
     match moved {
         Ok(_) => {
-            if upstream_reusable {
-                conn.reused = false;
-                w.upstreams.release(conn);
-            }
+            ex.finish(upstream_reusable);
             if keep {
                 Next::KeepAlive
             } else {
@@ -486,14 +406,6 @@ where
         // Mid-body failures cannot be answered any more: the status line is out.
         Err(PumpError::Read(_)) | Err(PumpError::Write(_)) => Next::Gone,
     }
-}
-
-/// Methods that may be sent twice with the effect of once (RFC 9110 §9.2.2).
-pub(crate) fn idempotent(method: &str) -> bool {
-    matches!(
-        method,
-        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-    )
 }
 
 fn wants_upgrade(head: &RequestHead) -> bool {
@@ -518,13 +430,6 @@ fn request_framing(f: BodyFraming) -> Framing {
     }
 }
 
-enum SendError {
-    Upstream(UpstreamError),
-    /// The client's body stopped coming (status to answer).
-    ClientBody(u16),
-    ClientGone,
-}
-
 /// Streams the request body to the backend while watching for its response: a backend may
 /// answer early (413, say) and stop reading, and must not be left writing against a full
 /// socket.
@@ -538,7 +443,7 @@ async fn send_with_body<S>(
     head: &mut Vec<u8>,
     body_timeout: Duration,
     upstream_timeout: Duration,
-) -> Result<ResponseHead, SendError>
+) -> Result<ResponseHead, ProxyError>
 where
     S: AsyncRead + Unpin,
 {
@@ -562,7 +467,7 @@ where
             pending,
             body_timeout,
         );
-        let read = read_head_from(&mut up_r, up_buf, upstream_timeout);
+        let read = backend_h1::read_head_from(&mut up_r, up_buf, upstream_timeout);
         tokio::pin!(pump);
         tokio::pin!(read);
         let mut pumped = false;
@@ -572,9 +477,9 @@ where
                     pumped = true;
                     match r {
                         Ok(n) => sent_bytes = n,
-                        Err(PumpError::Read(body::BodyError::Timeout)) => return Err(SendError::ClientBody(408)),
-                        Err(PumpError::Read(body::BodyError::Framing(e))) => return Err(SendError::ClientBody(e.status())),
-                        Err(PumpError::Read(_)) => return Err(SendError::ClientGone),
+                        Err(PumpError::Read(body::BodyError::Timeout)) => return Err(ProxyError::new(ErrorKind::ClientBody(408))),
+                        Err(PumpError::Read(body::BodyError::Framing(e))) => return Err(ProxyError::new(ErrorKind::ClientBody(e.status()))),
+                        Err(PumpError::Read(_)) => return Err(ProxyError::new(ErrorKind::ClientGone)),
                         Err(PumpError::Write(e)) => {
                             // The backend stopped reading; its response may still explain why.
                             tracing::debug!(error = %e, "backend stopped reading the body");
@@ -586,156 +491,11 @@ where
         };
     }
     w.stats.borrow_mut().bytes_in += sent_bytes;
-    response.map_err(SendError::Upstream)
-}
-
-/// A backend's response head.
-#[derive(Debug)]
-pub struct ResponseHead {
-    pub status: u16,
-    pub reason: String,
-    pub minor_version: u8,
-    pub headers: Vec<(String, Vec<u8>)>,
-}
-
-impl ResponseHead {
-    fn tokens(&self, name: &str) -> impl Iterator<Item = String> + '_ {
-        let name = name.to_string();
-        self.headers
-            .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(&name))
-            .flat_map(|(_, v)| v.split(|b| *b == b','))
-            .map(|t| String::from_utf8_lossy(t).trim().to_ascii_lowercase())
-    }
-
-    pub fn connection_close(&self) -> bool {
-        self.tokens("connection").any(|t| t == "close")
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("{0}")]
-    Io(io::Error, bool),
-    #[error("closed before responding")]
-    ClosedEarly,
-    #[error("no response in time")]
-    Timeout,
-    #[error("malformed response head")]
-    Malformed,
-}
-
-impl UpstreamError {
-    /// Failed before the backend sent any response byte (the request may be replayed if it
-    /// had no body).
-    pub(crate) fn before_response(&self) -> bool {
-        matches!(
-            self,
-            UpstreamError::ClosedEarly | UpstreamError::Io(_, true)
-        )
-    }
-}
-
-pub async fn read_response_head(
-    conn: &mut UpstreamConn,
-    timeout: Duration,
-) -> Result<ResponseHead, UpstreamError> {
-    read_head_from(&mut conn.stream, &mut conn.buf, timeout).await
-}
-
-async fn read_head_from<R: AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut BytesMut,
-    timeout: Duration,
-) -> Result<ResponseHead, UpstreamError> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if !buf.is_empty() {
-            let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() };
-                MAX_RESPONSE_HEADERS];
-            let mut resp = httparse::Response::new(&mut []);
-            match httparse::ParserConfig::default()
-                .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
-            {
-                Ok(httparse::Status::Complete(n)) => {
-                    let head = ResponseHead {
-                        status: resp.code.ok_or(UpstreamError::Malformed)?,
-                        reason: resp.reason.unwrap_or("").to_string(),
-                        minor_version: resp.version.ok_or(UpstreamError::Malformed)?,
-                        headers: resp
-                            .headers
-                            .iter()
-                            .map(|h| (h.name.to_string(), h.value.to_vec()))
-                            .collect(),
-                    };
-                    buf.advance(n);
-                    return Ok(head);
-                }
-                Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD => {}
-                _ => return Err(UpstreamError::Malformed),
-            }
-        }
-        buf.reserve(16 * 1024);
-        let was_empty = buf.is_empty();
-        match tokio::time::timeout_at(deadline, r.read_buf(buf)).await {
-            Err(_) => return Err(UpstreamError::Timeout),
-            Ok(Ok(0)) if was_empty => return Err(UpstreamError::ClosedEarly),
-            Ok(Ok(0)) => return Err(UpstreamError::Malformed),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(UpstreamError::Io(e, was_empty)),
-        }
-    }
-}
-
-/// The response body's framing (RFC 9112 §6.3), refusing what a client could misread.
-pub(crate) fn response_framing(
-    head_request: bool,
-    r: &ResponseHead,
-) -> Result<Framing, &'static str> {
-    if head_request || r.status == 204 || r.status == 304 || r.status / 100 == 1 {
-        return Ok(Framing::None);
-    }
-    let te: Vec<String> = r
-        .tokens("transfer-encoding")
-        .filter(|t| !t.is_empty())
-        .collect();
-    if !te.is_empty() {
-        return if te.last().map(String::as_str) == Some("chunked") && te.len() == 1 {
-            Ok(Framing::Chunked(Box::new(ChunkedDecoder::new())))
-        } else if te.last().map(String::as_str) != Some("chunked") {
-            // Not chunked last: the body runs to the close, its codings passed on as is.
-            Ok(Framing::Close)
-        } else {
-            Err("backend sent stacked transfer codings")
-        };
-    }
-    let mut length = None;
-    for v in r.tokens("content-length") {
-        let n: u64 = v.parse().map_err(|_| "backend sent a bad Content-Length")?;
-        if length.is_some_and(|l| l != n) {
-            return Err("backend sent conflicting Content-Lengths");
-        }
-        length = Some(n);
-    }
-    Ok(match length {
-        Some(n) => Framing::Length(n),
-        None => Framing::Close,
+    // A request with a body is never replayed: whatever failed is final.
+    response.map_err(|e| ProxyError {
+        retryable: false,
+        ..e.into()
     })
-}
-
-fn is_hop_by_hop(name: &str) -> bool {
-    [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "proxy-authenticate",
-    ]
-    .iter()
-    .any(|h| name.eq_ignore_ascii_case(h))
 }
 
 /// Writes a response head for the client: hop-by-hop headers replaced by the router's own.
@@ -749,16 +509,13 @@ fn write_response_head(
 ) {
     use std::io::Write;
     out.extend_from_slice(b"HTTP/1.1 ");
-    push_decimal(out, r.status as u64);
+    backend_h1::push_decimal(out, r.status as u64);
     out.push(b' ');
     out.extend_from_slice(r.reason.as_bytes());
     out.extend_from_slice(b"\r\n");
     let rechunk = length_header.is_some();
-    for (name, value) in &r.headers {
-        let keep_upgrade = r.status == 101 && name.eq_ignore_ascii_case("upgrade");
-        if (is_hop_by_hop(name) && !keep_upgrade)
-            || (rechunk && name.eq_ignore_ascii_case("content-length"))
-        {
+    for (name, value) in r.end_to_end() {
+        if rechunk && name.eq_ignore_ascii_case("content-length") {
             continue;
         }
         out.extend_from_slice(name.as_bytes());
@@ -792,129 +549,10 @@ fn write_response_head(
     out.extend_from_slice(b"\r\n");
 }
 
-/// The request head as the backend gets it: origin-form target, the client's headers minus
-/// hop-by-hop ones, the router's X-Forwarded-* / X-Request-* headers, and its own framing.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn write_request_head(
-    w: &Worker,
-    head: &RequestHead,
-    framing: BodyFraming,
-    ctx: ConnCtx,
-    path: &str,
-    keepalive: bool,
-    upgrade: bool,
-    out: &mut Vec<u8>,
-) {
-    use std::io::Write;
-    // Written by hand, not with `write!`: formatting was 3% of the router's CPU.
-    out.extend_from_slice(head.method.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut forwarded_for: Option<&[u8]> = None;
-    let mut request_id = false;
-    for h in &head.headers {
-        let n = h.name.as_str();
-        if n.eq_ignore_ascii_case("x-forwarded-for") {
-            forwarded_for = Some(&h.value);
-            continue;
-        }
-        if n.eq_ignore_ascii_case("x-forwarded-proto")
-            || n.eq_ignore_ascii_case("x-forwarded-port")
-            || n.eq_ignore_ascii_case("x-request-start")
-            || n.eq_ignore_ascii_case("expect")
-            || n.eq_ignore_ascii_case("content-length")
-        {
-            continue;
-        }
-        if n.eq_ignore_ascii_case("x-request-id") {
-            request_id = true;
-        }
-        out.extend_from_slice(n.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(&h.value);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"X-Forwarded-For: ");
-    if let Some(prev) = forwarded_for {
-        out.extend_from_slice(prev);
-        out.extend_from_slice(b", ");
-    }
-    let _ = write!(out, "{}\r\n", ctx.peer.ip());
-    out.extend_from_slice(if ctx.tls {
-        b"X-Forwarded-Proto: https\r\nX-Forwarded-Port: "
-    } else {
-        b"X-Forwarded-Proto: http\r\nX-Forwarded-Port: "
-    });
-    push_decimal(out, ctx.local_port as u64);
-    out.extend_from_slice(b"\r\nX-Request-Start: ");
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    push_decimal(out, now_ms);
-    out.extend_from_slice(b"\r\n");
-    if !request_id {
-        out.extend_from_slice(b"X-Request-Id: ");
-        push_request_id(w, out);
-        out.extend_from_slice(b"\r\n");
-    }
-    match framing {
-        BodyFraming::None => {}
-        BodyFraming::Length(n) => {
-            out.extend_from_slice(b"Content-Length: ");
-            push_decimal(out, n);
-            out.extend_from_slice(b"\r\n");
-        }
-        BodyFraming::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
-    }
-    if upgrade {
-        out.extend_from_slice(b"Connection: upgrade\r\n");
-    } else if !keepalive {
-        out.extend_from_slice(b"Connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-}
-
 /// Writes and flushes (a TLS stream may hold records back otherwise).
 async fn send<S: AsyncWrite + Unpin>(client: &mut S, data: &[u8]) -> io::Result<()> {
     client.write_all(data).await?;
     client.flush().await
-}
-
-/// A random UUID (version 4 layout) for requests that arrive without an id.
-fn push_request_id(w: &Worker, out: &mut Vec<u8>) {
-    let a = w.upstreams.random();
-    let b = w.upstreams.random();
-    push_hex(out, a >> 32, 8);
-    out.push(b'-');
-    push_hex(out, (a >> 16) & 0xffff, 4);
-    out.extend_from_slice(b"-4");
-    push_hex(out, a & 0xfff, 3);
-    out.push(b'-');
-    push_hex(out, ((b >> 48) & 0x3fff) | 0x8000, 4);
-    out.push(b'-');
-    push_hex(out, b & 0xffff_ffff_ffff, 12);
-}
-
-fn push_hex(out: &mut Vec<u8>, v: u64, digits: u32) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for k in (0..digits).rev() {
-        out.push(HEX[((v >> (k * 4)) & 0xf) as usize]);
-    }
-}
-
-fn push_decimal(out: &mut Vec<u8>, mut v: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
 }
 
 /// After a 101: the bytes each side already sent go across first, then both directions
@@ -994,18 +632,20 @@ async fn refuse<S: AsyncWrite + Unpin>(
     Next::Close
 }
 
-/// Answers a request the router itself responds to. `close`: the request's body was not
-/// read, so the connection cannot carry another request.
-async fn answer<S: AsyncWrite + Unpin>(
+/// Answers a request that failed with the router's own response. `body_unread`: the
+/// request's body was not read whole, so the connection cannot carry another request.
+async fn fail<S: AsyncWrite + Unpin>(
     w: &Worker,
     client: &mut S,
     req: &Req,
-    status: u16,
-    why: &str,
-    close: bool,
+    e: ProxyError,
+    body_unread: bool,
 ) -> Next {
-    let close = close || !req.keep_alive || *w.shutdown.borrow();
-    let resp = error_response(w, status, why, close);
+    let Some(status) = e.status() else {
+        return Next::Gone;
+    };
+    let close = body_unread || !e.keeps_connection() || !req.keep_alive || *w.shutdown.borrow();
+    let resp = error_response(w, status, e.why(), close);
     w.stats
         .borrow_mut()
         .request(&req.route_id, status, req.start.elapsed());

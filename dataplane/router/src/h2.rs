@@ -1,5 +1,5 @@
 //! HTTP/2 from clients (over TLS by ALPN, or h2c with prior knowledge), each stream proxied
-//! to an HTTP/1.1 backend. The `h2` crate does the framing, the concurrent-stream limit and
+//! to an HTTP/1.1 backend through the shared request path ([`crate::forward`]). The `h2` crate does the framing, the concurrent-stream limit and
 //! flow control; the router releases receive window only as a body is forwarded and sends
 //! only into the window the client grants, so memory stays bounded per stream. A drain
 //! sends GOAWAY and lets open streams finish.
@@ -14,9 +14,11 @@ use h2::RecvStream;
 use http::{HeaderValue, Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use crate::backend_h1;
 use crate::body::{BodyReader, Encoding};
+use crate::error::{ErrorKind, ProxyError};
+use crate::forward::{self, Exchange};
 use crate::h1::{self, ConnCtx};
-use crate::upstream;
 use crate::worker::Worker;
 
 pub async fn serve<S>(w: Rc<Worker>, io: S, ctx: ConnCtx)
@@ -103,6 +105,32 @@ async fn stream(
     ctx: ConnCtx,
 ) {
     let start = Instant::now();
+    let mut route_id = String::new();
+    let result = proxy_stream(&w, req, &mut respond, ctx, &mut route_id).await;
+    match result {
+        Ok((status, sent)) => {
+            let mut s = w.stats.borrow_mut();
+            s.request(&route_id, status, start.elapsed());
+            s.bytes_out += sent;
+        }
+        // No status: the client reset the stream, and there is no one to answer.
+        Err(e) => {
+            if let Some(status) = e.status() {
+                error(&w, &mut respond, status, e.why(), &route_id, start);
+            }
+        }
+    }
+}
+
+/// One stream through the shared request path. `Ok((status, body bytes sent))` once a
+/// response has started; an error before that is answered by the caller.
+async fn proxy_stream(
+    w: &Worker,
+    req: Request<RecvStream>,
+    respond: &mut SendResponse<Bytes>,
+    ctx: ConnCtx,
+    route_id: &mut String,
+) -> Result<(u16, u64), ProxyError> {
     let (parts, mut body) = req.into_parts();
     let host = parts
         .uri
@@ -122,27 +150,9 @@ async fn stream(
         .map_or("/", |p| p.as_str())
         .to_string();
     let table = w.table();
-    let Some(entry) = table.http(&host, &path) else {
-        return error(
-            &w,
-            &mut respond,
-            404,
-            "no route for this host and path",
-            "",
-            start,
-        );
-    };
-    let route = &entry.route;
-    if entry.backends.is_empty() {
-        return error(
-            &w,
-            &mut respond,
-            503,
-            "no live backend for this route",
-            &route.id,
-            start,
-        );
-    }
+    let entry = forward::route(&table, &host, &path)?;
+    route_id.clone_from(&entry.route.id);
+    forward::has_backends(entry)?;
     let length = parts
         .headers
         .get("content-length")
@@ -151,16 +161,7 @@ async fn stream(
     let framing = match length {
         Some(Ok(0)) => BodyFraming::None,
         Some(Ok(n)) => BodyFraming::Length(n),
-        Some(Err(_)) => {
-            return error(
-                &w,
-                &mut respond,
-                400,
-                "invalid content-length",
-                &route.id,
-                start,
-            )
-        }
+        Some(Err(_)) => return Err(ProxyError::new(ErrorKind::ClientBody(400))),
         None if body.is_end_stream() => BodyFraming::None,
         None => BodyFraming::Chunked,
     };
@@ -197,47 +198,14 @@ async fn stream(
         minor_version: 1,
         headers,
     };
-    let cookie_values: Vec<&[u8]> = cookies.iter().map(Vec::as_slice).collect();
-    let sticky = if route.sticky {
-        upstream::sticky_backend(&cookie_values, &entry.backends)
-    } else {
-        None
-    };
     let has_body = framing != BodyFraming::None;
-    let replayable = !has_body && h1::idempotent(parts.method.as_str());
-    let mut tried = Vec::new();
-    let Some((mut idx, mut conn)) = upstream::connect_backend(
-        &w,
-        &entry.backends,
-        sticky,
-        route.backend_keepalive,
-        !replayable,
-        &mut tried,
-    )
-    .await
-    else {
-        return error(
-            &w,
-            &mut respond,
-            503,
-            "no backend could be reached",
-            &route.id,
-            start,
-        );
-    };
-    let mut in_flight = w.upstreams.begin(&entry.backends[idx].addr);
+    let replayable = !has_body && forward::idempotent(parts.method.as_str());
+    let cookie_values: Vec<&[u8]> = cookies.iter().map(Vec::as_slice).collect();
+    let keepalive = entry.route.backend_keepalive;
+    let mut ex = Exchange::open(w, entry, &cookie_values, keepalive, replayable).await?;
     let t = w.shared.config.timeouts;
     let mut out = Vec::with_capacity(1024);
-    h1::write_request_head(
-        &w,
-        &head,
-        framing,
-        ctx,
-        &path,
-        route.backend_keepalive,
-        false,
-        &mut out,
-    );
+    backend_h1::write_request_head(w, &head, framing, ctx, &path, keepalive, false, &mut out);
 
     // Request body: forwarded as it arrives, window released only once it is written.
     let encoding = if framing == BodyFraming::Chunked {
@@ -247,80 +215,31 @@ async fn stream(
     };
     if has_body {
         while let Some(data) = body.data().await {
-            let Ok(data) = data else {
-                return; // the client reset the stream
-            };
+            let data = data.map_err(|_| ProxyError::new(ErrorKind::ClientGone))?;
             encoding.frame(&data, &mut out);
-            if conn.stream.write_all(&out).await.is_err() {
-                return error(&w, &mut respond, 502, "backend failed", &route.id, start);
+            if let Err(e) = ex.conn.stream.write_all(&out).await {
+                tracing::debug!(error = %e, "backend stopped reading the body");
+                return Err(ProxyError::new(ErrorKind::UpstreamFailed));
             }
             out.clear();
             let _ = body.flow_control().release_capacity(data.len());
         }
         encoding.finish(&mut out);
     }
-    // As for HTTP/1.1: a replayable request whose pooled connection proves closed before
-    // any response byte goes again, on a new connection (another backend if need be).
-    let sent = loop {
-        let sent = match conn.stream.write_all(&out).await {
-            Ok(()) => h1::read_response_head(&mut conn, t.upstream).await,
-            Err(e) => Err(h1::UpstreamError::Io(e, true)),
-        };
-        match sent {
-            Err(e) if replayable && conn.reused && e.before_response() => {
-                let next = upstream::reconnect(&w, &entry.backends, idx, &mut tried).await;
-                let Some((i, c)) = next else {
-                    return error(
-                        &w,
-                        &mut respond,
-                        503,
-                        "no backend could be reached",
-                        &route.id,
-                        start,
-                    );
-                };
-                if i != idx {
-                    idx = i;
-                    in_flight = w.upstreams.begin(&entry.backends[idx].addr);
-                }
-                conn = c;
-            }
-            other => break other,
-        }
-    };
-    let backend = &entry.backends[idx];
-    let _in_flight = in_flight;
-    let mut response = match sent {
-        Ok(r) => r,
-        Err(h1::UpstreamError::Timeout) => {
-            return error(
-                &w,
-                &mut respond,
-                504,
-                "backend did not answer in time",
-                &route.id,
-                start,
-            )
-        }
-        Err(_) => return error(&w, &mut respond, 502, "backend failed", &route.id, start),
-    };
-    while response.status / 100 == 1 {
-        response = match h1::read_response_head(&mut conn, t.upstream).await {
-            Ok(r) => r,
-            Err(_) => return error(&w, &mut respond, 502, "backend failed", &route.id, start),
-        };
+    let first = ex.send(&out).await?;
+    // Interim responses are not passed on over HTTP/2.
+    let response = ex.final_head(first, |_| {}).await?;
+    if response.status == 101 {
+        return Err(ProxyError::new(ErrorKind::BadResponse(
+            "backend switched protocols unasked",
+        )));
     }
-    let framing = match h1::response_framing(parts.method == http::Method::HEAD, &response) {
-        Ok(f) => f,
-        Err(why) => return error(&w, &mut respond, 502, why, &route.id, start),
-    };
+    let head_request = parts.method == http::Method::HEAD;
+    let framing = backend_h1::response_framing(head_request, &response)
+        .map_err(|why| ProxyError::new(ErrorKind::BadResponse(why)))?;
     let mut reader = BodyReader::new(framing);
-    let reusable = route.backend_keepalive
-        && response.minor_version == 1
-        && !response.connection_close()
-        && !reader.close_delimited();
     let mut builder = Response::builder().status(response.status);
-    for (name, value) in &response.headers {
+    for (name, value) in response.end_to_end() {
         // HeaderName lowercases (and knows the standard names) without allocating.
         let Ok(name) = http::HeaderName::from_bytes(name.as_bytes()) else {
             continue;
@@ -334,40 +253,27 @@ async fn stream(
             builder = builder.header(name, v);
         }
     }
-    if route.sticky && sticky != Some(idx) {
-        let cookie = format!(
-            "{}={}; Path=/; HttpOnly",
-            upstream::STICKY_COOKIE,
-            upstream::sticky_token(backend)
-        );
+    if let Some(cookie) = ex.sticky_cookie() {
         builder = builder.header("set-cookie", cookie);
     }
-    let Ok(resp) = builder.body(()) else {
-        return error(
-            &w,
-            &mut respond,
-            502,
-            "backend sent an unusable header",
-            &route.id,
-            start,
-        );
-    };
+    let resp = builder
+        .body(())
+        .map_err(|_| ProxyError::new(ErrorKind::BadResponse("backend sent an unusable header")))?;
     let status = response.status;
     let end = reader.is_done();
-    let mut send = match respond.send_response(resp, end) {
-        Ok(s) => s,
-        Err(_) => return,
+    let Ok(mut send) = respond.send_response(resp, end) else {
+        return Err(ProxyError::new(ErrorKind::ClientGone));
     };
-    let mut piece = Vec::new();
     let mut sent = 0u64;
     let mut ok = true;
     if !end {
+        let mut piece = Vec::new();
         let mut scratch = BytesMut::new();
-        std::mem::swap(&mut scratch, &mut conn.buf);
+        std::mem::swap(&mut scratch, &mut ex.conn.buf);
         loop {
             piece.clear();
             match reader
-                .next(&mut conn.stream, &mut scratch, &mut piece, t.upstream)
+                .next(&mut ex.conn.stream, &mut scratch, &mut piece, t.upstream)
                 .await
             {
                 Ok(more) => {
@@ -388,16 +294,11 @@ async fn stream(
                 }
             }
         }
-        std::mem::swap(&mut scratch, &mut conn.buf);
+        std::mem::swap(&mut scratch, &mut ex.conn.buf);
     }
-    {
-        let mut s = w.stats.borrow_mut();
-        s.request(&route.id, status, start.elapsed());
-        s.bytes_out += sent;
-    }
-    if ok && reusable && reader.is_done() {
-        w.upstreams.release(conn);
-    }
+    let reusable = forward::reusable(entry, &response, reader.close_delimited(), true);
+    ex.finish(ok && reusable && reader.is_done());
+    Ok((status, sent))
 }
 
 /// Sends `data` only as the client's flow-control window allows.

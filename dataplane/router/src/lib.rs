@@ -1,14 +1,19 @@
 //! The router: Flynn's HTTP, HTTPS and TCP front door, one worker per core.
 //!
 //! Crate map: [`server`] binds and starts; [`worker`] is one core's runtime and accept
-//! loops; [`h1`] and [`h2`] serve clients; [`body`] moves bodies in bounded pieces;
+//! loops; [`h1`] and [`h2`] serve clients and feed one request path, [`forward`] (route,
+//! backend choice, send and replay, sticky cookie), with the backend side of HTTP/1 in
+//! [`backend_h1`] and every failure one classified [`error::ProxyError`]; [`body`] moves bodies in bounded pieces;
 //! [`upstream`] holds backend pools and balancing; [`tls`] picks certificates by SNI;
 //! [`tcp`] carries TCP routes; [`metrics`] counts; [`routes_file`] is the standalone route
 //! source; [`standalone`] runs the router as its own process. The route table itself is
 //! `flynn-router-table`.
 
+pub mod backend_h1;
 pub mod body;
 pub mod config;
+pub mod error;
+pub mod forward;
 pub mod h1;
 pub mod h2;
 pub mod metrics;

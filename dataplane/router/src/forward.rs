@@ -1,0 +1,187 @@
+//! The phases every proxied request goes through, whether the client speaks HTTP/1.1 or
+//! HTTP/2: find the route, pick and connect a backend (sticky first, then least-outstanding
+//! of two random choices; others on connect failure), send the request and read the
+//! response head (replaying a bodiless idempotent request whose pooled connection proves
+//! closed), set the sticky cookie, and hand the connection back to the pool or not.
+//! `h1` and `h2` only translate their client's protocol to these phases and back.
+
+use flynn_router_table::{Backend, HttpEntry, RouteTable};
+use tokio::io::AsyncWriteExt;
+
+use crate::backend_h1::{self, ResponseHead};
+use crate::error::{ErrorKind, ProxyError};
+use crate::upstream::{self, InFlight, UpstreamConn};
+use crate::worker::Worker;
+
+/// The route for a request: `NoRoute` when none matches.
+pub fn route<'t>(
+    table: &'t RouteTable,
+    host: &str,
+    path: &str,
+) -> Result<&'t HttpEntry, ProxyError> {
+    table
+        .http(host, path)
+        .ok_or(ProxyError::new(ErrorKind::NoRoute))
+}
+
+/// `NoLiveBackend` when the route has no instance to send to.
+pub fn has_backends(entry: &HttpEntry) -> Result<(), ProxyError> {
+    if entry.backends.is_empty() {
+        return Err(ProxyError::new(ErrorKind::NoLiveBackend));
+    }
+    Ok(())
+}
+
+/// Methods that may be sent twice with the effect of once (RFC 9110 §9.2.2).
+pub fn idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
+}
+
+/// One request's exchange with a backend.
+pub struct Exchange<'w> {
+    w: &'w Worker,
+    entry: &'w HttpEntry,
+    idx: usize,
+    pub conn: UpstreamConn,
+    in_flight: InFlight<'w>,
+    tried: Vec<usize>,
+    /// Sent again on a fresh connection when its pooled one proves closed: only a request
+    /// with no body and an idempotent method (the backend may have acted before failing).
+    replayable: bool,
+    /// The backend the client's sticky cookie named, if the route is sticky.
+    sticky: Option<usize>,
+}
+
+impl<'w> Exchange<'w> {
+    /// Picks and connects a backend. `pooled`: an idle keep-alive connection may be used.
+    pub async fn open(
+        w: &'w Worker,
+        entry: &'w HttpEntry,
+        cookies: &[&[u8]],
+        pooled: bool,
+        replayable: bool,
+    ) -> Result<Exchange<'w>, ProxyError> {
+        let backends = &entry.backends;
+        let sticky = if entry.route.sticky {
+            upstream::sticky_backend(cookies, backends)
+        } else {
+            None
+        };
+        let mut tried = Vec::new();
+        // A request that cannot be replayed gets a pooled connection only once it is seen
+        // open.
+        let (idx, conn) =
+            upstream::connect_backend(w, backends, sticky, pooled, !replayable, &mut tried)
+                .await
+                .ok_or(ProxyError::new(ErrorKind::Unreachable))?;
+        Ok(Exchange {
+            w,
+            entry,
+            idx,
+            conn,
+            in_flight: w.upstreams.begin(&backends[idx].addr),
+            tried,
+            replayable,
+            sticky,
+        })
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.entry.backends[self.idx]
+    }
+
+    /// Writes `out` (the whole request, or what is left of it) and reads the response head.
+    /// A replayable request whose pooled connection fails before any response byte goes
+    /// again on a new connection to the same backend, or to another if that one is gone.
+    pub async fn send(&mut self, out: &[u8]) -> Result<ResponseHead, ProxyError> {
+        loop {
+            let result = match self.conn.stream.write_all(out).await {
+                Ok(()) => self.read_head().await,
+                Err(e) => Err(backend_h1::UpstreamError::Io(e, true).into()),
+            };
+            match result {
+                Err(e) if e.retryable && self.replayable && self.conn.reused => {
+                    self.reconnect().await?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Reads the next response head (after an interim one, say).
+    pub async fn read_head(&mut self) -> Result<ResponseHead, ProxyError> {
+        let timeout = self.w.shared.config.timeouts.upstream;
+        Ok(backend_h1::read_response_head(&mut self.conn, timeout).await?)
+    }
+
+    /// Reads past interim (1xx) responses to the final one, calling `interim` for each.
+    pub async fn final_head(
+        &mut self,
+        mut head: ResponseHead,
+        mut interim: impl FnMut(&ResponseHead),
+    ) -> Result<ResponseHead, ProxyError> {
+        while head.status / 100 == 1 && head.status != 101 {
+            interim(&head);
+            head = self.read_head().await?;
+        }
+        Ok(head)
+    }
+
+    async fn reconnect(&mut self) -> Result<(), ProxyError> {
+        let backends = &self.entry.backends;
+        let (i, c) = upstream::reconnect(self.w, backends, self.idx, &mut self.tried)
+            .await
+            .ok_or(ProxyError::new(ErrorKind::Unreachable))?;
+        if i != self.idx {
+            self.idx = i;
+            self.in_flight = self.w.upstreams.begin(&backends[i].addr);
+        }
+        self.conn = c;
+        Ok(())
+    }
+
+    /// The `Set-Cookie` value pinning the client to this backend, when the route is sticky
+    /// and the client's cookie did not already name it.
+    pub fn sticky_cookie(&self) -> Option<String> {
+        (self.entry.route.sticky && self.sticky != Some(self.idx)).then(|| {
+            format!(
+                "{}={}; Path=/; HttpOnly",
+                upstream::STICKY_COOKIE,
+                upstream::sticky_token(self.backend())
+            )
+        })
+    }
+
+    /// Ends the exchange: the connection goes back to the pool if `reusable`.
+    pub fn finish(self, reusable: bool) {
+        let mut conn = self.conn;
+        if reusable {
+            conn.reused = false;
+            self.w.upstreams.release(conn);
+        }
+    }
+
+    /// Takes the connection out of the exchange (an upgraded connection is spliced).
+    pub fn into_conn(self) -> UpstreamConn {
+        self.conn
+    }
+}
+
+/// Whether the backend connection can serve another request after this response: the
+/// route keeps backends alive, the response was HTTP/1.1 without `Connection: close`, its
+/// body is delimited, and the request body went whole.
+pub fn reusable(
+    entry: &HttpEntry,
+    response: &ResponseHead,
+    close_delimited: bool,
+    request_done: bool,
+) -> bool {
+    entry.route.backend_keepalive
+        && response.minor_version == 1
+        && !response.connection_close()
+        && !close_delimited
+        && request_done
+}
