@@ -74,6 +74,11 @@ async fn t10_router_in_every_daemon_serves_a_route_added_through_flynn() {
     // Each router reports what it serves, and its metrics join the daemon's.
     let components = c.host_client(2).components().await.unwrap();
     assert!(components["router"]["revision"].as_u64().unwrap() > 0);
+    let listed = ok(&c.flynn_host(2, &["components"]));
+    assert!(
+        listed.contains("\"router\"") && listed.contains("controller-registration"),
+        "{listed}"
+    );
     let metrics = reqwest::get(format!("{}/metrics", c.hosts[2].url()))
         .await
         .unwrap()

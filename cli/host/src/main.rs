@@ -100,6 +100,11 @@ enum Cmd {
     /// Prepare a stopped host to restart as the only peer of a new cluster holding its
     /// state: the way out when a cluster has lost its quorum for good.
     Recover,
+    /// The components this host runs (router, firewall, ...) and what each is doing.
+    Components {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Show this host's view of the cluster.
     Status {
         #[command(flatten)]
@@ -328,6 +333,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "Prepared recovery of {apps} apps at revision {revision}. Start the daemon: it becomes the only peer of a new cluster with this state. Then wipe the other hosts' data dirs, init them with --peer-ips THIS_IP --secret (same secret), start them, and promote them."
             );
+            Ok(())
+        }
+        Cmd::Components { target } => {
+            let all = local_host(&cli.data_dir, &target)?.components().await?;
+            println!("{}", serde_json::to_string_pretty(&all)?);
             Ok(())
         }
         Cmd::Status { target } => {
