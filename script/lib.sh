@@ -23,3 +23,20 @@ setup_build_deps() {
         exit 1
     fi
 }
+
+# ZFS for the volume tests. On a host with kernel ZFS `zpool` already answers; here (no ZFS
+# module in this kernel) Debian's zfs-fuse is the real ZFS, a daemon in user space.
+start_zfs() {
+    zpool list >/dev/null 2>&1 && return 0
+    need_debs zfs-fuse
+    echo "==> starting zfs-fuse"
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    pgrep -x zfs-fuse >/dev/null || $sudo zfs-fuse --pidfile /run/zfs-fuse.pid
+    for _ in $(seq 100); do
+        zpool list >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "zfs-fuse started but zpool does not answer" >&2
+    exit 1
+}
