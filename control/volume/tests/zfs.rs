@@ -29,11 +29,22 @@ fn config(dir: &Path, tag: &str) -> PoolConfig {
 struct Cleanup(Vec<String>);
 
 impl Drop for Cleanup {
+    /// zfs-fuse may call a pool busy for a moment after writes: retry for a few seconds.
     fn drop(&mut self) {
         for pool in &self.0 {
-            let _ = std::process::Command::new("zpool")
-                .args(["destroy", "-f", pool])
-                .output();
+            for _ in 0..60 {
+                let _ = std::process::Command::new("zpool")
+                    .args(["destroy", "-f", pool])
+                    .output();
+                let still_there = std::process::Command::new("zpool")
+                    .args(["list", pool])
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                if !still_there {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
         }
     }
 }
