@@ -65,6 +65,8 @@ pub struct TestHost {
     pub env: Vec<(String, String)>,
     /// Extra `flynn-host daemon` arguments.
     pub args: Vec<String>,
+    /// The host has a ZFS pool of its own (`Cluster::with_zfs`).
+    pub zfs: bool,
 }
 
 impl TestHost {
@@ -82,6 +84,8 @@ impl TestHost {
 }
 
 pub struct Cluster {
+    /// ZFS pools the hosts made (destroyed with the cluster).
+    pools: Vec<String>,
     tag: u32,
     bridge: String,
     pub hosts: Vec<TestHost>,
@@ -125,6 +129,7 @@ impl Cluster {
         ]);
         must(&["ip", "link", "set", &bridge, "up"]);
         let mut c = Cluster {
+            pools: Vec::new(),
             tag,
             bridge,
             hosts: Vec::new(),
@@ -136,6 +141,26 @@ impl Cluster {
             c.add_host();
         }
         c
+    }
+
+    /// Gives host `i` a ZFS pool of its own (128 MiB on a sparse file in its data dir) before
+    /// its daemon starts; returns the pool's name.
+    pub fn with_zfs(&mut self, i: usize) -> String {
+        let pool = format!("flv{}t{}h{i}", std::process::id(), self.tag);
+        self.hosts[i].args.extend(
+            [
+                "--volume-provider",
+                "zfs",
+                "--zpool-name",
+                &pool,
+                "--zpool-size",
+                "128M",
+            ]
+            .map(String::from),
+        );
+        self.hosts[i].zfs = true;
+        self.pools.push(pool.clone());
+        pool
     }
 
     /// The test's own address on the bridge (the "admin network").
@@ -206,6 +231,7 @@ impl Cluster {
             child: None,
             env: Vec::new(),
             args: Vec::new(),
+            zfs: false,
         });
         i
     }
@@ -218,8 +244,19 @@ impl Cluster {
             .append(true)
             .open(&h.log)
             .expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &h.ns])
+        // `ip netns exec` also gives the command a mount namespace of its own, and zfs-fuse
+        // cannot mount datasets from one: a host with a pool enters only the network
+        // namespace (real hosts have no such wrapper at all).
+        let mut launcher = if h.zfs {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{}", h.ns)).arg("--");
+            c
+        } else {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &h.ns]);
+            c
+        };
+        let child = launcher
             .arg(bin_dir().join("flynn-host"))
             .arg("--data-dir")
             .arg(&h.data_dir)
@@ -231,6 +268,14 @@ impl Cluster {
                 &PORT.to_string(),
             ])
             .args(&h.args)
+            // Hosts share this machine's one ZFS (zfs-fuse): only a test that gives a host
+            // a pool of its own (`Cluster::with_zfs`) uses it; the rest use directories.
+            .args(
+                (!h.args.iter().any(|a| a == "--volume-provider"))
+                    .then_some(["--volume-provider", "dir"])
+                    .into_iter()
+                    .flatten(),
+            )
             .env("RUST_LOG", "info,openraft=error")
             .envs(h.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -474,6 +519,20 @@ impl Drop for Cluster {
             let _ = sh(&["ip", "netns", "del", &h.ns]);
         }
         let _ = sh(&["ip", "link", "del", &self.bridge]);
+        for pool in &self.pools {
+            destroy_pool(pool);
+        }
+    }
+}
+
+/// Destroys a ZFS pool; zfs-fuse may call it busy for a few seconds after writes.
+pub fn destroy_pool(pool: &str) {
+    for _ in 0..60 {
+        let _ = sh(&["zpool", "destroy", "-f", pool]);
+        if !sh(&["zpool", "list", pool]).status.success() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

@@ -100,6 +100,13 @@ enum Cmd {
     /// Prepare a stopped host to restart as the only peer of a new cluster holding its
     /// state: the way out when a cluster has lost its quorum for good.
     Recover,
+    /// Volumes: list, create, inspect, delete, snapshot, send to another host.
+    Volume {
+        #[command(subcommand)]
+        cmd: VolumeCmd,
+        #[command(flatten)]
+        target: Target,
+    },
     /// The components this host runs (router, firewall, ...) and what each is doing.
     Components {
         #[command(flatten)]
@@ -112,6 +119,53 @@ enum Cmd {
     },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// This host's volumes; with --all, every host's, from the cluster state.
+    List {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a volume on this host.
+    Create {
+        /// Its id (default: a random one).
+        #[arg(long)]
+        id: Option<String>,
+        /// Size limit: bytes, or with a K, M, G or T suffix.
+        #[arg(long)]
+        size: Option<String>,
+        /// The app that owns it.
+        #[arg(long)]
+        app: Option<String>,
+    },
+    /// One volume, with its path, size and snapshots.
+    Inspect { id: String },
+    /// Delete a volume and its snapshots.
+    Delete { id: String },
+    /// Snapshot a volume.
+    Snapshot {
+        id: String,
+        /// Default: s<milliseconds>.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Send a snapshot to another host (incremental when it has an older one).
+    Send {
+        id: String,
+        /// The receiving host (IP or IP:PORT).
+        #[arg(long)]
+        to: String,
+        /// Default: the newest snapshot.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Base of an incremental stream (default: the newest snapshot both hosts have).
+        #[arg(long)]
+        from: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -335,6 +389,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Cmd::Volume { cmd, target } => volume_cmd(local_host(&cli.data_dir, &target)?, cmd).await,
         Cmd::Components { target } => {
             let all = local_host(&cli.data_dir, &target)?.components().await?;
             println!("{}", serde_json::to_string_pretty(&all)?);
@@ -396,6 +451,81 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Version => {
             println!("{}", flynn_daemon::version());
             Ok(())
+        }
+    }
+}
+
+async fn volume_cmd(host: HostClient, cmd: VolumeCmd) -> anyhow::Result<()> {
+    let show = |v: serde_json::Value| -> anyhow::Result<()> {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        Ok(())
+    };
+    match cmd {
+        VolumeCmd::List { all, json } => {
+            let list = host.volumes(all).await?;
+            if json {
+                println!("{list}");
+                return Ok(());
+            }
+            let cell = |v: &serde_json::Value, k: &str| match &v[k] {
+                serde_json::Value::Null => String::new(),
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Array(a) => a.len().to_string(),
+                other => other.to_string(),
+            };
+            let rows: Vec<Vec<String>> = list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| {
+                    let mut row = vec![cell(v, "id")];
+                    if all {
+                        row.extend([cell(v, "host"), cell(v, "provider"), cell(v, "app")]);
+                    } else {
+                        row.extend([cell(v, "used"), cell(v, "path")]);
+                    }
+                    row.extend([cell(v, "size"), cell(v, "snapshots")]);
+                    row
+                })
+                .collect();
+            if all {
+                print_table(
+                    &["ID", "HOST", "PROVIDER", "APP", "SIZE", "SNAPSHOTS"],
+                    &rows,
+                );
+            } else {
+                print_table(&["ID", "USED", "PATH", "SIZE", "SNAPSHOTS"], &rows);
+            }
+            Ok(())
+        }
+        VolumeCmd::Create { id, size, app } => {
+            let size = size
+                .as_deref()
+                .map(flynn_daemon::components::volumes::parse_size)
+                .transpose()?;
+            let req = flynn_client::NewVolume {
+                id,
+                size,
+                app,
+                job: None,
+            };
+            show(host.create_volume(&req).await?)
+        }
+        VolumeCmd::Inspect { id } => show(host.volume(&id).await?),
+        VolumeCmd::Delete { id } => {
+            host.delete_volume(&id).await?;
+            println!("Deleted volume {id}.");
+            Ok(())
+        }
+        VolumeCmd::Snapshot { id, name } => show(host.snapshot_volume(&id, name.as_deref()).await?),
+        VolumeCmd::Send {
+            id,
+            to,
+            snapshot,
+            from,
+        } => {
+            let req = flynn_client::SendVolume { to, snapshot, from };
+            show(host.send_volume(&id, &req).await?)
         }
     }
 }

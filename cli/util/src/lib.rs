@@ -31,7 +31,12 @@ pub fn run_main(prog: &str, main: impl std::future::Future<Output = anyhow::Resu
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match rt.block_on(main) {
+    let result = rt.block_on(main);
+    // Tasks still running (openraft's state-machine worker owns the Raft store) are dropped
+    // here, so RocksDB closes before the process exits: exiting with it open runs C++
+    // destructors under its live threads and aborts ("terminate called ...").
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    match result {
         Ok(()) => std::process::exit(0),
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");

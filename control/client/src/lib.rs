@@ -468,4 +468,47 @@ impl HostClient {
             )
             .await
     }
+
+    /// This host's volumes (`all`: every host's, from the cluster state).
+    pub async fn volumes(&self, all: bool) -> Result<serde_json::Value, ClientError> {
+        let path = if all {
+            "/host/volumes?all=true"
+        } else {
+            "/host/volumes"
+        };
+        self.http.get(path).await
+    }
+
+    pub async fn create_volume(&self, req: &NewVolume) -> Result<serde_json::Value, ClientError> {
+        self.http.post("/host/volumes", req).await
+    }
+
+    pub async fn volume(&self, id: &str) -> Result<serde_json::Value, ClientError> {
+        self.http.get(&format!("/host/volumes/{}", seg(id))).await
+    }
+
+    pub async fn delete_volume(&self, id: &str) -> Result<(), ClientError> {
+        self.http
+            .delete(&format!("/host/volumes/{}", seg(id)))
+            .await
+    }
+
+    pub async fn snapshot_volume(
+        &self,
+        id: &str,
+        name: Option<&str>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let body = serde_json::json!({ "name": name });
+        let path = format!("/host/volumes/{}/snapshots", seg(id));
+        self.http.post(&path, &body).await
+    }
+
+    pub async fn send_volume(
+        &self,
+        id: &str,
+        req: &SendVolume,
+    ) -> Result<serde_json::Value, ClientError> {
+        let path = format!("/host/volumes/{}/send", seg(id));
+        self.http.post(&path, req).await
+    }
 }

@@ -201,3 +201,31 @@ pub struct MembershipRequest {
 }
 
 pub use flynn_model::WatchLine;
+
+/// `POST /host/volumes`: a volume on that host.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NewVolume {
+    /// Default: a random id.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Size limit in bytes.
+    #[serde(default)]
+    pub size: Option<u64>,
+    #[serde(default)]
+    pub app: Option<String>,
+    #[serde(default)]
+    pub job: Option<String>,
+}
+
+/// `POST /host/volumes/{id}/send`: a snapshot to another host.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SendVolume {
+    /// The receiving host (IP or IP:PORT).
+    pub to: String,
+    /// Default: the newest snapshot.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// Incremental from this snapshot; default: the newest one the receiver has too.
+    #[serde(default)]
+    pub from: Option<String>,
+}

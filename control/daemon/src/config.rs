@@ -6,6 +6,7 @@ use std::path::Path;
 
 use crate::components::firewall::FirewallArgs;
 use crate::components::router::RouterArgs;
+use crate::components::volumes::VolumeArgs;
 use crate::hostdir::HostDir;
 use crate::{DaemonConfig, DEFAULT_PORT};
 
@@ -30,6 +31,8 @@ pub struct DaemonArgs {
     pub firewall: FirewallArgs,
     #[command(flatten)]
     pub router: RouterArgs,
+    #[command(flatten)]
+    pub volumes: VolumeArgs,
 }
 
 impl DaemonArgs {
@@ -56,6 +59,7 @@ impl DaemonArgs {
             },
             firewall: self.firewall.validate()?,
             router: self.router.validate(data_dir)?,
+            volumes: self.volumes.validate(data_dir)?,
         })
     }
 }

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use crate::component::{Components, LocalState};
 use crate::components::firewall::{FirewallConfig, HostFirewall};
+use crate::components::volumes::VolumesComponent;
 use crate::components::{controller::ControllerRegistration, router::RouterComponent};
 use crate::error::{ApiError, ApiResult};
 use crate::hostdir::HostDir;
@@ -39,6 +40,7 @@ pub struct DaemonConfig {
     pub firewall: Option<FirewallConfig>,
     /// The router, unless `--no-router`.
     pub router: Option<flynn_router::RouterConfig>,
+    pub volumes: crate::components::volumes::VolumeConfig,
 }
 
 pub struct Host {
@@ -53,6 +55,7 @@ pub struct Host {
     start: tokio::sync::Mutex<()>,
     fatal: mpsc::UnboundedSender<anyhow::Error>,
     components: Components,
+    volumes: Arc<VolumesComponent>,
 }
 
 impl Host {
@@ -67,6 +70,10 @@ impl Host {
 
     pub fn components(&self) -> &Components {
         &self.components
+    }
+
+    pub fn volumes(&self) -> &Arc<VolumesComponent> {
+        &self.volumes
     }
 
     pub fn is_recovering(&self) -> bool {
@@ -322,6 +329,8 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     if let Some(rc) = cfg.router.clone() {
         components.add(Arc::new(RouterComponent::start(rc)?));
     }
+    let volumes = Arc::new(VolumesComponent::start(&cfg.volumes, id)?);
+    components.add(volumes.clone());
     components.add(Arc::new(ControllerRegistration::new(id, addr.clone())));
     let host = Arc::new(Host {
         dir: dir.clone(),
@@ -333,6 +342,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         start: tokio::sync::Mutex::new(()),
         fatal: fatal_tx,
         components,
+        volumes,
     });
     tracing::info!(node_id = id, addr = %host.addr, version = version(), "flynn-host daemon starting");
 

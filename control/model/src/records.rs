@@ -228,3 +228,13 @@ pub struct NewCertificate {
     pub cert_pem: String,
     pub key_pem: String,
 }
+
+/// Volume ids, snapshot and pool names name ZFS datasets and directories: 1 to 64 letters,
+/// digits, `-` and `_`.
+pub fn is_volume_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}

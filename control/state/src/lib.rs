@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod discovery;
 pub mod routes;
 pub mod validate;
+pub mod volumes;
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +24,7 @@ pub use cluster::ClusterCommand;
 pub use discovery::DiscoveryCommand;
 pub use flynn_model::*;
 pub use routes::RoutesCommand;
+pub use volumes::VolumesCommand;
 
 use area::to_json;
 
@@ -99,6 +101,7 @@ areas! {
     routes: Routes(RoutesCommand) => routes::Routes,
     discovery: Discovery(DiscoveryCommand) => discovery::Discovery,
     cluster: Cluster(ClusterCommand) => cluster::Cluster,
+    volumes: Volumes(VolumesCommand) => volumes::Volumes,
 }
 
 /// The state's own record: its revision, stored as `meta/revision`.
@@ -114,6 +117,7 @@ pub enum Response {
     Route { route: Route },
     Certificate { certificate: Certificate },
     Instance { instance: Instance },
+    Volume { volume: volumes::Volume },
     Expired { count: usize },
     Batch { results: Vec<ApplyResult> },
 }
@@ -146,6 +150,7 @@ typed_response! {
     Route { route } => Route,
     Certificate { certificate } => Certificate,
     Instance { instance } => Instance,
+    Volume { volume } => volumes::Volume,
 }
 
 /// Why a command was refused. Refusal is deterministic: every host refuses the same command

@@ -53,12 +53,7 @@ pub struct VolumeInfo {
 /// Volume ids and snapshot names: letters, digits, `-` and `_`, 1 to 64 of them (they name
 /// datasets and directories).
 pub fn validate_name(what: &str, name: &str) -> Result<(), VolumeError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
+    if flynn_model::is_volume_name(name) {
         Ok(())
     } else {
         Err(VolumeError::Invalid(format!(

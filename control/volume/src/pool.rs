@@ -238,16 +238,23 @@ impl ZfsPool {
         if !self.exists(id) {
             return Err(VolumeError::NotFound(id.into()));
         }
-        // Unmount first; a mount still settling after writes (zfs-fuse) says "busy" for a
-        // moment, so retry that for up to two seconds before giving up.
+        // Unmount first. zfs-fuse says "busy" for several seconds after writes or a receive
+        // with nothing holding the dataset (its transaction sync): after the first refusal
+        // the unmount is forced (deleting is the operator's explicit act; whatever used the
+        // volume is stopped first), and busy is retried for up to twenty seconds.
         let ds = self.dataset(id);
         let mut tries = 0;
         loop {
-            let _ = self.zfs.run("zfs", &["unmount", &ds]);
+            let unmount: &[&str] = if tries == 0 {
+                &["unmount", &ds]
+            } else {
+                &["unmount", "-f", &ds]
+            };
+            let _ = self.zfs.run("zfs", unmount);
             match self.zfs.run("zfs", &["destroy", "-r", &ds]) {
                 Ok(_) => return Ok(()),
                 Err(VolumeError::Command { stderr, .. })
-                    if stderr.contains("busy") && tries < 10 =>
+                    if stderr.contains("busy") && tries < 100 =>
                 {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(200));
@@ -284,6 +291,14 @@ impl ZfsPool {
         }
         args.push(&snap);
         self.zfs.spawn("zfs", &args, Stdio::null(), Stdio::piped())
+    }
+
+    /// Mounts `id` again after a failed receive, which may leave it unmounted (the volume is
+    /// to stay as it was).
+    pub fn remount(&self, id: &str) {
+        if self.exists(id) {
+            let _ = self.zfs.run("zfs", &["mount", &self.dataset(id)]);
+        }
     }
 
     /// Starts `zfs receive` into `id` (a full stream makes it; an incremental one needs the

@@ -17,6 +17,7 @@ pub mod raft;
 pub mod routes;
 pub mod serve;
 pub mod services;
+pub mod volumes;
 pub mod watch;
 
 use std::sync::Arc;
@@ -45,6 +46,7 @@ pub type AppState = Arc<Host>;
 pub fn router(host: Arc<Host>) -> Router {
     let cluster = raft::routes()
         .merge(host::secret_routes())
+        .merge(volumes::routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_RAFT_BODY))
         .layer(middleware::from_fn_with_state(
             host.clone(),

@@ -3,3 +3,4 @@
 pub mod controller;
 pub mod firewall;
 pub mod router;
+pub mod volumes;
