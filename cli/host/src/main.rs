@@ -107,6 +107,9 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Open, import or create this host's ZFS pool now, as the daemon does at start
+    /// (install-flynn runs it to put the pool on a device).
+    ZpoolInit(flynn_daemon::components::volumes::VolumeArgs),
     /// The components this host runs (router, firewall, ...) and what each is doing.
     Components {
         #[command(flatten)]
@@ -390,6 +393,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Volume { cmd, target } => volume_cmd(local_host(&cli.data_dir, &target)?, cmd).await,
+        Cmd::ZpoolInit(args) => {
+            let cfg = args.validate(&cli.data_dir)?;
+            let pool =
+                flynn_volume::pool::ZfsPool::open(&cfg.pool, Box::new(flynn_volume::ZfsCli))?;
+            println!(
+                "ZFS pool {} {} ({}).",
+                pool.name,
+                pool.opened,
+                pool.health().unwrap_or_else(|e| e.to_string())
+            );
+            Ok(())
+        }
         Cmd::Components { target } => {
             let all = local_host(&cli.data_dir, &target)?.components().await?;
             println!("{}", serde_json::to_string_pretty(&all)?);
