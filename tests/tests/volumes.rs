@@ -49,7 +49,7 @@ async fn t10_volumes_snapshot_and_send_between_hosts() {
             .data_dir
             .join(format!("volumes/zfs/vdev/{pool}-zpool.vdev"));
         assert!(vdev.exists(), "{}", vdev.display());
-        let status = c.host_client(i).components().await.unwrap();
+        let status = ok(&c.flynn_host(i, &["status"]));
         assert_eq!(status["volumes"]["provider"], "zfs");
         assert_eq!(status["volumes"]["health"], "ONLINE");
     }
@@ -156,13 +156,40 @@ async fn t11_a_host_that_cannot_open_its_pool_says_why() {
         .data_dir
         .join("volumes/zfs/vdev/flvbad-zpool.vdev")
         .exists());
-    // With plain directories a host runs, and says so; snapshots are refused clearly.
+    // With `auto`, the same failure falls back to plain directories: the host runs, and says
+    // so in its log and in flynn-host status; snapshots are refused clearly.
+    c.hosts[0].args = [
+        "--volume-provider",
+        "auto",
+        "--zpool-name",
+        "flvauto",
+        "--zpool-size",
+        "1M",
+    ]
+    .map(String::from)
+    .to_vec();
     c.start_daemon(0);
     c.wait_up(0);
     c.bootstrap(1);
     c.wait_leader(0, None).await;
     let status = c.host_client(0).components().await.unwrap();
     assert_eq!(status["volumes"]["provider"], "dir");
+    // flynn-host status says it too, and the log says why.
+    let status = ok(&c.flynn_host(0, &["status"]));
+    assert_eq!(status["volumes"]["provider"], "dir");
+    let why = status["volumes"]["fallback"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        why.contains("flvauto") && why.contains("64 MiB"),
+        "{status}"
+    );
+    assert!(
+        c.hosts[0].log_text().contains("plain directories"),
+        "{}",
+        c.hosts[0].log_text()
+    );
     ok(&c.flynn_host(0, &["volume", "create", "--id", "plain"]));
     let out = c.flynn_host(0, &["volume", "snapshot", "plain"]);
     assert!(!out.status.success());

@@ -411,7 +411,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Status { target } => {
-            let status = local_host(&cli.data_dir, &target)?.status().await?;
+            let host = local_host(&cli.data_dir, &target)?;
+            let mut status = serde_json::to_value(host.status().await?)?;
+            // Where volumes live: a host without ZFS says so here (and in its log).
+            if let Ok(components) = host.components().await {
+                status["volumes"] = components["volumes"].clone();
+            }
             println!("{}", serde_json::to_string_pretty(&status)?);
             Ok(())
         }
