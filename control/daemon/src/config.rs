@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::path::Path;
 
+use crate::blobstore::BlobstoreArgs;
 use crate::components::firewall::FirewallArgs;
 use crate::components::router::RouterArgs;
 use crate::components::volumes::VolumeArgs;
@@ -33,6 +34,8 @@ pub struct DaemonArgs {
     pub router: RouterArgs,
     #[command(flatten)]
     pub volumes: VolumeArgs,
+    #[command(flatten)]
+    pub blobstore: BlobstoreArgs,
 }
 
 impl DaemonArgs {
@@ -60,6 +63,27 @@ impl DaemonArgs {
             firewall: self.firewall.validate()?,
             router: self.router.validate(data_dir)?,
             volumes: self.volumes.validate(data_dir)?,
+            blobstore: self.blobstore.validate(data_dir)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Daemon {
+        #[command(flatten)]
+        args: super::DaemonArgs,
+    }
+
+    /// Every component's flags flattened together must not clash (clap checks ids only in
+    /// debug builds, at first parse: a clash would stop the daemon).
+    #[test]
+    fn t10_component_flags_do_not_clash() {
+        Daemon::command().debug_assert();
+        let d = Daemon::parse_from(["daemon", "--no-router", "--blobstore-http", "127.0.0.1:0"]);
+        assert!(d.args.router.no_router);
     }
 }

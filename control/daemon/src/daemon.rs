@@ -41,6 +41,8 @@ pub struct DaemonConfig {
     /// The router, unless `--no-router`.
     pub router: Option<flynn_router::RouterConfig>,
     pub volumes: crate::components::volumes::VolumeConfig,
+    /// The blobstore, unless `--no-blobstore`.
+    pub blobstore: Option<crate::blobstore::BlobstoreConfig>,
 }
 
 pub struct Host {
@@ -56,6 +58,7 @@ pub struct Host {
     fatal: mpsc::UnboundedSender<anyhow::Error>,
     components: Components,
     volumes: Arc<VolumesComponent>,
+    blobstore: Option<Arc<crate::blobstore::Blobstore>>,
 }
 
 impl Host {
@@ -171,6 +174,9 @@ impl Host {
         let raft = Raft::new(self.id, config, HttpNetwork::new(secret.clone()), log, sm)
             .await
             .context("starting raft")?;
+        if let Some(b) = &self.blobstore {
+            b.set_secret(&secret);
+        }
         let node = Node::new(self.id, self.addr.clone(), raft, handle, secret);
         let _ = self.node.set(node.clone());
         self.components.follow(&LocalState::new(node.clone()));
@@ -331,6 +337,14 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     }
     let volumes = Arc::new(VolumesComponent::start(&cfg.volumes, id)?);
     components.add(volumes.clone());
+    let blobstore = match &cfg.blobstore {
+        Some(bc) => {
+            let b = crate::blobstore::Blobstore::start(bc, id).await?;
+            components.add(b.clone());
+            Some(b)
+        }
+        None => None,
+    };
     components.add(Arc::new(ControllerRegistration::new(id, addr.clone())));
     let host = Arc::new(Host {
         dir: dir.clone(),
@@ -343,6 +357,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         fatal: fatal_tx,
         components,
         volumes,
+        blobstore,
     });
     tracing::info!(node_id = id, addr = %host.addr, version = version(), "flynn-host daemon starting");
 

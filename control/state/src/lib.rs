@@ -10,6 +10,7 @@
 
 pub mod apps;
 pub mod area;
+pub mod blobs;
 pub mod cluster;
 pub mod discovery;
 pub mod routes;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 pub use apps::AppsCommand;
 pub use area::{Area, Cx, Table};
+pub use blobs::BlobsCommand;
 pub use cluster::ClusterCommand;
 pub use discovery::DiscoveryCommand;
 pub use flynn_model::*;
@@ -102,6 +104,7 @@ areas! {
     discovery: Discovery(DiscoveryCommand) => discovery::Discovery,
     cluster: Cluster(ClusterCommand) => cluster::Cluster,
     volumes: Volumes(VolumesCommand) => volumes::Volumes,
+    blobs: Blobs(BlobsCommand) => blobs::Blobs,
 }
 
 /// The state's own record: its revision, stored as `meta/revision`.
@@ -118,6 +121,7 @@ pub enum Response {
     Certificate { certificate: Certificate },
     Instance { instance: Instance },
     Volume { volume: volumes::Volume },
+    Blob { file: blobs::BlobFile },
     Expired { count: usize },
     Batch { results: Vec<ApplyResult> },
 }
@@ -151,6 +155,7 @@ typed_response! {
     Certificate { certificate } => Certificate,
     Instance { instance } => Instance,
     Volume { volume } => volumes::Volume,
+    Blob { file } => blobs::BlobFile,
 }
 
 /// Why a command was refused. Refusal is deterministic: every host refuses the same command

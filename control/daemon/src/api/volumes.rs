@@ -312,6 +312,13 @@ async fn receive(
                 .unwrap_or("zfs receive failed")
                 .to_string()
         });
+        // A failed receive may leave the volume unmounted; it is to stay as it was.
+        let rid = id.clone();
+        let _ = blocking(host.volumes(), move |v| {
+            v.provider.zfs()?.remount(&rid);
+            Ok(())
+        })
+        .await;
         return Err(ApiError::Invalid(format!(
             "volume {id:?} not received: {why}; it is unchanged"
         )));

@@ -1,0 +1,540 @@
+//! The blobstore's HTTP API and the internal object transfer between hosts.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::{Json, Router};
+use base64::Engine;
+use flynn_client::SECRET_HEADER;
+use flynn_state::blobs::{check_path, BlobFile, BlobsCommand};
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::store::valid_sha;
+use super::Blobstore;
+use crate::error::{ApiError, ApiResult};
+
+type Shared = Arc<Blobstore>;
+
+/// Requests and bytes, by method, for `/metrics`.
+#[derive(Default)]
+pub struct Counters {
+    gets: AtomicU64,
+    puts: AtomicU64,
+    deletes: AtomicU64,
+    errors: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+impl Counters {
+    pub fn render(&self) -> String {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "# HELP flynn_blobstore_requests_total Blobstore requests by method.\n# TYPE flynn_blobstore_requests_total counter\nflynn_blobstore_requests_total{{method=\"get\",backend=\"embedded\"}} {}\nflynn_blobstore_requests_total{{method=\"put\",backend=\"embedded\"}} {}\nflynn_blobstore_requests_total{{method=\"delete\",backend=\"embedded\"}} {}\n# HELP flynn_blobstore_errors_total Blobstore requests answered with an error.\n# TYPE flynn_blobstore_errors_total counter\nflynn_blobstore_errors_total{{backend=\"embedded\"}} {}\n# HELP flynn_blobstore_bytes_total Bytes stored and served.\n# TYPE flynn_blobstore_bytes_total counter\nflynn_blobstore_bytes_total{{direction=\"in\",backend=\"embedded\"}} {}\nflynn_blobstore_bytes_total{{direction=\"out\",backend=\"embedded\"}} {}\n",
+            g(&self.gets), g(&self.puts), g(&self.deletes), g(&self.errors), g(&self.bytes_in), g(&self.bytes_out)
+        )
+    }
+}
+
+pub fn router(b: Shared) -> Router {
+    Router::new()
+        .route("/_objects/{sha}", get(object_get).put(object_put))
+        .route("/", get(list))
+        .route("/{*path}", any(file))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(b)
+}
+
+impl Blobstore {
+    fn ready(&self) -> ApiResult<&crate::component::LocalState> {
+        self.local
+            .get()
+            .ok_or_else(|| ApiError::Unavailable("this host is not in a cluster yet".into()))
+    }
+
+    fn secret_ok(&self, headers: &HeaderMap) -> bool {
+        let given = headers
+            .get(SECRET_HEADER)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        match self.local.get() {
+            Some(l) => l.node().secret_matches(given),
+            None => false,
+        }
+    }
+
+    fn secret(&self) -> String {
+        self.secret.get().cloned().unwrap_or_default()
+    }
+
+    /// Blobstore addresses of the other member hosts, by node id.
+    fn peers(&self) -> Vec<(u64, String)> {
+        let Some(local) = self.local.get() else {
+            return Vec::new();
+        };
+        local
+            .members()
+            .into_iter()
+            .filter(|(id, _)| *id != self.host)
+            .filter_map(|(id, addr)| {
+                let ip = addr.rsplit_once(':').map(|(ip, _)| ip.to_string())?;
+                Some((id, format!("{ip}:{}", self.addr.port())))
+            })
+            .collect()
+    }
+
+    /// Copies a local object to one other host; its id, or `None` if no host took it.
+    async fn replicate(&self, sha512: &str) -> Option<u64> {
+        for (id, addr) in self.peers() {
+            let Ok(file) = tokio::fs::File::open(self.store.path(sha512)).await else {
+                return None;
+            };
+            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+            let sent = self
+                .peers
+                .put(format!("http://{addr}/_objects/{sha512}"))
+                .header(SECRET_HEADER, self.secret())
+                .body(body)
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status().is_success() => return Some(id),
+                Ok(r) => tracing::warn!(peer = %addr, status = %r.status(), "replica refused"),
+                Err(e) => tracing::warn!(peer = %addr, error = %e, "replica not stored"),
+            }
+        }
+        None
+    }
+}
+
+fn etag(sha512: &str) -> String {
+    let bytes: Vec<u8> = (0..sha512.len() / 2)
+        .filter_map(|i| u8::from_str_radix(&sha512[i * 2..i * 2 + 2], 16).ok())
+        .collect();
+    format!(
+        "\"{}\"",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+#[derive(Deserialize)]
+struct ListOpts {
+    #[serde(default)]
+    dir: Option<String>,
+}
+
+/// `GET /` and `GET /?dir=/x`: the entries directly under a directory.
+async fn list(
+    State(b): State<Shared>,
+    Query(opts): Query<ListOpts>,
+) -> ApiResult<Json<Vec<String>>> {
+    let local = b.ready()?;
+    local.node().read_barrier().await?;
+    let dir = opts.dir.unwrap_or_else(|| "/".into());
+    Ok(Json(local.read(|s| s.blobs.list(&dir))))
+}
+
+async fn file(State(b): State<Shared>, Path(path): Path<String>, req: Request) -> Response {
+    let path = format!("/{path}");
+    let method = req.method().clone();
+    let result = match method {
+        Method::GET | Method::HEAD => {
+            b.counters.gets.fetch_add(1, Ordering::Relaxed);
+            read(&b, &path, req.headers(), method == Method::HEAD).await
+        }
+        Method::PUT => {
+            b.counters.puts.fetch_add(1, Ordering::Relaxed);
+            write(&b, &path, req).await.map(IntoResponse::into_response)
+        }
+        Method::DELETE => {
+            b.counters.deletes.fetch_add(1, Ordering::Relaxed);
+            delete(&b, &path).await.map(IntoResponse::into_response)
+        }
+        _ => Err(ApiError::Invalid(format!(
+            "{method} is not a blobstore method"
+        ))),
+    };
+    result.unwrap_or_else(|e| {
+        b.counters.errors.fetch_add(1, Ordering::Relaxed);
+        e.into_response()
+    })
+}
+
+async fn delete(b: &Shared, path: &str) -> ApiResult<Json<serde_json::Value>> {
+    let local = b.ready()?;
+    let path = path.trim_end_matches('/').to_string();
+    check_path(&path)?;
+    local
+        .node()
+        .propose(BlobsCommand::DeleteFiles { path })
+        .await?;
+    Ok(crate::api::deleted())
+}
+
+async fn write(b: &Shared, path: &str, req: Request) -> ApiResult<Json<BlobFile>> {
+    let local = b.ready()?;
+    check_path(path)?;
+    let headers = req.headers().clone();
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let node = local.node().clone();
+    node.read_barrier().await?;
+    let existing = local.read(|s| s.blobs.blobs.get(path).cloned());
+    let now = crate::now_ms();
+    let content_type = text("content-type");
+
+    // A copy is metadata only: the content, and so its object, is the same.
+    if let Some(src) = text("blobstore-copy-from") {
+        check_path(&src)?;
+        let source = local
+            .read(|s| s.blobs.blobs.get(&src).cloned())
+            .ok_or_else(|| ApiError::NotFound(format!("blob {src:?} not found")))?;
+        let file = BlobFile {
+            path: path.to_string(),
+            created_ms: existing.as_ref().map_or(now, |e| e.created_ms),
+            modified_ms: now,
+            content_type: content_type.or(source.content_type.clone()),
+            ..source
+        };
+        return Ok(Json(node.propose_as(BlobsCommand::PutFile { file }).await?));
+    }
+
+    // An append extends the current content, only at its exact end.
+    let prefix = match text("blobstore-offset") {
+        Some(o) => {
+            let offset: u64 = o.trim().parse().map_err(|_| {
+                ApiError::Invalid(format!("Blobstore-Offset {o:?} is not a number"))
+            })?;
+            let current = existing.as_ref().map_or(0, |e| e.size);
+            if offset != current {
+                return Err(ApiError::Conflict(format!(
+                    "Blobstore-Offset {offset} does not match the blob's size {current}; nothing was written"
+                )));
+            }
+            match existing.as_ref().filter(|e| e.size > 0) {
+                Some(e) => Some(fetch_local(b, e).await?),
+                None => None,
+            }
+        }
+        None => None,
+    };
+    let body = req.into_body().into_data_stream();
+    let written = b
+        .store
+        .write(prefix.as_deref(), body, None)
+        .await
+        .map_err(ApiError::Invalid)?;
+    b.counters
+        .bytes_in
+        .fetch_add(written.size, Ordering::Relaxed);
+    // Stored on two hosts before the write is acknowledged (one, if it is the only host).
+    let mut holders = vec![b.host];
+    match b.replicate(&written.sha512).await {
+        Some(peer) => holders.push(peer),
+        None if b.peers().is_empty() => {}
+        None => {
+            return Err(ApiError::Unavailable(
+                "the blob could not be stored on a second host; nothing was written".into(),
+            ))
+        }
+    }
+    let file = BlobFile {
+        path: path.to_string(),
+        size: written.size,
+        sha512: written.sha512,
+        backend: "embedded".into(),
+        holders,
+        content_type,
+        created_ms: existing.as_ref().map_or(now, |e| e.created_ms),
+        modified_ms: now,
+    };
+    Ok(Json(node.propose_as(BlobsCommand::PutFile { file }).await?))
+}
+
+/// A local copy of `file`'s object, fetched from a holder if this host has none.
+async fn fetch_local(b: &Shared, file: &BlobFile) -> ApiResult<std::path::PathBuf> {
+    if !b.store.has(&file.sha512) {
+        let resp = from_holder(b, file, None).await?;
+        let stream = resp.bytes_stream();
+        b.store
+            .write(None, stream, Some(&file.sha512))
+            .await
+            .map_err(ApiError::Internal)?;
+    }
+    Ok(b.store.path(&file.sha512))
+}
+
+/// Asks the other holders of `file` for its object (a byte range of it, if given).
+async fn from_holder(
+    b: &Shared,
+    file: &BlobFile,
+    range: Option<(u64, u64)>,
+) -> ApiResult<reqwest::Response> {
+    let peers = b.peers();
+    for holder in file.holders.iter().filter(|h| **h != b.host) {
+        let Some((_, addr)) = peers.iter().find(|(id, _)| id == holder) else {
+            continue;
+        };
+        let mut rb = b
+            .peers
+            .get(format!("http://{addr}/_objects/{}", file.sha512))
+            .header(SECRET_HEADER, b.secret());
+        if let Some((start, end)) = range {
+            rb = rb.header(header::RANGE, format!("bytes={start}-{end}"));
+        }
+        match rb.send().await {
+            Ok(r) if r.status().is_success() => return Ok(r),
+            Ok(r) => tracing::warn!(holder = %addr, status = %r.status(), "object not served"),
+            Err(e) => tracing::warn!(holder = %addr, error = %e, "holder unreachable"),
+        }
+    }
+    Err(ApiError::Unavailable(format!(
+        "no reachable host holds {:?} now",
+        file.path
+    )))
+}
+
+/// `bytes=a-b`, `bytes=a-`, `bytes=-n` (one range) against `size`: `Ok(None)` without a
+/// header, `Err` when it cannot be satisfied.
+fn parse_range(h: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(h) = h else { return Ok(None) };
+    let spec = h.trim().strip_prefix("bytes=").ok_or(())?;
+    if spec.contains(',') || size == 0 {
+        return Err(());
+    }
+    let (a, z) = spec.split_once('-').ok_or(())?;
+    let (start, end) = match (a.trim(), z.trim()) {
+        ("", n) => {
+            let n: u64 = n.parse().map_err(|_| ())?;
+            (size.saturating_sub(n), size - 1)
+        }
+        (a, "") => (a.parse().map_err(|_| ())?, size - 1),
+        (a, z) => (
+            a.parse().map_err(|_| ())?,
+            z.parse::<u64>().map_err(|_| ())?.min(size - 1),
+        ),
+    };
+    if start > end || start >= size {
+        return Err(());
+    }
+    Ok(Some((start, end)))
+}
+
+async fn read(b: &Shared, path: &str, headers: &HeaderMap, head: bool) -> ApiResult<Response> {
+    let local = b.ready()?;
+    check_path(path)?;
+    local.node().read_barrier().await?;
+    let file = local
+        .read(|s| s.blobs.blobs.get(path).cloned())
+        .ok_or_else(|| ApiError::NotFound(format!("blob {path:?} not found")))?;
+    let tag = etag(&file.sha512);
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == tag || t.trim() == "*"));
+    let mut resp = Response::builder()
+        .header(header::ETAG, &tag)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(
+            header::CONTENT_TYPE,
+            file.content_type
+                .as_deref()
+                .unwrap_or("application/octet-stream"),
+        );
+    if matches {
+        return Ok(resp
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Body::empty())
+            .expect("static parts"));
+    }
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let range = match parse_range(range, file.size) {
+        Ok(r) => r,
+        Err(()) => {
+            return Ok(Response::builder()
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(header::CONTENT_RANGE, format!("bytes */{}", file.size))
+                .body(Body::empty())
+                .expect("static parts"))
+        }
+    };
+    let (start, len) = match range {
+        Some((s, e)) => {
+            resp = resp.status(StatusCode::PARTIAL_CONTENT).header(
+                header::CONTENT_RANGE,
+                format!("bytes {s}-{e}/{}", file.size),
+            );
+            (s, e - s + 1)
+        }
+        None => (0, file.size),
+    };
+    resp = resp.header(header::CONTENT_LENGTH, len);
+    if head {
+        return Ok(resp.body(Body::empty()).expect("static parts"));
+    }
+    b.counters.bytes_out.fetch_add(len, Ordering::Relaxed);
+    if b.store.has(&file.sha512) {
+        let mut f = tokio::fs::File::open(b.store.path(&file.sha512))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        f.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let stream = tokio_util::io::ReaderStream::new(f.take(len));
+        let body = if range.is_none() {
+            Body::from_stream(verified(b.clone(), stream, file.sha512.clone()))
+        } else {
+            Body::from_stream(stream)
+        };
+        return Ok(resp.body(body).expect("static parts"));
+    }
+    // A holder without its copy (dropped as bad, or lost) gets it back from another holder.
+    if file.holders.contains(&b.host) {
+        let (b2, f2) = (b.clone(), file.clone());
+        tokio::spawn(async move {
+            match fetch_local(&b2, &f2).await {
+                Ok(_) => tracing::info!(path = %f2.path, "local copy restored from another holder"),
+                Err(e) => tracing::warn!(path = %f2.path, error = %e, "local copy not restored"),
+            }
+        });
+    }
+    let remote = from_holder(b, &file, range).await?;
+    Ok(resp
+        .body(Body::from_stream(remote.bytes_stream()))
+        .expect("static parts"))
+}
+
+/// Passes a whole object's bytes through while hashing them. The last piece is held back
+/// until the digest is known: if it does not match the record, the stream fails short of
+/// its Content-Length (the client sees an aborted body, never bad bytes as good ones) and
+/// the bad copy is dropped, so the next read comes from another holder.
+fn verified<S>(
+    b: Shared,
+    inner: S,
+    want: String,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>>
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Unpin + Send + 'static,
+{
+    let ctx = ring::digest::Context::new(&ring::digest::SHA512);
+    let held: Option<bytes::Bytes> = None;
+    futures::stream::unfold(Some((inner, ctx, held)), move |state| {
+        let (b, want) = (b.clone(), want.clone());
+        async move {
+            let (mut inner, mut ctx, mut held) = state?;
+            loop {
+                match inner.next().await {
+                    Some(Ok(chunk)) => {
+                        ctx.update(&chunk);
+                        if let Some(prev) = held.replace(chunk) {
+                            return Some((Ok(prev), Some((inner, ctx, held))));
+                        }
+                    }
+                    Some(Err(e)) => return Some((Err(e), None)),
+                    None => {
+                        let got = super::store::hex(ctx.finish().as_ref());
+                        if got == want {
+                            return held.map(|last| (Ok(last), None));
+                        }
+                        tracing::error!(object = %want, "stored copy does not match its digest; dropped");
+                        b.store.discard(&want);
+                        let bad = std::io::Error::other("blob content does not match its digest");
+                        return Some((Err(bad), None));
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// `PUT /_objects/SHA`: another host stores a replica here (cluster secret).
+async fn object_put(
+    State(b): State<Shared>,
+    Path(sha): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<StatusCode> {
+    if !b.secret_ok(&headers) {
+        return Err(ApiError::Unauthorized(
+            "missing or wrong cluster secret".into(),
+        ));
+    }
+    if !valid_sha(&sha) {
+        return Err(ApiError::Invalid("not a SHA-512".into()));
+    }
+    if !b.store.has(&sha) {
+        b.store
+            .write(None, body.into_data_stream(), Some(&sha))
+            .await
+            .map_err(ApiError::Invalid)?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /_objects/SHA`: the bytes of a local object, or a range of them (cluster secret).
+async fn object_get(
+    State(b): State<Shared>,
+    Path(sha): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    if !b.secret_ok(&headers) {
+        return Err(ApiError::Unauthorized(
+            "missing or wrong cluster secret".into(),
+        ));
+    }
+    if !b.store.has(&sha) {
+        return Err(ApiError::NotFound(format!("no object {sha} here")));
+    }
+    let mut f = tokio::fs::File::open(b.store.path(&sha))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let size = f
+        .metadata()
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .len();
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let (start, len) = match parse_range(range, size) {
+        Ok(Some((s, e))) => (s, e - s + 1),
+        Ok(None) => (0, size),
+        Err(()) => return Err(ApiError::Invalid("bad range".into())),
+    };
+    f.seek(std::io::SeekFrom::Start(start))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Body::from_stream(tokio_util::io::ReaderStream::new(f.take(len))).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn t10_ranges() {
+        assert_eq!(parse_range(None, 10), Ok(None));
+        assert_eq!(parse_range(Some("bytes=0-3"), 10), Ok(Some((0, 3))));
+        assert_eq!(parse_range(Some("bytes=5-"), 10), Ok(Some((5, 9))));
+        assert_eq!(parse_range(Some("bytes=-4"), 10), Ok(Some((6, 9))));
+        assert_eq!(parse_range(Some("bytes=8-100"), 10), Ok(Some((8, 9))));
+        for bad in [
+            "bytes=10-",
+            "bytes=4-2",
+            "items=0-1",
+            "bytes=0-1,3-4",
+            "bytes=x-",
+        ] {
+            assert!(parse_range(Some(bad), 10).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! The blobstore on every host: Flynn's HTTP API (`PUT`/`GET`/`HEAD`/`DELETE` by path,
+//! `Blobstore-Offset` appends, `Blobstore-Copy-From` copies, `GET /?dir=` lists) on its own
+//! listener. File metadata lives in the Raft state (the `blobs` area), so a file is visible
+//! from every host once its PUT is acknowledged. The default backend, `embedded`, keeps the
+//! bytes on the hosts themselves: a PUT is acknowledged only once the object is stored on
+//! two hosts (one in a one-host cluster), and a host without a copy streams it from one
+//! that has it. Reads of a whole local object are checked against the recorded SHA-512.
+
+mod http;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use anyhow::Context;
+use futures::future::BoxFuture;
+
+use crate::component::{Component, LocalState};
+use store::ObjectStore;
+
+/// Blobstore flags of `flynn-host daemon`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BlobstoreArgs {
+    /// Where the blobstore's HTTP API listens (every host serves it).
+    #[arg(long = "blobstore-http", default_value = "0.0.0.0:5001")]
+    pub blobstore_http: SocketAddr,
+    /// Do not run the blobstore on this host.
+    #[arg(long)]
+    pub no_blobstore: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct BlobstoreConfig {
+    pub http: SocketAddr,
+    pub root: std::path::PathBuf,
+}
+
+impl BlobstoreArgs {
+    pub fn validate(&self, data_dir: &Path) -> anyhow::Result<Option<BlobstoreConfig>> {
+        if self.no_blobstore {
+            return Ok(None);
+        }
+        Ok(Some(BlobstoreConfig {
+            http: self.blobstore_http,
+            root: data_dir.join("blobstore").join("objects"),
+        }))
+    }
+}
+
+pub struct Blobstore {
+    store: ObjectStore,
+    addr: SocketAddr,
+    /// This host's Raft node id and secret, once it is in a cluster.
+    local: OnceLock<LocalState>,
+    host: u64,
+    secret: OnceLock<String>,
+    peers: reqwest::Client,
+    server: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    pub(crate) counters: http::Counters,
+}
+
+impl Blobstore {
+    /// Binds the listener now (a port in use stops the daemon) and serves; requests get 503
+    /// until the host is in a cluster.
+    pub async fn start(cfg: &BlobstoreConfig, host: u64) -> anyhow::Result<Arc<Self>> {
+        let store = ObjectStore::open(cfg.root.clone())
+            .with_context(|| format!("opening {}", cfg.root.display()))?;
+        let listener = tokio::net::TcpListener::bind(cfg.http)
+            .await
+            .with_context(|| format!("blobstore cannot listen on {}", cfg.http))?;
+        let addr = listener.local_addr()?;
+        let me = Arc::new(Blobstore {
+            store,
+            addr,
+            local: OnceLock::new(),
+            host,
+            secret: OnceLock::new(),
+            peers: reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(2))
+                .pool_idle_timeout(flynn_client::POOL_IDLE)
+                .build()?,
+            server: std::sync::Mutex::new(None),
+            counters: http::Counters::default(),
+        });
+        let app = http::router(me.clone());
+        let task = tokio::spawn(crate::api::serve::serve(
+            listener,
+            app,
+            futures::future::pending::<()>(),
+        ));
+        *me.server.lock().expect("server lock") = Some(task);
+        tracing::info!(%addr, "blobstore listening");
+        Ok(me)
+    }
+
+    /// Sets the cluster secret peers authenticate internal object transfers with.
+    pub fn set_secret(&self, secret: &str) {
+        let _ = self.secret.set(secret.to_string());
+    }
+}
+
+impl Component for Blobstore {
+    fn name(&self) -> &'static str {
+        "blobstore"
+    }
+
+    fn follow(self: Arc<Self>, local: LocalState) -> BoxFuture<'static, ()> {
+        let _ = self.local.set(local);
+        Box::pin(async {})
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "listen": self.addr,
+            "default_backend": "embedded",
+            "ready": self.local.get().is_some(),
+        })
+    }
+
+    fn prometheus(&self) -> String {
+        self.counters.render()
+    }
+
+    fn stop(self: Arc<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            if let Some(task) = self.server.lock().expect("server lock").take() {
+                task.abort();
+            }
+        })
+    }
+}
