@@ -8,7 +8,12 @@ use std::path::Path;
 use flynn_volume::pool::ZfsPool;
 use flynn_volume::{PoolConfig, Provider, VolumeError, ZfsCli};
 
-fn zfs_ready() {
+/// zfs-fuse can deadlock in its FUSE mounts when pools are created concurrently (seen with
+/// two creations at once): the cases take turns.
+static ZFS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn zfs_ready() -> std::sync::MutexGuard<'static, ()> {
+    let turn = ZFS.lock().unwrap_or_else(|e| e.into_inner());
     let ok = std::process::Command::new("zpool")
         .arg("list")
         .output()
@@ -17,6 +22,7 @@ fn zfs_ready() {
         ok,
         "ZFS is not running: script/test starts zfs-fuse (or start it: zfs-fuse)"
     );
+    turn
 }
 
 /// A pool config of its own under `dir`, 128 MiB.
@@ -55,7 +61,7 @@ fn open(c: &PoolConfig) -> ZfsPool {
 
 #[test]
 fn t20_pool_on_a_sparse_file_is_created_once_then_imported() {
-    zfs_ready();
+    let _turn = zfs_ready();
     let dir = tempfile::tempdir().unwrap();
     let c = config(dir.path(), "a");
     let _cleanup = Cleanup(vec![c.name.clone()]);
@@ -83,7 +89,7 @@ fn t20_pool_on_a_sparse_file_is_created_once_then_imported() {
 
 #[test]
 fn t21_volumes_snapshots_and_deletes() {
-    zfs_ready();
+    let _turn = zfs_ready();
     let dir = tempfile::tempdir().unwrap();
     let c = config(dir.path(), "b");
     let _cleanup = Cleanup(vec![c.name.clone()]);
@@ -148,7 +154,7 @@ fn pipe(
 
 #[test]
 fn t22_send_full_then_incremental_and_a_cut_receive_changes_nothing() {
-    zfs_ready();
+    let _turn = zfs_ready();
     let dir = tempfile::tempdir().unwrap();
     let (ca, cb) = (
         config(dir.path(), "src"),
@@ -191,7 +197,7 @@ fn t22_send_full_then_incremental_and_a_cut_receive_changes_nothing() {
 
 #[test]
 fn t23_pool_on_a_device_then_migrated_off_the_file_as_the_docs_write() {
-    zfs_ready();
+    let _turn = zfs_ready();
     let dir = tempfile::tempdir().unwrap();
     // The "device" is a second sparse file standing in for a disk.
     let disk = dir.path().join("sdb");
@@ -253,7 +259,7 @@ fn t23_pool_on_a_device_then_migrated_off_the_file_as_the_docs_write() {
 
 #[test]
 fn t24_a_pool_that_cannot_be_made_leaves_nothing_behind() {
-    zfs_ready();
+    let _turn = zfs_ready();
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(dir.path(), "small");
     c.size = Some(1024 * 1024);
