@@ -183,6 +183,33 @@ async fn t10_flynn_blobstore_api_semantics() {
         .unwrap();
     assert_eq!(bad.status(), 400);
 
+    // Configuration as Flynn's docs write it: a broken backend is refused at env set, naming
+    // the backend and the cause, the env unchanged, and the blobstore's log says it too.
+    let out = c.flynn(
+        0,
+        &[
+            "-a",
+            "blobstore",
+            "env",
+            "set",
+            "BACKEND_S3MAIN=backend=s3 bucket=b",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("\"s3main\"") && err.contains("needs region") && err.lines().count() == 1,
+        "{err}"
+    );
+    let unset = c.flynn(0, &["-a", "blobstore", "env", "get", "BACKEND_S3MAIN"]);
+    assert!(!unset.status.success(), "the refused value was stored");
+    assert!(c.hosts[0].log_text().contains("configuration refused"));
+    let good = "BACKEND_S3MAIN=backend=s3 region=us-east-1 bucket=b";
+    assert!(c
+        .flynn(0, &["-a", "blobstore", "env", "set", good])
+        .status
+        .success());
+
     // A large blob streams through in bounded memory.
     let size: u64 = 256 << 20;
     let chunk = bytes::Bytes::from(vec![7u8; 1 << 20]);

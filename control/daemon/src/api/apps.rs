@@ -10,7 +10,7 @@ use flynn_client::{CreateApp, EnvUpdate};
 use flynn_state::{App, AppsCommand};
 
 use super::{deleted, read, AppState, JsonBody, ReadOpts};
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -78,14 +78,19 @@ async fn update_env(
     Path(app): Path<String>,
     JsonBody(req): JsonBody<EnvUpdate>,
 ) -> ApiResult<Json<App>> {
-    let app: App = host
+    let blobstore = app == "blobstore";
+    let updated = host
         .node()?
-        .propose_as(AppsCommand::UpdateEnv {
+        .propose_as::<App>(AppsCommand::UpdateEnv {
             app,
             proc_type: req.proc_type,
             set: req.set,
             unset: req.unset,
         })
-        .await?;
-    Ok(Json(app))
+        .await;
+    if let (true, Err(ApiError::Invalid(why))) = (blobstore, &updated) {
+        // The operator sees it from `env set`; the blobstore's log says it too.
+        tracing::warn!(target: "flynn_daemon::blobstore", "configuration refused: {why}");
+    }
+    Ok(Json(updated?))
 }

@@ -153,6 +153,10 @@ fn update_env(
             }
         }
     }
+    if app == "blobstore" {
+        // A blobstore configuration that cannot work is refused, the env left as it was.
+        crate::blobs::config::backends(&env.global)?;
+    }
     let mut updated = s.app(app)?.clone();
     updated.env = env;
     s.apps.insert(updated.clone(), cx);

@@ -2,6 +2,8 @@
 //! The bytes stay in a backend; a file is visible from every host as soon as its PUT is
 //! committed here.
 
+pub mod config;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};

@@ -74,3 +74,93 @@ fn t11_bad_paths_and_digests_are_refused() {
     .is_err());
     assert_eq!(s, before);
 }
+
+fn set(vars: &[(&str, &str)]) -> AppsCommand {
+    AppsCommand::UpdateEnv {
+        app: "blobstore".into(),
+        proc_type: None,
+        set: vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        unset: vec![],
+    }
+}
+
+#[test]
+fn t12_blobstore_env_is_checked_as_flynn_writes_it() {
+    let mut s = booted();
+    let s3 = "backend=s3 region=us-east-1 bucket=flynn access_key_id=AK secret_access_key=SK";
+    ok(
+        &mut s,
+        set(&[("BACKEND_S3MAIN", s3), ("DEFAULT_BACKEND", "S3Main")]),
+    );
+    // GCS takes its service-account JSON as an extra variable.
+    ok(
+        &mut s,
+        set(&[
+            ("BACKEND_GCSMAIN", "backend=gcs bucket=b"),
+            ("BACKEND_GCSMAIN_KEY", r#"{"type":"service_account"}"#),
+        ]),
+    );
+    let before = s.clone();
+    let refused = [
+        (vec![("BACKEND_X", "backend=ftp")], "unknown backend type"),
+        (
+            vec![("BACKEND_X", "backend=s3 bucket=b")],
+            "s3 needs region",
+        ),
+        (vec![("BACKEND_X", "bucket=b")], "no backend=TYPE"),
+        (vec![("BACKEND_X", "backend=s3 region")], "is not key=value"),
+        (
+            vec![("BACKEND_Y", "backend=azure account_name=a container=c")],
+            "azure needs account_key",
+        ),
+        (
+            vec![("BACKEND_G", "backend=gcs bucket=b key=notjson")],
+            "service account JSON",
+        ),
+        (vec![("BACKEND_NOPE_KEY", "x")], "names no backend"),
+        (
+            vec![("DEFAULT_BACKEND", "missing")],
+            "names no configured backend",
+        ),
+    ];
+    for (vars, says) in refused {
+        let (r, _) = apply(&mut s, set(&vars));
+        match r {
+            Err(StateError::Invalid(m)) => {
+                assert!(
+                    m.contains(says) && m.contains("blobstore backend"),
+                    "{vars:?}: {m}"
+                )
+            }
+            other => panic!("{vars:?} accepted: {other:?}"),
+        }
+        assert_eq!(s, before, "{vars:?} changed the env");
+    }
+    // Unsetting what DEFAULT_BACKEND names is refused too; the embedded backend always exists.
+    assert!(apply(
+        &mut s,
+        AppsCommand::UpdateEnv {
+            app: "blobstore".into(),
+            proc_type: None,
+            set: Default::default(),
+            unset: vec!["BACKEND_S3MAIN".into()],
+        }
+    )
+    .0
+    .is_err());
+    ok(&mut s, set(&[("DEFAULT_BACKEND", "embedded")]));
+    // Other apps' env is not the blobstore's business.
+    ok(&mut s, AppsCommand::CreateApp { name: "web".into() });
+    ok(
+        &mut s,
+        AppsCommand::UpdateEnv {
+            app: "web".into(),
+            proc_type: None,
+            set: [("BACKEND_X".to_string(), "anything".to_string())].into(),
+            unset: vec![],
+        },
+    );
+}
