@@ -498,20 +498,7 @@ async fn t85_watch_streams_and_resumes_and_instances_expire() {
     let client = c.client(2);
     client.create_app("web").await.unwrap();
     let first = client
-        .add_route(
-            "web",
-            &flynn_client::RouteRequest::Http {
-                domain: "web.example.com".into(),
-                path: None,
-                service: None,
-                sticky: false,
-                leader: false,
-                disable_keepalive: false,
-                no_drain_backends: false,
-                certificate: None,
-                https_redirect: false,
-            },
-        )
+        .add_route("web", &flynn_client::RouteRequest::http("web.example.com"))
         .await
         .unwrap();
     // A fresh watcher gets a reset, the full state, and a synced mark.

@@ -58,7 +58,6 @@ pub struct Host {
     fatal: mpsc::UnboundedSender<anyhow::Error>,
     components: Components,
     volumes: Arc<VolumesComponent>,
-    blobstore: Option<Arc<crate::blobstore::Blobstore>>,
 }
 
 impl Host {
@@ -174,9 +173,6 @@ impl Host {
         let raft = Raft::new(self.id, config, HttpNetwork::new(secret.clone()), log, sm)
             .await
             .context("starting raft")?;
-        if let Some(b) = &self.blobstore {
-            b.set_secret(&secret);
-        }
         let node = Node::new(self.id, self.addr.clone(), raft, handle, secret);
         let _ = self.node.set(node.clone());
         self.components.follow(&LocalState::new(node.clone()));
@@ -337,14 +333,9 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     }
     let volumes = Arc::new(VolumesComponent::start(&cfg.volumes, id)?);
     components.add(volumes.clone());
-    let blobstore = match &cfg.blobstore {
-        Some(bc) => {
-            let b = crate::blobstore::Blobstore::start(bc, id).await?;
-            components.add(b.clone());
-            Some(b)
-        }
-        None => None,
-    };
+    if let Some(bc) = &cfg.blobstore {
+        components.add(crate::blobstore::Blobstore::start(bc, id).await?);
+    }
     components.add(Arc::new(ControllerRegistration::new(id, addr.clone())));
     let host = Arc::new(Host {
         dir: dir.clone(),
@@ -357,7 +348,6 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         fatal: fatal_tx,
         components,
         volumes,
-        blobstore,
     });
     tracing::info!(node_id = id, addr = %host.addr, version = version(), "flynn-host daemon starting");
 

@@ -191,6 +191,11 @@ impl Node {
         })
     }
 
+    /// The cluster secret, for this host's own calls to other hosts.
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
     pub fn secret_matches(&self, given: &[u8]) -> bool {
         use subtle::ConstantTimeEq;
         given.ct_eq(self.secret.as_bytes()).into()

@@ -74,12 +74,7 @@ async fn record(
             .get(&Volume::key(v.host(), &info.id))
             .cloned()
     });
-    let mut volume = v.record(info, app, job);
-    if let Some(old) = old {
-        volume.app = volume.app.or(old.app);
-        volume.job = volume.job.or(old.job);
-        volume.created_ms = old.created_ms;
-    }
+    let volume = v.record(info, old.as_ref(), app, job);
     node.propose_as(VolumesCommand::PutVolume { volume }).await
 }
 
@@ -202,7 +197,7 @@ async fn send(
         .ok_or_else(|| ApiError::NotFound(format!("host {}", req.to)))?;
     let peers = reqwest::Client::new();
     let base = format!("http://{target_addr}/host/volumes/{id}");
-    let secret = host.dir.secret().ok().flatten().unwrap_or_default();
+    let secret = node.secret().to_string();
     // What the target has decides the base of an incremental stream.
     let from = match req.from {
         Some(f) => Some(f),

@@ -70,8 +70,12 @@ impl Blobstore {
         }
     }
 
+    /// The cluster secret peers authenticate internal object transfers with.
     fn secret(&self) -> String {
-        self.secret.get().cloned().unwrap_or_default()
+        self.local
+            .get()
+            .map(|l| l.node().secret().to_string())
+            .unwrap_or_default()
     }
 
     /// Blobstore addresses of the other member hosts, by node id.

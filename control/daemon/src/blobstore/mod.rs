@@ -51,10 +51,9 @@ impl BlobstoreArgs {
 pub struct Blobstore {
     store: ObjectStore,
     addr: SocketAddr,
-    /// This host's Raft node id and secret, once it is in a cluster.
+    /// This host's state, once it is in a cluster.
     local: OnceLock<LocalState>,
     host: u64,
-    secret: OnceLock<String>,
     peers: reqwest::Client,
     server: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     pub(crate) counters: http::Counters,
@@ -75,7 +74,6 @@ impl Blobstore {
             addr,
             local: OnceLock::new(),
             host,
-            secret: OnceLock::new(),
             peers: reqwest::Client::builder()
                 .connect_timeout(std::time::Duration::from_secs(2))
                 .pool_idle_timeout(flynn_client::POOL_IDLE)
@@ -92,11 +90,6 @@ impl Blobstore {
         *me.server.lock().expect("server lock") = Some(task);
         tracing::info!(%addr, "blobstore listening");
         Ok(me)
-    }
-
-    /// Sets the cluster secret peers authenticate internal object transfers with.
-    pub fn set_secret(&self, secret: &str) {
-        let _ = self.secret.set(secret.to_string());
     }
 }
 

@@ -131,17 +131,24 @@ impl VolumesComponent {
         })
     }
 
-    /// The control plane's record of a volume here.
-    pub fn record(&self, v: &VolumeInfo, app: Option<String>, job: Option<String>) -> Volume {
+    /// The control plane's record of a volume here. What the disk does not know (owner,
+    /// creation time) comes from `old`, the current record, unless given.
+    pub fn record(
+        &self,
+        v: &VolumeInfo,
+        old: Option<&Volume>,
+        app: Option<String>,
+        job: Option<String>,
+    ) -> Volume {
         Volume {
             id: v.id.clone(),
             host: self.host,
             provider: self.provider.kind().into(),
             size: v.size,
-            app,
-            job,
+            app: app.or_else(|| old.and_then(|o| o.app.clone())),
+            job: job.or_else(|| old.and_then(|o| o.job.clone())),
             snapshots: v.snapshots.clone(),
-            created_ms: crate::now_ms(),
+            created_ms: old.map_or_else(crate::now_ms, |o| o.created_ms),
         }
     }
 
@@ -164,14 +171,9 @@ impl VolumesComponent {
         });
         for v in &on_disk {
             let old = recorded.iter().find(|r| r.id == v.id);
-            let mut want = self.record(v, None, None);
-            if let Some(old) = old {
-                want.app.clone_from(&old.app);
-                want.job.clone_from(&old.job);
-                want.created_ms = old.created_ms;
-                if *old == want {
-                    continue;
-                }
+            let want = self.record(v, old, None, None);
+            if old == Some(&want) {
+                continue;
             }
             local
                 .node()
