@@ -4,8 +4,10 @@
 //! the state machine (`flynn-state`). Everything here is part of the wire format (Raft log,
 //! snapshots, controller API, watch stream), so field names are stable.
 
+mod jobs;
 mod records;
 mod watch;
 
+pub use jobs::*;
 pub use records::*;
 pub use watch::*;

@@ -13,6 +13,7 @@ pub mod area;
 pub mod blobs;
 pub mod cluster;
 pub mod discovery;
+pub mod jobs;
 pub mod routes;
 pub mod validate;
 pub mod volumes;
@@ -25,6 +26,7 @@ pub use blobs::BlobsCommand;
 pub use cluster::ClusterCommand;
 pub use discovery::DiscoveryCommand;
 pub use flynn_model::*;
+pub use jobs::JobsCommand;
 pub use routes::RoutesCommand;
 pub use volumes::VolumesCommand;
 
@@ -105,6 +107,7 @@ areas! {
     cluster: Cluster(ClusterCommand) => cluster::Cluster,
     volumes: Volumes(VolumesCommand) => volumes::Volumes,
     blobs: Blobs(BlobsCommand) => blobs::Blobs,
+    jobs: Jobs(JobsCommand) => jobs::Jobs,
 }
 
 /// The state's own record: its revision, stored as `meta/revision`.
@@ -122,6 +125,10 @@ pub enum Response {
     Instance { instance: Instance },
     Volume { volume: volumes::Volume },
     Blob { file: blobs::BlobFile },
+    Release { release: Release },
+    Formation { formation: Formation },
+    Job { job: Job },
+    Jobs { jobs: Vec<Job> },
     Expired { count: usize },
     Batch { results: Vec<ApplyResult> },
 }
@@ -156,6 +163,10 @@ typed_response! {
     Instance { instance } => Instance,
     Volume { volume } => volumes::Volume,
     Blob { file } => blobs::BlobFile,
+    Release { release } => Release,
+    Formation { formation } => Formation,
+    Job { job } => Job,
+    Jobs { jobs } => Vec<Job>,
 }
 
 /// Why a command was refused. Refusal is deterministic: every host refuses the same command

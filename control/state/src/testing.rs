@@ -32,6 +32,7 @@ pub(crate) fn env_set(app: &str, t: Option<&str>, k: &str, v: &str) -> AppsComma
         proc_type: t.map(String::from),
         set: [(k.to_string(), v.to_string())].into(),
         unset: vec![],
+        now_ms: 0,
     }
 }
 

@@ -86,6 +86,7 @@ async fn update_env(
             proc_type: req.proc_type,
             set: req.set,
             unset: req.unset,
+            now_ms: crate::now_ms(),
         })
         .await;
     if let (true, Err(ApiError::Invalid(why))) = (blobstore, &updated) {

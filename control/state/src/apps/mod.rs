@@ -28,6 +28,9 @@ pub enum AppsCommand {
         set: BTreeMap<String, String>,
         #[serde(default)]
         unset: Vec<String>,
+        /// When it was asked (stamps the release an env change deploys).
+        #[serde(default)]
+        now_ms: u64,
     },
 }
 
@@ -73,6 +76,7 @@ impl Area for Apps {
                 s.apps.apps.remove(&name);
                 cx.touch(TABLE, &name);
                 crate::routes::remove_app_routes(s, &name, cx);
+                crate::jobs::remove_app(s, &name, cx);
                 Ok(Response::Done)
             }
             AppsCommand::UpdateEnv {
@@ -80,7 +84,8 @@ impl Area for Apps {
                 proc_type,
                 set,
                 unset,
-            } => update_env(s, &app, proc_type, set, unset, cx),
+                now_ms,
+            } => update_env(s, &app, proc_type, set, unset, now_ms, cx),
         }
     }
 
@@ -126,6 +131,7 @@ fn update_env(
     proc_type: Option<String>,
     set: BTreeMap<String, String>,
     unset: Vec<String>,
+    now_ms: u64,
     cx: &mut Cx,
 ) -> ApplyResult {
     if set.is_empty() && unset.is_empty() {
@@ -160,6 +166,8 @@ fn update_env(
     let mut updated = s.app(app)?.clone();
     updated.env = env;
     s.apps.insert(updated.clone(), cx);
+    // As in Flynn, a changed env is a new release, deployed.
+    crate::jobs::redeploy_with_env(s, app, now_ms, cx);
     Ok(Response::App { app: updated })
 }
 

@@ -16,6 +16,7 @@ fn t20_env_type_override_wins() {
             proc_type: Some("web".into()),
             set: Default::default(),
             unset: vec!["A".into()],
+            now_ms: 0,
         },
     );
     assert_eq!(
@@ -51,6 +52,7 @@ fn t21_controller_key_rotation_as_in_flynn_docs() {
             proc_type: Some("web".into()),
             set: Default::default(),
             unset: vec!["AUTH_KEY".into()],
+            now_ms: 0,
         },
     );
     assert_eq!(s.controller_keys(), vec![new.to_string()]);
@@ -66,6 +68,7 @@ fn t22_controller_cannot_lose_its_key() {
             proc_type: None,
             set: Default::default(),
             unset: vec!["AUTH_KEY".into()],
+            now_ms: 0,
         },
     );
     assert!(matches!(r, Err(StateError::Invalid(_))));

@@ -84,6 +84,7 @@ fn set(vars: &[(&str, &str)]) -> AppsCommand {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         unset: vec![],
+        now_ms: 0,
     }
 }
 
@@ -147,6 +148,7 @@ fn t12_blobstore_env_is_checked_as_flynn_writes_it() {
             proc_type: None,
             set: Default::default(),
             unset: vec!["BACKEND_S3MAIN".into()],
+            now_ms: 0,
         }
     )
     .0
@@ -161,6 +163,7 @@ fn t12_blobstore_env_is_checked_as_flynn_writes_it() {
             proc_type: None,
             set: [("BACKEND_X".to_string(), "anything".to_string())].into(),
             unset: vec![],
+            now_ms: 0,
         },
     );
 }

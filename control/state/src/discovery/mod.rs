@@ -120,18 +120,16 @@ impl Area for Discovery {
                 Ok(Response::Instance { instance })
             }
             DiscoveryCommand::Deregister { service, id } => {
-                let missing =
-                    || StateError::NotFound(format!("instance {id:?} of service {service:?}"));
-                let svc = d.services.get_mut(&service).ok_or_else(missing)?;
-                let leader_before = svc.leader().map(|i| i.id.clone());
-                if svc.instances.remove(&id).is_none() {
-                    return Err(missing());
+                let known = d
+                    .services
+                    .get(&service)
+                    .is_some_and(|svc| svc.instances.contains_key(&id));
+                if !known {
+                    return Err(StateError::NotFound(format!(
+                        "instance {id:?} of service {service:?}"
+                    )));
                 }
-                cx.emit(EventKind::InstanceDown {
-                    service: service.clone(),
-                    id: id.clone(),
-                });
-                d.after_change(&service, leader_before, cx);
+                remove_instance(s, &service, &id, cx);
                 Ok(Response::Done)
             }
             DiscoveryCommand::ExpireInstances { now_ms } => {
@@ -184,6 +182,23 @@ impl Area for Discovery {
             });
         }
     }
+}
+
+/// Drops one registered instance (the caller checked it exists), telling the routers.
+pub(crate) fn remove_instance(s: &mut ClusterState, service: &str, id: &str, cx: &mut Cx) {
+    let d = &mut s.discovery;
+    let Some(svc) = d.services.get_mut(service) else {
+        return;
+    };
+    let leader_before = svc.leader().map(|i| i.id.clone());
+    if svc.instances.remove(id).is_none() {
+        return;
+    }
+    cx.emit(EventKind::InstanceDown {
+        service: service.to_string(),
+        id: id.to_string(),
+    });
+    d.after_change(service, leader_before, cx);
 }
 
 impl Discovery {

@@ -1,0 +1,202 @@
+//! Images, releases, formations and jobs: what the scheduler and the hosts' job runners
+//! agree on through the state.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Blobstore path of an image layer, by the SHA-512 of its bytes as stored (compressed).
+pub fn layer_path(sha512: &str) -> String {
+    format!("/layers/{sha512}")
+}
+
+/// How a layer's tar stream is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerCompression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layer {
+    /// SHA-512 (hex) of the layer as stored: the blobstore path and the check on unpack.
+    pub sha512: String,
+    pub size: u64,
+    pub compression: LayerCompression,
+}
+
+/// What an image says about running it (the OCI config's subset Flynn uses).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    #[serde(default)]
+    pub entrypoint: Vec<String>,
+    #[serde(default)]
+    pub cmd: Vec<String>,
+    /// `KEY=VALUE` entries, as images carry them.
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub working_dir: String,
+    /// `uid[:gid]` or a name in the image's /etc/passwd; empty runs as `nobody`.
+    #[serde(default)]
+    pub user: String,
+}
+
+/// An image: layers bottom first, and its config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    pub layers: Vec<Layer>,
+    pub config: ImageConfig,
+}
+
+/// Resource limits of a process type. `None` leaves the host's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Bytes of memory (the cgroup's hard limit).
+    #[serde(default)]
+    pub memory: Option<u64>,
+    /// Relative CPU weight (cgroup v1 `cpu.shares`; v2 `cpu.weight` scaled from it).
+    #[serde(default)]
+    pub cpu_shares: Option<u64>,
+    /// Most processes (and threads) the job may have at once.
+    #[serde(default)]
+    pub max_procs: Option<u64>,
+    /// Most open files (RLIMIT_NOFILE).
+    #[serde(default)]
+    pub max_fd: Option<u64>,
+}
+
+/// One process type of a release.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessType {
+    /// Arguments; empty runs the image's entrypoint and cmd.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Whether it serves on `$PORT` (registered in discovery as `APP-TYPE` when it does).
+    #[serde(default)]
+    pub ports: bool,
+    /// One job on every host instead of a count.
+    #[serde(default)]
+    pub omni: bool,
+    #[serde(default)]
+    pub limits: Limits,
+    /// An HTTP path that must answer 2xx/3xx before the job counts as up (else: the port
+    /// accepts a connection).
+    #[serde(default)]
+    pub health_path: Option<String>,
+}
+
+/// An immutable release: an image, process types and the env they run with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    /// `APP-vN`.
+    pub id: String,
+    pub app: String,
+    pub version: u64,
+    pub image: Image,
+    pub processes: BTreeMap<String, ProcessType>,
+    /// Global env at release time.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Per-process-type env overrides at release time.
+    #[serde(default)]
+    pub type_env: BTreeMap<String, BTreeMap<String, String>>,
+    pub created_ms: u64,
+}
+
+impl Release {
+    /// The env a job of `proc_type` gets from its release.
+    pub fn env_for(&self, proc_type: &str) -> BTreeMap<String, String> {
+        let mut env = self.env.clone();
+        if let Some(t) = self.type_env.get(proc_type) {
+            env.extend(t.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        env
+    }
+}
+
+/// How many jobs of each process type an app runs, of which release.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Formation {
+    pub app: String,
+    pub release: String,
+    #[serde(default)]
+    pub processes: BTreeMap<String, u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Placed on a host by the scheduler; the host has not started it yet.
+    Pending,
+    /// The host is preparing or starting it, or waiting for it to come up.
+    Starting,
+    /// Up (its port answers) and registered in discovery.
+    Running,
+    /// Asked to stop; the host is draining and stopping it.
+    Stopping,
+    /// Exited after being asked to stop, or with status 0.
+    Done,
+    /// Exited on its own with a non-zero status or a signal.
+    Crashed,
+    /// Could not be started (bad command, missing image, host down).
+    Failed,
+}
+
+impl JobState {
+    /// Whether the job is (or is about to be) on its host.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            JobState::Pending | JobState::Starting | JobState::Running | JobState::Stopping
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub app: String,
+    pub release: String,
+    #[serde(rename = "type")]
+    pub proc_type: String,
+    /// Raft node id of the host it runs on.
+    pub host: u64,
+    pub state: JobState,
+    /// A one-off job (`flynn run`): not part of the formation, never restarted.
+    #[serde(default)]
+    pub oneoff: bool,
+    /// Arguments of a one-off job (else the release's).
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// `IP:PORT` it serves on, once running.
+    #[serde(default)]
+    pub addr: Option<String>,
+    #[serde(default)]
+    pub exit_status: Option<i32>,
+    #[serde(default)]
+    pub error: Option<String>,
+    pub created_ms: u64,
+    #[serde(default)]
+    pub started_ms: Option<u64>,
+    #[serde(default)]
+    pub ended_ms: Option<u64>,
+}
+
+impl Job {
+    /// The discovery service its instances register under.
+    pub fn service(&self) -> String {
+        format!("{}-{}", self.app, self.proc_type)
+    }
+}
+
+/// What `flynn docker push` / `flynn deploy` sends to make a release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewRelease {
+    pub image: Image,
+    /// Process types; `None` keeps the current release's (or makes `web` from the image).
+    #[serde(default)]
+    pub processes: Option<BTreeMap<String, ProcessType>>,
+}

@@ -1,0 +1,568 @@
+//! Releases, formations and jobs.
+//!
+//! A release is immutable: a new image, new limits or a changed env make a new one, and the
+//! formation moves to it (a deploy). The scheduler (a leader controller) places jobs on hosts
+//! to match the formation; each host starts the jobs placed on it and reports their states
+//! back. Crashes are counted per process type so the scheduler can back off, and each host
+//! keeps a bounded history of stopped jobs per app.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::area::{Area, Cx, Records, Table};
+use crate::{
+    validate, ApplyResult, ClusterState, Formation, Job, JobState, Limits, NewRelease, ProcessType,
+    Release, Response, StateError,
+};
+
+pub const RELEASES: Table = Table("release/");
+pub const FORMATIONS: Table = Table("formation/");
+pub const JOBS: Table = Table("job/");
+pub const BACKOFF: Table = Table("backoff/");
+
+/// Stopped jobs a host keeps per app; older ones are forgotten.
+pub const HISTORY_PER_APP_HOST: usize = 25;
+/// Most jobs of one process type a formation may ask for.
+pub const MAX_SCALE: i64 = 1000;
+/// A job that ran this long before crashing resets its type's crash count.
+pub const CRASH_RESET_MS: u64 = 30_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum JobsCommand {
+    /// Makes a release from a new image and deploys it (the formation moves to it).
+    CreateRelease {
+        app: String,
+        release: NewRelease,
+        now_ms: u64,
+    },
+    /// Sets counts of process types (`flynn scale web=3`); types not named keep theirs.
+    Scale {
+        app: String,
+        processes: BTreeMap<String, i64>,
+    },
+    /// New limits for one process type: a new release, deployed.
+    SetLimits {
+        app: String,
+        proc_type: String,
+        limits: Limits,
+        now_ms: u64,
+    },
+    /// The scheduler places new jobs (state `pending`); ids are assigned here.
+    PlaceJobs { jobs: Vec<NewJob>, now_ms: u64 },
+    /// A host reports a job's progress or end.
+    UpdateJob {
+        id: String,
+        state: JobState,
+        #[serde(default)]
+        addr: Option<String>,
+        #[serde(default)]
+        exit_status: Option<i32>,
+        #[serde(default)]
+        error: Option<String>,
+        now_ms: u64,
+    },
+    /// Asks a job's host to stop it.
+    StopJob { id: String },
+    /// A host stopped answering: its active jobs failed and leave discovery.
+    HostDown { host: u64, now_ms: u64 },
+}
+
+/// A job as the scheduler asks for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewJob {
+    pub app: String,
+    pub release: String,
+    #[serde(rename = "type")]
+    pub proc_type: String,
+    pub host: u64,
+    #[serde(default)]
+    pub oneoff: bool,
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+/// Recent crashes of one process type (`APP/TYPE`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backoff {
+    pub crashes: u32,
+    pub last_crash_ms: u64,
+}
+
+impl Backoff {
+    /// How long after the last crash the scheduler waits before starting a replacement:
+    /// immediate for the first three, then doubling from 1 s, at most 5 minutes.
+    pub fn delay_ms(&self) -> u64 {
+        match self.crashes {
+            0..=3 => 0,
+            n => (1000u64 << (n - 4).min(12)).min(300_000),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Jobs {
+    #[serde(default)]
+    pub releases: BTreeMap<String, Release>,
+    #[serde(default)]
+    pub formations: BTreeMap<String, Formation>,
+    #[serde(default)]
+    pub jobs: BTreeMap<String, Job>,
+    #[serde(default)]
+    pub backoff: BTreeMap<String, Backoff>,
+}
+
+impl Jobs {
+    /// The release an app's formation runs, if it has one.
+    pub fn current_release(&self, app: &str) -> Option<&Release> {
+        self.formations
+            .get(app)
+            .and_then(|f| self.releases.get(&f.release))
+    }
+
+    pub fn app_jobs<'a>(&'a self, app: &'a str) -> impl Iterator<Item = &'a Job> + 'a {
+        self.jobs.values().filter(move |j| j.app == app)
+    }
+
+    fn next_version(&self, app: &str) -> u64 {
+        self.releases
+            .values()
+            .filter(|r| r.app == app)
+            .map(|r| r.version)
+            .max()
+            .unwrap_or(0)
+            + 1
+    }
+
+    /// Adds a release made from `base` and moves the formation to it.
+    fn deploy(&mut self, mut release: Release, cx: &mut Cx) -> Release {
+        release.version = self.next_version(&release.app);
+        release.id = format!("{}-v{}", release.app, release.version);
+        let formation = self
+            .formations
+            .entry(release.app.clone())
+            .or_insert_with(|| Formation {
+                app: release.app.clone(),
+                ..Formation::default()
+            });
+        if formation.release.is_empty() && release.processes.contains_key("web") {
+            // The first release of an app runs one web process, as Flynn's first deploy.
+            formation.processes.insert("web".into(), 1);
+        }
+        formation.release = release.id.clone();
+        // Counts of types the new release no longer has are dropped.
+        formation
+            .processes
+            .retain(|t, _| release.processes.contains_key(t));
+        cx.touch(FORMATIONS, &release.app);
+        cx.touch(RELEASES, &release.id);
+        self.releases.insert(release.id.clone(), release.clone());
+        release
+    }
+
+    /// Forgets the oldest stopped jobs of `app` on `host` beyond the history bound.
+    fn prune_history(&mut self, app: &str, host: u64, cx: &mut Cx) {
+        let mut stopped: Vec<(u64, String)> = self
+            .jobs
+            .values()
+            .filter(|j| j.app == app && j.host == host && !j.state.is_active())
+            .map(|j| (j.ended_ms.unwrap_or(0), j.id.clone()))
+            .collect();
+        if stopped.len() <= HISTORY_PER_APP_HOST {
+            return;
+        }
+        stopped.sort();
+        let excess = stopped.len() - HISTORY_PER_APP_HOST;
+        for (_, id) in stopped.into_iter().take(excess) {
+            self.jobs.remove(&id);
+            cx.touch(JOBS, &id);
+        }
+    }
+}
+
+/// A release of `app` for the new image: the current release's process types, or a `web`
+/// type running the image's own command.
+fn release_for(s: &ClusterState, app: &str, new: NewRelease, now_ms: u64) -> Release {
+    let env = s.apps.get(app).map(|a| a.env.clone()).unwrap_or_default();
+    let processes = new.processes.unwrap_or_else(|| {
+        s.jobs
+            .current_release(app)
+            .map(|r| r.processes.clone())
+            .unwrap_or_else(|| {
+                [(
+                    "web".to_string(),
+                    ProcessType {
+                        ports: true,
+                        ..ProcessType::default()
+                    },
+                )]
+                .into()
+            })
+    });
+    Release {
+        id: String::new(),
+        app: app.into(),
+        version: 0,
+        image: new.image,
+        processes,
+        env: env.global,
+        type_env: env.types,
+        created_ms: now_ms,
+    }
+}
+
+fn check_release(r: &Release) -> Result<(), StateError> {
+    if r.processes.is_empty() {
+        return Err(StateError::Invalid(
+            "a release needs at least one process type".into(),
+        ));
+    }
+    for (name, p) in &r.processes {
+        validate::proc_type(name)?;
+        if p.args.is_empty()
+            && r.image.config.entrypoint.is_empty()
+            && r.image.config.cmd.is_empty()
+        {
+            return Err(StateError::Invalid(format!(
+                "process type {name:?} has no command and the image has no entrypoint or cmd"
+            )));
+        }
+    }
+    for l in &r.image.layers {
+        if l.sha512.len() != 128 || !l.sha512.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StateError::Invalid(format!(
+                "layer digest {:?} is not a hex SHA-512",
+                l.sha512
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The env changed: if the app runs a release, a new one with the new env is deployed.
+pub(crate) fn redeploy_with_env(s: &mut ClusterState, app: &str, now_ms: u64, cx: &mut Cx) {
+    let Some(current) = s.jobs.current_release(app).cloned() else {
+        return;
+    };
+    let env = s.apps.get(app).map(|a| a.env.clone()).unwrap_or_default();
+    let release = Release {
+        env: env.global,
+        type_env: env.types,
+        created_ms: now_ms,
+        ..current
+    };
+    s.jobs.deploy(release, cx);
+}
+
+/// An app is deleted: its formation and releases go; its jobs are stopped by the scheduler.
+pub(crate) fn remove_app(s: &mut ClusterState, app: &str, cx: &mut Cx) {
+    if s.jobs.formations.remove(app).is_some() {
+        cx.touch(FORMATIONS, app);
+    }
+    let ids: Vec<String> = s
+        .jobs
+        .releases
+        .values()
+        .filter(|r| r.app == app)
+        .map(|r| r.id.clone())
+        .collect();
+    for id in ids {
+        s.jobs.releases.remove(&id);
+        cx.touch(RELEASES, &id);
+    }
+}
+
+impl Area for Jobs {
+    type Command = JobsCommand;
+
+    fn apply(s: &mut ClusterState, cmd: JobsCommand, cx: &mut Cx) -> ApplyResult {
+        match cmd {
+            JobsCommand::CreateRelease {
+                app,
+                release,
+                now_ms,
+            } => {
+                s.app(&app)?;
+                let release = release_for(s, &app, release, now_ms);
+                check_release(&release)?;
+                let release = s.jobs.deploy(release, cx);
+                Ok(Response::Release { release })
+            }
+            JobsCommand::Scale { app, processes } => {
+                s.app(&app)?;
+                let release = s.jobs.current_release(&app).ok_or_else(|| {
+                    StateError::Invalid(format!(
+                        "app {app:?} has no release to scale: deploy one first"
+                    ))
+                })?;
+                for (t, n) in &processes {
+                    if !release.processes.contains_key(t) {
+                        let known: Vec<&str> =
+                            release.processes.keys().map(String::as_str).collect();
+                        return Err(StateError::Invalid(format!(
+                            "unknown process type {t:?} (release {} has {})",
+                            release.id,
+                            known.join(", ")
+                        )));
+                    }
+                    if !(0..=MAX_SCALE).contains(n) {
+                        return Err(StateError::Invalid(format!(
+                            "{t}={n}: a count must be between 0 and {MAX_SCALE}"
+                        )));
+                    }
+                }
+                let formation = s.jobs.formations.get_mut(&app).expect("has a release");
+                for (t, n) in processes {
+                    if n == 0 {
+                        formation.processes.remove(&t);
+                    } else {
+                        formation.processes.insert(t, n as u32);
+                    }
+                }
+                let formation = formation.clone();
+                cx.touch(FORMATIONS, &app);
+                // Scaling up again after a crash loop starts without waiting out the backoff.
+                let keys: Vec<String> = s
+                    .jobs
+                    .backoff
+                    .keys()
+                    .filter(|k| k.split_once('/').is_some_and(|(a, _)| a == app))
+                    .cloned()
+                    .collect();
+                for k in keys {
+                    s.jobs.backoff.remove(&k);
+                    cx.touch(BACKOFF, &k);
+                }
+                Ok(Response::Formation { formation })
+            }
+            JobsCommand::SetLimits {
+                app,
+                proc_type,
+                limits,
+                now_ms,
+            } => {
+                s.app(&app)?;
+                let mut release =
+                    s.jobs.current_release(&app).cloned().ok_or_else(|| {
+                        StateError::Invalid(format!("app {app:?} has no release"))
+                    })?;
+                let p = release.processes.get_mut(&proc_type).ok_or_else(|| {
+                    StateError::Invalid(format!("unknown process type {proc_type:?}"))
+                })?;
+                if limits.memory.is_some_and(|m| m < 4 << 20) {
+                    return Err(StateError::Invalid(
+                        "a memory limit under 4MB cannot run anything".into(),
+                    ));
+                }
+                if limits.max_procs == Some(0) || limits.cpu_shares == Some(0) {
+                    return Err(StateError::Invalid("limits must be positive".into()));
+                }
+                p.limits = limits;
+                release.created_ms = now_ms;
+                let release = s.jobs.deploy(release, cx);
+                Ok(Response::Release { release })
+            }
+            JobsCommand::PlaceJobs { jobs, now_ms } => {
+                for j in &jobs {
+                    let r =
+                        s.jobs.releases.get(&j.release).ok_or_else(|| {
+                            StateError::NotFound(format!("release {:?}", j.release))
+                        })?;
+                    if r.app != j.app || (!j.oneoff && !r.processes.contains_key(&j.proc_type)) {
+                        return Err(StateError::Invalid(format!(
+                            "release {} has no process type {:?}",
+                            r.id, j.proc_type
+                        )));
+                    }
+                }
+                let placed: Vec<Job> = jobs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, j)| Job {
+                        id: format!("{}-{}-{}{}", j.app, j.proc_type, cx.revision, i),
+                        app: j.app,
+                        release: j.release,
+                        proc_type: j.proc_type,
+                        host: j.host,
+                        state: JobState::Pending,
+                        oneoff: j.oneoff,
+                        args: j.args,
+                        addr: None,
+                        exit_status: None,
+                        error: None,
+                        created_ms: now_ms,
+                        started_ms: None,
+                        ended_ms: None,
+                    })
+                    .collect();
+                for j in &placed {
+                    cx.touch(JOBS, &j.id);
+                    s.jobs.jobs.insert(j.id.clone(), j.clone());
+                }
+                Ok(Response::Jobs { jobs: placed })
+            }
+            JobsCommand::UpdateJob {
+                id,
+                state,
+                addr,
+                exit_status,
+                error,
+                now_ms,
+            } => {
+                let report = Report {
+                    state,
+                    addr,
+                    exit_status,
+                    error,
+                    now_ms,
+                    app_fault: true,
+                };
+                update_job(s, &id, report, cx)
+            }
+            JobsCommand::StopJob { id } => {
+                let job = s
+                    .jobs
+                    .jobs
+                    .get_mut(&id)
+                    .ok_or_else(|| StateError::NotFound(format!("job {id:?}")))?;
+                if !job.state.is_active() {
+                    return Err(StateError::Conflict(format!(
+                        "job {id:?} is not running (it is {:?})",
+                        job.state
+                    )));
+                }
+                if job.state != JobState::Stopping {
+                    job.state = JobState::Stopping;
+                    cx.touch(JOBS, &id);
+                }
+                Ok(Response::Job { job: job.clone() })
+            }
+            JobsCommand::HostDown { host, now_ms } => {
+                let ids: Vec<String> = s
+                    .jobs
+                    .jobs
+                    .values()
+                    .filter(|j| j.host == host && j.state.is_active())
+                    .map(|j| j.id.clone())
+                    .collect();
+                for id in &ids {
+                    let report = Report {
+                        state: JobState::Failed,
+                        addr: None,
+                        exit_status: None,
+                        error: Some(format!("host {host} stopped answering")),
+                        now_ms,
+                        // Not the app's fault: no backoff for its replacement.
+                        app_fault: false,
+                    };
+                    update_job(s, id, report, cx)?;
+                }
+                Ok(Response::Expired { count: ids.len() })
+            }
+        }
+    }
+
+    fn tables(&self) -> Vec<(Table, &dyn Records)> {
+        vec![
+            (RELEASES, &self.releases),
+            (FORMATIONS, &self.formations),
+            (JOBS, &self.jobs),
+            (BACKOFF, &self.backoff),
+        ]
+    }
+
+    fn tables_mut(&mut self) -> Vec<(Table, &mut dyn Records)> {
+        vec![
+            (RELEASES, &mut self.releases),
+            (FORMATIONS, &mut self.formations),
+            (JOBS, &mut self.jobs),
+            (BACKOFF, &mut self.backoff),
+        ]
+    }
+}
+
+/// A job's new state as its host (or the scheduler, for a lost host) reports it.
+struct Report {
+    state: JobState,
+    addr: Option<String>,
+    exit_status: Option<i32>,
+    error: Option<String>,
+    now_ms: u64,
+    /// Whether a failure counts towards the type's crash backoff.
+    app_fault: bool,
+}
+
+fn update_job(s: &mut ClusterState, id: &str, report: Report, cx: &mut Cx) -> ApplyResult {
+    let Report {
+        state,
+        addr,
+        exit_status,
+        error,
+        now_ms,
+        app_fault,
+    } = report;
+    let job = s
+        .jobs
+        .jobs
+        .get_mut(id)
+        .ok_or_else(|| StateError::NotFound(format!("job {id:?}")))?;
+    if !job.state.is_active() {
+        return Err(StateError::Conflict(format!(
+            "job {id:?} already ended ({:?})",
+            job.state
+        )));
+    }
+    if state == JobState::Pending {
+        return Err(StateError::Invalid(
+            "a host cannot make a job pending".into(),
+        ));
+    }
+    // A job asked to stop stays `stopping` until it ends, whatever its host last saw.
+    let state = match (job.state, state) {
+        (JobState::Stopping, JobState::Starting | JobState::Running) => JobState::Stopping,
+        (_, s) => s,
+    };
+    let before = job.state;
+    job.state = state;
+    if addr.is_some() {
+        job.addr = addr;
+    }
+    if state == JobState::Running && job.started_ms.is_none() {
+        job.started_ms = Some(now_ms);
+    }
+    if !state.is_active() {
+        job.exit_status = exit_status;
+        job.error = error;
+        job.ended_ms = Some(now_ms);
+    }
+    let job = job.clone();
+    cx.touch(JOBS, id);
+    if !state.is_active() {
+        // It leaves discovery with its end, whoever noticed it.
+        if let Some(svc) = s.discovery.services.get(&job.service()) {
+            if svc.instances.contains_key(&job.id) {
+                crate::discovery::remove_instance(s, &job.service(), &job.id, cx);
+            }
+        }
+        if matches!(state, JobState::Crashed | JobState::Failed)
+            && !job.oneoff
+            && app_fault
+            && before != JobState::Stopping
+        {
+            let key = format!("{}/{}", job.app, job.proc_type);
+            let b = s.jobs.backoff.entry(key.clone()).or_default();
+            let ran_long = job
+                .started_ms
+                .is_some_and(|t| now_ms.saturating_sub(t) >= CRASH_RESET_MS);
+            b.crashes = if ran_long { 1 } else { b.crashes + 1 };
+            b.last_crash_ms = now_ms;
+            cx.touch(BACKOFF, &key);
+        }
+        s.jobs.prune_history(&job.app, job.host, cx);
+    }
+    Ok(Response::Job { job })
+}
+
+#[cfg(test)]
+mod tests;

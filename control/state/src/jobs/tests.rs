@@ -1,0 +1,185 @@
+use crate::jobs::{JobsCommand, NewJob, HISTORY_PER_APP_HOST};
+use crate::testing::*;
+
+fn image() -> Image {
+    Image {
+        layers: vec![Layer {
+            sha512: "ab".repeat(64),
+            size: 10,
+            compression: LayerCompression::Gzip,
+        }],
+        config: ImageConfig {
+            cmd: vec!["/bin/httpd".into()],
+            ..ImageConfig::default()
+        },
+    }
+}
+
+fn deployed(app: &str) -> (ClusterState, Release) {
+    let mut s = booted();
+    ok(&mut s, AppsCommand::CreateApp { name: app.into() });
+    let (r, _) = ok(
+        &mut s,
+        JobsCommand::CreateRelease {
+            app: app.into(),
+            release: NewRelease {
+                image: image(),
+                processes: None,
+            },
+            now_ms: 1,
+        },
+    );
+    (s, Release::try_from(r).unwrap())
+}
+
+fn place(s: &mut ClusterState, release: &str, host: u64) -> Job {
+    let (r, _) = ok(
+        s,
+        JobsCommand::PlaceJobs {
+            jobs: vec![NewJob {
+                app: "web1".into(),
+                release: release.into(),
+                proc_type: "web".into(),
+                host,
+                oneoff: false,
+                args: vec![],
+            }],
+            now_ms: 1,
+        },
+    );
+    Vec::<Job>::try_from(r).unwrap().remove(0)
+}
+
+fn report(s: &mut ClusterState, id: &str, state: JobState, now_ms: u64) -> ApplyResult {
+    apply(
+        s,
+        JobsCommand::UpdateJob {
+            id: id.into(),
+            state,
+            addr: Some("10.0.0.1:5000".into()),
+            exit_status: None,
+            error: None,
+            now_ms,
+        },
+    )
+    .0
+}
+
+#[test]
+fn t10_first_release_runs_web_and_env_changes_redeploy() {
+    let (mut s, r1) = deployed("web1");
+    assert_eq!(r1.id, "web1-v1");
+    assert!(r1.processes["web"].ports);
+    let f = &s.jobs.formations["web1"];
+    assert_eq!((f.release.as_str(), f.processes["web"]), ("web1-v1", 1));
+
+    ok(&mut s, env_set("web1", None, "GREETING", "hi"));
+    let r2 = s.jobs.current_release("web1").unwrap().clone();
+    assert_eq!(r2.id, "web1-v2");
+    assert_eq!(r2.env["GREETING"], "hi");
+    assert_eq!(r2.image, r1.image, "an env change keeps the image");
+    assert_eq!(
+        s.jobs.formations["web1"].processes["web"], 1,
+        "and the scale"
+    );
+}
+
+#[test]
+fn t11_bad_scales_are_refused_and_change_nothing() {
+    let (mut s, _) = deployed("web1");
+    let before = s.clone();
+    for (t, n) in [("worker", 1), ("web", -1), ("web", 1001)] {
+        let (r, _) = apply(
+            &mut s,
+            JobsCommand::Scale {
+                app: "web1".into(),
+                processes: [(t.to_string(), n)].into(),
+            },
+        );
+        assert!(matches!(r, Err(StateError::Invalid(_))), "{t}={n}: {r:?}");
+        assert_eq!(s, before);
+    }
+    ok(
+        &mut s,
+        JobsCommand::Scale {
+            app: "web1".into(),
+            processes: [("web".to_string(), 3)].into(),
+        },
+    );
+    assert_eq!(s.jobs.formations["web1"].processes["web"], 3);
+    // A release without any command to run is refused.
+    let mut img = image();
+    img.config.cmd.clear();
+    let (r, _) = apply(
+        &mut s,
+        JobsCommand::CreateRelease {
+            app: "web1".into(),
+            release: NewRelease {
+                image: img,
+                processes: None,
+            },
+            now_ms: 2,
+        },
+    );
+    assert!(matches!(r, Err(StateError::Invalid(_))), "{r:?}");
+}
+
+#[test]
+fn t12_crashes_count_for_backoff_and_history_stays_bounded() {
+    let (mut s, r1) = deployed("web1");
+    for i in 0..40u64 {
+        let job = place(&mut s, &r1.id, 7);
+        report(&mut s, &job.id, JobState::Running, 1000 * i).unwrap();
+        report(&mut s, &job.id, JobState::Crashed, 1000 * i + 10).unwrap();
+    }
+    let b = s.jobs.backoff["web1/web"];
+    assert_eq!(b.crashes, 40);
+    assert!(b.delay_ms() > 0);
+    let kept = s.jobs.app_jobs("web1").filter(|j| j.host == 7).count();
+    assert_eq!(kept, HISTORY_PER_APP_HOST);
+    // A job that ran a while before crashing resets the count.
+    let job = place(&mut s, &r1.id, 7);
+    report(&mut s, &job.id, JobState::Running, 100_000).unwrap();
+    report(&mut s, &job.id, JobState::Crashed, 200_000).unwrap();
+    assert_eq!(s.jobs.backoff["web1/web"].crashes, 1);
+    // An ended job cannot be revived by a late report.
+    let r = report(&mut s, &job.id, JobState::Running, 200_001);
+    assert!(matches!(r, Err(StateError::Conflict(_))), "{r:?}");
+}
+
+#[test]
+fn t13_stop_sticks_and_host_down_fails_jobs_and_leaves_discovery() {
+    let (mut s, r1) = deployed("web1");
+    let a = place(&mut s, &r1.id, 2);
+    let b = place(&mut s, &r1.id, 3);
+    for j in [&a, &b] {
+        report(&mut s, &j.id, JobState::Running, 5).unwrap();
+        ok(
+            &mut s,
+            DiscoveryCommand::RegisterInstance {
+                service: "web1-web".into(),
+                id: j.id.clone(),
+                addr: "10.0.0.1:5000".into(),
+                meta: Default::default(),
+                ttl_ms: 10_000,
+                now_ms: 5,
+            },
+        );
+    }
+    ok(&mut s, JobsCommand::StopJob { id: a.id.clone() });
+    report(&mut s, &a.id, JobState::Running, 6).unwrap();
+    assert_eq!(s.jobs.jobs[&a.id].state, JobState::Stopping);
+
+    let (_, events) = ok(&mut s, JobsCommand::HostDown { host: 3, now_ms: 7 });
+    let gone = &s.jobs.jobs[&b.id];
+    assert_eq!(gone.state, JobState::Failed);
+    assert!(gone.error.as_deref().unwrap().contains("stopped answering"));
+    assert!(!s.discovery.services["web1-web"]
+        .instances
+        .contains_key(&b.id));
+    assert!(events
+        .iter()
+        .any(|e| matches!(&e.kind, EventKind::InstanceDown { id, .. } if *id == b.id)));
+    // A host going down is not the app crashing.
+    assert!(!s.jobs.backoff.contains_key("web1/web"));
+}
