@@ -44,6 +44,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: FirewallCmd,
     },
+    /// The container init the job runner starts for each job (not for direct use).
+    #[command(hide = true)]
+    ContainerInit {
+        #[arg(long)]
+        stage2: bool,
+        spec: std::path::PathBuf,
+    },
     /// Record this host's cluster settings before its first start.
     Init {
         /// Addresses of the cluster's peers (IP or IP:PORT), comma-separated.
@@ -191,6 +198,13 @@ struct Target {
 
 fn main() {
     let cli = Cli::parse();
+    // Before any thread exists: a process with threads cannot enter new mount namespaces.
+    if let Cmd::ContainerInit { stage2, spec } = &cli.cmd {
+        match stage2 {
+            false => flynn_job::init::stage1(spec),
+            true => flynn_job::init::stage2(spec),
+        }
+    }
     if matches!(cli.cmd, Cmd::Daemon(_) | Cmd::Router(_)) {
         tracing_subscriber::fmt()
             .with_env_filter(
@@ -420,6 +434,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&status)?);
             Ok(())
         }
+        Cmd::ContainerInit { .. } => unreachable!("handled in main before the runtime"),
         Cmd::Firewall {
             cmd: FirewallCmd::Status { json, target },
         } => {

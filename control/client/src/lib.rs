@@ -353,6 +353,108 @@ impl ControllerClient {
             .await
     }
 
+    /// Whether the cluster already stores the layer with this SHA-512.
+    pub async fn has_layer(&self, sha512: &str) -> Result<bool, ClientError> {
+        match self
+            .http
+            .get::<serde_json::Value>(&format!("/layers/{}", seg(sha512)))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.status() == Some(404) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Uploads a layer (its bytes as stored), streamed; the host checks it against `sha512`.
+    pub async fn put_layer(
+        &self,
+        sha512: &str,
+        body: reqwest::Body,
+    ) -> Result<serde_json::Value, ClientError> {
+        let rb = self
+            .http
+            .request(Method::PUT, &format!("/layers/{}", seg(sha512)))
+            .timeout(Duration::from_secs(3600))
+            .body(body);
+        self.http.send(rb).await
+    }
+
+    /// Makes a release and deploys it; with `wait`, answers once it runs (or has been rolled
+    /// back, as an error).
+    pub async fn create_release(
+        &self,
+        app: &str,
+        req: &flynn_model::NewRelease,
+        wait: bool,
+    ) -> Result<flynn_model::Release, ClientError> {
+        let path = format!("/apps/{}/releases?wait={wait}", seg(app));
+        let rb = self
+            .http
+            .request(Method::POST, &path)
+            .timeout(Duration::from_secs(180))
+            .json(req);
+        self.http.send(rb).await
+    }
+
+    pub async fn releases(&self, app: &str) -> Result<Vec<flynn_model::Release>, ClientError> {
+        self.http.get(&format!("/apps/{}/releases", seg(app))).await
+    }
+
+    pub async fn release(&self, id: &str) -> Result<flynn_model::Release, ClientError> {
+        self.http.get(&format!("/releases/{}", seg(id))).await
+    }
+
+    pub async fn formation(&self, app: &str) -> Result<flynn_model::Formation, ClientError> {
+        self.http
+            .get(&format!("/apps/{}/formation", seg(app)))
+            .await
+    }
+
+    pub async fn scale(
+        &self,
+        app: &str,
+        req: &ScaleRequest,
+    ) -> Result<flynn_model::Formation, ClientError> {
+        self.http
+            .post(&format!("/apps/{}/scale", seg(app)), req)
+            .await
+    }
+
+    pub async fn set_limits(
+        &self,
+        app: &str,
+        req: &SetLimits,
+    ) -> Result<flynn_model::Release, ClientError> {
+        self.http
+            .post(&format!("/apps/{}/limits", seg(app)), req)
+            .await
+    }
+
+    pub async fn jobs(&self, app: &str) -> Result<Vec<flynn_model::Job>, ClientError> {
+        self.http.get(&format!("/apps/{}/jobs", seg(app))).await
+    }
+
+    pub async fn kill_job(&self, app: &str, id: &str) -> Result<flynn_model::Job, ClientError> {
+        let path = format!("/apps/{}/jobs/{}", seg(app), seg(id));
+        self.http
+            .send(self.http.request(Method::DELETE, &path))
+            .await
+    }
+
+    /// The app's log lines from every host, in order.
+    pub async fn app_log(
+        &self,
+        q: &flynn_model::LogQuery,
+    ) -> Result<Vec<flynn_model::LogLine>, ClientError> {
+        let path = format!("/apps/{}/log", seg(&q.app));
+        let rb = self
+            .http
+            .request(Method::GET, &path)
+            .query(&LogParams::from(q));
+        self.http.send(rb).await
+    }
+
     /// Opens the watch stream and hands each line to `f` until it returns false or the
     /// stream ends.
     pub async fn watch(
@@ -503,6 +605,27 @@ impl HostClient {
         self.http.post(&path, &body).await
     }
 
+    /// Jobs placed on this host (`all`: with its stopped ones).
+    pub async fn jobs(&self, all: bool) -> Result<Vec<serde_json::Value>, ClientError> {
+        self.http.get(&format!("/host/jobs?all={all}")).await
+    }
+
+    pub async fn stop_job(&self, id: &str) -> Result<flynn_model::Job, ClientError> {
+        let path = format!("/host/jobs/{}/stop", seg(id));
+        self.http.post(&path, &serde_json::json!({})).await
+    }
+
+    /// This host's log lines for an app.
+    pub async fn logs(
+        &self,
+        q: &flynn_model::LogQuery,
+    ) -> Result<Vec<flynn_model::LogLine>, ClientError> {
+        let mut params = LogParams::from(q);
+        params.app = Some(&q.app);
+        let rb = self.http.request(Method::GET, "/host/logs").query(&params);
+        self.http.send(rb).await
+    }
+
     pub async fn send_volume(
         &self,
         id: &str,
@@ -510,5 +633,32 @@ impl HostClient {
     ) -> Result<serde_json::Value, ClientError> {
         let path = format!("/host/volumes/{}/send", seg(id));
         self.http.post(&path, req).await
+    }
+}
+
+/// A log query as URL parameters.
+#[derive(Serialize)]
+struct LogParams<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    app: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job: Option<&'a str>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    proc_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lines: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    after: Option<&'a str>,
+}
+
+impl<'a> From<&'a flynn_model::LogQuery> for LogParams<'a> {
+    fn from(q: &'a flynn_model::LogQuery) -> Self {
+        LogParams {
+            app: None,
+            job: q.job.as_deref(),
+            proc_type: q.proc_type.as_deref(),
+            lines: q.lines,
+            after: q.after.as_deref(),
+        }
     }
 }

@@ -229,3 +229,17 @@ pub struct SendVolume {
     #[serde(default)]
     pub from: Option<String>,
 }
+
+/// `POST /apps/{app}/scale`: counts by process type (negative counts are refused).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScaleRequest {
+    pub processes: BTreeMap<String, i64>,
+}
+
+/// `POST /apps/{app}/limits`: new limits for one process type (a new release, deployed).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetLimits {
+    #[serde(rename = "type")]
+    pub proc_type: String,
+    pub limits: flynn_model::Limits,
+}

@@ -9,6 +9,7 @@ use crate::components::firewall::FirewallArgs;
 use crate::components::router::RouterArgs;
 use crate::components::volumes::VolumeArgs;
 use crate::hostdir::HostDir;
+use crate::jobs::JobsArgs;
 use crate::{DaemonConfig, DEFAULT_PORT};
 
 /// The address other hosts reach this one at when neither a flag nor init names one.
@@ -36,6 +37,8 @@ pub struct DaemonArgs {
     pub volumes: VolumeArgs,
     #[command(flatten)]
     pub blobstore: BlobstoreArgs,
+    #[command(flatten)]
+    pub jobs: JobsArgs,
 }
 
 impl DaemonArgs {
@@ -64,6 +67,7 @@ impl DaemonArgs {
             router: self.router.validate(data_dir)?,
             volumes: self.volumes.validate(data_dir)?,
             blobstore: self.blobstore.validate(data_dir)?,
+            jobs: self.jobs.validate(data_dir)?,
         })
     }
 }

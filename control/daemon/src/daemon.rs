@@ -43,6 +43,8 @@ pub struct DaemonConfig {
     pub volumes: crate::components::volumes::VolumeConfig,
     /// The blobstore, unless `--no-blobstore`.
     pub blobstore: Option<crate::blobstore::BlobstoreConfig>,
+    /// The job runner, unless `--no-jobs`.
+    pub jobs: Option<crate::jobs::JobsConfig>,
 }
 
 pub struct Host {
@@ -58,6 +60,8 @@ pub struct Host {
     fatal: mpsc::UnboundedSender<anyhow::Error>,
     components: Components,
     volumes: Arc<VolumesComponent>,
+    jobs: Option<Arc<crate::jobs::JobRunner>>,
+    blobstore: Option<Arc<crate::blobstore::Blobstore>>,
 }
 
 impl Host {
@@ -76,6 +80,16 @@ impl Host {
 
     pub fn volumes(&self) -> &Arc<VolumesComponent> {
         &self.volumes
+    }
+
+    /// This host's blobstore, unless `--no-blobstore`.
+    pub fn blobstore(&self) -> Option<&Arc<crate::blobstore::Blobstore>> {
+        self.blobstore.as_ref()
+    }
+
+    /// The job runner, unless this host runs no jobs.
+    pub fn jobs(&self) -> Option<&Arc<crate::jobs::JobRunner>> {
+        self.jobs.as_ref()
     }
 
     pub fn is_recovering(&self) -> bool {
@@ -333,8 +347,19 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     }
     let volumes = Arc::new(VolumesComponent::start(&cfg.volumes, id)?);
     components.add(volumes.clone());
+    let mut blobstore = None;
     if let Some(bc) = &cfg.blobstore {
-        components.add(crate::blobstore::Blobstore::start(bc, id).await?);
+        let b = crate::blobstore::Blobstore::start(bc, id).await?;
+        components.add(b.clone());
+        blobstore = Some(b);
+    }
+    let mut jobs = None;
+    if let Some(jc) = &cfg.jobs {
+        let runner = crate::jobs::JobRunner::start(jc, id, addr.clone(), blobstore.clone())
+            .context("starting the job runner")?;
+        let runner = Arc::new(runner);
+        components.add(runner.clone());
+        jobs = Some(runner);
     }
     components.add(Arc::new(ControllerRegistration::new(id, addr.clone())));
     let host = Arc::new(Host {
@@ -348,6 +373,8 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         fatal: fatal_tx,
         components,
         volumes,
+        jobs,
+        blobstore,
     });
     tracing::info!(node_id = id, addr = %host.addr, version = version(), "flynn-host daemon starting");
 

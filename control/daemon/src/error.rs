@@ -34,6 +34,14 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The state machine refused the command: sending it again would be refused again.
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Invalid(_) | ApiError::NotFound(_) | ApiError::Conflict(_)
+        )
+    }
+
     pub fn code(&self) -> ErrorCode {
         match self {
             ApiError::Invalid(_) => ErrorCode::Invalid,

@@ -27,7 +27,11 @@ pub trait LeaderController: Send + Sync + 'static {
 
 /// Every leader controller, in the order they run.
 pub fn controllers() -> Vec<Box<dyn LeaderController>> {
-    vec![Box::new(InstanceExpiry), Box::new(DiscoverdPeers)]
+    vec![
+        Box::new(InstanceExpiry),
+        Box::new(DiscoverdPeers),
+        Box::new(crate::jobs::scheduler::Scheduler),
+    ]
 }
 
 /// Runs the controllers while this host leads, until the daemon stops.

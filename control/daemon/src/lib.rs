@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod hostdir;
+pub mod jobs;
 pub mod leader;
 pub mod node;
 pub mod tls;

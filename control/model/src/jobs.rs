@@ -200,3 +200,67 @@ pub struct NewRelease {
     #[serde(default)]
     pub processes: Option<BTreeMap<String, ProcessType>>,
 }
+
+/// One line of a job's output, as hosts store it and the log API returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// Milliseconds since the epoch, on the job's host.
+    pub ts: u64,
+    pub host: u64,
+    /// Per-host sequence number: orders lines of the same millisecond.
+    pub seq: u64,
+    pub app: String,
+    pub job: String,
+    #[serde(rename = "type")]
+    pub proc_type: String,
+    /// `stdout`, `stderr`, or `init` (the container init's own messages).
+    pub stream: String,
+    pub msg: String,
+}
+
+/// Which lines a log request wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogQuery {
+    pub app: String,
+    #[serde(default)]
+    pub job: Option<String>,
+    #[serde(default, rename = "type")]
+    pub proc_type: Option<String>,
+    /// The last this many lines (at most [`MAX_LOG_LINES`]).
+    #[serde(default)]
+    pub lines: Option<usize>,
+    /// Only lines after this cursor ([`LogLine::cursor`] of the last line seen).
+    #[serde(default)]
+    pub after: Option<String>,
+}
+
+impl LogLine {
+    /// Where the line sorts cluster-wide: time, then host, then the host's sequence.
+    pub fn key(&self) -> (u64, u64, u64) {
+        (self.ts, self.host, self.seq)
+    }
+
+    /// The key as a resumable cursor (`ts-host-seq`).
+    pub fn cursor(&self) -> String {
+        format!("{}-{}-{}", self.ts, self.host, self.seq)
+    }
+}
+
+impl LogQuery {
+    /// The cursor as a key; `None` if absent or malformed.
+    pub fn after_key(&self) -> Option<(u64, u64, u64)> {
+        let mut it = self.after.as_deref()?.split('-').map(|p| p.parse().ok());
+        Some((it.next()??, it.next()??, it.next()??))
+    }
+
+    /// Whether `line` is one this query asks for (the line count aside).
+    pub fn matches(&self, line: &LogLine) -> bool {
+        line.app == self.app
+            && self.job.as_ref().is_none_or(|j| *j == line.job)
+            && self.proc_type.as_ref().is_none_or(|t| *t == line.proc_type)
+            && self.after_key().is_none_or(|k| line.key() > k)
+    }
+}
+
+/// Most lines one log request returns.
+pub const MAX_LOG_LINES: usize = 10_000;

@@ -13,6 +13,7 @@
 pub mod apps;
 pub mod auth;
 pub mod host;
+pub mod jobs;
 pub mod raft;
 pub mod routes;
 pub mod serve;
@@ -47,6 +48,7 @@ pub fn router(host: Arc<Host>) -> Router {
     let cluster = raft::routes()
         .merge(host::secret_routes())
         .merge(volumes::routes())
+        .merge(jobs::secret_routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_RAFT_BODY))
         .layer(middleware::from_fn_with_state(
             host.clone(),
@@ -57,6 +59,7 @@ pub fn router(host: Arc<Host>) -> Router {
         .merge(services::routes())
         .merge(watch::routes())
         .merge(host::controller_routes())
+        .merge(jobs::controller_routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY))
         .layer(middleware::from_fn_with_state(
             host.clone(),

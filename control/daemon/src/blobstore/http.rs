@@ -16,7 +16,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use super::store::valid_sha;
+use super::store::{self, valid_sha};
 use super::Blobstore;
 use crate::error::{ApiError, ApiResult};
 
@@ -239,6 +239,19 @@ async fn write(b: &Shared, path: &str, req: Request) -> ApiResult<Json<BlobFile>
         .write(prefix.as_deref(), body, None)
         .await
         .map_err(ApiError::Invalid)?;
+    record(b, path, written, content_type, existing.as_ref(), now).await
+}
+
+/// Replicates a newly written object and commits the file's metadata.
+async fn record(
+    b: &Shared,
+    path: &str,
+    written: store::Written,
+    content_type: Option<String>,
+    existing: Option<&BlobFile>,
+    now: u64,
+) -> ApiResult<Json<BlobFile>> {
+    let node = b.ready()?.node().clone();
     b.counters
         .bytes_in
         .fetch_add(written.size, Ordering::Relaxed);
@@ -260,10 +273,63 @@ async fn write(b: &Shared, path: &str, req: Request) -> ApiResult<Json<BlobFile>
         backend: "embedded".into(),
         holders,
         content_type,
-        created_ms: existing.as_ref().map_or(now, |e| e.created_ms),
+        created_ms: existing.map_or(now, |e| e.created_ms),
         modified_ms: now,
     };
     Ok(Json(node.propose_as(BlobsCommand::PutFile { file }).await?))
+}
+
+impl super::Blobstore {
+    /// Stores a stream at `path` whose content must have the SHA-512 `expect` (an image
+    /// layer named by its digest); a mismatch stores nothing.
+    pub async fn put_checked<S, E>(
+        self: &Arc<Self>,
+        path: &str,
+        body: S,
+        expect: &str,
+    ) -> ApiResult<BlobFile>
+    where
+        S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let local = self.ready()?;
+        check_path(path)?;
+        let existing = local.read(|s| s.blobs.blobs.get(path).cloned());
+        let written = self
+            .store
+            .write(None, body, None)
+            .await
+            .map_err(ApiError::Invalid)?;
+        if written.sha512 != expect {
+            if !local.read(|s| s.blobs.blobs.values().any(|f| f.sha512 == written.sha512)) {
+                self.store.discard(&written.sha512);
+            }
+            return Err(ApiError::Invalid(format!(
+                "checksum mismatch: the data's sha512 is {}…, not {}…; nothing was stored",
+                &written.sha512[..16.min(written.sha512.len())],
+                &expect[..16.min(expect.len())]
+            )));
+        }
+        let Json(file) = record(
+            self,
+            path,
+            written,
+            None,
+            existing.as_ref(),
+            crate::now_ms(),
+        )
+        .await?;
+        Ok(file)
+    }
+
+    /// A path on this host holding the blob at `path` (fetched from a holder if needed).
+    pub async fn local_copy(self: &Arc<Self>, path: &str) -> ApiResult<std::path::PathBuf> {
+        let file = self
+            .ready()?
+            .read(|s| s.blobs.blobs.get(path).cloned())
+            .ok_or_else(|| ApiError::NotFound(format!("blob {path:?} not found")))?;
+        fetch_local(self, &file).await
+    }
 }
 
 /// A local copy of `file`'s object, fetched from a holder if this host has none.

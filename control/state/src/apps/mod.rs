@@ -64,6 +64,14 @@ impl Area for Apps {
                     env: Env::default(),
                 };
                 s.apps.insert(app.clone(), cx);
+                // As in Flynn: the app's web processes answer at APP.$CLUSTER_DOMAIN.
+                if let Some(domain) = s.cluster.domain.clone() {
+                    let route = crate::RouteSpec::http(&format!("{name}.{domain}"));
+                    if let Err(e) = crate::routes::add_route(s, name.clone(), route, cx) {
+                        // Taken by a route someone added by hand: the app goes without.
+                        let _ = e;
+                    }
+                }
                 Ok(Response::App { app })
             }
             AppsCommand::DeleteApp { name } => {

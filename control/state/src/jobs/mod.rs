@@ -37,6 +37,8 @@ pub enum JobsCommand {
         release: NewRelease,
         now_ms: u64,
     },
+    /// Moves the formation to an existing release of the app (a rollback).
+    Deploy { app: String, release: String },
     /// Sets counts of process types (`flynn scale web=3`); types not named keep theirs.
     Scale {
         app: String,
@@ -289,6 +291,26 @@ impl Area for Jobs {
                 let release = s.jobs.deploy(release, cx);
                 Ok(Response::Release { release })
             }
+            JobsCommand::Deploy { app, release } => {
+                s.app(&app)?;
+                if s.jobs.releases.get(&release).is_none_or(|r| r.app != app) {
+                    return Err(StateError::NotFound(format!(
+                        "release {release:?} of app {app:?}"
+                    )));
+                }
+                let formation = s
+                    .jobs
+                    .formations
+                    .entry(app.clone())
+                    .or_insert_with(|| Formation {
+                        app: app.clone(),
+                        ..Formation::default()
+                    });
+                formation.release = release;
+                let formation = formation.clone();
+                cx.touch(FORMATIONS, &app);
+                Ok(Response::Formation { formation })
+            }
             JobsCommand::Scale { app, processes } => {
                 s.app(&app)?;
                 let release = s.jobs.current_release(&app).ok_or_else(|| {
@@ -436,7 +458,17 @@ impl Area for Jobs {
                     job.state = JobState::Stopping;
                     cx.touch(JOBS, &id);
                 }
-                Ok(Response::Job { job: job.clone() })
+                let job = job.clone();
+                // Routers stop sending to it now, before its host signals it.
+                let registered = s
+                    .discovery
+                    .services
+                    .get(&job.service())
+                    .is_some_and(|svc| svc.instances.contains_key(&job.id));
+                if registered {
+                    crate::discovery::remove_instance(s, &job.service(), &job.id, cx);
+                }
+                Ok(Response::Job { job })
             }
             JobsCommand::HostDown { host, now_ms } => {
                 let ids: Vec<String> = s

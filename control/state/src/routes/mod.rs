@@ -149,7 +149,12 @@ pub fn reserved_port(s: &ClusterState, port: u16) -> Option<String> {
     })
 }
 
-fn add_route(s: &mut ClusterState, app: String, spec: RouteSpec, cx: &mut Cx) -> ApplyResult {
+pub(crate) fn add_route(
+    s: &mut ClusterState,
+    app: String,
+    spec: RouteSpec,
+    cx: &mut Cx,
+) -> ApplyResult {
     s.app(&app)?;
     let rev = cx.revision;
     let route = match spec {

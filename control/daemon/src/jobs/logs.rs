@@ -1,0 +1,219 @@
+//! Job output on each host: `<log-dir>/<app>.log`, one JSON [`LogLine`] per line, rotated at
+//! a size limit with one rotated file (`<app>.log.1`) kept.
+//!
+//! The pipe readers hand lines to one writer thread through a bounded queue and never wait
+//! on it: a job is never blocked by its logging. If the queue is full (the disk stalls), the
+//! line is dropped and counted in `flynn_job_log_lines_dropped_total`.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use flynn_state::{LogLine, LogQuery, MAX_LOG_LINES};
+
+/// Lines waiting for the writer before new ones are dropped.
+const QUEUE: usize = 65_536;
+/// A longer line is cut (and marked) so one runaway write cannot fill memory.
+pub const MAX_LINE: usize = 64 * 1024;
+
+pub struct Logs {
+    dir: PathBuf,
+    tx: std::sync::mpsc::SyncSender<LogLine>,
+    host: u64,
+    seq: AtomicU64,
+    pub dropped: Arc<AtomicU64>,
+    pub written: Arc<AtomicU64>,
+}
+
+impl Logs {
+    pub fn open(dir: PathBuf, max_bytes: u64, host: u64) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| anyhow::anyhow!("creating log dir {}: {e}", dir.display()))?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let written = Arc::new(AtomicU64::new(0));
+        let mut writer = Writer {
+            dir: dir.clone(),
+            max_bytes,
+            files: HashMap::new(),
+            written: written.clone(),
+        };
+        std::thread::Builder::new()
+            .name("job-logs".into())
+            .spawn(move || {
+                while let Ok(line) = rx.recv() {
+                    writer.write(&line);
+                }
+            })?;
+        Ok(Logs {
+            dir,
+            tx,
+            host,
+            seq: AtomicU64::new(0),
+            dropped: Arc::new(AtomicU64::new(0)),
+            written,
+        })
+    }
+
+    /// Queues one line of a job's output; never waits.
+    pub fn push(&self, app: &str, job: &str, proc_type: &str, stream: &str, msg: String) {
+        let line = LogLine {
+            ts: crate::now_ms(),
+            host: self.host,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            app: app.into(),
+            job: job.into(),
+            proc_type: proc_type.into(),
+            stream: stream.into(),
+            msg,
+        };
+        if self.tx.try_send(line).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The lines of this host's files that `q` asks for: the last `q.lines` (at most
+    /// [`MAX_LOG_LINES`]), oldest first.
+    pub fn read(&self, q: &LogQuery) -> Vec<LogLine> {
+        read_files(&self.dir, q)
+    }
+}
+
+fn file_of(dir: &Path, app: &str) -> PathBuf {
+    dir.join(format!("{app}.log"))
+}
+
+fn rotated_of(dir: &Path, app: &str) -> PathBuf {
+    dir.join(format!("{app}.log.1"))
+}
+
+pub fn read_files(dir: &Path, q: &LogQuery) -> Vec<LogLine> {
+    let limit = q.lines.unwrap_or(MAX_LOG_LINES).min(MAX_LOG_LINES);
+    let mut out: VecDeque<LogLine> = VecDeque::with_capacity(limit.min(1024));
+    if limit == 0 || !flynn_state::validate::app_name(&q.app).is_ok() {
+        return Vec::new();
+    }
+    for path in [rotated_of(dir, &q.app), file_of(dir, &q.app)] {
+        let Ok(f) = File::open(&path) else { continue };
+        for raw in BufReader::new(f).lines() {
+            let Ok(raw) = raw else { break };
+            let Ok(line) = serde_json::from_str::<LogLine>(&raw) else {
+                continue;
+            };
+            if !q.matches(&line) {
+                continue;
+            }
+            if out.len() == limit {
+                out.pop_front();
+            }
+            out.push_back(line);
+        }
+    }
+    out.into()
+}
+
+struct Writer {
+    dir: PathBuf,
+    max_bytes: u64,
+    files: HashMap<String, (File, u64)>,
+    written: Arc<AtomicU64>,
+}
+
+impl Writer {
+    fn write(&mut self, line: &LogLine) {
+        let Ok(mut json) = serde_json::to_vec(line) else {
+            return;
+        };
+        json.push(b'\n');
+        if !self.files.contains_key(&line.app) {
+            let path = file_of(&self.dir, &line.app);
+            match OpenOptions::new().create(true).append(true).open(&path) {
+                Ok(f) => {
+                    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+                    self.files.insert(line.app.clone(), (f, size));
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot open job log");
+                    return;
+                }
+            }
+        }
+        let (file, size) = self.files.get_mut(&line.app).expect("opened above");
+        if file.write_all(&json).is_ok() {
+            *size += json.len() as u64;
+            self.written.fetch_add(1, Ordering::Relaxed);
+        }
+        if *size >= self.max_bytes {
+            // One rotated file is kept: the previous one is replaced.
+            self.files.remove(&line.app);
+            let from = file_of(&self.dir, &line.app);
+            if let Err(e) = std::fs::rename(&from, rotated_of(&self.dir, &line.app)) {
+                tracing::warn!(path = %from.display(), error = %e, "job log not rotated");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait_written(logs: &Logs, n: u64) {
+        for _ in 0..500 {
+            if logs.written.load(Ordering::Relaxed) >= n {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        panic!("lines not written");
+    }
+
+    #[test]
+    fn t10_lines_keep_order_rotate_and_read_back_by_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = Logs::open(dir.path().to_path_buf(), 4096, 1).unwrap();
+        for i in 0..200 {
+            let job = if i % 2 == 0 { "a" } else { "b" };
+            logs.push("web1", job, "web", "stdout", format!("line {i}"));
+        }
+        wait_written(&logs, 200);
+        // Rotated at 4 KiB with one old file kept: the oldest lines are gone.
+        let all = logs.read(&LogQuery {
+            app: "web1".into(),
+            ..LogQuery::default()
+        });
+        assert!(all.len() < 200 && !all.is_empty(), "{}", all.len());
+        assert!(
+            std::fs::metadata(dir.path().join("web1.log.1"))
+                .unwrap()
+                .len()
+                >= 4096
+        );
+        assert!(all.windows(2).all(|w| w[0].key() < w[1].key()), "in order");
+        assert_eq!(all.last().unwrap().msg, "line 199");
+
+        let q = LogQuery {
+            app: "web1".into(),
+            job: Some("a".into()),
+            lines: Some(3),
+            ..LogQuery::default()
+        };
+        let last_a: Vec<String> = logs.read(&q).into_iter().map(|l| l.msg).collect();
+        assert_eq!(last_a, ["line 194", "line 196", "line 198"]);
+        // After a cursor: only newer lines.
+        let q = LogQuery {
+            app: "web1".into(),
+            after: Some(all[all.len() - 2].cursor()),
+            ..LogQuery::default()
+        };
+        assert_eq!(logs.read(&q).len(), 1);
+        // Another app, or a name that is not one, reads nothing.
+        let q = LogQuery {
+            app: "../etc".into(),
+            ..LogQuery::default()
+        };
+        assert!(logs.read(&q).is_empty());
+    }
+}

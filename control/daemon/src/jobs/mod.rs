@@ -1,0 +1,857 @@
+//! The job runner: a host component that starts the jobs the scheduler placed on this host,
+//! as containers (`flynn-job`), reports their states, registers those with ports in
+//! discovery as `APP-TYPE`, captures their output into the host's log files, and stops them
+//! when asked. It also keeps this host registered as alive (service `flynn-host`), which is
+//! how the scheduler notices a host that stopped answering.
+//!
+//! Networking today is the host's: a job gets a free port of its host as `$PORT` and
+//! serves on the host's address. Per-job addresses on a routed per-host subnet are not
+//! built yet (see ARCHITECTURE.md).
+
+pub mod logs;
+pub mod scheduler;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use flynn_job::cgroup::{Hierarchy, JobCgroup};
+use flynn_job::init::{ContainerSpec, EXIT_NOT_FOUND, EXIT_SETUP, INIT_PREFIX};
+use flynn_job::layer::LayerStore;
+use flynn_job::JobDir;
+use flynn_state::jobs::JobsCommand;
+use flynn_state::{Command, DiscoveryCommand, Job, JobState, Release};
+use futures::future::BoxFuture;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+
+use crate::blobstore::Blobstore;
+use crate::component::{Component, LocalState};
+
+/// The service every host running jobs registers in, so the scheduler knows it is alive.
+pub const HOST_SERVICE: &str = "flynn-host";
+/// A host not heard from for this long is down: its jobs are started elsewhere.
+pub const HOST_TTL: Duration = Duration::from_secs(10);
+const HOST_HEARTBEAT: Duration = Duration::from_secs(2);
+/// Job instances' TTL in discovery (refreshed every few host heartbeats).
+const JOB_TTL: Duration = Duration::from_secs(30);
+/// How long a stopping job has after SIGTERM before everything in it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a job's port has to start answering before the job counts as failed.
+const UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Ports jobs are given.
+const PORTS: std::ops::RangeInclusive<u16> = 49152..=59999;
+
+/// Job runner flags of `flynn-host daemon`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct JobsArgs {
+    /// Run no jobs on this host.
+    #[arg(long)]
+    pub no_jobs: bool,
+    /// Where job output is written, one file per app.
+    #[arg(long, default_value = "/var/log/flynn")]
+    pub log_dir: PathBuf,
+    /// Size at which an app's log file rotates (K, M, G suffixes).
+    #[arg(long, default_value = "100M")]
+    pub log_max_size: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct JobsConfig {
+    pub log_dir: PathBuf,
+    pub log_max_bytes: u64,
+    pub layers_dir: PathBuf,
+    pub jobs_dir: PathBuf,
+}
+
+impl JobsArgs {
+    pub fn validate(&self, data_dir: &std::path::Path) -> anyhow::Result<Option<JobsConfig>> {
+        if self.no_jobs {
+            return Ok(None);
+        }
+        let log_max_bytes = crate::components::volumes::parse_size(&self.log_max_size)
+            .map_err(|e| anyhow::anyhow!("--log-max-size: {e}"))?;
+        anyhow::ensure!(log_max_bytes >= 1024, "--log-max-size must be at least 1K");
+        Ok(Some(JobsConfig {
+            log_dir: self.log_dir.clone(),
+            log_max_bytes,
+            layers_dir: data_dir.join("images").join("layers"),
+            jobs_dir: data_dir.join("jobs"),
+        }))
+    }
+}
+
+/// A job this host started and has not yet cleaned up.
+struct Local {
+    job: Job,
+    /// The container init's pid, once started.
+    pid: AtomicU64,
+    stop: tokio::sync::Notify,
+    stopping: AtomicBool,
+}
+
+pub struct JobRunner {
+    host: u64,
+    /// The address other hosts' routers reach this host's jobs at.
+    ip: String,
+    /// The host's API address, its identity in service `flynn-host`.
+    api_addr: String,
+    cfg: JobsConfig,
+    cgroups: Option<Hierarchy>,
+    layers: LayerStore,
+    blobstore: Option<Arc<Blobstore>>,
+    pub logs: Arc<logs::Logs>,
+    local: OnceLock<LocalState>,
+    running: Mutex<HashMap<String, Arc<Local>>>,
+    ports: Mutex<BTreeSet<u16>>,
+    /// One layer unpacks at a time (two jobs of one image share the work).
+    unpack: tokio::sync::Mutex<()>,
+    started: AtomicU64,
+}
+
+impl JobRunner {
+    /// `api_addr` is the host's API address (`IP:PORT`): its jobs serve on that IP.
+    pub fn start(
+        cfg: &JobsConfig,
+        host: u64,
+        api_addr: String,
+        blobstore: Option<Arc<Blobstore>>,
+    ) -> anyhow::Result<Self> {
+        let ip = match api_addr.rsplit_once(':') {
+            Some((ip, _)) => ip.trim_matches(['[', ']']).to_string(),
+            None => api_addr.clone(),
+        };
+        let cgroups = match Hierarchy::detect() {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::warn!(error = %e, "no cgroups: job limits are not enforced on this host");
+                None
+            }
+        };
+        let layers = LayerStore::open(cfg.layers_dir.clone())?;
+        std::fs::create_dir_all(&cfg.jobs_dir)?;
+        // Job directories left by a daemon that stopped abruptly belong to dead jobs.
+        if let Ok(entries) = std::fs::read_dir(&cfg.jobs_dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let logs = Arc::new(logs::Logs::open(
+            cfg.log_dir.clone(),
+            cfg.log_max_bytes,
+            host,
+        )?);
+        tracing::info!(
+            cgroups = cgroups.as_ref().map(|h| h.version()),
+            log_dir = %cfg.log_dir.display(),
+            "job runner ready"
+        );
+        Ok(JobRunner {
+            host,
+            ip,
+            api_addr,
+            cfg: cfg.clone(),
+            cgroups,
+            layers,
+            blobstore,
+            logs,
+            local: OnceLock::new(),
+            running: Mutex::new(HashMap::new()),
+            ports: Mutex::new(BTreeSet::new()),
+            unpack: tokio::sync::Mutex::new(()),
+            started: AtomicU64::new(0),
+        })
+    }
+
+    fn cgroup_name(&self, job: &str) -> String {
+        format!("h{}-{job}", self.host)
+    }
+
+    fn instance_id(&self) -> String {
+        format!("host-{}", self.host)
+    }
+
+    /// The jobs this host runs now (for `flynn-host ps`).
+    pub fn local_jobs(&self) -> Vec<(Job, u64)> {
+        self.running
+            .lock()
+            .expect("jobs lock")
+            .values()
+            .map(|l| (l.job.clone(), l.pid.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    fn alloc_port(&self) -> Option<u16> {
+        let mut used = self.ports.lock().expect("ports lock");
+        let port = PORTS
+            .clone()
+            .find(|p| !used.contains(p) && std::net::TcpListener::bind(("0.0.0.0", *p)).is_ok())?;
+        used.insert(port);
+        Some(port)
+    }
+
+    async fn report(
+        &self,
+        local: &LocalState,
+        id: &str,
+        state: JobState,
+        addr: Option<String>,
+        exit_status: Option<i32>,
+        error: Option<String>,
+    ) {
+        let cmd = JobsCommand::UpdateJob {
+            id: id.into(),
+            state,
+            addr,
+            exit_status,
+            error,
+            now_ms: crate::now_ms(),
+        };
+        propose_retrying(local, cmd.into()).await;
+    }
+
+    /// One pass over the jobs placed on this host.
+    fn reconcile(self: &Arc<Self>, local: &LocalState) {
+        let mine: Vec<Job> = local.read(|s| {
+            s.jobs
+                .jobs
+                .values()
+                .filter(|j| j.host == self.host && j.state.is_active())
+                .cloned()
+                .collect()
+        });
+        let mut running = self.running.lock().expect("jobs lock");
+        for job in mine {
+            match (job.state, running.get(&job.id)) {
+                (JobState::Pending, None) => {
+                    let l = Arc::new(Local {
+                        job: job.clone(),
+                        pid: AtomicU64::new(0),
+                        stop: tokio::sync::Notify::new(),
+                        stopping: AtomicBool::new(false),
+                    });
+                    running.insert(job.id.clone(), l.clone());
+                    tokio::spawn(self.clone().run_job(local.clone(), l));
+                }
+                (JobState::Stopping, Some(l)) => {
+                    if !l.stopping.swap(true, Ordering::SeqCst) {
+                        l.stop.notify_one();
+                    }
+                }
+                (state, None) => {
+                    // Placed here but not run by this daemon: it was lost with a restart.
+                    let (next, why) = match state {
+                        JobState::Stopping => (JobState::Done, None),
+                        _ => (
+                            JobState::Failed,
+                            Some("its host restarted while it ran".to_string()),
+                        ),
+                    };
+                    let me = self.clone();
+                    let local = local.clone();
+                    tokio::spawn(async move {
+                        me.report(&local, &job.id, next, None, None, why).await;
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs one job from placement to cleanup.
+    async fn run_job(self: Arc<Self>, local: LocalState, l: Arc<Local>) {
+        let id = l.job.id.clone();
+        self.started.fetch_add(1, Ordering::Relaxed);
+        self.report(&local, &id, JobState::Starting, None, None, None)
+            .await;
+        let outcome = match self.prepare(&local, &l).await {
+            Ok(prepared) => self.supervise(&local, &l, prepared).await,
+            Err(why) => {
+                tracing::warn!(job = %id, error = %why, "job could not start");
+                self.logs
+                    .push(&l.job.app, &id, &l.job.proc_type, "init", why.clone());
+                Outcome {
+                    state: JobState::Failed,
+                    exit_status: None,
+                    error: Some(why),
+                }
+            }
+        };
+        self.report(
+            &local,
+            &id,
+            outcome.state,
+            None,
+            outcome.exit_status,
+            outcome.error,
+        )
+        .await;
+        self.running.lock().expect("jobs lock").remove(&id);
+        let _ = std::fs::remove_dir_all(self.cfg.jobs_dir.join(&id));
+    }
+
+    /// Layers, directories, cgroups and the init's spec; the container is not started yet.
+    async fn prepare(&self, local: &LocalState, l: &Local) -> Result<Prepared, String> {
+        let job = &l.job;
+        let release: Release = local
+            .read(|s| s.jobs.releases.get(&job.release).cloned())
+            .ok_or_else(|| format!("release {} no longer exists", job.release))?;
+        let proc = release
+            .processes
+            .get(&job.proc_type)
+            .cloned()
+            .unwrap_or_default();
+        let mut lowerdirs = Vec::new();
+        for layer in &release.image.layers {
+            lowerdirs.push(self.layer(layer).await?);
+        }
+        lowerdirs.reverse(); // overlayfs wants the top layer first
+        let dir = JobDir::create(&self.cfg.jobs_dir, &job.id).map_err(|e| e.to_string())?;
+        let cgroup = match &self.cgroups {
+            Some(h) => Some(
+                h.create(&self.cgroup_name(&job.id), &proc.limits)
+                    .map_err(|e| format!("cgroup: {e}"))?,
+            ),
+            None => None,
+        };
+        let port = if proc.ports || job.oneoff {
+            Some(self.alloc_port().ok_or("no free port on this host")?)
+        } else {
+            None
+        };
+        // Env: the image's, then the release's, then Flynn's own.
+        let mut env: BTreeMap<String, String> = release
+            .image
+            .config
+            .env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        env.extend(release.env_for(&job.proc_type));
+        env.entry("PATH".into()).or_insert_with(|| {
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
+        });
+        env.entry("HOME".into()).or_insert_with(|| "/".into());
+        if let Some(p) = port {
+            env.insert("PORT".into(), p.to_string());
+        }
+        env.insert("FLYNN_APP_ID".into(), job.app.clone());
+        env.insert("FLYNN_RELEASE_ID".into(), job.release.clone());
+        env.insert("FLYNN_PROCESS_TYPE".into(), job.proc_type.clone());
+        env.insert("FLYNN_JOB_ID".into(), job.id.clone());
+        env.insert("EXTERNAL_IP".into(), self.ip.clone());
+        let config = &release.image.config;
+        let args = if !job.args.is_empty() {
+            job.args.clone()
+        } else if !proc.args.is_empty() {
+            proc.args.clone()
+        } else {
+            config
+                .entrypoint
+                .iter()
+                .chain(&config.cmd)
+                .cloned()
+                .collect()
+        };
+        let spec = ContainerSpec {
+            id: job.id.clone(),
+            hostname: job.id.chars().take(63).collect(),
+            lowerdirs,
+            upper: dir.upper(),
+            work: dir.work(),
+            root: dir.root(),
+            args,
+            env,
+            cwd: config.working_dir.clone(),
+            user: config.user.clone(),
+            cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
+            max_fd: proc.limits.max_fd,
+        };
+        let spec_path = dir.write_spec(&spec).map_err(|e| e.to_string())?;
+        Ok(Prepared {
+            spec_path,
+            cgroup,
+            port,
+            health_path: proc.health_path.clone(),
+            register: proc.ports && !job.oneoff,
+        })
+    }
+
+    /// A layer unpacked on this host, from the blobstore.
+    async fn layer(&self, layer: &flynn_state::Layer) -> Result<PathBuf, String> {
+        if self.layers.has(&layer.sha512) {
+            return Ok(self.layers.path(&layer.sha512));
+        }
+        let _one_at_a_time = self.unpack.lock().await;
+        if self.layers.has(&layer.sha512) {
+            return Ok(self.layers.path(&layer.sha512));
+        }
+        let blobstore = self
+            .blobstore
+            .as_ref()
+            .ok_or("this host runs no blobstore to fetch image layers from")?;
+        let path = flynn_state::layer_path(&layer.sha512);
+        let object = blobstore
+            .local_copy(&path)
+            .await
+            .map_err(|e| format!("fetching layer {}: {e}", &layer.sha512[..16]))?;
+        let store = self.layers.clone();
+        let (sha, compression) = (layer.sha512.clone(), layer.compression);
+        tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&object).map_err(|e| e.to_string())?;
+            store
+                .ensure(&sha, compression, f)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    async fn supervise(&self, local: &LocalState, l: &Arc<Local>, p: Prepared) -> Outcome {
+        let job = &l.job;
+        let exe = match std::env::current_exe() {
+            Ok(e) => e,
+            Err(e) => return Outcome::failed(format!("cannot find flynn-host itself: {e}")),
+        };
+        let mut child = match tokio::process::Command::new(exe)
+            .arg("container-init")
+            .arg(&p.spec_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => return Outcome::failed(format!("starting the container: {e}")),
+        };
+        l.pid
+            .store(child.id().unwrap_or(0) as u64, Ordering::Relaxed);
+        let init_error = Arc::new(Mutex::new(None::<String>));
+        let readers = [
+            child
+                .stdout
+                .take()
+                .map(|s| self.pipe(job, "stdout", s, None)),
+            child
+                .stderr
+                .take()
+                .map(|s| self.pipe(job, "stderr", s, Some(init_error.clone()))),
+        ];
+        let started = Instant::now();
+        let addr = p.port.map(|port| format!("{}:{port}", self.ip));
+
+        // Up: its port answers (or its health path), then it is registered and running.
+        let mut up = false;
+        let wait_up = async {
+            match p.port {
+                Some(port) if p.register => wait_listening(port, p.health_path.as_deref()).await,
+                _ => true,
+            }
+        };
+        let status = tokio::select! {
+            ok = wait_up => { up = ok; None }
+            s = child.wait() => Some(s),
+            _ = l.stop.notified() => None,
+        };
+        let mut stop_requested = l.stopping.load(Ordering::SeqCst);
+        if status.is_none() && !stop_requested {
+            if up {
+                let mut cmds: Vec<Command> = vec![JobsCommand::UpdateJob {
+                    id: job.id.clone(),
+                    state: JobState::Running,
+                    addr: addr.clone(),
+                    exit_status: None,
+                    error: None,
+                    now_ms: crate::now_ms(),
+                }
+                .into()];
+                if p.register {
+                    cmds.push(self.register(job, addr.clone().unwrap_or_default()).into());
+                }
+                propose_retrying(local, Command::Batch { commands: cmds }).await;
+            } else {
+                let _ = nix_kill(l, true);
+            }
+        }
+        let status = match status {
+            Some(s) => s,
+            None => loop {
+                tokio::select! {
+                    s = child.wait() => break s,
+                    _ = l.stop.notified(), if !stop_requested => {
+                        stop_requested = true;
+                        // Out of discovery already (StopJob); give routers a moment to
+                        // follow, then ask the job to stop.
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        nix_kill(l, false);
+                        let pid = l.pid.load(Ordering::Relaxed);
+                        let cgroup = p.cgroup.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(STOP_GRACE).await;
+                            if let Some(c) = cgroup { c.kill_all() }
+                            kill_pid(pid, true);
+                        });
+                    }
+                }
+            },
+        };
+        for r in readers.into_iter().flatten() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
+        }
+        let oom = p.cgroup.as_ref().is_some_and(JobCgroup::oom_killed);
+        if let Some(c) = &p.cgroup {
+            let c = c.clone();
+            let _ = tokio::task::spawn_blocking(move || c.remove()).await;
+        }
+        if let Some(port) = p.port {
+            self.ports.lock().expect("ports lock").remove(&port);
+        }
+        let code = match status {
+            Ok(s) => s.code().unwrap_or(-1),
+            Err(e) => return Outcome::failed(format!("waiting for the job: {e}")),
+        };
+        let init_error = init_error.lock().expect("init error").take();
+        let ran = started.elapsed();
+        tracing::info!(job = %job.id, code, ?ran, oom, "job exited");
+        if stop_requested {
+            return Outcome {
+                state: JobState::Done,
+                exit_status: Some(code),
+                error: None,
+            };
+        }
+        if oom {
+            return Outcome {
+                state: JobState::Crashed,
+                exit_status: Some(code),
+                error: Some("out of memory".into()),
+            };
+        }
+        if let (Some(e), true) = (
+            init_error,
+            matches!(code, EXIT_SETUP | EXIT_NOT_FOUND | 126),
+        ) {
+            return Outcome {
+                state: JobState::Failed,
+                exit_status: Some(code),
+                error: Some(e),
+            };
+        }
+        if !up && status_ok(code) && p.register {
+            return Outcome {
+                state: JobState::Crashed,
+                exit_status: Some(code),
+                error: Some("exited before its port answered".into()),
+            };
+        }
+        match code {
+            0 => Outcome {
+                state: JobState::Done,
+                exit_status: Some(0),
+                error: None,
+            },
+            c if c > 128 => Outcome {
+                state: JobState::Crashed,
+                exit_status: Some(c),
+                error: Some(format!("killed by signal {}", c - 128)),
+            },
+            c => Outcome {
+                state: JobState::Crashed,
+                exit_status: Some(c),
+                error: Some(format!("exited with status {c}")),
+            },
+        }
+    }
+
+    fn register(&self, job: &Job, addr: String) -> DiscoveryCommand {
+        DiscoveryCommand::RegisterInstance {
+            service: job.service(),
+            id: job.id.clone(),
+            addr,
+            meta: [
+                ("job".to_string(), job.id.clone()),
+                ("release".to_string(), job.release.clone()),
+                ("host".to_string(), self.host.to_string()),
+            ]
+            .into(),
+            ttl_ms: JOB_TTL.as_millis() as u64,
+            now_ms: crate::now_ms(),
+        }
+    }
+
+    /// Copies one of the job's output pipes into the host's log, line by line.
+    fn pipe(
+        &self,
+        job: &Job,
+        stream: &'static str,
+        pipe: impl AsyncRead + Unpin + Send + 'static,
+        init_error: Option<Arc<Mutex<Option<String>>>>,
+    ) -> tokio::task::JoinHandle<()> {
+        let logs = self.logs.clone();
+        let (app, id, ty) = (job.app.clone(), job.id.clone(), job.proc_type.clone());
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(pipe);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match read_line_capped(&mut reader, &mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let text = String::from_utf8_lossy(&buf)
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string();
+                let (stream, text) = match (&init_error, text.strip_prefix(INIT_PREFIX)) {
+                    (Some(slot), Some(msg)) => {
+                        *slot.lock().expect("init error") = Some(msg.to_string());
+                        ("init", msg.to_string())
+                    }
+                    _ => (stream, text),
+                };
+                logs.push(&app, &id, &ty, stream, text);
+            }
+        })
+    }
+
+    /// Keeps this host, and its jobs' instances, registered.
+    async fn heartbeat(&self, local: &LocalState, tick: u64) {
+        let mut commands: Vec<Command> = vec![DiscoveryCommand::RegisterInstance {
+            service: HOST_SERVICE.into(),
+            id: self.instance_id(),
+            addr: self.api_addr.clone(),
+            meta: Default::default(),
+            ttl_ms: HOST_TTL.as_millis() as u64,
+            now_ms: crate::now_ms(),
+        }
+        .into()];
+        if tick % 5 == 0 {
+            let now = crate::now_ms();
+            let instances: Vec<(String, String)> = local.read(|s| {
+                s.jobs
+                    .jobs
+                    .values()
+                    .filter(|j| j.host == self.host && j.state == JobState::Running)
+                    .filter(|j| {
+                        s.discovery
+                            .services
+                            .get(&j.service())
+                            .is_some_and(|svc| svc.instances.contains_key(&j.id))
+                    })
+                    .map(|j| (j.service(), j.id.clone()))
+                    .collect()
+            });
+            commands.extend(instances.into_iter().map(|(service, id)| {
+                Command::from(DiscoveryCommand::Heartbeat {
+                    service,
+                    id,
+                    now_ms: now,
+                })
+            }));
+        }
+        if let Err(e) = local.node().propose(Command::Batch { commands }).await {
+            tracing::debug!(error = %e, "host heartbeat not applied");
+        }
+    }
+}
+
+struct Prepared {
+    spec_path: PathBuf,
+    cgroup: Option<JobCgroup>,
+    port: Option<u16>,
+    health_path: Option<String>,
+    register: bool,
+}
+
+struct Outcome {
+    state: JobState,
+    exit_status: Option<i32>,
+    error: Option<String>,
+}
+
+impl Outcome {
+    fn failed(why: String) -> Self {
+        Outcome {
+            state: JobState::Failed,
+            exit_status: None,
+            error: Some(why),
+        }
+    }
+}
+
+fn status_ok(code: i32) -> bool {
+    code == 0
+}
+
+fn kill_pid(pid: u64, hard: bool) {
+    if pid == 0 {
+        return;
+    }
+    let sig = if hard {
+        nix::sys::signal::Signal::SIGKILL
+    } else {
+        nix::sys::signal::Signal::SIGTERM
+    };
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+}
+
+fn nix_kill(l: &Local, hard: bool) {
+    kill_pid(l.pid.load(Ordering::Relaxed), hard)
+}
+
+/// Reads one line of at most [`logs::MAX_LINE`] bytes (the rest of a longer line follows as
+/// further lines).
+async fn read_line_capped(
+    r: &mut (impl tokio::io::AsyncBufRead + Unpin),
+    buf: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    loop {
+        let available = r.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(buf.len());
+        }
+        let room = logs::MAX_LINE - buf.len();
+        let take = available.len().min(room);
+        let (n, done) = match available[..take].iter().position(|b| *b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (take, buf.len() + take >= logs::MAX_LINE),
+        };
+        buf.extend_from_slice(&available[..n]);
+        r.consume(n);
+        if done {
+            return Ok(buf.len());
+        }
+    }
+}
+
+/// Waits until something accepts connections on the job's port (and, with a health path,
+/// answers it with a 2xx or 3xx).
+async fn wait_listening(port: u16, health_path: Option<&str>) -> bool {
+    let deadline = Instant::now() + UP_TIMEOUT;
+    while Instant::now() < deadline {
+        if let Ok(Ok(mut s)) = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        {
+            let Some(path) = health_path else {
+                return true;
+            };
+            if http_ok(&mut s, path).await {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+async fn http_ok(s: &mut tokio::net::TcpStream, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    match tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut head)).await {
+        Ok(Ok(_)) => matches!(head.get(9), Some(b'2') | Some(b'3')),
+        _ => false,
+    }
+}
+
+/// Proposes until applied (or refused: a refusal will not change by retrying), for reports
+/// that must not be lost to a leader change.
+async fn propose_retrying(local: &LocalState, cmd: Command) {
+    for attempt in 0..20u32 {
+        match local.node().propose(cmd.clone()).await {
+            Ok(_) => return,
+            Err(e) if e.is_refusal() => {
+                tracing::debug!(error = %e, "job report refused");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, attempt, "job report not applied; retrying");
+                tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt + 1))).await;
+            }
+        }
+    }
+}
+
+impl Component for JobRunner {
+    fn name(&self) -> &'static str {
+        "jobs"
+    }
+
+    fn follow(self: Arc<Self>, local: LocalState) -> BoxFuture<'static, ()> {
+        let _ = self.local.set(local.clone());
+        Box::pin(async move {
+            let mut changes = local.changes();
+            let mut tick = tokio::time::interval(HOST_HEARTBEAT);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut n = 0u64;
+            loop {
+                if local.read(|s| s.bootstrapped()) {
+                    self.reconcile(&local);
+                }
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return },
+                    _ = tick.tick() => {
+                        if local.read(|s| s.bootstrapped()) {
+                            self.heartbeat(&local, n).await;
+                            n += 1;
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "running": self.running.lock().expect("jobs lock").len(),
+            "started_total": self.started.load(Ordering::Relaxed),
+            "cgroups": self.cgroups.as_ref().map(|h| format!("v{}", h.version())),
+            "network": "host",
+            "log_dir": self.cfg.log_dir,
+        })
+    }
+
+    fn prometheus(&self) -> String {
+        format!(
+            "# HELP flynn_jobs_running Jobs running on this host.\n# TYPE flynn_jobs_running gauge\nflynn_jobs_running {}\n\
+             # HELP flynn_jobs_started_total Jobs this host started.\n# TYPE flynn_jobs_started_total counter\nflynn_jobs_started_total {}\n\
+             # HELP flynn_job_log_lines_total Job output lines written to the host's log files.\n# TYPE flynn_job_log_lines_total counter\nflynn_job_log_lines_total {}\n\
+             # HELP flynn_job_log_lines_dropped_total Job output lines dropped because the log writer fell behind.\n# TYPE flynn_job_log_lines_dropped_total counter\nflynn_job_log_lines_dropped_total {}\n",
+            self.running.lock().expect("jobs lock").len(),
+            self.started.load(Ordering::Relaxed),
+            self.logs.written.load(Ordering::Relaxed),
+            self.logs.dropped.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Jobs end with their host's daemon: each is stopped (SIGTERM, then SIGKILL).
+    fn stop(self: Arc<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let locals: Vec<Arc<Local>> = self
+                .running
+                .lock()
+                .expect("jobs lock")
+                .values()
+                .cloned()
+                .collect();
+            for l in &locals {
+                nix_kill(l, false);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && !self.running.lock().expect("jobs lock").is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            for l in &locals {
+                nix_kill(l, true);
+            }
+        })
+    }
+}

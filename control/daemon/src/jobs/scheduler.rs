@@ -1,0 +1,452 @@
+//! The scheduler, a leader controller: makes the jobs running match the formations.
+//!
+//! Each pass is a pure [`plan`] over the applied state, proposed as one batch:
+//! - a host with jobs but no live `flynn-host` instance is down: its jobs fail (and leave
+//!   discovery), so the next pass places replacements on live hosts;
+//! - a process type with fewer jobs of the formation's release than asked gets new ones,
+//!   each on the live host with the fewest jobs of that type (then the fewest jobs), unless
+//!   the type is backing off after repeated crashes;
+//! - extra jobs are stopped, the ones not yet running and the newest first;
+//! - jobs of an older release are stopped only as jobs of the new release are running, so
+//!   a rolling deploy never drops below the formation's count of running jobs;
+//! - jobs whose app, formation or type is gone are stopped.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use flynn_state::jobs::{JobsCommand, NewJob};
+use flynn_state::{ClusterState, Command, Job, JobState};
+use futures::future::BoxFuture;
+
+use super::HOST_SERVICE;
+use crate::leader::LeaderController;
+use crate::node::Node;
+
+pub struct Scheduler;
+
+impl LeaderController for Scheduler {
+    fn name(&self) -> &'static str {
+        "scheduler"
+    }
+
+    fn run<'a>(&'a self, node: &'a Arc<Node>) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let now = crate::now_ms();
+            let commands = node.state.read(|a| plan(&a.state, now));
+            if commands.is_empty() {
+                return;
+            }
+            if let Err(e) = node.propose(Command::Batch { commands }).await {
+                tracing::debug!(controller = self.name(), error = %e, "not applied");
+            }
+        })
+    }
+}
+
+/// Hosts whose `flynn-host` instance is live at `now`, by node id.
+pub fn live_hosts(s: &ClusterState, now: u64) -> BTreeSet<u64> {
+    s.discovery
+        .services
+        .get(HOST_SERVICE)
+        .map(|svc| {
+            svc.instances
+                .values()
+                .filter(|i| i.expires_at_ms >= now)
+                .filter_map(|i| i.id.strip_prefix("host-")?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn stopping_rank(j: &Job) -> (u8, std::cmp::Reverse<u64>) {
+    let rank = match j.state {
+        JobState::Pending => 0,
+        JobState::Starting => 1,
+        _ => 2,
+    };
+    (rank, std::cmp::Reverse(j.created_ms))
+}
+
+/// What the scheduler proposes now: host failures first (alone), else placements and stops.
+pub fn plan(s: &ClusterState, now: u64) -> Vec<Command> {
+    if !s.bootstrapped() {
+        return Vec::new();
+    }
+    let live = live_hosts(s, now);
+    let active: Vec<&Job> = s
+        .jobs
+        .jobs
+        .values()
+        .filter(|j| j.state.is_active())
+        .collect();
+    let down: BTreeSet<u64> = active
+        .iter()
+        .map(|j| j.host)
+        .filter(|h| !live.contains(h))
+        .collect();
+    if !down.is_empty() {
+        return down
+            .into_iter()
+            .map(|host| JobsCommand::HostDown { host, now_ms: now }.into())
+            .collect();
+    }
+
+    // Jobs that count: active and not already being stopped.
+    let counted: Vec<&Job> = active
+        .iter()
+        .copied()
+        .filter(|j| j.state != JobState::Stopping && !j.oneoff)
+        .collect();
+    let mut load: BTreeMap<u64, usize> = live.iter().map(|h| (*h, 0)).collect();
+    let mut type_load: BTreeMap<(&str, &str, u64), usize> = BTreeMap::new();
+    for j in &active {
+        *load.entry(j.host).or_default() += 1;
+        *type_load.entry((&j.app, &j.proc_type, j.host)).or_default() += 1;
+    }
+
+    let mut place: Vec<NewJob> = Vec::new();
+    let mut stop: Vec<String> = Vec::new();
+    let mut keep: BTreeSet<&str> = BTreeSet::new();
+
+    for (app, f) in &s.jobs.formations {
+        let Some(release) = s.jobs.releases.get(&f.release) else {
+            continue;
+        };
+        for (ty, proc) in &release.processes {
+            let count = f.processes.get(ty).copied().unwrap_or(0) as usize;
+            let of_type = |release_matches: bool| -> Vec<&Job> {
+                counted
+                    .iter()
+                    .copied()
+                    .filter(|j| j.app == *app && j.proc_type == *ty)
+                    .filter(|j| (j.release == f.release) == release_matches)
+                    .collect()
+            };
+            let mut current = of_type(true);
+            let old = of_type(false);
+            // Omni types run `count` jobs on every live host; others `count` in all.
+            let groups: Vec<(Option<u64>, usize)> = if proc.omni {
+                live.iter().map(|h| (Some(*h), count)).collect()
+            } else {
+                vec![(None, count)]
+            };
+            let mut want_total = 0;
+            for (only_host, want) in groups {
+                want_total += want;
+                let mine: Vec<&Job> = current
+                    .iter()
+                    .copied()
+                    .filter(|j| only_host.is_none_or(|h| j.host == h))
+                    .collect();
+                if mine.len() < want {
+                    let backoff = s
+                        .jobs
+                        .backoff
+                        .get(&format!("{app}/{ty}"))
+                        .copied()
+                        .unwrap_or_default();
+                    if now < backoff.last_crash_ms.saturating_add(backoff.delay_ms()) {
+                        continue;
+                    }
+                    for _ in mine.len()..want {
+                        let candidates: Vec<u64> = match only_host {
+                            Some(h) => vec![h],
+                            None => live.iter().copied().collect(),
+                        };
+                        let Some(host) = candidates.into_iter().min_by_key(|h| {
+                            (
+                                type_load
+                                    .get(&(app.as_str(), ty.as_str(), *h))
+                                    .copied()
+                                    .unwrap_or(0),
+                                load.get(h).copied().unwrap_or(0),
+                                *h,
+                            )
+                        }) else {
+                            break;
+                        };
+                        *type_load.entry((app, ty, host)).or_default() += 1;
+                        *load.entry(host).or_default() += 1;
+                        place.push(NewJob {
+                            app: app.clone(),
+                            release: f.release.clone(),
+                            proc_type: ty.clone(),
+                            host,
+                            oneoff: false,
+                            args: Vec::new(),
+                        });
+                    }
+                } else if mine.len() > want {
+                    let mut extra = mine;
+                    extra.sort_by_key(|j| stopping_rank(j));
+                    let n = extra.len() - want;
+                    for j in extra.into_iter().take(n) {
+                        stop.push(j.id.clone());
+                        current.retain(|c| c.id != j.id);
+                    }
+                }
+            }
+            // Old-release jobs go as new ones come up, never below the count running.
+            let running_new = current
+                .iter()
+                .filter(|j| j.state == JobState::Running)
+                .count();
+            let allowed_old = want_total.saturating_sub(running_new);
+            let mut old = old;
+            old.sort_by_key(|j| stopping_rank(j));
+            let n = old.len().saturating_sub(allowed_old);
+            for j in &old[..n] {
+                stop.push(j.id.clone());
+            }
+            for j in current.iter().chain(&old[n..]) {
+                keep.insert(&j.id);
+            }
+        }
+    }
+    // Anything else that counts has lost its formation, release or type.
+    for j in &counted {
+        if !keep.contains(j.id.as_str()) && !stop.contains(&j.id) {
+            stop.push(j.id.clone());
+        }
+    }
+
+    let mut commands: Vec<Command> = Vec::new();
+    if !place.is_empty() {
+        commands.push(
+            JobsCommand::PlaceJobs {
+                jobs: place,
+                now_ms: now,
+            }
+            .into(),
+        );
+    }
+    commands.extend(
+        stop.into_iter()
+            .map(|id| Command::from(JobsCommand::StopJob { id })),
+    );
+    commands
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flynn_state::{
+        AppsCommand, ClusterCommand, DiscoveryCommand, Image, ImageConfig, NewRelease,
+    };
+
+    fn state(hosts: &[u64]) -> ClusterState {
+        let mut s = ClusterState::default();
+        let apply = |s: &mut ClusterState, c: Command| s.apply(c).0.unwrap();
+        apply(
+            &mut s,
+            ClusterCommand::Bootstrap {
+                auth_key: "0123456789abcdef0123".into(),
+                domain: None,
+                controller_certificate: None,
+                system_env: Default::default(),
+            }
+            .into(),
+        );
+        apply(
+            &mut s,
+            AppsCommand::CreateApp {
+                name: "web1".into(),
+            }
+            .into(),
+        );
+        apply(
+            &mut s,
+            JobsCommand::CreateRelease {
+                app: "web1".into(),
+                release: NewRelease {
+                    image: Image {
+                        layers: vec![],
+                        config: ImageConfig {
+                            cmd: vec!["httpd".into()],
+                            ..ImageConfig::default()
+                        },
+                    },
+                    processes: None,
+                },
+                now_ms: 0,
+            }
+            .into(),
+        );
+        for h in hosts {
+            alive(&mut s, *h, 0);
+        }
+        s
+    }
+
+    fn alive(s: &mut ClusterState, host: u64, now: u64) {
+        s.apply(
+            DiscoveryCommand::RegisterInstance {
+                service: HOST_SERVICE.into(),
+                id: format!("host-{host}"),
+                addr: "10.0.0.1:1113".into(),
+                meta: Default::default(),
+                ttl_ms: 10_000,
+                now_ms: now,
+            }
+            .into(),
+        )
+        .0
+        .unwrap();
+    }
+
+    /// Applies the plan and marks every new job running, as hosts would.
+    fn step(s: &mut ClusterState, now: u64) -> usize {
+        let plan = plan(s, now);
+        let n = plan.len();
+        for c in plan {
+            s.apply(c).0.unwrap();
+        }
+        let pending: Vec<String> = s
+            .jobs
+            .jobs
+            .values()
+            .filter(|j| matches!(j.state, JobState::Pending | JobState::Stopping))
+            .map(|j| j.id.clone())
+            .collect();
+        for id in pending {
+            let state = match s.jobs.jobs[&id].state {
+                JobState::Stopping => JobState::Done,
+                _ => JobState::Running,
+            };
+            s.apply(
+                JobsCommand::UpdateJob {
+                    id,
+                    state,
+                    addr: None,
+                    exit_status: None,
+                    error: None,
+                    now_ms: now,
+                }
+                .into(),
+            )
+            .0
+            .unwrap();
+        }
+        n
+    }
+
+    fn running_on(s: &ClusterState) -> BTreeMap<u64, usize> {
+        let mut m = BTreeMap::new();
+        for j in s
+            .jobs
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Running)
+        {
+            *m.entry(j.host).or_default() += 1;
+        }
+        m
+    }
+
+    fn scale(s: &mut ClusterState, n: i64) {
+        s.apply(
+            JobsCommand::Scale {
+                app: "web1".into(),
+                processes: [("web".to_string(), n)].into(),
+            }
+            .into(),
+        )
+        .0
+        .unwrap();
+    }
+
+    #[test]
+    fn t10_jobs_spread_over_hosts_and_scale_down() {
+        let mut s = state(&[1, 2, 3]);
+        scale(&mut s, 3);
+        step(&mut s, 1);
+        assert_eq!(running_on(&s), [(1, 1), (2, 1), (3, 1)].into());
+        assert_eq!(step(&mut s, 2), 0, "a settled formation plans nothing");
+        scale(&mut s, 1);
+        step(&mut s, 3);
+        assert_eq!(running_on(&s).values().sum::<usize>(), 1);
+    }
+
+    #[test]
+    fn t11_a_down_host_s_jobs_move_to_live_hosts() {
+        let mut s = state(&[1, 2]);
+        scale(&mut s, 2);
+        step(&mut s, 1);
+        assert_eq!(running_on(&s), [(1, 1), (2, 1)].into());
+        // Host 2 stops heartbeating; host 1 keeps on.
+        alive(&mut s, 1, 20_000);
+        step(&mut s, 20_001); // host down
+        step(&mut s, 20_002); // replacement
+        assert_eq!(running_on(&s), [(1, 2)].into());
+    }
+
+    #[test]
+    fn t12_rolling_deploy_keeps_the_count_running() {
+        let mut s = state(&[1, 2, 3]);
+        scale(&mut s, 3);
+        step(&mut s, 1);
+        let env = AppsCommand::UpdateEnv {
+            app: "web1".into(),
+            proc_type: None,
+            set: [("K".to_string(), "v2".to_string())].into(),
+            unset: vec![],
+            now_ms: 2,
+        };
+        s.apply(env.into()).0.unwrap();
+        let new = s.jobs.formations["web1"].release.clone();
+        // Pass 1 places the new jobs and stops nothing: none of them runs yet.
+        let plan1 = plan(&s, 2);
+        assert!(plan1
+            .iter()
+            .all(|c| !matches!(c, Command::Jobs(JobsCommand::StopJob { .. }))));
+        step(&mut s, 2);
+        step(&mut s, 3);
+        let running: Vec<&Job> = s
+            .jobs
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Running)
+            .collect();
+        assert_eq!(running.len(), 3);
+        assert!(running.iter().all(|j| j.release == new));
+    }
+
+    #[test]
+    fn t13_crash_loops_back_off() {
+        let mut s = state(&[1]);
+        let mut placed = 0;
+        for i in 0..10u64 {
+            let now = 1_000 + i * 100;
+            for c in plan(&s, now) {
+                if matches!(c, Command::Jobs(JobsCommand::PlaceJobs { .. })) {
+                    placed += 1;
+                }
+                s.apply(c).0.unwrap();
+            }
+            let ids: Vec<String> = s
+                .jobs
+                .jobs
+                .values()
+                .filter(|j| j.state.is_active())
+                .map(|j| j.id.clone())
+                .collect();
+            for id in ids {
+                s.apply(
+                    JobsCommand::UpdateJob {
+                        id,
+                        state: JobState::Crashed,
+                        addr: None,
+                        exit_status: Some(1),
+                        error: None,
+                        now_ms: now,
+                    }
+                    .into(),
+                )
+                .0
+                .unwrap();
+            }
+        }
+        // Ten passes 100 ms apart: the first four restarts are immediate, then it waits.
+        assert!((4..=5).contains(&placed), "placed {placed}");
+    }
+}

@@ -1,0 +1,313 @@
+//! A job's cgroups: memory, CPU weight and process count, on cgroup v1 (one hierarchy per
+//! controller, as this development machine mounts them) or v2 (one unified hierarchy, as
+//! modern hosts do). Found from `/proc/self/mountinfo`, never assumed.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use flynn_model::Limits;
+
+use crate::Error;
+
+/// The cgroup layout of this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hierarchy {
+    /// The unified hierarchy with the memory controller: one directory per job.
+    V2 { root: PathBuf },
+    /// Per-controller hierarchies; a controller not mounted is not limited.
+    V1 {
+        memory: Option<PathBuf>,
+        cpu: Option<PathBuf>,
+        pids: Option<PathBuf>,
+    },
+}
+
+/// Parent of every job's cgroup, under each hierarchy's root.
+const PARENT: &str = "flynn";
+
+impl Hierarchy {
+    /// Reads the mounts: v2 if a cgroup2 mount offers the memory controller, else the v1
+    /// controllers' mounts.
+    pub fn detect() -> Result<Self, Error> {
+        let text = fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| Error::io(Path::new("/proc/self/mountinfo"), e))?;
+        Ok(Self::from_mountinfo(&text, |p| {
+            fs::read_to_string(p.join("cgroup.controllers")).unwrap_or_default()
+        }))
+    }
+
+    fn from_mountinfo(text: &str, controllers: impl Fn(&Path) -> String) -> Self {
+        let (mut memory, mut cpu, mut pids) = (None, None, None);
+        for line in text.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let Some(sep) = fields.iter().position(|f| *f == "-") else {
+                continue;
+            };
+            let (Some(mount_point), Some(fstype), Some(opts)) =
+                (fields.get(4), fields.get(sep + 1), fields.get(sep + 3))
+            else {
+                continue;
+            };
+            let mount_point = PathBuf::from(mount_point);
+            match *fstype {
+                "cgroup2" => {
+                    if controllers(&mount_point)
+                        .split_whitespace()
+                        .any(|c| c == "memory")
+                    {
+                        return Hierarchy::V2 { root: mount_point };
+                    }
+                }
+                "cgroup" => {
+                    let has = |c: &str| opts.split(',').any(|o| o == c);
+                    if has("memory") {
+                        memory.get_or_insert(mount_point.clone());
+                    }
+                    if has("cpu") {
+                        cpu.get_or_insert(mount_point.clone());
+                    }
+                    if has("pids") {
+                        pids.get_or_insert(mount_point);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Hierarchy::V1 { memory, cpu, pids }
+    }
+
+    pub fn version(&self) -> u8 {
+        match self {
+            Hierarchy::V2 { .. } => 2,
+            Hierarchy::V1 { .. } => 1,
+        }
+    }
+
+    /// Makes the job's cgroup(s) with its limits.
+    pub fn create(&self, job: &str, limits: &Limits) -> Result<JobCgroup, Error> {
+        let dirs = match self {
+            Hierarchy::V2 { root } => {
+                // Controllers must be enabled down the path for a child to get them.
+                let parent = root.join(PARENT);
+                enable_v2(root)?;
+                mkdir(&parent)?;
+                enable_v2(&parent)?;
+                vec![parent.join(job)]
+            }
+            Hierarchy::V1 { memory, cpu, pids } => [memory, cpu, pids]
+                .into_iter()
+                .flatten()
+                .map(|root| root.join(PARENT).join(job))
+                .collect(),
+        };
+        for d in &dirs {
+            mkdir(d)?;
+        }
+        let cg = JobCgroup {
+            hierarchy: self.clone(),
+            dirs,
+        };
+        cg.limit(job, limits)?;
+        Ok(cg)
+    }
+}
+
+fn mkdir(dir: &Path) -> Result<(), Error> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))
+}
+
+fn enable_v2(dir: &Path) -> Result<(), Error> {
+    let available = fs::read_to_string(dir.join("cgroup.controllers")).unwrap_or_default();
+    let wanted: Vec<String> = ["memory", "cpu", "pids"]
+        .into_iter()
+        .filter(|c| available.split_whitespace().any(|a| a == *c))
+        .map(|c| format!("+{c}"))
+        .collect();
+    let file = dir.join("cgroup.subtree_control");
+    fs::write(&file, wanted.join(" ")).map_err(|e| Error::io(&file, e))
+}
+
+/// One job's cgroup directories (one on v2; one per mounted controller on v1).
+#[derive(Debug, Clone)]
+pub struct JobCgroup {
+    hierarchy: Hierarchy,
+    dirs: Vec<PathBuf>,
+}
+
+impl JobCgroup {
+    /// The `cgroup.procs` files a process writes its pid to, to join.
+    pub fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    fn dir_of(&self, controller: &str) -> Option<&PathBuf> {
+        match &self.hierarchy {
+            Hierarchy::V2 { .. } => self.dirs.first(),
+            Hierarchy::V1 { .. } => self
+                .dirs
+                .iter()
+                .find(|d| d.iter().any(|c| c.to_str() == Some(controller))),
+        }
+    }
+
+    fn write(&self, controller: &str, file: &str, value: &str) -> Result<(), Error> {
+        let Some(dir) = self.dir_of(controller) else {
+            return Ok(());
+        };
+        let path = dir.join(file);
+        fs::write(&path, value).map_err(|e| Error::io(&path, e))
+    }
+
+    fn limit(&self, _job: &str, limits: &Limits) -> Result<(), Error> {
+        let v2 = matches!(self.hierarchy, Hierarchy::V2 { .. });
+        if let Some(bytes) = limits.memory {
+            if v2 {
+                self.write("memory", "memory.max", &bytes.to_string())?;
+                // No swap either, so the limit is the limit.
+                let _ = self.write("memory", "memory.swap.max", "0");
+            } else {
+                self.write("memory", "memory.limit_in_bytes", &bytes.to_string())?;
+                let _ = self.write("memory", "memory.memsw.limit_in_bytes", &bytes.to_string());
+            }
+        }
+        if let Some(shares) = limits.cpu_shares {
+            if v2 {
+                // The kernel's own mapping of v1 shares (2..262144) onto v2 weights (1..10000).
+                let shares = shares.clamp(2, 262_144);
+                let weight = 1 + ((shares - 2) * 9999) / 262_142;
+                self.write("cpu", "cpu.weight", &weight.to_string())?;
+            } else {
+                self.write("cpu", "cpu.shares", &shares.to_string())?;
+            }
+        }
+        if let Some(n) = limits.max_procs {
+            self.write("pids", "pids.max", &n.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Whether the kernel's OOM killer killed something in the job.
+    pub fn oom_killed(&self) -> bool {
+        let Some(dir) = self.dir_of("memory") else {
+            return false;
+        };
+        let file = match self.hierarchy {
+            Hierarchy::V2 { .. } => "memory.events",
+            Hierarchy::V1 { .. } => "memory.oom_control",
+        };
+        fs::read_to_string(dir.join(file))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| {
+                l.strip_prefix("oom_kill ")
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .is_some_and(|n| n > 0)
+            })
+    }
+
+    /// Every process still in the job.
+    pub fn pids(&self) -> Vec<i32> {
+        let mut pids: Vec<i32> = self
+            .procs_files()
+            .iter()
+            .flat_map(|f| {
+                fs::read_to_string(f)
+                    .unwrap_or_default()
+                    .lines()
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    /// SIGKILLs everything left in the job.
+    pub fn kill_all(&self) {
+        for pid in self.pids() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    /// Removes the cgroup(s) once empty; kills what is left first.
+    pub fn remove(&self) {
+        for _ in 0..50 {
+            self.kill_all();
+            let mut left = false;
+            for d in &self.dirs {
+                if d.exists() && fs::remove_dir(d).is_err() {
+                    left = true;
+                }
+            }
+            if !left {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        tracing::warn!(dirs = ?self.dirs, "job cgroup could not be removed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+30 25 0:26 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+31 25 0:27 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+32 25 0:28 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+33 25 0:29 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw";
+
+    #[test]
+    fn t10_hybrid_hosts_use_v1_and_pure_v2_hosts_use_v2() {
+        // cgroup2 here has no memory controller (only hugetlb): the v1 mounts are used.
+        let h = Hierarchy::from_mountinfo(HYBRID, |_| "hugetlb".into());
+        assert_eq!(
+            h,
+            Hierarchy::V1 {
+                memory: Some("/sys/fs/cgroup/memory".into()),
+                cpu: Some("/sys/fs/cgroup/cpu".into()),
+                pids: Some("/sys/fs/cgroup/pids".into()),
+            }
+        );
+        let pure = "29 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate";
+        let h = Hierarchy::from_mountinfo(pure, |_| "cpuset cpu io memory pids".into());
+        assert_eq!(
+            h,
+            Hierarchy::V2 {
+                root: "/sys/fs/cgroup".into()
+            }
+        );
+    }
+
+    #[test]
+    fn t11_limits_are_written_on_this_host() {
+        let h = Hierarchy::detect().unwrap();
+        let job = format!("fltest-{}", std::process::id());
+        let limits = Limits {
+            memory: Some(64 << 20),
+            cpu_shares: Some(512),
+            max_procs: Some(20),
+            max_fd: None,
+        };
+        let cg = h.create(&job, &limits).unwrap();
+        let read = |controller: &str, v1: &str, v2: &str| {
+            let f = if h.version() == 2 { v2 } else { v1 };
+            fs::read_to_string(cg.dir_of(controller).unwrap().join(f)).unwrap()
+        };
+        assert_eq!(
+            read("memory", "memory.limit_in_bytes", "memory.max").trim(),
+            (64u64 << 20).to_string()
+        );
+        assert_eq!(read("pids", "pids.max", "pids.max").trim(), "20");
+        assert!(cg.pids().is_empty());
+        assert!(!cg.oom_killed());
+        cg.remove();
+        assert!(cg.dirs.iter().all(|d| !d.exists()));
+    }
+}

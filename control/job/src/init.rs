@@ -1,0 +1,301 @@
+//! The container init, run as `flynn-host container-init SPEC` by the job runner.
+//!
+//! Stage 1 (started by the daemon, in the host's namespaces) joins the job's cgroups, makes
+//! new mount, PID, UTS and IPC namespaces, mounts the job's overlay root and starts stage 2.
+//! Stage 2 is PID 1 of the new PID namespace: it mounts `/proc`, `/dev` and `/sys`, pivots
+//! into the root (the host's root is then unreachable), sets the hostname and rlimits, and
+//! runs the job's command as its user. Both stages forward signals down and exit with the
+//! command's status, so the daemon supervises one process; when stage 2 ends, the kernel
+//! kills whatever is left in the namespace.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+/// Exit status when the command cannot be started (as a shell's "command not found").
+pub const EXIT_NOT_FOUND: i32 = 127;
+/// Exit status when the container itself cannot be set up.
+pub const EXIT_SETUP: i32 = 125;
+/// Lines the init writes to stderr start with this, so the runner can report them.
+pub const INIT_PREFIX: &str = "flynn-init: ";
+
+/// Everything the init needs, written by the runner as JSON.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    pub id: String,
+    pub hostname: String,
+    /// Image layers, top first.
+    pub lowerdirs: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    /// Where the overlay is mounted (inside the job's mount namespace only).
+    pub root: PathBuf,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: String,
+    /// `uid[:gid]` or a user name in the image; empty: `nobody` (65534).
+    pub user: String,
+    pub cgroup_procs: Vec<PathBuf>,
+    #[serde(default)]
+    pub max_fd: Option<u64>,
+}
+
+fn fail(code: i32, msg: impl std::fmt::Display) -> ! {
+    eprintln!("{INIT_PREFIX}{msg}");
+    std::process::exit(code)
+}
+
+fn read_spec(path: &Path) -> ContainerSpec {
+    let bytes = std::fs::read(path)
+        .unwrap_or_else(|e| fail(EXIT_SETUP, format!("reading {}: {e}", path.display())));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| fail(EXIT_SETUP, format!("bad spec: {e}")))
+}
+
+/// Signals passed on to the job; SIGCHLD is how an init learns its child ended.
+fn signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGCHLD,
+    ] {
+        set.add(s);
+    }
+    set
+}
+
+/// Waits for `child`, forwarding signals to it and reaping any other child (an init
+/// inherits orphans), then exits with its status.
+fn supervise(child: u32, set: SigSet) -> ! {
+    let child = Pid::from_raw(child as i32);
+    loop {
+        let sig = set.wait().unwrap_or(Signal::SIGCHLD);
+        if sig != Signal::SIGCHLD {
+            let _ = kill(child, sig);
+            continue;
+        }
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == child => std::process::exit(code),
+                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == child => {
+                    std::process::exit(128 + sig as i32)
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// Stage 1: cgroups, namespaces, the root mount; then stage 2.
+pub fn stage1(spec_path: &Path) -> ! {
+    // A job does not outlive its host's daemon (nor stage 2 this process).
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    if nix::unistd::getppid() == Pid::from_raw(1) {
+        fail(EXIT_SETUP, "the job runner is gone");
+    }
+    let spec = read_spec(spec_path);
+    let pid = std::process::id().to_string();
+    for f in &spec.cgroup_procs {
+        if let Err(e) = std::fs::write(f, &pid) {
+            fail(EXIT_SETUP, format!("joining cgroup {}: {e}", f.display()));
+        }
+    }
+    let flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC;
+    unshare(flags).unwrap_or_else(|e| fail(EXIT_SETUP, format!("unshare: {e}")));
+    // Nothing mounted from here on propagates back to the host.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .unwrap_or_else(|e| fail(EXIT_SETUP, format!("making mounts private: {e}")));
+    let lower: Vec<String> = spec
+        .lowerdirs
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        spec.upper.display(),
+        spec.work.display()
+    );
+    mount(
+        Some("overlay"),
+        &spec.root,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .unwrap_or_else(|e| fail(EXIT_SETUP, format!("mounting the job's root: {e}")));
+
+    let set = signals();
+    let _ = set.thread_block();
+    // The next process made is PID 1 of the new PID namespace.
+    let child = Command::new("/proc/self/exe")
+        .arg("container-init")
+        .arg("--stage2")
+        .arg(spec_path)
+        .spawn()
+        .unwrap_or_else(|e| fail(EXIT_SETUP, format!("starting stage 2: {e}")));
+    supervise(child.id(), set)
+}
+
+fn mount_or_fail(src: &str, target: &Path, fstype: &str, flags: MsFlags, data: Option<&str>) {
+    let _ = std::fs::create_dir_all(target);
+    mount(Some(src), target, Some(fstype), flags, data).unwrap_or_else(|e| {
+        fail(
+            EXIT_SETUP,
+            format!("mounting {fstype} on {}: {e}", target.display()),
+        )
+    });
+}
+
+/// `/dev`: a tmpfs with the usual device nodes bound from the host's, a private devpts
+/// and shared memory.
+fn populate_dev(root: &Path) {
+    let dev = root.join("dev");
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME;
+    mount_or_fail("tmpfs", &dev, "tmpfs", nodev, Some("mode=755,size=65536k"));
+    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let target = dev.join(name);
+        let _ = std::fs::File::create(&target);
+        let host = Path::new("/dev").join(name);
+        if let Err(e) = mount(
+            Some(&host),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        ) {
+            fail(EXIT_SETUP, format!("binding /dev/{name}: {e}"));
+        }
+    }
+    for (link, to) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("ptmx", "pts/ptmx"),
+    ] {
+        let _ = std::os::unix::fs::symlink(to, dev.join(link));
+    }
+    mount_or_fail(
+        "devpts",
+        &dev.join("pts"),
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    );
+    mount_or_fail(
+        "shm",
+        &dev.join("shm"),
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=1777,size=65536k"),
+    );
+}
+
+/// `uid:gid` for the image's user: numeric, or a name from its /etc/passwd.
+fn resolve_user(user: &str) -> Result<(u32, u32), String> {
+    if user.is_empty() {
+        return Ok((65534, 65534));
+    }
+    let (name, group) = match user.split_once(':') {
+        Some((n, g)) => (n, Some(g)),
+        None => (user, None),
+    };
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let from_passwd = |n: &str| {
+        passwd.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() > 3 && f[0] == n)
+                .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+                .flatten()
+        })
+    };
+    let (uid, default_gid) = match name.parse::<u32>() {
+        Ok(uid) => (uid, uid),
+        Err(_) => from_passwd(name).ok_or_else(|| format!("user {name:?} is not in the image"))?,
+    };
+    let gid = match group {
+        Some(g) => g
+            .parse()
+            .map_err(|_| format!("group {g:?} must be numeric"))?,
+        None => default_gid,
+    };
+    Ok((uid, gid))
+}
+
+/// Stage 2: PID 1 of the job.
+pub fn stage2(spec_path: &Path) -> ! {
+    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    let spec = read_spec(spec_path);
+    let root = spec.root.clone();
+    let hardened = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_or_fail("proc", &root.join("proc"), "proc", hardened, None);
+    populate_dev(&root);
+    mount_or_fail(
+        "sysfs",
+        &root.join("sys"),
+        "sysfs",
+        hardened | MsFlags::MS_RDONLY,
+        None,
+    );
+    let _ = std::fs::create_dir_all(root.join("tmp"));
+
+    // Into the job's root; the host's root is detached and unreachable from here.
+    std::env::set_current_dir(&root).unwrap_or_else(|e| fail(EXIT_SETUP, format!("chdir: {e}")));
+    nix::unistd::pivot_root(".", ".")
+        .unwrap_or_else(|e| fail(EXIT_SETUP, format!("pivot_root: {e}")));
+    umount2(".", MntFlags::MNT_DETACH)
+        .unwrap_or_else(|e| fail(EXIT_SETUP, format!("detaching the host's root: {e}")));
+    let _ = std::env::set_current_dir("/");
+
+    let _ = nix::unistd::sethostname(&spec.hostname);
+    if let Some(n) = spec.max_fd {
+        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, n, n);
+    }
+    let (uid, gid) = resolve_user(&spec.user).unwrap_or_else(|e| fail(EXIT_SETUP, e));
+    let Some((program, args)) = spec.args.split_first() else {
+        fail(EXIT_NOT_FOUND, "the job has no command")
+    };
+    let cwd = if spec.cwd.is_empty() { "/" } else { &spec.cwd };
+
+    let set = signals();
+    let _ = set.thread_block();
+    let child = Command::new(program)
+        .args(args)
+        .env_clear()
+        .envs(&spec.env)
+        .current_dir(cwd)
+        .uid(uid)
+        .gid(gid)
+        .spawn()
+        .unwrap_or_else(|e| {
+            let code = match e.kind() {
+                std::io::ErrorKind::PermissionDenied => 126,
+                _ => EXIT_NOT_FOUND,
+            };
+            fail(code, format!("cannot run {program:?}: {e}"))
+        });
+    supervise(child.id(), set)
+}
