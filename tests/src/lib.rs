@@ -244,18 +244,12 @@ impl Cluster {
             .append(true)
             .open(&h.log)
             .expect("log file");
-        // `ip netns exec` also gives the command a mount namespace of its own, and zfs-fuse
-        // cannot mount datasets from one: a host with a pool enters only the network
-        // namespace (real hosts have no such wrapper at all).
-        let mut launcher = if h.zfs {
-            let mut c = Command::new("nsenter");
-            c.arg(format!("--net=/run/netns/{}", h.ns)).arg("--");
-            c
-        } else {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", &h.ns]);
-            c
-        };
+        // Daemons enter only the host's network namespace. `ip netns exec` would also give
+        // them a mount namespace of their own with a fresh /sys: zfs-fuse cannot mount
+        // datasets from one, and the cgroup hierarchies under /sys/fs/cgroup that jobs are
+        // limited by would be gone. Real hosts have no such wrapper at all.
+        let mut launcher = Command::new("nsenter");
+        launcher.arg(format!("--net=/run/netns/{}", h.ns)).arg("--");
         let child = launcher
             .arg(bin_dir().join("flynn-host"))
             .arg("--data-dir")
@@ -276,6 +270,9 @@ impl Cluster {
                     .into_iter()
                     .flatten(),
             )
+            // Job output of each host in its own data dir (not the machine's /var/log).
+            .arg("--log-dir")
+            .arg(h.data_dir.join("logs"))
             .env("RUST_LOG", "info,openraft=error")
             .envs(h.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -385,6 +382,26 @@ impl Cluster {
         self.key = v["controller_key"].as_str().expect("key").to_string();
         self.secret = v["cluster_secret"].as_str().expect("secret").to_string();
         v
+    }
+
+    /// Builds a busybox app image (`script/busybox-image`) in the cluster's temp dir: a
+    /// `docker save` archive whose web process runs `cmd` under `sh -c` (default: httpd on
+    /// `$PORT`, saying so on stdout first).
+    pub fn busybox_image(&self, version: &str, cmd: Option<&str>) -> PathBuf {
+        let out = self.root.path().join(format!("busybox-{version}.tar"));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../script/busybox-image");
+        let mut c = Command::new("bash");
+        c.arg(script).arg(&out).arg(version);
+        if let Some(cmd) = cmd {
+            c.arg(cmd);
+        }
+        let o = c.output().expect("run script/busybox-image");
+        assert!(
+            o.status.success(),
+            "busybox-image: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        out
     }
 
     /// Runs the `flynn` CLI from the test's own namespace (the admin network) with the

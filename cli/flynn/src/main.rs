@@ -6,6 +6,8 @@ use std::io::IsTerminal;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 mod flynnrc;
+mod image;
+mod jobs;
 
 use flynn_cli_util::{print_table, run_main};
 use flynn_client::{ControllerClient, EnvUpdate, RouteRequest};
@@ -51,6 +53,51 @@ enum Cmd {
     Env(EnvArgs),
     /// Show and change an app's routes.
     Route(RouteArgs),
+    /// Deploy images (`flynn docker push IMAGE.tar`).
+    Docker {
+        #[command(subcommand)]
+        cmd: jobs::DockerCmd,
+    },
+    /// List the app's releases, or show one.
+    Release {
+        #[command(subcommand)]
+        cmd: Option<jobs::ReleaseCmd>,
+    },
+    /// Show or change how many jobs of each process type run (`flynn scale web=3`).
+    Scale {
+        /// Do not wait for the jobs to settle.
+        #[arg(long)]
+        no_wait: bool,
+        counts: Vec<String>,
+    },
+    /// List the app's jobs.
+    Ps {
+        /// Also the stopped jobs hosts keep (`-a` names the app).
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show the app's log (its last 10,000 lines at most).
+    Log {
+        /// Keep printing new lines.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// The last N lines.
+        #[arg(short = 'n', long = "number")]
+        lines: Option<usize>,
+        /// One job's lines.
+        #[arg(short = 'j', long)]
+        job: Option<String>,
+        /// One process type's lines.
+        #[arg(short = 't', long = "process-type")]
+        proc_type: Option<String>,
+    },
+    /// Stop a job (the scheduler replaces it if the formation still wants it).
+    Kill { job: String },
+    /// Show or set process types' resource limits.
+    Limit {
+        #[command(subcommand)]
+        cmd: Option<jobs::LimitCmd>,
+    },
 }
 
 #[derive(Args)]
@@ -233,6 +280,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Env(args) => env_cmd(&client, &app()?, args).await?,
         Cmd::Route(args) => route_cmd(&client, &app()?, args).await?,
+        Cmd::Docker {
+            cmd: jobs::DockerCmd::Push { image, no_wait },
+        } => jobs::docker_push(&client, &app()?, &image, no_wait).await?,
+        Cmd::Release { cmd } => jobs::release_cmd(&client, &app()?, cmd).await?,
+        Cmd::Scale { no_wait, counts } => jobs::scale(&client, &app()?, &counts, no_wait).await?,
+        Cmd::Ps { all } => jobs::ps(&client, &app()?, all).await?,
+        Cmd::Log {
+            follow,
+            lines,
+            job,
+            proc_type,
+        } => {
+            let args = jobs::LogArgs {
+                follow,
+                lines,
+                job,
+                proc_type,
+            };
+            jobs::log(&client, &app()?, args).await?
+        }
+        Cmd::Kill { job } => {
+            let app = app()?;
+            client.kill_job(&app, &job).await?;
+            println!("Job {job} stopped.");
+        }
+        Cmd::Limit { cmd } => jobs::limit(&client, &app()?, cmd).await?,
     }
     Ok(())
 }
@@ -418,4 +491,15 @@ async fn route_cmd(client: &ControllerClient, app: &str, args: RouteArgs) -> any
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// Flags of every subcommand must not clash with the global ones (clap checks this only
+    /// in debug builds, at parse time: a clash would panic the command).
+    #[test]
+    fn t10_flags_do_not_clash() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -107,6 +107,37 @@ enum Cmd {
     /// Prepare a stopped host to restart as the only peer of a new cluster holding its
     /// state: the way out when a cluster has lost its quorum for good.
     Recover,
+    /// List the jobs on this host.
+    Ps {
+        /// Also the stopped jobs this host keeps (the last 25 per app).
+        #[arg(short = 'a', long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Show one job of this host.
+    Inspect {
+        job: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stop a job on this host.
+    Stop {
+        job: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Print a job's output.
+    Log {
+        job: String,
+        /// Keep printing new lines.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Volumes: list, create, inspect, delete, snapshot, send to another host.
     Volume {
         #[command(subcommand)]
@@ -407,6 +438,80 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Volume { cmd, target } => volume_cmd(local_host(&cli.data_dir, &target)?, cmd).await,
+        Cmd::Ps { all, json, target } => {
+            let jobs = local_host(&cli.data_dir, &target)?.jobs(all).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&jobs)?);
+                return Ok(());
+            }
+            let text = |v: &serde_json::Value, k: &str| match &v[k] {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => String::new(),
+                other => other.to_string(),
+            };
+            let rows: Vec<Vec<String>> = jobs
+                .iter()
+                .map(|j| {
+                    ["id", "app", "type", "state", "addr", "pid", "error"]
+                        .iter()
+                        .map(|k| text(j, k))
+                        .collect()
+                })
+                .collect();
+            print_table(
+                &["ID", "APP", "TYPE", "STATE", "ADDR", "PID", "ERROR"],
+                &rows,
+            );
+            Ok(())
+        }
+        Cmd::Inspect { job, target } => {
+            let jobs = local_host(&cli.data_dir, &target)?.jobs(true).await?;
+            let j = jobs
+                .iter()
+                .find(|j| j["id"] == job.as_str())
+                .with_context(|| format!("no job {job:?} on this host"))?;
+            println!("{}", serde_json::to_string_pretty(j)?);
+            Ok(())
+        }
+        Cmd::Stop { job, target } => {
+            local_host(&cli.data_dir, &target)?.stop_job(&job).await?;
+            println!("Job {job} stopping.");
+            Ok(())
+        }
+        Cmd::Log {
+            job,
+            follow,
+            target,
+        } => {
+            let host = local_host(&cli.data_dir, &target)?;
+            let jobs = host.jobs(true).await?;
+            let app = jobs
+                .iter()
+                .find(|j| j["id"] == job.as_str())
+                .and_then(|j| j["app"].as_str().map(String::from))
+                .with_context(|| format!("no job {job:?} on this host"))?;
+            let mut q = flynn_client::LogQuery {
+                app,
+                job: Some(job),
+                ..Default::default()
+            };
+            loop {
+                let lines = host.logs(&q).await?;
+                for l in &lines {
+                    println!(
+                        "{}",
+                        flynn_cli_util::log_line(l.ts, &l.app, &l.proc_type, &l.job, &l.msg)
+                    );
+                }
+                if !follow {
+                    return Ok(());
+                }
+                if let Some(last) = lines.last() {
+                    q.after = Some(last.cursor());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
         Cmd::ZpoolInit(args) => {
             let cfg = args.validate(&cli.data_dir)?;
             let pool =

@@ -200,7 +200,7 @@ pub struct MembershipRequest {
     pub force: bool,
 }
 
-pub use flynn_model::WatchLine;
+pub use flynn_model::{LogLine, LogQuery, WatchLine};
 
 /// `POST /host/volumes`: a volume on that host.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -39,6 +39,8 @@ pub enum LeaderOp {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
+// Replies are moved once per request; boxing the applied result would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum LeaderReply {
     Applied { result: ApplyResult },
     ReadIndex { index: Option<u64> },
@@ -58,6 +60,7 @@ struct Proposal {
     reply: tokio::sync::oneshot::Sender<ProposeOutcome>,
 }
 
+#[allow(clippy::large_enum_variant)]
 enum ProposeOutcome {
     Applied(ApplyResult),
     /// Not appended: this host is not the leader (any more).

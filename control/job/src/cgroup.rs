@@ -50,13 +50,12 @@ impl Hierarchy {
             };
             let mount_point = PathBuf::from(mount_point);
             match *fstype {
-                "cgroup2" => {
+                "cgroup2"
                     if controllers(&mount_point)
                         .split_whitespace()
-                        .any(|c| c == "memory")
-                    {
-                        return Hierarchy::V2 { root: mount_point };
-                    }
+                        .any(|c| c == "memory") =>
+                {
+                    return Hierarchy::V2 { root: mount_point };
                 }
                 "cgroup" => {
                     let has = |c: &str| opts.split(',').any(|o| o == c);

@@ -80,10 +80,12 @@ fn signals() -> SigSet {
 /// inherits orphans), then exits with its status.
 fn supervise(child: u32, set: SigSet) -> ! {
     let child = Pid::from_raw(child as i32);
+    // A child that ended before the signals were waited for is reaped on the first pass.
+    let mut sig = Signal::SIGCHLD;
     loop {
-        let sig = set.wait().unwrap_or(Signal::SIGCHLD);
         if sig != Signal::SIGCHLD {
             let _ = kill(child, sig);
+            sig = set.wait().unwrap_or(Signal::SIGCHLD);
             continue;
         }
         loop {
@@ -96,6 +98,7 @@ fn supervise(child: u32, set: SigSet) -> ! {
                 Ok(_) => {}
             }
         }
+        sig = set.wait().unwrap_or(Signal::SIGCHLD);
     }
 }
 
@@ -150,6 +153,8 @@ pub fn stage1(spec_path: &Path) -> ! {
     let set = signals();
     let _ = set.thread_block();
     // The next process made is PID 1 of the new PID namespace.
+    // Reaped by `supervise` (waitpid), not through the handle.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new("/proc/self/exe")
         .arg("container-init")
         .arg("--stage2")
@@ -282,20 +287,42 @@ pub fn stage2(spec_path: &Path) -> ! {
 
     let set = signals();
     let _ = set.thread_block();
-    let child = Command::new(program)
-        .args(args)
+    let mut cmd = Command::new(program);
+    cmd.args(args)
         .env_clear()
         .envs(&spec.env)
         .current_dir(cwd)
         .uid(uid)
-        .gid(gid)
-        .spawn()
-        .unwrap_or_else(|e| {
-            let code = match e.kind() {
-                std::io::ErrorKind::PermissionDenied => 126,
-                _ => EXIT_NOT_FOUND,
-            };
-            fail(code, format!("cannot run {program:?}: {e}"))
+        .gid(gid);
+    // The job starts with no signal blocked or ignored, whatever its init inherited (the
+    // mask and ignored dispositions survive exec, and std does not reset them).
+    #[allow(unsafe_code)]
+    // SAFETY: between fork and exec only sigprocmask and sigaction run, both
+    // async-signal-safe; nothing is allocated or locked.
+    unsafe {
+        cmd.pre_exec(|| {
+            use nix::sys::signal::{sigprocmask, SigHandler, SigmaskHow};
+            for sig in [
+                Signal::SIGPIPE,
+                Signal::SIGINT,
+                Signal::SIGQUIT,
+                Signal::SIGHUP,
+                Signal::SIGTERM,
+            ] {
+                let _ = nix::sys::signal::signal(sig, SigHandler::SigDfl);
+            }
+            sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+            Ok(())
         });
+    }
+    // Reaped by `supervise` (waitpid), not through the handle.
+    #[allow(clippy::zombie_processes)]
+    let child = cmd.spawn().unwrap_or_else(|e| {
+        let code = match e.kind() {
+            std::io::ErrorKind::PermissionDenied => 126,
+            _ => EXIT_NOT_FOUND,
+        };
+        fail(code, format!("cannot run {program:?}: {e}"))
+    });
     supervise(child.id(), set)
 }

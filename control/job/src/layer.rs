@@ -148,11 +148,15 @@ fn unpack_tar(stream: impl Read, dest: &Path) -> Result<(), Error> {
             .path()
             .map_err(|e| Error::Layer(format!("bad path in layer: {e}")))?
             .into_owned();
-        let Some(rel) = safe_relative(&path) else {
+        if path.components().any(|c| matches!(c, Component::ParentDir)) {
             return Err(Error::Layer(format!(
                 "layer entry {} leaves the image",
                 path.display()
             )));
+        }
+        // The image root itself (`./`) exists already.
+        let Some(rel) = safe_relative(&path) else {
+            continue;
         };
         let name = rel
             .file_name()

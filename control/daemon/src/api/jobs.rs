@@ -197,7 +197,7 @@ async fn create_release(
                 let _ = node
                     .propose(JobsCommand::Deploy {
                         app: app.clone(),
-                        release: prev.clone(),
+                        release: Some(prev.clone()),
                     })
                     .await;
                 return Err(ApiError::Invalid(format!(
@@ -206,13 +206,13 @@ async fn create_release(
                 )));
             }
             let _ = node
-                .propose(JobsCommand::Scale {
+                .propose(JobsCommand::Deploy {
                     app: app.clone(),
-                    processes: release.processes.keys().map(|t| (t.clone(), 0)).collect(),
+                    release: None,
                 })
                 .await;
             return Err(ApiError::Invalid(format!(
-                "deploy of {} failed and was scaled to zero: {why}",
+                "deploy of {} failed, and the app runs nothing: {why}",
                 release.id
             )));
         }
@@ -225,6 +225,8 @@ async fn create_release(
 async fn wait_deployed(node: &crate::node::Node, release: &Release) -> Result<(), String> {
     let deadline = Instant::now() + DEPLOY_TIMEOUT;
     let mut changes = node.state.changes();
+    // This host's state must include the release before it is judged.
+    node.read_barrier().await.map_err(|e| e.to_string())?;
     loop {
         let verdict = node.state.read(|a| {
             let s = &a.state;

@@ -92,7 +92,7 @@ fn rotated_of(dir: &Path, app: &str) -> PathBuf {
 pub fn read_files(dir: &Path, q: &LogQuery) -> Vec<LogLine> {
     let limit = q.lines.unwrap_or(MAX_LOG_LINES).min(MAX_LOG_LINES);
     let mut out: VecDeque<LogLine> = VecDeque::with_capacity(limit.min(1024));
-    if limit == 0 || !flynn_state::validate::app_name(&q.app).is_ok() {
+    if limit == 0 || flynn_state::validate::app_name(&q.app).is_err() {
         return Vec::new();
     }
     for path in [rotated_of(dir, &q.app), file_of(dir, &q.app)] {

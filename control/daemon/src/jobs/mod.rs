@@ -235,10 +235,8 @@ impl JobRunner {
                     running.insert(job.id.clone(), l.clone());
                     tokio::spawn(self.clone().run_job(local.clone(), l));
                 }
-                (JobState::Stopping, Some(l)) => {
-                    if !l.stopping.swap(true, Ordering::SeqCst) {
-                        l.stop.notify_one();
-                    }
+                (JobState::Stopping, Some(l)) if !l.stopping.swap(true, Ordering::SeqCst) => {
+                    l.stop.notify_one();
                 }
                 (state, None) => {
                     // Placed here but not run by this daemon: it was lost with a restart.
@@ -473,7 +471,7 @@ impl JobRunner {
                 }
                 propose_retrying(local, Command::Batch { commands: cmds }).await;
             } else {
-                let _ = nix_kill(l, true);
+                nix_kill(l, true);
             }
         }
         let status = match status {
@@ -627,7 +625,7 @@ impl JobRunner {
             now_ms: crate::now_ms(),
         }
         .into()];
-        if tick % 5 == 0 {
+        if tick.is_multiple_of(5) {
             let now = crate::now_ms();
             let instances: Vec<(String, String)> = local.read(|s| {
                 s.jobs

@@ -101,7 +101,18 @@ pub fn plan(s: &ClusterState, now: u64) -> Vec<Command> {
     let mut type_load: BTreeMap<(&str, &str, u64), usize> = BTreeMap::new();
     for j in &active {
         *load.entry(j.host).or_default() += 1;
-        *type_load.entry((&j.app, &j.proc_type, j.host)).or_default() += 1;
+    }
+    // Spreading a type counts its jobs that stay: those of the release it runs, not ones
+    // stopping or about to be replaced.
+    for j in &counted {
+        let current = s
+            .jobs
+            .formations
+            .get(&j.app)
+            .is_some_and(|f| f.release == j.release);
+        if current {
+            *type_load.entry((&j.app, &j.proc_type, j.host)).or_default() += 1;
+        }
     }
 
     let mut place: Vec<NewJob> = Vec::new();

@@ -37,8 +37,12 @@ pub enum JobsCommand {
         release: NewRelease,
         now_ms: u64,
     },
-    /// Moves the formation to an existing release of the app (a rollback).
-    Deploy { app: String, release: String },
+    /// Moves the formation to an existing release of the app (a rollback); `None` removes
+    /// the formation (a first deploy that failed: the next one starts afresh).
+    Deploy {
+        app: String,
+        release: Option<String>,
+    },
     /// Sets counts of process types (`flynn scale web=3`); types not named keep theirs.
     Scale {
         app: String,
@@ -293,6 +297,12 @@ impl Area for Jobs {
             }
             JobsCommand::Deploy { app, release } => {
                 s.app(&app)?;
+                let Some(release) = release else {
+                    if s.jobs.formations.remove(&app).is_some() {
+                        cx.touch(FORMATIONS, &app);
+                    }
+                    return Ok(Response::Done);
+                };
                 if s.jobs.releases.get(&release).is_none_or(|r| r.app != app) {
                     return Err(StateError::NotFound(format!(
                         "release {release:?} of app {app:?}"

@@ -1,0 +1,446 @@
+//! `flynn docker push`, `release`, `scale`, `ps`, `log`, `kill` and `limit`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use flynn_cli_util::{log_line, print_table, rfc3339_ms};
+use flynn_client::{ControllerClient, ScaleRequest, SetLimits};
+use flynn_model::{Image, JobState, Layer, Limits, LogQuery, NewRelease};
+
+use crate::image::{hash_layer, Archive};
+
+#[derive(Subcommand)]
+pub enum DockerCmd {
+    /// Deploy an image from a `docker save` or OCI image-layout archive (IMAGE.tar).
+    Push {
+        image: std::path::PathBuf,
+        /// Make the release without waiting for it to run.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ReleaseCmd {
+    /// Show a release (default: the current one).
+    Show {
+        #[arg(long)]
+        json: bool,
+        id: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum LimitCmd {
+    /// Set limits of a process type: `flynn limit set web memory=256MB cpu=512 max_fd=1024 procs=100`.
+    Set {
+        proc_type: String,
+        #[arg(required = true)]
+        limits: Vec<String>,
+    },
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
+pub async fn docker_push(
+    client: &ControllerClient,
+    app: &str,
+    path: &Path,
+    no_wait: bool,
+) -> anyhow::Result<()> {
+    let archive = std::sync::Arc::new(Archive::open(path)?);
+    let parsed = archive.parse()?;
+    let total = parsed.layers.len();
+    let mut layers = Vec::new();
+    for (i, src) in parsed.layers.iter().enumerate() {
+        let (name, size) = (src.name.clone(), src.size);
+        // Hash off the async threads: a layer can be gigabytes.
+        let hashed = {
+            let (a, src) = (archive.clone(), src.clone());
+            tokio::task::spawn_blocking(move || hash_layer(&a, &src)).await??
+        };
+        let short = &hashed.sha512[..12];
+        if client.has_layer(&hashed.sha512).await? {
+            eprintln!(
+                "layer {}/{total} {short} ({}) already in the cluster",
+                i + 1,
+                mb(size)
+            );
+        } else {
+            eprintln!("layer {}/{total} {short} ({}) uploading", i + 1, mb(size));
+            let body = progress_body(archive.reader(&name)?, size)?;
+            client
+                .put_layer(&hashed.sha512, body)
+                .await
+                .with_context(|| format!("uploading layer {short}"))?;
+        }
+        layers.push(Layer {
+            sha512: hashed.sha512,
+            size,
+            compression: hashed.compression,
+        });
+    }
+    let req = NewRelease {
+        image: Image {
+            layers,
+            config: parsed.config,
+        },
+        processes: None,
+    };
+    if !no_wait {
+        eprintln!("deploying to {app}, waiting for its jobs to run...");
+    }
+    let release = client.create_release(app, &req, !no_wait).await?;
+    println!("Created release {}", release.id);
+    Ok(())
+}
+
+/// The layer's bytes as a request body, with progress on stderr when it is a terminal.
+fn progress_body(r: std::io::Take<std::fs::File>, size: u64) -> anyhow::Result<reqwest::Body> {
+    // The reader is positioned at the layer's first byte.
+    let file = tokio::fs::File::from_std(r.into_inner());
+    let reader = tokio::io::AsyncReadExt::take(file, size);
+    let tty = std::io::stderr().is_terminal();
+    let mut sent = 0u64;
+    let mut last = Instant::now();
+    let chunks = tokio_util::io::ReaderStream::with_capacity(reader, 256 * 1024);
+    let stream = counted(chunks, move |n| {
+        sent += n;
+        if tty && (last.elapsed() > Duration::from_millis(250) || sent == size) {
+            last = Instant::now();
+            let pct = sent as f64 * 100.0 / size.max(1) as f64;
+            eprint!("\r  {} / {} ({pct:.0}%)", mb(sent), mb(size));
+            if sent == size {
+                eprintln!();
+            }
+        }
+    });
+    Ok(reqwest::Body::wrap_stream(stream))
+}
+
+/// Calls `seen` with each chunk's length as it passes.
+fn counted<S>(
+    s: S,
+    mut seen: impl FnMut(u64) + Send + 'static,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static
+where
+    S: futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static,
+{
+    use futures::StreamExt;
+    s.map(move |chunk| {
+        if let Ok(b) = &chunk {
+            seen(b.len() as u64);
+        }
+        chunk
+    })
+}
+
+pub async fn release_cmd(
+    client: &ControllerClient,
+    app: &str,
+    cmd: Option<ReleaseCmd>,
+) -> anyhow::Result<()> {
+    match cmd {
+        None => {
+            let current = client.formation(app).await?.release;
+            let rows: Vec<Vec<String>> = client
+                .releases(app)
+                .await?
+                .iter()
+                .rev()
+                .map(|r| {
+                    vec![
+                        r.id.clone(),
+                        if r.id == current { "*" } else { "" }.to_string(),
+                        r.processes.keys().cloned().collect::<Vec<_>>().join(","),
+                        r.image.layers.len().to_string(),
+                        rfc3339_ms(r.created_ms),
+                    ]
+                })
+                .collect();
+            print_table(&["ID", "CURRENT", "TYPES", "LAYERS", "CREATED"], &rows);
+        }
+        Some(ReleaseCmd::Show { json, id }) => {
+            let id = match id {
+                Some(id) => id,
+                None => {
+                    let f = client.formation(app).await?;
+                    if f.release.is_empty() {
+                        bail!("{app} has no release yet");
+                    }
+                    f.release
+                }
+            };
+            let r = client.release(&id).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+                return Ok(());
+            }
+            println!("ID:       {}", r.id);
+            println!("Created:  {}", rfc3339_ms(r.created_ms));
+            for l in &r.image.layers {
+                println!(
+                    "Layer:    {} {} {:?}",
+                    &l.sha512[..16],
+                    mb(l.size),
+                    l.compression
+                );
+            }
+            let c = &r.image.config;
+            println!(
+                "Command:  {}",
+                [c.entrypoint.clone(), c.cmd.clone()].concat().join(" ")
+            );
+            for (name, p) in &r.processes {
+                let args = if p.args.is_empty() {
+                    "(image command)".to_string()
+                } else {
+                    p.args.join(" ")
+                };
+                println!(
+                    "Process:  {name}: {args}{}",
+                    if p.ports { " [port]" } else { "" }
+                );
+            }
+            for (k, v) in &r.env {
+                println!("Env:      {k}={v}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_counts(counts: &[String]) -> anyhow::Result<BTreeMap<String, i64>> {
+    let mut out = BTreeMap::new();
+    for c in counts {
+        let (t, n) = c
+            .split_once('=')
+            .with_context(|| format!("{c:?} is not TYPE=COUNT"))?;
+        let n: i64 = n
+            .parse()
+            .with_context(|| format!("{c:?}: {n:?} is not a number"))?;
+        out.insert(t.to_string(), n);
+    }
+    Ok(out)
+}
+
+pub async fn scale(
+    client: &ControllerClient,
+    app: &str,
+    counts: &[String],
+    no_wait: bool,
+) -> anyhow::Result<()> {
+    if counts.is_empty() {
+        let f = client.formation(app).await?;
+        let parts: Vec<String> = f
+            .processes
+            .iter()
+            .map(|(t, n)| format!("{t}={n}"))
+            .collect();
+        println!("{}", parts.join(" "));
+        return Ok(());
+    }
+    let req = ScaleRequest {
+        processes: parse_counts(counts)?,
+    };
+    let f = client.scale(app, &req).await?;
+    if no_wait {
+        return Ok(());
+    }
+    // Wait until exactly the asked counts run the formation's release.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let jobs = client.jobs(app).await?;
+        let settled = req.processes.iter().all(|(t, n)| {
+            let of_type = |ok: &dyn Fn(JobState) -> bool| {
+                jobs.iter()
+                    .filter(|j| j.proc_type == *t && !j.oneoff && ok(j.state))
+                    .count() as i64
+            };
+            let running = jobs
+                .iter()
+                .filter(|j| {
+                    j.proc_type == *t && j.release == f.release && j.state == JobState::Running
+                })
+                .count() as i64;
+            running == *n && of_type(&|s| s.is_active()) == *n
+        });
+        if settled {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("scaled, but the jobs did not all settle within 120s (see `flynn -a {app} ps`)");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let parts: Vec<String> = req
+        .processes
+        .iter()
+        .map(|(t, n)| format!("{t}={n}"))
+        .collect();
+    println!("scaled {app}: {}", parts.join(" "));
+    Ok(())
+}
+
+pub async fn ps(client: &ControllerClient, app: &str, all: bool) -> anyhow::Result<()> {
+    let mut jobs = client.jobs(app).await?;
+    jobs.retain(|j| all || j.state.is_active());
+    jobs.sort_by_key(|j| (j.proc_type.clone(), j.created_ms));
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.id.clone(),
+                j.proc_type.clone(),
+                format!("{:?}", j.state).to_lowercase(),
+                j.host.to_string(),
+                j.addr.clone().unwrap_or_default(),
+                j.release.clone(),
+                j.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(
+        &["ID", "TYPE", "STATE", "HOST", "ADDR", "RELEASE", "ERROR"],
+        &rows,
+    );
+    Ok(())
+}
+
+pub struct LogArgs {
+    pub follow: bool,
+    pub lines: Option<usize>,
+    pub job: Option<String>,
+    pub proc_type: Option<String>,
+}
+
+pub async fn log(client: &ControllerClient, app: &str, a: LogArgs) -> anyhow::Result<()> {
+    let mut q = LogQuery {
+        app: app.to_string(),
+        job: a.job,
+        proc_type: a.proc_type,
+        lines: a.lines,
+        after: None,
+    };
+    let mut seen: HashSet<(u64, u64, u64)> = HashSet::new();
+    loop {
+        let lines = client.app_log(&q).await?;
+        for l in &lines {
+            if seen.insert(l.key()) {
+                println!("{}", log_line(l.ts, &l.app, &l.proc_type, &l.job, &l.msg));
+            }
+        }
+        if !a.follow {
+            return Ok(());
+        }
+        if let Some(last) = lines.last() {
+            // Lines of another host may land a little later with an earlier time: re-ask
+            // from a second back and skip what was printed.
+            let back = last.ts.saturating_sub(1000);
+            q.after = Some(format!("{back}-0-0"));
+        }
+        q.lines = None;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn parse_bytes(v: &str) -> anyhow::Result<u64> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (n, unit) = v.split_at(split);
+    let n: u64 = n.parse().with_context(|| format!("{v:?} is not a size"))?;
+    let mult: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" => 1 << 10,
+        "M" | "MB" => 1 << 20,
+        "G" | "GB" => 1 << 30,
+        _ => bail!("{v:?}: unknown unit {unit:?} (use KB, MB or GB)"),
+    };
+    n.checked_mul(mult)
+        .with_context(|| format!("{v:?} is too large"))
+}
+
+pub async fn limit(
+    client: &ControllerClient,
+    app: &str,
+    cmd: Option<LimitCmd>,
+) -> anyhow::Result<()> {
+    match cmd {
+        None => {
+            let f = client.formation(app).await?;
+            if f.release.is_empty() {
+                bail!("{app} has no release yet");
+            }
+            let r = client.release(&f.release).await?;
+            for (t, p) in &r.processes {
+                let l = &p.limits;
+                let mut parts = Vec::new();
+                if let Some(m) = l.memory {
+                    parts.push(format!("memory={}MB", m >> 20));
+                }
+                if let Some(c) = l.cpu_shares {
+                    parts.push(format!("cpu={c}"));
+                }
+                if let Some(n) = l.max_procs {
+                    parts.push(format!("procs={n}"));
+                }
+                if let Some(n) = l.max_fd {
+                    parts.push(format!("max_fd={n}"));
+                }
+                println!("{t}: {}", parts.join(" "));
+            }
+        }
+        Some(LimitCmd::Set { proc_type, limits }) => {
+            let mut l = Limits::default();
+            for kv in &limits {
+                let (k, v) = kv
+                    .split_once('=')
+                    .with_context(|| format!("{kv:?} is not NAME=VALUE"))?;
+                let num = || -> anyhow::Result<u64> {
+                    v.parse()
+                        .with_context(|| format!("{kv:?}: {v:?} is not a number"))
+                };
+                match k {
+                    "memory" => l.memory = Some(parse_bytes(v)?),
+                    "cpu" => l.cpu_shares = Some(num()?),
+                    "procs" | "max_procs" => l.max_procs = Some(num()?),
+                    "max_fd" => l.max_fd = Some(num()?),
+                    _ => bail!("unknown limit {k:?} (memory, cpu, procs, max_fd)"),
+                }
+            }
+            let r = client
+                .set_limits(
+                    app,
+                    &SetLimits {
+                        proc_type,
+                        limits: l,
+                    },
+                )
+                .await?;
+            println!("Created release {}", r.id);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn t10_sizes_and_counts_parse_or_say_why() {
+        assert_eq!(super::parse_bytes("256MB").unwrap(), 256 << 20);
+        assert_eq!(super::parse_bytes("1g").unwrap(), 1 << 30);
+        assert!(super::parse_bytes("12 parsecs").is_err());
+        let c = super::parse_counts(&["web=3".into(), "worker=-1".into()]).unwrap();
+        assert_eq!(
+            c["worker"], -1,
+            "negative counts reach the server, which says why"
+        );
+        assert!(super::parse_counts(&["web".into()]).is_err());
+    }
+}

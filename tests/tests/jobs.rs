@@ -1,0 +1,398 @@
+//! Apps that run: images pushed as `docker save` archives, releases, the scheduler placing
+//! jobs on hosts, containers started by each host, discovery and the router sending traffic
+//! to them, logs, failures. Real daemons in network namespaces, real containers (namespaces,
+//! overlay roots, cgroups) running Debian's busybox. Needs root; run with
+//! `--test-threads=1` like the other cluster cases.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flynn_model::{Job, JobState};
+use flynn_tests::router::get;
+use flynn_tests::{eventually, Cluster};
+
+const DOMAIN: &str = "jobs.test";
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn failed(out: &std::process::Output) -> String {
+    assert!(
+        !out.status.success(),
+        "should have failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn http(c: &Cluster, i: usize) -> SocketAddr {
+    format!("{}:80", c.hosts[i].ip).parse().unwrap()
+}
+
+async fn cluster(n: usize) -> Cluster {
+    let mut c = Cluster::start(n);
+    c.bootstrap_with(n, &["--domain", DOMAIN]);
+    c.wait_leader(0, None).await;
+    c
+}
+
+async fn jobs(c: &Cluster, app: &str) -> Vec<Job> {
+    c.client(0).jobs(app).await.unwrap()
+}
+
+fn running(jobs: &[Job]) -> Vec<&Job> {
+    jobs.iter()
+        .filter(|j| j.state == JobState::Running)
+        .collect()
+}
+
+/// The env the job that answered saw (from the image's CGI script).
+async fn env_via_router(c: &Cluster, i: usize, app: &str) -> Option<BTreeMap<String, String>> {
+    let r = get(http(c, i), &format!("{app}.{DOMAIN}"), "/cgi-bin/env").await;
+    (r.status == 200).then(|| {
+        r.text()
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    })
+}
+
+/// Waits until `n` jobs of `release` run and nothing else of the app is active.
+async fn settled(c: &Cluster, app: &str, release: &str, n: usize) -> Vec<Job> {
+    eventually(
+        Duration::from_secs(30),
+        &format!("{n} jobs of {release} running, nothing else"),
+        || async {
+            let all = jobs(c, app).await;
+            let active: Vec<&Job> = all.iter().filter(|j| j.state.is_active()).collect();
+            let ok = active.len() == n
+                && active
+                    .iter()
+                    .all(|j| j.release == release && j.state == JobState::Running);
+            ok.then_some(all)
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t10_deploy_scale_route_kill_and_redeploy_on_env_change() {
+    let c = cluster(3).await;
+    let image = c.busybox_image("v1", None);
+    ok(&c.flynn(0, &["create", "web1"]));
+    // `flynn create` routes APP.$DOMAIN to the web processes.
+    let routes = ok(&c.flynn(0, &["-a", "web1", "route"]));
+    assert!(
+        routes.contains("web1.jobs.test") && routes.contains("web1-web"),
+        "{routes}"
+    );
+
+    let push = c.flynn(
+        1,
+        &["-a", "web1", "docker", "push", image.to_str().unwrap()],
+    );
+    let out = ok(&push);
+    assert!(out.contains("web1-v1"), "{out}");
+    assert!(String::from_utf8_lossy(&push.stderr).contains("uploading"));
+    // The same layers again are not uploaded again.
+    let again = c.flynn(
+        2,
+        &["-a", "web1", "docker", "push", image.to_str().unwrap()],
+    );
+    ok(&again);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already in the cluster"));
+
+    ok(&c.flynn(0, &["-a", "web1", "scale", "web=3"]));
+    let all = settled(&c, "web1", "web1-v2", 3).await;
+    let hosts: BTreeSet<u64> = running(&all).iter().map(|j| j.host).collect();
+    assert_eq!(hosts.len(), 3, "spread over the three hosts: {all:?}");
+
+    // Every host's router reaches every job.
+    let mut seen = BTreeSet::new();
+    for n in 0..60 {
+        let env = env_via_router(&c, n % 3, "web1")
+            .await
+            .expect("200 through the router");
+        assert_eq!(env["FLYNN_APP_ID"], "web1");
+        assert_eq!(env["FLYNN_PROCESS_TYPE"], "web");
+        assert!(
+            c.hosts.iter().any(|h| h.ip == env["EXTERNAL_IP"]),
+            "{env:?}"
+        );
+        seen.insert(env["FLYNN_JOB_ID"].clone());
+    }
+    assert_eq!(
+        seen.len(),
+        3,
+        "requests spread over the three jobs: {seen:?}"
+    );
+
+    // `flynn-host ps` on the job's host lists it.
+    let victim = running(&all)[0].clone();
+    let ip = victim.addr.as_deref().unwrap().split(':').next().unwrap();
+    let on = (0..3).find(|i| c.hosts[*i].ip == ip).unwrap();
+    let ps = ok(&c.flynn_host(on, &["ps"]));
+    assert!(ps.contains(&victim.id), "{ps}");
+    let victim = victim.id;
+
+    // A killed job is replaced.
+    ok(&c.flynn(0, &["-a", "web1", "kill", &victim]));
+    eventually(
+        Duration::from_secs(20),
+        "the killed job replaced",
+        || async {
+            let all = jobs(&c, "web1").await;
+            let r = running(&all);
+            (r.len() == 3 && r.iter().all(|j| j.id != victim)).then_some(())
+        },
+    )
+    .await;
+
+    // Logs: each job said it started, in order per job, from every host.
+    let log = ok(&c.flynn(0, &["-a", "web1", "log"]));
+    assert!(
+        log.contains(&format!(
+            "web1[web.{victim}]: web {victim} starting on port"
+        )),
+        "{log}"
+    );
+    let starts = log
+        .lines()
+        .filter(|l| l.contains("starting on port"))
+        .count();
+    assert!(starts >= 4, "{log}");
+    let one = ok(&c.flynn(0, &["-a", "web1", "log", "-j", &victim, "-n", "1"]));
+    assert_eq!(one.lines().count(), 1, "{one}");
+
+    // An env change is a new release, deployed with a rolling restart.
+    ok(&c.flynn(0, &["-a", "web1", "env", "set", "GREETING=hi"]));
+    settled(&c, "web1", "web1-v3", 3).await;
+    let env = env_via_router(&c, 2, "web1").await.unwrap();
+    assert_eq!(env["GREETING"], "hi");
+    assert_eq!(env["FLYNN_RELEASE_ID"], "web1-v3");
+    let releases = ok(&c.flynn(0, &["-a", "web1", "release"]));
+    assert!(
+        releases.contains("web1-v3") && releases.contains("web1-v1"),
+        "{releases}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t11_a_dead_host_s_jobs_run_elsewhere_and_leave_the_router() {
+    let mut c = cluster(3).await;
+    let image = c.busybox_image("v1", None);
+    ok(&c.flynn(0, &["create", "web1"]));
+    ok(&c.flynn(
+        0,
+        &["-a", "web1", "docker", "push", image.to_str().unwrap()],
+    ));
+    ok(&c.flynn(0, &["-a", "web1", "scale", "web=3"]));
+    let all = settled(&c, "web1", "web1-v1", 3).await;
+    // Host 2 (not the one we ask) dies with its jobs.
+    let dead = c.hosts[2].ip.clone();
+    let lost: Vec<String> = running(&all)
+        .iter()
+        .filter(|j| j.addr.as_deref().unwrap().starts_with(&format!("{dead}:")))
+        .map(|j| j.id.clone())
+        .collect();
+    assert_eq!(lost.len(), 1);
+    let t0 = Instant::now();
+    c.kill(2);
+    let all = eventually(
+        Duration::from_secs(20),
+        "replacement on a live host",
+        || async {
+            let all = jobs(&c, "web1").await;
+            let r = running(&all);
+            let ok = r.len() == 3
+                && r.iter()
+                    .all(|j| !j.addr.as_deref().unwrap().starts_with(&format!("{dead}:")));
+            ok.then_some(all)
+        },
+    )
+    .await;
+    let took = t0.elapsed();
+    assert!(all
+        .iter()
+        .any(|j| j.id == lost[0] && j.state == JobState::Failed));
+    eprintln!("replaced in {took:?}");
+    // The router no longer sends to the dead host: every request succeeds.
+    for n in 0..30 {
+        let env = env_via_router(&c, n % 2, "web1").await;
+        assert!(env.is_some(), "request {n} failed");
+        assert_ne!(env.unwrap()["EXTERNAL_IP"], dead);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t12_rolling_deploy_under_load_fails_no_request() {
+    let c = cluster(2).await;
+    let v1 = c.busybox_image("v1", None);
+    let v2 = c.busybox_image("v2", None);
+    ok(&c.flynn(0, &["create", "web1"]));
+    ok(&c.flynn(0, &["-a", "web1", "docker", "push", v1.to_str().unwrap()]));
+    ok(&c.flynn(0, &["-a", "web1", "scale", "web=2"]));
+    settled(&c, "web1", "web1-v1", 2).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (okc, bad) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let addr = http(&c, 0);
+    let load = {
+        let (stop, okc, bad) = (stop.clone(), okc.clone(), bad.clone());
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut versions = BTreeSet::new();
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                let r = get(addr, &format!("web1.{DOMAIN}"), "/").await;
+                if r.status == 200 {
+                    okc.fetch_add(1, Ordering::SeqCst);
+                    versions.insert(r.text().trim().to_string());
+                } else {
+                    bad.fetch_add(1, Ordering::SeqCst);
+                    eprintln!("failed request: {} {}", r.status, r.text());
+                }
+            }
+            versions
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ok(&c.flynn(0, &["-a", "web1", "docker", "push", v2.to_str().unwrap()]));
+    settled(&c, "web1", "web1-v2", 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    let versions = load.await.unwrap();
+    assert_eq!(
+        bad.load(Ordering::SeqCst),
+        0,
+        "failed requests during the deploy"
+    );
+    assert!(okc.load(Ordering::SeqCst) > 20);
+    assert!(
+        versions.contains("hello from busybox v1") && versions.contains("hello from busybox v2"),
+        "{versions:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t13_bad_images_commands_and_scales_get_clear_errors() {
+    let c = cluster(1).await;
+    ok(&c.flynn(0, &["create", "web1"]));
+    let image = c.busybox_image("v1", None);
+
+    // A truncated archive is refused before anything is deployed.
+    let bytes = std::fs::read(&image).unwrap();
+    let cut = image.with_extension("cut.tar");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = failed(&c.flynn(0, &["-a", "web1", "docker", "push", cut.to_str().unwrap()]));
+    assert!(err.contains("truncated") || err.contains("tar"), "{err}");
+    // A layer whose bytes do not match its digest.
+    let mut corrupt = bytes.clone();
+    let at = corrupt.len() / 2; // inside the layer, which is nearly all of the archive
+    corrupt[at] ^= 0xff;
+    let bad = image.with_extension("bad.tar");
+    std::fs::write(&bad, &corrupt).unwrap();
+    let err = failed(&c.flynn(0, &["-a", "web1", "docker", "push", bad.to_str().unwrap()]));
+    assert!(err.contains("corrupt"), "{err}");
+    assert!(jobs(&c, "web1").await.is_empty());
+
+    // A command the image does not have: the deploy fails with the reason and runs nothing.
+    let missing = c.busybox_image("missing", Some("exec no-such-server -p $PORT"));
+    let err = failed(&c.flynn(
+        0,
+        &["-a", "web1", "docker", "push", missing.to_str().unwrap()],
+    ));
+    assert!(err.contains("deploy of web1-v1 failed"), "{err}");
+    assert!(
+        err.contains("no-such-server") || err.contains("exited"),
+        "{err}"
+    );
+
+    // A good deploy, then a crashing one: rolled back, the good one keeps serving.
+    ok(&c.flynn(
+        0,
+        &["-a", "web1", "docker", "push", image.to_str().unwrap()],
+    ));
+    let crashing = c.busybox_image("v9", Some("echo boom >&2; exit 3"));
+    let err = failed(&c.flynn(
+        0,
+        &["-a", "web1", "docker", "push", crashing.to_str().unwrap()],
+    ));
+    assert!(err.contains("rolled back to web1-v2"), "{err}");
+    assert!(err.contains("status 3") || err.contains("port"), "{err}");
+    settled(&c, "web1", "web1-v2", 1).await;
+    assert_eq!(
+        get(http(&c, 0), &format!("web1.{DOMAIN}"), "/")
+            .await
+            .text()
+            .trim(),
+        "hello from busybox v1"
+    );
+
+    // Scales of unknown types and negative counts are refused, and change nothing.
+    let err = failed(&c.flynn(0, &["-a", "web1", "scale", "worker=1"]));
+    assert!(
+        err.contains("unknown process type") && err.lines().count() == 1,
+        "{err}"
+    );
+    let err = failed(&c.flynn(0, &["-a", "web1", "scale", "web=-1"]));
+    assert!(err.contains("between 0 and"), "{err}");
+    assert_eq!(ok(&c.flynn(0, &["-a", "web1", "scale"])).trim(), "web=1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t14_crash_loops_back_off_and_memory_limits_kill_only_the_job() {
+    let c = cluster(1).await;
+    ok(&c.flynn(0, &["create", "web1"]));
+    // Serves only after allocating 48 MB (dd's buffer).
+    let hungry = c.busybox_image(
+        "v1",
+        Some("dd if=/dev/zero of=/dev/null bs=48M count=1 && exec httpd -f -p $PORT -h /www"),
+    );
+    ok(&c.flynn(
+        0,
+        &["-a", "web1", "docker", "push", hungry.to_str().unwrap()],
+    ));
+    settled(&c, "web1", "web1-v1", 1).await;
+    // Under a 16 MB limit the new release's job is killed: crashed, out of memory. The old
+    // job keeps serving (a deploy never stops old jobs before new ones run).
+    ok(&c.flynn(0, &["-a", "web1", "limit", "set", "web", "memory=16MB"]));
+    let oom = eventually(
+        Duration::from_secs(20),
+        "an out-of-memory crash",
+        || async {
+            jobs(&c, "web1")
+                .await
+                .into_iter()
+                .find(|j| j.release == "web1-v2" && j.state == JobState::Crashed)
+        },
+    )
+    .await;
+    assert_eq!(oom.error.as_deref(), Some("out of memory"), "{oom:?}");
+    let r = get(http(&c, 0), &format!("web1.{DOMAIN}"), "/").await;
+    assert_eq!(r.status, 200, "the old job still serves");
+    let limits = ok(&c.flynn(0, &["-a", "web1", "limit"]));
+    assert!(limits.contains("memory=16MB"), "{limits}");
+
+    // It keeps crashing: restarts back off, and the host's history stays bounded.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let all = jobs(&c, "web1").await;
+    let crashed = all.iter().filter(|j| j.state == JobState::Crashed).count();
+    assert!(crashed <= 25, "history bounded: {crashed}");
+    assert!(
+        (4..=12).contains(&crashed),
+        "backed off (4 immediate restarts, then 1 s, 2 s, 4 s ...): {crashed} crashes in ~12 s"
+    );
+    let status = c.client(0).formation("web1").await.unwrap();
+    assert_eq!(status.release, "web1-v2");
+}
