@@ -8,17 +8,7 @@ use std::time::{Duration, Instant};
 
 use flynn_client::{ErrorCode, InstanceRegistration};
 use flynn_tests::router::{get, Backend};
-use flynn_tests::{eventually, Cluster, PORT};
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use flynn_tests::{eventually, ok, Cluster, PORT};
 
 fn http(c: &Cluster, i: usize) -> SocketAddr {
     format!("{}:80", c.hosts[i].ip).parse().unwrap()

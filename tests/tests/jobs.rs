@@ -12,28 +12,9 @@ use std::time::{Duration, Instant};
 
 use flynn_model::{Job, JobState};
 use flynn_tests::router::get;
-use flynn_tests::{eventually, Cluster};
+use flynn_tests::{eventually, failed, ok, Cluster};
 
 const DOMAIN: &str = "jobs.test";
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn failed(out: &std::process::Output) -> String {
-    assert!(
-        !out.status.success(),
-        "should have failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn http(c: &Cluster, i: usize) -> SocketAddr {
     format!("{}:80", c.hosts[i].ip).parse().unwrap()
