@@ -110,6 +110,7 @@ async fn start_flynn(bin: &Path, dir: &Path, procs: &mut Procs) -> anyhow::Resul
                     "127.0.0.1",
                     "--no-router",
                     "--no-blobstore",
+                    "--no-jobs",
                 ])
                 .args(["--port", &port.to_string()])
                 .env("RUST_LOG", "warn,openraft=error")

@@ -41,8 +41,6 @@ const JOB_TTL: Duration = Duration::from_secs(30);
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long a job's port has to start answering before the job counts as failed.
 const UP_TIMEOUT: Duration = Duration::from_secs(60);
-/// Ports jobs are given.
-const PORTS: std::ops::RangeInclusive<u16> = 49152..=59999;
 
 /// Job runner flags of `flynn-host daemon`.
 #[derive(clap::Args, Debug, Clone)]
@@ -56,6 +54,9 @@ pub struct JobsArgs {
     /// Size at which an app's log file rotates (K, M, G suffixes).
     #[arg(long, default_value = "100M")]
     pub log_max_size: String,
+    /// Ports of this host that jobs are given as `$PORT` (FIRST-LAST).
+    #[arg(long, default_value = "49152-59999")]
+    pub job_ports: String,
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +65,7 @@ pub struct JobsConfig {
     pub log_max_bytes: u64,
     pub layers_dir: PathBuf,
     pub jobs_dir: PathBuf,
+    pub ports: std::ops::RangeInclusive<u16>,
 }
 
 impl JobsArgs {
@@ -74,11 +76,18 @@ impl JobsArgs {
         let log_max_bytes = crate::components::volumes::parse_size(&self.log_max_size)
             .map_err(|e| anyhow::anyhow!("--log-max-size: {e}"))?;
         anyhow::ensure!(log_max_bytes >= 1024, "--log-max-size must be at least 1K");
+        let ports = self
+            .job_ports
+            .split_once('-')
+            .and_then(|(a, b)| Some(a.trim().parse::<u16>().ok()?..=b.trim().parse::<u16>().ok()?))
+            .filter(|r| !r.is_empty() && *r.start() > 0)
+            .ok_or_else(|| anyhow::anyhow!("--job-ports {:?} is not FIRST-LAST", self.job_ports))?;
         Ok(Some(JobsConfig {
             log_dir: self.log_dir.clone(),
             log_max_bytes,
             layers_dir: data_dir.join("images").join("layers"),
             jobs_dir: data_dir.join("jobs"),
+            ports,
         }))
     }
 }
@@ -185,9 +194,10 @@ impl JobRunner {
 
     fn alloc_port(&self) -> Option<u16> {
         let mut used = self.ports.lock().expect("ports lock");
-        let port = PORTS
-            .clone()
-            .find(|p| !used.contains(p) && std::net::TcpListener::bind(("0.0.0.0", *p)).is_ok())?;
+        let port =
+            self.cfg.ports.clone().find(|p| {
+                !used.contains(p) && std::net::TcpListener::bind(("0.0.0.0", *p)).is_ok()
+            })?;
         used.insert(port);
         Some(port)
     }

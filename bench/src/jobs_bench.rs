@@ -1,0 +1,360 @@
+//! Jobs benchmark: how fast the platform starts an app's process, beside the same process
+//! started bare, in the same run.
+//!
+//! - **Start latency.** From the scale request (0 → 1) to the job's first HTTP 200 through
+//!   the router, on a one-job app; beside a bare fork/exec of the same `busybox httpd`
+//!   serving the same files, timed from spawn to its first 200. p50 and p99 over `--rounds`.
+//! - **Scale-out.** From `scale web=N` (default 300) on 3 hosts to N jobs running (port
+//!   answering, registered in discovery).
+//!
+//! Three `flynn-host` daemons run on 127.0.0.1 (ports apart, each with its own job port
+//! range). Needs root (containers). Output: JSON lines, then a markdown table.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "job start latency vs bare fork/exec, and time to scale out")]
+struct Opts {
+    /// Start-latency samples of each kind.
+    #[arg(long, default_value_t = 30)]
+    rounds: usize,
+    /// Jobs to scale to across the three hosts.
+    #[arg(long, default_value_t = 300)]
+    scale: u32,
+    /// Directory with flynn, flynn-host (default: next to this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+const DOMAIN: &str = "bench.test";
+
+struct Procs(Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+        }
+        for c in &mut self.0 {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// One raw HTTP/1.1 GET; the status, or `None` if nothing answered.
+async fn status(addr: &str, host: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(
+        Duration::from_millis(500),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut head = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut head))
+        .await
+        .ok()?
+        .ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// Polls until `addr` answers 200 (for at most `limit`); the time it took.
+async fn until_200(addr: &str, host: &str, start: Instant, limit: Duration) -> anyhow::Result<f64> {
+    loop {
+        if status(addr, host).await == Some(200) {
+            return Ok(start.elapsed().as_secs_f64() * 1000.0);
+        }
+        if start.elapsed() > limit {
+            bail!("{addr} ({host}) did not answer 200 within {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn run(bin: &Path, args: &[&str], home: &Path) -> anyhow::Result<String> {
+    let out = Command::new(bin)
+        .args(args)
+        .env("FLYNNRC", home.join("flynnrc"))
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} {}: {}",
+            bin.display(),
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+struct Api {
+    http: reqwest::Client,
+    url: String,
+    key: String,
+}
+
+impl Api {
+    async fn scale(&self, n: u32) -> anyhow::Result<()> {
+        let body = serde_json::json!({"processes": {"web": n}});
+        let r = self
+            .http
+            .post(format!("{}/apps/bench/scale", self.url))
+            .bearer_auth(&self.key)
+            .json(&body)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("scale: {}", r.text().await?);
+        }
+        Ok(())
+    }
+
+    /// (running, active) jobs of the app.
+    async fn counts(&self) -> anyhow::Result<(usize, usize)> {
+        let jobs: Vec<serde_json::Value> = self
+            .http
+            .get(format!("{}/apps/bench/jobs", self.url))
+            .bearer_auth(&self.key)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let state = |j: &serde_json::Value| j["state"].as_str().unwrap_or_default().to_string();
+        let running = jobs.iter().filter(|j| state(j) == "running").count();
+        let active = jobs
+            .iter()
+            .filter(|j| {
+                matches!(
+                    state(j).as_str(),
+                    "pending" | "starting" | "running" | "stopping"
+                )
+            })
+            .count();
+        Ok((running, active))
+    }
+
+    async fn wait_for(&self, running: usize, active: usize, limit: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            let c = self.counts().await?;
+            if c.0 == running && c.1 == active {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                bail!("jobs did not settle at {running} running within {limit:?} (now {c:?})");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let opts = Opts::parse();
+    let bin_dir = match &opts.bin_dir {
+        Some(d) => d.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("binary dir")?
+            .to_path_buf(),
+    };
+    let flynn_host = bin_dir.join("flynn-host");
+    let flynn = bin_dir.join("flynn");
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let mut procs = Procs(Vec::new());
+
+    // Three hosts on 127.0.0.1, ports apart.
+    let api_ports = [13001u16, 13002, 13003];
+    for (i, port) in api_ports.iter().enumerate() {
+        let log = std::fs::File::create(dir.join(format!("host{i}.log")))?;
+        let first = 40000 + i as u32 * 2000;
+        procs.0.push(
+            Command::new(&flynn_host)
+                .arg("--data-dir")
+                .arg(dir.join(format!("host{i}")))
+                .args([
+                    "daemon",
+                    "--external-ip",
+                    "127.0.0.1",
+                    "--listen-ip",
+                    "127.0.0.1",
+                ])
+                .args(["--port", &port.to_string()])
+                .args(["--router-http", &format!("127.0.0.1:{}", 18080 + i)])
+                .args(["--router-https", &format!("127.0.0.1:{}", 18443 + i)])
+                .args(["--blobstore-http", &format!("127.0.0.1:{}", 15001 + i)])
+                .args(["--volume-provider", "dir", "--log-dir"])
+                .arg(dir.join(format!("logs{i}")))
+                .args(["--job-ports", &format!("{first}-{}", first + 1999)])
+                .env("RUST_LOG", "warn,openraft=error")
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting flynn-host")?,
+        );
+    }
+    let peers: Vec<String> = api_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let boot = run(
+        &flynn_host,
+        &[
+            "bootstrap",
+            "--json",
+            "--timeout",
+            "60",
+            "--min-hosts",
+            "3",
+            "--peer-ips",
+            &peers.join(","),
+            "--domain",
+            DOMAIN,
+        ],
+        dir,
+    )?;
+    let boot: serde_json::Value = serde_json::from_str(&boot)?;
+    let key = boot["controller_key"].as_str().context("key")?.to_string();
+    let url = format!("http://{}", peers[0]);
+    run(&flynn, &["cluster", "add", "-d", "bench", &url, &key], dir)?;
+    run(&flynn, &["create", "bench"], dir)?;
+    let image = dir.join("image.tar");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../script/busybox-image");
+    let out = Command::new("bash")
+        .arg(script)
+        .arg(&image)
+        .arg("bench")
+        .arg("exec httpd -f -p $PORT -h /www")
+        .output()?;
+    if !out.status.success() {
+        bail!("busybox-image: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    run(
+        &flynn,
+        &["-a", "bench", "docker", "push", image.to_str().unwrap()],
+        dir,
+    )?;
+    let api = Api {
+        http: reqwest::Client::new(),
+        url,
+        key,
+    };
+    api.wait_for(1, 1, Duration::from_secs(30)).await?;
+    let router = "127.0.0.1:18080";
+    let vhost = format!("bench.{DOMAIN}");
+
+    // Container start: 0 → 1, timed to the first 200 through the router.
+    let mut container = Vec::new();
+    for _ in 0..opts.rounds {
+        api.scale(0).await?;
+        api.wait_for(0, 0, Duration::from_secs(30)).await?;
+        // The route must answer 503 (no backend) before the clock starts.
+        while status(router, &vhost).await == Some(200) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let t0 = Instant::now();
+        api.scale(1).await?;
+        container.push(until_200(router, &vhost, t0, Duration::from_secs(30)).await?);
+    }
+
+    // Bare fork/exec of the same server on the same files (the unpacked image layer).
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(www.join("index.html"), "hello from busybox bench\n")?;
+    let busybox = which_busybox()?;
+    let mut bare = Vec::new();
+    for i in 0..opts.rounds {
+        let port = 47000 + i as u16;
+        let addr = format!("127.0.0.1:{port}");
+        let t0 = Instant::now();
+        let mut child = Command::new(&busybox)
+            .args(["httpd", "-f", "-p", &addr, "-h"])
+            .arg(&www)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let ms = until_200(&addr, "localhost", t0, Duration::from_secs(10)).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        bare.push(ms?);
+    }
+
+    // Scale-out: 0 → N across the three hosts.
+    api.scale(0).await?;
+    api.wait_for(0, 0, Duration::from_secs(60)).await?;
+    let t0 = Instant::now();
+    api.scale(opts.scale).await?;
+    api.wait_for(
+        opts.scale as usize,
+        opts.scale as usize,
+        Duration::from_secs(600),
+    )
+    .await?;
+    let scale_secs = t0.elapsed().as_secs_f64();
+    api.scale(0).await?;
+    let _ = api.wait_for(0, 0, Duration::from_secs(120)).await;
+
+    container.sort_by(f64::total_cmp);
+    bare.sort_by(f64::total_cmp);
+    let (c50, c99) = (percentile(&container, 0.5), percentile(&container, 0.99));
+    let (b50, b99) = (percentile(&bare, 0.5), percentile(&bare, 0.99));
+    println!(
+        "{}",
+        serde_json::json!({"case": "start_latency", "container_p50_ms": c50, "container_p99_ms": c99,
+            "bare_p50_ms": b50, "bare_p99_ms": b99, "overhead_p50_ms": c50 - b50, "rounds": opts.rounds})
+    );
+    println!(
+        "{}",
+        serde_json::json!({"case": "scale_out", "jobs": opts.scale, "hosts": 3, "seconds": scale_secs})
+    );
+    println!();
+    println!("| case | flynn job (container, via router) | bare fork/exec | difference |");
+    println!("|---|---|---|---|");
+    println!(
+        "| start to first 200, p50 | {c50:.1} ms | {b50:.1} ms | {:+.1} ms |",
+        c50 - b50
+    );
+    println!(
+        "| start to first 200, p99 | {c99:.1} ms | {b99:.1} ms | {:+.1} ms |",
+        c99 - b99
+    );
+    println!(
+        "| scale 0 → {} jobs on 3 hosts | {scale_secs:.1} s | | |",
+        opts.scale
+    );
+    Ok(())
+}
+
+fn which_busybox() -> anyhow::Result<PathBuf> {
+    for p in ["/bin/busybox", "/usr/bin/busybox"] {
+        if Path::new(p).exists() {
+            return Ok(PathBuf::from(p));
+        }
+    }
+    bail!("busybox is not installed (apt-get install busybox-static)")
+}
