@@ -467,15 +467,71 @@ impl Cluster {
     }
 
     fn run_in(&self, i: usize, bin: &str, args: &[&str], rc: &Path) -> Output {
-        Command::new("ip")
+        self.run_in_with(i, bin, args, rc, None)
+    }
+
+    fn run_in_with(
+        &self,
+        i: usize,
+        bin: &str,
+        args: &[&str],
+        rc: &Path,
+        input: Option<&[u8]>,
+    ) -> Output {
+        let mut child = Command::new("ip")
             .args(["netns", "exec", &self.hosts[i].ns, "timeout", "60"])
             .arg(bin_dir().join(bin))
             .args(args)
             .env("FLYNNRC", rc)
             .env_remove("FLYNN_APP")
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run cli");
+        if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
+            let data = data.to_vec();
+            std::thread::spawn(move || {
+                let _ = std::io::Write::write_all(&mut stdin, &data);
+            });
+        }
+        child.wait_with_output().expect("run cli")
+    }
+
+    /// Starts a long-running `flynn` (like `log -f`) in host `i`'s namespace; its stdout
+    /// goes to a file read by [`Following::output_so_far`]. Killed on drop.
+    pub fn spawn_flynn_output(&self, i: usize, args: &[&str]) -> Following {
+        let _ = self.flynn(i, &["apps"]); // makes the host's flynnrc once
+        let rc = self.root.path().join(format!("flynnrc{i}"));
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let path = self.root.path().join(format!("following-{n}.out"));
+        let out = std::fs::File::create(&path).expect("output file");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.hosts[i].ns, "timeout", "120"])
+            .arg(bin_dir().join("flynn"))
+            .args(args)
+            .env("FLYNNRC", rc)
+            .env_remove("FLYNN_APP")
             .stdin(Stdio::null())
-            .output()
-            .expect("run cli")
+            .stdout(out)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn flynn");
+        Following {
+            _child: Background(child),
+            path,
+        }
+    }
+
+    /// Like [`Self::flynn`], with `input` piped to its stdin.
+    pub fn flynn_with_stdin(&self, i: usize, args: &[&str], input: &[u8]) -> Output {
+        let _ = self.flynn(i, &["apps"]); // makes the host's flynnrc once
+        let rc = self.root.path().join(format!("flynnrc{i}"));
+        self.run_in_with(i, "flynn", args, &rc, Some(input))
     }
 
     /// `flynn-host list` as seen from host `i`.
@@ -514,6 +570,18 @@ impl Cluster {
 
 /// A helper process in a namespace, killed on drop.
 pub struct Background(Child);
+
+/// A background command whose stdout is kept in a file.
+pub struct Following {
+    _child: Background,
+    path: PathBuf,
+}
+
+impl Following {
+    pub fn output_so_far(&self) -> String {
+        std::fs::read_to_string(&self.path).unwrap_or_default()
+    }
+}
 
 impl Drop for Background {
     fn drop(&mut self) {

@@ -377,3 +377,146 @@ async fn t14_crash_loops_back_off_and_memory_limits_kill_only_the_job() {
     let status = c.client(0).formation("web1").await.unwrap();
     assert_eq!(status.release, "web1-v2");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t15_run_passes_stdin_output_and_the_exit_status() {
+    let c = cluster(2).await;
+    ok(&c.flynn(0, &["create", "web1"]));
+    let image = c.busybox_image("v1", None);
+    ok(&c.flynn(
+        0,
+        &["-a", "web1", "docker", "push", image.to_str().unwrap()],
+    ));
+    // 100 KB through stdin, back through stdout, byte for byte; stderr apart; the status.
+    let input: Vec<u8> = (0..100_000u32)
+        .map(|i| b"abcdefghij\n"[(i % 11) as usize])
+        .collect();
+    let out = c.flynn_with_stdin(
+        1,
+        &[
+            "-a",
+            "web1",
+            "run",
+            "sh",
+            "-c",
+            "cat; echo to-stderr >&2; exit 7",
+        ],
+        &input,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, input);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("to-stderr"));
+    // Its env is the release's, with Flynn's own.
+    let env = ok(&c.flynn(0, &["-a", "web1", "run", "env"]));
+    assert!(
+        env.contains("FLYNN_PROCESS_TYPE=run") && env.contains("IMAGE_VERSION=v1"),
+        "{env}"
+    );
+    // A command the image lacks: the init says so, and `run` exits 127.
+    let out = c.flynn(0, &["-a", "web1", "run", "no-such-command"]);
+    assert_eq!(out.status.code(), Some(127));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot run \"no-such-command\""));
+    // Detached: the id at once; the job is a one-off, never restarted.
+    let id = ok(&c.flynn(0, &["-a", "web1", "run", "-d", "sleep", "1"]));
+    let id = id.trim().to_string();
+    eventually(Duration::from_secs(15), "the detached job done", || async {
+        let all = jobs(&c, "web1").await;
+        all.iter()
+            .find(|j| j.id == id && j.state == JobState::Done)
+            .map(|_| ())
+    })
+    .await;
+    // An app with no release has nothing to run.
+    ok(&c.flynn(0, &["create", "empty"]));
+    let err = failed(&c.flynn(0, &["-a", "empty", "run", "true"]));
+    assert!(err.contains("no release"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t16_logs_are_ordered_bounded_followed_rotated_and_survive_a_restart() {
+    let mut c = Cluster::create(1);
+    c.hosts[0]
+        .args
+        .extend(["--log-max-size", "256K"].map(String::from));
+    c.start_daemon(0);
+    c.wait_up(0);
+    c.bootstrap_with(1, &["--domain", DOMAIN]);
+    c.wait_leader(0, None).await;
+    ok(&c.flynn(0, &["create", "web1"]));
+    let image = c.busybox_image("v1", None);
+    ok(&c.flynn(
+        0,
+        &["-a", "web1", "docker", "push", image.to_str().unwrap()],
+    ));
+
+    // 1,500 numbered lines from one job: all there, in order.
+    let out = ok(&c.flynn(0, &["-a", "web1", "run", "seq", "1", "1500"]));
+    assert_eq!(out.lines().count(), 1500);
+    let jobs_now = jobs(&c, "web1").await;
+    let run = jobs_now
+        .iter()
+        .find(|j| j.proc_type == "run")
+        .unwrap()
+        .id
+        .clone();
+    let read = |args: &[&str]| {
+        let mut full = vec!["-a", "web1", "log", "-j", run.as_str()];
+        full.extend_from_slice(args);
+        ok(&c.flynn(0, &full))
+    };
+    let numbers = |text: &str| -> Vec<u64> {
+        text.lines()
+            .filter_map(|l| l.rsplit(": ").next()?.trim().parse().ok())
+            .collect()
+    };
+    assert_eq!(numbers(&read(&[])), (1..=1500).collect::<Vec<_>>());
+    assert_eq!(numbers(&read(&["-n", "3"])), vec![1498, 1499, 1500]);
+
+    // Far more than the file limit: rotated, one old file kept, the newest lines intact.
+    ok(&c.flynn(0, &["-a", "web1", "run", "seq", "1", "20000"]));
+    let dir = c.hosts[0].data_dir.join("logs");
+    let cur = std::fs::metadata(dir.join("web1.log")).unwrap().len();
+    let old = std::fs::metadata(dir.join("web1.log.1")).unwrap().len();
+    assert!(
+        cur < 300_000 && old >= 256 * 1024 && old < 300_000,
+        "{cur} {old}"
+    );
+    let all = ok(&c.flynn(0, &["-a", "web1", "log"]));
+    let last = all.lines().last().unwrap().to_string();
+    assert!(last.ends_with(": 20000"), "{last}");
+    assert!(all.lines().count() <= 10_000);
+
+    // A restart of the host (and so of what serves the logs) loses nothing.
+    c.kill(0);
+    c.start_daemon(0);
+    c.wait_up(0);
+    c.wait_leader(0, None).await;
+    let again = eventually(
+        Duration::from_secs(15),
+        "logs after the restart",
+        || async {
+            let out = c.flynn(0, &["-a", "web1", "log"]);
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        },
+    )
+    .await;
+    assert_eq!(again, all);
+
+    // -f follows: a line written after it started arrives.
+    let follow = c.spawn_flynn_output(0, &["-a", "web1", "log", "-f", "-n", "1"]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ok(&c.flynn(0, &["-a", "web1", "run", "echo", "followed-marker"]));
+    let text = eventually(Duration::from_secs(15), "the followed line", || async {
+        let t = follow.output_so_far();
+        t.contains("followed-marker").then_some(t)
+    })
+    .await;
+    assert!(text.contains("followed-marker"));
+}

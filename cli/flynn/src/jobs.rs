@@ -444,3 +444,71 @@ mod tests {
         assert!(super::parse_counts(&["web".into()]).is_err());
     }
 }
+
+/// `flynn run`: starts the job, passes piped stdin, copies its output; its exit status.
+pub async fn run(
+    client: &ControllerClient,
+    app: &str,
+    args: Vec<String>,
+    detached: bool,
+) -> anyhow::Result<i32> {
+    use base64::Engine;
+    use futures::StreamExt;
+    use std::io::Write;
+    let stdin = !detached && !std::io::stdin().is_terminal();
+    let job = client
+        .run(app, &flynn_client::RunRequest { args, stdin })
+        .await?;
+    if detached {
+        println!("{}", job.id);
+        return Ok(0);
+    }
+    if stdin {
+        let (client, app, id) = (client.clone(), app.to_string(), job.id.clone());
+        tokio::spawn(async move {
+            let input = tokio_util::io::ReaderStream::new(tokio::io::stdin());
+            if let Err(e) = client
+                .job_stdin(&app, &id, reqwest::Body::wrap_stream(input))
+                .await
+            {
+                eprintln!("flynn: stdin not passed: {e}");
+            }
+        });
+    }
+    let resp = client.job_output(app, &job.id).await?;
+    let mut body = resp.bytes_stream();
+    let mut pending: Vec<u8> = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.context("reading the job's output")?;
+        pending.extend_from_slice(&chunk);
+        while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=nl).collect();
+            let v: serde_json::Value = match serde_json::from_slice(&line) {
+                Ok(v) => v,
+                Err(_) => continue,
+            };
+            if let Some(code) = v["exit"].as_i64() {
+                return Ok(code as i32);
+            }
+            let Some(data) = v["data"].as_str() else {
+                continue; // a heartbeat
+            };
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .unwrap_or_default();
+            if v["stream"] == "stderr" {
+                let mut e = std::io::stderr();
+                e.write_all(&bytes)?;
+                e.flush()?;
+            } else {
+                let mut o = std::io::stdout();
+                o.write_all(&bytes)?;
+                o.flush()?;
+            }
+        }
+    }
+    bail!(
+        "the connection to job {} ended before it did (see flynn -a {app} ps --all)",
+        job.id
+    )
+}

@@ -91,6 +91,15 @@ enum Cmd {
         #[arg(short = 't', long = "process-type")]
         proc_type: Option<String>,
     },
+    /// Run a one-off command in a new job of the app's current release; it exits with the
+    /// command's status. Piped stdin is passed to it.
+    Run {
+        /// Print the job's id and return at once.
+        #[arg(short = 'd', long)]
+        detached: bool,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
     /// Stop a job (the scheduler replaces it if the formation still wants it).
     Kill { job: String },
     /// Show or set process types' resource limits.
@@ -299,6 +308,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 proc_type,
             };
             jobs::log(&client, &app()?, args).await?
+        }
+        Cmd::Run { detached, command } => {
+            let code = jobs::run(&client, &app()?, command, detached).await?;
+            if code != 0 {
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                std::process::exit(code);
+            }
         }
         Cmd::Kill { job } => {
             let app = app()?;

@@ -442,6 +442,39 @@ impl ControllerClient {
             .await
     }
 
+    /// Starts a one-off job of the app's current release.
+    pub async fn run(&self, app: &str, req: &RunRequest) -> Result<flynn_model::Job, ClientError> {
+        self.http
+            .post(&format!("/apps/{}/run", seg(app)), req)
+            .await
+    }
+
+    /// Uploads a one-off job's stdin, streamed; its end closes the job's stdin.
+    pub async fn job_stdin(
+        &self,
+        app: &str,
+        id: &str,
+        body: reqwest::Body,
+    ) -> Result<serde_json::Value, ClientError> {
+        let path = format!("/apps/{}/jobs/{}/stdin", seg(app), seg(id));
+        let rb = self
+            .http
+            .request(Method::PUT, &path)
+            .timeout(Duration::from_secs(7 * 86400))
+            .body(body);
+        self.http.send(rb).await
+    }
+
+    /// A one-off job's output: NDJSON lines `{"stream","data"(base64)}`, then `{"exit":N}`.
+    pub async fn job_output(&self, app: &str, id: &str) -> Result<reqwest::Response, ClientError> {
+        let path = format!("/apps/{}/jobs/{}/output", seg(app), seg(id));
+        let rb = self
+            .http
+            .request(Method::GET, &path)
+            .timeout(Duration::from_secs(7 * 86400));
+        Ok(self.http.execute(rb).await?.1)
+    }
+
     /// The app's log lines from every host, in order.
     pub async fn app_log(
         &self,

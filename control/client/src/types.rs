@@ -243,3 +243,12 @@ pub struct SetLimits {
     pub proc_type: String,
     pub limits: flynn_model::Limits,
 }
+
+/// `POST /apps/{app}/run`: a one-off job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRequest {
+    pub args: Vec<String>,
+    /// The caller uploads its stdin (`PUT .../stdin`); else the job's stdin is empty.
+    #[serde(default)]
+    pub stdin: bool,
+}

@@ -171,6 +171,9 @@ pub struct Job {
     /// Arguments of a one-off job (else the release's).
     #[serde(default)]
     pub args: Vec<String>,
+    /// A one-off job whose stdin is uploaded by its caller (else /dev/null).
+    #[serde(default)]
+    pub stdin: bool,
     /// `IP:PORT` it serves on, once running.
     #[serde(default)]
     pub addr: Option<String>,

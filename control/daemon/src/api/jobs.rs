@@ -17,7 +17,12 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use flynn_client::{HostClient, ScaleRequest, SetLimits};
+use std::sync::Arc;
+
+use axum::response::IntoResponse;
+use flynn_client::{HostClient, RunRequest, ScaleRequest, SetLimits};
+
+use crate::jobs::oneoff::OneOffIo;
 use flynn_state::jobs::JobsCommand;
 use flynn_state::{
     Formation, Job, JobState, LogLine, LogQuery, NewRelease, Release, MAX_LOG_LINES,
@@ -48,6 +53,12 @@ pub fn controller_routes() -> Router<AppState> {
         .route("/apps/{app}/jobs", get(app_jobs))
         .route("/apps/{app}/jobs/{id}", get(job).delete(kill))
         .route("/apps/{app}/log", get(app_log))
+        .route("/apps/{app}/run", post(run))
+        .route(
+            "/apps/{app}/jobs/{id}/stdin",
+            axum::routing::put(job_stdin).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route("/apps/{app}/jobs/{id}/output", get(job_output))
 }
 
 pub fn secret_routes() -> Router<AppState> {
@@ -55,6 +66,11 @@ pub fn secret_routes() -> Router<AppState> {
         .route("/host/jobs", get(host_jobs))
         .route("/host/jobs/{id}/stop", post(host_stop))
         .route("/host/logs", get(host_logs))
+        .route(
+            "/host/jobs/{id}/stdin",
+            axum::routing::put(host_stdin).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route("/host/jobs/{id}/output", get(host_output))
 }
 
 fn check_sha(sha: &str) -> ApiResult<()> {
@@ -512,4 +528,210 @@ async fn host_logs(
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(Json(lines))
+}
+
+/// `POST /apps/{app}/run`: a one-off job of the app's current release.
+async fn run(
+    State(host): State<AppState>,
+    Path(app): Path<String>,
+    JsonBody(req): JsonBody<RunRequest>,
+) -> ApiResult<(StatusCode, Json<Job>)> {
+    if req.args.is_empty() || req.args[0].is_empty() {
+        return Err(ApiError::Invalid("nothing to run: give a command".into()));
+    }
+    let node = host.node()?;
+    node.read_barrier().await?;
+    let now = crate::now_ms();
+    let (release, target) = node.state.read(|a| {
+        let s = &a.state;
+        s.app(&app)?;
+        let release = s
+            .jobs
+            .formations
+            .get(&app)
+            .map(|f| f.release.clone())
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| {
+                ApiError::Invalid(format!(
+                    "app {app:?} has no release to run: deploy one first"
+                ))
+            })?;
+        let live = crate::jobs::scheduler::live_hosts(s, now);
+        // This host if it runs jobs (its output then needs no second hop), else the live
+        // host with the fewest active jobs.
+        let target = if live.contains(&host.id) && host.jobs().is_some() {
+            Some(host.id)
+        } else {
+            live.iter().copied().min_by_key(|h| {
+                s.jobs
+                    .jobs
+                    .values()
+                    .filter(|j| j.host == *h && j.state.is_active())
+                    .count()
+            })
+        };
+        let target =
+            target.ok_or_else(|| ApiError::Unavailable("no host can run jobs now".into()))?;
+        Ok::<_, ApiError>((release, target))
+    })?;
+    let jobs: Vec<Job> = node
+        .propose_as(JobsCommand::PlaceJobs {
+            jobs: vec![flynn_state::jobs::NewJob {
+                app,
+                release,
+                proc_type: "run".into(),
+                host: target,
+                oneoff: true,
+                args: req.args,
+                stdin: req.stdin,
+            }],
+            now_ms: now,
+        })
+        .await?;
+    let job = jobs
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::Internal("no job placed".into()))?;
+    Ok((StatusCode::CREATED, Json(job)))
+}
+
+/// Where a job runs: `None` for this host, else the host API address of its host.
+fn job_host(host: &AppState, app: &str, id: &str) -> ApiResult<Option<String>> {
+    let node = host.node()?;
+    let on = node.state.read(|a| {
+        a.state
+            .jobs
+            .jobs
+            .get(id)
+            .filter(|j| j.app == app)
+            .map(|j| j.host)
+    });
+    let on = on.ok_or_else(|| ApiError::NotFound(format!("job {id:?} of app {app:?}")))?;
+    if on == host.id {
+        return Ok(None);
+    }
+    let m = node.metrics();
+    let addr = m
+        .membership_config
+        .membership()
+        .get_node(&on)
+        .map(|n| n.addr.clone())
+        .ok_or_else(|| ApiError::Unavailable(format!("job {id:?}'s host is not a member")))?;
+    Ok(Some(addr))
+}
+
+fn streaming_client() -> ApiResult<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// Forwards a streamed request to the job's host's API and streams its answer back.
+async fn forward(
+    host: &AppState,
+    method: reqwest::Method,
+    addr: &str,
+    path: &str,
+    body: Option<Body>,
+) -> ApiResult<axum::response::Response> {
+    let secret = host.node()?.secret().to_string();
+    let mut rb = streaming_client()?
+        .request(method, format!("http://{addr}{path}"))
+        .header(flynn_client::SECRET_HEADER, secret);
+    if let Some(b) = body {
+        rb = rb.body(reqwest::Body::wrap_stream(b.into_data_stream()));
+    }
+    let resp = rb
+        .send()
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("the job's host {addr}: {e}")))?;
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let body = Body::from_stream(resp.bytes_stream());
+    Ok((status, [("content-type", "application/x-ndjson")], body).into_response())
+}
+
+async fn job_stdin(
+    State(host): State<AppState>,
+    Path((app, id)): Path<(String, String)>,
+    body: Body,
+) -> ApiResult<axum::response::Response> {
+    match job_host(&host, &app, &id)? {
+        None => local_stdin(&host, &id, body).await,
+        Some(addr) => {
+            let path = format!("/host/jobs/{id}/stdin");
+            forward(&host, reqwest::Method::PUT, &addr, &path, Some(body)).await
+        }
+    }
+}
+
+async fn job_output(
+    State(host): State<AppState>,
+    Path((app, id)): Path<(String, String)>,
+) -> ApiResult<axum::response::Response> {
+    match job_host(&host, &app, &id)? {
+        None => local_output(&host, &id).await,
+        Some(addr) => {
+            let path = format!("/host/jobs/{id}/output");
+            forward(&host, reqwest::Method::GET, &addr, &path, None).await
+        }
+    }
+}
+
+/// A one-off job's I/O on this host, waiting briefly for a job just placed to start.
+async fn attachment(host: &AppState, id: &str) -> ApiResult<Arc<OneOffIo>> {
+    let runner = host
+        .jobs()
+        .ok_or_else(|| ApiError::NotFound("this host runs no jobs".into()))?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(io) = runner.attachments.get(id) {
+            return Ok(io);
+        }
+        if Instant::now() > deadline {
+            return Err(ApiError::NotFound(format!(
+                "job {id:?} is not a one-off job running on this host"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn local_stdin(host: &AppState, id: &str, body: Body) -> ApiResult<axum::response::Response> {
+    use futures::StreamExt;
+    let io = attachment(host, id).await?;
+    let tx = io.take_stdin().ok_or_else(|| {
+        ApiError::Conflict(format!("job {id:?} takes no stdin, or it was sent already"))
+    })?;
+    let mut stream = body.into_data_stream();
+    let mut sent = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::Invalid(format!("reading stdin: {e}")))?;
+        sent += chunk.len() as u64;
+        if tx.send(chunk).await.is_err() {
+            break; // the job closed its stdin or ended
+        }
+    }
+    Ok(Json(serde_json::json!({"stdin_bytes": sent})).into_response())
+}
+
+async fn local_output(host: &AppState, id: &str) -> ApiResult<axum::response::Response> {
+    let io = attachment(host, id).await?;
+    let body = Body::from_stream(io.stream());
+    Ok(([("content-type", "application/x-ndjson")], body).into_response())
+}
+
+async fn host_stdin(
+    State(host): State<AppState>,
+    Path(id): Path<String>,
+    body: Body,
+) -> ApiResult<axum::response::Response> {
+    local_stdin(&host, &id, body).await
+}
+
+async fn host_output(
+    State(host): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<axum::response::Response> {
+    local_output(&host, &id).await
 }

@@ -9,6 +9,7 @@
 //! built yet (see ARCHITECTURE.md).
 
 pub mod logs;
+pub mod oneoff;
 pub mod scheduler;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -99,6 +100,9 @@ struct Local {
     pid: AtomicU64,
     stop: tokio::sync::Notify,
     stopping: AtomicBool,
+    /// A one-off job's attachable output, and its stdin as uploaded.
+    io: Option<Arc<oneoff::OneOffIo>>,
+    stdin: Mutex<Option<tokio::sync::mpsc::Receiver<bytes::Bytes>>>,
 }
 
 pub struct JobRunner {
@@ -112,6 +116,8 @@ pub struct JobRunner {
     layers: LayerStore,
     blobstore: Option<Arc<Blobstore>>,
     pub logs: Arc<logs::Logs>,
+    /// One-off jobs' output and stdin, for `flynn run`.
+    pub attachments: oneoff::Attachments,
     local: OnceLock<LocalState>,
     running: Mutex<HashMap<String, Arc<Local>>>,
     ports: Mutex<BTreeSet<u16>>,
@@ -166,6 +172,7 @@ impl JobRunner {
             layers,
             blobstore,
             logs,
+            attachments: oneoff::Attachments::default(),
             local: OnceLock::new(),
             running: Mutex::new(HashMap::new()),
             ports: Mutex::new(BTreeSet::new()),
@@ -236,11 +243,21 @@ impl JobRunner {
         for job in mine {
             match (job.state, running.get(&job.id)) {
                 (JobState::Pending, None) => {
+                    let (io, stdin) = if job.oneoff {
+                        let (tx, rx) = tokio::sync::mpsc::channel(16);
+                        let io = oneoff::OneOffIo::new(job.stdin.then_some(tx));
+                        self.attachments.insert(&job.id, io.clone());
+                        (Some(io), job.stdin.then_some(rx))
+                    } else {
+                        (None, None)
+                    };
                     let l = Arc::new(Local {
                         job: job.clone(),
                         pid: AtomicU64::new(0),
                         stop: tokio::sync::Notify::new(),
                         stopping: AtomicBool::new(false),
+                        io,
+                        stdin: Mutex::new(stdin),
                     });
                     running.insert(job.id.clone(), l.clone());
                     tokio::spawn(self.clone().run_job(local.clone(), l));
@@ -280,6 +297,9 @@ impl JobRunner {
                 tracing::warn!(job = %id, error = %why, "job could not start");
                 self.logs
                     .push(&l.job.app, &id, &l.job.proc_type, "init", why.clone());
+                if let Some(io) = &l.io {
+                    io.output(oneoff::STDERR, format!("flynn: {why}\n").into());
+                }
                 Outcome {
                     state: JobState::Failed,
                     exit_status: None,
@@ -287,6 +307,8 @@ impl JobRunner {
                 }
             }
         };
+        // What `flynn run` exits with: the command's status, 126 if it never ran.
+        let outcome_exit = outcome.exit_status.unwrap_or(126);
         self.report(
             &local,
             &id,
@@ -296,6 +318,10 @@ impl JobRunner {
             outcome.error,
         )
         .await;
+        if let Some(io) = &l.io {
+            io.finish(outcome_exit);
+            self.attachments.ended(&id);
+        }
         self.running.lock().expect("jobs lock").remove(&id);
         let _ = std::fs::remove_dir_all(self.cfg.jobs_dir.join(&id));
     }
@@ -424,10 +450,15 @@ impl JobRunner {
             Ok(e) => e,
             Err(e) => return Outcome::failed(format!("cannot find flynn-host itself: {e}")),
         };
+        let stdin_rx = l.stdin.lock().expect("stdin lock").take();
         let mut child = match tokio::process::Command::new(exe)
             .arg("container-init")
             .arg(&p.spec_path)
-            .stdin(Stdio::null())
+            .stdin(if stdin_rx.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -437,16 +468,27 @@ impl JobRunner {
         };
         l.pid
             .store(child.id().unwrap_or(0) as u64, Ordering::Relaxed);
+        if let (Some(mut rx), Some(mut pipe)) = (stdin_rx, child.stdin.take()) {
+            // The caller's upload, as it arrives; its end closes the job's stdin.
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                while let Some(chunk) = rx.recv().await {
+                    if pipe.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
         let init_error = Arc::new(Mutex::new(None::<String>));
         let readers = [
             child
                 .stdout
                 .take()
-                .map(|s| self.pipe(job, "stdout", s, None)),
+                .map(|s| self.pipe(job, "stdout", s, None, l.io.clone())),
             child
                 .stderr
                 .take()
-                .map(|s| self.pipe(job, "stderr", s, Some(init_error.clone()))),
+                .map(|s| self.pipe(job, "stderr", s, Some(init_error.clone()), l.io.clone())),
         ];
         let started = Instant::now();
         let addr = p.port.map(|port| format!("{}:{port}", self.ip));
@@ -597,6 +639,7 @@ impl JobRunner {
         stream: &'static str,
         pipe: impl AsyncRead + Unpin + Send + 'static,
         init_error: Option<Arc<Mutex<Option<String>>>>,
+        io: Option<Arc<oneoff::OneOffIo>>,
     ) -> tokio::task::JoinHandle<()> {
         let logs = self.logs.clone();
         let (app, id, ty) = (job.app.clone(), job.id.clone(), job.proc_type.clone());
@@ -608,6 +651,14 @@ impl JobRunner {
                 match read_line_capped(&mut reader, &mut buf).await {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {}
+                }
+                if let Some(io) = &io {
+                    let id = if stream == "stdout" {
+                        oneoff::STDOUT
+                    } else {
+                        oneoff::STDERR
+                    };
+                    io.output(id, bytes::Bytes::copy_from_slice(&buf));
                 }
                 let text = String::from_utf8_lossy(&buf)
                     .trim_end_matches(['\n', '\r'])

@@ -185,6 +185,7 @@ pub fn plan(s: &ClusterState, now: u64) -> Vec<Command> {
                             host,
                             oneoff: false,
                             args: Vec::new(),
+                            stdin: false,
                         });
                     }
                 } else if mine.len() > want {

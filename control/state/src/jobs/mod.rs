@@ -87,6 +87,8 @@ pub struct NewJob {
     pub oneoff: bool,
     #[serde(default)]
     pub args: Vec<String>,
+    #[serde(default)]
+    pub stdin: bool,
 }
 
 /// Recent crashes of one process type (`APP/TYPE`).
@@ -420,6 +422,7 @@ impl Area for Jobs {
                         state: JobState::Pending,
                         oneoff: j.oneoff,
                         args: j.args,
+                        stdin: j.stdin,
                         addr: None,
                         exit_status: None,
                         error: None,

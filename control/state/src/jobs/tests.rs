@@ -43,6 +43,7 @@ fn place(s: &mut ClusterState, release: &str, host: u64) -> Job {
                 host,
                 oneoff: false,
                 args: vec![],
+                stdin: false,
             }],
             now_ms: 1,
         },

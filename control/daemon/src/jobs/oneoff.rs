@@ -1,0 +1,180 @@
+//! The attached side of one-off jobs (`flynn run`): stdin uploaded to the job, and its
+//! output and exit status streamed to whoever attaches.
+//!
+//! Output is kept (up to [`MAX_OUTPUT`]; beyond it the oldest is dropped and the reader is
+//! told) so an attach that arrives after the job started, or after it ended, still sees it.
+//! Finished jobs' output stays for [`KEEP_FINISHED`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+
+/// Output kept per job for attaches.
+const MAX_OUTPUT: usize = 8 << 20;
+/// How long a finished job's output and status stay attachable.
+const KEEP_FINISHED: Duration = Duration::from_secs(300);
+
+#[derive(Default)]
+struct Inner {
+    /// (stream, bytes); index 0 is frame number `dropped`.
+    frames: Vec<(u8, Bytes)>,
+    dropped: usize,
+    size: usize,
+    exit: Option<i32>,
+    stdin: Option<tokio::sync::mpsc::Sender<Bytes>>,
+}
+
+#[derive(Default)]
+pub struct OneOffIo {
+    inner: Mutex<Inner>,
+    changed: tokio::sync::Notify,
+}
+
+pub const STDOUT: u8 = 1;
+pub const STDERR: u8 = 2;
+
+impl OneOffIo {
+    pub fn new(stdin: Option<tokio::sync::mpsc::Sender<Bytes>>) -> Arc<Self> {
+        let io = OneOffIo::default();
+        io.inner.lock().expect("io lock").stdin = stdin;
+        Arc::new(io)
+    }
+
+    pub fn output(&self, stream: u8, data: Bytes) {
+        let mut g = self.inner.lock().expect("io lock");
+        g.size += data.len();
+        g.frames.push((stream, data));
+        while g.size > MAX_OUTPUT && g.frames.len() > 1 {
+            let (_, old) = g.frames.remove(0);
+            g.size -= old.len();
+            g.dropped += 1;
+        }
+        drop(g);
+        self.changed.notify_waiters();
+    }
+
+    pub fn finish(&self, exit: i32) {
+        let mut g = self.inner.lock().expect("io lock");
+        g.exit = Some(exit);
+        g.stdin = None;
+        drop(g);
+        self.changed.notify_waiters();
+    }
+
+    /// The job's stdin, once (the first upload takes it).
+    pub fn take_stdin(&self) -> Option<tokio::sync::mpsc::Sender<Bytes>> {
+        self.inner.lock().expect("io lock").stdin.take()
+    }
+
+    /// Output as NDJSON lines (`{"stream":"stdout","data":BASE64}`), then `{"exit":N}`.
+    pub fn stream(
+        self: Arc<Self>,
+    ) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
+        futures::stream::unfold((self, 0usize, false), |(io, mut next, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                let notified = io.changed.notified();
+                let (batch, exit) = {
+                    let g = io.inner.lock().expect("io lock");
+                    let mut out = String::new();
+                    if next < g.dropped {
+                        out.push_str(&format!(
+                            "{{\"stream\":\"stderr\",\"data\":\"{}\"}}\n",
+                            base64::engine::general_purpose::STANDARD
+                                .encode(b"[flynn: earlier output was dropped]\n")
+                        ));
+                        next = g.dropped;
+                    }
+                    for (stream, data) in &g.frames[next - g.dropped..] {
+                        let name = if *stream == STDOUT {
+                            "stdout"
+                        } else {
+                            "stderr"
+                        };
+                        let b64 = base64::engine::general_purpose::STANDARD.encode(data);
+                        out.push_str(&format!("{{\"stream\":\"{name}\",\"data\":\"{b64}\"}}\n"));
+                    }
+                    next = g.dropped + g.frames.len();
+                    (out, g.exit)
+                };
+                match (batch.is_empty(), exit) {
+                    (false, _) => {
+                        drop(notified);
+                        return Some((Ok(Bytes::from(batch)), (io, next, false)));
+                    }
+                    (true, Some(code)) => {
+                        drop(notified);
+                        let line = Bytes::from(format!("{{\"exit\":{code}}}\n"));
+                        return Some((Ok(line), (io, next, true)));
+                    }
+                    (true, None) => {
+                        // Idle: a heartbeat now and then keeps proxies from closing it.
+                        let idle = tokio::time::timeout(Duration::from_secs(15), notified)
+                            .await
+                            .is_err();
+                        if idle {
+                            return Some((Ok(Bytes::from_static(b"{}\n")), (io, next, false)));
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// One-off jobs' attachable I/O on this host, while they run and a while after.
+#[derive(Default)]
+pub struct Attachments {
+    map: Mutex<HashMap<String, (Arc<OneOffIo>, Option<Instant>)>>,
+}
+
+impl Attachments {
+    pub fn insert(&self, id: &str, io: Arc<OneOffIo>) {
+        let mut m = self.map.lock().expect("attach lock");
+        m.retain(|_, (_, ended)| ended.is_none_or(|t| t.elapsed() < KEEP_FINISHED));
+        m.insert(id.to_string(), (io, None));
+    }
+
+    pub fn ended(&self, id: &str) {
+        if let Some(e) = self.map.lock().expect("attach lock").get_mut(id) {
+            e.1 = Some(Instant::now());
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<OneOffIo>> {
+        self.map
+            .lock()
+            .expect("attach lock")
+            .get(id)
+            .map(|(io, _)| io.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn t10_late_attach_sees_all_output_then_the_exit() {
+        let io = OneOffIo::new(None);
+        io.output(STDOUT, Bytes::from_static(b"hello\n"));
+        io.output(STDERR, Bytes::from_static(b"oops\n"));
+        io.finish(3);
+        let all: Vec<Bytes> = io.clone().stream().map(|b| b.unwrap()).collect().await;
+        let text = String::from_utf8(all.concat()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[0]["stream"], "stdout");
+        assert_eq!(lines[1]["stream"], "stderr");
+        assert_eq!(lines[2]["exit"], 3);
+    }
+}
