@@ -127,10 +127,13 @@ impl OneOffIo {
     }
 }
 
+/// A job's I/O and when the job ended (if it has).
+type Attachment = (Arc<OneOffIo>, Option<Instant>);
+
 /// One-off jobs' attachable I/O on this host, while they run and a while after.
 #[derive(Default)]
 pub struct Attachments {
-    map: Mutex<HashMap<String, (Arc<OneOffIo>, Option<Instant>)>>,
+    map: Mutex<HashMap<String, Attachment>>,
 }
 
 impl Attachments {
