@@ -429,22 +429,6 @@ pub async fn limit(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn t10_sizes_and_counts_parse_or_say_why() {
-        assert_eq!(super::parse_bytes("256MB").unwrap(), 256 << 20);
-        assert_eq!(super::parse_bytes("1g").unwrap(), 1 << 30);
-        assert!(super::parse_bytes("12 parsecs").is_err());
-        let c = super::parse_counts(&["web=3".into(), "worker=-1".into()]).unwrap();
-        assert_eq!(
-            c["worker"], -1,
-            "negative counts reach the server, which says why"
-        );
-        assert!(super::parse_counts(&["web".into()]).is_err());
-    }
-}
-
 /// `flynn run`: starts the job, passes piped stdin, copies its output; its exit status.
 pub async fn run(
     client: &ControllerClient,
@@ -511,4 +495,20 @@ pub async fn run(
         "the connection to job {} ended before it did (see flynn -a {app} ps --all)",
         job.id
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn t10_sizes_and_counts_parse_or_say_why() {
+        assert_eq!(super::parse_bytes("256MB").unwrap(), 256 << 20);
+        assert_eq!(super::parse_bytes("1g").unwrap(), 1 << 30);
+        assert!(super::parse_bytes("12 parsecs").is_err());
+        let c = super::parse_counts(&["web=3".into(), "worker=-1".into()]).unwrap();
+        assert_eq!(
+            c["worker"], -1,
+            "negative counts reach the server, which says why"
+        );
+        assert!(super::parse_counts(&["web".into()]).is_err());
+    }
 }
