@@ -24,7 +24,33 @@ async fn cluster(n: usize) -> Cluster {
     let mut c = Cluster::start(n);
     c.bootstrap_with(n, &["--domain", DOMAIN]);
     c.wait_leader(0, None).await;
+    // Hosts beyond the peers join as proxies a moment later.
+    for i in 0..n {
+        let host = c.host_client(i);
+        eventually(
+            Duration::from_secs(20),
+            &format!("host {i} in the cluster"),
+            || async {
+                host.status()
+                    .await
+                    .ok()
+                    .filter(|s| s.bootstrapped)
+                    .map(|_| ())
+            },
+        )
+        .await;
+    }
     c
+}
+
+/// The index of the host with this node id.
+async fn host_index(c: &Cluster, node_id: u64) -> usize {
+    for i in 0..c.hosts.len() {
+        if c.host_client(i).info().await.map(|h| h.node_id).ok() == Some(node_id) {
+            return i;
+        }
+    }
+    panic!("no host has node id {node_id}");
 }
 
 async fn jobs(c: &Cluster, app: &str) -> Vec<Job> {
@@ -119,10 +145,21 @@ async fn t10_deploy_scale_route_kill_and_redeploy_on_env_change() {
         "requests spread over the three jobs: {seen:?}"
     );
 
+    // Each job has an address of its own on its host's subnet.
+    let addrs: BTreeSet<&str> = running(&all)
+        .iter()
+        .map(|j| j.addr.as_deref().unwrap())
+        .collect();
+    assert_eq!(addrs.len(), 3);
+    assert!(
+        addrs
+            .iter()
+            .all(|a| a.starts_with("100.100.") && a.ends_with(":8080")),
+        "{addrs:?}"
+    );
     // `flynn-host ps` on the job's host lists it.
     let victim = running(&all)[0].clone();
-    let ip = victim.addr.as_deref().unwrap().split(':').next().unwrap();
-    let on = (0..3).find(|i| c.hosts[*i].ip == ip).unwrap();
+    let on = host_index(&c, victim.host).await;
     let ps = ok(&c.flynn_host(on, &["ps"]));
     assert!(ps.contains(&victim.id), "{ps}");
     let victim = victim.id;
@@ -181,10 +218,11 @@ async fn t11_a_dead_host_s_jobs_run_elsewhere_and_leave_the_router() {
     ok(&c.flynn(0, &["-a", "web1", "scale", "web=3"]));
     let all = settled(&c, "web1", "web1-v1", 3).await;
     // Host 2 (not the one we ask) dies with its jobs.
-    let dead = c.hosts[2].ip.clone();
+    let dead = c.host_client(2).info().await.unwrap().node_id;
+    let dead_ip = c.hosts[2].ip.clone();
     let lost: Vec<String> = running(&all)
         .iter()
-        .filter(|j| j.addr.as_deref().unwrap().starts_with(&format!("{dead}:")))
+        .filter(|j| j.host == dead)
         .map(|j| j.id.clone())
         .collect();
     assert_eq!(lost.len(), 1);
@@ -196,10 +234,7 @@ async fn t11_a_dead_host_s_jobs_run_elsewhere_and_leave_the_router() {
         || async {
             let all = jobs(&c, "web1").await;
             let r = running(&all);
-            let ok = r.len() == 3
-                && r.iter()
-                    .all(|j| !j.addr.as_deref().unwrap().starts_with(&format!("{dead}:")));
-            ok.then_some(all)
+            (r.len() == 3 && r.iter().all(|j| j.host != dead)).then_some(all)
         },
     )
     .await;
@@ -212,7 +247,7 @@ async fn t11_a_dead_host_s_jobs_run_elsewhere_and_leave_the_router() {
     for n in 0..30 {
         let env = env_via_router(&c, n % 2, "web1").await;
         assert!(env.is_some(), "request {n} failed");
-        assert_ne!(env.unwrap()["EXTERNAL_IP"], dead);
+        assert_ne!(env.unwrap()["EXTERNAL_IP"], dead_ip);
     }
 }
 
@@ -479,6 +514,15 @@ async fn t16_logs_are_ordered_bounded_followed_rotated_and_survive_a_restart() {
 
     // Far more than the file limit: rotated, one old file kept, the newest lines intact.
     ok(&c.flynn(0, &["-a", "web1", "run", "seq", "1", "20000"]));
+    // Lines reach the file a moment after the job printed them.
+    let all = eventually(Duration::from_secs(15), "the last line logged", || async {
+        let all = ok(&c.flynn(0, &["-a", "web1", "log"]));
+        all.lines()
+            .last()
+            .is_some_and(|l| l.ends_with(": 20000"))
+            .then_some(all)
+    })
+    .await;
     let dir = c.hosts[0].data_dir.join("logs");
     let cur = std::fs::metadata(dir.join("web1.log")).unwrap().len();
     let old = std::fs::metadata(dir.join("web1.log.1")).unwrap().len();
@@ -486,9 +530,6 @@ async fn t16_logs_are_ordered_bounded_followed_rotated_and_survive_a_restart() {
         cur < 300_000 && (256 * 1024..300_000).contains(&old),
         "{cur} {old}"
     );
-    let all = ok(&c.flynn(0, &["-a", "web1", "log"]));
-    let last = all.lines().last().unwrap().to_string();
-    assert!(last.ends_with(": 20000"), "{last}");
     assert!(all.lines().count() <= 10_000);
 
     // A restart of the host (and so of what serves the logs) loses nothing.
@@ -519,4 +560,67 @@ async fn t16_logs_are_ordered_bounded_followed_rotated_and_survive_a_restart() {
     })
     .await;
     assert!(text.contains("followed-marker"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t17_jobs_reach_published_ports_only() {
+    let c = cluster(2).await;
+    ok(&c.flynn(0, &["create", "web1"]));
+    let image = c.busybox_image("v1", None);
+    ok(&c.flynn(
+        0,
+        &["-a", "web1", "docker", "push", image.to_str().unwrap()],
+    ));
+    ok(&c.flynn(0, &["-a", "web1", "scale", "web=2"]));
+    let all = settled(&c, "web1", "web1-v1", 2).await;
+    // A one-off job serving on a port it does not publish.
+    let run_d = [
+        "-a", "web1", "run", "-d", "httpd", "-f", "-p", "9000", "-h", "/www",
+    ];
+    let hidden = ok(&c.flynn(0, &run_d)).trim().to_string();
+    let hidden_ip = eventually(
+        Duration::from_secs(15),
+        "the hidden server running",
+        || async {
+            jobs(&c, "web1").await.into_iter().find_map(|j| {
+                (j.id == hidden && j.state == JobState::Running)
+                    .then(|| j.addr.unwrap().split(':').next().unwrap().to_string())
+            })
+        },
+    )
+    .await;
+    let get = |from: usize, addr: String| {
+        let (ip, port) = addr.split_once(':').unwrap();
+        let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ip} {port}");
+        c.flynn(from, &["-a", "web1", "run", "sh", "-c", &script])
+    };
+    // From other jobs, wherever they run: each web job's published port answers...
+    for web in running(&all) {
+        let out = ok(&get(0, web.addr.clone().unwrap()));
+        assert!(out.contains("hello from busybox v1"), "{out}");
+    }
+    // ...and a port a job did not publish does not, from jobs on any host...
+    for from in [0, 1] {
+        let out = get(from, format!("{hidden_ip}:9000"));
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("hello"),
+            "a job reached an unpublished port: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // ...though the server is there: its own host reaches it.
+    let on = host_index(
+        &c,
+        jobs(&c, "web1")
+            .await
+            .iter()
+            .find(|j| j.id == hidden)
+            .unwrap()
+            .host,
+    )
+    .await;
+    let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 {hidden_ip} 9000");
+    let direct = c.run_cmd_in(on, &["sh", "-c", &script]);
+    assert!(String::from_utf8_lossy(&direct.stdout).contains("hello from busybox v1"));
+    ok(&c.flynn(0, &["-a", "web1", "kill", &hidden]));
 }

@@ -46,6 +46,9 @@ pub struct ContainerSpec {
     pub cgroup_procs: Vec<PathBuf>,
     #[serde(default)]
     pub max_fd: Option<u64>,
+    /// A network namespace to join (`/run/netns/NAME`); none: the host's network.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
 }
 
 fn fail(code: i32, msg: impl std::fmt::Display) -> ! {
@@ -115,6 +118,12 @@ pub fn stage1(spec_path: &Path) -> ! {
         if let Err(e) = std::fs::write(f, &pid) {
             fail(EXIT_SETUP, format!("joining cgroup {}: {e}", f.display()));
         }
+    }
+    if let Some(ns) = &spec.netns {
+        let f = std::fs::File::open(ns)
+            .unwrap_or_else(|e| fail(EXIT_SETUP, format!("opening {}: {e}", ns.display())));
+        nix::sched::setns(f, CloneFlags::CLONE_NEWNET)
+            .unwrap_or_else(|e| fail(EXIT_SETUP, format!("joining the job's network: {e}")));
     }
     let flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID

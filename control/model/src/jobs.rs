@@ -86,6 +86,9 @@ pub struct ProcessType {
     /// accepts a connection).
     #[serde(default)]
     pub health_path: Option<String>,
+    /// Run in the host's network (a host port as `$PORT`) instead of an address of its own.
+    #[serde(default)]
+    pub host_network: bool,
 }
 
 /// An immutable release: an image, process types and the env they run with.

@@ -129,6 +129,7 @@ pub enum Response {
     Formation { formation: Formation },
     Job { job: Job },
     Jobs { jobs: Vec<Job> },
+    Subnet { index: u32 },
     Expired { count: usize },
     Batch { results: Vec<ApplyResult> },
 }

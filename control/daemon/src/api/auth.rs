@@ -40,7 +40,16 @@ pub async fn require_key(State(host): State<Arc<Host>>, req: Request, next: Next
     let Some(given) = presented_key(req.headers()) else {
         return ApiError::Unauthorized("a controller key is required".into()).into_response();
     };
-    let keys = node.state.read(|a| a.state.controller_keys());
+    let (bootstrapped, keys) = node
+        .state
+        .read(|a| (a.state.bootstrapped(), a.state.controller_keys()));
+    if !bootstrapped {
+        // A host still joining knows no key yet: that is not the client's fault.
+        return ApiError::Unavailable(
+            "this host has not caught up with the cluster yet; retry shortly".into(),
+        )
+        .into_response();
+    }
     // Check every key so the time taken does not say which one came close.
     let mut ok = subtle::Choice::from(0);
     for k in &keys {

@@ -83,6 +83,15 @@ impl Blobstore {
         let Some(local) = self.local.get() else {
             return Vec::new();
         };
+        let own = local
+            .members()
+            .into_iter()
+            .find(|(id, _)| *id == self.host)
+            .and_then(|(_, addr)| {
+                let ip = addr.rsplit_once(':')?.0.to_string();
+                Some(format!("{ip}:{}", self.addr.port()))
+            })
+            .unwrap_or_default();
         local
             .members()
             .into_iter()
@@ -91,6 +100,9 @@ impl Blobstore {
                 let ip = addr.rsplit_once(':').map(|(ip, _)| ip.to_string())?;
                 Some((id, format!("{ip}:{}", self.addr.port())))
             })
+            // Hosts sharing this host's address (several daemons on one machine, as in a
+            // benchmark) cannot be told apart from it: they hold no second copy.
+            .filter(|(_, peer)| *peer != own)
             .collect()
     }
 

@@ -4,11 +4,12 @@
 //! when asked. It also keeps this host registered as alive (service `flynn-host`), which is
 //! how the scheduler notices a host that stopped answering.
 //!
-//! Networking today is the host's: a job gets a free port of its host as `$PORT` and
-//! serves on the host's address. Per-job addresses on a routed per-host subnet are not
-//! built yet (see ARCHITECTURE.md).
+//! Each job has its own network namespace and address on its host's subnet, routed between
+//! hosts ([`network`]); a process type may ask for the host's network instead, and a host
+//! without `ip`/`nft` runs every job in its network (a free host port as `$PORT`).
 
 pub mod logs;
+pub mod network;
 pub mod oneoff;
 pub mod scheduler;
 
@@ -55,9 +56,13 @@ pub struct JobsArgs {
     /// Size at which an app's log file rotates (K, M, G suffixes).
     #[arg(long, default_value = "100M")]
     pub log_max_size: String,
-    /// Ports of this host that jobs are given as `$PORT` (FIRST-LAST).
+    /// Ports of this host given as `$PORT` to jobs in the host's network (FIRST-LAST).
     #[arg(long, default_value = "49152-59999")]
     pub job_ports: String,
+    /// Job networking: `routed` (an address of its own per job, on this host's subnet),
+    /// `host` (the host's network), `auto` (routed if this host can, else host, saying so).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "routed", "host"])]
+    pub job_network: String,
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +72,7 @@ pub struct JobsConfig {
     pub layers_dir: PathBuf,
     pub jobs_dir: PathBuf,
     pub ports: std::ops::RangeInclusive<u16>,
+    pub network: String,
 }
 
 impl JobsArgs {
@@ -89,6 +95,7 @@ impl JobsArgs {
             layers_dir: data_dir.join("images").join("layers"),
             jobs_dir: data_dir.join("jobs"),
             ports,
+            network: self.job_network.clone(),
         }))
     }
 }
@@ -118,6 +125,10 @@ pub struct JobRunner {
     pub logs: Arc<logs::Logs>,
     /// One-off jobs' output and stdin, for `flynn run`.
     pub attachments: oneoff::Attachments,
+    /// Routed job networking, once set up (`None`: jobs use the host's network).
+    net: OnceLock<Option<network::HostNet>>,
+    /// Why jobs use the host's network, if they do.
+    net_note: Mutex<Option<String>>,
     local: OnceLock<LocalState>,
     running: Mutex<HashMap<String, Arc<Local>>>,
     ports: Mutex<BTreeSet<u16>>,
@@ -173,6 +184,8 @@ impl JobRunner {
             blobstore,
             logs,
             attachments: oneoff::Attachments::default(),
+            net: OnceLock::new(),
+            net_note: Mutex::new(None),
             local: OnceLock::new(),
             running: Mutex::new(HashMap::new()),
             ports: Mutex::new(BTreeSet::new()),
@@ -229,8 +242,89 @@ impl JobRunner {
         propose_retrying(local, cmd.into()).await;
     }
 
+    /// Claims this host's job subnet and sets up routed job networking, unless this host
+    /// runs jobs in its own network (`--job-network host`, or `auto` where it cannot).
+    async fn setup_network(&self, local: &LocalState) {
+        if self.cfg.network == "host" {
+            let _ = self.net.set(None);
+            *self.net_note.lock().expect("net note") = Some("--job-network host".into());
+            return;
+        }
+        let mut changes = local.changes();
+        while !local.read(|s| s.bootstrapped()) {
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+        let index = loop {
+            let claim = JobsCommand::ClaimSubnet { host: self.host };
+            match local.node().propose(claim).await {
+                Ok(flynn_state::Response::Subnet { index }) => break index,
+                Ok(other) => {
+                    tracing::error!(?other, "unexpected answer to a subnet claim");
+                    return;
+                }
+                Err(e) if e.is_refusal() => {
+                    tracing::error!(error = %e, "no job subnet for this host");
+                    *self.net_note.lock().expect("net note") = Some(e.to_string());
+                    let _ = self.net.set(None);
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "subnet claim not applied; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        let host = self.host;
+        match tokio::task::spawn_blocking(move || network::HostNet::start(host, index)).await {
+            Ok(Ok(hn)) => {
+                tracing::info!(subnet = %hn.subnet(), "jobs get addresses of their own");
+                let _ = self.net.set(Some(hn));
+            }
+            Ok(Err(why)) => {
+                let level_error = self.cfg.network == "routed";
+                if level_error {
+                    tracing::error!(error = %why, "jobs cannot have their own network");
+                } else {
+                    tracing::warn!(error = %why, "jobs run in the host's network");
+                }
+                *self.net_note.lock().expect("net note") = Some(why);
+                let _ = self.net.set(None);
+            }
+            Err(e) => {
+                *self.net_note.lock().expect("net note") = Some(e.to_string());
+                let _ = self.net.set(None);
+            }
+        }
+    }
+
+    /// Routes to the other hosts' job subnets.
+    fn route_subnets(&self, local: &LocalState) {
+        let Some(hn) = self.net.get().and_then(Option::as_ref) else {
+            return;
+        };
+        let members: BTreeMap<u64, String> = local
+            .members()
+            .into_iter()
+            .filter_map(|(id, addr)| Some((id, addr.rsplit_once(':')?.0.to_string())))
+            .collect();
+        let peers: BTreeMap<u32, String> = local.read(|s| {
+            s.jobs
+                .subnets
+                .iter()
+                .filter_map(|(host, index)| {
+                    let ip = members.get(&host.parse().ok()?)?;
+                    Some((*index, ip.clone()))
+                })
+                .collect()
+        });
+        hn.route_peers(&peers, &self.ip);
+    }
+
     /// One pass over the jobs placed on this host.
     fn reconcile(self: &Arc<Self>, local: &LocalState) {
+        self.route_subnets(local);
         let mine: Vec<Job> = local.read(|s| {
             s.jobs
                 .jobs
@@ -350,10 +444,31 @@ impl JobRunner {
             ),
             None => None,
         };
-        let port = if proc.ports || job.oneoff {
-            Some(self.alloc_port().ok_or("no free port on this host")?)
-        } else {
-            None
+        let routed = self
+            .net
+            .get()
+            .and_then(Option::as_ref)
+            .filter(|_| !proc.host_network);
+        if routed.is_none() && !proc.host_network && self.cfg.network == "routed" {
+            let why = self.net_note.lock().expect("net note").clone();
+            return Err(format!(
+                "this host cannot give jobs their own network: {}",
+                why.unwrap_or_else(|| "it is not set up yet".into())
+            ));
+        }
+        let (port, net) = match routed {
+            Some(hn) => {
+                let published = (proc.ports && !job.oneoff).then_some(network::JOB_PORT);
+                (
+                    Some(network::JOB_PORT),
+                    Some(hn.create(&job.id, published)?),
+                )
+            }
+            None if proc.ports || job.oneoff => (
+                Some(self.alloc_port().ok_or("no free port on this host")?),
+                None,
+            ),
+            None => (None, None),
         };
         // Env: the image's, then the release's, then Flynn's own.
         let mut env: BTreeMap<String, String> = release
@@ -403,12 +518,18 @@ impl JobRunner {
             user: config.user.clone(),
             cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
             max_fd: proc.limits.max_fd,
+            netns: net.as_ref().map(|n| PathBuf::from(n.netns_path())),
         };
         let spec_path = dir.write_spec(&spec).map_err(|e| e.to_string())?;
+        let ip = net
+            .as_ref()
+            .map_or_else(|| self.ip.clone(), |n| n.ip.to_string());
         Ok(Prepared {
             spec_path,
             cgroup,
             port,
+            ip,
+            net,
             health_path: proc.health_path.clone(),
             register: proc.ports && !job.oneoff,
         })
@@ -491,13 +612,15 @@ impl JobRunner {
                 .map(|s| self.pipe(job, "stderr", s, Some(init_error.clone()), l.io.clone())),
         ];
         let started = Instant::now();
-        let addr = p.port.map(|port| format!("{}:{port}", self.ip));
+        let addr = p.port.map(|port| format!("{}:{port}", p.ip));
 
         // Up: its port answers (or its health path), then it is registered and running.
         let mut up = false;
         let wait_up = async {
             match p.port {
-                Some(port) if p.register => wait_listening(port, p.health_path.as_deref()).await,
+                Some(port) if p.register => {
+                    wait_listening(&p.ip, port, p.health_path.as_deref()).await
+                }
                 _ => true,
             }
         };
@@ -556,8 +679,17 @@ impl JobRunner {
             let c = c.clone();
             let _ = tokio::task::spawn_blocking(move || c.remove()).await;
         }
-        if let Some(port) = p.port {
-            self.ports.lock().expect("ports lock").remove(&port);
+        match &p.net {
+            Some(n) => {
+                if let Some(hn) = self.net.get().and_then(Option::as_ref) {
+                    hn.release(n);
+                }
+            }
+            None => {
+                if let Some(port) = p.port {
+                    self.ports.lock().expect("ports lock").remove(&port);
+                }
+            }
         }
         let code = match status {
             Ok(s) => s.code().unwrap_or(-1),
@@ -720,6 +852,9 @@ struct Prepared {
     spec_path: PathBuf,
     cgroup: Option<JobCgroup>,
     port: Option<u16>,
+    /// The address the job serves on: its own, or the host's.
+    ip: String,
+    net: Option<network::JobNet>,
     health_path: Option<String>,
     register: bool,
 }
@@ -787,12 +922,21 @@ async fn read_line_capped(
 
 /// Waits until something accepts connections on the job's port (and, with a health path,
 /// answers it with a 2xx or 3xx).
-async fn wait_listening(port: u16, health_path: Option<&str>) -> bool {
+async fn wait_listening(ip: &str, port: u16, health_path: Option<&str>) -> bool {
     let deadline = Instant::now() + UP_TIMEOUT;
+    // A job in the host's network is reached on loopback (it may bind only that).
+    let ip = ip
+        .parse::<std::net::IpAddr>()
+        .ok()
+        .filter(|i| !matches!(i, std::net::IpAddr::V4(v4) if v4.octets()[..2] != [100, 100]));
+    let target = match ip {
+        Some(ip) => std::net::SocketAddr::new(ip, port),
+        None => std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+    };
     while Instant::now() < deadline {
         if let Ok(Ok(mut s)) = tokio::time::timeout(
             Duration::from_millis(500),
-            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+            tokio::net::TcpStream::connect(target),
         )
         .await
         {
@@ -847,6 +991,7 @@ impl Component for JobRunner {
     fn follow(self: Arc<Self>, local: LocalState) -> BoxFuture<'static, ()> {
         let _ = self.local.set(local.clone());
         Box::pin(async move {
+            self.setup_network(&local).await;
             let mut changes = local.changes();
             let mut tick = tokio::time::interval(HOST_HEARTBEAT);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -873,7 +1018,13 @@ impl Component for JobRunner {
             "running": self.running.lock().expect("jobs lock").len(),
             "started_total": self.started.load(Ordering::Relaxed),
             "cgroups": self.cgroups.as_ref().map(|h| format!("v{}", h.version())),
-            "network": "host",
+            "network": match self.net.get() {
+                Some(Some(hn)) => serde_json::json!({"mode": "routed", "subnet": hn.subnet()}),
+                _ => serde_json::json!({
+                    "mode": "host",
+                    "why": *self.net_note.lock().expect("net note"),
+                }),
+            },
             "log_dir": self.cfg.log_dir,
         })
     }
@@ -910,6 +1061,9 @@ impl Component for JobRunner {
             }
             for l in &locals {
                 nix_kill(l, true);
+            }
+            if let Some(Some(hn)) = self.net.get() {
+                hn.stop();
             }
         })
     }

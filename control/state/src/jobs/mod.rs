@@ -20,6 +20,7 @@ pub const RELEASES: Table = Table("release/");
 pub const FORMATIONS: Table = Table("formation/");
 pub const JOBS: Table = Table("job/");
 pub const BACKOFF: Table = Table("backoff/");
+pub const SUBNETS: Table = Table("subnet/");
 
 /// Stopped jobs a host keeps per app; older ones are forgotten.
 pub const HISTORY_PER_APP_HOST: usize = 25;
@@ -73,6 +74,8 @@ pub enum JobsCommand {
     StopJob { id: String },
     /// A host stopped answering: its active jobs failed and leave discovery.
     HostDown { host: u64, now_ms: u64 },
+    /// A host asks for its job subnet (`100.100.N.0/24`); it keeps the one it has.
+    ClaimSubnet { host: u64 },
 }
 
 /// A job as the scheduler asks for it.
@@ -119,6 +122,9 @@ pub struct Jobs {
     pub jobs: BTreeMap<String, Job>,
     #[serde(default)]
     pub backoff: BTreeMap<String, Backoff>,
+    /// Job subnet index (`100.100.N.0/24`) of each host, by host id.
+    #[serde(default)]
+    pub subnets: BTreeMap<String, u32>,
 }
 
 impl Jobs {
@@ -483,6 +489,20 @@ impl Area for Jobs {
                 }
                 Ok(Response::Job { job })
             }
+            JobsCommand::ClaimSubnet { host } => {
+                let key = host.to_string();
+                if let Some(index) = s.jobs.subnets.get(&key) {
+                    return Ok(Response::Subnet { index: *index });
+                }
+                let taken: std::collections::BTreeSet<u32> =
+                    s.jobs.subnets.values().copied().collect();
+                let index = (1..=254u32).find(|i| !taken.contains(i)).ok_or_else(|| {
+                    StateError::Conflict("every job subnet (254) is taken".into())
+                })?;
+                s.jobs.subnets.insert(key.clone(), index);
+                cx.touch(SUBNETS, &key);
+                Ok(Response::Subnet { index })
+            }
             JobsCommand::HostDown { host, now_ms } => {
                 let ids: Vec<String> = s
                     .jobs
@@ -514,6 +534,7 @@ impl Area for Jobs {
             (FORMATIONS, &self.formations),
             (JOBS, &self.jobs),
             (BACKOFF, &self.backoff),
+            (SUBNETS, &self.subnets),
         ]
     }
 
@@ -523,6 +544,7 @@ impl Area for Jobs {
             (FORMATIONS, &mut self.formations),
             (JOBS, &mut self.jobs),
             (BACKOFF, &mut self.backoff),
+            (SUBNETS, &mut self.subnets),
         ]
     }
 }

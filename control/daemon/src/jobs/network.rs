@@ -1,0 +1,277 @@
+//! Job networking: every job gets its own network namespace and address on its host's
+//! subnet (`100.100.N.0/24`, N claimed in the cluster state), routed between hosts.
+//!
+//! Each job's namespace is joined to the host by a point-to-point veth (no bridge): the
+//! job has `100.100.N.K/32` with the host side as its gateway (`100.100.N.1`), and the host
+//! routes `100.100.N.K/32` to that veth. So traffic between two jobs, even on one host, is
+//! routed through the host, where an nftables chain lets in only connections to a job's
+//! published port (`$PORT`) and drops new connections to any other port of a job. Other
+//! hosts' subnets are routed via those hosts' addresses (the hosts share a network, as
+//! flannel's host-gw backend assumes).
+//!
+//! Everything is done with `ip` and `nft`, as an operator would; without them (or where
+//! they fail at start) jobs use the host's network and the host says so.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::sync::Mutex;
+
+/// The port a job with its own address serves on (as Flynn's jobs did).
+pub const JOB_PORT: u16 = 8080;
+
+fn sh(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args[0]))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn nft(script: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("nft: {e}"))?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(script.as_bytes())
+        .map_err(|e| format!("nft: {e}"))?;
+    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Job namespaces of one host are named by this prefix, so a restarted daemon finds its own.
+fn netns_prefix(host: u64) -> String {
+    format!("flynn-{:08x}-", host & 0xffff_ffff)
+}
+
+/// Removes what a daemon that died left behind: its jobs' namespaces and their veths (the
+/// jobs died with it). Veths of jobs are `fj*` in this host's network namespace.
+fn sweep(host: u64) {
+    let prefix = netns_prefix(host);
+    if let Ok(entries) = std::fs::read_dir("/run/netns") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with(&prefix) {
+                let _ = sh(&["ip", "netns", "del", &name]);
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/sys/class/net") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with("fj") {
+                let _ = sh(&["ip", "link", "del", &name]);
+            }
+        }
+    }
+}
+
+pub fn subnet_of(index: u32) -> String {
+    format!("100.100.{index}.0/24")
+}
+
+/// One job's network: its namespace (by name under /run/netns) and address.
+#[derive(Debug, Clone)]
+pub struct JobNet {
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    host_veth: String,
+    published: Option<u16>,
+}
+
+impl JobNet {
+    pub fn netns_path(&self) -> String {
+        format!("/run/netns/{}", self.netns)
+    }
+}
+
+/// This host's job network.
+pub struct HostNet {
+    host: u64,
+    index: u32,
+    table: String,
+    used: Mutex<BTreeSet<u8>>,
+    routes: Mutex<BTreeMap<u32, String>>,
+}
+
+impl HostNet {
+    /// Sets up forwarding and the host's filter for subnet `index`.
+    pub fn start(host: u64, index: u32) -> Result<Self, String> {
+        if !(1..=254).contains(&index) {
+            return Err(format!("subnet index {index} is out of range"));
+        }
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+            .map_err(|e| format!("enabling IP forwarding: {e}"))?;
+        sweep(host);
+        let table = format!("flynn_jobs_{index}");
+        // Replaced whole on every start: no rule of a previous run survives.
+        let _ = nft(&format!("delete table inet {table}\n"));
+        nft(&format!(
+            "table inet {table} {{\n\
+               set published {{ type ipv4_addr . inet_service; }}\n\
+               chain forward {{\n\
+                 type filter hook forward priority 0; policy accept;\n\
+                 ct state established,related accept\n\
+                 ip daddr . tcp dport @published accept\n\
+                 ip daddr 100.100.{index}.0/24 ct state new drop\n\
+               }}\n\
+             }}\n"
+        ))?;
+        Ok(HostNet {
+            host,
+            index,
+            table,
+            used: Mutex::new(BTreeSet::new()),
+            routes: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    pub fn subnet(&self) -> String {
+        subnet_of(self.index)
+    }
+
+    /// Routes other hosts' subnets via their addresses (`index → host IP`); hosts sharing
+    /// this host's address (one network namespace) need none.
+    pub fn route_peers(&self, peers: &BTreeMap<u32, String>, own_ip: &str) {
+        let mut routes = self.routes.lock().expect("routes lock");
+        for (index, ip) in peers {
+            if *index == self.index || ip == own_ip || routes.get(index) == Some(ip) {
+                continue;
+            }
+            match sh(&["ip", "route", "replace", &subnet_of(*index), "via", ip]) {
+                Ok(()) => {
+                    routes.insert(*index, ip.clone());
+                }
+                Err(e) => tracing::warn!(error = %e, "no route to a host's job subnet"),
+            }
+        }
+    }
+
+    /// A namespace with an address for a job, published on `port` if it serves one.
+    pub fn create(&self, job: &str, port: Option<u16>) -> Result<JobNet, String> {
+        let k = {
+            let mut used = self.used.lock().expect("ips lock");
+            let k = (2..=254u8)
+                .find(|k| !used.contains(k))
+                .ok_or("no free job address on this host")?;
+            used.insert(k);
+            k
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (self.host, job).hash(&mut h);
+        let tag = format!("{:012x}", h.finish() & 0xffff_ffff_ffff);
+        let net = JobNet {
+            netns: format!("{}{tag}", netns_prefix(self.host)),
+            ip: Ipv4Addr::new(100, 100, self.index as u8, k),
+            host_veth: format!("fj{}", &tag[..12]),
+            published: port,
+        };
+        if let Err(e) = self.configure(&net) {
+            self.release(&net);
+            return Err(e);
+        }
+        Ok(net)
+    }
+
+    fn configure(&self, n: &JobNet) -> Result<(), String> {
+        let gw = format!("100.100.{}.1", self.index);
+        let ip = n.ip.to_string();
+        let ns = n.netns.as_str();
+        let _ = sh(&["ip", "netns", "del", ns]);
+        sh(&["ip", "netns", "add", ns])?;
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            &n.host_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns,
+        ])?;
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{gw}/32"),
+            "dev",
+            &n.host_veth,
+        ])?;
+        sh(&["ip", "link", "set", &n.host_veth, "up"])?;
+        sh(&[
+            "ip",
+            "route",
+            "replace",
+            &format!("{ip}/32"),
+            "dev",
+            &n.host_veth,
+        ])?;
+        sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{ip}/32"),
+            "dev",
+            "eth0",
+        ])?;
+        sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
+        sh(&["ip", "-n", ns, "route", "add", &gw, "dev", "eth0"])?;
+        sh(&["ip", "-n", ns, "route", "add", "default", "via", &gw])?;
+        if let Some(port) = n.published {
+            nft(&format!(
+                "add element inet {} published {{ {ip} . {port} }}\n",
+                self.table
+            ))?;
+        }
+        Ok(())
+    }
+
+    /// Removes a job's namespace, veth, route and published port.
+    pub fn release(&self, n: &JobNet) {
+        if let Some(port) = n.published {
+            let _ = nft(&format!(
+                "delete element inet {} published {{ {} . {port} }}\n",
+                self.table, n.ip
+            ));
+        }
+        let _ = sh(&["ip", "link", "del", &n.host_veth]);
+        let _ = sh(&["ip", "netns", "del", &n.netns]);
+        if let Some(k) = n.ip.octets().get(3) {
+            self.used.lock().expect("ips lock").remove(k);
+        }
+    }
+
+    /// Removes the host's filter (daemon stop).
+    pub fn stop(&self) {
+        let _ = nft(&format!("delete table inet {}\n", self.table));
+    }
+}
