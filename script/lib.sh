@@ -56,3 +56,34 @@ start_zfs() {
     echo "zfs-fuse started but zpool does not answer (see /var/log/zfs-fuse.log)" >&2
     exit 1
 }
+
+# Writes ROOT (a root filesystem) as a one-layer `docker save` archive OUT (manifest.json,
+# its config and the gzip layer as blobs named by their sha256), without a Docker engine.
+#   save_image ROOT OUT TAG SHELL_COMMAND "K=V K=V" WORKDIR
+save_image() {
+    local root=$1 out=$2 tag=$3 cmd=$4 env=$5 workdir=$6
+    local img
+    img=$(mktemp -d)
+    mkdir -p "$img/blobs/sha256"
+    tar --numeric-owner --owner=0 --group=0 --mtime=@0 --sort=name -C "$root" -cf "$img/layer.tar" .
+    local diff_id layer config
+    diff_id=$(sha256sum "$img/layer.tar" | cut -d' ' -f1)
+    gzip -n -c "$img/layer.tar" >"$img/layer.tar.gz"
+    rm -f "$img/layer.tar"
+    layer=$(sha256sum "$img/layer.tar.gz" | cut -d' ' -f1)
+    mv "$img/layer.tar.gz" "$img/blobs/sha256/$layer"
+    python3 - "$cmd" "$env" "$workdir" "$diff_id" >"$img/config.json" <<'PY'
+import json, sys
+cmd, env, workdir, diff_id = sys.argv[1:5]
+print(json.dumps({"architecture": "amd64", "os": "linux",
+    "config": {"Env": env.split(), "Cmd": ["/bin/sh", "-c", cmd] if cmd else None,
+               "WorkingDir": workdir},
+    "rootfs": {"type": "layers", "diff_ids": ["sha256:" + diff_id]}}))
+PY
+    config=$(sha256sum "$img/config.json" | cut -d' ' -f1)
+    mv "$img/config.json" "$img/blobs/sha256/$config"
+    printf '[{"Config":"blobs/sha256/%s","RepoTags":["%s"],"Layers":["blobs/sha256/%s"]}]\n' \
+        "$config" "$tag" "$layer" >"$img/manifest.json"
+    tar -C "$img" -cf "$out" manifest.json blobs
+    rm -rf "$img"
+}

@@ -624,3 +624,125 @@ async fn t17_jobs_reach_published_ports_only() {
     assert!(String::from_utf8_lossy(&direct.stdout).contains("hello from busybox v1"));
     ok(&c.flynn(0, &["-a", "web1", "kill", &hidden]));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t18_process_limits_are_enforced_and_host_tools_show_jobs() {
+    let c = cluster(1).await;
+    ok(&c.flynn(0, &["create", "web1"]));
+    // Starts 30 sleepers before serving.
+    let forky = c.busybox_image(
+        "forky",
+        Some(
+            "i=0; while [ $i -lt 30 ]; do sleep 300 & i=$((i+1)); done; \
+             set -- /proc/[0-9]*; echo started $# processes; \
+             kill -9 -1; exec httpd -f -p $PORT -h /www",
+        ),
+    );
+    ok(&c.flynn(
+        0,
+        &["-a", "web1", "docker", "push", forky.to_str().unwrap()],
+    ));
+    settled(&c, "web1", "web1-v1", 1).await;
+    // Under a limit of 10 processes the shell cannot fork its sleepers: the job crashes
+    // saying so, and the old release keeps serving.
+    ok(&c.flynn(0, &["-a", "web1", "limit", "set", "web", "procs=10"]));
+    let crashed = eventually(
+        Duration::from_secs(20),
+        "a crash under the limit",
+        || async {
+            jobs(&c, "web1")
+                .await
+                .into_iter()
+                .find(|j| j.release == "web1-v2" && j.state == JobState::Crashed)
+        },
+    )
+    .await;
+    let log = ok(&c.flynn(0, &["-a", "web1", "log", "-j", &crashed.id]));
+    assert!(log.contains("can't fork"), "{log}");
+    let r = get(http(&c, 0), &format!("web1.{DOMAIN}"), "/").await;
+    assert_eq!(r.status, 200, "the old job still serves");
+    // With room for them, it runs.
+    ok(&c.flynn(0, &["-a", "web1", "limit", "set", "web", "procs=100"]));
+    let job = settled(&c, "web1", "web1-v3", 1).await;
+    let id = running(&job)[0].id.clone();
+
+    // flynn-host: inspect, log and stop a job of this host.
+    let inspect = ok(&c.flynn_host(0, &["inspect", &id]));
+    let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    assert_eq!(v["state"], "running");
+    assert!(v["pid"].as_u64().is_some_and(|p| p > 1));
+    let hlog = ok(&c.flynn_host(0, &["log", &id]));
+    assert!(hlog.contains("started"), "{hlog}");
+    ok(&c.flynn_host(0, &["stop", &id]));
+    eventually(
+        Duration::from_secs(20),
+        "the stopped job replaced",
+        || async {
+            let all = jobs(&c, "web1").await;
+            let done = all.iter().any(|j| j.id == id && j.state == JobState::Done);
+            (done && running(&all).len() == 1).then_some(())
+        },
+    )
+    .await;
+    let ps = ok(&c.flynn_host(0, &["ps", "-a"]));
+    assert!(ps.contains(&id) && ps.contains("done"), "{ps}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t19_deploy_a_directory_with_a_procfile_on_the_base_image() {
+    let c = cluster(1).await;
+    ok(&c.flynn(0, &["create", "site"]));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("public")).unwrap();
+    std::fs::write(
+        dir.path().join("public/index.html"),
+        "deployed from a directory\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("Procfile"),
+        "web: exec httpd -f -p $PORT -h /app/public\nclock: while true; do echo tick; sleep 1; done\n",
+    )
+    .unwrap();
+    let deploy = ["-a", "site", "deploy", dir.path().to_str().unwrap()];
+    // No base image yet: the error says what the operator does about it.
+    let err = failed(&c.flynn(0, &deploy));
+    assert!(err.contains("base-image push"), "{err}");
+    let base = c.busybox_image("base", None);
+    ok(&c.flynn(0, &["base-image", "push", base.to_str().unwrap()]));
+    ok(&c.flynn(0, &deploy));
+    let r = get(http(&c, 0), &format!("site.{DOMAIN}"), "/").await;
+    assert_eq!(r.text().trim(), "deployed from a directory");
+    let show = ok(&c.flynn(0, &["-a", "site", "release", "show"]));
+    assert!(
+        show.contains("web: /bin/sh -c exec httpd") && show.contains("clock:"),
+        "{show}"
+    );
+    // The clock type runs when scaled; the same directory again uploads nothing.
+    ok(&c.flynn(0, &["-a", "site", "scale", "clock=1"]));
+    eventually(Duration::from_secs(15), "the clock ticking", || async {
+        let out = ok(&c.flynn(0, &["-a", "site", "log", "-t", "clock"]));
+        out.contains("tick").then_some(())
+    })
+    .await;
+    let again = c.flynn(0, &deploy);
+    ok(&again);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already in the cluster"));
+    // A Procfile that names nothing is refused before anything is sent.
+    std::fs::write(dir.path().join("Procfile"), "# nothing\n").unwrap();
+    let err = failed(&c.flynn(0, &deploy));
+    assert!(err.contains("Procfile"), "{err}");
+
+    // System apps that run inside flynn-host have their logs where apps' are.
+    let bad = c.flynn(
+        0,
+        &["-a", "blobstore", "env", "set", "BACKEND_X=backend=nope"],
+    );
+    failed(&bad);
+    let log = eventually(Duration::from_secs(10), "the blobstore's log", || async {
+        let out = ok(&c.flynn(0, &["-a", "blobstore", "log"]));
+        out.contains("configuration refused").then_some(out)
+    })
+    .await;
+    assert!(log.contains("blobstore[blobstore.host-"), "{log}");
+}

@@ -306,6 +306,23 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Hashes a whole file as a layer (its compression sniffed).
+pub fn hash_file(path: &Path) -> anyhow::Result<Hashed> {
+    let size = std::fs::metadata(path)?.len();
+    let mut archive = Archive {
+        path: path.to_path_buf(),
+        entries: HashMap::new(),
+        links: HashMap::new(),
+    };
+    archive.entries.insert("layer".into(), (0, size));
+    let src = LayerSource {
+        name: "layer".into(),
+        size,
+        sha256: None,
+    };
+    hash_layer(&archive, &src)
+}
+
 /// Hashes a layer, checking the SHA-256 the archive names it by.
 pub fn hash_layer(archive: &Archive, layer: &LayerSource) -> anyhow::Result<Hashed> {
     let mut r = archive.reader(&layer.name)?;

@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::Subcommand;
 use flynn_cli_util::{log_line, print_table, rfc3339_ms};
 use flynn_client::{ControllerClient, ScaleRequest, SetLimits};
-use flynn_model::{Image, JobState, Layer, Limits, LogQuery, NewRelease};
+use flynn_model::{Image, JobState, Layer, Limits, LogQuery, NewRelease, ProcessType};
 
 use crate::image::{hash_layer, Archive};
 
@@ -22,6 +22,12 @@ pub enum DockerCmd {
         #[arg(long)]
         no_wait: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum BaseImageCmd {
+    /// Upload an image archive (`docker save` or OCI layout) as the base image.
+    Push { image: std::path::PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -48,50 +54,175 @@ fn mb(bytes: u64) -> String {
     format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
+/// Uploads an image archive's layers the cluster lacks; the image.
+async fn push_archive(client: &ControllerClient, path: &Path) -> anyhow::Result<Image> {
+    let archive = std::sync::Arc::new(Archive::open(path)?);
+    let parsed = archive.parse()?;
+    let total = parsed.layers.len();
+    let mut layers = Vec::new();
+    for (i, src) in parsed.layers.iter().enumerate() {
+        // Hash off the async threads: a layer can be gigabytes.
+        let hashed = {
+            let (a, src) = (archive.clone(), src.clone());
+            tokio::task::spawn_blocking(move || hash_layer(&a, &src)).await??
+        };
+        let open = |_: &()| archive.reader(&src.name);
+        let label = format!("layer {}/{total}", i + 1);
+        layers.push(upload_layer(client, &label, hashed, src.size, open).await?);
+    }
+    Ok(Image {
+        layers,
+        config: parsed.config,
+    })
+}
+
+/// Uploads one layer unless the cluster has it already.
+async fn upload_layer(
+    client: &ControllerClient,
+    label: &str,
+    hashed: crate::image::Hashed,
+    size: u64,
+    open: impl Fn(&()) -> anyhow::Result<std::io::Take<std::fs::File>>,
+) -> anyhow::Result<Layer> {
+    let short = &hashed.sha512[..12];
+    if client.has_layer(&hashed.sha512).await? {
+        eprintln!("{label} {short} ({}) already in the cluster", mb(size));
+    } else {
+        eprintln!("{label} {short} ({}) uploading", mb(size));
+        let body = progress_body(open(&())?, size)?;
+        client
+            .put_layer(&hashed.sha512, body)
+            .await
+            .with_context(|| format!("uploading layer {short}"))?;
+    }
+    Ok(Layer {
+        sha512: hashed.sha512,
+        size,
+        compression: hashed.compression,
+    })
+}
+
 pub async fn docker_push(
     client: &ControllerClient,
     app: &str,
     path: &Path,
     no_wait: bool,
 ) -> anyhow::Result<()> {
-    let archive = std::sync::Arc::new(Archive::open(path)?);
-    let parsed = archive.parse()?;
-    let total = parsed.layers.len();
-    let mut layers = Vec::new();
-    for (i, src) in parsed.layers.iter().enumerate() {
-        let (name, size) = (src.name.clone(), src.size);
-        // Hash off the async threads: a layer can be gigabytes.
-        let hashed = {
-            let (a, src) = (archive.clone(), src.clone());
-            tokio::task::spawn_blocking(move || hash_layer(&a, &src)).await??
-        };
-        let short = &hashed.sha512[..12];
-        if client.has_layer(&hashed.sha512).await? {
-            eprintln!(
-                "layer {}/{total} {short} ({}) already in the cluster",
-                i + 1,
-                mb(size)
-            );
-        } else {
-            eprintln!("layer {}/{total} {short} ({}) uploading", i + 1, mb(size));
-            let body = progress_body(archive.reader(&name)?, size)?;
-            client
-                .put_layer(&hashed.sha512, body)
-                .await
-                .with_context(|| format!("uploading layer {short}"))?;
-        }
-        layers.push(Layer {
-            sha512: hashed.sha512,
-            size,
-            compression: hashed.compression,
-        });
-    }
+    let image = push_archive(client, path).await?;
     let req = NewRelease {
-        image: Image {
-            layers,
-            config: parsed.config,
-        },
+        image,
         processes: None,
+    };
+    if !no_wait {
+        eprintln!("deploying to {app}, waiting for its jobs to run...");
+    }
+    let release = client.create_release(app, &req, !no_wait).await?;
+    println!("Created release {}", release.id);
+    Ok(())
+}
+
+/// `flynn base-image push IMAGE.tar`: the image `flynn deploy DIR` builds on.
+pub async fn base_image_push(client: &ControllerClient, path: &Path) -> anyhow::Result<()> {
+    let image = push_archive(client, path).await?;
+    client.put_image("base", &image).await?;
+    println!(
+        "The cluster's base image is now {} ({} layers).",
+        path.display(),
+        image.layers.len()
+    );
+    Ok(())
+}
+
+pub async fn base_image_show(client: &ControllerClient) -> anyhow::Result<()> {
+    let image = client.image("base").await?;
+    for l in &image.layers {
+        println!(
+            "layer {} {} {:?}",
+            &l.sha512[..16],
+            mb(l.size),
+            l.compression
+        );
+    }
+    Ok(())
+}
+
+/// The process types of a `Procfile` (`name: command`), each run by `/bin/sh -c`; `web`
+/// serves on `$PORT`.
+pub fn parse_procfile(text: &str) -> anyhow::Result<BTreeMap<String, ProcessType>> {
+    let mut out = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, cmd) = line
+            .split_once(':')
+            .with_context(|| format!("Procfile line {}: not NAME: COMMAND", n + 1))?;
+        let (name, cmd) = (name.trim(), cmd.trim());
+        let valid = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid || cmd.is_empty() {
+            bail!(
+                "Procfile line {}: {line:?} is not NAME: COMMAND (lowercase names)",
+                n + 1
+            );
+        }
+        out.insert(
+            name.to_string(),
+            ProcessType {
+                args: vec!["/bin/sh".into(), "-c".into(), cmd.to_string()],
+                ports: name == "web",
+                ..ProcessType::default()
+            },
+        );
+    }
+    if out.is_empty() {
+        bail!("the Procfile names no process type");
+    }
+    Ok(out)
+}
+
+/// `flynn deploy DIR`: DIR (with its Procfile) as one layer at /app on the base image.
+pub async fn deploy_dir(
+    client: &ControllerClient,
+    app: &str,
+    dir: &Path,
+    no_wait: bool,
+) -> anyhow::Result<()> {
+    let procfile = std::fs::read_to_string(dir.join("Procfile"))
+        .with_context(|| format!("{} has no Procfile", dir.display()))?;
+    let processes = parse_procfile(&procfile)?;
+    let base = client.image("base").await?;
+    // The directory as a deterministic gzip tar: the same tree is the same layer.
+    let tmp = tempfile::NamedTempFile::new()?;
+    let (src, dst) = (dir.to_path_buf(), tmp.path().to_path_buf());
+    let (hashed, size) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let out = std::fs::File::create(&dst)?;
+        let gz = flate2::write::GzEncoder::new(out, flate2::Compression::default());
+        let mut tar = tar::Builder::new(gz);
+        tar.mode(tar::HeaderMode::Deterministic);
+        tar.follow_symlinks(false);
+        tar.append_dir_all("app", &src)
+            .with_context(|| format!("reading {}", src.display()))?;
+        tar.into_inner()?.finish()?.sync_all()?;
+        let size = std::fs::metadata(&dst)?.len();
+        Ok((crate::image::hash_file(&dst)?, size))
+    })
+    .await??;
+    let path = tmp.path().to_path_buf();
+    let open = |_: &()| -> anyhow::Result<std::io::Take<std::fs::File>> {
+        Ok(std::io::Read::take(std::fs::File::open(&path)?, size))
+    };
+    let layer = upload_layer(client, "app layer", hashed, size, open).await?;
+    let mut image = base;
+    image.layers.push(layer);
+    image.config.working_dir = "/app".into();
+    let req = NewRelease {
+        image,
+        processes: Some(processes),
     };
     if !no_wait {
         eprintln!("deploying to {app}, waiting for its jobs to run...");
@@ -504,6 +635,11 @@ mod tests {
         assert_eq!(super::parse_bytes("256MB").unwrap(), 256 << 20);
         assert_eq!(super::parse_bytes("1g").unwrap(), 1 << 30);
         assert!(super::parse_bytes("12 parsecs").is_err());
+        let p = super::parse_procfile("# app\nweb: exec httpd -p $PORT\nworker: ./work\n").unwrap();
+        assert!(p["web"].ports && !p["worker"].ports);
+        assert_eq!(p["worker"].args, ["/bin/sh", "-c", "./work"]);
+        assert!(super::parse_procfile("Web: x").is_err());
+        assert!(super::parse_procfile("\n# nothing\n").is_err());
         let c = super::parse_counts(&["web=3".into(), "worker=-1".into()]).unwrap();
         assert_eq!(
             c["worker"], -1,

@@ -53,6 +53,18 @@ enum Cmd {
     Env(EnvArgs),
     /// Show and change an app's routes.
     Route(RouteArgs),
+    /// Deploy a directory with a Procfile, as one layer on the cluster's base image.
+    Deploy {
+        /// Make the release without waiting for it to run.
+        #[arg(long)]
+        no_wait: bool,
+        dir: std::path::PathBuf,
+    },
+    /// Show or set the cluster's base image (what `flynn deploy` builds on).
+    BaseImage {
+        #[command(subcommand)]
+        cmd: Option<jobs::BaseImageCmd>,
+    },
     /// Deploy images (`flynn docker push IMAGE.tar`).
     Docker {
         #[command(subcommand)]
@@ -293,6 +305,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cmd: jobs::DockerCmd::Push { image, no_wait },
         } => jobs::docker_push(&client, &app()?, &image, no_wait).await?,
         Cmd::Release { cmd } => jobs::release_cmd(&client, &app()?, cmd).await?,
+        Cmd::Deploy { no_wait, dir } => jobs::deploy_dir(&client, &app()?, &dir, no_wait).await?,
+        Cmd::BaseImage { cmd: None } => jobs::base_image_show(&client).await?,
+        Cmd::BaseImage {
+            cmd: Some(jobs::BaseImageCmd::Push { image }),
+        } => jobs::base_image_push(&client, &image).await?,
         Cmd::Scale { no_wait, counts } => jobs::scale(&client, &app()?, &counts, no_wait).await?,
         Cmd::Ps { all } => jobs::ps(&client, &app()?, all).await?,
         Cmd::Log {

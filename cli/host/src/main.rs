@@ -237,13 +237,18 @@ fn main() {
         }
     }
     if matches!(cli.cmd, Cmd::Daemon(_) | Cmd::Router(_)) {
-        tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "info,openraft=error".into()),
-            )
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| "info,openraft=error".into());
+        let stderr = tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(stderr)
+            // System apps' lines also go to the host's job log (`flynn -a blobstore log`).
+            .with(flynn_daemon::jobs::logs::SystemAppLayer)
             .init();
     }
     run_main("flynn-host", run(cli))

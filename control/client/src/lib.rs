@@ -380,6 +380,21 @@ impl ControllerClient {
         self.http.send(rb).await
     }
 
+    /// A named image of the cluster (`base`).
+    pub async fn image(&self, name: &str) -> Result<flynn_model::Image, ClientError> {
+        self.http.get(&format!("/images/{}", seg(name))).await
+    }
+
+    pub async fn put_image(
+        &self,
+        name: &str,
+        image: &flynn_model::Image,
+    ) -> Result<flynn_model::Image, ClientError> {
+        self.http
+            .put(&format!("/images/{}", seg(name)), image)
+            .await
+    }
+
     /// Makes a release and deploys it; with `wait`, answers once it runs (or has been rolled
     /// back, as an error).
     pub async fn create_release(

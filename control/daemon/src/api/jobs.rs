@@ -46,6 +46,7 @@ pub fn controller_routes() -> Router<AppState> {
                 .layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route("/apps/{app}/releases", get(releases).post(create_release))
+        .route("/images/{name}", get(image).put(put_image))
         .route("/releases/{id}", get(release))
         .route("/apps/{app}/formation", get(formation))
         .route("/apps/{app}/scale", post(scale))
@@ -175,27 +176,7 @@ async fn create_release(
     JsonBody(req): JsonBody<NewRelease>,
 ) -> ApiResult<(StatusCode, Json<Release>)> {
     let node = host.node()?;
-    node.read_barrier().await?;
-    // Every layer must be stored before a release may name it.
-    let missing: Vec<String> = node.state.read(|a| {
-        req.image
-            .layers
-            .iter()
-            .filter(|l| {
-                !a.state
-                    .blobs
-                    .blobs
-                    .contains_key(&flynn_state::layer_path(&l.sha512))
-            })
-            .map(|l| l.sha512.chars().take(16).collect())
-            .collect()
-    });
-    if !missing.is_empty() {
-        return Err(ApiError::Invalid(format!(
-            "layers not uploaded: {}… (PUT /layers/SHA512 first)",
-            missing.join("…, ")
-        )));
-    }
+    layers_stored(node, &req.image).await?;
     let previous = node
         .state
         .read(|a| a.state.jobs.formations.get(&app).map(|f| f.release.clone()));
@@ -234,6 +215,62 @@ async fn create_release(
         }
     }
     Ok((StatusCode::CREATED, Json(release)))
+}
+
+/// Every layer of an image must be stored before a release or image may name it.
+async fn layers_stored(node: &crate::node::Node, image: &flynn_state::Image) -> ApiResult<()> {
+    node.read_barrier().await?;
+    let missing: Vec<String> = node.state.read(|a| {
+        image
+            .layers
+            .iter()
+            .filter(|l| {
+                !a.state
+                    .blobs
+                    .blobs
+                    .contains_key(&flynn_state::layer_path(&l.sha512))
+            })
+            .map(|l| l.sha512.chars().take(16).collect())
+            .collect()
+    });
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::Invalid(format!(
+        "layers not uploaded: {}… (PUT /layers/SHA512 first)",
+        missing.join("…, ")
+    )))
+}
+
+async fn image(
+    State(host): State<AppState>,
+    Path(name): Path<String>,
+    Query(opts): Query<ReadOpts>,
+) -> ApiResult<Json<flynn_state::Image>> {
+    let image = read(host.node()?, &opts, |s| {
+        s.jobs.images.get(&name).cloned().ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "the cluster has no {name:?} image (an operator sets it: flynn base-image push IMAGE.tar)"
+            ))
+        })
+    })
+    .await?;
+    Ok(Json(image))
+}
+
+async fn put_image(
+    State(host): State<AppState>,
+    Path(name): Path<String>,
+    JsonBody(image): JsonBody<flynn_state::Image>,
+) -> ApiResult<Json<flynn_state::Image>> {
+    let node = host.node()?;
+    layers_stored(node, &image).await?;
+    node.propose(JobsCommand::PutImage {
+        name,
+        image: image.clone(),
+    })
+    .await?;
+    Ok(Json(image))
 }
 
 /// Waits until the formation's count of every type runs the new release; the first job of
@@ -596,8 +633,10 @@ async fn run(
 }
 
 /// Where a job runs: `None` for this host, else the host API address of its host.
-fn job_host(host: &AppState, app: &str, id: &str) -> ApiResult<Option<String>> {
+async fn job_host(host: &AppState, app: &str, id: &str) -> ApiResult<Option<String>> {
     let node = host.node()?;
+    // The job may have been placed through the leader a moment ago.
+    node.read_barrier().await?;
     let on = node.state.read(|a| {
         a.state
             .jobs
@@ -656,7 +695,7 @@ async fn job_stdin(
     Path((app, id)): Path<(String, String)>,
     body: Body,
 ) -> ApiResult<axum::response::Response> {
-    match job_host(&host, &app, &id)? {
+    match job_host(&host, &app, &id).await? {
         None => local_stdin(&host, &id, body).await,
         Some(addr) => {
             let path = format!("/host/jobs/{id}/stdin");
@@ -669,7 +708,7 @@ async fn job_output(
     State(host): State<AppState>,
     Path((app, id)): Path<(String, String)>,
 ) -> ApiResult<axum::response::Response> {
-    match job_host(&host, &app, &id)? {
+    match job_host(&host, &app, &id).await? {
         None => local_output(&host, &id).await,
         Some(addr) => {
             let path = format!("/host/jobs/{id}/output");

@@ -156,6 +156,64 @@ impl Writer {
     }
 }
 
+/// The host's job log, once its runner started: where system apps' lines go.
+static SYSTEM: std::sync::OnceLock<Arc<Logs>> = std::sync::OnceLock::new();
+
+/// System apps that run inside flynn-host (not as jobs) log through `tracing`; their
+/// lines are written to the host's job log under the app's name, so `flynn -a blobstore log`
+/// shows the blobstore's log as it would a job's. By `tracing` target prefix.
+const SYSTEM_APPS: &[(&str, &str)] = &[
+    ("flynn_daemon::blobstore", "blobstore"),
+    ("flynn_daemon::components::router", "router"),
+    ("flynn_router", "router"),
+    ("flynn_daemon::jobs::scheduler", "controller"),
+    ("flynn_daemon::api", "controller"),
+];
+
+impl Logs {
+    /// Makes this the destination of system apps' lines (the first runner of the process).
+    pub fn serve_system_apps(self: &Arc<Self>) {
+        let _ = SYSTEM.set(self.clone());
+    }
+}
+
+/// A `tracing` layer copying system apps' events into the host's job log.
+pub struct SystemAppLayer;
+
+struct Message(String);
+
+impl tracing::field::Visit for Message {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0.insert_str(0, &format!("{value:?}"));
+        } else {
+            self.0.push_str(&format!(" {}={value:?}", field.name()));
+        }
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.0.insert_str(0, value);
+        } else {
+            self.0.push_str(&format!(" {}={value}", field.name()));
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for SystemAppLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _cx: tracing_subscriber::layer::Context<'_, S>) {
+        let Some(logs) = SYSTEM.get() else { return };
+        let target = event.metadata().target();
+        let Some((_, app)) = SYSTEM_APPS.iter().find(|(t, _)| target.starts_with(t)) else {
+            return;
+        };
+        let mut msg = Message(String::new());
+        event.record(&mut msg);
+        let level = event.metadata().level().as_str().to_ascii_lowercase();
+        let job = format!("host-{}", logs.host);
+        logs.push(app, &job, app, &level, msg.0.trim().to_string());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

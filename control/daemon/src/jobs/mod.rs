@@ -169,6 +169,7 @@ impl JobRunner {
             cfg.log_max_bytes,
             host,
         )?);
+        logs.serve_system_apps();
         tracing::info!(
             cgroups = cgroups.as_ref().map(|h| h.version()),
             log_dir = %cfg.log_dir.display(),

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::area::{Area, Cx, Records, Table};
 use crate::{
-    validate, ApplyResult, ClusterState, Formation, Job, JobState, Limits, NewRelease, ProcessType,
-    Release, Response, StateError,
+    validate, ApplyResult, ClusterState, Formation, Image, Job, JobState, Limits, NewRelease,
+    ProcessType, Release, Response, StateError,
 };
 
 pub const RELEASES: Table = Table("release/");
@@ -21,6 +21,7 @@ pub const FORMATIONS: Table = Table("formation/");
 pub const JOBS: Table = Table("job/");
 pub const BACKOFF: Table = Table("backoff/");
 pub const SUBNETS: Table = Table("subnet/");
+pub const IMAGES: Table = Table("image/");
 
 /// Stopped jobs a host keeps per app; older ones are forgotten.
 pub const HISTORY_PER_APP_HOST: usize = 25;
@@ -74,6 +75,8 @@ pub enum JobsCommand {
     StopJob { id: String },
     /// A host stopped answering: its active jobs failed and leave discovery.
     HostDown { host: u64, now_ms: u64 },
+    /// Records a named image of the cluster (`base`: what `flynn deploy DIR` builds on).
+    PutImage { name: String, image: Image },
     /// A host asks for its job subnet (`100.100.N.0/24`); it keeps the one it has.
     ClaimSubnet { host: u64 },
 }
@@ -122,6 +125,9 @@ pub struct Jobs {
     pub jobs: BTreeMap<String, Job>,
     #[serde(default)]
     pub backoff: BTreeMap<String, Backoff>,
+    /// Named images of the cluster (`base`).
+    #[serde(default)]
+    pub images: BTreeMap<String, Image>,
     /// Job subnet index (`100.100.N.0/24`) of each host, by host id.
     #[serde(default)]
     pub subnets: BTreeMap<String, u32>,
@@ -243,7 +249,11 @@ fn check_release(r: &Release) -> Result<(), StateError> {
             )));
         }
     }
-    for l in &r.image.layers {
+    check_layers(&r.image)
+}
+
+fn check_layers(image: &Image) -> Result<(), StateError> {
+    for l in &image.layers {
         if l.sha512.len() != 128 || !l.sha512.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(StateError::Invalid(format!(
                 "layer digest {:?} is not a hex SHA-512",
@@ -489,6 +499,22 @@ impl Area for Jobs {
                 }
                 Ok(Response::Job { job })
             }
+            JobsCommand::PutImage { name, image } => {
+                if !crate::is_volume_name(&name) {
+                    return Err(StateError::Invalid(format!(
+                        "image name {name:?}: 1 to 64 letters, digits, - and _"
+                    )));
+                }
+                check_layers(&image)?;
+                if image.layers.is_empty() {
+                    return Err(StateError::Invalid(
+                        "an image needs at least one layer".into(),
+                    ));
+                }
+                s.jobs.images.insert(name.clone(), image);
+                cx.touch(IMAGES, &name);
+                Ok(Response::Done)
+            }
             JobsCommand::ClaimSubnet { host } => {
                 let key = host.to_string();
                 if let Some(index) = s.jobs.subnets.get(&key) {
@@ -535,6 +561,7 @@ impl Area for Jobs {
             (JOBS, &self.jobs),
             (BACKOFF, &self.backoff),
             (SUBNETS, &self.subnets),
+            (IMAGES, &self.images),
         ]
     }
 
@@ -545,6 +572,7 @@ impl Area for Jobs {
             (JOBS, &mut self.jobs),
             (BACKOFF, &mut self.backoff),
             (SUBNETS, &mut self.subnets),
+            (IMAGES, &mut self.images),
         ]
     }
 }
