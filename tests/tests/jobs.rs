@@ -75,6 +75,17 @@ async fn env_via_router(c: &Cluster, i: usize, app: &str) -> Option<BTreeMap<Str
     })
 }
 
+/// Waits for a crashed job of `release` (of app web1).
+async fn crash_of(c: &Cluster, release: &str) -> Job {
+    eventually(Duration::from_secs(20), "a crashed job", || async {
+        jobs(c, "web1")
+            .await
+            .into_iter()
+            .find(|j| j.release == release && j.state == JobState::Crashed)
+    })
+    .await
+}
+
 /// Waits until `n` jobs of `release` run and nothing else of the app is active.
 async fn settled(c: &Cluster, app: &str, release: &str, n: usize) -> Vec<Job> {
     eventually(
@@ -383,17 +394,7 @@ async fn t14_crash_loops_back_off_and_memory_limits_kill_only_the_job() {
     // Under a 16 MB limit the new release's job is killed: crashed, out of memory. The old
     // job keeps serving (a deploy never stops old jobs before new ones run).
     ok(&c.flynn(0, &["-a", "web1", "limit", "set", "web", "memory=16MB"]));
-    let oom = eventually(
-        Duration::from_secs(20),
-        "an out-of-memory crash",
-        || async {
-            jobs(&c, "web1")
-                .await
-                .into_iter()
-                .find(|j| j.release == "web1-v2" && j.state == JobState::Crashed)
-        },
-    )
-    .await;
+    let oom = crash_of(&c, "web1-v2").await;
     assert_eq!(oom.error.as_deref(), Some("out of memory"), "{oom:?}");
     let r = get(http(&c, 0), &format!("web1.{DOMAIN}"), "/").await;
     assert_eq!(r.status, 200, "the old job still serves");
@@ -646,17 +647,7 @@ async fn t18_process_limits_are_enforced_and_host_tools_show_jobs() {
     // Under a limit of 10 processes the shell cannot fork its sleepers: the job crashes
     // saying so, and the old release keeps serving.
     ok(&c.flynn(0, &["-a", "web1", "limit", "set", "web", "procs=10"]));
-    let crashed = eventually(
-        Duration::from_secs(20),
-        "a crash under the limit",
-        || async {
-            jobs(&c, "web1")
-                .await
-                .into_iter()
-                .find(|j| j.release == "web1-v2" && j.state == JobState::Crashed)
-        },
-    )
-    .await;
+    let crashed = crash_of(&c, "web1-v2").await;
     let log = ok(&c.flynn(0, &["-a", "web1", "log", "-j", &crashed.id]));
     assert!(log.contains("can't fork"), "{log}");
     let r = get(http(&c, 0), &format!("web1.{DOMAIN}"), "/").await;
