@@ -78,31 +78,37 @@ impl Blobstore {
             .unwrap_or_default()
     }
 
-    /// Blobstore addresses of the other member hosts, by node id.
+    /// Blobstore addresses of the other hosts, by node id: as they registered in discovery
+    /// (service `blobstore`), else a member's address with this host's blobstore port.
     fn peers(&self) -> Vec<(u64, String)> {
         let Some(local) = self.local.get() else {
             return Vec::new();
         };
-        let own = local
-            .members()
-            .into_iter()
-            .find(|(id, _)| *id == self.host)
-            .and_then(|(_, addr)| {
-                let ip = addr.rsplit_once(':')?.0.to_string();
-                Some(format!("{ip}:{}", self.addr.port()))
-            })
-            .unwrap_or_default();
+        let registered: std::collections::BTreeMap<u64, String> = local.read(|s| {
+            s.discovery
+                .services
+                .get(super::SERVICE)
+                .map(|svc| {
+                    svc.instances
+                        .values()
+                        .filter_map(|i| {
+                            Some((i.id.strip_prefix("host-")?.parse().ok()?, i.addr.clone()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
         local
             .members()
             .into_iter()
             .filter(|(id, _)| *id != self.host)
             .filter_map(|(id, addr)| {
+                if let Some(a) = registered.get(&id) {
+                    return Some((id, a.clone()));
+                }
                 let ip = addr.rsplit_once(':').map(|(ip, _)| ip.to_string())?;
                 Some((id, format!("{ip}:{}", self.addr.port())))
             })
-            // Hosts sharing this host's address (several daemons on one machine, as in a
-            // benchmark) cannot be told apart from it: they hold no second copy.
-            .filter(|(_, peer)| *peer != own)
             .collect()
     }
 

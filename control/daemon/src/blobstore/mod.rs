@@ -48,6 +48,9 @@ impl BlobstoreArgs {
     }
 }
 
+/// The discovery service every host's blobstore registers as.
+pub const SERVICE: &str = "blobstore";
+
 pub struct Blobstore {
     store: ObjectStore,
     addr: SocketAddr,
@@ -98,9 +101,36 @@ impl Component for Blobstore {
         "blobstore"
     }
 
+    /// Registers this host's blobstore in discovery (service `blobstore`), so peers and
+    /// clients reach it by name, at the address it really listens on.
     fn follow(self: Arc<Self>, local: LocalState) -> BoxFuture<'static, ()> {
-        let _ = self.local.set(local);
-        Box::pin(async {})
+        let _ = self.local.set(local.clone());
+        Box::pin(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                if !local.read(|s| s.bootstrapped()) {
+                    continue;
+                }
+                let ip = local
+                    .members()
+                    .into_iter()
+                    .find(|(id, _)| *id == self.host)
+                    .and_then(|(_, a)| Some(a.rsplit_once(':')?.0.to_string()));
+                let Some(ip) = ip else { continue };
+                let register = flynn_state::DiscoveryCommand::RegisterInstance {
+                    service: SERVICE.into(),
+                    id: format!("host-{}", self.host),
+                    addr: format!("{ip}:{}", self.addr.port()),
+                    meta: Default::default(),
+                    ttl_ms: 15_000,
+                    now_ms: crate::now_ms(),
+                };
+                if let Err(e) = local.node().propose(register).await {
+                    tracing::debug!(error = %e, "blobstore registration not applied");
+                }
+            }
+        })
     }
 
     fn status(&self) -> serde_json::Value {
