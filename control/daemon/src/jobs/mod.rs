@@ -320,7 +320,8 @@ impl JobRunner {
                 })
                 .collect()
         });
-        hn.route_peers(&peers, &self.ip);
+        // `ip` runs here: off the async workers' hands.
+        tokio::task::block_in_place(|| hn.route_peers(&peers, &self.ip));
     }
 
     /// One pass over the jobs placed on this host.
@@ -462,7 +463,9 @@ impl JobRunner {
                 let published = (proc.ports && !job.oneoff).then_some(network::JOB_PORT);
                 (
                     Some(network::JOB_PORT),
-                    Some(hn.create(&job.id, published)?),
+                    Some(tokio::task::block_in_place(|| {
+                        hn.create(&job.id, published)
+                    })?),
                 )
             }
             None if proc.ports || job.oneoff => (
@@ -683,7 +686,7 @@ impl JobRunner {
         match &p.net {
             Some(n) => {
                 if let Some(hn) = self.net.get().and_then(Option::as_ref) {
-                    hn.release(n);
+                    tokio::task::block_in_place(|| hn.release(n));
                 }
             }
             None => {

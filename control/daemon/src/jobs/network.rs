@@ -37,26 +37,38 @@ fn sh(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// Runs `ip [OPTS] -batch -` with one command per line; the first failure fails it.
+fn ip_batch(opts: &[&str], commands: &str) -> Result<(), String> {
+    piped("ip", &[opts, &["-batch", "-"]].concat(), commands)
+}
+
 fn nft(script: &str) -> Result<(), String> {
+    piped("nft", &["-f", "-"], script)
+}
+
+fn piped(program: &str, args: &[&str], input: &str) -> Result<(), String> {
     use std::io::Write;
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
+    let mut child = Command::new(program)
+        .args(args)
         .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| format!("nft: {e}"))?;
+        .map_err(|e| format!("{program}: {e}"))?;
     child
         .stdin
         .take()
         .expect("piped")
-        .write_all(script.as_bytes())
-        .map_err(|e| format!("nft: {e}"))?;
-    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+        .write_all(input.as_bytes())
+        .map_err(|e| format!("{program}: {e}"))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{program}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "nft: {}",
+            "{program}: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
@@ -199,53 +211,30 @@ impl HostNet {
     fn configure(&self, n: &JobNet) -> Result<(), String> {
         let gw = format!("100.100.{}.1", self.index);
         let ip = n.ip.to_string();
-        let ns = n.netns.as_str();
+        let (ns, veth) = (n.netns.as_str(), n.host_veth.as_str());
         let _ = sh(&["ip", "netns", "del", ns]);
-        sh(&["ip", "netns", "add", ns])?;
-        sh(&[
-            "ip",
-            "link",
-            "add",
-            &n.host_veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns,
-        ])?;
-        sh(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{gw}/32"),
-            "dev",
-            &n.host_veth,
-        ])?;
-        sh(&["ip", "link", "set", &n.host_veth, "up"])?;
-        sh(&[
-            "ip",
-            "route",
-            "replace",
-            &format!("{ip}/32"),
-            "dev",
-            &n.host_veth,
-        ])?;
-        sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{ip}/32"),
-            "dev",
-            "eth0",
-        ])?;
-        sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
-        sh(&["ip", "-n", ns, "route", "add", &gw, "dev", "eth0"])?;
-        sh(&["ip", "-n", ns, "route", "add", "default", "via", &gw])?;
+        // Two `ip` runs per job (the host's side, then the job's), not one per step: a
+        // host starting a hundred jobs spends its time running them, not spawning `ip`.
+        ip_batch(
+            &[],
+            &format!(
+                "netns add {ns}\n\
+                 link add {veth} type veth peer name eth0 netns {ns}\n\
+                 addr add {gw}/32 dev {veth}\n\
+                 link set {veth} up\n\
+                 route replace {ip}/32 dev {veth}\n"
+            ),
+        )?;
+        ip_batch(
+            &["-n", ns],
+            &format!(
+                "link set lo up\n\
+                 addr add {ip}/32 dev eth0\n\
+                 link set eth0 up\n\
+                 route add {gw} dev eth0\n\
+                 route add default via {gw}\n"
+            ),
+        )?;
         if let Some(port) = n.published {
             nft(&format!(
                 "add element inet {} published {{ {ip} . {port} }}\n",
