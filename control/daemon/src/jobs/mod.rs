@@ -972,7 +972,11 @@ async fn http_ok(s: &mut tokio::net::TcpStream, path: &str) -> bool {
 /// Proposes until applied (or refused: a refusal will not change by retrying), for reports
 /// that must not be lost to a leader change.
 async fn propose_retrying(local: &LocalState, cmd: Command) {
-    for attempt in 0..20u32 {
+    // A lost report would leave a job `starting` (or running) in the state forever, so it
+    // is retried until it lands; reports are idempotent, and one that already landed is
+    // refused (an ended job) or changes nothing.
+    let mut attempt = 0u32;
+    loop {
         match local.node().propose(cmd.clone()).await {
             Ok(_) => return,
             Err(e) if e.is_refusal() => {
@@ -980,8 +984,12 @@ async fn propose_retrying(local: &LocalState, cmd: Command) {
                 return;
             }
             Err(e) => {
-                tracing::debug!(error = %e, attempt, "job report not applied; retrying");
-                tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt + 1))).await;
+                attempt += 1;
+                if attempt % 10 == 0 {
+                    tracing::warn!(error = %e, attempt, "job report not applied yet; retrying");
+                }
+                let backoff = Duration::from_millis(100 * u64::from(attempt.min(20)));
+                tokio::time::sleep(backoff).await;
             }
         }
     }
