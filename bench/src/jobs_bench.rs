@@ -214,7 +214,7 @@ async fn main() -> anyhow::Result<()> {
                 .args(["--volume-provider", "dir", "--log-dir"])
                 .arg(dir.join(format!("logs{i}")))
                 .args(["--job-ports", &format!("{first}-{}", first + 1999)])
-                .env("RUST_LOG", "warn,openraft=error")
+                .env("RUST_LOG", "info,openraft=error")
                 .stdout(log.try_clone()?)
                 .stderr(log)
                 .spawn()

@@ -385,8 +385,15 @@ impl JobRunner {
     async fn run_job(self: Arc<Self>, local: LocalState, l: Arc<Local>) {
         let id = l.job.id.clone();
         self.started.fetch_add(1, Ordering::Relaxed);
-        self.report(&local, &id, JobState::Starting, None, None, None)
-            .await;
+        // Said while it is prepared, not before: the state machine never moves a job back
+        // from running to starting, so this may land after a later report.
+        {
+            let (me, local, id) = (self.clone(), local.clone(), id.clone());
+            tokio::spawn(async move {
+                me.report(&local, &id, JobState::Starting, None, None, None)
+                    .await
+            });
+        }
         let outcome = match self.prepare(&local, &l).await {
             Ok(prepared) => self.supervise(&local, &l, prepared).await,
             Err(why) => {
@@ -653,6 +660,25 @@ impl JobRunner {
                 nix_kill(l, true);
             }
         }
+        // Stopping: SIGTERM now, and everything in the job SIGKILLed if it is still there
+        // after the grace period (checked then: its pid may belong to another by now).
+        let terminate = |l: &Arc<Local>| {
+            nix_kill(l, false);
+            let (l, cgroup) = (l.clone(), p.cgroup.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(STOP_GRACE).await;
+                if l.pid.load(Ordering::SeqCst) != 0 {
+                    if let Some(c) = cgroup {
+                        c.kill_all()
+                    }
+                    nix_kill(&l, true);
+                }
+            });
+        };
+        if status.is_none() && stop_requested {
+            // Asked to stop before it was up (so never registered): no drain needed.
+            terminate(l);
+        }
         let status = match status {
             Some(s) => s,
             None => loop {
@@ -663,18 +689,13 @@ impl JobRunner {
                         // Out of discovery already (StopJob); give routers a moment to
                         // follow, then ask the job to stop.
                         tokio::time::sleep(Duration::from_millis(300)).await;
-                        nix_kill(l, false);
-                        let pid = l.pid.load(Ordering::Relaxed);
-                        let cgroup = p.cgroup.clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(STOP_GRACE).await;
-                            if let Some(c) = cgroup { c.kill_all() }
-                            kill_pid(pid, true);
-                        });
+                        terminate(l);
                     }
                 }
             },
         };
+        // Its pid is free from here on: nothing may signal it any more.
+        l.pid.store(0, Ordering::SeqCst);
         for r in readers.into_iter().flatten() {
             let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
         }
@@ -937,6 +958,7 @@ async fn wait_listening(ip: &str, port: u16, health_path: Option<&str>) -> bool 
         Some(ip) => std::net::SocketAddr::new(ip, port),
         None => std::net::SocketAddr::from(([127, 0, 0, 1], port)),
     };
+    let mut pause = Duration::from_millis(2);
     while Instant::now() < deadline {
         if let Ok(Ok(mut s)) = tokio::time::timeout(
             Duration::from_millis(500),
@@ -951,7 +973,9 @@ async fn wait_listening(ip: &str, port: u16, health_path: Option<&str>) -> bool 
                 return true;
             }
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Fast for a job that comes up at once, gentle for a hundred that do not.
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
     false
 }

@@ -616,6 +616,8 @@ fn update_job(s: &mut ClusterState, id: &str, report: Report, cx: &mut Cx) -> Ap
     // A job asked to stop stays `stopping` until it ends, whatever its host last saw.
     let state = match (job.state, state) {
         (JobState::Stopping, JobState::Starting | JobState::Running) => JobState::Stopping,
+        // Reports may land out of order; a job never goes back from running to starting.
+        (JobState::Running, JobState::Starting) => JobState::Running,
         (_, s) => s,
     };
     let before = job.state;
