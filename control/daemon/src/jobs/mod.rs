@@ -1009,7 +1009,7 @@ async fn propose_retrying(local: &LocalState, cmd: Command) {
             }
             Err(e) => {
                 attempt += 1;
-                if attempt % 10 == 0 {
+                if attempt.is_multiple_of(10) {
                     tracing::warn!(error = %e, attempt, "job report not applied yet; retrying");
                 }
                 let backoff = Duration::from_millis(100 * u64::from(attempt.min(20)));
