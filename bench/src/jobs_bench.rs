@@ -242,6 +242,28 @@ async fn main() -> anyhow::Result<()> {
     let key = boot["controller_key"].as_str().context("key")?.to_string();
     let url = format!("http://{}", peers[0]);
     run(&flynn, &["cluster", "add", "-d", "bench", &url, &key], dir)?;
+    // Every host's blobstore and job runner registered (they do within seconds of bootstrap).
+    let http = reqwest::Client::new();
+    for service in ["blobstore", "flynn-host"] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let svc: serde_json::Value = http
+                .get(format!("{url}/services/{service}"))
+                .bearer_auth(&key)
+                .send()
+                .await?
+                .json()
+                .await
+                .unwrap_or_default();
+            if svc["instances"].as_object().is_some_and(|i| i.len() == 3) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the hosts did not all register as {service}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     run(&flynn, &["create", "bench"], dir)?;
     let image = dir.join("image.tar");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../script/busybox-image");
@@ -259,11 +281,7 @@ async fn main() -> anyhow::Result<()> {
         &["-a", "bench", "docker", "push", image.to_str().unwrap()],
         dir,
     )?;
-    let api = Api {
-        http: reqwest::Client::new(),
-        url,
-        key,
-    };
+    let api = Api { http, url, key };
     api.wait_for(1, 1, Duration::from_secs(30)).await?;
     let router = "127.0.0.1:18080";
     let vhost = format!("bench.{DOMAIN}");

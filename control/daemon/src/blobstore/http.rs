@@ -98,17 +98,25 @@ impl Blobstore {
                 })
                 .unwrap_or_default()
         });
-        local
-            .members()
+        let guess = |addr: &str| {
+            let ip = addr.rsplit_once(':').map(|(ip, _)| ip.to_string())?;
+            Some(format!("{ip}:{}", self.addr.port()))
+        };
+        let members = local.members();
+        let own = members
+            .iter()
+            .find(|(id, _)| *id == self.host)
+            .and_then(|(_, a)| registered.get(&self.host).cloned().or_else(|| guess(a)));
+        members
             .into_iter()
             .filter(|(id, _)| *id != self.host)
-            .filter_map(|(id, addr)| {
-                if let Some(a) = registered.get(&id) {
-                    return Some((id, a.clone()));
-                }
-                let ip = addr.rsplit_once(':').map(|(ip, _)| ip.to_string())?;
-                Some((id, format!("{ip}:{}", self.addr.port())))
+            .filter_map(|(id, addr)| match registered.get(&id) {
+                Some(a) => Some((id, a.clone())),
+                None => Some((id, guess(&addr)?)),
             })
+            // A guess that lands on this host's own address (hosts sharing one, before they
+            // registered) is no second copy.
+            .filter(|(_, a)| Some(a) != own.as_ref())
             .collect()
     }
 
