@@ -973,9 +973,9 @@ async fn wait_listening(ip: &str, port: u16, health_path: Option<&str>) -> bool 
                 return true;
             }
         }
-        // Fast for a job that comes up at once, gentle for a hundred that do not.
+        // Fast for a job that comes up at once, gentler for a hundred that do not.
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(100));
+        pause = (pause + Duration::from_millis(2)).min(Duration::from_millis(50));
     }
     false
 }
