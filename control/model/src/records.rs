@@ -238,3 +238,14 @@ pub fn is_volume_name(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
+
+/// The discovery instance id a host registers its own services under (`host-N`, N its
+/// Raft node id): the controller API, the blobstore, the host's job runner.
+pub fn host_instance_id(node: u64) -> String {
+    format!("host-{node}")
+}
+
+/// The node id of a host instance id made by [`host_instance_id`].
+pub fn host_of_instance(id: &str) -> Option<u64> {
+    id.strip_prefix("host-")?.parse().ok()
+}

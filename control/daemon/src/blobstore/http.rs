@@ -92,7 +92,7 @@ impl Blobstore {
                     svc.instances
                         .values()
                         .filter_map(|i| {
-                            Some((i.id.strip_prefix("host-")?.parse().ok()?, i.addr.clone()))
+                            Some((flynn_state::host_of_instance(&i.id)?, i.addr.clone()))
                         })
                         .collect()
                 })

@@ -120,7 +120,7 @@ impl Component for Blobstore {
                 let Some(ip) = ip else { continue };
                 let register = flynn_state::DiscoveryCommand::RegisterInstance {
                     service: SERVICE.into(),
-                    id: format!("host-{}", self.host),
+                    id: flynn_state::host_instance_id(self.host),
                     addr: format!("{ip}:{}", self.addr.port()),
                     meta: Default::default(),
                     ttl_ms: 15_000,

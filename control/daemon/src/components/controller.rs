@@ -27,7 +27,7 @@ pub struct ControllerRegistration {
 impl ControllerRegistration {
     pub fn new(node_id: u64, addr: String) -> Self {
         ControllerRegistration {
-            id: format!("host-{node_id}"),
+            id: flynn_state::host_instance_id(node_id),
             addr,
             local: std::sync::OnceLock::new(),
         }

@@ -200,7 +200,7 @@ impl JobRunner {
     }
 
     fn instance_id(&self) -> String {
-        format!("host-{}", self.host)
+        flynn_state::host_instance_id(self.host)
     }
 
     /// The jobs this host runs now (for `flynn-host ps`).
@@ -630,7 +630,13 @@ impl JobRunner {
         let wait_up = async {
             match p.port {
                 Some(port) if p.register => {
-                    wait_listening(&p.ip, port, p.health_path.as_deref()).await
+                    // A job in the host's network is reached on loopback (it may bind
+                    // only that); one with its own network at its address.
+                    let target = match &p.net {
+                        Some(n) => std::net::SocketAddr::from((n.ip, port)),
+                        None => std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                    };
+                    wait_listening(target, p.health_path.as_deref()).await
                 }
                 _ => true,
             }
@@ -947,17 +953,8 @@ async fn read_line_capped(
 
 /// Waits until something accepts connections on the job's port (and, with a health path,
 /// answers it with a 2xx or 3xx).
-async fn wait_listening(ip: &str, port: u16, health_path: Option<&str>) -> bool {
+async fn wait_listening(target: std::net::SocketAddr, health_path: Option<&str>) -> bool {
     let deadline = Instant::now() + UP_TIMEOUT;
-    // A job in the host's network is reached on loopback (it may bind only that).
-    let ip = ip
-        .parse::<std::net::IpAddr>()
-        .ok()
-        .filter(|i| !matches!(i, std::net::IpAddr::V4(v4) if v4.octets()[..2] != [100, 100]));
-    let target = match ip {
-        Some(ip) => std::net::SocketAddr::new(ip, port),
-        None => std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-    };
     let mut pause = Duration::from_millis(2);
     while Instant::now() < deadline {
         if let Ok(Ok(mut s)) = tokio::time::timeout(

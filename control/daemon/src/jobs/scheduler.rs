@@ -52,7 +52,7 @@ pub fn live_hosts(s: &ClusterState, now: u64) -> BTreeSet<u64> {
             svc.instances
                 .values()
                 .filter(|i| i.expires_at_ms >= now)
-                .filter_map(|i| i.id.strip_prefix("host-")?.parse().ok())
+                .filter_map(|i| flynn_state::host_of_instance(&i.id))
                 .collect()
         })
         .unwrap_or_default()
@@ -294,7 +294,7 @@ mod tests {
         s.apply(
             DiscoveryCommand::RegisterInstance {
                 service: HOST_SERVICE.into(),
-                id: format!("host-{host}"),
+                id: flynn_state::host_instance_id(host),
                 addr: "10.0.0.1:1113".into(),
                 meta: Default::default(),
                 ttl_ms: 10_000,
