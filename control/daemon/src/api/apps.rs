@@ -79,6 +79,26 @@ async fn update_env(
     JsonBody(req): JsonBody<EnvUpdate>,
 ) -> ApiResult<Json<App>> {
     let blobstore = app == "blobstore";
+    if blobstore && req.proc_type.is_none() {
+        // Credentials, buckets and servers are checked against the backends themselves
+        // before anything is committed.
+        let before = read(host.node()?, &ReadOpts::default(), |s| {
+            Ok(s.apps
+                .get("blobstore")
+                .map(|a| a.env.global.clone())
+                .unwrap_or_default())
+        })
+        .await?;
+        let mut after = before.clone();
+        after.extend(req.set.iter().map(|(k, v)| (k.clone(), v.clone())));
+        for k in &req.unset {
+            after.remove(k);
+        }
+        if let Err(e) = crate::blobstore::backends::probe_changes(&before, &after).await {
+            tracing::warn!(target: "flynn_daemon::blobstore", "configuration refused: {e}");
+            return Err(e);
+        }
+    }
     let updated = host
         .node()?
         .propose_as::<App>(AppsCommand::UpdateEnv {

@@ -16,6 +16,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
+use super::backends::{self, IoStream};
 use super::store::{self, valid_sha};
 use super::Blobstore;
 use crate::error::{ApiError, ApiResult};
@@ -45,7 +46,11 @@ impl Counters {
 
 pub fn router(b: Shared) -> Router {
     Router::new()
-        .route("/_objects/{sha}", get(object_get).put(object_put))
+        .route(
+            "/_objects/{sha}",
+            get(object_get).put(object_put).delete(object_delete),
+        )
+        .route("/_migrate", axum::routing::post(super::migrate::migrate))
         .route("/", get(list))
         .route("/{*path}", any(file))
         .layer(axum::extract::DefaultBodyLimit::disable())
@@ -53,7 +58,7 @@ pub fn router(b: Shared) -> Router {
 }
 
 impl Blobstore {
-    fn ready(&self) -> ApiResult<&crate::component::LocalState> {
+    pub(crate) fn ready(&self) -> ApiResult<&crate::component::LocalState> {
         self.local
             .get()
             .ok_or_else(|| ApiError::Unavailable("this host is not in a cluster yet".into()))
@@ -201,10 +206,22 @@ async fn delete(b: &Shared, path: &str) -> ApiResult<Json<serde_json::Value>> {
     let local = b.ready()?;
     let path = path.trim_end_matches('/').to_string();
     check_path(&path)?;
+    let dir = format!("{path}/");
+    let gone: Vec<BlobFile> = local.read(|s| {
+        s.blobs
+            .blobs
+            .values()
+            .filter(|f| f.path == path || f.path.starts_with(&dir))
+            .cloned()
+            .collect()
+    });
     local
         .node()
         .propose(BlobsCommand::DeleteFiles { path })
         .await?;
+    for f in &gone {
+        b.release(f).await;
+    }
     Ok(crate::api::deleted())
 }
 
@@ -253,56 +270,236 @@ async fn write(b: &Shared, path: &str, req: Request) -> ApiResult<Json<BlobFile>
                 )));
             }
             match existing.as_ref().filter(|e| e.size > 0) {
-                Some(e) => Some(fetch_local(b, e).await?),
+                Some(e) => Some(open(b, e, None).await?),
                 None => None,
             }
         }
         None => None,
     };
-    let body = req.into_body().into_data_stream();
-    let written = b
-        .store
-        .write(prefix.as_deref(), body, None)
+    let body: IoStream = req
+        .into_body()
+        .into_data_stream()
+        .map(|r| r.map_err(std::io::Error::other))
+        .boxed();
+    let content = match prefix {
+        Some(p) => p.chain(body).boxed(),
+        None => body,
+    };
+    let stored = b.store_content(content, None).await?;
+    b.commit(path, stored, content_type, existing.as_ref(), now)
         .await
-        .map_err(ApiError::Invalid)?;
-    record(b, path, written, content_type, existing.as_ref(), now).await
+        .map(Json)
 }
 
-/// Replicates a newly written object and commits the file's metadata.
-async fn record(
-    b: &Shared,
-    path: &str,
-    written: store::Written,
-    content_type: Option<String>,
-    existing: Option<&BlobFile>,
-    now: u64,
-) -> ApiResult<Json<BlobFile>> {
-    let node = b.ready()?.node().clone();
-    b.counters
-        .bytes_in
-        .fetch_add(written.size, Ordering::Relaxed);
-    // Stored on two hosts before the write is acknowledged (one, if it is the only host).
-    let mut holders = vec![b.host];
-    match b.replicate(&written.sha512).await {
-        Some(peer) => holders.push(peer),
-        None if b.peers().is_empty() => {}
-        None => {
-            return Err(ApiError::Unavailable(
-                "the blob could not be stored on a second host; nothing was written".into(),
-            ))
+/// Bytes stored in a backend, not yet committed to a file.
+pub(crate) struct Stored {
+    pub sha512: String,
+    pub size: u64,
+    pub backend: String,
+    pub key: Option<String>,
+    pub holders: Vec<u64>,
+}
+
+impl super::Blobstore {
+    /// Stores content in the default backend: on the embedded backend, on two hosts (one,
+    /// if it is the only host); on an external one, under a new key. With `expect`, content
+    /// with another SHA-512 is refused and nothing is kept.
+    pub(crate) async fn store_content(
+        self: &Arc<Self>,
+        content: IoStream,
+        expect: Option<&str>,
+    ) -> ApiResult<Stored> {
+        let local = self.ready()?;
+        let (default, backend) = self.backends.default_backend(local)?;
+        let Some(backend) = backend else {
+            let written = self
+                .store
+                .write(None, content, None)
+                .await
+                .map_err(ApiError::Invalid)?;
+            if let Some(want) = expect.filter(|w| **w != written.sha512) {
+                if !local.read(|s| s.blobs.blobs.values().any(|f| f.sha512 == written.sha512)) {
+                    self.store.discard(&written.sha512);
+                }
+                return Err(mismatch(&written.sha512, want));
+            }
+            let mut holders = vec![self.host];
+            match self.replicate(&written.sha512).await {
+                Some(peer) => holders.push(peer),
+                None if self.peers().is_empty() => {}
+                None => {
+                    return Err(ApiError::Unavailable(
+                        "the blob could not be stored on a second host; nothing was written"
+                            .into(),
+                    ))
+                }
+            }
+            return Ok(Stored {
+                sha512: written.sha512,
+                size: written.size,
+                backend: default,
+                key: None,
+                holders,
+            });
+        };
+        let key = format!("flynn/{:032x}", rand::random::<u128>());
+        let digest = Arc::new(std::sync::Mutex::new(Some(ring::digest::Context::new(
+            &ring::digest::SHA512,
+        ))));
+        let hashing = {
+            let digest = digest.clone();
+            content.map(move |chunk| {
+                if let Ok(c) = &chunk {
+                    if let Some(ctx) = digest.lock().expect("digest lock").as_mut() {
+                        ctx.update(c);
+                    }
+                }
+                chunk
+            })
+        };
+        let size = backend
+            .put(&key, backends::backend_stream(hashing.boxed()))
+            .await
+            .map_err(backends::from_backend)?;
+        let sha512 = store::hex(
+            digest
+                .lock()
+                .expect("digest lock")
+                .take()
+                .expect("digest taken once")
+                .finish()
+                .as_ref(),
+        );
+        if let Some(want) = expect.filter(|w| **w != sha512) {
+            let _ = backend.delete(&key).await;
+            return Err(mismatch(&sha512, want));
+        }
+        Ok(Stored {
+            sha512,
+            size,
+            backend: default,
+            key: Some(key),
+            holders: Vec::new(),
+        })
+    }
+
+    /// Commits `stored` as the file at `path`. The object a replaced file leaves behind is
+    /// deleted; a commit that fails deletes the new one.
+    pub(crate) async fn commit(
+        self: &Arc<Self>,
+        path: &str,
+        stored: Stored,
+        content_type: Option<String>,
+        existing: Option<&BlobFile>,
+        now: u64,
+    ) -> ApiResult<BlobFile> {
+        let node = self.ready()?.node().clone();
+        self.counters
+            .bytes_in
+            .fetch_add(stored.size, Ordering::Relaxed);
+        let file = BlobFile {
+            path: path.to_string(),
+            size: stored.size,
+            sha512: stored.sha512,
+            backend: stored.backend,
+            key: stored.key,
+            holders: stored.holders,
+            content_type,
+            created_ms: existing.map_or(now, |e| e.created_ms),
+            modified_ms: now,
+        };
+        match node.propose_as(BlobsCommand::PutFile { file: file.clone() }).await {
+            Ok(f) => {
+                if let Some(old) = existing {
+                    self.release(old).await;
+                }
+                Ok(f)
+            }
+            Err(e) => {
+                self.release(&file).await;
+                Err(e)
+            }
         }
     }
-    let file = BlobFile {
-        path: path.to_string(),
-        size: written.size,
-        sha512: written.sha512,
-        backend: "embedded".into(),
-        holders,
-        content_type,
-        created_ms: existing.map_or(now, |e| e.created_ms),
-        modified_ms: now,
-    };
-    Ok(Json(node.propose_as(BlobsCommand::PutFile { file }).await?))
+
+    /// Deletes the object of a removed or replaced file once no file refers to it. Embedded
+    /// objects are named by content, so an upload of the same bytes may be in flight: each
+    /// holder keeps an object younger than [`store::GRACE`].
+    pub(crate) async fn release(self: &Arc<Self>, file: &BlobFile) {
+        let Ok(local) = self.ready() else { return };
+        match &file.key {
+            Some(key) => {
+                if let Err(e) = self.release_key(&file.backend, key).await {
+                    tracing::warn!(error = %e, "an unused object was not deleted");
+                }
+            }
+            None if file.backend == backends::EMBEDDED => {
+                let used = local.read(|s| {
+                    s.blobs
+                        .blobs
+                        .values()
+                        .any(|f| f.key.is_none() && f.sha512 == file.sha512)
+                });
+                if used {
+                    return;
+                }
+                let peers = self.peers();
+                for holder in &file.holders {
+                    if *holder == self.host {
+                        self.store.discard_unused(&file.sha512);
+                        continue;
+                    }
+                    let Some((_, addr)) = peers.iter().find(|(id, _)| id == holder) else {
+                        continue;
+                    };
+                    let sent = self
+                        .peers
+                        .delete(format!("http://{addr}/_objects/{}", file.sha512))
+                        .header(SECRET_HEADER, self.secret())
+                        .send()
+                        .await;
+                    if let Err(e) = sent {
+                        tracing::warn!(peer = %addr, error = %e, "an unused object was not deleted");
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Deletes the object `key` of an external backend unless a file refers to it.
+    pub(crate) async fn release_key(self: &Arc<Self>, backend: &str, key: &str) -> ApiResult<()> {
+        let local = self.ready()?;
+        let used = local.read(|s| {
+            s.blobs
+                .blobs
+                .values()
+                .any(|f| f.backend == backend && f.key.as_deref() == Some(key))
+        });
+        if used {
+            return Ok(());
+        }
+        if let Some(client) = self.backends.get(local, backend)? {
+            client.delete(key).await.map_err(backends::from_backend)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn open(
+        self: &Arc<Self>,
+        file: &BlobFile,
+        range: Option<(u64, u64)>,
+    ) -> ApiResult<IoStream> {
+        open(self, file, range).await
+    }
+}
+
+fn mismatch(got: &str, want: &str) -> ApiError {
+    ApiError::Invalid(format!(
+        "checksum mismatch: the data's sha512 is {}…, not {}…; nothing was stored",
+        &got[..16.min(got.len())],
+        &want[..16.min(want.len())]
+    ))
 }
 
 impl super::Blobstore {
@@ -315,40 +512,21 @@ impl super::Blobstore {
         expect: &str,
     ) -> ApiResult<BlobFile>
     where
-        S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+        S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin + Send + 'static,
         E: std::fmt::Display,
     {
         let local = self.ready()?;
         check_path(path)?;
         let existing = local.read(|s| s.blobs.blobs.get(path).cloned());
-        let written = self
-            .store
-            .write(None, body, None)
+        let content = body
+            .map(|r| r.map_err(|e| std::io::Error::other(e.to_string())))
+            .boxed();
+        let stored = self.store_content(content, Some(expect)).await?;
+        self.commit(path, stored, None, existing.as_ref(), crate::now_ms())
             .await
-            .map_err(ApiError::Invalid)?;
-        if written.sha512 != expect {
-            if !local.read(|s| s.blobs.blobs.values().any(|f| f.sha512 == written.sha512)) {
-                self.store.discard(&written.sha512);
-            }
-            return Err(ApiError::Invalid(format!(
-                "checksum mismatch: the data's sha512 is {}…, not {}…; nothing was stored",
-                &written.sha512[..16.min(written.sha512.len())],
-                &expect[..16.min(expect.len())]
-            )));
-        }
-        let Json(file) = record(
-            self,
-            path,
-            written,
-            None,
-            existing.as_ref(),
-            crate::now_ms(),
-        )
-        .await?;
-        Ok(file)
     }
 
-    /// A path on this host holding the blob at `path` (fetched from a holder if needed).
+    /// A path on this host holding the blob at `path` (fetched if needed).
     pub async fn local_copy(self: &Arc<Self>, path: &str) -> ApiResult<std::path::PathBuf> {
         let file = self
             .ready()?
@@ -358,17 +536,52 @@ impl super::Blobstore {
     }
 }
 
-/// A local copy of `file`'s object, fetched from a holder if this host has none.
+/// A local copy of `file`'s content, fetched from a holder or its backend if this host has
+/// none; checked against the recorded digest.
 async fn fetch_local(b: &Shared, file: &BlobFile) -> ApiResult<std::path::PathBuf> {
     if !b.store.has(&file.sha512) {
-        let resp = from_holder(b, file, None).await?;
-        let stream = resp.bytes_stream();
+        let content = open(b, file, None).await?;
         b.store
-            .write(None, stream, Some(&file.sha512))
+            .write(None, content, Some(&file.sha512))
             .await
             .map_err(ApiError::Internal)?;
     }
     Ok(b.store.path(&file.sha512))
+}
+
+/// The content of `file` (or the inclusive byte range of it) from wherever it is: this
+/// host's disk, another holder, or its external backend.
+async fn open(b: &Shared, file: &BlobFile, range: Option<(u64, u64)>) -> ApiResult<IoStream> {
+    let (start, len) = match range {
+        Some((s, e)) => (s, e - s + 1),
+        None => (0, file.size),
+    };
+    if file.backend != backends::EMBEDDED {
+        let backend = b
+            .backends
+            .get(b.ready()?, &file.backend)?
+            .ok_or_else(|| ApiError::Internal(format!("{} has no external client", file.backend)))?;
+        let key = file.key.as_deref().unwrap_or(&file.sha512);
+        let stream = backend
+            .get(key, range)
+            .await
+            .map_err(backends::from_backend)?;
+        return Ok(backends::io_stream(stream));
+    }
+    if b.store.has(&file.sha512) {
+        let mut f = tokio::fs::File::open(b.store.path(&file.sha512))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        f.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        return Ok(tokio_util::io::ReaderStream::new(f.take(len)).boxed());
+    }
+    let remote = from_holder(b, file, range).await?;
+    Ok(remote
+        .bytes_stream()
+        .map(|r| r.map_err(std::io::Error::other))
+        .boxed())
 }
 
 /// Asks the other holders of `file` for its object (a byte range of it, if given).
@@ -465,38 +678,32 @@ async fn read(b: &Shared, path: &str, headers: &HeaderMap, head: bool) -> ApiRes
                 .expect("static parts"))
         }
     };
-    let (start, len) = match range {
+    let len = match range {
         Some((s, e)) => {
             resp = resp.status(StatusCode::PARTIAL_CONTENT).header(
                 header::CONTENT_RANGE,
                 format!("bytes {s}-{e}/{}", file.size),
             );
-            (s, e - s + 1)
+            e - s + 1
         }
-        None => (0, file.size),
+        None => file.size,
     };
     resp = resp.header(header::CONTENT_LENGTH, len);
     if head {
         return Ok(resp.body(Body::empty()).expect("static parts"));
     }
     b.counters.bytes_out.fetch_add(len, Ordering::Relaxed);
-    if b.store.has(&file.sha512) {
-        let mut f = tokio::fs::File::open(b.store.path(&file.sha512))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        f.seek(std::io::SeekFrom::Start(start))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        let stream = tokio_util::io::ReaderStream::new(f.take(len));
-        let body = if range.is_none() {
-            Body::from_stream(verified(b.clone(), stream, file.sha512.clone()))
-        } else {
-            Body::from_stream(stream)
-        };
-        return Ok(resp.body(body).expect("static parts"));
+    if let Some(url) = redirect(b, &file).await {
+        return Ok(Response::builder()
+            .status(StatusCode::FOUND)
+            .header(header::LOCATION, url)
+            .header(header::ETAG, &tag)
+            .body(Body::empty())
+            .expect("static parts"));
     }
+    let here = b.store.has(&file.sha512);
     // A holder without its copy (dropped as bad, or lost) gets it back from another holder.
-    if file.holders.contains(&b.host) {
+    if !here && file.backend == backends::EMBEDDED && file.holders.contains(&b.host) {
         let (b2, f2) = (b.clone(), file.clone());
         tokio::spawn(async move {
             match fetch_local(&b2, &f2).await {
@@ -505,10 +712,35 @@ async fn read(b: &Shared, path: &str, headers: &HeaderMap, head: bool) -> ApiRes
             }
         });
     }
-    let remote = from_holder(b, &file, range).await?;
-    Ok(resp
-        .body(Body::from_stream(remote.bytes_stream()))
-        .expect("static parts"))
+    let stream = open(b, &file, range).await?;
+    let body = if range.is_none() {
+        let discard = here && file.backend == backends::EMBEDDED;
+        Body::from_stream(verified(b.clone(), stream, file.sha512.clone(), discard))
+    } else {
+        Body::from_stream(stream)
+    };
+    Ok(resp.body(body).expect("static parts"))
+}
+
+/// Where a backend configured with `redirect=true` lets clients read an object directly: a
+/// presigned URL valid for 10 minutes (S3).
+async fn redirect(b: &Shared, file: &BlobFile) -> Option<String> {
+    let key = file.key.as_deref()?;
+    let local = b.ready().ok()?;
+    let (all, _) = backends::configured(local).ok()?;
+    let wanted = all
+        .iter()
+        .find(|c| c.name == file.backend)?
+        .keys
+        .get("redirect")
+        .is_some_and(|v| v == "true");
+    if !wanted {
+        return None;
+    }
+    let backend = b.backends.get(local, &file.backend).ok()??;
+    backend
+        .signed_url(key, std::time::Duration::from_secs(600))
+        .await
 }
 
 /// Passes a whole object's bytes through while hashing them. The last piece is held back
@@ -519,6 +751,7 @@ fn verified<S>(
     b: Shared,
     inner: S,
     want: String,
+    discard: bool,
 ) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>>
 where
     S: futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Unpin + Send + 'static,
@@ -543,8 +776,10 @@ where
                         if got == want {
                             return held.map(|last| (Ok(last), None));
                         }
-                        tracing::error!(object = %want, "stored copy does not match its digest; dropped");
-                        b.store.discard(&want);
+                        tracing::error!(object = %want, "content does not match its digest");
+                        if discard {
+                            b.store.discard(&want);
+                        }
                         let bad = std::io::Error::other("blob content does not match its digest");
                         return Some((Err(bad), None));
                     }
@@ -574,6 +809,30 @@ async fn object_put(
             .write(None, body.into_data_stream(), Some(&sha))
             .await
             .map_err(ApiError::Invalid)?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `DELETE /_objects/SHA`: drops a local object no file refers to (cluster secret).
+async fn object_delete(
+    State(b): State<Shared>,
+    Path(sha): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<StatusCode> {
+    if !b.secret_ok(&headers) {
+        return Err(ApiError::Unauthorized(
+            "missing or wrong cluster secret".into(),
+        ));
+    }
+    let local = b.ready()?;
+    let used = local.read(|s| {
+        s.blobs
+            .blobs
+            .values()
+            .any(|f| f.key.is_none() && f.sha512 == sha)
+    });
+    if !used {
+        b.store.discard_unused(&sha);
     }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -6,7 +6,9 @@
 //! two hosts (one in a one-host cluster), and a host without a copy streams it from one
 //! that has it. Reads of a whole local object are checked against the recorded SHA-512.
 
+pub mod backends;
 mod http;
+mod migrate;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -59,6 +61,7 @@ pub struct Blobstore {
     host: u64,
     peers: reqwest::Client,
     server: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    backends: backends::Backends,
     pub(crate) counters: http::Counters,
 }
 
@@ -82,6 +85,7 @@ impl Blobstore {
                 .pool_idle_timeout(flynn_client::POOL_IDLE)
                 .build()?,
             server: std::sync::Mutex::new(None),
+            backends: backends::Backends::default(),
             counters: http::Counters::default(),
         });
         let app = http::router(me.clone());

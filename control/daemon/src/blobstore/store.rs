@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 use futures::{Stream, StreamExt};
 use tokio::io::AsyncWriteExt;
 
+/// How long an unreferenced object is kept after it was written (see
+/// [`ObjectStore::discard_unused`]).
+pub const GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+
 pub struct ObjectStore {
     root: PathBuf,
 }
@@ -107,6 +111,23 @@ impl ObjectStore {
             let _ = tokio::fs::remove_file(&tmp).await;
         }
         result
+    }
+
+    /// Drops an object no file refers to any more, unless it was written within
+    /// [`GRACE`]: an upload of the same content may be about to commit a file naming it.
+    pub fn discard_unused(&self, sha512: &str) {
+        if !valid_sha(sha512) {
+            return;
+        }
+        let path = self.path(sha512);
+        let young = std::fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age < GRACE);
+        if !young {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     /// Drops a copy found to be bad, so reads go to another holder.

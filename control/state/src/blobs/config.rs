@@ -103,6 +103,9 @@ pub fn backends(env: &BTreeMap<String, String>) -> Result<Vec<BackendConfig>, St
                 return Err(refuse(&b.name, format!("{} needs {need}", b.backend)));
             }
         }
+        if b.backend == "postgres" && !b.keys.contains_key("url") && !b.keys.contains_key("host") {
+            return Err(refuse(&b.name, "postgres needs url or host"));
+        }
         if b.backend == "gcs" {
             let key = &b.keys["key"];
             let json: Result<serde_json::Map<String, serde_json::Value>, _> =

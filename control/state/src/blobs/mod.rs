@@ -25,6 +25,10 @@ pub struct BlobFile {
     /// Hosts (Raft node ids) holding a copy, for the embedded backend.
     #[serde(default)]
     pub holders: Vec<u64>,
+    /// The object's key in an external backend (the embedded one names objects by
+    /// `sha512`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     #[serde(default)]
     pub content_type: Option<String>,
     pub created_ms: u64,
@@ -38,6 +42,17 @@ pub enum BlobsCommand {
     PutFile { file: BlobFile },
     /// Removes `path` and everything under `path/`.
     DeleteFiles { path: String },
+    /// Points a file at a verified copy of its bytes in another backend (migrate), only if
+    /// it is still the content and backend the copy was made from: a file overwritten
+    /// meanwhile is left as it is (`Conflict`).
+    MoveFile {
+        path: String,
+        from_backend: String,
+        sha512: String,
+        backend: String,
+        key: Option<String>,
+        holders: Vec<u64>,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +122,31 @@ impl Area for Blobs {
                 }
                 s.blobs.blobs.insert(file.path.clone(), file.clone());
                 cx.touch(TABLE, &file.path);
+                Ok(Response::Blob { file })
+            }
+            BlobsCommand::MoveFile {
+                path,
+                from_backend,
+                sha512,
+                backend,
+                key,
+                holders,
+            } => {
+                let file = s
+                    .blobs
+                    .blobs
+                    .get_mut(&path)
+                    .ok_or_else(|| StateError::NotFound(format!("blob {path:?}")))?;
+                if file.sha512 != sha512 || file.backend != from_backend {
+                    return Err(StateError::Conflict(format!(
+                        "blob {path:?} changed while it was copied; it was left as it is"
+                    )));
+                }
+                file.backend = backend;
+                file.key = key;
+                file.holders = holders;
+                let file = file.clone();
+                cx.touch(TABLE, &path);
                 Ok(Response::Blob { file })
             }
             BlobsCommand::DeleteFiles { path } => {

@@ -8,6 +8,7 @@ fn file(path: &str) -> BlobFile {
         sha512: "a".repeat(128),
         backend: "embedded".into(),
         holders: vec![1, 2],
+        key: None,
         content_type: None,
         created_ms: 1,
         modified_ms: 1,
@@ -123,6 +124,10 @@ fn t12_blobstore_env_is_checked_as_flynn_writes_it() {
         ),
         (vec![("BACKEND_NOPE_KEY", "x")], "names no backend"),
         (
+            vec![("BACKEND_PG", "backend=postgres user=u")],
+            "postgres needs url or host",
+        ),
+        (
             vec![("DEFAULT_BACKEND", "missing")],
             "names no configured backend",
         ),
@@ -166,4 +171,41 @@ fn t12_blobstore_env_is_checked_as_flynn_writes_it() {
             now_ms: 0,
         },
     );
+}
+
+#[test]
+fn t13_a_migrated_file_moves_only_if_unchanged_since_its_copy() {
+    let mut s = booted();
+    ok(&mut s, BlobsCommand::PutFile { file: file("/a") });
+    let moved = |sha: &str| BlobsCommand::MoveFile {
+        path: "/a".into(),
+        from_backend: "embedded".into(),
+        sha512: sha.into(),
+        backend: "pg".into(),
+        key: Some("k1".into()),
+        holders: vec![],
+    };
+    // Overwritten meanwhile (another digest): left as it is.
+    let (r, _) = apply(&mut s, moved(&"b".repeat(128)));
+    assert!(matches!(r, Err(StateError::Conflict(_))), "{r:?}");
+    assert_eq!(s.blobs.blobs["/a"].backend, "embedded");
+    ok(&mut s, moved(&"a".repeat(128)));
+    let f = &s.blobs.blobs["/a"];
+    assert_eq!((f.backend.as_str(), f.key.as_deref()), ("pg", Some("k1")));
+    assert!(f.holders.is_empty());
+    // A second run finds it on another backend than it copied from: no change.
+    let (r, _) = apply(&mut s, moved(&"a".repeat(128)));
+    assert!(matches!(r, Err(StateError::Conflict(_))), "{r:?}");
+    let (r, _) = apply(
+        &mut s,
+        BlobsCommand::MoveFile {
+            path: "/missing".into(),
+            from_backend: "pg".into(),
+            sha512: "a".repeat(128),
+            backend: "embedded".into(),
+            key: None,
+            holders: vec![1],
+        },
+    );
+    assert!(matches!(r, Err(StateError::NotFound(_))), "{r:?}");
 }
