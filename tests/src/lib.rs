@@ -657,3 +657,52 @@ pub fn failed(out: &Output) -> String {
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// Forwards TCP connections from `listen_ip` (e.g. the test's bridge address, which every
+/// test host reaches) to `target` on this namespace's loopback, for servers that listen on
+/// loopback only. Lives as long as the test process.
+pub fn relay(listen_ip: &str, target: std::net::SocketAddr) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind((listen_ip, 0)).expect("relay bind");
+    let addr = listener.local_addr().expect("relay addr");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(inbound) = conn else { continue };
+            let Ok(outbound) = std::net::TcpStream::connect(target) else {
+                continue;
+            };
+            let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            };
+            if let (Ok(a), Ok(b)) = (inbound.try_clone(), outbound.try_clone()) {
+                pipe(a, outbound);
+                pipe(b, inbound);
+            }
+        }
+    });
+    addr
+}
+
+/// The storage servers the blobstore's external backends are tested against, started (or
+/// found) by `script/storage-servers`: their addresses and credentials, on loopback.
+pub fn storage_servers() -> std::collections::BTreeMap<String, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../script/storage-servers");
+    let out = Command::new("bash")
+        .arg(script)
+        .output()
+        .expect("run script/storage-servers");
+    assert!(
+        out.status.success(),
+        "script/storage-servers: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = std::env::var("FLYNN_STORAGE_DIR").unwrap_or("/var/tmp/flynn-storage".into());
+    std::fs::read_to_string(Path::new(&dir).join("env"))
+        .expect("storage servers' env file")
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}

@@ -12,7 +12,12 @@ use futures::StreamExt;
 #[command(name = "flynn-blobstore", version, about = "Blobstore maintenance")]
 struct Cli {
     /// The blobstore to talk to (any host's).
-    #[arg(long, env = "BLOBSTORE_URL", default_value = "http://127.0.0.1:5001", global = true)]
+    #[arg(
+        long,
+        env = "BLOBSTORE_URL",
+        default_value = "http://127.0.0.1:5001",
+        global = true
+    )]
     url: String,
     #[command(subcommand)]
     command: Command,
@@ -137,7 +142,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let failed = num(&done, "failed") as u64;
     if failed > 0 || errors > 0 {
-        bail!("{} files could not be migrated (see above); run it again to retry them", failed.max(errors));
+        bail!(
+            "{} files could not be migrated (see above); run it again to retry them",
+            failed.max(errors)
+        );
     }
     Ok(())
 }

@@ -1,13 +1,13 @@
-//! Writes to Google Cloud Storage through the JSON API's resumable upload protocol: one
-//! session, the body sent in 8 MiB pieces as it arrives, finalized with the total size.
-//! (object_store writes through the XML API, which fake-gcs-server, the one GCS server that
-//! runs here, does not serve; reads, lists and deletes go through object_store.)
+//! Google Cloud Storage through its JSON API: resumable uploads (one session, the body
+//! sent in 8 MiB pieces as it arrives), ranged media downloads, deletes and lists. Tokens
+//! come from object_store's service-account credentials. (object_store's own GCS client
+//! speaks the XML API, which fake-gcs-server, the one GCS server that runs here, serves
+//! only under its configured host name; the JSON API is served whatever the host.)
 
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use object_store::client::CredentialProvider;
 use object_store::gcp::GcpCredentialProvider;
 
 use crate::{one_line, BackendError, ByteStream};
@@ -15,12 +15,15 @@ use crate::{one_line, BackendError, ByteStream};
 /// Pieces must be multiples of 256 KiB; 8 MiB keeps requests few and memory bounded.
 const PIECE: usize = 8 << 20;
 
-pub struct GcsUpload {
+pub struct Gcs {
     pub name: String,
     pub base: String,
     pub bucket: String,
     pub credentials: GcpCredentialProvider,
+    /// For requests with a bounded answer.
     pub http: reqwest::Client,
+    /// For uploads and downloads, bounded in connecting and idling, not in total.
+    pub stream_http: reqwest::Client,
 }
 
 fn encode(s: &str) -> String {
@@ -36,7 +39,7 @@ fn encode(s: &str) -> String {
     out
 }
 
-impl GcsUpload {
+impl Gcs {
     fn failed(&self, op: &'static str, why: impl std::fmt::Display) -> BackendError {
         BackendError::Backend {
             backend: self.name.clone(),
@@ -52,19 +55,121 @@ impl GcsUpload {
             .map_err(|e| self.failed("getting a token", one_line(&e)))
     }
 
-    pub async fn put(&self, key: &str, mut body: ByteStream) -> Result<u64, BackendError> {
+    fn object_url(&self, key: &str) -> String {
+        format!(
+            "{}/storage/v1/b/{}/o/{}",
+            self.base.trim_end_matches('/'),
+            encode(&self.bucket),
+            encode(key)
+        )
+    }
+
+    async fn authed(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::RequestBuilder, BackendError> {
         let token = self.bearer().await?;
+        Ok(if token.bearer.is_empty() {
+            req
+        } else {
+            req.bearer_auth(&token.bearer)
+        })
+    }
+
+    /// An answer that is not a success, as an error (404: not found).
+    async fn check(
+        &self,
+        op: &'static str,
+        key: &str,
+        resp: Result<reqwest::Response, reqwest::Error>,
+    ) -> Result<reqwest::Response, BackendError> {
+        let resp = resp.map_err(|e| self.failed(op, one_line(&e)))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        if status == reqwest::StatusCode::NOT_FOUND && !key.is_empty() {
+            return Err(BackendError::NotFound {
+                backend: self.name.clone(),
+                key: key.to_string(),
+            });
+        }
+        let text = resp.text().await.unwrap_or_default();
+        Err(self.failed(op, format!("{status}: {}", text.trim())))
+    }
+
+    pub async fn get(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<ByteStream, BackendError> {
+        let url = format!(
+            "{}/download/storage/v1/b/{}/o/{}?alt=media",
+            self.base.trim_end_matches('/'),
+            encode(&self.bucket),
+            encode(key)
+        );
+        // No overall timeout on a download: it may be long; the connect is bounded.
+        let mut req = self.stream_http.get(url);
+        if let Some((a, z)) = range {
+            req = req.header("range", format!("bytes={a}-{z}"));
+        }
+        let resp = self
+            .check("get", key, self.authed(req).await?.send().await)
+            .await?;
+        let name = self.name.clone();
+        Ok(resp
+            .bytes_stream()
+            .map(move |r| {
+                r.map_err(|e| BackendError::Backend {
+                    backend: name.clone(),
+                    op: "reading",
+                    why: one_line(&e),
+                })
+            })
+            .boxed())
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), BackendError> {
+        let req = self.http.delete(self.object_url(key));
+        match self
+            .check("delete", key, self.authed(req).await?.send().await)
+            .await
+        {
+            Ok(_) | Err(BackendError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Lists one object under `prefix`: fails if the bucket is missing or not readable.
+    pub async fn list_one(&self, prefix: &str) -> Result<(), BackendError> {
+        let url = format!(
+            "{}/storage/v1/b/{}/o?maxResults=1&prefix={}",
+            self.base.trim_end_matches('/'),
+            encode(&self.bucket),
+            encode(prefix)
+        );
+        let req = self.http.get(url);
+        self.check(
+            "listing the bucket",
+            "",
+            self.authed(req).await?.send().await,
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub async fn put(&self, key: &str, mut body: ByteStream) -> Result<u64, BackendError> {
         let start = format!(
             "{}/upload/storage/v1/b/{}/o?uploadType=resumable&name={}",
             self.base.trim_end_matches('/'),
             encode(&self.bucket),
             encode(key)
         );
-        let mut req = self.http.post(&start).header("content-length", "0");
-        if !token.bearer.is_empty() {
-            req = req.bearer_auth(&token.bearer);
-        }
-        let resp = req
+        let req = self.http.post(&start).header("content-length", "0");
+        let resp = self
+            .authed(req)
+            .await?
             .send()
             .await
             .map_err(|e| self.failed("starting an upload", one_line(&e)))?;
@@ -113,7 +218,7 @@ impl GcsUpload {
                 };
                 let n = piece.len() as u64;
                 let resp = self
-                    .http
+                    .stream_http
                     .put(session)
                     .header("content-range", range)
                     .body(piece)

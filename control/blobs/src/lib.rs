@@ -54,11 +54,10 @@ const PART_SIZE: usize = 8 << 20;
 
 enum Kind {
     Postgres(postgres::Postgres),
+    Gcs(gcs::Gcs),
     Object {
         store: Arc<dyn ObjectStore>,
         signer: Option<Arc<dyn Signer>>,
-        /// GCS writes go through the JSON API (see `gcs`).
-        gcs: Option<gcs::GcsUpload>,
     },
 }
 
@@ -120,7 +119,6 @@ impl Backend {
                 Kind::Object {
                     store: s3.clone(),
                     signer: Some(s3),
-                    gcs: None,
                 }
             }
             "gcs" => {
@@ -128,29 +126,31 @@ impl Backend {
                 let base: Option<String> = serde_json::from_str::<serde_json::Value>(&json)
                     .ok()
                     .and_then(|v| v.get("gcs_base_url")?.as_str().map(str::to_string));
-                let gcs = object_store::gcp::GoogleCloudStorageBuilder::new()
+                // Used for its service-account credentials (OAuth tokens) only.
+                let creds = object_store::gcp::GoogleCloudStorageBuilder::new()
                     .with_bucket_name(key("bucket"))
                     .with_service_account_key(json)
                     .with_client_options(client_options(base.as_ref()))
                     .with_retry(retry())
                     .build()
                     .map_err(|e| bad(e.to_string()))?;
-                let upload = gcs::GcsUpload {
+                let client = |timeout: Option<Duration>| {
+                    let mut b = reqwest::Client::builder()
+                        .connect_timeout(Duration::from_secs(5))
+                        .read_timeout(REQUEST_TIMEOUT);
+                    if let Some(t) = timeout {
+                        b = b.timeout(t);
+                    }
+                    b.build().map_err(|e| bad(e.to_string()))
+                };
+                Kind::Gcs(gcs::Gcs {
                     name: name.clone(),
                     base: base.unwrap_or_else(|| "https://storage.googleapis.com".into()),
                     bucket: key("bucket"),
-                    credentials: gcs.credentials().clone(),
-                    http: reqwest::Client::builder()
-                        .timeout(REQUEST_TIMEOUT)
-                        .connect_timeout(Duration::from_secs(5))
-                        .build()
-                        .map_err(|e| bad(e.to_string()))?,
-                };
-                Kind::Object {
-                    store: Arc::new(gcs),
-                    signer: None,
-                    gcs: Some(upload),
-                }
+                    credentials: creds.credentials().clone(),
+                    http: client(Some(REQUEST_TIMEOUT))?,
+                    stream_http: client(None)?,
+                })
             }
             "azure" => {
                 let mut b = object_store::azure::MicrosoftAzureBuilder::new()
@@ -166,7 +166,6 @@ impl Backend {
                 Kind::Object {
                     store: Arc::new(azure),
                     signer: None,
-                    gcs: None,
                 }
             }
             other => return Err(bad(format!("{other:?} is not an external backend"))),
@@ -196,7 +195,7 @@ impl Backend {
     pub async fn put(&self, key: &str, mut body: ByteStream) -> Result<u64, BackendError> {
         match &self.kind {
             Kind::Postgres(pg) => pg.put(key, body).await,
-            Kind::Object { gcs: Some(g), .. } => g.put(key, body).await,
+            Kind::Gcs(g) => g.put(key, body).await,
             Kind::Object { store, .. } => {
                 let path = ObjectPath::from(key);
                 // Small objects go in one request; a multipart upload starts only once the
@@ -241,7 +240,9 @@ impl Backend {
                 .await;
                 match result {
                     Ok(()) => {
-                        w.finish().await.map_err(self.failed("completing an upload"))?;
+                        w.finish()
+                            .await
+                            .map_err(self.failed("completing an upload"))?;
                         Ok(size)
                     }
                     Err(e) => {
@@ -254,9 +255,14 @@ impl Backend {
     }
 
     /// The object's bytes, or the inclusive byte range `(first, last)` of them.
-    pub async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<ByteStream, BackendError> {
+    pub async fn get(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<ByteStream, BackendError> {
         match &self.kind {
             Kind::Postgres(pg) => pg.get(key, range).await,
+            Kind::Gcs(g) => g.get(key, range).await,
             Kind::Object { store, .. } => {
                 let opts = GetOptions {
                     range: range.map(|(a, z)| GetRange::Bounded(a..z + 1)),
@@ -285,6 +291,7 @@ impl Backend {
     pub async fn delete(&self, key: &str) -> Result<(), BackendError> {
         match &self.kind {
             Kind::Postgres(pg) => pg.delete(key).await,
+            Kind::Gcs(g) => g.delete(key).await,
             Kind::Object { store, .. } => match store.delete(&ObjectPath::from(key)).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
                 Err(e) => Err(self.failed("delete")(e)),
@@ -316,15 +323,16 @@ impl Backend {
     /// Checks that the backend works with these credentials, before a configuration is
     /// committed: it lists the bucket, then writes, reads back and deletes a probe object.
     pub async fn probe(&self) -> Result<(), BackendError> {
-        let key = format!(
-            "flynn-blobstore-probe/{:016x}",
-            rand::random::<u64>()
-        );
-        if let Kind::Object { store, .. } = &self.kind {
-            let mut list = store.list(Some(&ObjectPath::from("flynn-blobstore-probe")));
-            if let Some(Err(e)) = list.next().await {
-                return Err(self.failed("listing the bucket")(e));
+        let key = format!("flynn-blobstore-probe/{:016x}", rand::random::<u64>());
+        match &self.kind {
+            Kind::Object { store, .. } => {
+                let mut list = store.list(Some(&ObjectPath::from("flynn-blobstore-probe")));
+                if let Some(Err(e)) = list.next().await {
+                    return Err(self.failed("listing the bucket")(e));
+                }
             }
+            Kind::Gcs(g) => g.list_one("flynn-blobstore-probe/").await?,
+            Kind::Postgres(_) => {}
         }
         let payload = Bytes::from_static(b"flynn blobstore probe\n");
         let body = futures::stream::iter([Ok(payload.clone())]).boxed();

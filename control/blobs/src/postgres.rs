@@ -50,7 +50,10 @@ impl Postgres {
             config.host(h);
         }
         if let Some(p) = keys.get("port") {
-            config.port(p.parse().map_err(|_| bad(format!("port {p:?} is not a port")))?);
+            config.port(
+                p.parse()
+                    .map_err(|_| bad(format!("port {p:?} is not a port")))?,
+            );
         }
         if let Some(u) = keys.get("user") {
             config.user(u);
@@ -119,7 +122,11 @@ impl Postgres {
         Ok(size)
     }
 
-    pub async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<ByteStream, BackendError> {
+    pub async fn get(
+        &self,
+        key: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<ByteStream, BackendError> {
         let inner = self.inner.clone();
         let client = inner.client().await?;
         let (first, last) = match range {
@@ -170,7 +177,9 @@ impl Postgres {
         };
         let stream = futures::stream::unfold(cursor, |mut c| async move {
             let client = c.client.take()?;
-            let upto = c.last.map_or(c.next + BATCH - 1, |l| l.min(c.next + BATCH - 1));
+            let upto = c
+                .last
+                .map_or(c.next + BATCH - 1, |l| l.min(c.next + BATCH - 1));
             if c.last.is_some_and(|l| c.next > l) {
                 c.inner.give_back(client);
                 return None;

@@ -40,7 +40,10 @@ fn cfg(backend: &str, keys: &[(&str, String)]) -> BackendConfig {
     BackendConfig {
         name: format!("test{backend}"),
         backend: backend.into(),
-        keys: keys.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+        keys: keys
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
     }
 }
 
@@ -80,7 +83,10 @@ fn gcs(bucket: &str) -> BackendConfig {
         "private_key": "",
         "private_key_id": "",
     });
-    cfg("gcs", &[("bucket", bucket.into()), ("key", key.to_string())])
+    cfg(
+        "gcs",
+        &[("bucket", bucket.into()), ("key", key.to_string())],
+    )
 }
 
 fn azure(key: &str) -> BackendConfig {
@@ -98,7 +104,9 @@ fn azure(key: &str) -> BackendConfig {
 
 /// Deterministic bytes of any size.
 fn data(size: usize, seed: u8) -> Vec<u8> {
-    (0..size).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..size)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 fn body(bytes: &[u8]) -> flynn_blobs::ByteStream {
@@ -125,11 +133,21 @@ async fn round_trip(cfg: BackendConfig) {
     let b = Backend::connect(&cfg).unwrap();
     b.probe().await.unwrap_or_else(|e| panic!("{e}"));
     let run = format!("{:x}", rand::random::<u64>());
-    for (i, size) in [0usize, 1, (1 << 20) + 3, (9 << 20) + 17].into_iter().enumerate() {
+    for (i, size) in [0usize, 1, (1 << 20) + 3, (9 << 20) + 17]
+        .into_iter()
+        .enumerate()
+    {
         let key = format!("test/{run}/{i}");
         let bytes = data(size, i as u8);
-        assert_eq!(b.put(&key, body(&bytes)).await.unwrap(), size as u64, "{key}");
-        assert!(read(&b, &key, None).await == bytes, "{key} read back differs");
+        assert_eq!(
+            b.put(&key, body(&bytes)).await.unwrap(),
+            size as u64,
+            "{key}"
+        );
+        assert!(
+            read(&b, &key, None).await == bytes,
+            "{key} read back differs"
+        );
         if size > 2 {
             let last = size as u64 - 1;
             for (a, z) in [(0, 0), (1, last), (last / 2, last / 2 + 1), (last, last)] {
@@ -162,7 +180,10 @@ async fn round_trip(cfg: BackendConfig) {
 
 async fn refused(cfg: BackendConfig, says: &str) {
     let b = Backend::connect(&cfg).unwrap();
-    let e = b.probe().await.expect_err("a bad configuration passed the probe");
+    let e = b
+        .probe()
+        .await
+        .expect_err("a bad configuration passed the probe");
     let text = e.to_string();
     assert!(text.contains(&cfg.name), "{text}");
     assert!(text.to_lowercase().contains(says), "{text}");
@@ -178,7 +199,11 @@ async fn t10_postgres() {
 async fn t11_s3() {
     round_trip(s3(&servers()["S3_SECRET_ACCESS_KEY"], "flynn")).await;
     refused(s3("wrong", "flynn"), "signature").await;
-    refused(s3(&servers()["S3_SECRET_ACCESS_KEY"], "no-such-bucket"), "bucket").await;
+    refused(
+        s3(&servers()["S3_SECRET_ACCESS_KEY"], "no-such-bucket"),
+        "bucket",
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -68,7 +68,10 @@ impl Backends {
     }
 
     /// The default backend's name and client (`None`: embedded).
-    pub fn default_backend(&self, local: &LocalState) -> Result<(String, Option<Arc<Backend>>), ApiError> {
+    pub fn default_backend(
+        &self,
+        local: &LocalState,
+    ) -> Result<(String, Option<Arc<Backend>>), ApiError> {
         let (_, default) = configured(local)?;
         let backend = self.get(local, &default)?;
         Ok((default, backend))

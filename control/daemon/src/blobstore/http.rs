@@ -329,8 +329,7 @@ impl super::Blobstore {
                 None if self.peers().is_empty() => {}
                 None => {
                     return Err(ApiError::Unavailable(
-                        "the blob could not be stored on a second host; nothing was written"
-                            .into(),
+                        "the blob could not be stored on a second host; nothing was written".into(),
                     ))
                 }
             }
@@ -408,7 +407,10 @@ impl super::Blobstore {
             created_ms: existing.map_or(now, |e| e.created_ms),
             modified_ms: now,
         };
-        match node.propose_as(BlobsCommand::PutFile { file: file.clone() }).await {
+        match node
+            .propose_as(BlobsCommand::PutFile { file: file.clone() })
+            .await
+        {
             Ok(f) => {
                 if let Some(old) = existing {
                     self.release(old).await;
@@ -557,10 +559,9 @@ async fn open(b: &Shared, file: &BlobFile, range: Option<(u64, u64)>) -> ApiResu
         None => (0, file.size),
     };
     if file.backend != backends::EMBEDDED {
-        let backend = b
-            .backends
-            .get(b.ready()?, &file.backend)?
-            .ok_or_else(|| ApiError::Internal(format!("{} has no external client", file.backend)))?;
+        let backend = b.backends.get(b.ready()?, &file.backend)?.ok_or_else(|| {
+            ApiError::Internal(format!("{} has no external client", file.backend))
+        })?;
         let key = file.key.as_deref().unwrap_or(&file.sha512);
         let stream = backend
             .get(key, range)
@@ -654,6 +655,7 @@ async fn read(b: &Shared, path: &str, headers: &HeaderMap, head: bool) -> ApiRes
         .is_some_and(|v| v.split(',').any(|t| t.trim() == tag || t.trim() == "*"));
     let mut resp = Response::builder()
         .header(header::ETAG, &tag)
+        .header("blobstore-backend", &file.backend)
         .header(header::ACCEPT_RANGES, "bytes")
         .header(
             header::CONTENT_TYPE,

@@ -70,7 +70,9 @@ pub async fn migrate(
     let (default, target) = b.backends.default_backend(local)?;
     // A default backend that does not work is a configuration error: nothing is copied.
     if let Some(t) = &target {
-        t.probe().await.map_err(|e| ApiError::Invalid(e.to_string()))?;
+        t.probe()
+            .await
+            .map_err(|e| ApiError::Invalid(e.to_string()))?;
     }
     let prefix = opts.prefix.clone().unwrap_or_else(|| "/".into());
     let files: Vec<BlobFile> = local.read(|s| {
@@ -226,7 +228,10 @@ async fn check_copy(b: &Arc<Blobstore>, backend: &str, key: &str, want: &str) ->
         .backends
         .get(b.ready()?, backend)?
         .ok_or_else(|| ApiError::Internal("no client for the target backend".into()))?;
-    let mut stream = client.get(key, None).await.map_err(backends::from_backend)?;
+    let mut stream = client
+        .get(key, None)
+        .await
+        .map_err(backends::from_backend)?;
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA512);
     while let Some(chunk) = stream.next().await {
         ctx.update(&chunk.map_err(backends::from_backend)?);
