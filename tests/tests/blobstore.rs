@@ -614,6 +614,24 @@ async fn t12_external_backends_env_set_and_migrate() {
             ok(&c.flynn(0, &["-a", "blobstore", "env", "set", &plain_cfg]));
         }
     }
+    // Metrics per backend: requests, bytes and latency histograms, in valid Prometheus text.
+    let metrics = reqwest::get(format!("{}/metrics", c.hosts[1].url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for backend in ["embedded", "pgmain", "s3main", "gcsmain", "azuremain"] {
+        let served =
+            format!("flynn_blobstore_bytes_total{{direction=\"out\",backend=\"{backend}\"}}");
+        let timed = format!(
+            "flynn_blobstore_request_seconds_bucket{{method=\"get\",backend=\"{backend}\",le=\"+Inf\"}}"
+        );
+        assert!(
+            metrics.contains(&served) && metrics.contains(&timed),
+            "{backend}: {metrics}"
+        );
+    }
     // The refusals are in the blobstore's log too.
     let log = ok(&c.flynn(0, &["-a", "blobstore", "log"]));
     assert!(

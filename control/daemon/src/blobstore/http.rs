@@ -1,6 +1,5 @@
 //! The blobstore's HTTP API and the internal object transfer between hosts.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -22,27 +21,6 @@ use super::Blobstore;
 use crate::error::{ApiError, ApiResult};
 
 type Shared = Arc<Blobstore>;
-
-/// Requests and bytes, by method, for `/metrics`.
-#[derive(Default)]
-pub struct Counters {
-    gets: AtomicU64,
-    puts: AtomicU64,
-    deletes: AtomicU64,
-    errors: AtomicU64,
-    bytes_in: AtomicU64,
-    bytes_out: AtomicU64,
-}
-
-impl Counters {
-    pub fn render(&self) -> String {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        format!(
-            "# HELP flynn_blobstore_requests_total Blobstore requests by method.\n# TYPE flynn_blobstore_requests_total counter\nflynn_blobstore_requests_total{{method=\"get\",backend=\"embedded\"}} {}\nflynn_blobstore_requests_total{{method=\"put\",backend=\"embedded\"}} {}\nflynn_blobstore_requests_total{{method=\"delete\",backend=\"embedded\"}} {}\n# HELP flynn_blobstore_errors_total Blobstore requests answered with an error.\n# TYPE flynn_blobstore_errors_total counter\nflynn_blobstore_errors_total{{backend=\"embedded\"}} {}\n# HELP flynn_blobstore_bytes_total Bytes stored and served.\n# TYPE flynn_blobstore_bytes_total counter\nflynn_blobstore_bytes_total{{direction=\"in\",backend=\"embedded\"}} {}\nflynn_blobstore_bytes_total{{direction=\"out\",backend=\"embedded\"}} {}\n",
-            g(&self.gets), g(&self.puts), g(&self.deletes), g(&self.errors), g(&self.bytes_in), g(&self.bytes_out)
-        )
-    }
-}
 
 pub fn router(b: Shared) -> Router {
     Router::new()
@@ -179,27 +157,34 @@ async fn list(
 async fn file(State(b): State<Shared>, Path(path): Path<String>, req: Request) -> Response {
     let path = format!("/{path}");
     let method = req.method().clone();
-    let result = match method {
-        Method::GET | Method::HEAD => {
-            b.counters.gets.fetch_add(1, Ordering::Relaxed);
-            read(&b, &path, req.headers(), method == Method::HEAD).await
-        }
-        Method::PUT => {
-            b.counters.puts.fetch_add(1, Ordering::Relaxed);
-            write(&b, &path, req).await.map(IntoResponse::into_response)
-        }
-        Method::DELETE => {
-            b.counters.deletes.fetch_add(1, Ordering::Relaxed);
-            delete(&b, &path).await.map(IntoResponse::into_response)
-        }
-        _ => Err(ApiError::Invalid(format!(
-            "{method} is not a blobstore method"
-        ))),
+    let started = std::time::Instant::now();
+    let (name, result) = match method {
+        Method::GET | Method::HEAD => (
+            "get",
+            read(&b, &path, req.headers(), method == Method::HEAD).await,
+        ),
+        Method::PUT => ("put", write(&b, &path, req).await),
+        Method::DELETE => (
+            "delete",
+            delete(&b, &path).await.map(IntoResponse::into_response),
+        ),
+        _ => (
+            "other",
+            Err(ApiError::Invalid(format!(
+                "{method} is not a blobstore method"
+            ))),
+        ),
     };
-    result.unwrap_or_else(|e| {
-        b.counters.errors.fetch_add(1, Ordering::Relaxed);
-        e.into_response()
-    })
+    let resp = result.unwrap_or_else(IntoResponse::into_response);
+    let backend = resp
+        .headers()
+        .get("blobstore-backend")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none")
+        .to_string();
+    let error = resp.status().is_client_error() || resp.status().is_server_error();
+    b.metrics.request(name, &backend, started.elapsed(), error);
+    resp
 }
 
 async fn delete(b: &Shared, path: &str) -> ApiResult<Json<serde_json::Value>> {
@@ -225,7 +210,7 @@ async fn delete(b: &Shared, path: &str) -> ApiResult<Json<serde_json::Value>> {
     Ok(crate::api::deleted())
 }
 
-async fn write(b: &Shared, path: &str, req: Request) -> ApiResult<Json<BlobFile>> {
+async fn write(b: &Shared, path: &str, req: Request) -> ApiResult<Response> {
     let local = b.ready()?;
     check_path(path)?;
     let headers = req.headers().clone();
@@ -254,7 +239,8 @@ async fn write(b: &Shared, path: &str, req: Request) -> ApiResult<Json<BlobFile>
             content_type: content_type.or(source.content_type.clone()),
             ..source
         };
-        return Ok(Json(node.propose_as(BlobsCommand::PutFile { file }).await?));
+        let file: BlobFile = node.propose_as(BlobsCommand::PutFile { file }).await?;
+        return Ok(with_backend(&file.backend.clone(), Json(file)));
     }
 
     // An append extends the current content, only at its exact end.
@@ -286,9 +272,18 @@ async fn write(b: &Shared, path: &str, req: Request) -> ApiResult<Json<BlobFile>
         None => body,
     };
     let stored = b.store_content(content, None).await?;
-    b.commit(path, stored, content_type, existing.as_ref(), now)
-        .await
-        .map(Json)
+    let file = b
+        .commit(path, stored, content_type, existing.as_ref(), now)
+        .await?;
+    Ok(with_backend(&file.backend.clone(), Json(file)))
+}
+
+fn with_backend(backend: &str, r: impl IntoResponse) -> Response {
+    let mut resp = r.into_response();
+    if let Ok(v) = backend.parse() {
+        resp.headers_mut().insert("blobstore-backend", v);
+    }
+    resp
 }
 
 /// Bytes stored in a backend, not yet committed to a file.
@@ -393,9 +388,7 @@ impl super::Blobstore {
         now: u64,
     ) -> ApiResult<BlobFile> {
         let node = self.ready()?.node().clone();
-        self.counters
-            .bytes_in
-            .fetch_add(stored.size, Ordering::Relaxed);
+        self.metrics.bytes_in(&stored.backend, stored.size);
         let file = BlobFile {
             path: path.to_string(),
             size: stored.size,
@@ -694,7 +687,7 @@ async fn read(b: &Shared, path: &str, headers: &HeaderMap, head: bool) -> ApiRes
     if head {
         return Ok(resp.body(Body::empty()).expect("static parts"));
     }
-    b.counters.bytes_out.fetch_add(len, Ordering::Relaxed);
+    b.metrics.bytes_out(&file.backend, len);
     if let Some(url) = redirect(b, &file).await {
         return Ok(Response::builder()
             .status(StatusCode::FOUND)

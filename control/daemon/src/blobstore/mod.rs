@@ -8,6 +8,7 @@
 
 pub mod backends;
 mod http;
+mod metrics;
 mod migrate;
 pub mod store;
 
@@ -62,7 +63,7 @@ pub struct Blobstore {
     peers: reqwest::Client,
     server: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     backends: backends::Backends,
-    pub(crate) counters: http::Counters,
+    pub(crate) metrics: metrics::Metrics,
 }
 
 impl Blobstore {
@@ -86,7 +87,7 @@ impl Blobstore {
                 .build()?,
             server: std::sync::Mutex::new(None),
             backends: backends::Backends::default(),
-            counters: http::Counters::default(),
+            metrics: metrics::Metrics::default(),
         });
         let app = http::router(me.clone());
         let task = tokio::spawn(crate::api::serve::serve(
@@ -138,15 +139,20 @@ impl Component for Blobstore {
     }
 
     fn status(&self) -> serde_json::Value {
+        let default = self
+            .local
+            .get()
+            .and_then(|l| backends::configured(l).ok())
+            .map(|(_, d)| d);
         serde_json::json!({
             "listen": self.addr,
-            "default_backend": "embedded",
+            "default_backend": default,
             "ready": self.local.get().is_some(),
         })
     }
 
     fn prometheus(&self) -> String {
-        self.counters.render()
+        self.metrics.render()
     }
 
     fn stop(self: Arc<Self>) -> BoxFuture<'static, ()> {
