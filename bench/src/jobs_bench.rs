@@ -11,11 +11,15 @@
 //! range). Needs root (containers). Output: JSON lines, then a markdown table.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Parser;
+
+#[path = "local_cluster.rs"]
+mod local_cluster;
+use local_cluster::{LocalCluster, DOMAIN};
 
 #[derive(Parser)]
 #[command(about = "job start latency vs bare fork/exec, and time to scale out")]
@@ -29,29 +33,6 @@ struct Opts {
     /// Directory with flynn, flynn-host (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
-}
-
-const DOMAIN: &str = "bench.test";
-
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = Command::new("kill").arg(c.id().to_string()).status();
-        }
-        for c in &mut self.0 {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -93,24 +74,6 @@ async fn until_200(addr: &str, host: &str, start: Instant, limit: Duration) -> a
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-}
-
-fn run(bin: &Path, args: &[&str], home: &Path) -> anyhow::Result<String> {
-    let out = Command::new(bin)
-        .args(args)
-        .env("FLYNNRC", home.join("flynnrc"))
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {}", bin.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} {}: {}",
-            bin.display(),
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 struct Api {
@@ -178,93 +141,10 @@ impl Api {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let opts = Opts::parse();
-    let bin_dir = match &opts.bin_dir {
-        Some(d) => d.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("binary dir")?
-            .to_path_buf(),
-    };
-    let flynn_host = bin_dir.join("flynn-host");
-    let flynn = bin_dir.join("flynn");
-    let tmp = tempfile::tempdir()?;
-    let dir = tmp.path();
-    let mut procs = Procs(Vec::new());
-
-    // Three hosts on 127.0.0.1, ports apart.
-    let api_ports = [13001u16, 13002, 13003];
-    for (i, port) in api_ports.iter().enumerate() {
-        let log = std::fs::File::create(dir.join(format!("host{i}.log")))?;
-        let first = 40000 + i as u32 * 2000;
-        procs.0.push(
-            Command::new(&flynn_host)
-                .arg("--data-dir")
-                .arg(dir.join(format!("host{i}")))
-                .args([
-                    "daemon",
-                    "--external-ip",
-                    "127.0.0.1",
-                    "--listen-ip",
-                    "127.0.0.1",
-                ])
-                .args(["--port", &port.to_string()])
-                .args(["--router-http", &format!("127.0.0.1:{}", 18080 + i)])
-                .args(["--router-https", &format!("127.0.0.1:{}", 18443 + i)])
-                .args(["--blobstore-http", &format!("127.0.0.1:{}", 15001 + i)])
-                .args(["--volume-provider", "dir", "--log-dir"])
-                .arg(dir.join(format!("logs{i}")))
-                .args(["--job-ports", &format!("{first}-{}", first + 1999)])
-                .env("RUST_LOG", "info,openraft=error")
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .context("starting flynn-host")?,
-        );
-    }
-    let peers: Vec<String> = api_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let boot = run(
-        &flynn_host,
-        &[
-            "bootstrap",
-            "--json",
-            "--timeout",
-            "60",
-            "--min-hosts",
-            "3",
-            "--peer-ips",
-            &peers.join(","),
-            "--domain",
-            DOMAIN,
-        ],
-        dir,
-    )?;
-    let boot: serde_json::Value = serde_json::from_str(&boot)?;
-    let key = boot["controller_key"].as_str().context("key")?.to_string();
-    let url = format!("http://{}", peers[0]);
-    run(&flynn, &["cluster", "add", "-d", "bench", &url, &key], dir)?;
-    // Every host's blobstore and job runner registered (they do within seconds of bootstrap).
-    let http = reqwest::Client::new();
-    for service in ["blobstore", "flynn-host"] {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let svc: serde_json::Value = http
-                .get(format!("{url}/services/{service}"))
-                .bearer_auth(&key)
-                .send()
-                .await?
-                .json()
-                .await
-                .unwrap_or_default();
-            if svc["instances"].as_object().is_some_and(|i| i.len() == 3) {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("the hosts did not all register as {service}");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-    run(&flynn, &["create", "bench"], dir)?;
+    let bin_dir = local_cluster::bin_dir(&opts.bin_dir)?;
+    let cluster = LocalCluster::start(&bin_dir, true).await?;
+    let dir = cluster.dir.path();
+    cluster.flynn(&["create", "bench"])?;
     let image = dir.join("image.tar");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../script/busybox-image");
     let out = Command::new("bash")
@@ -276,12 +156,12 @@ async fn main() -> anyhow::Result<()> {
     if !out.status.success() {
         bail!("busybox-image: {}", String::from_utf8_lossy(&out.stderr));
     }
-    run(
-        &flynn,
-        &["-a", "bench", "docker", "push", image.to_str().unwrap()],
-        dir,
-    )?;
-    let api = Api { http, url, key };
+    cluster.flynn(&["-a", "bench", "docker", "push", image.to_str().unwrap()])?;
+    let api = Api {
+        http: cluster.http.clone(),
+        url: cluster.url.clone(),
+        key: cluster.key.clone(),
+    };
     api.wait_for(1, 1, Duration::from_secs(30)).await?;
     let router = "127.0.0.1:18080";
     let vhost = format!("bench.{DOMAIN}");

@@ -261,6 +261,29 @@ async fn t11_two_copies_survive_a_host_and_a_bad_copy() {
         .pool_idle_timeout(flynn_client::POOL_IDLE)
         .build()
         .unwrap();
+    // Acknowledged with two copies; a third follows on the third host.
+    let three = b"three copies of this, please\n".repeat(100);
+    let r = http
+        .put(url(&c, 1, "/three"))
+        .body(three.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let hex: String = sha512(&three).iter().map(|b| format!("{b:02x}")).collect();
+    eventually(Duration::from_secs(10), "a copy on every host", || async {
+        c.hosts
+            .iter()
+            .all(|h| {
+                h.data_dir
+                    .join("blobstore/objects")
+                    .join(&hex[..2])
+                    .join(&hex)
+                    .is_file()
+            })
+            .then_some(())
+    })
+    .await;
     // Writes through host 0; host 2 dies halfway. Every acknowledged blob stays readable.
     let mut acked = Vec::new();
     for n in 0..16 {

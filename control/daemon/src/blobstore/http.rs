@@ -103,13 +103,31 @@ impl Blobstore {
             .collect()
     }
 
-    /// Copies a local object to one other host; its id, or `None` if no host took it.
-    async fn replicate(&self, sha512: &str) -> Option<u64> {
-        for (id, addr) in self.peers() {
+    /// Copies a local object to one other host not in `skip`; its id, or `None` if no host
+    /// took it.
+    async fn replicate(&self, sha512: &str, skip: &[u64]) -> Option<u64> {
+        for (id, addr) in self
+            .peers()
+            .into_iter()
+            .filter(|(id, _)| !skip.contains(id))
+        {
+            // Content-addressed: a peer that has the object already is a copy.
+            let has = self
+                .peers
+                .head(format!("http://{addr}/_objects/{sha512}"))
+                .header(SECRET_HEADER, self.secret())
+                .send()
+                .await;
+            if has.is_ok_and(|r| r.status().is_success()) {
+                return Some(id);
+            }
             let Ok(file) = tokio::fs::File::open(self.store.path(sha512)).await else {
                 return None;
             };
-            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(file));
+            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+                file,
+                store::READ_CHUNK,
+            ));
             let sent = self
                 .peers
                 .put(format!("http://{addr}/_objects/{sha512}"))
@@ -309,7 +327,7 @@ impl super::Blobstore {
         let Some(backend) = backend else {
             let written = self
                 .store
-                .write(None, content, None)
+                .write(content, None)
                 .await
                 .map_err(ApiError::Invalid)?;
             if let Some(want) = expect.filter(|w| **w != written.sha512) {
@@ -319,7 +337,7 @@ impl super::Blobstore {
                 return Err(mismatch(&written.sha512, want));
             }
             let mut holders = vec![self.host];
-            match self.replicate(&written.sha512).await {
+            match self.replicate(&written.sha512, &[]).await {
                 Some(peer) => holders.push(peer),
                 None if self.peers().is_empty() => {}
                 None => {
@@ -405,6 +423,10 @@ impl super::Blobstore {
             .await
         {
             Ok(f) => {
+                if file.key.is_none() && file.holders.len() == 2 {
+                    let (me, sha, have) = (self.clone(), file.sha512.clone(), file.holders.clone());
+                    tokio::spawn(async move { me.third_copy(sha, have).await });
+                }
                 if let Some(old) = existing {
                     self.release(old).await;
                 }
@@ -413,6 +435,23 @@ impl super::Blobstore {
             Err(e) => {
                 self.release(&file).await;
                 Err(e)
+            }
+        }
+    }
+
+    /// Copies a committed embedded object to a third host, where there is one, and records
+    /// it: the write was acknowledged with two copies already.
+    async fn third_copy(self: Arc<Self>, sha512: String, have: Vec<u64>) {
+        let Some(third) = self.replicate(&sha512, &have).await else {
+            return;
+        };
+        let add = BlobsCommand::AddHolders {
+            sha512,
+            hosts: vec![third],
+        };
+        if let Ok(local) = self.ready() {
+            if let Err(e) = local.node().propose(add).await {
+                tracing::warn!(error = %e, "a third copy was made but not recorded");
             }
         }
     }
@@ -537,7 +576,7 @@ async fn fetch_local(b: &Shared, file: &BlobFile) -> ApiResult<std::path::PathBu
     if !b.store.has(&file.sha512) {
         let content = open(b, file, None).await?;
         b.store
-            .write(None, content, Some(&file.sha512))
+            .write(content, Some(&file.sha512))
             .await
             .map_err(ApiError::Internal)?;
     }
@@ -569,7 +608,9 @@ async fn open(b: &Shared, file: &BlobFile, range: Option<(u64, u64)>) -> ApiResu
         f.seek(std::io::SeekFrom::Start(start))
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?;
-        return Ok(tokio_util::io::ReaderStream::new(f.take(len)).boxed());
+        return Ok(
+            tokio_util::io::ReaderStream::with_capacity(f.take(len), store::READ_CHUNK).boxed(),
+        );
     }
     let remote = from_holder(b, file, range).await?;
     Ok(remote
@@ -708,9 +749,10 @@ async fn read(b: &Shared, path: &str, headers: &HeaderMap, head: bool) -> ApiRes
         });
     }
     let stream = open(b, &file, range).await?;
-    let body = if range.is_none() {
-        let discard = here && file.backend == backends::EMBEDDED;
-        Body::from_stream(verified(b.clone(), stream, file.sha512.clone(), discard))
+    let local = here && file.backend == backends::EMBEDDED;
+    // A local copy checked recently (and unchanged since) is not hashed on every read.
+    let body = if range.is_none() && !(local && b.store.recently_checked(&file.sha512)) {
+        Body::from_stream(verified(b.clone(), stream, file.sha512.clone(), local))
     } else {
         Body::from_stream(stream)
     };
@@ -746,6 +788,7 @@ fn verified<S>(
     b: Shared,
     inner: S,
     want: String,
+    // The content is this host's copy: a mismatch drops it, a match is remembered.
     discard: bool,
 ) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>>
 where
@@ -769,6 +812,9 @@ where
                     None => {
                         let got = super::store::hex(ctx.finish().as_ref());
                         if got == want {
+                            if discard {
+                                b.store.mark_checked(&want);
+                            }
                             return held.map(|last| (Ok(last), None));
                         }
                         tracing::error!(object = %want, "content does not match its digest");
@@ -799,9 +845,13 @@ async fn object_put(
     if !valid_sha(&sha) {
         return Err(ApiError::Invalid("not a SHA-512".into()));
     }
-    if !b.store.has(&sha) {
+    let mut body = body.into_data_stream();
+    if b.store.has(&sha) {
+        // Read to the end all the same: answering mid-body resets the sender's connection.
+        while let Some(Ok(_)) = body.next().await {}
+    } else {
         b.store
-            .write(None, body.into_data_stream(), Some(&sha))
+            .write(body, Some(&sha))
             .await
             .map_err(ApiError::Invalid)?;
     }
@@ -863,7 +913,13 @@ async fn object_get(
     f.seek(std::io::SeekFrom::Start(start))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(Body::from_stream(tokio_util::io::ReaderStream::new(f.take(len))).into_response())
+    Ok(
+        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+            f.take(len),
+            store::READ_CHUNK,
+        ))
+        .into_response(),
+    )
 }
 
 #[cfg(test)]

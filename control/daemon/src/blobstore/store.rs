@@ -3,7 +3,10 @@
 //! its SHA-512 is computed, synced, and renamed into place only whole, so a cut upload
 //! leaves nothing; identical content is stored once, and a copy is metadata only.
 
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime};
 
 use futures::{Stream, StreamExt};
 use tokio::io::AsyncWriteExt;
@@ -12,8 +15,18 @@ use tokio::io::AsyncWriteExt;
 /// [`ObjectStore::discard_unused`]).
 pub const GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// Bytes read from disk at a time when serving or copying an object.
+pub const READ_CHUNK: usize = 1 << 20;
+const WRITE_BUFFER: usize = 1 << 20;
+
+/// How long a local object that read back whole with its digest is trusted without
+/// hashing it again (while its modification time stays the same).
+pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(600);
+
 pub struct ObjectStore {
     root: PathBuf,
+    /// Objects whose digest was checked on a whole read: their mtime then, and when.
+    checked: Mutex<HashMap<String, (SystemTime, Instant)>>,
 }
 
 /// What writing an object produced.
@@ -29,7 +42,10 @@ pub fn hex(bytes: &[u8]) -> String {
 impl ObjectStore {
     pub fn open(root: PathBuf) -> std::io::Result<Self> {
         std::fs::create_dir_all(root.join("tmp"))?;
-        Ok(ObjectStore { root })
+        Ok(ObjectStore {
+            root,
+            checked: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn path(&self, sha512: &str) -> PathBuf {
@@ -40,15 +56,9 @@ impl ObjectStore {
         valid_sha(sha512) && self.path(sha512).is_file()
     }
 
-    /// Writes the concatenation of `prefix` (an existing object, for appends) and `body`;
-    /// returns its digest and size. With `expect`, a different digest is refused and nothing
+    /// Writes `body` as an object; returns its digest and size. With `expect`, a different digest is refused and nothing
     /// is kept.
-    pub async fn write<S, E>(
-        &self,
-        prefix: Option<&Path>,
-        mut body: S,
-        expect: Option<&str>,
-    ) -> Result<Written, String>
+    pub async fn write<S, E>(&self, mut body: S, expect: Option<&str>) -> Result<Written, String>
     where
         S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
         E: std::fmt::Display,
@@ -58,35 +68,21 @@ impl ObjectStore {
                 .join("tmp")
                 .join(format!("{}-{}", std::process::id(), rand::random::<u64>()));
         let result = async {
-            let mut f = tokio::fs::File::create(&tmp)
+            let file = tokio::fs::File::create(&tmp)
                 .await
                 .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+            // Few large writes: each write of a tokio file is a trip to the blocking pool.
+            let mut f = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file);
             let mut ctx = ring::digest::Context::new(&ring::digest::SHA512);
             let mut size = 0u64;
-            if let Some(p) = prefix {
-                let mut src = tokio::fs::File::open(p)
-                    .await
-                    .map_err(|e| format!("reading {}: {e}", p.display()))?;
-                let mut buf = vec![0u8; 256 * 1024];
-                loop {
-                    let n = tokio::io::AsyncReadExt::read(&mut src, &mut buf)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    if n == 0 {
-                        break;
-                    }
-                    ctx.update(&buf[..n]);
-                    f.write_all(&buf[..n]).await.map_err(|e| e.to_string())?;
-                    size += n as u64;
-                }
-            }
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|e| format!("the upload broke off: {e}"))?;
                 ctx.update(&chunk);
                 f.write_all(&chunk).await.map_err(|e| e.to_string())?;
                 size += chunk.len() as u64;
             }
-            f.sync_all().await.map_err(|e| e.to_string())?;
+            f.flush().await.map_err(|e| e.to_string())?;
+            f.get_ref().sync_all().await.map_err(|e| e.to_string())?;
             let sha512 = hex(ctx.finish().as_ref());
             if let Some(want) = expect {
                 if want != sha512 {
@@ -113,6 +109,32 @@ impl ObjectStore {
         result
     }
 
+    fn mtime(&self, sha512: &str) -> Option<SystemTime> {
+        std::fs::metadata(self.path(sha512)).ok()?.modified().ok()
+    }
+
+    /// Whether the object read back whole with its digest within [`RECHECK`], unchanged
+    /// on disk since.
+    pub fn recently_checked(&self, sha512: &str) -> bool {
+        let Some(now) = self.mtime(sha512) else {
+            return false;
+        };
+        let checked = self.checked.lock().expect("checked lock");
+        checked
+            .get(sha512)
+            .is_some_and(|(mtime, at)| *mtime == now && at.elapsed() < RECHECK)
+    }
+
+    pub fn mark_checked(&self, sha512: &str) {
+        if let Some(mtime) = self.mtime(sha512) {
+            let mut checked = self.checked.lock().expect("checked lock");
+            if checked.len() > 100_000 {
+                checked.clear();
+            }
+            checked.insert(sha512.to_string(), (mtime, Instant::now()));
+        }
+    }
+
     /// Drops an object no file refers to any more, unless it was written within
     /// [`GRACE`]: an upload of the same content may be about to commit a file naming it.
     pub fn discard_unused(&self, sha512: &str) {
@@ -132,6 +154,7 @@ impl ObjectStore {
 
     /// Drops a copy found to be bad, so reads go to another holder.
     pub fn discard(&self, sha512: &str) {
+        self.checked.lock().expect("checked lock").remove(sha512);
         if valid_sha(sha512) {
             let _ = std::fs::remove_file(self.path(sha512));
         }

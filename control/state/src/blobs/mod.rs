@@ -42,6 +42,9 @@ pub enum BlobsCommand {
     PutFile { file: BlobFile },
     /// Removes `path` and everything under `path/`.
     DeleteFiles { path: String },
+    /// Records more hosts holding the embedded object `sha512` (a copy made after the PUT
+    /// was acknowledged), on every file with that content.
+    AddHolders { sha512: String, hosts: Vec<u64> },
     /// Points a file at a verified copy of its bytes in another backend (migrate), only if
     /// it is still the content and backend the copy was made from: a file overwritten
     /// meanwhile is left as it is (`Conflict`).
@@ -148,6 +151,24 @@ impl Area for Blobs {
                 let file = file.clone();
                 cx.touch(TABLE, &path);
                 Ok(Response::Blob { file })
+            }
+            BlobsCommand::AddHolders { sha512, hosts } => {
+                let mut touched = Vec::new();
+                for f in s.blobs.blobs.values_mut() {
+                    if f.key.is_some() || f.sha512 != sha512 {
+                        continue;
+                    }
+                    for h in &hosts {
+                        if !f.holders.contains(h) {
+                            f.holders.push(*h);
+                            touched.push(f.path.clone());
+                        }
+                    }
+                }
+                for p in touched {
+                    cx.touch(TABLE, &p);
+                }
+                Ok(Response::Done)
             }
             BlobsCommand::DeleteFiles { path } => {
                 let dir = format!("{}/", path.trim_end_matches('/'));

@@ -209,3 +209,22 @@ fn t13_a_migrated_file_moves_only_if_unchanged_since_its_copy() {
     );
     assert!(matches!(r, Err(StateError::NotFound(_))), "{r:?}");
 }
+
+#[test]
+fn t14_a_later_copy_is_recorded_on_every_file_with_that_content() {
+    let mut s = booted();
+    ok(&mut s, BlobsCommand::PutFile { file: file("/a") });
+    ok(&mut s, BlobsCommand::PutFile { file: file("/b") });
+    let mut other = file("/c");
+    other.sha512 = "c".repeat(128);
+    ok(&mut s, BlobsCommand::PutFile { file: other });
+    let add = BlobsCommand::AddHolders {
+        sha512: "a".repeat(128),
+        hosts: vec![3, 2],
+    };
+    ok(&mut s, add.clone());
+    ok(&mut s, add);
+    assert_eq!(s.blobs.blobs["/a"].holders, [1, 2, 3]);
+    assert_eq!(s.blobs.blobs["/b"].holders, [1, 2, 3]);
+    assert_eq!(s.blobs.blobs["/c"].holders, [1, 2]);
+}
