@@ -70,7 +70,7 @@ fn t10_installs_the_binaries_and_makes_the_pool_on_a_device() {
         "{}",
         text(&out.stdout)
     );
-    for bin in ["flynn-host", "flynn"] {
+    for bin in ["flynn-host", "flynn", "flynn-blobstore"] {
         let ran = Command::new(prefix.join("bin").join(bin))
             .arg("--version")
             .output()

@@ -11,14 +11,10 @@ use futures::StreamExt;
 #[derive(Parser)]
 #[command(name = "flynn-blobstore", version, about = "Blobstore maintenance")]
 struct Cli {
-    /// The blobstore to talk to (any host's).
-    #[arg(
-        long,
-        env = "BLOBSTORE_URL",
-        default_value = "http://127.0.0.1:5001",
-        global = true
-    )]
-    url: String,
+    /// The blobstore to talk to (any host's). Default: the host's own, at `$EXTERNAL_IP`
+    /// in a job, else on 127.0.0.1, port 5001.
+    #[arg(long, env = "BLOBSTORE_URL", global = true)]
+    url: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -70,7 +66,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         concurrency,
         prefix,
     } = cli.command;
-    let url = format!("{}/_migrate", cli.url.trim_end_matches('/'));
+    let base = cli.url.unwrap_or_else(|| {
+        let ip = std::env::var("EXTERNAL_IP").unwrap_or_else(|_| "127.0.0.1".into());
+        format!("http://{ip}:5001")
+    });
+    let url = format!("{}/_migrate", base.trim_end_matches('/'));
     let resp = reqwest::Client::new()
         .post(&url)
         .query(&[
@@ -80,7 +80,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ])
         .send()
         .await
-        .with_context(|| format!("cannot reach the blobstore at {}", cli.url))?;
+        .with_context(|| format!("cannot reach the blobstore at {base}"))?;
     if !resp.status().is_success() {
         let status = resp.status();
         let body: serde_json::Value = resp.json().await.unwrap_or_default();

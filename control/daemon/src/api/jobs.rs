@@ -578,6 +578,8 @@ async fn run(
     }
     let node = host.node()?;
     node.read_barrier().await?;
+    // A system app without a release runs from its system image (flynn-blobstore).
+    crate::jobs::system_image::ensure_release(&host, &app).await?;
     let now = crate::now_ms();
     let (release, target) = node.state.read(|a| {
         let s = &a.state;

@@ -12,6 +12,7 @@ pub mod logs;
 pub mod network;
 pub mod oneoff;
 pub mod scheduler;
+pub mod system_image;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;

@@ -1,0 +1,169 @@
+//! The image a system app's one-off jobs run from, for `flynn -a blobstore run
+//! /bin/flynn-blobstore migrate --delete`: this host's own `flynn-blobstore` binary and the
+//! shared libraries it links (as `ldd` lists them), as one deterministic layer. It is made
+//! on the first `run` of an app that has no release yet and stored in the blobstore like
+//! any layer, and its release names the commands there are (`migrate`).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use flynn_state::jobs::JobsCommand;
+use flynn_state::{Image, ImageConfig, Layer, LayerCompression, NewRelease, ProcessType};
+
+use crate::api::AppState;
+use crate::error::{ApiError, ApiResult};
+
+/// System apps that can run one-off jobs, with the binary they run.
+const SYSTEM_BINARIES: &[(&str, &str)] = &[("blobstore", "flynn-blobstore")];
+
+/// Gives `app` a release from its system image if it is a system app without one.
+pub async fn ensure_release(host: &AppState, app: &str) -> ApiResult<()> {
+    let Some((_, binary)) = SYSTEM_BINARIES.iter().find(|(a, _)| *a == app) else {
+        return Ok(());
+    };
+    let node = host.node()?;
+    let has = node.state.read(|a| {
+        a.state
+            .jobs
+            .formations
+            .get(app)
+            .is_some_and(|f| !f.release.is_empty())
+    });
+    if has {
+        return Ok(());
+    }
+    let blobstore = host.blobstore().ok_or_else(|| {
+        ApiError::Unavailable("this host runs no blobstore to keep the system image in".into())
+    })?;
+    let exe = std::env::current_exe()
+        .map_err(|e| ApiError::Internal(format!("where flynn-host is: {e}")))?;
+    let bin = exe.with_file_name(binary);
+    if !bin.is_file() {
+        return Err(ApiError::Unavailable(format!(
+            "{} is not installed beside flynn-host; {app} cannot run jobs",
+            bin.display()
+        )));
+    }
+    let dir = host.dir.root().join("tmp");
+    let (layer_path, sha512, size) = tokio::task::spawn_blocking(move || build_layer(&bin, &dir))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(format!("building the system image: {e}")))?;
+    let blob = flynn_state::layer_path(&sha512);
+    let exists = node.state.read(|a| a.state.blobs.blobs.contains_key(&blob));
+    if !exists {
+        let file = tokio::fs::File::open(&layer_path)
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        blobstore
+            .put_checked(&blob, tokio_util::io::ReaderStream::new(file), &sha512)
+            .await?;
+    }
+    let _ = std::fs::remove_file(&layer_path);
+    let run = format!("/bin/{binary}");
+    let processes: BTreeMap<String, ProcessType> = [(
+        "migrate".to_string(),
+        ProcessType {
+            args: vec![run.clone(), "migrate".into()],
+            ..ProcessType::default()
+        },
+    )]
+    .into();
+    let release = NewRelease {
+        image: Image {
+            layers: vec![Layer {
+                sha512,
+                size,
+                compression: LayerCompression::None,
+            }],
+            config: ImageConfig {
+                cmd: vec![run],
+                ..ImageConfig::default()
+            },
+        },
+        processes: Some(processes),
+    };
+    node.propose(JobsCommand::CreateRelease {
+        app: app.to_string(),
+        release,
+        now_ms: crate::now_ms(),
+    })
+    .await?;
+    tracing::info!(app, "made the system image release");
+    Ok(())
+}
+
+/// The shared libraries `bin` links, as absolute paths (none for a static binary).
+fn libraries(bin: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let out = std::process::Command::new("ldd").arg(bin).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux... (0x...)"
+            let path = match l.split_once("=>") {
+                Some((_, right)) => right.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+/// Writes the layer tar under `dir`; its path, SHA-512 and size.
+fn build_layer(bin: &Path, dir: &Path) -> std::io::Result<(PathBuf, String, u64)> {
+    std::fs::create_dir_all(dir)?;
+    let out = dir.join(format!("system-layer-{}.tar", rand::random::<u64>()));
+    let mut files: Vec<(PathBuf, String, u32)> =
+        vec![(bin.to_path_buf(), format!("bin/{}", file_name(bin)), 0o755)];
+    for lib in libraries(bin)? {
+        let name = lib.to_string_lossy().trim_start_matches('/').to_string();
+        files.push((lib, name, 0o755));
+    }
+    {
+        let mut tar = tar::Builder::new(std::fs::File::create(&out)?);
+        tar.follow_symlinks(true);
+        for d in ["bin", "etc", "tmp"] {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(if d == "tmp" { 0o1777 } else { 0o755 });
+            h.set_size(0);
+            h.set_mtime(0);
+            h.set_uid(0);
+            h.set_gid(0);
+            tar.append_data(&mut h, d, std::io::empty())?;
+        }
+        for (from, name, mode) in &files {
+            let f = std::fs::File::open(from)?;
+            let mut h = tar::Header::new_gnu();
+            h.set_size(f.metadata()?.len());
+            h.set_mode(*mode);
+            h.set_mtime(0);
+            h.set_uid(0);
+            h.set_gid(0);
+            tar.append_data(&mut h, name, f)?;
+        }
+        tar.into_inner()?.sync_all()?;
+    }
+    let mut f = std::fs::File::open(&out)?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA512);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+        size += n as u64;
+    }
+    let sha = crate::blobstore::store::hex(ctx.finish().as_ref());
+    Ok((out, sha, size))
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
