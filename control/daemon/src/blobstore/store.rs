@@ -100,6 +100,8 @@ impl ObjectStore {
             tokio::fs::rename(&tmp, &dest)
                 .await
                 .map_err(|e| e.to_string())?;
+            // Hashed as it was written and synced: good as of now.
+            self.mark_checked(&sha512);
             Ok(Written { sha512, size })
         }
         .await;
