@@ -30,7 +30,7 @@ pub fn controllers() -> Vec<Box<dyn LeaderController>> {
     vec![
         Box::new(InstanceExpiry),
         Box::new(DiscoverdPeers),
-        Box::new(crate::jobs::scheduler::Scheduler),
+        Box::new(crate::jobs::scheduler::Scheduler::default()),
     ]
 }
 

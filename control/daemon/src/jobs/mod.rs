@@ -35,6 +35,8 @@ use crate::component::{Component, LocalState};
 
 /// The service every host running jobs registers in, so the scheduler knows it is alive.
 pub const HOST_SERVICE: &str = "flynn-host";
+/// The `flynn-host` instance's meta key for the bytes of job memory it takes.
+pub const MEMORY_META: &str = "memory";
 /// A host not heard from for this long is down: its jobs are started elsewhere.
 pub const HOST_TTL: Duration = Duration::from_secs(10);
 const HOST_HEARTBEAT: Duration = Duration::from_secs(2);
@@ -64,6 +66,10 @@ pub struct JobsArgs {
     /// `host` (the host's network), `auto` (routed if this host can, else host, saying so).
     #[arg(long, default_value = "auto", value_parser = ["auto", "routed", "host"])]
     pub job_network: String,
+    /// Memory the scheduler may reserve for jobs on this host (the sum of their process
+    /// types' memory limits): a size, or `auto` for the host's total memory.
+    #[arg(long, default_value = "auto")]
+    pub job_memory: String,
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +80,19 @@ pub struct JobsConfig {
     pub jobs_dir: PathBuf,
     pub ports: std::ops::RangeInclusive<u16>,
     pub network: String,
+    /// Bytes of job memory limits this host takes (see `--job-memory`).
+    pub memory: u64,
+}
+
+/// The host's total memory, from /proc/meminfo.
+fn total_memory() -> anyhow::Result<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo")?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no MemTotal in /proc/meminfo"))?;
+    Ok(kib * 1024)
 }
 
 impl JobsArgs {
@@ -90,7 +109,13 @@ impl JobsArgs {
             .and_then(|(a, b)| Some(a.trim().parse::<u16>().ok()?..=b.trim().parse::<u16>().ok()?))
             .filter(|r| !r.is_empty() && *r.start() > 0)
             .ok_or_else(|| anyhow::anyhow!("--job-ports {:?} is not FIRST-LAST", self.job_ports))?;
+        let memory = match self.job_memory.as_str() {
+            "auto" => total_memory()?,
+            size => crate::components::volumes::parse_size(size)
+                .map_err(|e| anyhow::anyhow!("--job-memory: {e}"))?,
+        };
         Ok(Some(JobsConfig {
+            memory,
             log_dir: self.log_dir.clone(),
             log_max_bytes,
             layers_dir: data_dir.join("images").join("layers"),
@@ -845,7 +870,8 @@ impl JobRunner {
             service: HOST_SERVICE.into(),
             id: self.instance_id(),
             addr: self.api_addr.clone(),
-            meta: Default::default(),
+            // What the scheduler may place here (see `scheduler::room`).
+            meta: [(MEMORY_META.to_string(), self.cfg.memory.to_string())].into(),
             ttl_ms: HOST_TTL.as_millis() as u64,
             now_ms: crate::now_ms(),
         }

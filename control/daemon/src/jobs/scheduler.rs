@@ -22,7 +22,12 @@ use super::HOST_SERVICE;
 use crate::leader::LeaderController;
 use crate::node::Node;
 
-pub struct Scheduler;
+#[derive(Default)]
+pub struct Scheduler {
+    /// When "no room" was last logged, so a formation that cannot fit is said every 30 s,
+    /// not on every pass.
+    warned: std::sync::Mutex<Option<std::time::Instant>>,
+}
 
 impl LeaderController for Scheduler {
     fn name(&self) -> &'static str {
@@ -32,7 +37,17 @@ impl LeaderController for Scheduler {
     fn run<'a>(&'a self, node: &'a Arc<Node>) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let now = crate::now_ms();
-            let commands = node.state.read(|a| plan(&a.state, now));
+            let mut no_room = Vec::new();
+            let commands = node
+                .state
+                .read(|a| plan_noting(&a.state, now, &mut no_room));
+            if !no_room.is_empty() {
+                let mut warned = self.warned.lock().expect("warned lock");
+                if warned.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(30)) {
+                    *warned = Some(std::time::Instant::now());
+                    tracing::warn!(wanted = %no_room.join("; "), "no live host has room for these jobs (memory limits)");
+                }
+            }
             if commands.is_empty() {
                 return;
             }
@@ -58,6 +73,30 @@ pub fn live_hosts(s: &ClusterState, now: u64) -> BTreeSet<u64> {
         .unwrap_or_default()
 }
 
+/// Bytes of job memory each live host takes (`None`: it did not say; no limit).
+fn capacities(s: &ClusterState, live: &BTreeSet<u64>) -> BTreeMap<u64, Option<u64>> {
+    let svc = s.discovery.services.get(HOST_SERVICE);
+    live.iter()
+        .map(|h| {
+            let cap = svc
+                .and_then(|svc| svc.instances.get(&flynn_state::host_instance_id(*h)))
+                .and_then(|i| i.meta.get(super::MEMORY_META)?.parse().ok());
+            (*h, cap)
+        })
+        .collect()
+}
+
+/// The memory a job reserves: its process type's limit. A type without one reserves
+/// nothing (like a container without a request: it may use what is free).
+fn reserves(s: &ClusterState, j: &Job) -> u64 {
+    s.jobs
+        .releases
+        .get(&j.release)
+        .and_then(|r| r.processes.get(&j.proc_type))
+        .and_then(|p| p.limits.memory)
+        .unwrap_or(0)
+}
+
 fn stopping_rank(j: &Job) -> (u8, std::cmp::Reverse<u64>) {
     let rank = match j.state {
         JobState::Pending => 0,
@@ -69,6 +108,11 @@ fn stopping_rank(j: &Job) -> (u8, std::cmp::Reverse<u64>) {
 
 /// What the scheduler proposes now: host failures first (alone), else placements and stops.
 pub fn plan(s: &ClusterState, now: u64) -> Vec<Command> {
+    plan_noting(s, now, &mut Vec::new())
+}
+
+/// [`plan`], noting in `no_room` each `app/type` that wants jobs no live host has room for.
+pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec<Command> {
     if !s.bootstrapped() {
         return Vec::new();
     }
@@ -98,6 +142,11 @@ pub fn plan(s: &ClusterState, now: u64) -> Vec<Command> {
         .filter(|j| j.state != JobState::Stopping && !j.oneoff)
         .collect();
     let mut load: BTreeMap<u64, usize> = live.iter().map(|h| (*h, 0)).collect();
+    let capacity = capacities(s, &live);
+    let mut reserved: BTreeMap<u64, u64> = BTreeMap::new();
+    for j in &active {
+        *reserved.entry(j.host).or_default() += reserves(s, j);
+    }
     let mut type_load: BTreeMap<(&str, &str, u64), usize> = BTreeMap::new();
     for j in &active {
         *load.entry(j.host).or_default() += 1;
@@ -159,11 +208,21 @@ pub fn plan(s: &ClusterState, now: u64) -> Vec<Command> {
                     if now < backoff.last_crash_ms.saturating_add(backoff.delay_ms()) {
                         continue;
                     }
+                    let need = proc.limits.memory.unwrap_or(0);
+                    let room = |h: &u64, reserved: &BTreeMap<u64, u64>| {
+                        capacity.get(h).copied().flatten().is_none_or(|cap| {
+                            reserved.get(h).copied().unwrap_or(0).saturating_add(need) <= cap
+                        })
+                    };
                     for _ in mine.len()..want {
+                        // Only hosts with room for the type's memory limit.
                         let candidates: Vec<u64> = match only_host {
                             Some(h) => vec![h],
                             None => live.iter().copied().collect(),
-                        };
+                        }
+                        .into_iter()
+                        .filter(|h| room(h, &reserved))
+                        .collect();
                         let Some(host) = candidates.into_iter().min_by_key(|h| {
                             (
                                 type_load
@@ -174,10 +233,16 @@ pub fn plan(s: &ClusterState, now: u64) -> Vec<Command> {
                                 *h,
                             )
                         }) else {
+                            no_room.push(format!(
+                                "{app}/{ty}: {} more wanted, {} MiB each",
+                                want - mine.len(),
+                                need >> 20
+                            ));
                             break;
                         };
                         *type_load.entry((app, ty, host)).or_default() += 1;
                         *load.entry(host).or_default() += 1;
+                        *reserved.entry(host).or_default() += need;
                         place.push(NewJob {
                             app: app.clone(),
                             release: f.release.clone(),
@@ -291,12 +356,20 @@ mod tests {
     }
 
     fn alive(s: &mut ClusterState, host: u64, now: u64) {
+        alive_with(s, host, now, None);
+    }
+
+    /// A host heartbeat, saying how much job memory it takes.
+    fn alive_with(s: &mut ClusterState, host: u64, now: u64, memory: Option<u64>) {
+        let meta = memory
+            .map(|m| [(crate::jobs::MEMORY_META.to_string(), m.to_string())].into())
+            .unwrap_or_default();
         s.apply(
             DiscoveryCommand::RegisterInstance {
                 service: HOST_SERVICE.into(),
                 id: flynn_state::host_instance_id(host),
                 addr: "10.0.0.1:1113".into(),
-                meta: Default::default(),
+                meta,
                 ttl_ms: 10_000,
                 now_ms: now,
             }
@@ -460,5 +533,45 @@ mod tests {
         }
         // Ten passes 100 ms apart: the first four restarts are immediate, then it waits.
         assert!((4..=5).contains(&placed), "placed {placed}");
+    }
+
+    #[test]
+    fn t14_jobs_go_only_where_their_memory_limit_fits() {
+        const MIB: u64 = 1 << 20;
+        let mut s = state(&[1, 2]);
+        alive_with(&mut s, 1, 0, Some(1024 * MIB));
+        alive_with(&mut s, 2, 0, Some(2048 * MIB));
+        s.apply(
+            JobsCommand::SetLimits {
+                app: "web1".into(),
+                proc_type: "web".into(),
+                limits: flynn_state::Limits {
+                    memory: Some(768 * MIB),
+                    ..Default::default()
+                },
+                now_ms: 0,
+            }
+            .into(),
+        )
+        .0
+        .unwrap();
+        scale(&mut s, 4);
+        step(&mut s, 1);
+        step(&mut s, 2);
+        // 768 MiB jobs: one fits in host 1's 1 GiB, two in host 2's 2 GiB; the fourth waits.
+        assert_eq!(running_on(&s), [(1, 1), (2, 2)].into());
+        let mut no_room = Vec::new();
+        let again = plan_noting(&s, 3, &mut no_room);
+        assert!(
+            again
+                .iter()
+                .all(|c| !matches!(c, Command::Jobs(JobsCommand::PlaceJobs { .. }))),
+            "{again:?}"
+        );
+        assert_eq!(no_room, ["web1/web: 1 more wanted, 768 MiB each"]);
+        // Host 2 says it has more room: the fourth job goes there.
+        alive_with(&mut s, 2, 4, Some(4096 * MIB));
+        step(&mut s, 5);
+        assert_eq!(running_on(&s), [(1, 1), (2, 3)].into());
     }
 }
