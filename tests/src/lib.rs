@@ -163,6 +163,11 @@ impl Cluster {
         pool
     }
 
+    /// A directory for the test's own files, removed with the cluster.
+    pub fn root_path(&self) -> &Path {
+        self.root.path()
+    }
+
     /// The test's own address on the bridge (the "admin network").
     pub fn bridge_ip(&self) -> String {
         format!("10.199.{}.254", self.tag)

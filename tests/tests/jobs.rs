@@ -758,3 +758,82 @@ async fn t19_deploy_a_directory_with_a_procfile_on_the_base_image() {
     .await;
     assert!(log.contains("blobstore[blobstore.host-"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t20_data_volumes_outlive_their_job_unless_asked_not_to() {
+    let c = cluster(1).await;
+    ok(&c.flynn(0, &["create", "vol"]));
+    let image = c.busybox_image("vol", None);
+    ok(&c.flynn(0, &["-a", "vol", "docker", "push", image.to_str().unwrap()]));
+    settled(&c, "vol", "vol-v1", 1).await;
+    // A data volume at /data (kept) and a scratch one at /scratch (deleted with the job);
+    // the job, running as nobody, writes to both before serving.
+    let update = c.root_path().join("update.json");
+    std::fs::write(
+        &update,
+        r#"{"processes": {"web": {"ports": true,
+            "args": ["sh", "-c", "echo kept > /data/greeting && echo gone > /scratch/x && exec httpd -f -p $PORT -h /www"],
+            "volumes": [{"path": "/data"}, {"path": "/scratch", "delete_on_stop": true}]}}}"#,
+    )
+    .unwrap();
+    let out = ok(&c.flynn(
+        0,
+        &["-a", "vol", "release", "update", update.to_str().unwrap()],
+    ));
+    assert!(out.contains("vol-v2"), "{out}");
+    let shown = ok(&c.flynn(0, &["-a", "vol", "release", "show"]));
+    assert!(shown.contains("[volumes /data /scratch]"), "{shown}");
+    let job = settled(&c, "vol", "vol-v2", 1).await;
+    let id = running(&job)[0].id.clone();
+    let volumes: serde_json::Value =
+        serde_json::from_str(&ok(&c.flynn_host(0, &["volume", "list", "--all", "--json"])))
+            .unwrap();
+    let mine: Vec<&serde_json::Value> = volumes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["job"] == id.as_str())
+        .collect();
+    assert_eq!(mine.len(), 2, "{volumes}");
+    assert!(mine.iter().all(|v| v["app"] == "vol"), "{volumes}");
+    let kept_id = format!("{id}-v0");
+    let path_of = |vid: &str| -> std::path::PathBuf {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&c.flynn_host(0, &["volume", "inspect", vid]))).unwrap();
+        std::path::PathBuf::from(v["path"].as_str().unwrap())
+    };
+    let kept = path_of(&kept_id).join("greeting");
+    assert_eq!(std::fs::read_to_string(&kept).unwrap(), "kept\n");
+    // Stopped: the data volume and its file stay, recorded with the job; the scratch one goes.
+    ok(&c.flynn(0, &["-a", "vol", "scale", "web=0"]));
+    settled(&c, "vol", "vol-v2", 0).await;
+    eventually(
+        Duration::from_secs(20),
+        "the scratch volume deleted",
+        || async {
+            let volumes: serde_json::Value =
+                serde_json::from_str(&ok(&c.flynn_host(0, &["volume", "list", "--all", "--json"])))
+                    .ok()?;
+            let ids: Vec<String> = volumes
+                .as_array()?
+                .iter()
+                .filter(|v| v["job"] == id.as_str())
+                .filter_map(|v| v["id"].as_str().map(str::to_string))
+                .collect();
+            (ids == [kept_id.clone()]).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(std::fs::read_to_string(&kept).unwrap(), "kept\n");
+    // A volume path that is not absolute is refused with the reason.
+    std::fs::write(
+        &update,
+        r#"{"processes": {"web": {"ports": true, "volumes": [{"path": "data"}]}}}"#,
+    )
+    .unwrap();
+    let err = failed(&c.flynn(
+        0,
+        &["-a", "vol", "release", "update", update.to_str().unwrap()],
+    ));
+    assert!(err.contains("volume path"), "{err}");
+}

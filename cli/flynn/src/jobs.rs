@@ -38,6 +38,10 @@ pub enum ReleaseCmd {
         json: bool,
         id: Option<String>,
     },
+    /// Deploy the current image with process types from a JSON file
+    /// (`{"processes": {"web": {"args": [...], "ports": true, "volumes": [{"path": "/data"}]}}}`):
+    /// the types it names replace the current release's, the others stay.
+    Update { file: std::path::PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -297,6 +301,30 @@ pub async fn release_cmd(
                 .collect();
             print_table(&["ID", "CURRENT", "TYPES", "LAYERS", "CREATED"], &rows);
         }
+        Some(ReleaseCmd::Update { file }) => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Update {
+                processes: BTreeMap<String, ProcessType>,
+            }
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let update: Update = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a process type update", file.display()))?;
+            let f = client.formation(app).await?;
+            if f.release.is_empty() {
+                bail!("{app} has no release to update: deploy one first");
+            }
+            let current = client.release(&f.release).await?;
+            let mut processes = current.processes.clone();
+            processes.extend(update.processes);
+            let req = NewRelease {
+                image: current.image,
+                processes: Some(processes),
+            };
+            let r = client.create_release(app, &req, true).await?;
+            println!("deployed {}", r.id);
+        }
         Some(ReleaseCmd::Show { json, id }) => {
             let id = match id {
                 Some(id) => id,
@@ -334,9 +362,15 @@ pub async fn release_cmd(
                 } else {
                     p.args.join(" ")
                 };
+                let volumes: Vec<&str> = p.volumes.iter().map(|v| v.path.as_str()).collect();
                 println!(
-                    "Process:  {name}: {args}{}",
-                    if p.ports { " [port]" } else { "" }
+                    "Process:  {name}: {args}{}{}",
+                    if p.ports { " [port]" } else { "" },
+                    if volumes.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" [volumes {}]", volumes.join(" "))
+                    }
                 );
             }
             for (k, v) in &r.env {

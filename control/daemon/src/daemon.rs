@@ -355,8 +355,9 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     }
     let mut jobs = None;
     if let Some(jc) = &cfg.jobs {
-        let runner = crate::jobs::JobRunner::start(jc, id, addr.clone(), blobstore.clone())
-            .context("starting the job runner")?;
+        let runner =
+            crate::jobs::JobRunner::start(jc, id, addr.clone(), blobstore.clone(), volumes.clone())
+                .context("starting the job runner")?;
         let runner = Arc::new(runner);
         components.add(runner.clone());
         jobs = Some(runner);

@@ -49,6 +49,17 @@ pub struct ContainerSpec {
     /// A network namespace to join (`/run/netns/NAME`); none: the host's network.
     #[serde(default)]
     pub netns: Option<PathBuf>,
+    /// Host directories (data volumes) bound into the job's filesystem.
+    #[serde(default)]
+    pub volumes: Vec<VolumeMount>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMount {
+    /// The volume's directory on the host.
+    pub host: PathBuf,
+    /// Absolute path in the job's filesystem.
+    pub path: String,
 }
 
 fn fail(code: i32, msg: impl std::fmt::Display) -> ! {
@@ -275,6 +286,17 @@ pub fn stage2(spec_path: &Path) -> ! {
         None,
     );
     let _ = std::fs::create_dir_all(root.join("tmp"));
+    for v in &spec.volumes {
+        let target = root.join(v.path.trim_start_matches('/'));
+        let _ = std::fs::create_dir_all(&target);
+        mount_or_fail(
+            &v.host.to_string_lossy(),
+            &target,
+            "",
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None,
+        );
+    }
 
     // Into the job's root; the host's root is detached and unreachable from here.
     std::env::set_current_dir(&root).unwrap_or_else(|e| fail(EXIT_SETUP, format!("chdir: {e}")));
@@ -289,6 +311,17 @@ pub fn stage2(spec_path: &Path) -> ! {
         let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, n, n);
     }
     let (uid, gid) = resolve_user(&spec.user).unwrap_or_else(|e| fail(EXIT_SETUP, e));
+    // A new (empty) data volume belongs to the job's user, so it can write there.
+    for v in &spec.volumes {
+        let empty = std::fs::read_dir(&v.path).is_ok_and(|mut d| d.next().is_none());
+        if empty {
+            let _ = nix::unistd::chown(
+                v.path.as_str(),
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+            );
+        }
+    }
     let Some((program, args)) = spec.args.split_first() else {
         fail(EXIT_NOT_FOUND, "the job has no command")
     };

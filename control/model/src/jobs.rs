@@ -89,6 +89,19 @@ pub struct ProcessType {
     /// Run in the host's network (a host port as `$PORT`) instead of an address of its own.
     #[serde(default)]
     pub host_network: bool,
+    /// Data volumes: a volume on the job's host mounted at each path. They outlive the job
+    /// (recorded with it as owner) unless `delete_on_stop`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeReq>,
+}
+
+/// A data volume a process type asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeReq {
+    /// Absolute path in the job's filesystem.
+    pub path: String,
+    #[serde(default)]
+    pub delete_on_stop: bool,
 }
 
 /// An immutable release: an image, process types and the env they run with.

@@ -148,6 +148,8 @@ pub struct JobRunner {
     cgroups: Option<Hierarchy>,
     layers: LayerStore,
     blobstore: Option<Arc<Blobstore>>,
+    /// Where jobs' data volumes are made.
+    volumes: Arc<crate::components::volumes::VolumesComponent>,
     pub logs: Arc<logs::Logs>,
     /// One-off jobs' output and stdin, for `flynn run`.
     pub attachments: oneoff::Attachments,
@@ -170,6 +172,7 @@ impl JobRunner {
         host: u64,
         api_addr: String,
         blobstore: Option<Arc<Blobstore>>,
+        volumes: Arc<crate::components::volumes::VolumesComponent>,
     ) -> anyhow::Result<Self> {
         let ip = match api_addr.rsplit_once(':') {
             Some((ip, _)) => ip.trim_matches(['[', ']']).to_string(),
@@ -209,6 +212,7 @@ impl JobRunner {
             cgroups,
             layers,
             blobstore,
+            volumes,
             logs,
             attachments: oneoff::Attachments::default(),
             net: OnceLock::new(),
@@ -453,6 +457,72 @@ impl JobRunner {
         }
         self.running.lock().expect("jobs lock").remove(&id);
         let _ = std::fs::remove_dir_all(self.cfg.jobs_dir.join(&id));
+        self.drop_volumes(&local, &l.job).await;
+    }
+
+    /// The id of the job's `i`th data volume.
+    fn volume_id(job: &str, i: usize) -> String {
+        let mut id: String = job.chars().take(58).collect();
+        id.push_str(&format!("-v{i}"));
+        id
+    }
+
+    /// Makes and records the job's data volumes; where each is mounted.
+    async fn data_volumes(
+        &self,
+        local: &LocalState,
+        job: &Job,
+        proc: &flynn_state::ProcessType,
+    ) -> Result<Vec<flynn_job::init::VolumeMount>, String> {
+        let mut mounts = Vec::new();
+        for (i, req) in proc.volumes.iter().enumerate() {
+            let id = Self::volume_id(&job.id, i);
+            let info = tokio::task::block_in_place(|| self.volumes.provider.create(&id, None))
+                .map_err(|e| format!("data volume for {}: {e}", req.path))?;
+            let record =
+                self.volumes
+                    .record(&info, None, Some(job.app.clone()), Some(job.id.clone()));
+            let put = flynn_state::VolumesCommand::PutVolume { volume: record };
+            if let Err(e) = local.node().propose(put).await {
+                let _ = tokio::task::block_in_place(|| self.volumes.provider.delete(&id));
+                return Err(format!("recording the data volume for {}: {e}", req.path));
+            }
+            mounts.push(flynn_job::init::VolumeMount {
+                host: info.path,
+                path: req.path.clone(),
+            });
+        }
+        Ok(mounts)
+    }
+
+    /// Deletes the job's data volumes that ask to go with it; the others stay, recorded
+    /// with the job as owner.
+    async fn drop_volumes(&self, local: &LocalState, job: &Job) {
+        let proc = local.read(|s| {
+            s.jobs
+                .releases
+                .get(&job.release)
+                .and_then(|r| r.processes.get(&job.proc_type).cloned())
+        });
+        let Some(proc) = proc else { return };
+        for (i, req) in proc.volumes.iter().enumerate() {
+            if !req.delete_on_stop {
+                continue;
+            }
+            let id = Self::volume_id(&job.id, i);
+            match tokio::task::block_in_place(|| self.volumes.provider.delete(&id)) {
+                Ok(()) => {
+                    let rm = flynn_state::VolumesCommand::RemoveVolume {
+                        host: self.host,
+                        id,
+                    };
+                    if let Err(e) = local.node().propose(rm).await {
+                        tracing::warn!(error = %e, "a deleted data volume is still recorded");
+                    }
+                }
+                Err(e) => tracing::warn!(volume = %id, error = %e, "data volume not deleted"),
+            }
+        }
     }
 
     /// Layers, directories, cgroups and the init's spec; the container is not started yet.
@@ -542,6 +612,7 @@ impl JobRunner {
                 .cloned()
                 .collect()
         };
+        let volumes = self.data_volumes(local, job, &proc).await?;
         let spec = ContainerSpec {
             id: job.id.clone(),
             hostname: job.id.chars().take(63).collect(),
@@ -556,6 +627,7 @@ impl JobRunner {
             cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
             max_fd: proc.limits.max_fd,
             netns: net.as_ref().map(|n| PathBuf::from(n.netns_path())),
+            volumes,
         };
         let spec_path = dir.write_spec(&spec).map_err(|e| e.to_string())?;
         let ip = net

@@ -240,6 +240,19 @@ fn check_release(r: &Release) -> Result<(), StateError> {
     }
     for (name, p) in &r.processes {
         validate::proc_type(name)?;
+        let mut paths = std::collections::BTreeSet::new();
+        for v in &p.volumes {
+            let bad = !v.path.starts_with('/')
+                || v.path == "/"
+                || v.path.split('/').any(|seg| seg == ".." || seg == ".")
+                || v.path.contains('\0');
+            if bad || !paths.insert(v.path.trim_end_matches('/')) {
+                return Err(StateError::Invalid(format!(
+                    "process type {name:?}: volume path {:?} must be an absolute path below /, once",
+                    v.path
+                )));
+            }
+        }
         if p.args.is_empty()
             && r.image.config.entrypoint.is_empty()
             && r.image.config.cmd.is_empty()
