@@ -117,17 +117,7 @@ impl Gcs {
         let resp = self
             .check("get", key, self.authed(req).await?.send().await)
             .await?;
-        let name = self.name.clone();
-        Ok(resp
-            .bytes_stream()
-            .map(move |r| {
-                r.map_err(|e| BackendError::Backend {
-                    backend: name.clone(),
-                    op: "reading",
-                    why: one_line(&e),
-                })
-            })
-            .boxed())
+        Ok(crate::reading(&self.name, resp.bytes_stream()))
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), BackendError> {

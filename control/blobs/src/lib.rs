@@ -272,17 +272,7 @@ impl Backend {
                     .get_opts(&ObjectPath::from(key), opts)
                     .await
                     .map_err(self.failed("get"))?;
-                let name = self.name.clone();
-                Ok(got
-                    .into_stream()
-                    .map(move |r| {
-                        r.map_err(|e| BackendError::Backend {
-                            backend: name.clone(),
-                            op: "reading",
-                            why: one_line(&e),
-                        })
-                    })
-                    .boxed())
+                Ok(reading(&self.name, got.into_stream()))
             }
         }
     }
@@ -352,6 +342,23 @@ impl Backend {
         }
         Ok(())
     }
+}
+
+/// A response body as a [`ByteStream`], its errors named for the backend.
+fn reading<S, E>(backend: &str, body: S) -> ByteStream
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Send + 'static,
+    E: std::error::Error,
+{
+    let name = backend.to_string();
+    body.map(move |r| {
+        r.map_err(|e| BackendError::Backend {
+            backend: name.clone(),
+            op: "reading",
+            why: one_line(&e),
+        })
+    })
+    .boxed()
 }
 
 /// An error and its causes on one line (cloud errors nest several levels deep).
