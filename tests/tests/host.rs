@@ -362,3 +362,37 @@ async fn t16_one_host_cluster_reports_its_discoverd_peers() {
         }
     ));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t17_state_dump_and_get_read_the_cluster_state() {
+    let mut c = Cluster::start(1);
+    c.bootstrap(1);
+    c.wait_leader(0, None).await;
+    ok(&c.flynn(0, &["create", "web"]));
+    ok(&c.flynn(0, &["-a", "web", "env", "set", "GREETING=hi"]));
+    // One record, as the state stores it.
+    let app: serde_json::Value =
+        serde_json::from_str(&ok(&c.flynn_host(0, &["state", "get", "app/web"]))).unwrap();
+    assert_eq!(app["env"]["global"]["GREETING"], "hi", "{app}");
+    // Every record, one a line after the revision; or one JSON document.
+    let dump = ok(&c.flynn_host(0, &["state", "dump"]));
+    assert!(dump.starts_with("revision "), "{dump}");
+    assert!(dump.lines().any(|l| l.starts_with("app/web\t")), "{dump}");
+    let json: serde_json::Value = serde_json::from_str(&ok(
+        &c.flynn_host(0, &["state", "dump", "--json", "--prefix", "app/"])
+    ))
+    .unwrap();
+    assert!(json["revision"].as_u64().unwrap() > 0);
+    let keys: Vec<&String> = json["records"].as_object().unwrap().keys().collect();
+    assert!(keys.iter().all(|k| k.starts_with("app/")), "{keys:?}");
+    assert!(keys.iter().any(|k| *k == "app/web"), "{keys:?}");
+    // A missing key: one line on stderr, a non-zero exit, and what is near.
+    let out = c.flynn_host(0, &["state", "get", "app/we"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no record") && err.contains("app/web"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

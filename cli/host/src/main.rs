@@ -107,6 +107,14 @@ enum Cmd {
     /// Prepare a stopped host to restart as the only peer of a new cluster holding its
     /// state: the way out when a cluster has lost its quorum for good.
     Recover,
+    /// Read the cluster state as stored, at one revision (read-only): `state dump` prints
+    /// every record, `state get KEY` one (`app/web`, `release/web-v2`, `route/...`).
+    State {
+        #[command(subcommand)]
+        cmd: StateCmd,
+        #[command(flatten)]
+        target: Target,
+    },
     /// List the jobs on this host.
     Ps {
         /// Also the stopped jobs this host keeps (the last 25 per app).
@@ -160,6 +168,20 @@ enum Cmd {
     },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum StateCmd {
+    /// Every record (or those whose key starts with --prefix), with the revision.
+    Dump {
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// One JSON document instead of a line per record.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One record by its key, as JSON.
+    Get { key: String },
 }
 
 #[derive(Subcommand)]
@@ -443,6 +465,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Volume { cmd, target } => volume_cmd(local_host(&cli.data_dir, &target)?, cmd).await,
+        Cmd::State { cmd, target } => {
+            let host = local_host(&cli.data_dir, &target)?;
+            match cmd {
+                StateCmd::Dump { prefix, json } => {
+                    let state = host.state(&prefix).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&state)?);
+                        return Ok(());
+                    }
+                    println!("revision {}", state["revision"]);
+                    for (key, value) in state["records"].as_object().into_iter().flatten() {
+                        println!("{key}\t{value}");
+                    }
+                }
+                StateCmd::Get { key } => {
+                    let state = host.state(&key).await?;
+                    let record = state["records"].get(&key).ok_or_else(|| {
+                        let near: Vec<&String> = state["records"]
+                            .as_object()
+                            .into_iter()
+                            .flat_map(|m| m.keys())
+                            .take(10)
+                            .collect();
+                        if near.is_empty() {
+                            anyhow::anyhow!(
+                                "no record {key:?} (keys look like app/NAME, release/ID; see state dump)"
+                            )
+                        } else {
+                            let near: Vec<&str> = near.iter().map(|k| k.as_str()).collect();
+                            anyhow::anyhow!("no record {key:?}; did you mean {}", near.join(", "))
+                        }
+                    })?;
+                    println!("{}", serde_json::to_string_pretty(record)?);
+                }
+            }
+            Ok(())
+        }
         Cmd::Ps { all, json, target } => {
             let jobs = local_host(&cli.data_dir, &target)?.jobs(all).await?;
             if json {

@@ -658,6 +658,13 @@ impl HostClient {
         self.http.get(&format!("/host/jobs?all={all}")).await
     }
 
+    /// The cluster state's records whose storage key starts with `prefix`, and the revision.
+    pub async fn state(&self, prefix: &str) -> Result<serde_json::Value, ClientError> {
+        self.http
+            .get(&format!("/host/state?prefix={}", seg(prefix)))
+            .await
+    }
+
     pub async fn stop_job(&self, id: &str) -> Result<flynn_model::Job, ClientError> {
         let path = format!("/host/jobs/{}/stop", seg(id));
         self.http.post(&path, &serde_json::json!({})).await

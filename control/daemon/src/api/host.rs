@@ -32,6 +32,42 @@ pub fn secret_routes() -> Router<AppState> {
         .route("/host/join", post(join))
         .route("/host/promote", post(promote))
         .route("/host/demote", post(demote))
+        .route("/host/state", get(state_dump))
+}
+
+#[derive(serde::Deserialize)]
+struct StateQuery {
+    /// Only records whose storage key starts with this (`app/`, `app/web`).
+    #[serde(default)]
+    prefix: String,
+    /// This host's applied state without a read barrier.
+    #[serde(default)]
+    stale: bool,
+}
+
+/// `GET /host/state`: the cluster state's records as stored (`app/web`, `release/...`),
+/// decoded, at one revision: what `flynn-host state dump|get` print.
+async fn state_dump(
+    State(host): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<StateQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let node = host.node()?;
+    if !q.stale {
+        node.read_barrier().await?;
+    }
+    let (revision, records) = node.state.read(|a| (a.state.revision, a.state.records()));
+    let mut out = serde_json::Map::new();
+    for (key, bytes) in records {
+        if !key.starts_with(&q.prefix) || key.starts_with("meta/") {
+            continue;
+        }
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
+        out.insert(key, value);
+    }
+    Ok(Json(
+        serde_json::json!({"revision": revision, "records": out}),
+    ))
 }
 
 /// Behind a controller key.
