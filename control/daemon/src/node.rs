@@ -103,21 +103,65 @@ fn spawn_proposer(raft: Raft) -> tokio::sync::mpsc::Sender<Proposal> {
     tx
 }
 
+/// One log entry for several proposals. Batches do not nest, so a proposal that is itself a
+/// batch is spliced in; `spans` says how many results each proposal gets back, and whether
+/// it gets them as a batch.
+fn splice(commands: Vec<Command>) -> (Command, Vec<(usize, bool)>) {
+    let mut spans = Vec::with_capacity(commands.len());
+    let mut flat = Vec::with_capacity(commands.len());
+    for c in commands {
+        match c {
+            Command::Batch { commands: inner } => {
+                spans.push((inner.len(), true));
+                flat.extend(inner);
+            }
+            c => {
+                spans.push((1, false));
+                flat.push(c);
+            }
+        }
+    }
+    (Command::Batch { commands: flat }, spans)
+}
+
+/// Each proposal's result from the spliced entry's results (see [`splice`]).
+fn unsplice(results: Vec<ApplyResult>, spans: &[(usize, bool)]) -> Vec<ApplyResult> {
+    let mut results = results.into_iter();
+    spans
+        .iter()
+        .map(|(n, was_batch)| {
+            let mine: Vec<ApplyResult> = results.by_ref().take(*n).collect();
+            if *was_batch {
+                Ok(flynn_state::Response::Batch { results: mine })
+            } else {
+                mine.into_iter().next().expect("one result per command")
+            }
+        })
+        .collect()
+}
+
 async fn propose_batch(raft: &Raft, batch: Vec<Proposal>) {
     let (commands, replies): (Vec<Command>, Vec<_>) =
         batch.into_iter().map(|p| (p.command, p.reply)).unzip();
     let single = commands.len() == 1;
-    let entry = if single {
-        commands.into_iter().next().expect("one command")
+    let (entry, spans) = if single {
+        (
+            commands.into_iter().next().expect("one command"),
+            Vec::new(),
+        )
     } else {
-        Command::Batch { commands }
+        splice(commands)
     };
+    let total: usize = spans.iter().map(|(n, _)| n).sum();
     let outcomes: Vec<ProposeOutcome> =
         match tokio::time::timeout(COMMIT_WAIT, raft.client_write(entry)).await {
             Ok(Ok(resp)) if single => vec![ProposeOutcome::Applied(resp.data)],
             Ok(Ok(resp)) => match resp.data {
-                Ok(flynn_state::Response::Batch { results }) if results.len() == replies.len() => {
-                    results.into_iter().map(ProposeOutcome::Applied).collect()
+                Ok(flynn_state::Response::Batch { results }) if results.len() == total => {
+                    unsplice(results, &spans)
+                        .into_iter()
+                        .map(ProposeOutcome::Applied)
+                        .collect()
                 }
                 other => {
                     let why = format!("unexpected batch result {other:?}");
@@ -592,5 +636,51 @@ fn membership_result(
             }
         }
         Err(e) => Err(Attempt::Failed(ApiError::Unavailable(e.to_string()))),
+    }
+}
+
+#[cfg(test)]
+mod splice_tests {
+    use super::*;
+    use flynn_state::{AppsCommand, ClusterState};
+
+    fn create(name: &str) -> Command {
+        AppsCommand::CreateApp { name: name.into() }.into()
+    }
+
+    #[test]
+    fn t10_a_batch_among_proposals_is_spliced_and_answered_as_a_batch() {
+        let commands = vec![
+            create("a"),
+            Command::Batch {
+                commands: vec![create("b"), create("a")],
+            },
+            create("c"),
+            Command::Batch { commands: vec![] },
+        ];
+        let (entry, spans) = splice(commands);
+        let mut s = ClusterState::default();
+        let (applied, _) = s.apply(entry);
+        let Ok(flynn_state::Response::Batch { results }) = applied else {
+            panic!("not applied as one batch: {applied:?}");
+        };
+        let each = unsplice(results, &spans);
+        assert_eq!(each.len(), 4);
+        assert!(each[0].is_ok());
+        match &each[1] {
+            Ok(flynn_state::Response::Batch { results }) => {
+                assert!(results[0].is_ok());
+                assert!(
+                    results[1].is_err(),
+                    "app a exists already: {:?}",
+                    results[1]
+                );
+            }
+            other => panic!("the batch proposal got {other:?}"),
+        }
+        assert!(each[2].is_ok());
+        assert!(
+            matches!(&each[3], Ok(flynn_state::Response::Batch { results }) if results.is_empty())
+        );
     }
 }
