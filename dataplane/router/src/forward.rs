@@ -94,16 +94,27 @@ impl<'w> Exchange<'w> {
     }
 
     /// Writes `out` (the whole request, or what is left of it) and reads the response head.
-    /// A replayable request whose pooled connection fails before any response byte goes
-    /// again on a new connection to the same backend, or to another if that one is gone.
+    /// A replayable request whose connection fails before any response byte goes again on a
+    /// new connection to the same backend, or to another if that one is gone: as often as
+    /// pooled connections turn out stale, and once after a fresh connection failed (the
+    /// backend died mid-request, as nginx's `proxy_next_upstream error` does for idempotent
+    /// requests; not twice, so a request that kills its backend is not replayed forever).
     pub async fn send(&mut self, out: &[u8]) -> Result<ResponseHead, ProxyError> {
+        let mut fresh_failures = 0;
         loop {
             let result = match self.conn.stream.write_all(out).await {
                 Ok(()) => self.read_head().await,
                 Err(e) => Err(backend_h1::UpstreamError::Io(e, true).into()),
             };
             match result {
-                Err(e) if e.retryable && self.replayable && self.conn.reused => {
+                Err(e)
+                    if e.retryable
+                        && self.replayable
+                        && (self.conn.reused || fresh_failures == 0) =>
+                {
+                    if !self.conn.reused {
+                        fresh_failures += 1;
+                    }
                     self.reconnect().await?;
                 }
                 other => return other,
