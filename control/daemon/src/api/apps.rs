@@ -85,16 +85,14 @@ async fn update_env(
         let before = read(host.node()?, &ReadOpts::default(), |s| {
             Ok(s.apps
                 .get("blobstore")
-                .map(|a| a.env.global.clone())
+                .map(|a| a.env.clone())
                 .unwrap_or_default())
         })
         .await?;
         let mut after = before.clone();
-        after.extend(req.set.iter().map(|(k, v)| (k.clone(), v.clone())));
-        for k in &req.unset {
-            after.remove(k);
-        }
-        if let Err(e) = crate::blobstore::backends::probe_changes(&before, &after).await {
+        flynn_state::apps::apply_env(&mut after, None, &req.set, &req.unset);
+        let probed = crate::blobstore::backends::probe_changes(&before.global, &after.global).await;
+        if let Err(e) = probed {
             tracing::warn!(target: "flynn_daemon::blobstore", "configuration refused: {e}");
             return Err(e);
         }

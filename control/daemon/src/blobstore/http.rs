@@ -13,7 +13,6 @@ use flynn_client::SECRET_HEADER;
 use flynn_state::blobs::{check_path, BlobFile, BlobsCommand};
 use futures::StreamExt;
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::backends::{self, IoStream};
 use super::store::{self, valid_sha};
@@ -121,13 +120,10 @@ impl Blobstore {
             if has.is_ok_and(|r| r.status().is_success()) {
                 return Some(id);
             }
-            let Ok(file) = tokio::fs::File::open(self.store.path(sha512)).await else {
+            let Ok(object) = self.store.read(sha512, 0, u64::MAX).await else {
                 return None;
             };
-            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
-                file,
-                store::READ_CHUNK,
-            ));
+            let body = reqwest::Body::wrap_stream(object);
             let sent = self
                 .peers
                 .put(format!("http://{addr}/_objects/{sha512}"))
@@ -331,7 +327,7 @@ impl super::Blobstore {
                 .await
                 .map_err(ApiError::Invalid)?;
             if let Some(want) = expect.filter(|w| **w != written.sha512) {
-                if !local.read(|s| s.blobs.blobs.values().any(|f| f.sha512 == written.sha512)) {
+                if !local.read(|s| s.blobs.references(backends::EMBEDDED, &written.sha512)) {
                     self.store.discard(&written.sha512);
                 }
                 return Err(mismatch(&written.sha512, want));
@@ -468,13 +464,7 @@ impl super::Blobstore {
                 }
             }
             None if file.backend == backends::EMBEDDED => {
-                let used = local.read(|s| {
-                    s.blobs
-                        .blobs
-                        .values()
-                        .any(|f| f.key.is_none() && f.sha512 == file.sha512)
-                });
-                if used {
+                if local.read(|s| s.blobs.references(backends::EMBEDDED, &file.sha512)) {
                     return;
                 }
                 let peers = self.peers();
@@ -504,13 +494,7 @@ impl super::Blobstore {
     /// Deletes the object `key` of an external backend unless a file refers to it.
     pub(crate) async fn release_key(self: &Arc<Self>, backend: &str, key: &str) -> ApiResult<()> {
         let local = self.ready()?;
-        let used = local.read(|s| {
-            s.blobs
-                .blobs
-                .values()
-                .any(|f| f.backend == backend && f.key.as_deref() == Some(key))
-        });
-        if used {
+        if local.read(|s| s.blobs.references(backend, key)) {
             return Ok(());
         }
         if let Some(client) = self.backends.get(local, backend)? {
@@ -594,23 +578,19 @@ async fn open(b: &Shared, file: &BlobFile, range: Option<(u64, u64)>) -> ApiResu
         let backend = b.backends.get(b.ready()?, &file.backend)?.ok_or_else(|| {
             ApiError::Internal(format!("{} has no external client", file.backend))
         })?;
-        let key = file.key.as_deref().unwrap_or(&file.sha512);
         let stream = backend
-            .get(key, range)
+            .get(file.object(), range)
             .await
             .map_err(backends::from_backend)?;
         return Ok(backends::io_stream(stream));
     }
     if b.store.has(&file.sha512) {
-        let mut f = tokio::fs::File::open(b.store.path(&file.sha512))
+        let stream = b
+            .store
+            .read(&file.sha512, start, len)
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?;
-        f.seek(std::io::SeekFrom::Start(start))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        return Ok(
-            tokio_util::io::ReaderStream::with_capacity(f.take(len), store::READ_CHUNK).boxed(),
-        );
+        return Ok(stream.boxed());
     }
     let remote = from_holder(b, file, range).await?;
     Ok(remote
@@ -870,13 +850,7 @@ async fn object_delete(
         ));
     }
     let local = b.ready()?;
-    let used = local.read(|s| {
-        s.blobs
-            .blobs
-            .values()
-            .any(|f| f.key.is_none() && f.sha512 == sha)
-    });
-    if !used {
+    if !local.read(|s| s.blobs.references(backends::EMBEDDED, &sha)) {
         b.store.discard_unused(&sha);
     }
     Ok(StatusCode::NO_CONTENT)
@@ -896,11 +870,7 @@ async fn object_get(
     if !b.store.has(&sha) {
         return Err(ApiError::NotFound(format!("no object {sha} here")));
     }
-    let mut f = tokio::fs::File::open(b.store.path(&sha))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let size = f
-        .metadata()
+    let size = tokio::fs::metadata(b.store.path(&sha))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .len();
@@ -910,16 +880,12 @@ async fn object_get(
         Ok(None) => (0, size),
         Err(()) => return Err(ApiError::Invalid("bad range".into())),
     };
-    f.seek(std::io::SeekFrom::Start(start))
+    let stream = b
+        .store
+        .read(&sha, start, len)
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(
-        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-            f.take(len),
-            store::READ_CHUNK,
-        ))
-        .into_response(),
-    )
+    Ok(Body::from_stream(stream).into_response())
 }
 
 #[cfg(test)]

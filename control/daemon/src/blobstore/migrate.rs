@@ -208,17 +208,15 @@ async fn move_one(b: &Arc<Blobstore>, file: &BlobFile, to: &str, delete: bool) -
             }
             Ok(Moved::Switched)
         }
-        Err(ApiError::Conflict(_)) => {
-            if let Some(key) = &stored.key {
-                let _ = b.release_key(to, key).await;
-            }
-            Ok(Moved::Changed)
-        }
         Err(e) => {
+            // The file does not point at the new copy: it goes.
             if let Some(key) = &stored.key {
                 let _ = b.release_key(to, key).await;
             }
-            Err(e)
+            match e {
+                ApiError::Conflict(_) => Ok(Moved::Changed),
+                e => Err(e),
+            }
         }
     }
 }

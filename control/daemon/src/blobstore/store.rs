@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 pub const GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Bytes read from disk at a time when serving or copying an object.
-pub const READ_CHUNK: usize = 1 << 20;
+const READ_CHUNK: usize = 1 << 20;
 const WRITE_BUFFER: usize = 1 << 20;
 
 /// How long a local object that read back whole with its digest is trusted without
@@ -56,8 +56,8 @@ impl ObjectStore {
         valid_sha(sha512) && self.path(sha512).is_file()
     }
 
-    /// Writes `body` as an object; returns its digest and size. With `expect`, a different digest is refused and nothing
-    /// is kept.
+    /// Writes `body` as an object; returns its digest and size. With `expect`, a different
+    /// digest is refused and nothing is kept.
     pub async fn write<S, E>(&self, mut body: S, expect: Option<&str>) -> Result<Written, String>
     where
         S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
@@ -109,6 +109,22 @@ impl ObjectStore {
             let _ = tokio::fs::remove_file(&tmp).await;
         }
         result
+    }
+
+    /// `len` bytes of a local object from `start`, read in [`READ_CHUNK`] pieces.
+    pub async fn read(
+        &self,
+        sha512: &str,
+        start: u64,
+        len: u64,
+    ) -> std::io::Result<tokio_util::io::ReaderStream<tokio::io::Take<tokio::fs::File>>> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let mut f = tokio::fs::File::open(self.path(sha512)).await?;
+        f.seek(std::io::SeekFrom::Start(start)).await?;
+        Ok(tokio_util::io::ReaderStream::with_capacity(
+            f.take(len),
+            READ_CHUNK,
+        ))
     }
 
     fn mtime(&self, sha512: &str) -> Option<SystemTime> {

@@ -5,7 +5,6 @@
 //! any layer, and its release names the commands there are (`migrate`).
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use flynn_state::jobs::JobsCommand;
@@ -111,54 +110,44 @@ fn libraries(bin: &Path) -> std::io::Result<Vec<PathBuf>> {
         .collect())
 }
 
+/// A tar header owned by root, with no time: the same files make the same layer.
+fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
+    h
+}
+
 /// Writes the layer tar under `dir`; its path, SHA-512 and size.
 fn build_layer(bin: &Path, dir: &Path) -> std::io::Result<(PathBuf, String, u64)> {
     std::fs::create_dir_all(dir)?;
     let out = dir.join(format!("system-layer-{}.tar", rand::random::<u64>()));
-    let mut files: Vec<(PathBuf, String, u32)> =
-        vec![(bin.to_path_buf(), format!("bin/{}", file_name(bin)), 0o755)];
+    let mut files: Vec<(PathBuf, String)> =
+        vec![(bin.to_path_buf(), format!("bin/{}", file_name(bin)))];
     for lib in libraries(bin)? {
         let name = lib.to_string_lossy().trim_start_matches('/').to_string();
-        files.push((lib, name, 0o755));
+        files.push((lib, name));
     }
     {
         let mut tar = tar::Builder::new(std::fs::File::create(&out)?);
-        tar.follow_symlinks(true);
-        for d in ["bin", "etc", "tmp"] {
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(tar::EntryType::Directory);
-            h.set_mode(if d == "tmp" { 0o1777 } else { 0o755 });
-            h.set_size(0);
-            h.set_mtime(0);
-            h.set_uid(0);
-            h.set_gid(0);
+        for (d, mode) in [("bin", 0o755), ("etc", 0o755), ("tmp", 0o1777)] {
+            let mut h = header(tar::EntryType::Directory, mode, 0);
             tar.append_data(&mut h, d, std::io::empty())?;
         }
-        for (from, name, mode) in &files {
+        for (from, name) in &files {
+            // Opening follows a library's symlink to the file itself.
             let f = std::fs::File::open(from)?;
-            let mut h = tar::Header::new_gnu();
-            h.set_size(f.metadata()?.len());
-            h.set_mode(*mode);
-            h.set_mtime(0);
-            h.set_uid(0);
-            h.set_gid(0);
+            let mut h = header(tar::EntryType::Regular, 0o755, f.metadata()?.len());
             tar.append_data(&mut h, name, f)?;
         }
         tar.into_inner()?.sync_all()?;
     }
-    let mut f = std::fs::File::open(&out)?;
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA512);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        ctx.update(&buf[..n]);
-        size += n as u64;
-    }
-    let sha = crate::blobstore::store::hex(ctx.finish().as_ref());
+    let sha = flynn_job::layer::sha512_file(&out)?;
+    let size = std::fs::metadata(&out)?.len();
     Ok((out, sha, size))
 }
 

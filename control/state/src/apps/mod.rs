@@ -179,7 +179,9 @@ fn update_env(
     Ok(Response::App { app: updated })
 }
 
-fn apply_env(
+/// Sets and unsets variables of `env` (of one process type's overrides, if given), as
+/// `UpdateEnv` does.
+pub fn apply_env(
     env: &mut Env,
     proc_type: Option<&str>,
     set: &BTreeMap<String, String>,

@@ -35,6 +35,14 @@ pub struct BlobFile {
     pub modified_ms: u64,
 }
 
+impl BlobFile {
+    /// The object holding the file's bytes in its backend: its key, or (embedded) its
+    /// SHA-512.
+    pub fn object(&self) -> &str {
+        self.key.as_deref().unwrap_or(&self.sha512)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum BlobsCommand {
@@ -89,6 +97,13 @@ pub fn check_path(path: &str) -> Result<(), StateError> {
 }
 
 impl Blobs {
+    /// Whether any file's bytes are the object `object` of `backend`.
+    pub fn references(&self, backend: &str, object: &str) -> bool {
+        self.blobs
+            .values()
+            .any(|f| f.backend == backend && f.object() == object)
+    }
+
     /// The entries directly under `dir` (`/` for the root): files, and directories with a
     /// trailing `/`, sorted.
     pub fn list(&self, dir: &str) -> Vec<String> {

@@ -189,9 +189,14 @@ fn t13_a_migrated_file_moves_only_if_unchanged_since_its_copy() {
     let (r, _) = apply(&mut s, moved(&"b".repeat(128)));
     assert!(matches!(r, Err(StateError::Conflict(_))), "{r:?}");
     assert_eq!(s.blobs.blobs["/a"].backend, "embedded");
+    assert!(s.blobs.references("embedded", &"a".repeat(128)));
     ok(&mut s, moved(&"a".repeat(128)));
     let f = &s.blobs.blobs["/a"];
     assert_eq!((f.backend.as_str(), f.key.as_deref()), ("pg", Some("k1")));
+    // Its bytes are now object k1 of pg, and the embedded object is no one's.
+    assert_eq!(f.object(), "k1");
+    assert!(s.blobs.references("pg", "k1"));
+    assert!(!s.blobs.references("embedded", &"a".repeat(128)));
     assert!(f.holders.is_empty());
     // A second run finds it on another backend than it copied from: no change.
     let (r, _) = apply(&mut s, moved(&"a".repeat(128)));
