@@ -244,6 +244,23 @@ impl Client {
         }
     }
 
+    /// Connects from `source` (an address of this namespace), as a client elsewhere would.
+    pub async fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> Client {
+        let socket = if source.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .expect("socket");
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .expect("bind the source address");
+        Client {
+            stream: socket.connect(addr).await.expect("connect"),
+            buf: Vec::new(),
+        }
+    }
+
     pub async fn send(&mut self, raw: impl AsRef<[u8]>) {
         self.stream.write_all(raw.as_ref()).await.expect("write");
     }

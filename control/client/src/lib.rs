@@ -577,12 +577,17 @@ impl HostClient {
         self.http.get("/host/list").await
     }
 
-    /// The XDP firewall's interfaces, policy and counters (JSON as the host reports it).
     /// Every component the host runs, with its status (`/host/components`).
     pub async fn components(&self) -> Result<serde_json::Value, ClientError> {
         self.http.get("/host/components").await
     }
 
+    /// This host's own health checks (`GET /host/health`, cluster secret).
+    pub async fn health(&self) -> Result<HostHealth, ClientError> {
+        self.http.get("/host/health").await
+    }
+
+    /// The XDP firewall's interfaces, policy and counters (JSON as the host reports it).
     pub async fn firewall(&self) -> Result<serde_json::Value, ClientError> {
         self.http.get("/host/firewall").await
     }

@@ -106,6 +106,51 @@ fn default_ttl_ms() -> u64 {
     10_000
 }
 
+/// One component's line on the status page (`status.$CLUSTER_DOMAIN`), as Flynn's status
+/// app answers it: `status` is `healthy` or `unhealthy`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComponentHealth {
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// What the check saw (a pool's health, a listener, an error).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub detail: serde_json::Value,
+}
+
+impl ComponentHealth {
+    pub fn healthy(detail: serde_json::Value) -> Self {
+        ComponentHealth {
+            status: "healthy".into(),
+            version: None,
+            detail,
+        }
+    }
+
+    pub fn unhealthy(detail: serde_json::Value) -> Self {
+        ComponentHealth {
+            status: "unhealthy".into(),
+            version: None,
+            detail,
+        }
+    }
+
+    pub fn from_check(ok: bool, detail: serde_json::Value) -> Self {
+        if ok {
+            Self::healthy(detail)
+        } else {
+            Self::unhealthy(detail)
+        }
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.status == "healthy"
+    }
+}
+
+/// `GET /host/health`: this host's own checks, by component.
+pub type HostHealth = BTreeMap<String, ComponentHealth>;
+
 /// `GET /status` on any host.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterStatus {

@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use flynn_client::WatchLine;
+use flynn_client::{ComponentHealth, HostHealth, WatchLine};
 use flynn_raft::NodeId;
 use flynn_state::ClusterState;
 use futures::future::BoxFuture;
@@ -35,6 +35,12 @@ pub trait Component: Send + Sync + 'static {
     /// Prometheus text, appended to the daemon's `/metrics`.
     fn prometheus(&self) -> String {
         String::new()
+    }
+
+    /// This component's line on the status page, checked now (`None`: not listed). The
+    /// caller bounds the time: a check that hangs shows as unhealthy.
+    fn health(self: Arc<Self>) -> BoxFuture<'static, Option<ComponentHealth>> {
+        Box::pin(async { None })
     }
 
     /// Stops on daemon shutdown: drains, detaches, deregisters.
@@ -127,6 +133,31 @@ impl Components {
 
     pub fn prometheus(&self) -> String {
         self.list.iter().map(|c| c.prometheus()).collect()
+    }
+
+    /// Every listed component's health, each check bounded by `limit`.
+    pub async fn health(&self, limit: std::time::Duration) -> HostHealth {
+        let checks = self.list.iter().map(|c| {
+            let c = c.clone();
+            async move {
+                let name = c.name().to_string();
+                match tokio::time::timeout(limit, c.health()).await {
+                    Ok(h) => h.map(|h| (name, h)),
+                    Err(_) => Some((
+                        name,
+                        ComponentHealth::unhealthy(serde_json::json!(format!(
+                            "no answer within {} ms",
+                            limit.as_millis()
+                        ))),
+                    )),
+                }
+            }
+        });
+        futures::future::join_all(checks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// Stops every component, in reverse order of starting.

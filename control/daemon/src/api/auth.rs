@@ -61,7 +61,7 @@ pub async fn require_key(State(host): State<Arc<Host>>, req: Request, next: Next
     next.run(req).await
 }
 
-fn presented_key(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn presented_key(headers: &HeaderMap) -> Option<String> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, rest) = value.split_once(' ')?;
     if scheme.eq_ignore_ascii_case("bearer") {

@@ -4,6 +4,8 @@
 //!   once a host has a cluster secret), `/host/list|firewall|join|promote|demote` (cluster
 //!   secret), `/metrics` (open).
 //! - [`raft`]: `/raft/*`, host to host (cluster secret).
+//! - [`status`]: `/` (the status page, open from private addresses, else the status key),
+//!   `/host/health` (cluster secret).
 //! - the controller API, behind a controller key ([`auth`]): [`apps`] (`/apps`, env),
 //!   [`routes`] (routes, `/certificates`), [`services`] (`/services`), [`watch`] (`/watch`)
 //!   and `/status`.
@@ -18,6 +20,7 @@ pub mod raft;
 pub mod routes;
 pub mod serve;
 pub mod services;
+pub mod status;
 pub mod volumes;
 pub mod watch;
 
@@ -49,6 +52,7 @@ pub fn router(host: Arc<Host>) -> Router {
         .merge(host::secret_routes())
         .merge(volumes::routes())
         .merge(jobs::secret_routes())
+        .merge(status::secret_routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_RAFT_BODY))
         .layer(middleware::from_fn_with_state(
             host.clone(),
@@ -66,6 +70,7 @@ pub fn router(host: Arc<Host>) -> Router {
             auth::require_key,
         ));
     host::open_routes()
+        .merge(status::open_routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY))
         .merge(cluster)
         .merge(controller)

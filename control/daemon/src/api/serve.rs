@@ -37,7 +37,7 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Out
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,
                 Err(e) => {
@@ -50,7 +50,16 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Out
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        // Handlers that care who is asking (the status page) read the peer address.
+        let app = app.clone();
+        let service = TowerToHyperService::new(tower::service_fn(
+            move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                let mut app = app.clone();
+                async move { tower::Service::call(&mut app, req.map(axum::body::Body::new)).await }
+            },
+        ));
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
             .into_owned();

@@ -53,6 +53,10 @@ impl BlobstoreArgs {
 
 /// The discovery service every host's blobstore registers as.
 pub const SERVICE: &str = "blobstore";
+/// An external default backend's last probe: backend, when, outcome.
+type Probed = (String, std::time::Instant, Result<(), String>);
+/// How long the status page reuses an external backend's probe.
+const PROBE_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub struct Blobstore {
     store: ObjectStore,
@@ -63,6 +67,8 @@ pub struct Blobstore {
     peers: reqwest::Client,
     server: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     backends: backends::Backends,
+    /// The default backend's last probe for the status page: backend, when, outcome.
+    probed: std::sync::Mutex<Option<Probed>>,
     pub(crate) metrics: metrics::Metrics,
 }
 
@@ -87,6 +93,7 @@ impl Blobstore {
                 .build()?,
             server: std::sync::Mutex::new(None),
             backends: backends::Backends::default(),
+            probed: std::sync::Mutex::new(None),
             metrics: metrics::Metrics::default(),
         });
         let app = http::router(me.clone());
@@ -153,6 +160,54 @@ impl Component for Blobstore {
 
     fn prometheus(&self) -> String {
         self.metrics.render()
+    }
+
+    /// Healthy once serving, with its default backend answering: the object directory for
+    /// the embedded backend, a probe (list, write, read back, delete) for an external one,
+    /// whose answer is kept for [`PROBE_TTL`] so a status page polled often does not write
+    /// to the bucket on every request.
+    fn health(self: Arc<Self>) -> BoxFuture<'static, Option<flynn_client::ComponentHealth>> {
+        Box::pin(async move {
+            let Some(local) = self.local.get() else {
+                return Some(flynn_client::ComponentHealth::unhealthy(serde_json::json!(
+                    "not serving yet: the host is not in a cluster"
+                )));
+            };
+            let (name, backend) = match self.backends.default_backend(local) {
+                Ok(d) => d,
+                Err(e) => {
+                    return Some(flynn_client::ComponentHealth::unhealthy(
+                        serde_json::json!({"error": e.to_string()}),
+                    ))
+                }
+            };
+            let checked = match backend {
+                None => self
+                    .store
+                    .writable()
+                    .map_err(|e| format!("object directory: {e}")),
+                Some(b) => {
+                    let cached = self.probed.lock().expect("probe lock").clone();
+                    match cached {
+                        Some((n, at, r)) if n == name && at.elapsed() < PROBE_TTL => r,
+                        _ => {
+                            let r = b.probe().await.map_err(|e| e.to_string());
+                            *self.probed.lock().expect("probe lock") =
+                                Some((name.clone(), std::time::Instant::now(), r.clone()));
+                            r
+                        }
+                    }
+                }
+            };
+            Some(flynn_client::ComponentHealth::from_check(
+                checked.is_ok(),
+                serde_json::json!({
+                    "default_backend": name,
+                    "listen": self.addr,
+                    "error": checked.err(),
+                }),
+            ))
+        })
     }
 
     fn stop(self: Arc<Self>) -> BoxFuture<'static, ()> {

@@ -133,6 +133,15 @@ impl ObjectStore {
 
     /// Whether the object read back whole with its digest within [`RECHECK`], unchanged
     /// on disk since.
+    /// Whether new objects can be written here now (a file is made and removed).
+    pub fn writable(&self) -> std::io::Result<()> {
+        let probe = self
+            .root
+            .join(format!(".health-{:016x}", rand::random::<u64>()));
+        std::fs::write(&probe, b"ok")?;
+        std::fs::remove_file(&probe)
+    }
+
     pub fn recently_checked(&self, sha512: &str) -> bool {
         let Some(now) = self.mtime(sha512) else {
             return false;

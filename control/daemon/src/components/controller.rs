@@ -1,6 +1,7 @@
-//! The controller API's registration in discovery: every host serves the controller API,
-//! and registers it as an instance of service `controller`, so the route
-//! `controller.$CLUSTER_DOMAIN` made at bootstrap reaches it through any host's router.
+//! The host API's registration in discovery: every host serves the controller API and the
+//! status page, and registers its API as an instance of services `controller` and `status`,
+//! so the routes `controller.$CLUSTER_DOMAIN` and `status.$CLUSTER_DOMAIN` made at
+//! bootstrap reach it through any host's router.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +11,8 @@ use futures::future::BoxFuture;
 
 use crate::component::{Component, LocalState};
 
-/// The service the controller API registers as.
-pub const SERVICE: &str = "controller";
+/// The services the host API registers as.
+pub const SERVICES: [&str; 2] = ["controller", crate::api::status::SERVICE];
 /// An instance not heard from for this long is dropped by the leader.
 const TTL: Duration = Duration::from_secs(15);
 const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -33,14 +34,23 @@ impl ControllerRegistration {
         }
     }
 
-    fn register(&self) -> DiscoveryCommand {
-        DiscoveryCommand::RegisterInstance {
-            service: SERVICE.into(),
-            id: self.id.clone(),
-            addr: self.addr.clone(),
-            meta: Default::default(),
-            ttl_ms: TTL.as_millis() as u64,
-            now_ms: crate::now_ms(),
+    fn register(&self) -> flynn_state::Command {
+        let now_ms = crate::now_ms();
+        flynn_state::Command::Batch {
+            commands: SERVICES
+                .iter()
+                .map(|service| {
+                    DiscoveryCommand::RegisterInstance {
+                        service: service.to_string(),
+                        id: self.id.clone(),
+                        addr: self.addr.clone(),
+                        meta: Default::default(),
+                        ttl_ms: TTL.as_millis() as u64,
+                        now_ms,
+                    }
+                    .into()
+                })
+                .collect(),
         }
     }
 }
@@ -68,7 +78,7 @@ impl Component for ControllerRegistration {
     }
 
     fn status(&self) -> serde_json::Value {
-        serde_json::json!({"service": SERVICE, "id": self.id, "addr": self.addr})
+        serde_json::json!({"services": SERVICES, "id": self.id, "addr": self.addr})
     }
 
     /// Leaves discovery at once, so routers stop sending here before the API closes.
@@ -77,9 +87,17 @@ impl Component for ControllerRegistration {
             let Some(local) = self.local.get() else {
                 return;
             };
-            let deregister = DiscoveryCommand::Deregister {
-                service: SERVICE.into(),
-                id: self.id.clone(),
+            let deregister = flynn_state::Command::Batch {
+                commands: SERVICES
+                    .iter()
+                    .map(|service| {
+                        DiscoveryCommand::Deregister {
+                            service: service.to_string(),
+                            id: self.id.clone(),
+                        }
+                        .into()
+                    })
+                    .collect(),
             };
             let _ = tokio::time::timeout(Duration::from_secs(2), local.node().propose(deregister))
                 .await;

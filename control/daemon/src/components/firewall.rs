@@ -211,6 +211,27 @@ impl Component for HostFirewall {
         self.metrics_text()
     }
 
+    /// Healthy while attached to an interface and its counters can be read from the kernel.
+    fn health(self: Arc<Self>) -> BoxFuture<'static, Option<flynn_client::ComponentHealth>> {
+        Box::pin(async move {
+            let fw = self.fw.lock().expect("firewall lock");
+            let interfaces: Vec<String> = fw
+                .interfaces()
+                .into_iter()
+                .map(|(name, mode)| format!("{name} ({mode:?})"))
+                .collect();
+            let counters = fw.counters();
+            let ok = !interfaces.is_empty() && counters.is_ok();
+            Some(flynn_client::ComponentHealth::from_check(
+                ok,
+                serde_json::json!({
+                    "interfaces": interfaces,
+                    "error": counters.err().map(|e| e.to_string()),
+                }),
+            ))
+        })
+    }
+
     /// A stopped host must not keep filtering with a policy nobody maintains.
     fn stop(self: Arc<Self>) -> BoxFuture<'static, ()> {
         Box::pin(async move { self.detach() })

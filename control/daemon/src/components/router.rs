@@ -165,6 +165,35 @@ impl Component for RouterComponent {
         self.metrics.render()
     }
 
+    /// Healthy while running and its HTTP listener accepts a connection now.
+    fn health(self: Arc<Self>) -> BoxFuture<'static, Option<flynn_client::ComponentHealth>> {
+        Box::pin(async move {
+            let running = self.router.lock().expect("router lock").is_some();
+            let probe = self.http.first().or(self.https.first()).map(|a| {
+                let ip = if a.ip().is_unspecified() {
+                    IpAddr::from([127, 0, 0, 1])
+                } else {
+                    a.ip()
+                };
+                SocketAddr::new(ip, a.port())
+            });
+            let accepts = match probe {
+                Some(a) => tokio::net::TcpStream::connect(a).await.map(|_| ()),
+                None => Ok(()),
+            };
+            let detail = serde_json::json!({
+                "http": self.http,
+                "https": self.https,
+                "revision": self.table.load().revision,
+                "error": accepts.as_ref().err().map(|e| e.to_string()),
+            });
+            Some(flynn_client::ComponentHealth::from_check(
+                running && accepts.is_ok(),
+                detail,
+            ))
+        })
+    }
+
     /// Stops accepting and lets in-flight requests finish.
     fn stop(self: Arc<Self>) -> BoxFuture<'static, ()> {
         Box::pin(async move {

@@ -238,6 +238,37 @@ impl Component for VolumesComponent {
         })
     }
 
+    /// A ZFS pool is healthy when `zpool` says `ONLINE`; directories always are.
+    fn health(self: Arc<Self>) -> BoxFuture<'static, Option<flynn_client::ComponentHealth>> {
+        Box::pin(async move {
+            let me = self.clone();
+            let checked = tokio::task::spawn_blocking(move || match &me.provider {
+                Provider::Zfs(p) => {
+                    let health = p.health();
+                    let ok = matches!(&health, Ok(h) if h == "ONLINE");
+                    flynn_client::ComponentHealth::from_check(
+                        ok,
+                        serde_json::json!({
+                            "provider": "zfs",
+                            "pool": p.name,
+                            "health": match health {
+                                Ok(h) => h,
+                                Err(e) => format!("unknown: {e}"),
+                            },
+                        }),
+                    )
+                }
+                Provider::Dir(_) => flynn_client::ComponentHealth::healthy(
+                    serde_json::json!({"provider": "dir", "fallback": me.fallback}),
+                ),
+            })
+            .await;
+            Some(checked.unwrap_or_else(|e| {
+                flynn_client::ComponentHealth::unhealthy(serde_json::json!(e.to_string()))
+            }))
+        })
+    }
+
     fn prometheus(&self) -> String {
         let zfs = u64::from(matches!(self.provider, Provider::Zfs(_)));
         let count = self.provider.list().map(|v| v.len()).unwrap_or(0);

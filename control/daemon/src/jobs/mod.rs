@@ -1145,6 +1145,29 @@ impl Component for JobRunner {
         })
     }
 
+    /// Jobs and their logs: healthy while the log directory takes writes (job output that
+    /// cannot be written is lost).
+    fn health(self: Arc<Self>) -> BoxFuture<'static, Option<flynn_client::ComponentHealth>> {
+        Box::pin(async move {
+            let dir = self.cfg.log_dir.clone();
+            let write = tokio::task::spawn_blocking(move || {
+                let probe = dir.join(".health-check");
+                std::fs::write(&probe, b"ok")?;
+                std::fs::remove_file(&probe)
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            Some(flynn_client::ComponentHealth::from_check(
+                write.is_ok(),
+                serde_json::json!({
+                    "running": self.running.lock().expect("jobs lock").len(),
+                    "log_dir": self.cfg.log_dir,
+                    "error": write.err().map(|e| format!("log dir not writable: {e}")),
+                }),
+            ))
+        })
+    }
+
     fn status(&self) -> serde_json::Value {
         serde_json::json!({
             "running": self.running.lock().expect("jobs lock").len(),

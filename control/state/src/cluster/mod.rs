@@ -13,6 +13,8 @@ use crate::{
 
 /// The service every host's controller API registers as.
 pub const CONTROLLER_SERVICE: &str = "controller";
+/// The service every host's status page registers as.
+pub const STATUS_SERVICE: &str = "status";
 
 pub const TABLE: Table = Table("cluster/");
 const INFO: &str = "info";
@@ -107,6 +109,9 @@ impl Area for Cluster {
                 if let (Some(d), Some(cert)) = (&domain, controller_certificate) {
                     controller_route(s, d, cert, cx)?;
                 }
+                if let Some(d) = &domain {
+                    status_route(s, d, cx)?;
+                }
                 s.cluster.bootstrapped = true;
                 s.cluster.domain = domain;
                 cx.touch(TABLE, INFO);
@@ -145,19 +150,35 @@ fn controller_route(
     let Response::Certificate { certificate } = Routes::apply(s, add_cert, cx)? else {
         unreachable!("AddCertificate answers with the certificate")
     };
-    let route = RouteSpec::Http {
-        domain: format!("controller.{domain}"),
-        path: None,
-        service: Some(CONTROLLER_SERVICE.into()),
-        sticky: false,
-        leader: false,
-        disable_keepalive: false,
-        no_drain_backends: false,
-        certificate: Some(certificate.id),
-        https_redirect: true,
-    };
+    let mut route = RouteSpec::http(&format!("controller.{domain}"));
+    if let RouteSpec::Http {
+        service,
+        certificate: cert,
+        https_redirect,
+        ..
+    } = &mut route
+    {
+        *service = Some(CONTROLLER_SERVICE.into());
+        *cert = Some(certificate.id);
+        *https_redirect = true;
+    }
     let add_route = RoutesCommand::AddRoute {
         app: "controller".into(),
+        route,
+    };
+    Routes::apply(s, add_route, cx)?;
+    Ok(())
+}
+
+/// The status page's route `status.$DOMAIN` (plain HTTP, as monitors poll it), to the
+/// service every host's API registers for it.
+fn status_route(s: &mut ClusterState, domain: &str, cx: &mut Cx) -> Result<(), StateError> {
+    let mut route = RouteSpec::http(&format!("status.{domain}"));
+    if let RouteSpec::Http { service, .. } = &mut route {
+        *service = Some(STATUS_SERVICE.into());
+    }
+    let add_route = RoutesCommand::AddRoute {
+        app: "status".into(),
         route,
     };
     Routes::apply(s, add_route, cx)?;
