@@ -2,6 +2,7 @@
 //! rule, cluster backup and restore, app export and import.
 //! Needs root; run with `--test-threads=1` like the other cluster cases.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -198,4 +199,364 @@ async fn t01_status_page_reports_every_component_and_keeps_its_key_rule() {
 fn base64_encode(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// `n` hosts, each with a ZFS pool of its own, bootstrapped (optionally from a backup), with
+/// every host in the cluster and ready for jobs.
+async fn zfs_cluster(n: usize, extra: &[&str]) -> (Cluster, serde_json::Value) {
+    let mut c = Cluster::create(n);
+    for i in 0..n {
+        c.with_zfs(i);
+        c.start_daemon(i);
+    }
+    for i in 0..n {
+        c.wait_up(i);
+    }
+    let mut args = vec!["--domain", DOMAIN];
+    if !extra.is_empty() {
+        args = extra.to_vec();
+    }
+    let out = c.bootstrap_with(n, &args);
+    c.wait_leader(0, None).await;
+    let client = c.client(0);
+    eventually(
+        Duration::from_secs(30),
+        "every host ready for jobs",
+        || async {
+            let svc = client.service("flynn-host").await.ok()?;
+            (svc.instances.len() == n).then_some(())
+        },
+    )
+    .await;
+    (c, out)
+}
+
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn blob_url(c: &Cluster, i: usize, path: &str) -> String {
+    format!("http://{}:5001{path}", c.hosts[i].ip)
+}
+
+async fn blob(c: &Cluster, i: usize, path: &str) -> Option<Vec<u8>> {
+    let r = reqwest::get(blob_url(c, i, path)).await.ok()?;
+    if !r.status().is_success() {
+        return None;
+    }
+    Some(r.bytes().await.ok()?.to_vec())
+}
+
+/// The files of `app`'s volumes in cluster `c`: volume path → (file → bytes).
+fn volume_files(c: &Cluster, app: &str) -> Vec<BTreeMap<String, Vec<u8>>> {
+    let all: serde_json::Value =
+        serde_json::from_str(&ok(&c.flynn_host(0, &["volume", "list", "--all", "--json"])))
+            .unwrap();
+    let mut out = Vec::new();
+    for v in all.as_array().unwrap() {
+        if v["app"] != app {
+            continue;
+        }
+        let id = v["id"].as_str().unwrap();
+        // `volume inspect` asks the host it runs on: find the one holding it.
+        let info: serde_json::Value = (0..c.hosts.len())
+            .find_map(|i| {
+                let out = c.flynn_host(i, &["volume", "inspect", id]);
+                out.status
+                    .success()
+                    .then(|| serde_json::from_slice(&out.stdout).unwrap())
+            })
+            .expect("a host holding the volume");
+        let dir = std::path::PathBuf::from(info["path"].as_str().unwrap());
+        let mut files = BTreeMap::new();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                files.insert(
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                );
+            }
+        }
+        out.push(files);
+    }
+    out
+}
+
+/// Deploys app `web` with a data volume its job fills (a greeting and 1 MiB of random
+/// bytes), and waits until it answers through the router.
+async fn deploy_with_volume(c: &Cluster, app: &str) {
+    ok(&c.flynn(0, &["create", app]));
+    let image = c.busybox_image(app, None);
+    ok(&c.flynn(0, &["-a", app, "docker", "push", image.to_str().unwrap()]));
+    let update = c.root_path().join(format!("{app}-update.json"));
+    std::fs::write(
+        &update,
+        r#"{"processes": {"web": {"ports": true,
+            "args": ["sh", "-c", "[ -f /data/greeting ] || { echo kept > /data/greeting && dd if=/dev/urandom of=/data/rand bs=65536 count=16 2>/dev/null; }; exec httpd -f -p $PORT -h /www"],
+            "volumes": [{"path": "/data"}]}}}"#,
+    )
+    .unwrap();
+    ok(&c.flynn(
+        0,
+        &["-a", app, "release", "update", update.to_str().unwrap()],
+    ));
+    served(c, 0, app).await;
+    eventually(Duration::from_secs(30), "the volume filled", || async {
+        volume_files(c, app)
+            .iter()
+            .any(|f| f.get("rand").map(Vec::len) == Some(1 << 20))
+            .then_some(())
+    })
+    .await;
+}
+
+/// Waits until `app.DOMAIN` answers 200 through host `i`'s router.
+async fn served(c: &Cluster, i: usize, app: &str) {
+    eventually(
+        Duration::from_secs(60),
+        &format!("{app} served through host {i}"),
+        || async {
+            let admin: IpAddr = c.bridge_ip().parse().unwrap();
+            let r = get_from(admin, http(c, i), &format!("{app}.{DOMAIN}"), "/", "").await;
+            (r.status == 200).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t02_backup_restores_onto_fresh_one_and_three_host_clusters() {
+    let (c, _) = zfs_cluster(3, &[]).await;
+    deploy_with_volume(&c, "web").await;
+    ok(&c.flynn(0, &["-a", "web", "env", "set", "GREETING=hello"]));
+    ok(&c.flynn(
+        0,
+        &[
+            "-a",
+            "web",
+            "route",
+            "add",
+            "http",
+            &format!("extra.{DOMAIN}"),
+        ],
+    ));
+    let http_client = reqwest::Client::new();
+    let blobs: Vec<(String, Vec<u8>)> = vec![
+        ("/files/big.bin".into(), random_bytes(3 << 20, 1)),
+        ("/files/small.txt".into(), b"hello backup".to_vec()),
+        ("/a/deeper/path/with/a/rather/long/name/that/goes/past/the/hundred/bytes/of/a/tar/header.bin".into(), random_bytes(70_000, 2)),
+    ];
+    for (path, data) in &blobs {
+        let r = http_client
+            .put(blob_url(&c, 1, path))
+            .body(data.clone())
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "put {path}: {}", r.status());
+    }
+    let mut source_volumes = volume_files(&c, "web");
+    source_volumes.sort();
+    assert!(!source_volumes.is_empty(), "a data volume");
+
+    // The backup, through the CLI, as the guide writes it.
+    let file = c.root_path().join("backup.tar");
+    let out = c.flynn(0, &["cluster", "backup", "--file", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("written to"), "{stderr}");
+    let listing = Command::new("tar").arg("tf").arg(&file).output().unwrap();
+    let names = String::from_utf8_lossy(&listing.stdout).to_string();
+    assert!(names.starts_with("state.json\n"), "{names}");
+    assert!(names.trim_end().ends_with("MANIFEST.json"), "{names}");
+    assert!(names.contains("blobs/files/big.bin"), "{names}");
+    assert!(names.contains("volumes/"), "{names}");
+    // Into a cluster that has apps already: refused.
+    let body = reqwest::Body::from(std::fs::read(&file).unwrap());
+    let e = c.host_client(0).restore(body).await.unwrap_err();
+    assert!(e.to_string().contains("new cluster"), "{e}");
+
+    // Truncated or corrupted: refused before anything is written, naming the entry.
+    let bytes = std::fs::read(&file).unwrap();
+    let cut = c.root_path().join("cut.tar");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let corrupt = c.root_path().join("corrupt.tar");
+    let mut bad = bytes.clone();
+    let at = find(&bad, b"hello backup").expect("the small blob in the archive");
+    bad[at] ^= 0x20;
+    std::fs::write(&corrupt, &bad).unwrap();
+    {
+        let mut fresh = Cluster::start(1);
+        for (f, want) in [(&cut, "truncated"), (&corrupt, "blobs/files/small.txt")] {
+            let out = Command::new(flynn_tests::bin_dir().join("flynn-host"))
+                .args(["bootstrap", "--timeout", "10", "--min-hosts", "1"])
+                .args([
+                    "--peer-ips",
+                    &format!("{}:{}", fresh.hosts[0].ip, flynn_tests::PORT),
+                ])
+                .arg("--from-backup")
+                .arg(f)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{err}");
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        let info = fresh.host_client(0).info().await.unwrap();
+        assert!(!info.initialized, "a refused backup touched the host");
+        fresh.kill(0);
+    }
+
+    for n in [1usize, 3] {
+        let path = file.to_str().unwrap().to_string();
+        let (r, out) = zfs_cluster(n, &["--from-backup", &path]).await;
+        // The old key and domain.
+        assert_eq!(r.key, c.key, "the controller key carries over");
+        assert_eq!(out["domain"], DOMAIN);
+        assert_eq!(out["restored"]["apps"], serde_json::json!(["web"]));
+        let env = ok(&r.flynn(0, &["-a", "web", "env"]));
+        assert!(env.contains("GREETING=hello"), "{env}");
+        let routes = ok(&r.flynn(0, &["-a", "web", "route"]));
+        assert!(routes.contains(&format!("extra.{DOMAIN}")), "{routes}");
+        // Every blob byte for byte, from every host.
+        for i in 0..n {
+            for (p, data) in &blobs {
+                let got = blob(&r, i, p).await;
+                assert!(
+                    got.as_deref() == Some(&data[..]),
+                    "{n} hosts: {p} from host {i}"
+                );
+            }
+        }
+        // The volume byte for byte.
+        let mut restored = volume_files(&r, "web");
+        restored.retain(|files| !files.is_empty() || source_volumes.contains(files));
+        restored.sort();
+        // Every backed-up volume is back (a job of the restored app may add its own).
+        for v in &source_volumes {
+            assert!(restored.contains(v), "{n} hosts: a volume is missing");
+        }
+        // And the app runs again, through every router.
+        for i in 0..n {
+            served(&r, i, "web").await;
+        }
+        // Hosts register the status page again within their heartbeat.
+        let admin: IpAddr = r.bridge_ip().parse().unwrap();
+        eventually(
+            Duration::from_secs(30),
+            "the restored status page",
+            || async {
+                let page = get_from(admin, http(&r, 0), &status_host(), "/", "").await;
+                (page.status == 200).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t03_export_and_import_under_a_new_name_with_and_without_routes() {
+    let (c, _) = zfs_cluster(1, &[]).await;
+    deploy_with_volume(&c, "shop").await;
+    ok(&c.flynn(0, &["-a", "shop", "env", "set", "COLOR=blue"]));
+    ok(&c.flynn(
+        0,
+        &[
+            "-a",
+            "shop",
+            "route",
+            "add",
+            "http",
+            &format!("store.{DOMAIN}"),
+        ],
+    ));
+    let file = c.root_path().join("shop.tar");
+    let out = c.flynn(
+        0,
+        &["-a", "shop", "export", "--file", file.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let source = volume_files(&c, "shop");
+
+    // A name that exists is refused, and nothing is made.
+    let apps_before = ok(&c.flynn(0, &["apps"]));
+    let err = flynn_tests::failed(&c.flynn(0, &["import", "--file", file.to_str().unwrap()]));
+    assert!(err.contains("exists"), "{err}");
+    assert_eq!(ok(&c.flynn(0, &["apps"])), apps_before);
+
+    // Without --routes: only NEW.$DOMAIN.
+    let out = ok(&c.flynn(
+        0,
+        &[
+            "import",
+            "--file",
+            file.to_str().unwrap(),
+            "--name",
+            "shop2",
+        ],
+    ));
+    assert!(out.contains("shop2"), "{out}");
+    let routes = ok(&c.flynn(0, &["-a", "shop2", "route"]));
+    assert!(routes.contains(&format!("shop2.{DOMAIN}")), "{routes}");
+    assert!(!routes.contains("store."), "{routes}");
+    let env = ok(&c.flynn(0, &["-a", "shop2", "env"]));
+    assert!(env.contains("COLOR=blue"), "{env}");
+    served(&c, 0, "shop2").await;
+    let imported = volume_files(&c, "shop2");
+    assert!(
+        imported.contains(&source[0]),
+        "the volume came along byte for byte"
+    );
+
+    // With --routes, after the original is gone: its routes come along too.
+    ok(&c.flynn(0, &["-a", "shop", "delete", "-y"]));
+    ok(&c.flynn(
+        0,
+        &[
+            "import",
+            "--file",
+            file.to_str().unwrap(),
+            "--name",
+            "shop3",
+            "--routes",
+        ],
+    ));
+    let routes = ok(&c.flynn(0, &["-a", "shop3", "route"]));
+    for want in [
+        format!("shop3.{DOMAIN}"),
+        format!("store.{DOMAIN}"),
+        format!("shop.{DOMAIN}"),
+    ] {
+        assert!(routes.contains(&want), "{want}: {routes}");
+    }
+    served(&c, 0, "shop3").await;
+    let admin: IpAddr = c.bridge_ip().parse().unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "store.DOMAIN served by shop3",
+        || async {
+            let r = get_from(admin, http(&c, 0), &format!("store.{DOMAIN}"), "/", "").await;
+            (r.status == 200).then_some(())
+        },
+    )
+    .await;
 }

@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+mod archive;
 mod flynnrc;
 mod image;
 mod jobs;
@@ -43,6 +44,24 @@ enum Cmd {
     },
     /// List apps.
     Apps,
+    /// Export the app given with -a: config, current release with its image layers,
+    /// formation, routes and data volumes, as one tar. To stdout without --file.
+    Export {
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+    },
+    /// Import an app export (from stdin without --file) as a new app: NAME.$CLUSTER_DOMAIN
+    /// is always routed; the export's own routes only with --routes.
+    Import {
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+        /// The new app's name (default: the exported app's).
+        #[arg(long)]
+        name: Option<String>,
+        /// Also add the exported app's routes.
+        #[arg(long)]
+        routes: bool,
+    },
     /// Delete the app given with -a.
     Delete {
         /// Skip the confirmation prompt.
@@ -148,6 +167,12 @@ enum ClusterCmd {
     },
     /// Remove a cluster from flynnrc.
     Remove { name: String },
+    /// Back up the whole cluster into one tar: state, blob bytes (embedded and Postgres
+    /// backends), data volumes, with a manifest of sha512 sums. To stdout without --file.
+    Backup {
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+    },
     /// Show or set the default cluster.
     Default { name: Option<String> },
 }
@@ -249,12 +274,19 @@ fn main() {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let rc_path = flynnrc::path()?;
-    if let Cmd::Cluster(args) = &cli.cmd {
-        return cluster_cmd(&rc_path, args);
-    }
+    let backup_file = match &cli.cmd {
+        Cmd::Cluster(ClusterArgs {
+            cmd: Some(ClusterCmd::Backup { file }),
+        }) => Some(file.clone()),
+        Cmd::Cluster(args) => return cluster_cmd(&rc_path, args),
+        _ => None,
+    };
     let rc = FlynnRc::load(&rc_path)?;
     let cluster = rc.pick(cli.cluster.as_deref())?;
     let client = cluster.client()?;
+    if let Some(file) = backup_file {
+        return archive::backup(&client, file.as_deref()).await;
+    }
     let app = || {
         cli.app
             .clone()
@@ -262,6 +294,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match cli.cmd {
         Cmd::Cluster(_) => unreachable!("handled above"),
+        Cmd::Export { file } => archive::export(&client, &app()?, file.as_deref()).await?,
+        Cmd::Import { file, name, routes } => {
+            archive::import(&client, file.as_deref(), name.as_deref(), routes).await?
+        }
         Cmd::Create { name } => {
             let name = name
                 .or(cli.app.clone())
@@ -392,6 +428,7 @@ fn cluster_cmd(rc_path: &std::path::Path, args: &ClusterArgs) -> anyhow::Result<
             rc.save(rc_path)?;
             println!("\"{name}\" is now the default cluster.");
         }
+        Some(ClusterCmd::Backup { .. }) => unreachable!("needs a client: handled in run"),
     }
     Ok(())
 }

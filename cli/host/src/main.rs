@@ -82,6 +82,10 @@ enum Cmd {
         /// https://controller.DOMAIN through every host's router.
         #[arg(long)]
         domain: Option<String>,
+        /// Start the new cluster from a `flynn cluster backup` archive: its domain, keys,
+        /// apps, routes, blobs and volumes. The archive is checked whole first.
+        #[arg(long)]
+        from_backup: Option<PathBuf>,
     },
     /// List the cluster's hosts.
     List {
@@ -377,8 +381,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             timeout,
             json,
             domain,
+            from_backup,
         } => {
             let opts = BootstrapOptions {
+                from_backup,
                 hosts: peer_ips
                     .iter()
                     .map(|ip| host_url(ip, DEFAULT_PORT))
@@ -399,6 +405,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "proxies": out.proxies.iter().map(|p| &p.addr).collect::<Vec<_>>(),
                         "domain": out.domain,
                         "controller_pin": out.controller_pin,
+                        "restored": out.restored,
                     })
                 );
             } else {
@@ -414,6 +421,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "Cluster secret: {}  (new hosts: flynn-host init --peer-ips ... --secret ...)",
                     out.secret
                 );
+                if let Some(r) = &out.restored {
+                    println!(
+                        "Restored from the backup: apps {}, {} blob(s), {} volume(s).",
+                        r["apps"],
+                        r["blobs"],
+                        r["volumes"].as_array().map_or(0, Vec::len)
+                    );
+                }
                 println!();
                 println!("Try it:");
                 match (&out.domain, &out.controller_pin) {

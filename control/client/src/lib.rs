@@ -166,6 +166,28 @@ impl Http {
         })
     }
 
+    /// A streamed download: the response once its status says success. Archives take as
+    /// long as they take: no overall timeout, only the connect and idle limits.
+    async fn download(&self, path: &str) -> Result<reqwest::Response, ClientError> {
+        let rb = self
+            .request(Method::GET, path)
+            .timeout(Duration::from_secs(7 * 24 * 3600));
+        Ok(self.execute(rb).await?.1)
+    }
+
+    /// A streamed upload answered with JSON.
+    async fn upload<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: reqwest::Body,
+    ) -> Result<T, ClientError> {
+        let rb = self
+            .request(Method::PUT, path)
+            .timeout(Duration::from_secs(7 * 24 * 3600))
+            .body(body);
+        self.send(rb).await
+    }
+
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.send(self.request(Method::GET, path)).await
     }
@@ -267,6 +289,33 @@ impl ControllerClient {
 
     pub async fn delete_app(&self, name: &str) -> Result<(), ClientError> {
         self.http.delete(&format!("/apps/{}", seg(name))).await
+    }
+
+    /// `GET /backup`: the cluster backup archive, streamed (headers `x-flynn-backup-*`
+    /// say what it holds).
+    pub async fn backup(&self) -> Result<reqwest::Response, ClientError> {
+        self.http.download("/backup").await
+    }
+
+    /// `GET /apps/APP/export`: the app's export archive, streamed.
+    pub async fn export_app(&self, app: &str) -> Result<reqwest::Response, ClientError> {
+        self.http
+            .download(&format!("/apps/{}/export", seg(app)))
+            .await
+    }
+
+    /// `PUT /apps/import?name=&routes=`: imports an app export archive.
+    pub async fn import_app(
+        &self,
+        name: Option<&str>,
+        routes: bool,
+        body: reqwest::Body,
+    ) -> Result<serde_json::Value, ClientError> {
+        let mut path = format!("/apps/import?routes={routes}");
+        if let Some(n) = name {
+            path.push_str(&format!("&name={}", seg(n)));
+        }
+        self.http.upload(&path, body).await
     }
 
     /// The env a process of `proc_type` sees (global merged with the override).
@@ -580,6 +629,11 @@ impl HostClient {
     /// Every component the host runs, with its status (`/host/components`).
     pub async fn components(&self) -> Result<serde_json::Value, ClientError> {
         self.http.get("/host/components").await
+    }
+
+    /// `PUT /host/restore`: restores a checked backup archive into this new cluster.
+    pub async fn restore(&self, body: reqwest::Body) -> Result<serde_json::Value, ClientError> {
+        self.http.upload("/host/restore", body).await
     }
 
     /// This host's own health checks (`GET /host/health`, cluster secret).

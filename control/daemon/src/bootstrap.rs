@@ -21,6 +21,8 @@ pub struct BootstrapOptions {
     /// The cluster domain: the controller is then served at `https://controller.$DOMAIN`
     /// through every host's router, with a certificate made here.
     pub domain: Option<String>,
+    /// A cluster backup to start the new cluster from (`--from-backup`).
+    pub from_backup: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +36,105 @@ pub struct BootstrapOutcome {
     pub domain: Option<String>,
     /// Pin of the controller's certificate (with a domain): `flynn cluster add -p PIN`.
     pub controller_pin: Option<String>,
+    /// What a restore from a backup brought back (`PUT /host/restore`'s answer).
+    pub restored: Option<serde_json::Value>,
+}
+
+/// What a checked backup says about the cluster it came from.
+struct Backup {
+    path: std::path::PathBuf,
+    domain: Option<String>,
+    auth_key: String,
+    controller_pin: Option<String>,
+}
+
+/// Reads the whole backup once and checks it against its manifest, before any host is
+/// touched: a truncated or corrupted backup is refused naming the broken entry.
+async fn check_backup(path: &std::path::Path) -> anyhow::Result<Backup> {
+    use crate::api::backup::STATE_ENTRY;
+    let file = tokio::fs::File::open(path)
+        .await
+        .with_context(|| format!("opening {}", path.display()))?;
+    let size = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "checking {} ({size} bytes) against its manifest...",
+        path.display()
+    );
+    let (manifest, kept) = crate::archive::verify(
+        tokio::io::BufReader::with_capacity(1 << 20, file),
+        |n| n == STATE_ENTRY,
+        |_| {},
+    )
+    .await
+    .with_context(|| format!("{} is refused; nothing was written", path.display()))?;
+    if manifest.kind != "cluster-backup" {
+        bail!(
+            "{} is a {:?} archive, not a cluster backup",
+            path.display(),
+            manifest.kind
+        );
+    }
+    let state: flynn_state::ClusterState = serde_json::from_slice(
+        kept.get(STATE_ENTRY)
+            .with_context(|| format!("{} has no {STATE_ENTRY}", path.display()))?,
+    )
+    .with_context(|| format!("{}: {STATE_ENTRY}", path.display()))?;
+    let auth_key = state
+        .apps
+        .get("controller")
+        .and_then(|a| a.env.global.get("AUTH_KEY").cloned())
+        .context("the backup's controller has no AUTH_KEY")?;
+    let domain = state.cluster.domain.clone();
+    let controller_pin = domain.as_ref().and_then(|d| {
+        let cert_id = state.routes.routes.values().find_map(|r| match r {
+            flynn_state::Route::Http(h) if h.domain == format!("controller.{d}") => {
+                h.certificate.clone()
+            }
+            _ => None,
+        })?;
+        let cert = state.routes.certificates.get(&cert_id)?;
+        crate::tls::pem_pin(&cert.cert_pem)
+    });
+    Ok(Backup {
+        path: path.to_path_buf(),
+        domain,
+        auth_key,
+        controller_pin,
+    })
+}
+
+/// Streams the (checked) backup to a host of the new cluster, which restores it.
+async fn restore(
+    url: &str,
+    secret: &str,
+    path: &std::path::Path,
+) -> anyhow::Result<serde_json::Value> {
+    use futures::StreamExt;
+    let file = tokio::fs::File::open(path).await?;
+    let size = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    eprintln!("restoring {} into the new cluster...", path.display());
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut last = Instant::now();
+    let chunks = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map(move |c| {
+        if let Ok(b) = &c {
+            sent += b.len() as u64;
+            if last.elapsed() >= Duration::from_secs(1) || sent == size {
+                last = Instant::now();
+                let rate = sent as f64 / started.elapsed().as_secs_f64().max(0.001) / 1e6;
+                eprintln!(
+                    "  sent {:.1} of {:.1} MB ({rate:.1} MB/s)",
+                    sent as f64 / 1e6,
+                    size as f64 / 1e6
+                );
+            }
+        }
+        c
+    });
+    let host = HostClient::new(url, Some(secret), Duration::from_secs(30));
+    host.restore(reqwest::Body::wrap_stream(chunks))
+        .await
+        .with_context(|| format!("restoring {} through {url}", path.display()))
 }
 
 pub fn random_hex(bytes: usize) -> String {
@@ -58,6 +159,21 @@ pub async fn bootstrap(opts: &BootstrapOptions) -> anyhow::Result<BootstrapOutco
             opts.hosts.len()
         );
     }
+    let backup = match &opts.from_backup {
+        Some(path) => Some(check_backup(path).await?),
+        None => None,
+    };
+    let mut opts = opts.clone();
+    if let Some(b) = &backup {
+        if opts.domain.is_some() && opts.domain != b.domain {
+            bail!(
+                "the backup is of the cluster {:?}; a restored cluster keeps its domain (drop --domain)",
+                b.domain.as_deref().unwrap_or("without a domain")
+            );
+        }
+        opts.domain = b.domain.clone();
+    }
+    let opts = &opts;
     let deadline = Instant::now() + opts.timeout;
     let found = loop {
         let probes = opts.hosts.iter().map(|url| async move {
@@ -95,16 +211,20 @@ pub async fn bootstrap(opts: &BootstrapOptions) -> anyhow::Result<BootstrapOutco
         }
     }
     let secret = random_hex(32);
-    let auth_key = random_hex(20);
+    // A restored cluster keeps its controller keys (and, with the state, its certificate).
+    let auth_key = match &backup {
+        Some(b) => b.auth_key.clone(),
+        None => random_hex(20),
+    };
     let domain = match &opts.domain {
         Some(d) => Some(
             flynn_state::validate::domain(d).map_err(|e| anyhow::anyhow!("--domain {d:?}: {e}"))?,
         ),
         None => None,
     };
-    let controller_tls = match &domain {
-        Some(d) => Some(crate::tls::self_signed(&[format!("controller.{d}")])?),
-        None => None,
+    let controller_tls = match (&domain, &backup) {
+        (Some(d), None) => Some(crate::tls::self_signed(&[format!("controller.{d}")])?),
+        _ => None,
     };
     let n_voters = voters_for(found.len());
     let (peers, proxies) = found.split_at(n_voters);
@@ -161,6 +281,10 @@ pub async fn bootstrap(opts: &BootstrapOptions) -> anyhow::Result<BootstrapOutco
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
+    let restored = match &backup {
+        Some(b) => Some(restore(&peers[0].0, &secret, &b.path).await?),
+        None => None,
+    };
     Ok(BootstrapOutcome {
         controller_url: peers[0].0.clone(),
         auth_key,
@@ -169,6 +293,10 @@ pub async fn bootstrap(opts: &BootstrapOptions) -> anyhow::Result<BootstrapOutco
         proxies: proxies.iter().map(|(_, i)| i.clone()).collect(),
         status,
         domain,
-        controller_pin: controller_tls.map(|t| t.pin),
+        controller_pin: match &backup {
+            Some(b) => b.controller_pin.clone(),
+            None => controller_tls.map(|t| t.pin),
+        },
+        restored,
     })
 }

@@ -3,6 +3,7 @@
 //! controllers. The `flynn-host` binary is a thin CLI over this crate.
 
 pub mod api;
+pub mod archive;
 pub mod blobstore;
 pub mod bootstrap;
 pub mod component;

@@ -34,6 +34,20 @@ pub fn self_signed(names: &[String]) -> anyhow::Result<SelfSigned> {
     })
 }
 
+/// The pin of the first certificate in a PEM text.
+pub fn pem_pin(pem: &str) -> Option<String> {
+    let body: String = pem
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body.trim())
+        .ok()?;
+    Some(pin(&der))
+}
+
 /// The pin of a DER certificate: base64 of its SHA-256.
 pub fn pin(der: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, der);

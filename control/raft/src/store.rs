@@ -445,6 +445,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let mut results = Vec::new();
         let mut new_events = Vec::new();
+        let mut replaced = false;
         let batch = {
             let mut guard = self.handle.inner.write().expect("state lock poisoned");
             let applied = &mut *guard;
@@ -453,7 +454,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 match entry.payload {
                     EntryPayload::Blank => results.push(Ok(flynn_state::Response::Done)),
                     EntryPayload::Normal(cmd) => {
+                        let replaces = flynn_state::ClusterState::replaces_all(&cmd);
                         let (result, events) = applied.state.apply(cmd);
+                        replaced |= replaces && result.is_ok();
                         new_events.extend(events);
                         results.push(result);
                     }
@@ -474,6 +477,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             batch.put_cf(sm, SM_APPLIED, encode(&applied.last_applied));
             batch.put_cf(sm, SM_MEMBERSHIP, encode(&applied.membership));
+            if replaced {
+                // The events before it describe a state that is gone: watchers resync.
+                applied.recent.clear();
+                applied.history_complete_since = applied.state.revision;
+                new_events.clear();
+            }
             for e in &new_events {
                 if applied.recent.len() == EVENT_HISTORY {
                     let dropped = applied.recent.pop_front().expect("full");
@@ -489,6 +498,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for e in new_events {
             // No subscribers is fine: the history buffer above still has it.
             let _ = self.handle.events.send(WatchItem::Event(e));
+        }
+        if replaced {
+            let _ = self.handle.events.send(WatchItem::Reset);
         }
         self.handle.notify_applied();
         Ok(results)

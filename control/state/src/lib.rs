@@ -55,6 +55,10 @@ macro_rules! areas {
             $( $variant($cmd), )*
             /// Replaces the whole state (quorum-loss recovery seeds a new cluster with this).
             Restore { state: Box<ClusterState> },
+            /// Restores a cluster backup into this new cluster (`flynn-host bootstrap
+            /// --from-backup`): refused unless the cluster is fresh; what names hosts stays
+            /// this cluster's ([`ClusterState::restored_onto`]), in one step of the log.
+            RestoreBackup { state: Box<ClusterState> },
             /// Several commands in one log entry, applied in order, each with its own result
             /// and revision. The leader batches concurrent proposals so one fsync serves many.
             Batch { commands: Vec<Command> },
@@ -71,6 +75,15 @@ macro_rules! areas {
                 match cmd {
                     $( Command::$variant(c) => <$area as Area>::apply(self, c, cx), )*
                     Command::Restore { state } => self.restore(*state, cx),
+                    Command::RestoreBackup { state } => {
+                        if !self.is_fresh() {
+                            return Err(StateError::Conflict(
+                                "a backup is restored only into a new cluster; this one has apps or releases already".into(),
+                            ));
+                        }
+                        let merged = state.restored_onto(self);
+                        self.restore(merged, cx)
+                    }
                     Command::Batch { .. } => unreachable!("batches are unrolled in apply()"),
                 }
             }
@@ -187,6 +200,15 @@ pub enum StateError {
 pub type ApplyResult = Result<Response, StateError>;
 
 impl ClusterState {
+    /// Whether applying this replaces the whole state (watchers then start over).
+    pub fn replaces_all(cmd: &Command) -> bool {
+        match cmd {
+            Command::Restore { .. } | Command::RestoreBackup { .. } => true,
+            Command::Batch { commands } => commands.iter().any(Self::replaces_all),
+            _ => false,
+        }
+    }
+
     /// Applies one command. On error nothing is changed.
     pub fn apply(&mut self, cmd: Command) -> (ApplyResult, Vec<Event>) {
         if let Command::Batch { commands } = cmd {
@@ -230,6 +252,57 @@ impl ClusterState {
         };
         cx.dirty.extend(self.all_keys());
         Ok(Response::Done)
+    }
+
+    /// This state, read from a backup, as it is restored into the new cluster `into`:
+    /// apps, env, releases, formations, images, routes, certificates, keys and the domain
+    /// come from the backup; what names hosts (discovery instances, jobs, volumes, job
+    /// subnets, `DISCOVERD_PEERS`) is the new cluster's, and the scheduler starts the
+    /// formations' jobs afresh. Blob files uploaded into the new cluster already are kept
+    /// as uploaded (with their new copies); the backup's other files (those on S3, GCS or
+    /// Azure, which a backup references) keep their records.
+    pub fn restored_onto(mut self, into: &ClusterState) -> ClusterState {
+        self.discovery = into.discovery.clone();
+        // Volumes received from the backup are recorded as the new hosts hold them, and
+        // keep the owners they had (their apps did not exist yet when they arrived).
+        let owners: std::collections::BTreeMap<String, volumes::Volume> = self
+            .volumes
+            .volumes
+            .values()
+            .map(|v| (v.id.clone(), v.clone()))
+            .collect();
+        self.volumes = into.volumes.clone();
+        for v in self.volumes.volumes.values_mut() {
+            if let (None, Some(old)) = (&v.app, owners.get(&v.id)) {
+                v.app = old.app.clone();
+                v.job = old.job.clone();
+            }
+        }
+        self.jobs.jobs = into.jobs.jobs.clone();
+        self.jobs.backoff = into.jobs.backoff.clone();
+        self.jobs.subnets = into.jobs.subnets.clone();
+        let mut blobs = into.blobs.blobs.clone();
+        for (path, file) in std::mem::take(&mut self.blobs.blobs) {
+            blobs.entry(path).or_insert(file);
+        }
+        self.blobs.blobs = blobs;
+        let peers = into
+            .apps
+            .get("discoverd")
+            .and_then(|a| a.env.global.get("DISCOVERD_PEERS").cloned());
+        if let (Some(peers), Some(d)) = (peers, self.apps.apps.get_mut("discoverd")) {
+            d.env.global.insert("DISCOVERD_PEERS".into(), peers);
+        }
+        self.revision = into.revision;
+        self
+    }
+
+    /// Whether nothing but what bootstrap makes is here yet: a restore goes only into
+    /// such a cluster.
+    pub fn is_fresh(&self) -> bool {
+        self.apps.values().all(|a| a.system)
+            && self.jobs.releases.is_empty()
+            && self.jobs.formations.is_empty()
     }
 
     pub fn bootstrapped(&self) -> bool {

@@ -91,6 +91,74 @@ fn t52_restore_replaces_everything() {
 }
 
 #[test]
+fn t53_a_backup_restores_only_into_a_fresh_cluster_keeping_its_hosts() {
+    // The backed-up cluster: an app with env and a route, a volume on one of its hosts.
+    let mut old = booted();
+    ok(&mut old, AppsCommand::CreateApp { name: "web".into() });
+    ok(&mut old, env_set("web", None, "K", "V"));
+    ok(&mut old, http("web", "web.example.com", None));
+    let vol = |host: u64, app: Option<&str>| crate::volumes::Volume {
+        id: "v1".into(),
+        host,
+        provider: "zfs".into(),
+        size: None,
+        app: app.map(String::from),
+        job: None,
+        snapshots: Vec::new(),
+        created_ms: 1,
+    };
+    ok(
+        &mut old,
+        VolumesCommand::PutVolume {
+            volume: vol(7, Some("web")),
+        },
+    );
+    // The new cluster: the same volume received on its host 9, no owner yet.
+    let mut new = booted();
+    ok(
+        &mut new,
+        VolumesCommand::PutVolume {
+            volume: vol(9, None),
+        },
+    );
+    let peers_before = new.apps["discoverd"]
+        .env
+        .global
+        .get("DISCOVERD_PEERS")
+        .cloned();
+    ok(
+        &mut new,
+        Command::RestoreBackup {
+            state: Box::new(old.clone()),
+        },
+    );
+    assert_eq!(new.apps["web"].env.global["K"], "V");
+    assert_eq!(new.routes.routes.len(), old.routes.routes.len());
+    let volumes: Vec<_> = new.volumes.volumes.values().collect();
+    assert_eq!(volumes.len(), 1, "the new host's record, not the old one");
+    assert_eq!(
+        (volumes[0].host, volumes[0].app.as_deref()),
+        (9, Some("web"))
+    );
+    assert_eq!(
+        new.apps["discoverd"]
+            .env
+            .global
+            .get("DISCOVERD_PEERS")
+            .cloned(),
+        peers_before
+    );
+    // Once it has apps, a cluster takes no backup.
+    let (r, _) = apply(
+        &mut new,
+        Command::RestoreBackup {
+            state: Box::new(old),
+        },
+    );
+    assert!(matches!(r, Err(StateError::Conflict(_))), "{r:?}");
+}
+
+#[test]
 fn t60_validation() {
     assert!(validate::domain("*.example.com").is_ok());
     assert!(validate::domain("a..b").is_err());

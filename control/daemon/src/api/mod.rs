@@ -14,6 +14,8 @@
 
 pub mod apps;
 pub mod auth;
+pub mod backup;
+pub mod export;
 pub mod host;
 pub mod jobs;
 pub mod raft;
@@ -53,6 +55,7 @@ pub fn router(host: Arc<Host>) -> Router {
         .merge(volumes::routes())
         .merge(jobs::secret_routes())
         .merge(status::secret_routes())
+        .merge(backup::secret_routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_RAFT_BODY))
         .layer(middleware::from_fn_with_state(
             host.clone(),
@@ -64,6 +67,8 @@ pub fn router(host: Arc<Host>) -> Router {
         .merge(watch::routes())
         .merge(host::controller_routes())
         .merge(jobs::controller_routes())
+        .merge(backup::controller_routes())
+        .merge(export::routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY))
         .layer(middleware::from_fn_with_state(
             host.clone(),

@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use flynn_client::{NewVolume, SendVolume, SECRET_HEADER};
 use flynn_state::volumes::{Volume, VolumesCommand};
 use flynn_volume::{VolumeError, VolumeInfo};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
@@ -26,6 +26,7 @@ pub fn routes() -> Router<AppState> {
         .route("/host/volumes/{id}", get(inspect).delete(remove))
         .route("/host/volumes/{id}/snapshots", post(snapshot))
         .route("/host/volumes/{id}/send", post(send))
+        .route("/host/volumes/{id}/export", get(export))
         // A volume stream is as large as the volume.
         .route(
             "/host/volumes/{id}/receive",
@@ -219,17 +220,7 @@ async fn send(
             }
         }
     };
-    let (sid, ssnap, sfrom) = (id.clone(), snapshot.clone(), from.clone());
-    let mut child = blocking(host.volumes(), move |v| {
-        v.provider.zfs()?.send(&sid, &ssnap, sfrom.as_deref())
-    })
-    .await?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| ApiError::Internal("zfs send has no stdout".into()))?;
-    let stdout = tokio::process::ChildStdout::from_std(stdout)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let (mut child, stdout) = zfs_send(&host, &id, &snapshot, from.clone()).await?;
     let stream = tokio_util::io::ReaderStream::new(stdout);
     let sent = peers
         .put(format!("{base}/receive"))
@@ -260,11 +251,71 @@ async fn send(
     ))
 }
 
+/// Starts `zfs send` of `id@snapshot` (incremental from `from`): the process and its
+/// output.
+async fn zfs_send(
+    host: &AppState,
+    id: &str,
+    snapshot: &str,
+    from: Option<String>,
+) -> ApiResult<(std::process::Child, tokio::process::ChildStdout)> {
+    let (sid, ssnap) = (id.to_string(), snapshot.to_string());
+    let mut child = blocking(host.volumes(), move |v| {
+        v.provider.zfs()?.send(&sid, &ssnap, from.as_deref())
+    })
+    .await?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| ApiError::Internal("zfs send has no stdout".into()))?;
+    let stdout = tokio::process::ChildStdout::from_std(stdout)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok((child, stdout))
+}
+
+/// A full `zfs send` stream of volume `id` as it is now (a snapshot `backup-MS` is taken
+/// for it): what a cluster backup holds. A send that fails ends the body with an error,
+/// never as a short stream that looks whole.
+async fn export(
+    State(host): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<axum::response::Response> {
+    host.node()?;
+    let name = format!("backup-{}", crate::now_ms());
+    let (vid, snap) = (id.clone(), name.clone());
+    let info = blocking(host.volumes(), move |v| {
+        v.provider.zfs()?;
+        v.provider.snapshot(&vid, &snap)
+    })
+    .await?;
+    record(&host, &info, None, None).await?;
+    let (mut child, stdout) = zfs_send(&host, &id, &name, None).await?;
+    let status = futures::stream::once(async move {
+        match tokio::task::spawn_blocking(move || child.wait()).await {
+            Ok(Ok(s)) if s.success() => None,
+            _ => Some(Err(std::io::Error::other(format!(
+                "zfs send of {id}@{name} failed"
+            )))),
+        }
+    })
+    .filter_map(futures::future::ready);
+    let stream = tokio_util::io::ReaderStream::new(stdout).chain(status);
+    Ok(axum::response::Response::new(Body::from_stream(stream)))
+}
+
+#[derive(Deserialize, Default)]
+struct ReceiveOpts {
+    /// The owners to record (a restored backup's volume keeps its app).
+    app: Option<String>,
+    job: Option<String>,
+}
+
 /// Receives a `zfs send` stream into volume `id`. ZFS applies it only whole: a cut stream
 /// fails and leaves the volume as it was.
 async fn receive(
     State(host): State<AppState>,
     Path(id): Path<String>,
+    Query(owner): Query<ReceiveOpts>,
     body: Body,
 ) -> ApiResult<Json<Volume>> {
     host.node()?;
@@ -319,5 +370,5 @@ async fn receive(
         )));
     }
     let info = blocking(host.volumes(), move |v| v.provider.inspect(&id)).await?;
-    Ok(Json(record(&host, &info, None, None).await?))
+    Ok(Json(record(&host, &info, owner.app, owner.job).await?))
 }

@@ -1,0 +1,457 @@
+//! App export and import (`flynn -a APP export`, `flynn import`), as archives
+//! ([`crate::archive`]): `app.json` (the app with its env, current release, formation,
+//! routes and their certificates, volumes), `blobs/layers/SHA` (the release's image layers,
+//! whatever backend holds them, so the export carries to any cluster), `volumes/ID/NNNNNN`
+//! (the app's ZFS volumes as `zfs send` streams), then `MANIFEST.json`.
+//!
+//! An import is refused before anything is written when the name is taken. It creates the
+//! app (which routes `NAME.$CLUSTER_DOMAIN`), stores the layers through the blobstore's
+//! checked write, receives the volumes, then deploys the release, scales the formation and,
+//! with `routes=true`, adds the exported routes. If any step fails the app is deleted
+//! again, so a failed import leaves no app behind.
+
+use std::collections::BTreeMap;
+use std::io;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::Response;
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use bytes::Bytes;
+use flynn_client::SECRET_HEADER;
+use flynn_state::jobs::JobsCommand;
+use flynn_state::routes::RoutesCommand;
+use flynn_state::volumes::Volume;
+use flynn_state::{
+    App, AppsCommand, Certificate, NewCertificate, NewRelease, Release, Route, RouteSpec,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::AppState;
+use crate::archive::{ArchiveError, TarReader, TarWriter};
+use crate::error::{ApiError, ApiResult};
+
+pub const APP_ENTRY: &str = "app.json";
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/apps/{app}/export", get(export))
+        .route(
+            "/apps/import",
+            put(import).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+}
+
+/// `app.json`: everything about the app except bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppExport {
+    pub app: App,
+    #[serde(default)]
+    pub release: Option<Release>,
+    #[serde(default)]
+    pub formation: BTreeMap<String, u32>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    #[serde(default)]
+    pub certificates: Vec<Certificate>,
+    #[serde(default)]
+    pub volumes: Vec<Volume>,
+}
+
+async fn export(State(host): State<AppState>, Path(app): Path<String>) -> ApiResult<Response> {
+    let node = host.node()?.clone();
+    node.read_barrier().await?;
+    let (export, layers) = node.state.read(|a| {
+        let s = &a.state;
+        let app = s.app(&app)?.clone();
+        if app.system {
+            return Err(flynn_state::StateError::Invalid(format!(
+                "{:?} is a system app: it is part of every cluster, and is backed up with it",
+                app.name
+            )));
+        }
+        let release = s.jobs.current_release(&app.name).cloned();
+        let formation = s
+            .jobs
+            .formations
+            .get(&app.name)
+            .map(|f| f.processes.clone())
+            .unwrap_or_default();
+        let routes: Vec<Route> = s
+            .routes
+            .routes
+            .values()
+            .filter(|r| r.app() == app.name)
+            .cloned()
+            .collect();
+        let certificates = routes
+            .iter()
+            .filter_map(|r| match r {
+                Route::Http(h) => h.certificate.as_ref(),
+                Route::Tcp(_) => None,
+            })
+            .filter_map(|id| s.routes.certificates.get(id).cloned())
+            .collect();
+        let volumes: Vec<Volume> = s
+            .volumes
+            .volumes
+            .values()
+            .filter(|v| v.app.as_deref() == Some(app.name.as_str()) && v.provider == "zfs")
+            .cloned()
+            .collect();
+        let layers: Vec<flynn_state::blobs::BlobFile> = release
+            .iter()
+            .flat_map(|r| r.image.layers.iter())
+            .filter_map(|l| {
+                s.blobs
+                    .blobs
+                    .get(&flynn_state::layer_path(&l.sha512))
+                    .cloned()
+            })
+            .collect();
+        Ok((
+            AppExport {
+                app,
+                release,
+                formation,
+                routes,
+                certificates,
+                volumes,
+            },
+            layers,
+        ))
+    })?;
+    let hosts: BTreeMap<u64, String> = node
+        .metrics()
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(id, n)| (*id, n.addr.clone()))
+        .collect();
+    if let Some(r) = &export.release {
+        if layers.len() != r.image.layers.len() {
+            return Err(ApiError::Unavailable(format!(
+                "release {} has layers the blobstore does not hold; it cannot be exported",
+                r.id
+            )));
+        }
+    }
+    let blobstore = host.blobstore().cloned().ok_or_else(|| {
+        ApiError::Unavailable("this host runs no blobstore; export through another".into())
+    })?;
+    let app_json = Bytes::from(
+        serde_json::to_vec_pretty(&export).map_err(|e| ApiError::Internal(e.to_string()))?,
+    );
+    let secret = node.secret().to_string();
+    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(8);
+    let name = export.app.name.clone();
+    tokio::spawn(async move {
+        let mut w = TarWriter::new(tx);
+        let written: io::Result<()> = async {
+            w.bytes(APP_ENTRY, app_json).await?;
+            for f in &layers {
+                let content = blobstore
+                    .open(f, None)
+                    .await
+                    .map_err(|e| io::Error::other(format!("layer {}: {e}", f.path)))?;
+                w.stream(&format!("blobs{}", f.path), f.size, content)
+                    .await?;
+            }
+            for v in &export.volumes {
+                let addr = hosts.get(&v.host).ok_or_else(|| {
+                    io::Error::other(format!("volume {}: its host left the cluster", v.id))
+                })?;
+                super::backup::write_volume(&mut w, addr, &secret, &v.id).await?;
+            }
+            Ok(())
+        }
+        .await;
+        match written {
+            Ok(()) => {
+                let extra = BTreeMap::from([("app".to_string(), json!(name))]);
+                if let Err(e) = w.finish("app-export", extra).await {
+                    tracing::warn!(error = %e, "export not finished");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, app = %name, "export failed");
+                w.fail(e.to_string()).await;
+            }
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-tar")
+        .body(Body::from_stream(ReceiverStream::new(rx)))
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+#[derive(Deserialize, Default)]
+struct ImportOpts {
+    name: Option<String>,
+    #[serde(default)]
+    routes: bool,
+}
+
+fn broken(e: ArchiveError) -> ApiError {
+    ApiError::Invalid(format!("app export archive: {e}"))
+}
+
+/// A route of the exported app as a request to add it to `app`: the service moves with the
+/// app's name when it was the app's own (`OLD-web` → `NEW-web`).
+fn route_spec(r: &Route, old: &str, new: &str, certs: &BTreeMap<String, String>) -> RouteSpec {
+    let service = |s: &str| match s.strip_prefix(&format!("{old}-")) {
+        Some(rest) => format!("{new}-{rest}"),
+        None => s.to_string(),
+    };
+    match r {
+        Route::Http(h) => RouteSpec::Http {
+            domain: h.domain.clone(),
+            path: Some(h.path.clone()),
+            service: Some(service(&h.service)),
+            sticky: h.sticky,
+            leader: h.leader,
+            disable_keepalive: !h.backend_keepalive,
+            no_drain_backends: !h.drain_backends,
+            certificate: h.certificate.as_ref().and_then(|c| certs.get(c).cloned()),
+            https_redirect: h.https_redirect,
+        },
+        Route::Tcp(t) => RouteSpec::Tcp {
+            port: Some(t.port),
+            service: Some(service(&t.service)),
+            leader: t.leader,
+        },
+    }
+}
+
+async fn import(
+    State(host): State<AppState>,
+    Query(opts): Query<ImportOpts>,
+    body: Body,
+) -> ApiResult<Json<serde_json::Value>> {
+    let node = host.node()?.clone();
+    let blobstore = host.blobstore().cloned().ok_or_else(|| {
+        ApiError::Unavailable("this host runs no blobstore; import through another".into())
+    })?;
+    let (mut tar, head) =
+        super::backup::open_archive(body, APP_ENTRY, 64 * 1024 * 1024, "app export archive")
+            .await?;
+    let export: AppExport = serde_json::from_slice(&head)
+        .map_err(|e| ApiError::Invalid(format!("app export archive: {APP_ENTRY}: {e}")))?;
+    let old = export.app.name.clone();
+    let name = opts.name.clone().unwrap_or_else(|| old.clone());
+    flynn_state::validate::app_name(&name)?;
+    node.read_barrier().await?;
+    if node.state.read(|a| a.state.apps.contains_key(&name)) {
+        return Err(ApiError::Conflict(format!(
+            "an app named {name:?} exists; import under another name with --name"
+        )));
+    }
+    node.propose(AppsCommand::CreateApp { name: name.clone() })
+        .await?;
+    let mut received: Vec<(String, String)> = Vec::new();
+    let outcome = import_into(
+        &node,
+        &blobstore,
+        &mut tar,
+        &export,
+        &name,
+        opts.routes,
+        &mut received,
+    )
+    .await;
+    match outcome {
+        Ok(v) => Ok(Json(v)),
+        Err(e) => {
+            // Leave nothing half-imported behind.
+            let _ = node
+                .propose(AppsCommand::DeleteApp { name: name.clone() })
+                .await;
+            let secret = node.secret().to_string();
+            for (addr, id) in received {
+                let _ = reqwest::Client::new()
+                    .delete(format!("http://{addr}/host/volumes/{id}"))
+                    .header(SECRET_HEADER, &secret)
+                    .send()
+                    .await;
+            }
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn import_into<R: tokio::io::AsyncRead + Unpin>(
+    node: &std::sync::Arc<crate::node::Node>,
+    blobstore: &std::sync::Arc<crate::blobstore::Blobstore>,
+    tar: &mut TarReader<R>,
+    export: &AppExport,
+    name: &str,
+    with_routes: bool,
+    received: &mut Vec<(String, String)>,
+) -> ApiResult<serde_json::Value> {
+    let layers: BTreeMap<String, String> = export
+        .release
+        .iter()
+        .flat_map(|r| r.image.layers.iter())
+        .map(|l| (flynn_state::layer_path(&l.sha512), l.sha512.clone()))
+        .collect();
+    let secret = node.secret().to_string();
+    let zfs_hosts = super::backup::zfs_hosts(node, &secret).await;
+    let mut volume_ids: BTreeMap<String, String> = BTreeMap::new();
+    let mut receiving: Option<super::backup::Receiving> = None;
+    while let Some((entry, _)) = tar.next().await.map_err(broken)? {
+        let volume = entry
+            .strip_prefix("volumes/")
+            .and_then(|r| r.split_once('/'))
+            .map(|(id, _)| id.to_string());
+        if receiving.as_ref().map(|r| Some(&r.id) != volume.as_ref()) == Some(true) {
+            receiving.take().expect("receiving").finish().await?;
+        }
+        if let Some(path) = entry.strip_prefix("blobs") {
+            let sha = layers.get(path).ok_or_else(|| {
+                ApiError::Invalid(format!(
+                    "app export archive: {entry:?} is no layer of its release"
+                ))
+            })?;
+            super::backup::put_blob(blobstore, tar, path, sha).await?;
+        } else if let Some(old_id) = volume {
+            if receiving.is_none() {
+                if zfs_hosts.is_empty() {
+                    return Err(ApiError::Invalid(
+                        "the export holds ZFS volumes, and no host of this cluster runs ZFS volumes"
+                            .into(),
+                    ));
+                }
+                // A new id: the exported volume may still exist in this very cluster.
+                let id = crate::bootstrap::random_hex(8);
+                let target = zfs_hosts[volume_ids.len() % zfs_hosts.len()].clone();
+                received.push((target.clone(), id.clone()));
+                volume_ids.insert(old_id.clone(), id.clone());
+                receiving = Some(super::backup::Receiving::start(
+                    &target,
+                    &secret,
+                    &old_id,
+                    &id,
+                    Some(name),
+                    None,
+                )?);
+            }
+            receiving.as_ref().expect("receiving").feed(tar).await?;
+        }
+    }
+    if let Some(r) = receiving.take() {
+        r.finish().await?;
+    }
+
+    // The app's config, then its release, formation and routes.
+    let env = &export.app.env;
+    if !env.global.is_empty() {
+        node.propose(AppsCommand::UpdateEnv {
+            app: name.into(),
+            proc_type: None,
+            set: env.global.clone(),
+            unset: Vec::new(),
+            now_ms: crate::now_ms(),
+        })
+        .await?;
+    }
+    for (t, vars) in &env.types {
+        node.propose(AppsCommand::UpdateEnv {
+            app: name.into(),
+            proc_type: Some(t.clone()),
+            set: vars.clone(),
+            unset: Vec::new(),
+            now_ms: crate::now_ms(),
+        })
+        .await?;
+    }
+    let mut release_id = None;
+    if let Some(r) = &export.release {
+        let created = node
+            .propose(JobsCommand::CreateRelease {
+                app: name.into(),
+                release: NewRelease {
+                    image: r.image.clone(),
+                    processes: Some(r.processes.clone()),
+                },
+                now_ms: crate::now_ms(),
+            })
+            .await?;
+        if let flynn_state::Response::Release { release } = created {
+            release_id = Some(release.id);
+        }
+        if export.formation.values().any(|n| *n > 0) {
+            node.propose(JobsCommand::Scale {
+                app: name.into(),
+                processes: export
+                    .formation
+                    .iter()
+                    .map(|(k, v)| (k.clone(), i64::from(*v)))
+                    .collect(),
+            })
+            .await?;
+        }
+    }
+    if with_routes {
+        let mut certs = BTreeMap::new();
+        for c in &export.certificates {
+            let added = node
+                .propose(RoutesCommand::AddCertificate {
+                    certificate: NewCertificate {
+                        domains: c.domains.clone(),
+                        cert_pem: c.cert_pem.clone(),
+                        key_pem: c.key_pem.clone(),
+                    },
+                })
+                .await?;
+            if let flynn_state::Response::Certificate { certificate } = added {
+                certs.insert(c.id.clone(), certificate.id);
+            }
+        }
+        for r in &export.routes {
+            // Importing under the same name, `NAME.$CLUSTER_DOMAIN` is there already.
+            let exists = node.state.read(|a| {
+                a.state.routes.routes.values().any(|have| match (have, r) {
+                    (Route::Http(x), Route::Http(y)) => {
+                        x.app == name && x.domain == y.domain && x.path == y.path
+                    }
+                    _ => false,
+                })
+            });
+            if exists {
+                continue;
+            }
+            let spec = route_spec(r, &export.app.name, name, &certs);
+            node.propose(RoutesCommand::AddRoute {
+                app: name.into(),
+                route: spec,
+            })
+            .await?;
+        }
+    }
+    let routes: Vec<String> = node.state.read(|a| {
+        a.state
+            .routes
+            .routes
+            .values()
+            .filter(|r| r.app() == name)
+            .map(|r| match r {
+                Route::Http(h) => {
+                    format!("{}{}", h.domain, if h.path == "/" { "" } else { &h.path })
+                }
+                Route::Tcp(t) => format!("tcp:{}", t.port),
+            })
+            .collect()
+    });
+    Ok(json!({
+        "app": name,
+        "release": release_id,
+        "routes": routes,
+        "volumes": volume_ids,
+    }))
+}
