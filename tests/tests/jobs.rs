@@ -825,6 +825,24 @@ async fn t20_data_volumes_outlive_their_job_unless_asked_not_to() {
     )
     .await;
     assert_eq!(std::fs::read_to_string(&kept).unwrap(), "kept\n");
+    // Scaled up again: the new job takes the kept volume up (its data is there), and only
+    // the scratch volume is new.
+    ok(&c.flynn(0, &["-a", "vol", "scale", "web=1"]));
+    let job = settled(&c, "vol", "vol-v2", 1).await;
+    let new_id = running(&job)[0].id.clone();
+    let volumes: serde_json::Value =
+        serde_json::from_str(&ok(&c.flynn_host(0, &["volume", "list", "--all", "--json"])))
+            .unwrap();
+    let held: Vec<&str> = volumes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["job"] == new_id.as_str())
+        .filter_map(|v| v["id"].as_str())
+        .collect();
+    assert_eq!(held.len(), 2, "{volumes}");
+    assert!(held.contains(&kept_id.as_str()), "{volumes}");
+    assert_eq!(std::fs::read_to_string(&kept).unwrap(), "kept\n");
     // A volume path that is not absolute is refused with the reason.
     std::fs::write(
         &update,

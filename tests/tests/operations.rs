@@ -447,6 +447,27 @@ async fn t02_backup_restores_onto_fresh_one_and_three_host_clusters() {
         for v in &source_volumes {
             assert!(restored.contains(v), "{n} hosts: a volume is missing");
         }
+        // The restored app's job took a restored volume up instead of making a new one.
+        let job = eventually(Duration::from_secs(30), "a running web job", || async {
+            let jobs = r.client(0).jobs("web").await.ok()?;
+            jobs.into_iter()
+                .find(|j| j.state == flynn_model::JobState::Running)
+        })
+        .await;
+        let all: serde_json::Value =
+            serde_json::from_str(&ok(&r.flynn_host(0, &["volume", "list", "--all", "--json"])))
+                .unwrap();
+        let web: Vec<&serde_json::Value> = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["app"] == "web")
+            .collect();
+        assert_eq!(web.len(), source_volumes.len(), "{n} hosts: {all}");
+        assert!(
+            web.iter().any(|v| v["job"] == job.id.as_str()),
+            "{n} hosts: {all}"
+        );
         // And the app runs again, through every router.
         for i in 0..n {
             served(&r, i, "web").await;
@@ -522,9 +543,13 @@ async fn t03_export_and_import_under_a_new_name_with_and_without_routes() {
     assert!(env.contains("COLOR=blue"), "{env}");
     served(&c, 0, "shop2").await;
     let imported = volume_files(&c, "shop2");
-    assert!(
-        imported.contains(&source[0]),
-        "the volume came along byte for byte"
+    for v in &source {
+        assert!(imported.contains(v), "the volumes came along byte for byte");
+    }
+    assert_eq!(
+        imported.len(),
+        source.len(),
+        "the job took an imported volume up"
     );
 
     // With --routes, after the original is gone: its routes come along too.

@@ -276,6 +276,8 @@ impl ClusterState {
             if let (None, Some(old)) = (&v.app, owners.get(&v.id)) {
                 v.app = old.app.clone();
                 v.job = old.job.clone();
+                v.proc_type = old.proc_type.clone();
+                v.path = old.path.clone();
             }
         }
         self.jobs.jobs = into.jobs.jobs.clone();

@@ -104,6 +104,8 @@ fn t53_a_backup_restores_only_into_a_fresh_cluster_keeping_its_hosts() {
         size: None,
         app: app.map(String::from),
         job: None,
+        proc_type: None,
+        path: None,
         snapshots: Vec::new(),
         created_ms: 1,
     };

@@ -194,23 +194,25 @@ pub struct Receiving {
 }
 
 impl Receiving {
-    /// Starts receiving into volume `new_id` on the host at `target`, owned by `app`/`job`.
+    /// Starts receiving into volume `new_id` on the host at `target`, recorded as a data
+    /// volume of `owner` (app, process type, mount path) when given.
     pub fn start(
         target: &str,
         secret: &str,
         id: &str,
         new_id: &str,
-        app: Option<&str>,
-        job: Option<&str>,
+        owner: Option<(&str, &Volume)>,
     ) -> ApiResult<Receiving> {
         let mut url =
             reqwest::Url::parse(&format!("http://{target}/host/volumes/{new_id}/receive"))
                 .map_err(|e| ApiError::Invalid(e.to_string()))?;
-        if let Some(app) = app {
+        if let Some((app, v)) = owner {
             url.query_pairs_mut().append_pair("app", app);
-        }
-        if let Some(job) = job {
-            url.query_pairs_mut().append_pair("job", job);
+            if let (Some(t), Some(p)) = (&v.proc_type, &v.path) {
+                url.query_pairs_mut()
+                    .append_pair("proc_type", t)
+                    .append_pair("path", p);
+            }
         }
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
         let req = reqwest::Client::new()
@@ -422,7 +424,7 @@ async fn restore(State(host): State<AppState>, body: Body) -> ApiResult<Json<ser
             if receiving.is_none() {
                 // Owners come back with the state: their apps do not exist yet.
                 let target = &zfs_hosts[volumes.len() % zfs_hosts.len()];
-                receiving = Some(Receiving::start(target, &secret, &id, &id, None, None)?);
+                receiving = Some(Receiving::start(target, &secret, &id, &id, None)?);
             }
             receiving
                 .as_ref()

@@ -332,13 +332,13 @@ async fn import_into<R: tokio::io::AsyncRead + Unpin>(
                 let target = zfs_hosts[volume_ids.len() % zfs_hosts.len()].clone();
                 received.push((target.clone(), id.clone()));
                 volume_ids.insert(old_id.clone(), id.clone());
+                let exported = export.volumes.iter().find(|v| v.id == old_id);
                 receiving = Some(super::backup::Receiving::start(
                     &target,
                     &secret,
                     &old_id,
                     &id,
-                    Some(name),
-                    None,
+                    exported.map(|v| (name, v)),
                 )?);
             }
             receiving.as_ref().expect("receiving").feed(tar).await?;

@@ -66,6 +66,17 @@ async fn record(
     app: Option<String>,
     job: Option<String>,
 ) -> ApiResult<Volume> {
+    record_owned(host, info, app, job, None).await
+}
+
+/// [`record`], also naming the process type and mount path of a job's data volume.
+async fn record_owned(
+    host: &AppState,
+    info: &VolumeInfo,
+    app: Option<String>,
+    job: Option<String>,
+    mount: Option<(String, String)>,
+) -> ApiResult<Volume> {
     let node = host.node()?;
     let v = host.volumes();
     let old = node.state.read(|a| {
@@ -75,7 +86,11 @@ async fn record(
             .get(&Volume::key(v.host(), &info.id))
             .cloned()
     });
-    let volume = v.record(info, old.as_ref(), app, job);
+    let mut volume = v.record(info, old.as_ref(), app, job);
+    if let Some((proc_type, path)) = mount {
+        volume.proc_type = Some(proc_type);
+        volume.path = Some(path);
+    }
     node.propose_as(VolumesCommand::PutVolume { volume }).await
 }
 
@@ -308,6 +323,9 @@ struct ReceiveOpts {
     /// The owners to record (a restored backup's volume keeps its app).
     app: Option<String>,
     job: Option<String>,
+    /// For a job's data volume: its process type and mount path.
+    proc_type: Option<String>,
+    path: Option<String>,
 }
 
 /// Receives a `zfs send` stream into volume `id`. ZFS applies it only whole: a cut stream
@@ -370,5 +388,8 @@ async fn receive(
         )));
     }
     let info = blocking(host.volumes(), move |v| v.provider.inspect(&id)).await?;
-    Ok(Json(record(&host, &info, owner.app, owner.job).await?))
+    let mount = owner.proc_type.zip(owner.path);
+    Ok(Json(
+        record_owned(&host, &info, owner.app, owner.job, mount).await?,
+    ))
 }

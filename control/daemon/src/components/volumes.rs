@@ -147,6 +147,8 @@ impl VolumesComponent {
             size: v.size,
             app: app.or_else(|| old.and_then(|o| o.app.clone())),
             job: job.or_else(|| old.and_then(|o| o.job.clone())),
+            proc_type: old.and_then(|o| o.proc_type.clone()),
+            path: old.and_then(|o| o.path.clone()),
             snapshots: v.snapshots.clone(),
             created_ms: old.map_or_else(crate::now_ms, |o| o.created_ms),
         }

@@ -160,6 +160,9 @@ pub struct JobRunner {
     local: OnceLock<LocalState>,
     running: Mutex<HashMap<String, Arc<Local>>>,
     ports: Mutex<BTreeSet<u16>>,
+    /// Data volumes taken up by jobs starting on this host (volume → job), so two jobs
+    /// never take the same one before the state says so.
+    claimed: Mutex<HashMap<String, String>>,
     /// One layer unpacks at a time (two jobs of one image share the work).
     unpack: tokio::sync::Mutex<()>,
     started: AtomicU64,
@@ -220,6 +223,7 @@ impl JobRunner {
             local: OnceLock::new(),
             running: Mutex::new(HashMap::new()),
             ports: Mutex::new(BTreeSet::new()),
+            claimed: Mutex::new(HashMap::new()),
             unpack: tokio::sync::Mutex::new(()),
             started: AtomicU64::new(0),
         })
@@ -476,12 +480,20 @@ impl JobRunner {
     ) -> Result<Vec<flynn_job::init::VolumeMount>, String> {
         let mut mounts = Vec::new();
         for (i, req) in proc.volumes.iter().enumerate() {
+            if !req.delete_on_stop {
+                if let Some(mount) = self.take_up_volume(local, job, &req.path).await? {
+                    mounts.push(mount);
+                    continue;
+                }
+            }
             let id = Self::volume_id(&job.id, i);
             let info = tokio::task::block_in_place(|| self.volumes.provider.create(&id, None))
                 .map_err(|e| format!("data volume for {}: {e}", req.path))?;
-            let record =
+            let mut record =
                 self.volumes
                     .record(&info, None, Some(job.app.clone()), Some(job.id.clone()));
+            record.proc_type = Some(job.proc_type.clone());
+            record.path = Some(req.path.clone());
             let put = flynn_state::VolumesCommand::PutVolume { volume: record };
             if let Err(e) = local.node().propose(put).await {
                 let _ = tokio::task::block_in_place(|| self.volumes.provider.delete(&id));
@@ -495,9 +507,68 @@ impl JobRunner {
         Ok(mounts)
     }
 
+    /// A kept data volume of this host that an earlier job of the same app and type left
+    /// (a redeploy, a restored backup), taken up by `job`: recorded with it as owner.
+    async fn take_up_volume(
+        &self,
+        local: &LocalState,
+        job: &Job,
+        path: &str,
+    ) -> Result<Option<flynn_job::init::VolumeMount>, String> {
+        let found = {
+            let mut claimed = self.claimed.lock().expect("claimed lock");
+            let found = local.read(|s| {
+                let active: Vec<&str> = s
+                    .jobs
+                    .jobs
+                    .values()
+                    .filter(|j| j.state.is_active() && j.id != job.id)
+                    .map(|j| j.id.as_str())
+                    .collect();
+                s.volumes
+                    .volumes
+                    .values()
+                    .filter(|v| v.host == self.host && !claimed.contains_key(&v.id))
+                    .find(|v| v.free_for(&job.app, &job.proc_type, path, &active))
+                    .cloned()
+            });
+            if let Some(v) = &found {
+                claimed.insert(v.id.clone(), job.id.clone());
+            }
+            found
+        };
+        let Some(mut volume) = found else {
+            return Ok(None);
+        };
+        let id = volume.id.clone();
+        let info = match tokio::task::block_in_place(|| self.volumes.provider.inspect(&id)) {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::warn!(volume = %id, error = %e, "a recorded data volume is not on disk");
+                self.claimed.lock().expect("claimed lock").remove(&id);
+                return Ok(None);
+            }
+        };
+        volume.job = Some(job.id.clone());
+        let put = flynn_state::VolumesCommand::PutVolume { volume };
+        if let Err(e) = local.node().propose(put).await {
+            self.claimed.lock().expect("claimed lock").remove(&id);
+            return Err(format!("taking up data volume {id} for {path}: {e}"));
+        }
+        tracing::info!(volume = %id, job = %job.id, path, "data volume taken up again");
+        Ok(Some(flynn_job::init::VolumeMount {
+            host: info.path,
+            path: path.to_string(),
+        }))
+    }
+
     /// Deletes the job's data volumes that ask to go with it; the others stay, recorded
     /// with the job as owner.
     async fn drop_volumes(&self, local: &LocalState, job: &Job) {
+        self.claimed
+            .lock()
+            .expect("claimed lock")
+            .retain(|_, j| *j != job.id);
         let proc = local.read(|s| {
             s.jobs
                 .releases

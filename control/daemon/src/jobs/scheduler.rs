@@ -164,6 +164,18 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
         }
     }
 
+    // Kept data volumes no active job holds, by app, type and host: a job of that type goes
+    // where one waits for it, so it takes its data up again.
+    let active_ids: Vec<&str> = active.iter().map(|j| j.id.as_str()).collect();
+    let mut free_volumes: BTreeMap<(&str, &str, u64), usize> = BTreeMap::new();
+    for v in s.volumes.volumes.values() {
+        if let (Some(app), Some(ty), Some(path)) = (&v.app, &v.proc_type, &v.path) {
+            if v.free_for(app, ty, path, &active_ids) {
+                *free_volumes.entry((app, ty, v.host)).or_default() += 1;
+            }
+        }
+    }
+
     let mut place: Vec<NewJob> = Vec::new();
     let mut stop: Vec<String> = Vec::new();
     let mut keep: BTreeSet<&str> = BTreeSet::new();
@@ -225,6 +237,11 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                         .collect();
                         let Some(host) = candidates.into_iter().min_by_key(|h| {
                             (
+                                free_volumes
+                                    .get(&(app.as_str(), ty.as_str(), *h))
+                                    .copied()
+                                    .unwrap_or(0)
+                                    == 0,
                                 type_load
                                     .get(&(app.as_str(), ty.as_str(), *h))
                                     .copied()
@@ -240,6 +257,9 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                             ));
                             break;
                         };
+                        if let Some(n) = free_volumes.get_mut(&(app.as_str(), ty.as_str(), host)) {
+                            *n = n.saturating_sub(1);
+                        }
                         *type_load.entry((app, ty, host)).or_default() += 1;
                         *load.entry(host).or_default() += 1;
                         *reserved.entry(host).or_default() += need;
@@ -573,5 +593,43 @@ mod tests {
         alive_with(&mut s, 2, 4, Some(4096 * MIB));
         step(&mut s, 5);
         assert_eq!(running_on(&s), [(1, 1), (2, 3)].into());
+    }
+
+    #[test]
+    fn t15_a_job_goes_where_a_kept_data_volume_of_its_type_waits() {
+        let mut s = state(&[1, 2, 3]);
+        // Host 3 holds a volume web1/web left (a restored backup, an earlier job).
+        // A volume of another type on host 2 does not draw it.
+        let volume = |ty: &str, host: u64| flynn_state::volumes::Volume {
+            id: format!("{ty}-v0"),
+            host,
+            provider: "zfs".into(),
+            size: None,
+            app: Some("web1".into()),
+            job: Some("gone".into()),
+            proc_type: Some(ty.into()),
+            path: Some("/data".into()),
+            snapshots: Vec::new(),
+            created_ms: 1,
+        };
+        for v in [volume("web", 3), volume("worker", 2)] {
+            s.apply(flynn_state::VolumesCommand::PutVolume { volume: v }.into())
+                .0
+                .unwrap();
+        }
+        scale(&mut s, 1);
+        step(&mut s, 1);
+        assert_eq!(running_on(&s), [(3, 1)].into());
+        // Its host's runner takes the volume up (records the job as its owner).
+        let job = s.jobs.jobs.values().next().unwrap().id.clone();
+        let mut taken = volume("web", 3);
+        taken.job = Some(job);
+        s.apply(flynn_state::VolumesCommand::PutVolume { volume: taken }.into())
+            .0
+            .unwrap();
+        // A second job has no volume waiting: it spreads as usual.
+        scale(&mut s, 2);
+        step(&mut s, 2);
+        assert_eq!(running_on(&s).get(&3), Some(&1));
     }
 }

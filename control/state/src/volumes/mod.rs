@@ -27,12 +27,27 @@ pub struct Volume {
     pub app: Option<String>,
     #[serde(default)]
     pub job: Option<String>,
+    /// For a job's data volume: the process type and the path it is mounted at, so a later
+    /// job of that type on this host takes it up again (a redeploy, a restored backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proc_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
     #[serde(default)]
     pub snapshots: Vec<String>,
     pub created_ms: u64,
 }
 
 impl Volume {
+    /// Whether this is a data volume of `app`'s `proc_type` mounted at `path` that no job
+    /// in `active` holds: one a new job of that type may take up.
+    pub fn free_for(&self, app: &str, proc_type: &str, path: &str, active: &[&str]) -> bool {
+        self.app.as_deref() == Some(app)
+            && self.proc_type.as_deref() == Some(proc_type)
+            && self.path.as_deref() == Some(path)
+            && self.job.as_deref().is_none_or(|j| !active.contains(&j))
+    }
+
     pub fn key(host: u64, id: &str) -> String {
         format!("{host}/{id}")
     }

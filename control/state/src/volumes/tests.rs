@@ -9,6 +9,8 @@ fn vol(host: u64, id: &str) -> Volume {
         size: Some(1 << 20),
         app: None,
         job: None,
+        proc_type: None,
+        path: None,
         snapshots: vec![],
         created_ms: 1,
     }
