@@ -232,3 +232,50 @@ fn t80_commands_keep_their_wire_format() {
     let again: ClusterState = serde_json::from_value(v).unwrap();
     assert_eq!(again, s);
 }
+
+// Throwaway keys made for this test with ssh-keygen; they guard nothing.
+const OPENSSH_KEY: &str = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\nQyNTUxOQAAACCCYX8NhyxzADculhxeUSXsC6LIoLwwtnZ+8C4SHTW3pwAAAJBzeSiEc3ko\nhAAAAAtzc2gtZWQyNTUxOQAAACCCYX8NhyxzADculhxeUSXsC6LIoLwwtnZ+8C4SHTW3pw\nAAAEC/EkkJX5mcLriZ1duylw1VmmW2lDpMAm5oBCwiPM3lEoJhfw2HLHMANy6WHF5RJewL\nosigvDC2dn7wLhIdNbenAAAAB3Jvb3RAdm0BAgMEBQY=\n-----END OPENSSH PRIVATE KEY-----\n";
+const OPENSSH_KEY_WITH_PASSPHRASE: &str = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAACmFlczI1Ni1jdHIAAAAGYmNyeXB0AAAAGAAAABAW1rDeSN\norYJS4tVFwsywwAAAAEAAAAAEAAAAzAAAAC3NzaC1lZDI1NTE5AAAAILIl26tS7+khOUvG\nCcFl8N6pXMwbDgekBwQ+4z4Hhk1mAAAAkGVt2kBJtVWyHJRfcxF0pxPeFZ4tJEHh0xe4ME\n8O1fR3IIHWiB6hNptzq4FgX8Re12O2cgq//KLGcn18MB/3hVzQmxVjET+5sK620d6Bgx7l\nu2J6NnHiz4ePPV8JK8i8venDZ6UM5dfUS5SqyVgwTU04MeXcYGHJxmMGqTIm02D3+csUM/\n8+MVUQ1rACHIKLyw==\n-----END OPENSSH PRIVATE KEY-----\n";
+const PEM_RSA_KEY: &str = "-----BEGIN RSA PRIVATE KEY-----\nMIICXQIBAAKBgQDVIMJNJlcjPkEqUAIjrWdl+7Dl3saX6TvIwsOtMxmSGo06uWh/\n9FKhYsMkj0TwJHwshJc6g+tuNMqq67ipr/Q6STgwRv0J8BlTuRV257ZHxSEScDu5\nerqJeHdlTJkKWro3d5UzJgGNFqycM4IbjzmnRkBKKU0GUpQe0PPAD8+d5QIDAQAB\nAoGAYoh5rCdso8uVXxWMV6hEpH6fgzbig7r9u8xnoPx99vE1mA++A2IWjaxWYeGm\n0otbqU1HiXMR9mqLxEekoTbK5wr+I+ZrQJMEhwj3Ii7KSTvO558q1kMAnQHv+WjI\n9uV0PKlhleauJk/24HMl9OWYsPpULFqrMpBj2iCRu1p5SsUCQQD7gkIIFUlSkeZ7\nNGZLGFtFmTQjkZ15WwoXzE1gaVBnEXOkT8OEBWph5yRv70hQCVwMn1tRO4Tn9Dfw\nwWa6vs4rAkEA2O8MMXHNfVHxfd8T/fjg4Tw4P4wt0UXyhIJ5v6O1zuVemXxPjJdf\nEvxmiTZF6eXx9b9Ccw3wIyZkAPSCrjlMLwJBAKhT14m9ZWNjzpPq0AO2e2+rR5/+\nlxxfd/PRgn/iPDOfFHyF/d7gGQEJR/O6e/VFLlwsU1ucsCjl5IK3jd+yUB0CQHMV\nBaPpWnjkEreSs1llQW9bcf+MTvYZJFnVmd7na1ix56iHAPB1kRNSYNbjut0lhmG3\nL/o3Z7BN+nljPTxN2zMCQQCcRAfey5nDKKd4o9TpfNQuXxMi4b8gMCD8B8IM4w1E\nebbnoHVvaMLGxwnBDUm0O0cTM4n1qwt7wu2qTW7yxO64\n-----END RSA PRIVATE KEY-----\n";
+
+#[test]
+fn t61_gitreceive_ssh_client_key_and_hosts_are_checked() {
+    let mut s = booted();
+    for key in [OPENSSH_KEY, PEM_RSA_KEY] {
+        ok(&mut s, env_set("gitreceive", None, "SSH_CLIENT_KEY", key));
+    }
+    let hosts = "github.com ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIJhfw2HLHMANy6WHF5RJewLosigvDC2dn7wLhIdNben\n# a comment\n@cert-authority *.example.com ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIJhfw2HLHMANy6WHF5RJewLosigvDC2dn7wLhIdNben";
+    ok(
+        &mut s,
+        env_set("gitreceive", None, "SSH_CLIENT_HOSTS", hosts),
+    );
+    let cut = &OPENSSH_KEY[..OPENSSH_KEY.len() / 2];
+    let bad_body = OPENSSH_KEY.replace("b3Blbn", "b3!len");
+    for (key, why) in [
+        ("not a key", "BEGIN"),
+        (cut, "END"),
+        (bad_body.as_str(), "base64"),
+        (OPENSSH_KEY_WITH_PASSPHRASE, "passphrase"),
+        (
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----",
+            "DER",
+        ),
+    ] {
+        let before = s.apps["gitreceive"].clone();
+        let (r, _) = apply(&mut s, env_set("gitreceive", None, "SSH_CLIENT_KEY", key));
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.contains("SSH_CLIENT_KEY") && e.contains(why),
+            "{why}: {e}"
+        );
+        assert_eq!(s.apps["gitreceive"], before, "nothing changed");
+    }
+    let (r, _) = apply(
+        &mut s,
+        env_set("gitreceive", None, "SSH_CLIENT_HOSTS", "github.com ssh-rsa"),
+    );
+    assert!(r.unwrap_err().to_string().contains("line 1"));
+    // Other apps may hold anything under these names.
+    ok(&mut s, AppsCommand::CreateApp { name: "web".into() });
+    ok(&mut s, env_set("web", None, "SSH_CLIENT_KEY", "whatever"));
+}

@@ -140,3 +140,103 @@ pub fn instance(id: &str, addr: &str, ttl_ms: u64) -> Result<(), StateError> {
     }
     Ok(())
 }
+
+/// Standard base64 (padding optional), decoded; `None` if it is not.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let s = s.trim_end_matches('=').as_bytes();
+    if s.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for chunk in s.chunks(4) {
+        let mut n = 0u32;
+        for (i, c) in chunk.iter().enumerate() {
+            n |= val(*c)? << (18 - 6 * i);
+        }
+        out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
+    }
+    Some(out)
+}
+
+/// gitreceive's `SSH_CLIENT_KEY`: a private key, unencrypted (it is used without anyone
+/// to type a passphrase), in OpenSSH or PEM form.
+pub fn ssh_private_key(key: &str) -> Result<(), StateError> {
+    let bad = |why: &str| invalid(format!("SSH_CLIENT_KEY is not a usable private key: {why}"));
+    let lines: Vec<&str> = key.trim().lines().map(str::trim).collect();
+    let (Some(first), Some(last)) = (lines.first(), lines.last()) else {
+        return Err(bad("it is empty"));
+    };
+    let label = first
+        .strip_prefix("-----BEGIN ")
+        .and_then(|l| l.strip_suffix("-----"))
+        .filter(|l| l.ends_with("PRIVATE KEY"))
+        .ok_or_else(|| bad("it does not start with a -----BEGIN ... PRIVATE KEY----- line"))?;
+    if *last != format!("-----END {label}-----") || lines.len() < 3 {
+        return Err(bad(&format!("it does not end with -----END {label}-----")));
+    }
+    let body = &lines[1..lines.len() - 1];
+    if body
+        .iter()
+        .any(|l| l.starts_with("Proc-Type:") && l.contains("ENCRYPTED"))
+        || label.contains("ENCRYPTED")
+    {
+        return Err(bad("it is encrypted with a passphrase; give it decrypted"));
+    }
+    let b64: String = body.iter().filter(|l| !l.contains(':')).copied().collect();
+    let der = base64_decode(&b64).ok_or_else(|| bad("its body is not base64"))?;
+    if label == "OPENSSH PRIVATE KEY" {
+        const MAGIC: &[u8] = b"openssh-key-v1\0";
+        let rest = der
+            .strip_prefix(MAGIC)
+            .ok_or_else(|| bad("it is not in OpenSSH key format"))?;
+        let len = rest
+            .get(..4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or_else(|| bad("it is cut short"))?;
+        let cipher = rest.get(4..4 + len).ok_or_else(|| bad("it is cut short"))?;
+        if cipher != b"none" {
+            return Err(bad("it is encrypted with a passphrase; give it decrypted"));
+        }
+    } else if der.first() != Some(&0x30) || der.len() < 64 {
+        // PEM keys (PKCS#1, SEC1, PKCS#8) are DER sequences.
+        return Err(bad("its body is not a DER key"));
+    }
+    Ok(())
+}
+
+/// gitreceive's `SSH_CLIENT_HOSTS`: known_hosts lines, `HOSTS KEYTYPE BASE64 [COMMENT]`.
+pub fn ssh_known_hosts(text: &str) -> Result<(), StateError> {
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // A leading marker (@cert-authority, @revoked) shifts the fields by one.
+        let f = if fields[0].starts_with('@') {
+            &fields[1..]
+        } else {
+            &fields[..]
+        };
+        let ok = f.len() >= 3
+            && (f[1].starts_with("ssh-") || f[1].starts_with("ecdsa-") || f[1].starts_with("sk-"))
+            && base64_decode(f[2]).is_some_and(|k| k.len() > 16);
+        if !ok {
+            return Err(invalid(format!(
+                "SSH_CLIENT_HOSTS line {}: not a known_hosts line (HOSTS KEYTYPE BASE64-KEY)",
+                n + 1
+            )));
+        }
+    }
+    Ok(())
+}

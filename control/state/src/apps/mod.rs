@@ -171,6 +171,15 @@ fn update_env(
         // A blobstore configuration that cannot work is refused, the env left as it was.
         crate::blobs::config::backends(&env.global)?;
     }
+    if app == "gitreceive" {
+        // The SSH client identity builds fetch with: refused unless it can be used.
+        if let Some(key) = set.get("SSH_CLIENT_KEY") {
+            validate::ssh_private_key(key)?;
+        }
+        if let Some(hosts) = set.get("SSH_CLIENT_HOSTS") {
+            validate::ssh_known_hosts(hosts)?;
+        }
+    }
     let mut updated = s.app(app)?.clone();
     updated.env = env;
     s.apps.insert(updated.clone(), cx);
