@@ -585,3 +585,199 @@ async fn t03_export_and_import_under_a_new_name_with_and_without_routes() {
     )
     .await;
 }
+
+/// A one-shot upload endpoint on the test's bridge address: the body of the first PUT.
+async fn upload_endpoint(ip: &str) -> (String, tokio::task::JoinHandle<Vec<u8>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(format!("{ip}:0"))
+        .await
+        .unwrap();
+    let url = format!("http://{}/debug", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 65536];
+        let (head_end, len) = loop {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before the head");
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(p) = find(&buf, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..p]).to_lowercase();
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map(|v| v.trim().parse::<usize>().unwrap())
+                    .expect("a content length");
+                break (p + 4, len);
+            }
+        };
+        while buf.len() < head_end + len {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed inside the body");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let answer = "https://debug.example/report/1";
+        s.write_all(
+            format!(
+                "HTTP/1.1 201 Created\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                answer.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        buf[head_end..].to_vec()
+    });
+    (url, task)
+}
+
+/// Every file of an extracted tarball, by path.
+fn unpack(tarball: &std::path::Path, into: &std::path::Path) -> BTreeMap<String, String> {
+    std::fs::create_dir_all(into).unwrap();
+    run(&[
+        "tar",
+        "xzf",
+        tarball.to_str().unwrap(),
+        "-C",
+        into.to_str().unwrap(),
+    ]);
+    let mut out = BTreeMap::new();
+    let mut stack = vec![into.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(into).unwrap().to_string_lossy().into_owned();
+                let rel = rel
+                    .split_once('/')
+                    .map(|(_, r)| r.to_string())
+                    .unwrap_or(rel);
+                out.insert(
+                    rel,
+                    String::from_utf8_lossy(&std::fs::read(&p).unwrap()).into_owned(),
+                );
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t04_collect_debug_info_redacts_secrets_and_uploads_or_falls_back() {
+    let mut c = Cluster::start(1);
+    c.bootstrap_with(1, &["--domain", DOMAIN]);
+    c.wait_leader(0, None).await;
+    let token = "tok-3f9a8b7c6d5e4f";
+    ok(&c.flynn(0, &["create", "talker"]));
+    ok(&c.flynn(
+        0,
+        &[
+            "-a",
+            "talker",
+            "env",
+            "set",
+            &format!("API_TOKEN={token}"),
+            "DB_PASSWORD=pw-0123456789",
+        ],
+    ));
+    // The job prints its token: the log on the host holds it.
+    let image = c.busybox_image(
+        "talker",
+        Some("echo token is $API_TOKEN; exec httpd -f -p $PORT -h /www"),
+    );
+    ok(&c.flynn(
+        0,
+        &["-a", "talker", "docker", "push", image.to_str().unwrap()],
+    ));
+    eventually(
+        Duration::from_secs(30),
+        "the token in the app's log",
+        || async {
+            let log = ok(&c.flynn(0, &["-a", "talker", "log"]));
+            log.contains(token).then_some(())
+        },
+    )
+    .await;
+
+    let log_dir = c.hosts[0].data_dir.join("logs");
+    let common = [
+        "--log-file",
+        c.hosts[0].log.to_str().unwrap(),
+        "--log-dir",
+        log_dir.to_str().unwrap(),
+    ];
+    let tarball = c.root_path().join("debug.tar.gz");
+    let mut args = vec![
+        "collect-debug-info",
+        "--tarball",
+        "--output",
+        tarball.to_str().unwrap(),
+    ];
+    args.extend_from_slice(&common);
+    let printed = ok(&c.flynn_host(0, &args));
+    assert_eq!(printed.trim(), tarball.to_str().unwrap());
+    let files = unpack(&tarball, &c.root_path().join("debug"));
+    for want in [
+        "host.txt",
+        "flynn-host.log",
+        "status.json",
+        "hosts.json",
+        "jobs.json",
+        "components.json",
+        "firewall.json",
+        "health.json",
+        "state.json",
+        "zpool-status.txt",
+    ] {
+        assert!(
+            files.contains_key(want),
+            "{want} missing: {:?}",
+            files.keys()
+        );
+    }
+    assert!(files["host.txt"].contains("Linux"), "{}", files["host.txt"]);
+    assert!(files["flynn-host.log"].contains("raft node started"));
+    assert!(files["jobs.json"].contains("talker"));
+    let app_log = files
+        .iter()
+        .find(|(k, _)| k.starts_with("app-logs/") && k.contains("talker"))
+        .map(|(_, v)| v.clone())
+        .expect("the app's log");
+    assert!(app_log.contains("token is [REDACTED]"), "{app_log}");
+    for (name, body) in &files {
+        for secret in [token, "pw-0123456789", c.key.as_str(), c.secret.as_str()] {
+            assert!(!body.contains(secret), "{name} holds a secret");
+        }
+    }
+
+    // Uploaded where an endpoint answers; the tarball otherwise, saying why.
+    let (url, received) = upload_endpoint(&c.bridge_ip()).await;
+    let mut args = vec!["collect-debug-info", "--upload-url", url.as_str()];
+    args.extend_from_slice(&common);
+    let printed = ok(&c.flynn_host(0, &args));
+    assert!(
+        printed.contains("https://debug.example/report/1"),
+        "{printed}"
+    );
+    let body = received.await.unwrap();
+    let uploaded = c.root_path().join("uploaded.tar.gz");
+    std::fs::write(&uploaded, body).unwrap();
+    let files = unpack(&uploaded, &c.root_path().join("uploaded"));
+    assert!(files.contains_key("state.json"));
+
+    let dead = format!("http://{}:1/debug", c.bridge_ip());
+    let mut args = vec!["collect-debug-info", "--upload-url", dead.as_str()];
+    args.extend_from_slice(&common);
+    let out = c.flynn_host(0, &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("failed") && stderr.contains("tarball"),
+        "{stderr}"
+    );
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(std::path::Path::new(&path).is_file(), "{path}");
+    let _ = std::fs::remove_file(path);
+}

@@ -1,5 +1,7 @@
 //! `flynn-host`: runs a host and manages the cluster's hosts.
 
+mod debug;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -172,6 +174,29 @@ enum Cmd {
     },
     /// Print the version.
     Version,
+    /// Gather this host's debug information (host facts, logs, jobs, zpool status, firewall
+    /// counters, Raft status, versions, the cluster state) into one archive, secrets
+    /// redacted, and upload it; with --tarball, or when no upload endpoint answers, write
+    /// it here and print its path.
+    CollectDebugInfo {
+        /// Write a local tarball instead of uploading.
+        #[arg(long)]
+        tarball: bool,
+        /// Where to upload (HTTP PUT of the .tar.gz).
+        #[arg(long, env = "FLYNN_DEBUG_UPLOAD_URL")]
+        upload_url: Option<String>,
+        /// The tarball's path (default: the temp dir).
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// The daemon's log file.
+        #[arg(long, default_value = "/var/log/flynn/flynn-host.log")]
+        log_file: PathBuf,
+        /// Where the apps' logs are (the daemon's --log-dir).
+        #[arg(long, default_value = "/var/log/flynn")]
+        log_dir: PathBuf,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 #[derive(Subcommand)]
@@ -514,6 +539,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     })?;
                     println!("{}", serde_json::to_string_pretty(record)?);
                 }
+            }
+            Ok(())
+        }
+        Cmd::CollectDebugInfo {
+            tarball,
+            upload_url,
+            output,
+            log_file,
+            log_dir,
+            target,
+        } => {
+            let host = local_host(&cli.data_dir, &target).ok();
+            let secret = HostDir::new(&cli.data_dir).secret().ok().flatten();
+            let opts = debug::Options {
+                tarball,
+                upload_url,
+                output,
+                log_file,
+                log_dir,
+            };
+            let files = debug::collect(host.as_ref(), secret.as_deref(), &opts).await;
+            let path = debug::write_tarball(&files, opts.output.as_deref())?;
+            match (&opts.upload_url, opts.tarball) {
+                (_, true) => println!("{}", path.display()),
+                (None, false) => {
+                    eprintln!("no upload endpoint is configured (--upload-url or FLYNN_DEBUG_UPLOAD_URL); wrote the tarball instead");
+                    println!("{}", path.display());
+                }
+                (Some(url), false) => match debug::upload(url, &path).await {
+                    Ok(at) => {
+                        let _ = std::fs::remove_file(&path);
+                        println!("Debug information uploaded: {at}");
+                    }
+                    Err(e) => {
+                        eprintln!("upload to {url} failed ({e}); wrote the tarball instead");
+                        println!("{}", path.display());
+                    }
+                },
             }
             Ok(())
         }
