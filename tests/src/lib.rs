@@ -423,6 +423,20 @@ impl Cluster {
             .expect("run flynn")
     }
 
+    /// Waits until `n` hosts say they are ready for jobs (instances of service `flynn-host`).
+    pub async fn wait_ready_for_jobs(&self, n: usize) {
+        let client = self.client(0);
+        eventually(
+            Duration::from_secs(30),
+            "every host ready for jobs",
+            || async {
+                let svc = client.service("flynn-host").await.ok()?;
+                (svc.instances.len() == n).then_some(())
+            },
+        )
+        .await;
+    }
+
     pub fn client(&self, i: usize) -> ControllerClient {
         ControllerClient::with_timeout(&self.hosts[i].url(), &self.key, Duration::from_secs(15))
     }

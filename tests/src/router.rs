@@ -244,21 +244,28 @@ impl Client {
         }
     }
 
-    /// Connects from `source` (an address of this namespace), as a client elsewhere would.
-    pub async fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> Client {
+    /// [`Client::connect_from`], with the connect error returned (a peer that drops SYNs).
+    pub async fn connect_from_checked(
+        source: std::net::IpAddr,
+        addr: SocketAddr,
+    ) -> std::io::Result<Client> {
         let socket = if source.is_ipv4() {
             tokio::net::TcpSocket::new_v4()
         } else {
             tokio::net::TcpSocket::new_v6()
-        }
-        .expect("socket");
-        socket
-            .bind(SocketAddr::new(source, 0))
-            .expect("bind the source address");
-        Client {
-            stream: socket.connect(addr).await.expect("connect"),
+        }?;
+        socket.bind(SocketAddr::new(source, 0))?;
+        Ok(Client {
+            stream: socket.connect(addr).await?,
             buf: Vec::new(),
-        }
+        })
+    }
+
+    /// Connects from `source` (an address of this namespace), as a client elsewhere would.
+    pub async fn connect_from(source: std::net::IpAddr, addr: SocketAddr) -> Client {
+        Self::connect_from_checked(source, addr)
+            .await
+            .expect("connect")
     }
 
     pub async fn send(&mut self, raw: impl AsRef<[u8]>) {

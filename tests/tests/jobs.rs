@@ -41,16 +41,7 @@ async fn cluster(n: usize) -> Cluster {
         .await;
     }
     // And every host ready to run jobs (it says so in service flynn-host).
-    let client = c.client(0);
-    eventually(
-        Duration::from_secs(20),
-        "every host ready for jobs",
-        || async {
-            let svc = client.service("flynn-host").await.ok()?;
-            (svc.instances.len() == n).then_some(())
-        },
-    )
-    .await;
+    c.wait_ready_for_jobs(n).await;
     c
 }
 

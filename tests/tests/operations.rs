@@ -218,16 +218,7 @@ async fn zfs_cluster(n: usize, extra: &[&str]) -> (Cluster, serde_json::Value) {
     }
     let out = c.bootstrap_with(n, &args);
     c.wait_leader(0, None).await;
-    let client = c.client(0);
-    eventually(
-        Duration::from_secs(30),
-        "every host ready for jobs",
-        || async {
-            let svc = client.service("flynn-host").await.ok()?;
-            (svc.instances.len() == n).then_some(())
-        },
-    )
-    .await;
+    c.wait_ready_for_jobs(n).await;
     (c, out)
 }
 
@@ -780,4 +771,190 @@ async fn t04_collect_debug_info_redacts_secrets_and_uploads_or_falls_back() {
     let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(std::path::Path::new(&path).is_file(), "{path}");
     let _ = std::fs::remove_file(path);
+}
+
+/// A process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t05_metrics_pass_promtool_and_every_dashboard_query_returns_data() {
+    let mut c = Cluster::create(3);
+    // The hosts' own network is internal (Raft between hosts before they are members).
+    let bridge = c.bridge_ip();
+    let admin = format!("{}.0/24", bridge.rsplit_once('.').unwrap().0);
+    for i in 0..3 {
+        c.with_zfs(i);
+        c.hosts[i]
+            .args
+            .extend(["--firewall-iface", "eth0", "--firewall-internal", &admin].map(String::from));
+        c.start_daemon(i);
+    }
+    for i in 0..3 {
+        c.wait_up(i);
+    }
+    c.bootstrap_with(3, &["--domain", DOMAIN]);
+    c.wait_leader(0, None).await;
+    c.wait_ready_for_jobs(3).await;
+    ok(&c.flynn(0, &["create", "metered"]));
+    let image = c.busybox_image("metered", None);
+    ok(&c.flynn(
+        0,
+        &["-a", "metered", "docker", "push", image.to_str().unwrap()],
+    ));
+    served(&c, 0, "metered").await;
+
+    // A real Prometheus scraping every host each second.
+    let port = flynn_tests::router::free_port();
+    let dir = c.root_path().join("prometheus");
+    std::fs::create_dir_all(&dir).unwrap();
+    let targets: Vec<String> = c
+        .hosts
+        .iter()
+        .map(|h| format!("\"{}\"", h.url().trim_start_matches("http://")))
+        .collect();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: flynn-host\n    static_configs:\n      - targets: [{}]\n",
+            targets.join(", ")
+        ),
+    )
+    .unwrap();
+    let _prometheus = Killed(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+            .spawn()
+            .expect("run prometheus (script/test installs it)"),
+    );
+
+    // Traffic for every panel: routed requests, blob writes and reads, API calls, and
+    // packets the firewall drops (SYNs to a closed port from a public address).
+    let public = ExtraSource::add(&c, "198.51.100.253");
+    let http_client = reqwest::Client::new();
+    let admin_ip: IpAddr = c.bridge_ip().parse().unwrap();
+    let started = Instant::now();
+    let mut round = 0;
+    while started.elapsed() < Duration::from_secs(8) && round < 100 {
+        round += 1;
+        for i in 0..3 {
+            let r = get_from(admin_ip, http(&c, i), &format!("metered.{DOMAIN}"), "/", "").await;
+            assert_eq!(r.status, 200);
+            let path = format!("/metrics-test/{round}-{i}");
+            http_client
+                .put(blob_url(&c, i, &path))
+                .body(vec![round as u8; 4096])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(blob(&c, (i + 1) % 3, &path).await.unwrap().len(), 4096);
+            let closed: SocketAddr = format!("{}:9999", c.hosts[i].ip).parse().unwrap();
+            let _ = tokio::time::timeout(
+                Duration::from_millis(100),
+                Client::connect_from_checked(public.ip, closed),
+            )
+            .await;
+        }
+        ok(&c.flynn(
+            0,
+            &["-a", "metered", "env", "set", &format!("ROUND={round}")],
+        ));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Every target's exposition passes promtool's checks.
+    for h in &c.hosts {
+        let text = reqwest::get(format!("{}/metrics", h.url()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        for must in [
+            "flynn_raft_wal_fsync_duration_seconds_bucket",
+            "flynn_raft_proposal_commit_duration_seconds_count",
+            "flynn_api_requests_total{",
+            "flynn_router_requests_total{",
+            "flynn_blobstore_bytes_total{",
+            "flynn_volumes_pool_healthy 1",
+            "flynn_cluster_jobs{state=\"running\"}",
+        ] {
+            assert!(text.contains(must), "{} lacks {must}", h.ip);
+        }
+        let mut check = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        check
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = check.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics on {}: {}{}",
+            h.ip,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Every query of the dashboard returns data.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../monitoring/grafana-dashboard.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    assert!(exprs.len() >= 15, "{exprs:?}");
+    let api = format!("http://127.0.0.1:{port}/api/v1/query");
+    for expr in &exprs {
+        eventually(
+            Duration::from_secs(60),
+            &format!("data for {expr}"),
+            || async {
+                let r: serde_json::Value = http_client
+                    .get(&api)
+                    .query(&[("query", expr.as_str())])
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                let result = r["data"]["result"].as_array()?;
+                (r["status"] == "success" && !result.is_empty()).then_some(())
+            },
+        )
+        .await;
+    }
 }

@@ -189,6 +189,7 @@ impl Host {
             .context("starting raft")?;
         let node = Node::new(self.id, self.addr.clone(), raft, handle, secret);
         let _ = self.node.set(node.clone());
+        crate::metrics::follow_leader(node.raft.clone());
         self.components.follow(&LocalState::new(node.clone()));
         tokio::spawn(crate::leader::run(
             node.clone(),
@@ -319,6 +320,46 @@ impl Host {
             "cluster state revision applied here",
             node.state.read(|a| a.state.revision),
         );
+        gauge(
+            "flynn_raft_has_leader",
+            "1 while this host knows a leader",
+            u64::from(m.current_leader.is_some()),
+        );
+        // The cluster's jobs by state, as this host's state holds them (every host reports
+        // the same cluster-wide view; dashboards take the max over hosts).
+        let (by_state, apps) = node.state.read(|a| {
+            let mut by: std::collections::BTreeMap<String, u64> = [
+                "pending", "starting", "running", "stopping", "done", "crashed",
+            ]
+            .iter()
+            .map(|s| (s.to_string(), 0))
+            .collect();
+            for j in a.state.jobs.jobs.values() {
+                let name = serde_json::to_value(j.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default();
+                *by.entry(name).or_default() += 1;
+            }
+            (by, a.state.apps.len() as u64)
+        });
+        flynn_metrics::header(
+            &mut out,
+            "flynn_cluster_jobs",
+            "gauge",
+            "Jobs in the cluster state, by state.",
+        );
+        for (state, n) in &by_state {
+            flynn_metrics::sample(&mut out, "flynn_cluster_jobs", &[("state", state)], n);
+        }
+        flynn_metrics::single(
+            &mut out,
+            "flynn_cluster_apps",
+            "gauge",
+            "Apps in the cluster.",
+            apps,
+        );
+        crate::metrics::render(&mut out);
         out + &firewall
     }
 }

@@ -14,6 +14,7 @@ pub mod error;
 pub mod hostdir;
 pub mod jobs;
 pub mod leader;
+pub mod metrics;
 pub mod node;
 pub mod tls;
 pub mod watch;

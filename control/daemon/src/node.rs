@@ -409,6 +409,7 @@ impl Node {
         match op {
             LeaderOp::Propose { command } => {
                 let (reply, outcome) = tokio::sync::oneshot::channel();
+                let pending = crate::metrics::PendingProposal::start();
                 if self
                     .proposer
                     .send(Proposal { command, reply })
@@ -420,14 +421,24 @@ impl Node {
                     )));
                 }
                 match outcome.await {
-                    Ok(ProposeOutcome::Applied(result)) => Ok(LeaderReply::Applied { result }),
-                    Ok(ProposeOutcome::NotLeader(why)) => Err(Attempt::Retry(why)),
+                    Ok(ProposeOutcome::Applied(result)) => {
+                        pending.committed(result.is_err());
+                        Ok(LeaderReply::Applied { result })
+                    }
+                    Ok(ProposeOutcome::NotLeader(why)) => {
+                        crate::metrics::proposal_failed();
+                        Err(Attempt::Retry(why))
+                    }
                     Ok(ProposeOutcome::Unknown(why)) => {
+                        crate::metrics::proposal_failed();
                         Err(Attempt::Failed(ApiError::UnknownOutcome(why)))
                     }
-                    Err(_) => Err(Attempt::Failed(ApiError::UnknownOutcome(
-                        "the proposer dropped the write".into(),
-                    ))),
+                    Err(_) => {
+                        crate::metrics::proposal_failed();
+                        Err(Attempt::Failed(ApiError::UnknownOutcome(
+                            "the proposer dropped the write".into(),
+                        )))
+                    }
                 }
             }
             LeaderOp::ReadIndex => {

@@ -1,6 +1,7 @@
 //! Raft for the cluster state: openraft's type config, the RocksDB log store and state
 //! machine, and the HTTP transport between hosts.
 
+pub mod metrics;
 pub mod network;
 pub mod store;
 

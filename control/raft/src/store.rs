@@ -135,7 +135,9 @@ impl LogStore {
                     // Everything queued by now rides on this one fsync.
                     let mut batch = vec![first];
                     batch.extend(rx.try_iter());
+                    let started = std::time::Instant::now();
                     let result = flush_db.flush_wal(true).map_err(std::io::Error::other);
+                    crate::metrics::WAL_FSYNC.observe_duration(started.elapsed());
                     for cb in batch {
                         cb.log_io_completed(
                             result
@@ -245,9 +247,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = WriteBatch::default();
         let log = cf(&self.db, CF_LOG);
+        let mut n = 0;
         for entry in entries {
             batch.put_cf(log, index_key(entry.log_id.index), encode(&entry));
+            n += 1;
         }
+        crate::metrics::APPENDED.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         self.db
             .write(batch)
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
@@ -443,6 +448,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let started = std::time::Instant::now();
         let mut results = Vec::new();
         let mut new_events = Vec::new();
         let mut replaced = false;
@@ -502,6 +508,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if replaced {
             let _ = self.handle.events.send(WatchItem::Reset);
         }
+        crate::metrics::APPLY.observe_duration(started.elapsed());
         self.handle.notify_applied();
         Ok(results)
     }
@@ -523,6 +530,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
         let data = snapshot.into_inner();
+        crate::metrics::SNAPSHOT_BYTES
+            .store(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let blob: SnapshotBlob = serde_json::from_slice(&data).map_err(|e| {
             io_err(
                 ErrorSubject::Snapshot(Some(meta.signature())),
@@ -577,6 +586,7 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let started = std::time::Instant::now();
         let (state, last_applied, membership) = self
             .handle
             .read(|a| (a.state.clone(), a.last_applied, a.membership.clone()));
@@ -602,6 +612,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                     e,
                 )
             })?;
+        crate::metrics::SNAPSHOT_SAVE.observe_duration(started.elapsed());
+        crate::metrics::SNAPSHOT_BYTES
+            .store(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),

@@ -80,6 +80,7 @@ pub fn router(host: Arc<Host>) -> Router {
         .merge(cluster)
         .merge(controller)
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(middleware::from_fn(crate::metrics::api))
         .with_state(host)
 }
 

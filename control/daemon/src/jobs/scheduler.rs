@@ -41,6 +41,8 @@ impl LeaderController for Scheduler {
             let commands = node
                 .state
                 .read(|a| plan_noting(&a.state, now, &mut no_room));
+            crate::metrics::JOBS_UNPLACED
+                .store(no_room.len() as u64, std::sync::atomic::Ordering::Relaxed);
             if !no_room.is_empty() {
                 let mut warned = self.warned.lock().expect("warned lock");
                 if warned.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(30)) {
@@ -51,8 +53,19 @@ impl LeaderController for Scheduler {
             if commands.is_empty() {
                 return;
             }
-            if let Err(e) = node.propose(Command::Batch { commands }).await {
-                tracing::debug!(controller = self.name(), error = %e, "not applied");
+            let placing: usize = commands
+                .iter()
+                .map(|c| match c {
+                    Command::Jobs(JobsCommand::PlaceJobs { jobs, .. }) => jobs.len(),
+                    _ => 0,
+                })
+                .sum();
+            match node.propose(Command::Batch { commands }).await {
+                Ok(_) => {
+                    crate::metrics::JOBS_PLACED
+                        .fetch_add(placing as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(e) => tracing::debug!(controller = self.name(), error = %e, "not applied"),
             }
         })
     }

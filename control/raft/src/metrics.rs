@@ -1,0 +1,52 @@
+//! The Raft store's own measurements, as etcd reports its disk: WAL fsync latency, apply
+//! latency per batch, snapshot save time and size. One store per process, so statics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
+
+use flynn_metrics::{header, single, Histogram, LATENCY, SLOW};
+
+pub static WAL_FSYNC: LazyLock<Histogram> = LazyLock::new(|| Histogram::new(LATENCY));
+pub static APPLY: LazyLock<Histogram> = LazyLock::new(|| Histogram::new(LATENCY));
+pub static SNAPSHOT_SAVE: LazyLock<Histogram> = LazyLock::new(|| Histogram::new(SLOW));
+pub static SNAPSHOT_BYTES: AtomicU64 = AtomicU64::new(0);
+/// Log entries appended to this host's log.
+pub static APPENDED: AtomicU64 = AtomicU64::new(0);
+
+pub fn render(out: &mut String) {
+    header(
+        out,
+        "flynn_raft_wal_fsync_duration_seconds",
+        "histogram",
+        "Latency of the Raft WAL fsyncs (one per group of appends).",
+    );
+    WAL_FSYNC.render(out, "flynn_raft_wal_fsync_duration_seconds", &[]);
+    header(
+        out,
+        "flynn_raft_apply_duration_seconds",
+        "histogram",
+        "Time to apply one batch of committed entries to the state machine and store it.",
+    );
+    APPLY.render(out, "flynn_raft_apply_duration_seconds", &[]);
+    header(
+        out,
+        "flynn_raft_snapshot_save_duration_seconds",
+        "histogram",
+        "Time to build and save a snapshot of the state.",
+    );
+    SNAPSHOT_SAVE.render(out, "flynn_raft_snapshot_save_duration_seconds", &[]);
+    single(
+        out,
+        "flynn_raft_snapshot_size_bytes",
+        "gauge",
+        "Size of the last snapshot saved or installed.",
+        SNAPSHOT_BYTES.load(Ordering::Relaxed),
+    );
+    single(
+        out,
+        "flynn_raft_log_entries_appended_total",
+        "counter",
+        "Log entries appended to this host's Raft log.",
+        APPENDED.load(Ordering::Relaxed),
+    );
+}
