@@ -1,21 +1,23 @@
-//! `script/install-flynn`: installs the binaries into a prefix, checks `--version`, and makes
-//! the ZFS pool on a device (a sparse file standing in for the disk) with the daemon's own
-//! code. Needs root and ZFS (zfs-fuse, started by `script/test`).
+//! `script/install-flynn`: installs the binaries into a prefix, checks `--version`, writes the
+//! systemd unit (whose command is run here), refuses to run as non-root, and makes the ZFS
+//! pool on a device (a sparse file standing in for the disk) with the daemon's own code. Needs root and ZFS (zfs-fuse, started by `script/test`).
 
 use std::path::Path;
 use std::process::{Command, Output};
 
 use flynn_tests::{bin_dir, destroy_pool};
 
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../script/install-flynn");
+
+/// Runs install-flynn with the test's binaries; the unit goes nowhere unless the test says
+/// where (never into this machine's /etc/systemd).
 fn install(args: &[&str]) -> Output {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../script/install-flynn");
-    Command::new("bash")
-        .arg(script)
-        .arg("--from")
-        .arg(bin_dir())
-        .args(args)
-        .output()
-        .expect("run install-flynn")
+    let mut c = Command::new("bash");
+    c.arg(SCRIPT).arg("--from").arg(bin_dir()).args(args);
+    if !args.contains(&"--systemd-dir") {
+        c.arg("--no-systemd");
+    }
+    c.output().expect("run install-flynn")
 }
 
 fn text(b: &[u8]) -> String {
@@ -126,4 +128,113 @@ fn t11_refusals_install_nothing() {
     // A version mismatch names both versions.
     let out = install(&["--version", "9.9.9", "--prefix", p]);
     assert!(text(&out.stderr).contains(&version()));
+}
+
+#[test]
+fn t12_writes_a_systemd_unit_whose_daemon_logs_to_the_journal_and_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("usr");
+    let units = dir.path().join("units");
+    let log = dir.path().join("log/flynn-host.log");
+    let data = dir.path().join("data");
+    let port = flynn_tests::router::free_port();
+    let daemon_args = format!(
+        "--external-ip 127.0.0.1 --port {port} --no-router --no-blobstore --no-jobs --volume-provider dir"
+    );
+    let out = install(&[
+        "--prefix",
+        prefix.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--systemd-dir",
+        units.to_str().unwrap(),
+        "--log-file",
+        log.to_str().unwrap(),
+        "--daemon-args",
+        &daemon_args,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let unit_path = units.join("flynn-host.service");
+    let unit = std::fs::read_to_string(&unit_path).unwrap();
+    for want in [
+        "[Service]",
+        "Restart=on-failure",
+        "WantedBy=multi-user.target",
+    ] {
+        assert!(unit.contains(want), "{want}: {unit}");
+    }
+    // systemd itself finds nothing wrong with it.
+    let verify = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&unit_path)
+        .output()
+        .unwrap();
+    let complaints = text(&verify.stderr);
+    assert!(
+        verify.status.success() && !complaints.contains("flynn-host.service:"),
+        "{complaints}"
+    );
+    // Its ExecStart line starts a daemon that logs to stderr (the journal) and the file.
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("an ExecStart line");
+    let words: Vec<&str> = exec.split_whitespace().collect();
+    assert_eq!(words[0], prefix.join("bin/flynn-host").to_str().unwrap());
+    let stderr_log = dir.path().join("stderr.log");
+    let mut daemon = Command::new(words[0])
+        .args(&words[1..])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let started = loop {
+        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        if logged.contains("flynn-host daemon starting") {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let _ = Command::new("kill").arg(daemon.id().to_string()).status();
+    let _ = daemon.wait();
+    let on_stderr = std::fs::read_to_string(&stderr_log).unwrap_or_default();
+    assert!(
+        started,
+        "log file: {:?}; stderr: {on_stderr}",
+        std::fs::read_to_string(&log)
+    );
+    assert!(
+        on_stderr.contains("flynn-host daemon starting"),
+        "{on_stderr}"
+    );
+}
+
+#[test]
+fn t13_refuses_to_run_as_another_user_than_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("usr");
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "bash",
+            SCRIPT,
+        ])
+        .arg("--from")
+        .arg(bin_dir())
+        .args(["--no-systemd", "--prefix", prefix.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("run as root") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(!prefix.join("bin/flynn-host").exists());
 }

@@ -295,14 +295,43 @@ fn main() {
         let stderr = tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        let file = match &cli.cmd {
+            Cmd::Daemon(args) => match &args.log_file {
+                Some(path) => match open_log_file(path) {
+                    Ok(f) => Some(
+                        tracing_subscriber::fmt::layer()
+                            .with_writer(std::sync::Arc::new(f))
+                            .with_ansi(false),
+                    ),
+                    Err(e) => {
+                        eprintln!("flynn-host: --log-file {}: {e}", path.display());
+                        std::process::exit(1);
+                    }
+                },
+                None => None,
+            },
+            _ => None,
+        };
         tracing_subscriber::registry()
             .with(filter)
             .with(stderr)
+            .with(file)
             // System apps' lines also go to the host's job log (`flynn -a blobstore log`).
             .with(flynn_daemon::jobs::logs::SystemAppLayer)
             .init();
     }
     run_main("flynn-host", run(cli))
+}
+
+/// The daemon's log file, appended to (its directory made if missing).
+fn open_log_file(path: &Path) -> std::io::Result<std::fs::File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
 }
 
 fn host_url(ip: &str, port: u16) -> String {

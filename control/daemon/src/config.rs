@@ -29,6 +29,10 @@ pub struct DaemonArgs {
     /// Peers to ask for admission (default: from init).
     #[arg(long, value_delimiter = ',')]
     pub peer_ips: Vec<String>,
+    /// Also append the daemon's log to this file (stderr keeps it too: the journal under
+    /// systemd). Opened in append mode, so logrotate's copytruncate rotates it.
+    #[arg(long)]
+    pub log_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub firewall: FirewallArgs,
     #[command(flatten)]
