@@ -67,6 +67,8 @@ pub struct TestHost {
     pub args: Vec<String>,
     /// The host has a ZFS pool of its own (`Cluster::with_zfs`).
     pub zfs: bool,
+    /// The daemon's binary, when not the build's (an in-place update replaces it).
+    pub bin: Option<PathBuf>,
 }
 
 impl TestHost {
@@ -237,6 +239,7 @@ impl Cluster {
             env: Vec::new(),
             args: Vec::new(),
             zfs: false,
+            bin: None,
         });
         i
     }
@@ -256,7 +259,11 @@ impl Cluster {
         let mut launcher = Command::new("nsenter");
         launcher.arg(format!("--net=/run/netns/{}", h.ns)).arg("--");
         let child = launcher
-            .arg(bin_dir().join("flynn-host"))
+            .arg(
+                h.bin
+                    .clone()
+                    .unwrap_or_else(|| bin_dir().join("flynn-host")),
+            )
             .arg("--data-dir")
             .arg(&h.data_dir)
             .args([

@@ -209,17 +209,32 @@ async fn zfs_cluster(n: usize, extra: &[&str]) -> (Cluster, serde_json::Value) {
         c.with_zfs(i);
         c.start_daemon(i);
     }
+    let args = if extra.is_empty() {
+        vec!["--domain", DOMAIN]
+    } else {
+        extra.to_vec()
+    };
+    let out = bootstrap_all(&mut c, &args).await;
+    (c, out)
+}
+
+/// Waits for every host, bootstraps them all with `args`, and waits until each runs jobs.
+async fn bootstrap_all(c: &mut Cluster, args: &[&str]) -> serde_json::Value {
+    let n = c.hosts.len();
     for i in 0..n {
         c.wait_up(i);
     }
-    let mut args = vec!["--domain", DOMAIN];
-    if !extra.is_empty() {
-        args = extra.to_vec();
-    }
-    let out = c.bootstrap_with(n, &args);
+    let out = c.bootstrap_with(n, args);
     c.wait_leader(0, None).await;
     c.wait_ready_for_jobs(n).await;
-    (c, out)
+    out
+}
+
+/// Creates `app` and deploys the busybox image to it (its web process serves `/`).
+fn deploy_busybox(c: &Cluster, app: &str, cmd: Option<&str>) {
+    ok(&c.flynn(0, &["create", app]));
+    let image = c.busybox_image(app, cmd);
+    ok(&c.flynn(0, &["-a", app, "docker", "push", image.to_str().unwrap()]));
 }
 
 fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
@@ -796,18 +811,8 @@ async fn t05_metrics_pass_promtool_and_every_dashboard_query_returns_data() {
             .extend(["--firewall-iface", "eth0", "--firewall-internal", &admin].map(String::from));
         c.start_daemon(i);
     }
-    for i in 0..3 {
-        c.wait_up(i);
-    }
-    c.bootstrap_with(3, &["--domain", DOMAIN]);
-    c.wait_leader(0, None).await;
-    c.wait_ready_for_jobs(3).await;
-    ok(&c.flynn(0, &["create", "metered"]));
-    let image = c.busybox_image("metered", None);
-    ok(&c.flynn(
-        0,
-        &["-a", "metered", "docker", "push", image.to_str().unwrap()],
-    ));
+    bootstrap_all(&mut c, &["--domain", DOMAIN]).await;
+    deploy_busybox(&c, "metered", None);
     served(&c, 0, "metered").await;
 
     // A real Prometheus scraping every host each second.
@@ -956,5 +961,189 @@ async fn t05_metrics_pass_promtool_and_every_dashboard_query_returns_data() {
             },
         )
         .await;
+    }
+}
+
+/// `flynn-host update ARGS` run on host 0 (no 60 s cap: a rollout takes a while).
+fn host_update(c: &Cluster, args: &[&str]) -> std::process::Output {
+    let bin = flynn_tests::bin_dir().join("flynn-host");
+    let mut cmd = vec![
+        "timeout",
+        "600",
+        bin.to_str().unwrap(),
+        "--data-dir",
+        c.hosts[0].data_dir.to_str().unwrap(),
+        "update",
+    ];
+    cmd.extend_from_slice(args);
+    c.run_cmd_in(0, &cmd)
+}
+
+/// One request on a fresh connection through a router; the status, or what went wrong.
+async fn one_request(addr: SocketAddr, host: &str) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        s.write_all(
+            format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        let head = String::from_utf8_lossy(&buf[..buf.len().min(64)]).to_string();
+        head.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse::<u16>().ok())
+            .ok_or_else(|| format!("no status line in {head:?}"))
+    };
+    tokio::time::timeout(Duration::from_secs(20), attempt)
+        .await
+        .unwrap_or_else(|_| Err("no answer within 20 s".into()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t06_update_in_place_under_load_fails_no_request_and_loses_no_write() {
+    let mut c = Cluster::create(3);
+    // Each host runs its own copy of flynn-host: an update replaces the running binary.
+    for i in 0..3 {
+        let bin = c.hosts[i].data_dir.join("bin/flynn-host");
+        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        std::fs::copy(flynn_tests::bin_dir().join("flynn-host"), &bin).unwrap();
+        c.hosts[i].bin = Some(bin);
+        c.start_daemon(i);
+    }
+    bootstrap_all(&mut c, &["--domain", DOMAIN]).await;
+    deploy_busybox(&c, "steady", None);
+    ok(&c.flynn(0, &["-a", "steady", "scale", "web=2"]));
+    for i in 0..3 {
+        served(&c, i, "steady").await;
+    }
+    let before: Vec<u64> = {
+        let mut v = Vec::new();
+        for i in 0..3 {
+            v.push(c.host_client(i).info().await.unwrap().started_ms);
+        }
+        v
+    };
+
+    // A binary of another version is refused before anything happens.
+    let new_bin = c.root_path().join("flynn-host-new");
+    std::fs::copy(flynn_tests::bin_dir().join("flynn-host"), &new_bin).unwrap();
+    let out = host_update(
+        &c,
+        &["--file", new_bin.to_str().unwrap(), "--version", "9.9.9"],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("9.9.9"));
+
+    // Continuous load through every host's router, and writes through every host's API.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let addrs: Vec<SocketAddr> = (0..3).map(|i| http(&c, i)).collect();
+    let load = {
+        let stop = stop.clone();
+        let addrs = addrs.clone();
+        tokio::spawn(async move {
+            let (mut ok_n, mut failed) = (0u64, Vec::new());
+            let started = Instant::now();
+            let mut n = 0usize;
+            // Bounded in count and time.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && n < 200_000
+                && started.elapsed() < Duration::from_secs(600)
+            {
+                let addr = addrs[n % addrs.len()];
+                n += 1;
+                match one_request(addr, &format!("steady.{DOMAIN}")).await {
+                    Ok(200) => ok_n += 1,
+                    Ok(code) => failed.push(format!("{addr}: {code}")),
+                    Err(e) => failed.push(format!("{addr}: {e}")),
+                }
+            }
+            (ok_n, failed)
+        })
+    };
+    let writes = {
+        let stop = stop.clone();
+        let clients: Vec<_> = (0..3)
+            .map(|i| c.client_with_timeout(i, Duration::from_secs(5)))
+            .collect();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut n = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 5_000 {
+                let name = format!("ack{n}");
+                if clients[n % 3].create_app(&name).await.is_ok() {
+                    acked.push(name);
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let out = host_update(
+        &c,
+        &["--file", new_bin.to_str().unwrap(), "--timeout", "120"],
+    );
+    let progress = String::from_utf8_lossy(&out.stderr).to_string();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (served_ok, failed) = load.await.unwrap();
+    let acked = writes.await.unwrap();
+    assert!(out.status.success(), "{progress}\n{}", c.dump_logs());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Updated 3 host(s)"),
+        "{progress}"
+    );
+    assert!(
+        failed.is_empty(),
+        "{} failed of {}: {:?}\n{progress}",
+        failed.len(),
+        served_ok + failed.len() as u64,
+        &failed[..failed.len().min(10)]
+    );
+    assert!(served_ok > 50, "only {served_ok} requests");
+    // Every host restarted on the new image and took its router's sockets up.
+    for (i, started) in before.iter().enumerate() {
+        let info = c.host_client(i).info().await.unwrap();
+        assert_ne!(info.started_ms, *started, "host {i} did not restart");
+        assert!(
+            c.hosts[i]
+                .log_text()
+                .contains("taking up the listening sockets"),
+            "host {i}"
+        );
+    }
+    // No acknowledged write is lost.
+    let apps: BTreeMap<String, ()> = c
+        .client(1)
+        .apps()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.name, ()))
+        .collect();
+    assert!(acked.len() > 10, "{} writes acknowledged", acked.len());
+    for name in &acked {
+        assert!(apps.contains_key(name), "acknowledged app {name} is gone");
+    }
+    // Every host's version, and the way back.
+    let versions = ok(&c.flynn_host(0, &["version", "--cluster"]));
+    assert_eq!(versions.lines().count(), 5, "{versions}");
+    let out = host_update(&c, &["--rollback"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Rolled back 3 host(s)"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in 0..3 {
+        served(&c, i, "steady").await;
     }
 }

@@ -1,6 +1,7 @@
 //! `flynn-host`: runs a host and manages the cluster's hosts.
 
 mod debug;
+mod update;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -172,8 +173,32 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
-    /// Print the version.
-    Version,
+    /// Print the version; with --cluster, every host's.
+    Version {
+        #[arg(long)]
+        cluster: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Update every host's daemon in place to the binary given, one host at a time (the
+    /// leader last): its jobs move to other hosts, it restarts on the new binary with its
+    /// router's sockets held open, rejoins and catches up before the next host starts.
+    Update {
+        /// The new flynn-host binary.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Refuse a binary of another version.
+        #[arg(long)]
+        version: Option<String>,
+        /// Put back, on every host, the binary the last update replaced.
+        #[arg(long)]
+        rollback: bool,
+        /// Seconds each step (jobs moving, a host coming back) may take.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Gather this host's debug information (host facts, logs, jobs, zpool status, firewall
     /// counters, Raft status, versions, the cluster state) into one archive, secrets
     /// redacted, and upload it; with --tarball, or when no upload endpoint answers, write
@@ -759,9 +784,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let (config, source) = args.validate()?;
             Ok(flynn_router::standalone::run(config, source).await?)
         }
-        Cmd::Version => {
+        Cmd::Version { cluster, target } => {
             println!("{}", flynn_daemon::version());
+            if cluster {
+                let hosts = local_host(&cli.data_dir, &target)?.list().await?;
+                let rows: Vec<Vec<String>> = hosts
+                    .iter()
+                    .map(|h| {
+                        vec![
+                            h.addr.clone(),
+                            h.version.clone().unwrap_or_else(|| "(no answer)".into()),
+                        ]
+                    })
+                    .collect();
+                print_table(&["HOST", "VERSION"], &rows);
+            }
             Ok(())
+        }
+        Cmd::Update {
+            file,
+            version,
+            rollback,
+            timeout,
+            target,
+        } => {
+            let dir = HostDir::new(&cli.data_dir);
+            let secret = match std::env::var("FLYNN_CLUSTER_SECRET") {
+                Ok(s) if !s.is_empty() => Some(s),
+                _ => dir.secret()?,
+            }
+            .context("no cluster secret here (is this host part of a cluster?)")?;
+            let hosts = local_host(&cli.data_dir, &target)?.list().await?;
+            update::run(
+                hosts,
+                &secret,
+                update::Options {
+                    file: file.as_deref(),
+                    version: version.as_deref(),
+                    rollback,
+                    timeout: Duration::from_secs(timeout),
+                },
+            )
+            .await
         }
     }
 }

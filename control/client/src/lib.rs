@@ -631,6 +631,41 @@ impl HostClient {
         self.http.get("/host/components").await
     }
 
+    /// `POST /host/drain`: marks `host` draining (its jobs move elsewhere) or not.
+    pub async fn drain(
+        &self,
+        host: &str,
+        draining: bool,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.http
+            .post(
+                "/host/drain",
+                &serde_json::json!({"host": host, "draining": draining}),
+            )
+            .await
+    }
+
+    /// `PUT /host/update`: sends a new `flynn-host` binary (or, with `rollback`, asks for
+    /// the one the last update replaced); the daemon replaces itself by it.
+    pub async fn update(
+        &self,
+        binary: Option<reqwest::Body>,
+        expect: Option<&str>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let mut path = format!("/host/update?rollback={}", binary.is_none());
+        if let Some(v) = expect {
+            path.push_str(&format!("&expect={}", seg(v)));
+        }
+        match binary {
+            Some(b) => self.http.upload(&path, b).await,
+            None => {
+                self.http
+                    .upload(&path, reqwest::Body::from(Vec::new()))
+                    .await
+            }
+        }
+    }
+
     /// `PUT /host/restore`: restores a checked backup archive into this new cluster.
     pub async fn restore(&self, body: reqwest::Body) -> Result<serde_json::Value, ClientError> {
         self.http.upload("/host/restore", body).await

@@ -195,6 +195,10 @@ pub struct HostInfo {
     pub version: String,
     /// The host holds a cluster secret (bootstrapped or told to join).
     pub initialized: bool,
+    /// When the daemon's process image started (ms since the epoch): changes with an
+    /// in-place update.
+    #[serde(default)]
+    pub started_ms: u64,
 }
 
 /// One row of `flynn-host list`.

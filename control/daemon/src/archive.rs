@@ -356,6 +356,14 @@ impl<R: AsyncRead + Unpin> TarReader<R> {
         }
     }
 
+    /// Reads the rest of the archive and discards it: a refusal answered before the sender
+    /// finished would otherwise reach it as a broken connection, not as the reason.
+    pub async fn drain(&mut self) {
+        while let Ok(Some(_)) = self.next().await {}
+        let mut buf = vec![0u8; 64 * 1024];
+        while matches!(self.r.read(&mut buf).await, Ok(n) if n > 0) {}
+    }
+
     /// Up to `buf.len()` bytes of the current entry; 0 at its end.
     pub async fn read(&mut self, buf: &mut [u8]) -> Result<usize, ArchiveError> {
         if self.remaining == 0 {

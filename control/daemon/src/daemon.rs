@@ -58,6 +58,11 @@ pub struct Host {
     recovering: std::sync::atomic::AtomicBool,
     start: tokio::sync::Mutex<()>,
     fatal: mpsc::UnboundedSender<anyhow::Error>,
+    /// Asks the daemon to replace itself by the binary at this path (an in-place update).
+    update: mpsc::UnboundedSender<std::path::PathBuf>,
+    /// When this process image started (ms): an update shows as a new start.
+    started_ms: u64,
+    router: Option<Arc<RouterComponent>>,
     components: Components,
     volumes: Arc<VolumesComponent>,
     jobs: Option<Arc<crate::jobs::JobRunner>>,
@@ -71,7 +76,13 @@ impl Host {
             addr: self.addr.clone(),
             version: version().to_string(),
             initialized: self.node.get().is_some(),
+            started_ms: self.started_ms,
         }
+    }
+
+    /// Replaces the daemon by `binary` once the current request is answered.
+    pub fn request_update(&self, binary: std::path::PathBuf) {
+        let _ = self.update.send(binary);
     }
 
     pub fn components(&self) -> &Components {
@@ -379,12 +390,16 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
     // Components start before anything is served: a host told to filter must never run
     // open, and a router port in use stops the daemon here.
     let mut components = Components::default();
+    let mut router = None;
+    let (update_tx, mut update_rx) = mpsc::unbounded_channel();
     if let Some(fc) = &cfg.firewall {
         let fw = HostFirewall::start(fc).context("starting the XDP firewall")?;
         components.add(Arc::new(fw));
     }
     if let Some(rc) = cfg.router.clone() {
-        components.add(Arc::new(RouterComponent::start(rc)?));
+        let r = Arc::new(RouterComponent::start(rc)?);
+        components.add(r.clone());
+        router = Some(r);
     }
     let volumes = Arc::new(VolumesComponent::start(&cfg.volumes, id)?);
     components.add(volumes.clone());
@@ -413,6 +428,9 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         recovering: std::sync::atomic::AtomicBool::new(false),
         start: tokio::sync::Mutex::new(()),
         fatal: fatal_tx,
+        update: update_tx,
+        started_ms: crate::now_ms(),
+        router,
         components,
         volumes,
         jobs,
@@ -442,23 +460,39 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
         let r = tokio::select! {
-            _ = term.recv() => Ok(()),
-            _ = tokio::signal::ctrl_c() => Ok(()),
+            _ = term.recv() => Ok(None),
+            _ = tokio::signal::ctrl_c() => Ok(None),
             Some(e) = fatal_rx.recv() => Err(e),
+            Some(binary) = update_rx.recv() => Ok(Some(binary)),
         };
         let _ = done_tx.send(r);
     };
     crate::api::serve::serve(listener, app, shutdown).await;
+    let outcome = done_rx.await.unwrap_or(Ok(None));
+    if let Ok(Some(binary)) = &outcome {
+        tracing::info!(binary = %binary.display(), "stopping for an in-place update");
+        // The router stops accepting but keeps its sockets for the next image.
+        let listeners = match &host.router {
+            Some(r) => r.drain_for_update().await,
+            None => Vec::new(),
+        };
+        host.components.stop().await;
+        if let Some(node) = host.node.get() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), node.raft.shutdown()).await;
+        }
+        let e = crate::update::exec(binary, &listeners);
+        return Err(anyhow::anyhow!(
+            "replacing the daemon by {}: {e}",
+            binary.display()
+        ));
+    }
     tracing::info!("stopping");
     // Components first (the router drains, the controller leaves discovery), Raft last.
     host.components.stop().await;
     if let Some(node) = host.node.get() {
         let _ = tokio::time::timeout(Duration::from_secs(5), node.raft.shutdown()).await;
     }
-    match done_rx.await {
-        Ok(Err(e)) => Err(e),
-        _ => Ok(()),
-    }
+    outcome.map(|_| ())
 }
 
 /// `flynn-host recover`: prepares a stopped host's data dir to restart as the single peer of

@@ -17,6 +17,7 @@ pub mod leader;
 pub mod metrics;
 pub mod node;
 pub mod tls;
+pub mod update;
 pub mod watch;
 
 pub use daemon::{prepare_recovery, run, DaemonConfig, DEFAULT_PORT};

@@ -43,11 +43,31 @@ pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpList
     Ok(socket.into())
 }
 
-/// `n` sockets on one address; port 0 picks one port for all of them.
+/// Listening sockets a previous process image left open for this one (an in-place
+/// update), by the address they were configured for.
+pub type Inherited = std::collections::BTreeMap<SocketAddr, Vec<std::net::TcpListener>>;
+
+/// `n` sockets on one address; port 0 picks one port for all of them. Sockets inherited for
+/// the address are used first: connections that queued on them while no process accepted
+/// are served, none refused.
 fn bind_group(
     addr: SocketAddr,
     n: usize,
+    inherited: &mut Inherited,
 ) -> Result<(SocketAddr, Vec<std::net::TcpListener>), RouterError> {
+    if let Some(mut kept) = inherited.remove(&addr).filter(|k| !k.is_empty()) {
+        let bound = kept[0]
+            .local_addr()
+            .map_err(|e| RouterError::Bind(addr, e))?;
+        for l in &kept {
+            l.set_nonblocking(true)
+                .map_err(|e| RouterError::Bind(addr, e))?;
+        }
+        while kept.len() < n {
+            kept.push(reuseport_listener(bound).map_err(|e| RouterError::Bind(bound, e))?);
+        }
+        return Ok((bound, kept));
+    }
     let first = reuseport_listener(addr).map_err(|e| RouterError::Bind(addr, e))?;
     let bound = first.local_addr().map_err(|e| RouterError::Bind(addr, e))?;
     let mut all = vec![first];
@@ -64,6 +84,9 @@ pub struct Router {
     pub http_addrs: Vec<SocketAddr>,
     pub https_addrs: Vec<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
+    /// A second handle on every listening socket, by configured address: kept open through
+    /// a drain, so an in-place update can hand the sockets to the next process image.
+    kept: Vec<(SocketAddr, std::net::TcpListener)>,
 }
 
 impl Router {
@@ -71,6 +94,16 @@ impl Router {
     pub fn start(
         config: RouterConfig,
         table: Arc<ArcSwap<RouteTable>>,
+    ) -> Result<Router, RouterError> {
+        Self::start_inheriting(config, table, &mut Inherited::new())
+    }
+
+    /// [`Router::start`], taking up listening sockets a previous process left (see
+    /// [`Inherited`]); those of addresses no longer configured are closed.
+    pub fn start_inheriting(
+        config: RouterConfig,
+        table: Arc<ArcSwap<RouteTable>>,
+        inherited: &mut Inherited,
     ) -> Result<Router, RouterError> {
         let n = config.workers.max(1);
         if config.http.is_empty() && config.https.is_empty() {
@@ -101,18 +134,21 @@ impl Router {
             (0..n).map(|_| Vec::new()).collect();
         let mut http_addrs = Vec::new();
         let mut https_addrs = Vec::new();
+        let mut kept = Vec::new();
         for (addrs, kind, bound) in [
             (&config.http, Kind::Http, &mut http_addrs),
             (&config.https, Kind::Https, &mut https_addrs),
         ] {
             for addr in addrs {
-                let (at, group) = bind_group(*addr, n)?;
+                let (at, group) = bind_group(*addr, n, inherited)?;
                 bound.push(at);
                 for (i, l) in group.into_iter().enumerate() {
-                    per_worker[i].push((l, kind));
+                    kept.push((*addr, l.try_clone().map_err(|e| RouterError::Bind(at, e))?));
+                    per_worker[i % n].push((l, kind));
                 }
             }
         }
+        inherited.clear();
         let metrics = Arc::new(Metrics::new(n));
         let metrics_addr = match config.metrics {
             Some(addr) => Some(crate::metrics_server::start(addr, metrics.clone())?),
@@ -150,16 +186,35 @@ impl Router {
             http_addrs,
             https_addrs,
             metrics_addr,
+            kept,
         })
+    }
+
+    /// The listening sockets by configured address, for handing to the next process image.
+    pub fn listeners(&self) -> Vec<(SocketAddr, std::os::fd::RawFd)> {
+        use std::os::fd::AsRawFd;
+        self.kept.iter().map(|(a, l)| (*a, l.as_raw_fd())).collect()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
 
+    /// [`Router::drain`], keeping the listening sockets open: connections that arrive
+    /// meanwhile wait in their queues for the next process image, which takes them up.
+    pub fn drain_keeping(self) -> Vec<(SocketAddr, std::net::TcpListener)> {
+        let _ = self.shutdown.send(true);
+        for w in self.workers {
+            let _ = w.join();
+        }
+        self.kept
+    }
+
     /// Stops accepting, lets in-flight requests finish (up to the drain timeout), and
     /// returns when every worker has stopped.
-    pub fn drain(self) {
+    pub fn drain(mut self) {
+        // The kept handles go first: no socket may go on queueing connections nobody takes.
+        self.kept.clear();
         let _ = self.shutdown.send(true);
         for w in self.workers {
             let _ = w.join();

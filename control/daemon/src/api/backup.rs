@@ -372,17 +372,18 @@ pub async fn write_volume(
 async fn restore(State(host): State<AppState>, body: Body) -> ApiResult<Json<serde_json::Value>> {
     let node = host.node()?.clone();
     node.read_barrier().await?;
-    if !node.state.read(|a| a.state.is_fresh()) {
-        return Err(ApiError::Conflict(
-            "a backup is restored only into a new cluster; this one has apps or releases already"
-                .into(),
-        ));
-    }
     let blobstore = host.blobstore().cloned().ok_or_else(|| {
         ApiError::Unavailable("this host runs no blobstore; restore through another".into())
     })?;
     let (mut tar, head) =
         open_archive(body, STATE_ENTRY, 256 * 1024 * 1024, "backup archive").await?;
+    if !node.state.read(|a| a.state.is_fresh()) {
+        tar.drain().await;
+        return Err(ApiError::Conflict(
+            "a backup is restored only into a new cluster; this one has apps or releases already"
+                .into(),
+        ));
+    }
     let backup: ClusterState = serde_json::from_slice(&head)
         .map_err(|e| ApiError::Invalid(format!("backup archive: {STATE_ENTRY}: {e}")))?;
 

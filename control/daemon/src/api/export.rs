@@ -247,6 +247,7 @@ async fn import(
     flynn_state::validate::app_name(&name)?;
     node.read_barrier().await?;
     if node.state.read(|a| a.state.apps.contains_key(&name)) {
+        tar.drain().await;
         return Err(ApiError::Conflict(format!(
             "an app named {name:?} exists; import under another name with --name"
         )));

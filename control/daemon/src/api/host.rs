@@ -33,6 +33,111 @@ pub fn secret_routes() -> Router<AppState> {
         .route("/host/promote", post(promote))
         .route("/host/demote", post(demote))
         .route("/host/state", get(state_dump))
+        .route("/host/drain", post(drain))
+        .route(
+            "/host/update",
+            axum::routing::put(update).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+}
+
+#[derive(serde::Deserialize)]
+struct DrainRequest {
+    /// The host (IP, IP:PORT or node id).
+    host: String,
+    draining: bool,
+}
+
+/// `POST /host/drain`: marks a host draining (or not); the scheduler moves its jobs.
+async fn drain(
+    State(host): State<AppState>,
+    JsonBody(req): JsonBody<DrainRequest>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let node = host.node()?;
+    let id = node.resolve_host(&req.host)?;
+    node.propose(flynn_state::ClusterCommand::SetDraining {
+        host: id,
+        draining: req.draining,
+    })
+    .await?;
+    Ok(Json(
+        serde_json::json!({"host": id, "draining": req.draining}),
+    ))
+}
+
+#[derive(serde::Deserialize, Default)]
+struct UpdateQuery {
+    /// Refuse a binary of another version.
+    expect: Option<String>,
+    /// Go back to the binary kept by the last update (no body).
+    #[serde(default)]
+    rollback: bool,
+}
+
+/// `PUT /host/update`: the body is the new `flynn-host` binary. It is checked to run and
+/// report its version, put in place of the running one (kept for a rollback), and the
+/// daemon replaces itself by it once this answer is sent.
+async fn update(
+    State(host): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<UpdateQuery>,
+    body: axum::body::Body,
+) -> ApiResult<(axum::http::StatusCode, Json<serde_json::Value>)> {
+    use futures::TryStreamExt;
+    use tokio::io::AsyncWriteExt;
+    let exe = std::env::current_exe()
+        .map_err(|e| crate::error::ApiError::Internal(format!("this binary's path: {e}")))?;
+    let internal = |e: std::io::Error| crate::error::ApiError::Internal(e.to_string());
+    let new_version = if q.rollback {
+        let old = crate::update::old_binary(&exe);
+        let v = crate::update::binary_version(&old).await?;
+        crate::update::swap_back(&exe).map_err(internal)?;
+        v
+    } else {
+        let staged = exe.with_file_name(".flynn-host.update");
+        let written: std::io::Result<()> = async {
+            let mut f = tokio::fs::File::create(&staged).await?;
+            let mut stream = body.into_data_stream();
+            while let Some(chunk) = stream
+                .try_next()
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?
+            {
+                f.write_all(&chunk).await?;
+            }
+            f.sync_all().await?;
+            use std::os::unix::fs::PermissionsExt;
+            tokio::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).await
+        }
+        .await;
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&staged);
+            return Err(crate::error::ApiError::Invalid(format!(
+                "receiving the new binary: {e}"
+            )));
+        }
+        let v = match crate::update::binary_version(&staged).await {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = std::fs::remove_file(&staged);
+                return Err(e);
+            }
+        };
+        if let Some(want) = &q.expect {
+            if *want != v {
+                let _ = std::fs::remove_file(&staged);
+                return Err(crate::error::ApiError::Invalid(format!(
+                    "asked for version {want}, but the binary sent is version {v}"
+                )));
+            }
+        }
+        crate::update::swap_in(&staged, &exe).map_err(internal)?;
+        v
+    };
+    tracing::info!(from = version(), to = %new_version, "in-place update asked for");
+    host.request_update(exe);
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        Json(serde_json::json!({"from": version(), "to": new_version})),
+    ))
 }
 
 #[derive(serde::Deserialize)]

@@ -102,16 +102,89 @@ fn default_certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
 
 pub struct RouterComponent {
     router: Mutex<Option<Router>>,
+    /// After an in-place update: the sockets the previous image handed over, not accepted
+    /// on until the route table is built from the host's state (connections wait in their
+    /// queues instead of meeting an empty table's 404).
+    deferred: Mutex<Option<(RouterConfig, flynn_router::server::Inherited)>>,
     table: Arc<ArcSwap<RouteTable>>,
     http: Vec<SocketAddr>,
     https: Vec<SocketAddr>,
-    metrics: Arc<flynn_router::metrics::Metrics>,
+    metrics: Mutex<Option<Arc<flynn_router::metrics::Metrics>>>,
 }
 
 impl RouterComponent {
+    /// Stops accepting and lets in-flight requests finish, keeping the listening sockets
+    /// for the next process image (an in-place update).
+    pub async fn drain_for_update(&self) -> Vec<(SocketAddr, std::net::TcpListener)> {
+        let router = self.router.lock().expect("router lock").take();
+        match router {
+            Some(r) => tokio::task::spawn_blocking(move || r.drain_keeping())
+                .await
+                .unwrap_or_default(),
+            // Never started: hand on the sockets it was given.
+            None => self
+                .deferred
+                .lock()
+                .expect("deferred lock")
+                .take()
+                .map(|(_, inherited)| {
+                    inherited
+                        .into_iter()
+                        .flat_map(|(a, ls)| ls.into_iter().map(move |l| (a, l)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Starts a deferred router (see `deferred`) once the table holds the host's state.
+    fn start_deferred(&self) {
+        let Some((config, mut inherited)) = self.deferred.lock().expect("deferred lock").take()
+        else {
+            return;
+        };
+        match Router::start_inheriting(config, self.table.clone(), &mut inherited) {
+            Ok(router) => {
+                tracing::info!("router serving on the sockets taken over, with the routes of this host's state");
+                *self.metrics.lock().expect("metrics lock") = Some(router.metrics().clone());
+                *self.router.lock().expect("router lock") = Some(router);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the router did not start on the sockets taken over")
+            }
+        }
+    }
+
     /// Binds every listener now: a port in use is a start error of the daemon.
     pub fn start(config: RouterConfig) -> anyhow::Result<Self> {
         let table = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
+        let inherited = crate::update::inherited_listeners();
+        if !inherited.is_empty() {
+            tracing::info!(
+                addrs = inherited.len(),
+                "taking up the listening sockets of the previous daemon image"
+            );
+            let bound = |addrs: &[SocketAddr]| -> Vec<SocketAddr> {
+                addrs
+                    .iter()
+                    .map(|a| {
+                        inherited
+                            .get(a)
+                            .and_then(|ls| ls.first())
+                            .and_then(|l| l.local_addr().ok())
+                            .unwrap_or(*a)
+                    })
+                    .collect()
+            };
+            return Ok(RouterComponent {
+                http: bound(&config.http),
+                https: bound(&config.https),
+                metrics: Mutex::new(None),
+                router: Mutex::new(None),
+                deferred: Mutex::new(Some((config, inherited))),
+                table,
+            });
+        }
         let router = Router::start(config, table.clone()).context("starting the router")?;
         for a in &router.http_addrs {
             tracing::info!(addr = %a, "router http listener");
@@ -122,8 +195,9 @@ impl RouterComponent {
         Ok(RouterComponent {
             http: router.http_addrs.clone(),
             https: router.https_addrs.clone(),
-            metrics: router.metrics().clone(),
+            metrics: Mutex::new(Some(router.metrics().clone())),
             router: Mutex::new(Some(router)),
+            deferred: Mutex::new(None),
             table,
         })
     }
@@ -146,6 +220,7 @@ impl Component for RouterComponent {
                     if pending.apply(line) {
                         builder = pending.clone();
                         self.table.store(Arc::new(builder.build()));
+                        self.start_deferred();
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -162,7 +237,12 @@ impl Component for RouterComponent {
     }
 
     fn prometheus(&self) -> String {
-        self.metrics.render()
+        self.metrics
+            .lock()
+            .expect("metrics lock")
+            .as_ref()
+            .map(|m| m.render())
+            .unwrap_or_default()
     }
 
     /// Healthy while running and its HTTP listener accepts a connection now.

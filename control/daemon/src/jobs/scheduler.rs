@@ -192,6 +192,9 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
     let mut place: Vec<NewJob> = Vec::new();
     let mut stop: Vec<String> = Vec::new();
     let mut keep: BTreeSet<&str> = BTreeSet::new();
+    // Draining hosts take no new jobs, and their jobs are replaced like old releases'.
+    let draining = &s.cluster.draining;
+    let placeable: BTreeSet<u64> = live.difference(draining).copied().collect();
 
     for (app, f) in &s.jobs.formations {
         let Some(release) = s.jobs.releases.get(&f.release) else {
@@ -204,14 +207,16 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                     .iter()
                     .copied()
                     .filter(|j| j.app == *app && j.proc_type == *ty)
-                    .filter(|j| (j.release == f.release) == release_matches)
+                    .filter(|j| {
+                        (j.release == f.release && !draining.contains(&j.host)) == release_matches
+                    })
                     .collect()
             };
             let mut current = of_type(true);
             let old = of_type(false);
             // Omni types run `count` jobs on every live host; others `count` in all.
             let groups: Vec<(Option<u64>, usize)> = if proc.omni {
-                live.iter().map(|h| (Some(*h), count)).collect()
+                placeable.iter().map(|h| (Some(*h), count)).collect()
             } else {
                 vec![(None, count)]
             };
@@ -243,7 +248,7 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                         // Only hosts with room for the type's memory limit.
                         let candidates: Vec<u64> = match only_host {
                             Some(h) => vec![h],
-                            None => live.iter().copied().collect(),
+                            None => placeable.iter().copied().collect(),
                         }
                         .into_iter()
                         .filter(|h| room(h, &reserved))
@@ -644,5 +649,47 @@ mod tests {
         scale(&mut s, 2);
         step(&mut s, 2);
         assert_eq!(running_on(&s).get(&3), Some(&1));
+    }
+
+    #[test]
+    fn t16_a_draining_host_s_jobs_move_new_before_old() {
+        let mut s = state(&[1, 2, 3]);
+        scale(&mut s, 3);
+        step(&mut s, 1);
+        assert_eq!(running_on(&s), [(1, 1), (2, 1), (3, 1)].into());
+        s.apply(
+            flynn_state::ClusterCommand::SetDraining {
+                host: 2,
+                draining: true,
+            }
+            .into(),
+        )
+        .0
+        .unwrap();
+        // First a replacement elsewhere; host 2's job still runs meanwhile.
+        let first = plan(&s, 2);
+        assert!(
+            first
+                .iter()
+                .all(|c| !matches!(c, Command::Jobs(JobsCommand::StopJob { .. }))),
+            "{first:?}"
+        );
+        step(&mut s, 3);
+        step(&mut s, 4);
+        assert_eq!(running_on(&s).get(&2), None, "{:?}", running_on(&s));
+        assert_eq!(running_on(&s).values().sum::<usize>(), 3);
+        // Undrained, it takes jobs again as the count asks.
+        s.apply(
+            flynn_state::ClusterCommand::SetDraining {
+                host: 2,
+                draining: false,
+            }
+            .into(),
+        )
+        .0
+        .unwrap();
+        scale(&mut s, 4);
+        step(&mut s, 5);
+        assert_eq!(running_on(&s).get(&2), Some(&1));
     }
 }

@@ -40,6 +40,10 @@ pub enum ClusterCommand {
     /// Sets `DISCOVERD_PEERS` from the Raft membership; proposed by the leader whenever the
     /// voter set it observes differs from the env, so the env is derived, never hand-kept.
     SetDiscoverdPeers { peers: Vec<String> },
+    /// Marks a host draining (`flynn-host update` before it restarts the host): the
+    /// scheduler places nothing there and moves its jobs to other hosts, new ones up before
+    /// old ones stop. Unmarked again once the host is back.
+    SetDraining { host: u64, draining: bool },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +51,9 @@ pub struct Cluster {
     pub bootstrapped: bool,
     #[serde(default)]
     pub domain: Option<String>,
+    /// Hosts (node ids) being drained of jobs.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub draining: std::collections::BTreeSet<u64>,
 }
 
 impl Area for Cluster {
@@ -115,6 +122,17 @@ impl Area for Cluster {
                 s.cluster.bootstrapped = true;
                 s.cluster.domain = domain;
                 cx.touch(TABLE, INFO);
+                Ok(Response::Done)
+            }
+            ClusterCommand::SetDraining { host, draining } => {
+                let changed = if draining {
+                    s.cluster.draining.insert(host)
+                } else {
+                    s.cluster.draining.remove(&host)
+                };
+                if changed {
+                    cx.touch(TABLE, INFO);
+                }
                 Ok(Response::Done)
             }
             ClusterCommand::SetDiscoverdPeers { peers } => {

@@ -52,7 +52,7 @@ impl Area for Routes {
             }
             RoutesCommand::AddCertificate { certificate } => {
                 validate::certificate(&certificate)?;
-                let id = format!("cert-{}", cx.revision);
+                let id = unique_id(&s.routes.certificates, "cert", cx.revision);
                 let cert = Certificate {
                     id: id.clone(),
                     domains: certificate.domains,
@@ -149,6 +149,19 @@ pub fn reserved_port(s: &ClusterState, port: u16) -> Option<String> {
     })
 }
 
+/// `PREFIX-REV`, or `PREFIX-REV-N` when one command adds several (bootstrap's controller
+/// and status routes): ids never collide.
+fn unique_id<T>(taken: &std::collections::BTreeMap<String, T>, prefix: &str, rev: u64) -> String {
+    let first = format!("{prefix}-{rev}");
+    if !taken.contains_key(&first) {
+        return first;
+    }
+    (2..)
+        .map(|n| format!("{prefix}-{rev}-{n}"))
+        .find(|id| !taken.contains_key(id))
+        .expect("an unused id")
+}
+
 pub(crate) fn add_route(
     s: &mut ClusterState,
     app: String,
@@ -190,7 +203,7 @@ pub(crate) fn add_route(
                 )));
             }
             Route::Http(HttpRoute {
-                id: format!("http-{rev}"),
+                id: unique_id(&s.routes.routes, "http", rev),
                 app,
                 domain,
                 path,
@@ -235,7 +248,7 @@ pub(crate) fn add_route(
             let service = service.unwrap_or_else(|| format!("{app}-web"));
             validate::service_name(&service)?;
             Route::Tcp(TcpRoute {
-                id: format!("tcp-{rev}"),
+                id: unique_id(&s.routes.routes, "tcp", rev),
                 app,
                 port,
                 service,
