@@ -238,3 +238,97 @@ fn t13_refuses_to_run_as_another_user_than_root() {
     );
     assert!(!prefix.join("bin/flynn-host").exists());
 }
+
+/// The Vagrant cluster's provisioning (`vagrant/provision.sh`), run against three hosts in
+/// network namespaces instead of VMs (none can boot here): each installs and starts its
+/// daemon from the unit the install writes, and the last bootstraps the cluster and prints
+/// a controller key that works.
+#[tokio::test(flavor = "multi_thread")]
+async fn t14_vagrant_provisioning_brings_up_a_three_host_cluster() {
+    let c = flynn_tests::Cluster::create(3);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../vagrant/provision.sh");
+    let run = |i: usize, args: &[&str]| -> Output {
+        let h = &c.hosts[i];
+        let root = c.root_path().join(format!("vm{i}"));
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", h.ns))
+            .args(["--", "bash", script])
+            .args(args)
+            .env("FLYNN_FROM", bin_dir())
+            .env("FLYNN_PREFIX", root.join("usr"))
+            .env("FLYNN_DATA_DIR", &h.data_dir)
+            .env("FLYNN_SYSTEMD_DIR", root.join("units"))
+            .env("FLYNN_LOG_FILE", root.join("flynn-host.log"))
+            .env(
+                "FLYNN_DAEMON_ARGS",
+                format!(
+                    "--no-jobs --volume-provider dir --log-dir {}",
+                    root.join("logs").display()
+                ),
+            )
+            .output()
+            .expect("run provision.sh")
+    };
+    // Daemons started by the script outlive it: stop them whatever happens.
+    struct Stop(Vec<String>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            for dir in &self.0 {
+                let _ = Command::new("pkill")
+                    .args(["-f", &format!("--data-dir {dir} daemon")])
+                    .status();
+            }
+        }
+    }
+    let _stop = Stop(
+        c.hosts
+            .iter()
+            .map(|h| h.data_dir.display().to_string())
+            .collect(),
+    );
+    for i in 0..3 {
+        let out = run(i, &["host", &c.hosts[i].ip]);
+        assert!(
+            out.status.success(),
+            "host {i}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        assert!(text(&out.stdout).contains("flynn-host runs on"));
+    }
+    let peers: Vec<String> = c.hosts.iter().map(|h| h.ip.clone()).collect();
+    let out = run(
+        2,
+        &[
+            "bootstrap",
+            &c.hosts[2].ip,
+            &peers.join(","),
+            "vagrant.test",
+            "3",
+        ],
+    );
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}{}", text(&out.stderr));
+    let key = said
+        .split("the controller key is ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("the controller key printed")
+        .to_string();
+    assert!(said.contains("flynn cluster add -p "), "{said}");
+    // The key works against every host.
+    for h in &c.hosts {
+        let client = flynn_client::ControllerClient::with_timeout(
+            &h.url(),
+            &key,
+            std::time::Duration::from_secs(10),
+        );
+        let apps = flynn_tests::eventually(
+            std::time::Duration::from_secs(30),
+            "the controller answering with the printed key",
+            || async { client.apps().await.ok() },
+        )
+        .await;
+        assert!(apps.iter().any(|a| a.name == "controller"));
+    }
+}
