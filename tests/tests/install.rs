@@ -275,7 +275,7 @@ async fn t14_vagrant_provisioning_brings_up_a_three_host_cluster() {
         fn drop(&mut self) {
             for dir in &self.0 {
                 let _ = Command::new("pkill")
-                    .args(["-f", &format!("--data-dir {dir} daemon")])
+                    .args(["-f", "--", &format!("--data-dir {dir} daemon")])
                     .status();
             }
         }
