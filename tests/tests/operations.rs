@@ -1147,3 +1147,49 @@ async fn t06_update_in_place_under_load_fails_no_request_and_loses_no_write() {
         served(&c, i, "steady").await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t07_a_host_that_does_not_come_back_stops_the_rollout() {
+    let mut c = Cluster::create(3);
+    for i in 0..3 {
+        let bin = c.hosts[i].data_dir.join("bin/flynn-host");
+        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        std::fs::copy(flynn_tests::bin_dir().join("flynn-host"), &bin).unwrap();
+        c.hosts[i].bin = Some(bin);
+        c.start_daemon(i);
+    }
+    bootstrap_all(&mut c, &["--domain", DOMAIN]).await;
+    let mut before = Vec::new();
+    for i in 0..3 {
+        before.push(c.host_client(i).info().await.unwrap().started_ms);
+    }
+    // A "binary" that reports the right version but cannot run a daemon.
+    let version = ok(&c.flynn_host(0, &["version"])).trim().to_string();
+    let broken = c.root_path().join("flynn-host-broken");
+    std::fs::write(
+        &broken,
+        format!("#!/bin/sh\nif [ \"$1\" = version ]; then echo {version}; exit 0; fi\necho broken >&2\nexit 1\n"),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = host_update(&c, &["--file", broken.to_str().unwrap(), "--timeout", "15"]);
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("did not come back") && said.contains("stopped here"),
+        "{said}"
+    );
+    // Exactly one host went down; the others were not touched.
+    let mut untouched = 0;
+    for (i, started) in before.iter().enumerate() {
+        if let Ok(info) = c.host_client(i).info().await {
+            assert_eq!(
+                info.started_ms, *started,
+                "host {i} was updated after the failure"
+            );
+            untouched += 1;
+        }
+    }
+    assert_eq!(untouched, 2, "{said}");
+}

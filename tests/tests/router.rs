@@ -189,6 +189,12 @@ async fn t12_bodies_stream_in_bounded_memory() {
     let a = Backend::start("a").await;
     let r = RouterProc::start(&routes(&[("app.test", &[a.addr])], ""), &[]);
     const GIB: u64 = 1 << 30;
+    // The router's footprint serving small requests: what streaming may add to is measured
+    // from here (the debug binary's own pages are most of it, and grow with the code).
+    for _ in 0..8 {
+        assert_eq!(get(r.http, "app.test", "/").await.status, 200);
+    }
+    let idle = r.peak_rss_kib();
 
     // 1 GiB upload with Content-Length, sent in 1 MiB writes.
     let mut c = Client::connect(r.http).await;
@@ -256,9 +262,12 @@ async fn t12_bodies_stream_in_bounded_memory() {
     assert_eq!(resp.body.len(), 70_000);
     assert!(resp.header("transfer-encoding").is_none());
 
-    // Memory stayed bounded: 2 GiB moved through a router whose peak RSS is a few MiB.
+    // Memory stayed bounded: 2 GiB moved through the router, its peak grew by a few MiB.
     let rss = r.peak_rss_kib();
-    assert!(rss < 64 * 1024, "router peak RSS {rss} KiB");
+    assert!(
+        rss.saturating_sub(idle) < 32 * 1024,
+        "router peak RSS {rss} KiB, {idle} KiB before streaming"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
