@@ -148,6 +148,17 @@ impl Cluster {
     /// Gives host `i` a ZFS pool of its own (128 MiB on a sparse file in its data dir) before
     /// its daemon starts; returns the pool's name.
     pub fn with_zfs(&mut self, i: usize) -> String {
+        // A wedged zfs-fuse shows up later as hosts that never answer: say so here.
+        let answered = Command::new("timeout")
+            .args(["20", "zpool", "list", "-H"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            answered,
+            "zfs-fuse does not answer `zpool list` within 20 s; restart it (script/lib.sh start_zfs)"
+        );
         let pool = format!("flv{}t{}h{i}", std::process::id(), self.tag);
         self.hosts[i].args.extend(
             [

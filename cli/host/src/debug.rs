@@ -95,8 +95,39 @@ pub fn scrub(text: &str, secrets: &BTreeSet<String>) -> String {
     out
 }
 
+/// Longest any one command may take: debug info is collected on sick hosts (a hung
+/// `zpool` must not hang the collection).
+const COMMAND_LIMIT: Duration = Duration::from_secs(10);
+
 fn run(cmd: &str, args: &[&str]) -> String {
-    match std::process::Command::new(cmd).args(args).output() {
+    let child = std::process::Command::new(cmd)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return format!("[{cmd} could not run: {e}]\n"),
+    };
+    let deadline = std::time::Instant::now() + COMMAND_LIMIT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return format!(
+                    "[{cmd} gave no answer within {} s; killed]\n",
+                    COMMAND_LIMIT.as_secs()
+                );
+            }
+        }
+    }
+    match child.wait_with_output() {
         Ok(o) => {
             let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
             if !o.status.success() {
