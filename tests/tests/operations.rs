@@ -964,6 +964,21 @@ async fn t05_metrics_pass_promtool_and_every_dashboard_query_returns_data() {
     }
 }
 
+/// `n` hosts bootstrapped with the test domain, each running its own copy of flynn-host
+/// (an update replaces the running binary, which must not be the build's).
+async fn own_binaries_cluster(n: usize) -> Cluster {
+    let mut c = Cluster::create(n);
+    for i in 0..n {
+        let bin = c.hosts[i].data_dir.join("bin/flynn-host");
+        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        std::fs::copy(flynn_tests::bin_dir().join("flynn-host"), &bin).unwrap();
+        c.hosts[i].bin = Some(bin);
+        c.start_daemon(i);
+    }
+    bootstrap_all(&mut c, &["--domain", DOMAIN]).await;
+    c
+}
+
 /// `flynn-host update ARGS` run on host 0 (no 60 s cap: a rollout takes a while).
 fn host_update(c: &Cluster, args: &[&str]) -> std::process::Output {
     let bin = flynn_tests::bin_dir().join("flynn-host");
@@ -1008,16 +1023,7 @@ async fn one_request(addr: SocketAddr, host: &str) -> Result<u16, String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn t06_update_in_place_under_load_fails_no_request_and_loses_no_write() {
-    let mut c = Cluster::create(3);
-    // Each host runs its own copy of flynn-host: an update replaces the running binary.
-    for i in 0..3 {
-        let bin = c.hosts[i].data_dir.join("bin/flynn-host");
-        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
-        std::fs::copy(flynn_tests::bin_dir().join("flynn-host"), &bin).unwrap();
-        c.hosts[i].bin = Some(bin);
-        c.start_daemon(i);
-    }
-    bootstrap_all(&mut c, &["--domain", DOMAIN]).await;
+    let c = own_binaries_cluster(3).await;
     deploy_busybox(&c, "steady", None);
     ok(&c.flynn(0, &["-a", "steady", "scale", "web=2"]));
     for i in 0..3 {
@@ -1150,15 +1156,7 @@ async fn t06_update_in_place_under_load_fails_no_request_and_loses_no_write() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn t07_a_host_that_does_not_come_back_stops_the_rollout() {
-    let mut c = Cluster::create(3);
-    for i in 0..3 {
-        let bin = c.hosts[i].data_dir.join("bin/flynn-host");
-        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
-        std::fs::copy(flynn_tests::bin_dir().join("flynn-host"), &bin).unwrap();
-        c.hosts[i].bin = Some(bin);
-        c.start_daemon(i);
-    }
-    bootstrap_all(&mut c, &["--domain", DOMAIN]).await;
+    let c = own_binaries_cluster(3).await;
     let mut before = Vec::new();
     for i in 0..3 {
         before.push(c.host_client(i).info().await.unwrap().started_ms);

@@ -78,12 +78,7 @@ impl LocalState {
 
     /// Every member host (peers and proxies): node id and host API address.
     pub fn members(&self) -> Vec<(NodeId, String)> {
-        let m = self.node.metrics();
-        m.membership_config
-            .membership()
-            .nodes()
-            .map(|(id, n)| (*id, n.addr.clone()))
-            .collect()
+        self.node.members()
     }
 
     /// This host's Raft node, for components that write (through the leader).

@@ -213,6 +213,16 @@ pub struct Node {
 }
 
 impl Node {
+    /// Every member host (peers and proxies): node id and host API address.
+    pub fn members(&self) -> Vec<(NodeId, String)> {
+        self.metrics()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.addr.clone()))
+            .collect()
+    }
+
     pub fn new(
         id: NodeId,
         addr: String,

@@ -142,7 +142,7 @@ pub fn instance(id: &str, addr: &str, ttl_ms: u64) -> Result<(), StateError> {
 }
 
 /// Standard base64 (padding optional), decoded; `None` if it is not.
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
+pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
     let val = |c: u8| -> Option<u32> {
         Some(match c {
             b'A'..=b'Z' => c - b'A',

@@ -69,33 +69,9 @@ pub(crate) fn presented_key(headers: &HeaderMap) -> Option<String> {
     }
     if scheme.eq_ignore_ascii_case("basic") {
         // Flynn's clients send the key as the password of HTTP basic auth.
-        let decoded = base64_decode(rest.trim())?;
+        let decoded = flynn_state::validate::base64_decode(rest.trim())?;
         let text = String::from_utf8(decoded).ok()?;
         return text.split_once(':').map(|(_, pw)| pw.to_string());
     }
     None
-}
-
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let s = s.trim_end_matches('=').as_bytes();
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    for chunk in s.chunks(4) {
-        let mut n = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            n |= val(*c)? << (18 - 6 * i);
-        }
-        let bytes = n.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    Some(out)
 }

@@ -109,13 +109,7 @@ async fn backup(State(host): State<AppState>) -> ApiResult<Response> {
     let node = host.node()?.clone();
     node.read_barrier().await?;
     let state = node.state.read(|a| a.state.clone());
-    let members: BTreeMap<u64, String> = node
-        .metrics()
-        .membership_config
-        .membership()
-        .nodes()
-        .map(|(id, n)| (*id, n.addr.clone()))
-        .collect();
+    let members: BTreeMap<u64, String> = node.members().into_iter().collect();
     let plan = Plan::of(&state, &members);
     let blobstore = host.blobstore().cloned().ok_or_else(|| {
         ApiError::Unavailable("this host runs no blobstore; ask another host for the backup".into())
@@ -268,15 +262,8 @@ impl Receiving {
 
 /// Members whose volumes are on ZFS (a send stream can be received there).
 pub async fn zfs_hosts(node: &crate::node::Node, secret: &str) -> Vec<String> {
-    let members: Vec<String> = node
-        .metrics()
-        .membership_config
-        .membership()
-        .nodes()
-        .map(|(_, n)| n.addr.clone())
-        .collect();
     let mut out = Vec::new();
-    for addr in members {
+    for (_, addr) in node.members() {
         let c = flynn_client::HostClient::new(
             &format!("http://{addr}"),
             Some(secret),

@@ -126,13 +126,7 @@ async fn export(State(host): State<AppState>, Path(app): Path<String>) -> ApiRes
             layers,
         ))
     })?;
-    let hosts: BTreeMap<u64, String> = node
-        .metrics()
-        .membership_config
-        .membership()
-        .nodes()
-        .map(|(id, n)| (*id, n.addr.clone()))
-        .collect();
+    let hosts: BTreeMap<u64, String> = node.members().into_iter().collect();
     if let Some(r) = &export.release {
         if layers.len() != r.image.layers.len() {
             return Err(ApiError::Unavailable(format!(

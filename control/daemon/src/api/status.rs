@@ -81,13 +81,7 @@ async fn page(
         Ok(n) => n.clone(),
         Err(e) => return e.into_response(),
     };
-    let members = node
-        .metrics()
-        .membership_config
-        .membership()
-        .nodes()
-        .map(|(id, n)| (*id, n.addr.clone()))
-        .collect::<Vec<_>>();
+    let members = node.members();
     let member_ips: Vec<IpAddr> = members
         .iter()
         .filter_map(|(_, a)| a.parse::<SocketAddr>().ok().map(|s| s.ip()))
