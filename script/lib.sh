@@ -14,6 +14,16 @@ need_debs() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
+# Stops with one line naming the shortfall when DIR's filesystem has less than GIB GiB free.
+need_free_gib() {
+    local dir=$1 gib=$2 avail
+    avail=$(df -Pk "$dir" | awk 'NR == 2 { print int($4 / 1048576) }')
+    if [ "$avail" -lt "$gib" ]; then
+        echo "$dir has ${avail} GiB free; the tests need ${gib} GiB: free some space first" >&2
+        exit 1
+    fi
+}
+
 # What building the workspace needs: RocksDB from Debian (linked, not compiled: see
 # ARCHITECTURE.md), libclang for its bindings, iproute2 for the multi-host tests.
 setup_build_deps() {

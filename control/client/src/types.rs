@@ -20,6 +20,8 @@ pub enum ErrorCode {
     /// A write was sent but its fate is not known (the leader went away mid-request).
     UnknownOutcome,
     Timeout,
+    /// The host's disk is full: nothing was kept, and sending again elsewhere may work.
+    InsufficientStorage,
     Internal,
     #[serde(untagged)]
     Other(String),
@@ -37,6 +39,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => 413,
             ErrorCode::Unavailable => 503,
             ErrorCode::UnknownOutcome => 504,
+            ErrorCode::InsufficientStorage => 507,
             ErrorCode::Internal | ErrorCode::Other(_) => 500,
         }
     }
@@ -52,6 +55,7 @@ impl ErrorCode {
             413 => ErrorCode::TooLarge,
             502 | 503 => ErrorCode::Unavailable,
             504 => ErrorCode::UnknownOutcome,
+            507 => ErrorCode::InsufficientStorage,
             other => ErrorCode::Other(format!("http_{other}")),
         }
     }

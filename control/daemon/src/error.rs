@@ -29,6 +29,9 @@ pub enum ApiError {
     /// The client was too slow sending its request.
     #[error("{0}")]
     Timeout(String),
+    /// The disk ran out of room; nothing was kept.
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -53,6 +56,7 @@ impl ApiError {
             ApiError::Unavailable(_) => ErrorCode::Unavailable,
             ApiError::UnknownOutcome(_) => ErrorCode::UnknownOutcome,
             ApiError::Timeout(_) => ErrorCode::Timeout,
+            ApiError::InsufficientStorage(_) => ErrorCode::InsufficientStorage,
             ApiError::Internal(_) => ErrorCode::Internal,
         }
     }
@@ -81,6 +85,7 @@ impl ApiError {
             ErrorCode::Unavailable => ApiError::Unavailable(m),
             ErrorCode::UnknownOutcome => ApiError::UnknownOutcome(m),
             ErrorCode::Timeout => ApiError::Timeout(m),
+            ErrorCode::InsufficientStorage => ApiError::InsufficientStorage(m),
             ErrorCode::Internal | ErrorCode::Other(_) => ApiError::Internal(m),
         }
     }

@@ -15,7 +15,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 
 use super::backends::{self, IoStream};
-use super::store::{self, valid_sha};
+use super::store::{self, valid_sha, WriteError};
 use super::Blobstore;
 use crate::error::{ApiError, ApiResult};
 
@@ -102,9 +102,10 @@ impl Blobstore {
             .collect()
     }
 
-    /// Copies a local object to one other host not in `skip`; its id, or `None` if no host
-    /// took it.
-    async fn replicate(&self, sha512: &str, skip: &[u64]) -> Option<u64> {
+    /// Copies a local object to one other host not in `skip`: its id, or why each host
+    /// asked did not take it.
+    async fn replicate(&self, sha512: &str, skip: &[u64]) -> Result<u64, Vec<String>> {
+        let mut refusals = Vec::new();
         for (id, addr) in self
             .peers()
             .into_iter()
@@ -118,10 +119,11 @@ impl Blobstore {
                 .send()
                 .await;
             if has.is_ok_and(|r| r.status().is_success()) {
-                return Some(id);
+                return Ok(id);
             }
-            let Ok(object) = self.store.read(sha512, 0, u64::MAX).await else {
-                return None;
+            let object = match self.store.read(sha512, 0, u64::MAX).await {
+                Ok(object) => object,
+                Err(e) => return Err(vec![format!("reading the local copy: {e}")]),
             };
             let body = reqwest::Body::wrap_stream(object);
             let sent = self
@@ -131,13 +133,22 @@ impl Blobstore {
                 .body(body)
                 .send()
                 .await;
-            match sent {
-                Ok(r) if r.status().is_success() => return Some(id),
-                Ok(r) => tracing::warn!(peer = %addr, status = %r.status(), "replica refused"),
-                Err(e) => tracing::warn!(peer = %addr, error = %e, "replica not stored"),
-            }
+            let why = match sent {
+                Ok(r) if r.status().is_success() => return Ok(id),
+                Ok(r) => {
+                    let status = r.status();
+                    let body = r.json::<flynn_client::ErrorBody>().await;
+                    match body {
+                        Ok(b) => format!("{addr}: {status}: {}", b.message),
+                        Err(_) => format!("{addr}: {status}"),
+                    }
+                }
+                Err(e) => format!("{addr}: {e}"),
+            };
+            tracing::warn!(reason = %why, "replica not stored");
+            refusals.push(why);
         }
-        None
+        Err(refusals)
     }
 }
 
@@ -325,7 +336,7 @@ impl super::Blobstore {
                 .store
                 .write(content, None)
                 .await
-                .map_err(ApiError::Invalid)?;
+                .map_err(WriteError::into_api)?;
             if let Some(want) = expect.filter(|w| **w != written.sha512) {
                 if !local.read(|s| s.blobs.references(backends::EMBEDDED, &written.sha512)) {
                     self.store.discard(&written.sha512);
@@ -334,12 +345,13 @@ impl super::Blobstore {
             }
             let mut holders = vec![self.host];
             match self.replicate(&written.sha512, &[]).await {
-                Some(peer) => holders.push(peer),
-                None if self.peers().is_empty() => {}
-                None => {
-                    return Err(ApiError::Unavailable(
-                        "the blob could not be stored on a second host; nothing was written".into(),
-                    ))
+                Ok(peer) => holders.push(peer),
+                Err(_) if self.peers().is_empty() => {}
+                Err(why) => {
+                    return Err(ApiError::Unavailable(format!(
+                        "the blob could not be stored on a second host ({}); nothing was written",
+                        why.join("; ")
+                    )))
                 }
             }
             return Ok(Stored {
@@ -438,7 +450,7 @@ impl super::Blobstore {
     /// Copies a committed embedded object to a third host, where there is one, and records
     /// it: the write was acknowledged with two copies already.
     async fn third_copy(self: Arc<Self>, sha512: String, have: Vec<u64>) {
-        let Some(third) = self.replicate(&sha512, &have).await else {
+        let Ok(third) = self.replicate(&sha512, &have).await else {
             return;
         };
         let add = BlobsCommand::AddHolders {
@@ -562,7 +574,7 @@ async fn fetch_local(b: &Shared, file: &BlobFile) -> ApiResult<std::path::PathBu
         b.store
             .write(content, Some(&file.sha512))
             .await
-            .map_err(ApiError::Internal)?;
+            .map_err(WriteError::into_api)?;
     }
     Ok(b.store.path(&file.sha512))
 }
@@ -833,7 +845,7 @@ async fn object_put(
         b.store
             .write(body, Some(&sha))
             .await
-            .map_err(ApiError::Invalid)?;
+            .map_err(WriteError::into_api)?;
     }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -29,7 +29,52 @@ pub struct ObjectStore {
     checked: Mutex<HashMap<String, (SystemTime, Instant)>>,
 }
 
+/// Why an object was not written. Nothing of it is kept in any case.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The sender's body broke off.
+    #[error("the upload broke off: {0}")]
+    Upload(String),
+    /// The content is not what the caller said it would be.
+    #[error("content digest {got} is not the expected {want}")]
+    Digest { got: String, want: String },
+    /// This host's disk refused it.
+    #[error("{what}: {source}")]
+    Disk {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+// errno values of a full disk and an exhausted quota (the same on every Linux architecture).
+const ENOSPC: i32 = 28;
+const EDQUOT: i32 = 122;
+
+impl WriteError {
+    fn disk(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| WriteError::Disk { what, source }
+    }
+
+    /// The answer for the client: its own fault (400), a full disk (507), or ours (500).
+    pub fn into_api(self) -> crate::error::ApiError {
+        use crate::error::ApiError;
+        match &self {
+            WriteError::Upload(_) | WriteError::Digest { .. } => {
+                ApiError::Invalid(self.to_string())
+            }
+            WriteError::Disk { source, .. }
+                if matches!(source.raw_os_error(), Some(ENOSPC) | Some(EDQUOT)) =>
+            {
+                ApiError::InsufficientStorage(format!("this host's disk is full: {self}"))
+            }
+            WriteError::Disk { .. } => ApiError::Internal(self.to_string()),
+        }
+    }
+}
+
 /// What writing an object produced.
+#[derive(Debug)]
 pub struct Written {
     pub sha512: String,
     pub size: u64,
@@ -58,7 +103,11 @@ impl ObjectStore {
 
     /// Writes `body` as an object; returns its digest and size. With `expect`, a different
     /// digest is refused and nothing is kept.
-    pub async fn write<S, E>(&self, mut body: S, expect: Option<&str>) -> Result<Written, String>
+    pub async fn write<S, E>(
+        &self,
+        mut body: S,
+        expect: Option<&str>,
+    ) -> Result<Written, WriteError>
     where
         S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
         E: std::fmt::Display,
@@ -70,36 +119,44 @@ impl ObjectStore {
         let result = async {
             let file = tokio::fs::File::create(&tmp)
                 .await
-                .map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+                .map_err(WriteError::disk(format!("creating {}", tmp.display())))?;
             // Few large writes: each write of a tokio file is a trip to the blocking pool.
             let mut f = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file);
             let mut ctx = ring::digest::Context::new(&ring::digest::SHA512);
             let mut size = 0u64;
             while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| format!("the upload broke off: {e}"))?;
+                let chunk = chunk.map_err(|e| WriteError::Upload(e.to_string()))?;
                 ctx.update(&chunk);
-                f.write_all(&chunk).await.map_err(|e| e.to_string())?;
+                f.write_all(&chunk)
+                    .await
+                    .map_err(WriteError::disk("writing the object"))?;
                 size += chunk.len() as u64;
             }
-            f.flush().await.map_err(|e| e.to_string())?;
-            f.get_ref().sync_all().await.map_err(|e| e.to_string())?;
+            f.flush()
+                .await
+                .map_err(WriteError::disk("writing the object"))?;
+            f.get_ref()
+                .sync_all()
+                .await
+                .map_err(WriteError::disk("syncing the object"))?;
             let sha512 = hex(ctx.finish().as_ref());
             if let Some(want) = expect {
                 if want != sha512 {
-                    return Err(format!(
-                        "content digest {sha512} is not the expected {want}"
-                    ));
+                    return Err(WriteError::Digest {
+                        got: sha512,
+                        want: want.to_string(),
+                    });
                 }
             }
             let dest = self.path(&sha512);
             if let Some(dir) = dest.parent() {
                 tokio::fs::create_dir_all(dir)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(WriteError::disk("making the object's directory"))?;
             }
             tokio::fs::rename(&tmp, &dest)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(WriteError::disk("moving the object into place"))?;
             // Hashed as it was written and synced: good as of now.
             self.mark_checked(&sha512);
             Ok(Written { sha512, size })
@@ -192,4 +249,72 @@ pub fn valid_sha(s: &str) -> bool {
     s.len() == 128
         && s.bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(size: usize) -> impl Stream<Item = Result<bytes::Bytes, std::io::Error>> + Unpin {
+        let chunk = bytes::Bytes::from(vec![3u8; 64 << 10]);
+        futures::stream::iter((0..size / chunk.len()).map(move |_| Ok(chunk.clone())))
+    }
+
+    /// A full disk is the host's trouble, not the client's: 507 naming it, and no part of
+    /// the object left behind (a real 1 MiB tmpfs, so the kernel's own ENOSPC).
+    #[tokio::test]
+    async fn t01_full_disk_answers_507_and_keeps_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            mounted,
+            "mounting a tmpfs needs root (the tests run as root)"
+        );
+        let result = async {
+            let store = ObjectStore::open(dir.path().join("objects")).unwrap();
+            let small = store.write(body(256 << 10), None).await.unwrap();
+            assert!(store.has(&small.sha512));
+            let err = store.write(body(4 << 20), None).await.unwrap_err();
+            assert!(matches!(err, WriteError::Disk { .. }), "{err}");
+            let api = err.into_api();
+            assert_eq!(api.status().as_u16(), 507, "{api}");
+            assert!(api.to_string().contains("disk is full"), "{api}");
+            let left = std::fs::read_dir(dir.path().join("objects/tmp"))
+                .unwrap()
+                .count();
+            assert_eq!(left, 0, "a temporary file of the refused object was left");
+            assert!(store.has(&small.sha512), "the earlier object was lost");
+        }
+        .await;
+        let _ = std::process::Command::new("umount")
+            .arg(dir.path())
+            .status();
+        result
+    }
+
+    #[tokio::test]
+    async fn t02_a_broken_upload_or_wrong_digest_is_the_clients_fault() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ObjectStore::open(dir.path().to_path_buf()).unwrap();
+        let broken = futures::stream::iter(vec![
+            Ok(bytes::Bytes::from_static(b"abc")),
+            Err(std::io::Error::other("reset")),
+        ]);
+        let err = store.write(broken, None).await.unwrap_err();
+        assert_eq!(err.into_api().status().as_u16(), 400);
+        let err = store
+            .write(body(64 << 10), Some(&"0".repeat(128)))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WriteError::Digest { .. }));
+        assert_eq!(err.into_api().status().as_u16(), 400);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
 }
