@@ -453,3 +453,52 @@ fn t24_no_driver_support_falls_back_to_generic_mode_and_detaches() {
     let err = fw.attach("no-such-if0").unwrap_err().to_string();
     assert!(err.contains("no-such-if0"), "{err}");
 }
+
+/// Replies of a busy flow pass from the per-CPU flow cache, but never after the flow's
+/// window closes: the cache's trust (≤ 2.5 s at any HZ) is shorter than the window it
+/// requires left (> 3 s), so the expiry below is decided by the flow table.
+#[test]
+fn t25_cached_reply_flows_expire_with_the_window() {
+    let mut fw = fw();
+    fw.set_policy(&Policy {
+        udp_reply_secs: 5,
+        ..Policy::default()
+    })
+    .unwrap();
+    let reply = |sport| eth4(&V4::from(OUTSIDE).packet(UDP, &udp(sport, 53125, b"answer")));
+    let mut query = V4::from([10, 9, 9, 1]);
+    query.dst = OUTSIDE;
+    let send_query = || {
+        fw.test_egress(&eth4(&query.packet(UDP, &udp(53125, 53, b"question"))))
+            .unwrap()
+    };
+    send_query();
+    let start = std::time::Instant::now();
+    for _ in 0..100 {
+        assert_eq!(verdict(&fw, &reply(53)), XDP_PASS);
+    }
+    // Cached or not, only the flow itself: same host, other ports stay closed.
+    assert_eq!(verdict(&fw, &reply(54)), XDP_DROP);
+    assert_eq!(
+        fw.test_run("flynn_firewall", &reply(53), 100_000)
+            .unwrap()
+            .0,
+        XDP_PASS
+    );
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(2),
+        "too slow to test"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(5_500));
+    assert_eq!(verdict(&fw, &reply(53)), XDP_DROP, "the window closed");
+    assert_eq!(
+        fw.test_run("flynn_firewall", &reply(53), 1_000).unwrap().0,
+        XDP_DROP
+    );
+    send_query();
+    assert_eq!(
+        verdict(&fw, &reply(53)),
+        XDP_PASS,
+        "a new query opens it again"
+    );
+}

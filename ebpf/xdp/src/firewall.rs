@@ -15,7 +15,7 @@
 //! 7. any other IP protocol → drop.
 
 use aya_ebpf::bindings::{xdp_action, TC_ACT_OK};
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use aya_ebpf::macros::{classifier, map, xdp};
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{Array, LpmTrie, LruHashMap, PerCpuArray};
@@ -44,8 +44,34 @@ static UDP_FLOWS: LruHashMap<UdpFlow, u64> = LruHashMap::with_max_entries(65536,
 /// so a flood to ports the host never used drops without touching the LRU map.
 #[map]
 static UDP_LOCAL_PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
+/// Per-CPU, direct-mapped: the reply flows this CPU let in last. A busy flow's replies
+/// pass on a compare and a jiffies read, instead of the LRU map's hash of a 20-byte key and
+/// a clock read (the flow's first reply, and any whose slot another flow took, still look
+/// there). An entry is trusted for [`CACHE_TRUST_JIFFIES`] and is made only while the flow
+/// has more than [`CACHE_MIN_LEFT_NS`] of its reply window left, which is longer than that
+/// at any HZ, so the cache never lets a reply in after the flow table would stop it.
+#[map]
+static UDP_FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
 #[map]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_CELLS, 0);
+
+const FLOW_CACHE_SLOTS: u32 = 256;
+/// How long a cached flow is trusted: 250 jiffies, 2.5 s at HZ=100 and 0.25 s at HZ=1000.
+const CACHE_TRUST_JIFFIES: u64 = 250;
+/// A flow is cached only with more than this left of its window (> 250 jiffies at HZ=100).
+const CACHE_MIN_LEFT_NS: u64 = 3_000_000_000;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CachedFlow {
+    /// The flow as words: remote address (two u64), then remote and local port.
+    remote: [u64; 2],
+    ports: u32,
+    /// Non-zero once filled (an all-zero flow is a real, if unlikely, key).
+    filled: u32,
+    /// jiffies when the flow table last vouched for the flow.
+    jiffies: u64,
+}
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -435,6 +461,33 @@ fn udp_reply(src: [u8; 16], sport: u16, dport: u16) -> bool {
     if !port_allowed(&UDP_LOCAL_PORTS, dport) {
         return false;
     }
+    let remote = [
+        u64::from_ne_bytes([
+            src[0], src[1], src[2], src[3], src[4], src[5], src[6], src[7],
+        ]),
+        u64::from_ne_bytes([
+            src[8], src[9], src[10], src[11], src[12], src[13], src[14], src[15],
+        ]),
+    ];
+    let ports = (sport as u32) << 16 | dport as u32;
+    // Fibonacci hashing of the flow's low bits picks the slot.
+    let slot = ((remote[1] as u32 ^ (remote[1] >> 32) as u32 ^ ports).wrapping_mul(0x9e37_79b1)
+        >> 24)
+        % FLOW_CACHE_SLOTS;
+    // SAFETY: no preconditions.
+    let jiffies = unsafe { bpf_jiffies64() };
+    let cached = UDP_FLOW_CACHE.get_ptr_mut(slot);
+    if let Some(c) = cached {
+        // SAFETY: this CPU's slot; nothing else runs on this CPU while the program does.
+        let c = unsafe { &*c };
+        if c.filled != 0
+            && c.remote == remote
+            && c.ports == ports
+            && jiffies.wrapping_sub(c.jiffies) < CACHE_TRUST_JIFFIES
+        {
+            return true;
+        }
+    }
     let key = UdpFlow {
         remote: src,
         remote_port: sport,
@@ -445,10 +498,29 @@ fn udp_reply(src: [u8; 16], sport: u16, dport: u16) -> bool {
     };
     // SAFETY: value pointer of a present entry.
     let seen = unsafe { *seen };
+    // Seconds-long windows: the coarse clock (a tick's resolution) is enough.
     // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let secs = config().map_or(0, |c| c.udp_reply_secs) as u64;
-    now.saturating_sub(seen) <= secs * 1_000_000_000
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let window = config().map_or(0, |c| c.udp_reply_secs) as u64 * 1_000_000_000;
+    let age = now.saturating_sub(seen);
+    if age > window {
+        return false;
+    }
+    if window - age <= CACHE_MIN_LEFT_NS {
+        return true;
+    }
+    if let Some(c) = cached {
+        // SAFETY: as above, this CPU's own slot.
+        unsafe {
+            *c = CachedFlow {
+                remote,
+                ports,
+                filled: 1,
+                jiffies,
+            };
+        }
+    }
+    true
 }
 
 /// Egress: remembers the host's own outbound UDP flows so their replies get in.
@@ -504,8 +576,9 @@ fn track_udp(ctx: &TcContext) -> Option<()> {
             }
         }
     }
+    // The same (coarse) clock the ingress side compares against.
     // SAFETY: no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     UDP_FLOWS.insert(key, now, 0).ok()
 }
 
