@@ -711,6 +711,56 @@ async fn t21_tcp_routes_with_half_close() {
     let text = String::from_utf8_lossy(&all);
     assert!(text.starts_with("HTTP/1.1 101"), "{text}");
     assert!(text.ends_with("ABCBYE"), "{text}");
+
+    // A bulk flow (past the copy phase, so spliced) to an echo backend: 4 MiB there and
+    // back while both directions run, every byte in order, and counted as spliced.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = c.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    let bulk_port = flynn_tests::router::free_port();
+    let both = format!("{tcp}[[tcp]]\nport = {bulk_port}\nbackends = [\"{echo_addr}\"]\n");
+    r.reload(&routes(&[("app.test", &[a.addr])], &both));
+    let bulk_addr: std::net::SocketAddr = format!("127.0.0.1:{bulk_port}").parse().unwrap();
+    let bulk = flynn_tests::eventually(Duration::from_secs(5), "bulk tcp route", || async {
+        tokio::net::TcpStream::connect(bulk_addr).await.ok()
+    })
+    .await;
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let (mut br, mut bw) = bulk.into_split();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        bw.write_all(&sent).await.unwrap();
+        bw.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    br.read_to_end(&mut back).await.unwrap();
+    writer.await.unwrap();
+    assert!(
+        back == data,
+        "the echoed bytes differ ({} of {})",
+        back.len(),
+        data.len()
+    );
+    flynn_tests::eventually(
+        Duration::from_secs(5),
+        "spliced connection counted",
+        || async {
+            (r.metric("flynn_router_tcp_spliced_connections_total", &[])
+                .await
+                >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+
     // Removing the route closes the port.
     r.reload(&routes(&[("app.test", &[a.addr])], ""));
     flynn_tests::eventually(Duration::from_secs(5), "tcp route port closed", || async {

@@ -174,13 +174,13 @@ where
     let host = request_host(&req.head).unwrap_or_default();
     let path = origin_path(&req.head.target).to_string();
     let body_unread = !matches!(req.framing, BodyFraming::None);
-    let entry = match forward::route(&table, &host, &path) {
+    let entry = match forward::route(&table, host, &path) {
         Ok(e) => e,
         Err(e) => return fail(w, client, &req, e, body_unread).await,
     };
     req.route_id.clone_from(&entry.route.id);
     if entry.route.https_redirect && !ctx.tls {
-        return redirect(w, client, &req, &host, &path).await;
+        return redirect(w, client, &req, host, &path).await;
     }
     if let Err(e) = forward::has_backends(entry) {
         return fail(w, client, &req, e, body_unread).await;
@@ -188,17 +188,19 @@ where
     proxy(w, client, buf, req, entry, ctx, &path).await
 }
 
-/// The request's host: the absolute-form target's authority, else the Host header.
-fn request_host(head: &RequestHead) -> Option<String> {
+/// The request's host: the absolute-form target's authority, else the Host header. A Host
+/// that is not UTF-8 matches no route, as its lossy decoding would not.
+fn request_host(head: &RequestHead) -> Option<&str> {
     if let Some(rest) = head
         .target
         .strip_prefix("http://")
         .or_else(|| head.target.strip_prefix("https://"))
     {
-        return Some(rest.split(['/', '?']).next().unwrap_or("").to_string());
+        return Some(rest.split(['/', '?']).next().unwrap_or(""));
     }
     head.header("host")
-        .map(|h| String::from_utf8_lossy(h).trim().to_string())
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .map(str::trim)
 }
 
 /// The origin-form path of a target (absolute-form targets lose their scheme and authority).
@@ -511,7 +513,7 @@ fn write_response_head(
     out.extend_from_slice(b"HTTP/1.1 ");
     backend_h1::push_decimal(out, r.status as u64);
     out.push(b' ');
-    out.extend_from_slice(r.reason.as_bytes());
+    out.extend_from_slice(r.reason());
     out.extend_from_slice(b"\r\n");
     let rechunk = length_header.is_some();
     for (name, value) in r.end_to_end() {
@@ -525,7 +527,7 @@ fn write_response_head(
     }
     if r.status != 101 && r.status / 100 != 1 {
         // Backends framing by transfer-encoding without chunked: keep their coding header.
-        for (name, value) in &r.headers {
+        for (name, value) in r.headers() {
             if name.eq_ignore_ascii_case("transfer-encoding")
                 && !rechunk
                 && !value.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked"))

@@ -21,6 +21,7 @@ mod metrics_server;
 pub mod proxy_protocol;
 pub mod routes_file;
 pub mod server;
+pub mod splice;
 pub mod standalone;
 pub mod tcp;
 pub mod tls;

@@ -13,10 +13,13 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
+/// Maps looked up on every request: keys are route ids and backend addresses.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Debug, Clone, Default)]
 pub struct WorkerStats {
     /// Route id ("" for requests no route matched) → counts by status class 1xx..5xx.
-    pub requests: HashMap<String, [u64; 5]>,
+    pub requests: FastMap<String, [u64; 5]>,
     pub latency: [u64; LATENCY_BUCKETS.len() + 1],
     pub latency_sum: f64,
     pub latency_count: u64,
@@ -26,6 +29,8 @@ pub struct WorkerStats {
     pub tls_handshakes: u64,
     pub tls_failures: u64,
     pub refused_connections: u64,
+    /// TCP route connections that went over to splice (bulk flows).
+    pub tcp_spliced: u64,
 }
 
 impl WorkerStats {
@@ -67,6 +72,7 @@ impl WorkerStats {
         self.tls_handshakes += o.tls_handshakes;
         self.tls_failures += o.tls_failures;
         self.refused_connections += o.refused_connections;
+        self.tcp_spliced += o.tcp_spliced;
     }
 }
 
@@ -177,6 +183,11 @@ impl Metrics {
                 "flynn_router_refused_connections_total",
                 "Connections closed at once by the connection limit.",
                 t.refused_connections,
+            ),
+            (
+                "flynn_router_tcp_spliced_connections_total",
+                "TCP route connections relayed by splice once past the copy phase.",
+                t.tcp_spliced,
             ),
         ];
         for (name, help, v) in counters {

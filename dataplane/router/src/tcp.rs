@@ -1,6 +1,7 @@
 //! TCP routes: each route's port gets a listener in every worker (SO_REUSEPORT), opened and
-//! closed as the route table changes; each connection is copied both ways to a backend,
-//! each direction's close passed on as a half-close. A removed route's listener closes
+//! closed as the route table changes; each connection is relayed both ways to a backend
+//! (copied, then spliced once a direction is bulk: see [`crate::splice`]), each direction's
+//! close passed on as a half-close. A removed route's listener closes
 //! while its open connections run to their end (drain). Connections count against
 //! `--max-connections`, and a SIGTERM drain waits for them up to its deadline.
 
@@ -102,19 +103,16 @@ async fn accept(w: Rc<Worker>, listener: TcpListener, port: u16) {
         tokio::task::spawn_local(async move {
             let _open = open;
             let _ = stream.set_nodelay(true);
-            if let Some(mut upstream) = connect(&w, port).await {
-                let mut stream = stream;
-                let (up, down) = tokio::io::copy_bidirectional_with_sizes(
-                    &mut stream,
-                    &mut upstream,
-                    64 * 1024,
-                    64 * 1024,
-                )
-                .await
-                .unwrap_or((0, 0));
+            if let Some(upstream) = connect(&w, port).await {
+                // An error (a reset on either side) ends both directions; what moved
+                // before it is not counted, as with a copy loop's error.
+                let moved = crate::splice::relay(&stream, &upstream)
+                    .await
+                    .unwrap_or_default();
                 let mut s = w.stats.borrow_mut();
-                s.bytes_in += up;
-                s.bytes_out += down;
+                s.bytes_in += moved.up;
+                s.bytes_out += moved.down;
+                s.tcp_spliced += moved.spliced as u64;
             }
         });
     }

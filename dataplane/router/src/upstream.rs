@@ -2,8 +2,8 @@
 //! address, outstanding-request counts for balancing, and the sticky-cookie token. All of it
 //! is worker-local (`RefCell`), so no request takes a lock or touches another core's memory.
 
+use crate::metrics::FastMap;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::io;
 use std::net::SocketAddr;
@@ -32,8 +32,8 @@ pub struct UpstreamConn {
 type Idle = (TcpStream, BytesMut, Instant);
 
 pub struct Upstreams {
-    idle: RefCell<HashMap<String, Vec<Idle>>>,
-    outstanding: RefCell<HashMap<String, u32>>,
+    idle: RefCell<FastMap<String, Vec<Idle>>>,
+    outstanding: RefCell<FastMap<String, u32>>,
     rng: Cell<u64>,
     max_idle: usize,
     idle_timeout: Duration,
