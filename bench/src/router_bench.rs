@@ -37,6 +37,9 @@ struct Args {
     /// Internal: run the TCP sink on this address.
     #[arg(long, hide = true)]
     sink: Option<SocketAddr>,
+    /// Internal: run the floor forwarder on this address.
+    #[arg(long, hide = true)]
+    floor: Option<SocketAddr>,
 }
 
 const HOST: &str = "bench.test";
@@ -47,16 +50,32 @@ const SINK: u16 = 19200;
 enum System {
     Direct,
     Router,
+    /// The least a proxy can do (see [`floor`]): the router's own cost is its gap to this.
+    Floor,
     Nginx,
+    /// nginx as a new user leaves it: default keepalive settings, no upstream keepalive.
+    NginxDefault,
     Haproxy,
 }
+
+/// Column order of the table.
+const COLUMNS: [System; 6] = [
+    System::Router,
+    System::Floor,
+    System::Nginx,
+    System::NginxDefault,
+    System::Haproxy,
+    System::Direct,
+];
 
 impl System {
     fn name(self) -> &'static str {
         match self {
             System::Direct => "direct",
             System::Router => "router",
+            System::Floor => "floor",
             System::Nginx => "nginx",
+            System::NginxDefault => "nginx_default",
             System::Haproxy => "haproxy",
         }
     }
@@ -66,6 +85,8 @@ impl System {
             System::Router => 18080,
             System::Nginx => 18081,
             System::Haproxy => 18082,
+            System::Floor => 18083,
+            System::NginxDefault => 18084,
         }
     }
     fn https(self) -> u16 {
@@ -82,6 +103,7 @@ impl System {
 #[derive(Clone, Copy, Debug)]
 enum Case {
     Http1Keepalive0,
+    Http1Keepalive0Conns512,
     Http1Keepalive1k,
     Http1NewConnection,
     HttpsKeepalive,
@@ -91,9 +113,10 @@ enum Case {
 }
 
 impl Case {
-    fn all() -> [Case; 7] {
+    fn all() -> [Case; 8] {
         [
             Case::Http1Keepalive0,
+            Case::Http1Keepalive0Conns512,
             Case::Http1Keepalive1k,
             Case::Http1NewConnection,
             Case::HttpsKeepalive,
@@ -105,6 +128,7 @@ impl Case {
     fn name(self) -> &'static str {
         match self {
             Case::Http1Keepalive0 => "http1_keepalive_0b",
+            Case::Http1Keepalive0Conns512 => "http1_keepalive_0b_512c",
             Case::Http1Keepalive1k => "http1_keepalive_1k",
             Case::Http1NewConnection => "http1_new_connection",
             Case::HttpsKeepalive => "https_keepalive_0b",
@@ -116,15 +140,28 @@ impl Case {
     fn systems(self) -> Vec<System> {
         let proxies = vec![System::Router, System::Nginx, System::Haproxy];
         match self {
-            Case::Http1Keepalive0
-            | Case::Http1Keepalive1k
-            | Case::Http1NewConnection
-            | Case::TcpThroughput => {
+            // Keep-alive HTTP/1.1: every column, the floor and nginx as installed included.
+            Case::Http1Keepalive0 | Case::Http1Keepalive0Conns512 | Case::Http1Keepalive1k => vec![
+                System::Direct,
+                System::Router,
+                System::Floor,
+                System::Nginx,
+                System::NginxDefault,
+                System::Haproxy,
+            ],
+            Case::Http1NewConnection | Case::TcpThroughput => {
                 let mut v = vec![System::Direct];
                 v.extend(proxies);
                 v
             }
             _ => proxies,
+        }
+    }
+    /// Client connections of the load.
+    fn connections(self) -> u32 {
+        match self {
+            Case::Http1Keepalive0Conns512 => 512,
+            _ => 64,
         }
     }
     /// Requests (or bytes, for TCP) per second are the unit.
@@ -173,6 +210,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(addr) = args.sink {
         return sink(addr);
     }
+    if let Some(addr) = args.floor {
+        return floor(addr, SocketAddr::from(([127, 0, 0, 1], UPSTREAM)));
+    }
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     certificate(d)?;
@@ -212,7 +252,11 @@ fn main() -> anyhow::Result<()> {
         let mut lat: BTreeMap<System, (f64, f64)> = BTreeMap::new();
         if matches!(
             case,
-            Case::Http1Keepalive0 | Case::Http1Keepalive1k | Case::HttpsKeepalive | Case::H2Tls
+            Case::Http1Keepalive0
+                | Case::Http1Keepalive0Conns512
+                | Case::Http1Keepalive1k
+                | Case::HttpsKeepalive
+                | Case::H2Tls
         ) {
             let slowest = systems
                 .iter()
@@ -249,41 +293,57 @@ fn main() -> anyhow::Result<()> {
             json["latency_rate_per_second"] = serde_json::json!(round(*rate));
         }
         let r = fig[&System::Router];
-        for peer in [System::Nginx, System::Haproxy] {
-            let p = fig[&peer];
+        for peer in [System::Nginx, System::NginxDefault, System::Haproxy] {
+            let Some(p) = fig.get(&peer) else { continue };
             json["ratios"][format!("vs_{}", peer.name())] = serde_json::json!({
                 "per_second": round3(r.0 / p.0), "per_cpu_second": round3(r.1 / p.1),
             });
+        }
+        // The router's CPU per request over the floor's: 1.0 would be no cost of its own.
+        if let Some(f) = fig.get(&System::Floor) {
+            json["ratios"]["router_cpu_per_request_vs_floor"] =
+                serde_json::json!(round3(f.1 / r.1));
         }
         println!("{json}");
         table.push((case, fig, lat));
     }
     println!();
-    println!("| case | unit | router /s | nginx /s | haproxy /s | direct /s | router /cpu-s | nginx /cpu-s | haproxy /cpu-s | vs nginx (cpu) | vs haproxy (cpu) | p99 ms router / nginx / haproxy |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut head = "| case | unit |".to_string();
+    for s in COLUMNS {
+        head += &format!(" {} /s | {} /cpu-s |", s.name(), s.name());
+    }
+    head += " router vs nginx (cpu) | vs nginx_default | vs haproxy | router cpu/req vs floor | p99 ms router / nginx / haproxy |";
+    println!("{head}");
+    println!("{}", "|---".repeat(2 + 2 * COLUMNS.len() + 5) + "|");
     for (case, fig, lat) in &table {
-        let g = |s: System| fig.get(&s).copied().unwrap_or_default();
-        let direct = fig
-            .get(&System::Direct)
-            .map_or("-".into(), |d| format!("{:.0}", d.0));
+        let mut row = format!("| {} | {} |", case.name(), case.unit());
+        for s in COLUMNS {
+            match fig.get(&s) {
+                Some((rate, _)) if s == System::Direct => row += &format!(" {rate:.0} | - |"),
+                Some((rate, cpu)) => row += &format!(" {rate:.0} | {cpu:.0} |"),
+                None => row += " - | - |",
+            }
+        }
+        let r = fig[&System::Router].1;
+        let vs = |s: System| {
+            fig.get(&s)
+                .map_or("-".into(), |p| format!("{:.2}", r / p.1))
+        };
+        let floor = fig
+            .get(&System::Floor)
+            .map_or("-".into(), |f| format!("{:.2}", f.1 / r));
         let p99 = |s: System| lat.get(&s).map_or("-".into(), |l| format!("{:.2}", l.1));
-        println!(
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {} / {} / {} |",
-            case.name(),
-            case.unit(),
-            g(System::Router).0,
-            g(System::Nginx).0,
-            g(System::Haproxy).0,
-            direct,
-            g(System::Router).1,
-            g(System::Nginx).1,
-            g(System::Haproxy).1,
-            g(System::Router).1 / g(System::Nginx).1,
-            g(System::Router).1 / g(System::Haproxy).1,
+        row += &format!(
+            " {} | {} | {} | {} | {} / {} / {} |",
+            vs(System::Nginx),
+            vs(System::NginxDefault),
+            vs(System::Haproxy),
+            floor,
             p99(System::Router),
             p99(System::Nginx),
             p99(System::Haproxy),
         );
+        println!("{row}");
     }
     drop(procs);
     Ok(())
@@ -435,6 +495,26 @@ fn start_all(args: &Args, d: &Path) -> anyhow::Result<Procs> {
         key = p("key.pem"),
     );
     std::fs::write(d.join("nginx.conf"), nginx)?;
+    // As installed: default keepalive_requests (1000) and keepalive_timeout (75s), and no
+    // upstream keepalive (nginx's default: a new HTTP/1.0 connection per request). Only
+    // worker_connections is raised, or the 512-connection case would refuse clients.
+    let nginx_default = format!(
+        "worker_processes 1; daemon off; pid {pid}; error_log {err};\n\
+         events {{ worker_connections 8192; }}\n\
+         http {{ access_log off;\n\
+           server {{ listen 127.0.0.1:{h}; server_name {HOST};\n\
+             location / {{ proxy_pass http://127.0.0.1:{UPSTREAM};\n\
+               proxy_set_header Host $host;\n\
+               proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
+               proxy_set_header X-Forwarded-Proto $scheme;\n\
+               proxy_set_header X-Forwarded-Port $server_port;\n\
+               proxy_set_header X-Request-Start $msec;\n\
+               proxy_set_header X-Request-Id $request_id; }} }} }}\n",
+        pid = p("nginx-default.pid"),
+        err = p("nginx-default.err"),
+        h = System::NginxDefault.http(),
+    );
+    std::fs::write(d.join("nginx-default.conf"), nginx_default)?;
     let haproxy = format!(
         "global\n  nbthread 1\n  maxconn 8000\n  ssl-default-bind-options ssl-min-ver TLSv1.2\n  tune.ssl.default-dh-param 2048\n\
          defaults\n  mode http\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n  timeout http-keep-alive 300s\n  http-reuse always\n\
@@ -464,7 +544,14 @@ fn start_all(args: &Args, d: &Path) -> anyhow::Result<Procs> {
         children: Vec::new(),
         pids: BTreeMap::new(),
     };
-    let ports = [UPSTREAM, SINK].into_iter().chain(
+    let ports = [
+        UPSTREAM,
+        SINK,
+        System::Floor.http(),
+        System::NginxDefault.http(),
+    ]
+    .into_iter()
+    .chain(
         [System::Router, System::Nginx, System::Haproxy]
             .into_iter()
             .flat_map(|s| [s.http(), s.https(), s.tcp()]),
@@ -523,6 +610,18 @@ fn start_all(args: &Args, d: &Path) -> anyhow::Result<Procs> {
         &["-f", &p("haproxy.cfg")],
         &d.join("haproxy.log"),
     )?;
+    let nginx_default = spawn_pinned(
+        "0",
+        "nginx",
+        &["-c", &p("nginx-default.conf")],
+        &d.join("nginx_default.log"),
+    )?;
+    let floor = spawn_pinned(
+        "0",
+        me.to_str().unwrap(),
+        &["--floor", &format!("127.0.0.1:{}", System::Floor.http())],
+        &d.join("floor.log"),
+    )?;
     for port in [UPSTREAM, SINK] {
         wait_port(port)?;
     }
@@ -534,22 +633,27 @@ fn start_all(args: &Args, d: &Path) -> anyhow::Result<Procs> {
         })?;
         wait_port(s.https())?;
     }
+    for s in [System::Floor, System::NginxDefault] {
+        wait_port(s.http()).with_context(|| format!("{} did not start", s.name()))?;
+    }
     wait_port(System::Router.tcp())?;
     std::thread::sleep(Duration::from_millis(300));
     procs.pids.insert(System::Router, pids_of(&router));
     procs.pids.insert(System::Nginx, pids_of(&nginx));
     procs.pids.insert(System::Haproxy, pids_of(&haproxy));
+    procs
+        .pids
+        .insert(System::NginxDefault, pids_of(&nginx_default));
+    procs.pids.insert(System::Floor, pids_of(&floor));
     procs.pids.insert(System::Direct, vec![]);
     eprintln!("proxy processes: {:?}", procs.pids);
-    procs.children.extend([router, nginx, haproxy]);
+    procs
+        .children
+        .extend([router, nginx, haproxy, nginx_default, floor]);
     // Every system answers the bench host before anything is measured.
-    for s in [
-        System::Direct,
-        System::Router,
-        System::Nginx,
-        System::Haproxy,
-    ] {
+    for s in COLUMNS {
         let mut c = TcpStream::connect(("127.0.0.1", s.http()))?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))?;
         write!(
             c,
             "GET /1k HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n"
@@ -633,7 +737,7 @@ fn measure(case: Case, s: System, seconds: u64, procs: &Procs) -> anyhow::Result
             };
             let mut a = vec![
                 "-t1".to_string(),
-                "-c64".into(),
+                format!("-c{}", case.connections()),
                 format!("-d{seconds}s"),
                 "-H".into(),
                 format!("Host: {HOST}"),
@@ -779,4 +883,104 @@ fn sink(addr: SocketAddr) -> anyhow::Result<()> {
         });
     }
     Ok(())
+}
+
+/// The floor: a forwarder that does only what any HTTP/1.1 proxy must. It reads a request
+/// head, writes it unchanged to its own keep-alive connection to the upstream, reads the
+/// response head, and relays head and body by Content-Length. No routing, no header work,
+/// no request ID, no metrics. The same runtime as the router (tokio, current thread, epoll),
+/// so the router's gap to it is the router's own cost per request. Bodiless requests only
+/// (the benchmark sends GETs).
+fn floor(addr: SocketAddr, upstream: SocketAddr) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        loop {
+            let (client, _) = listener.accept().await?;
+            let _ = client.set_nodelay(true);
+            tokio::task::spawn_local(async move {
+                let _ = floor_connection(client, upstream).await;
+            });
+        }
+    })
+}
+
+async fn floor_connection(
+    mut client: tokio::net::TcpStream,
+    upstream: SocketAddr,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut up: Option<tokio::net::TcpStream> = None;
+    let mut req = Vec::with_capacity(4096);
+    let mut resp = Vec::with_capacity(4096);
+    loop {
+        let head = loop {
+            if let Some(end) = head_end(&req) {
+                break end;
+            }
+            if client.read_buf(&mut req).await? == 0 {
+                return Ok(());
+            }
+        };
+        let conn = match &mut up {
+            Some(c) => c,
+            None => {
+                let c = tokio::net::TcpStream::connect(upstream).await?;
+                c.set_nodelay(true)?;
+                up.insert(c)
+            }
+        };
+        conn.write_all(&req[..head]).await?;
+        let close = wants_close(&req[..head]);
+        req.drain(..head);
+        resp.clear();
+        let resp_head = loop {
+            if let Some(end) = head_end(&resp) {
+                break end;
+            }
+            if conn.read_buf(&mut resp).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        };
+        let total = resp_head + content_length(&resp[..resp_head]);
+        while resp.len() < total {
+            if conn.read_buf(&mut resp).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        client.write_all(&resp[..total]).await?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+/// `Connection: close` in a request head: the one header a forwarder cannot ignore.
+fn wants_close(head: &[u8]) -> bool {
+    head.split(|b| *b == b'\n').any(|line| {
+        std::str::from_utf8(line).is_ok_and(|l| {
+            l.split_once(':').is_some_and(|(n, v)| {
+                n.eq_ignore_ascii_case("connection") && v.trim().eq_ignore_ascii_case("close")
+            })
+        })
+    })
+}
+
+fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+fn content_length(head: &[u8]) -> usize {
+    head.split(|b| *b == b'\n')
+        .find_map(|line| {
+            let line = std::str::from_utf8(line).ok()?;
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())
+                .flatten()
+        })
+        .unwrap_or(0)
 }
