@@ -280,6 +280,24 @@ impl Host {
     pub fn prometheus(&self) -> String {
         let firewall = self.components.prometheus();
         let mut out = String::new();
+        // The data dir's filesystem: when it fills, Raft's log, blobs and volumes all stop.
+        if let Ok(st) = nix::sys::statvfs::statvfs(self.dir.root()) {
+            let unit = st.fragment_size();
+            flynn_metrics::single(
+                &mut out,
+                "flynn_host_data_free_bytes",
+                "gauge",
+                "Bytes an unprivileged writer may still use on the data dir's filesystem.",
+                st.blocks_available() * unit,
+            );
+            flynn_metrics::single(
+                &mut out,
+                "flynn_host_data_size_bytes",
+                "gauge",
+                "Size of the data dir's filesystem in bytes.",
+                st.blocks() * unit,
+            );
+        }
         let mut gauge = |name: &str, help: &str, value: u64| {
             out.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
