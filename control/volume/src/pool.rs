@@ -65,6 +65,16 @@ impl ZfsPool {
     /// A failed creation leaves nothing behind.
     pub fn open(cfg: &PoolConfig, zfs: Box<dyn Zfs>) -> Result<ZfsPool, VolumeError> {
         crate::validate_name("pool name", &cfg.name)?;
+        // One pool creation or import at a time on a machine: zfs-fuse (the user-space ZFS)
+        // has wedged with several `zfs create` in flight at once from daemons sharing it.
+        // One daemon per host never waits here. Unlocked when the file closes (on return).
+        let _one_at_a_time = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(std::env::temp_dir().join("flynn-zpool-open.lock"))
+            .ok()
+            .and_then(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).ok());
         let mut pool = ZfsPool {
             zfs,
             name: cfg.name.clone(),
