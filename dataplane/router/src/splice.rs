@@ -51,27 +51,21 @@ pub async fn relay_with(
 
 /// One direction: bytes moved, and whether splice carried any.
 async fn one_way(from: &TcpStream, to: &TcpStream, splice_after: u64) -> io::Result<(u64, bool)> {
-    let mut moved = 0u64;
-    if splice_after > 0 {
-        let mut buf = vec![0u8; COPY_BUFFER];
-        while moved < splice_after {
-            let n = read(from, &mut buf).await?;
-            if n == 0 {
-                half_close(to);
-                return Ok((moved, false));
-            }
-            write_all(to, &buf[..n]).await?;
-            moved += n as u64;
-        }
+    let (moved, ended) = copy(from, to, 0, splice_after).await?;
+    if ended {
+        return Ok((moved, false));
     }
     // A pipe that cannot be made (no descriptors left) leaves the flow on the copy loop.
     let pipe = match Pipe::new() {
         Ok(p) => p,
         Err(e) => {
             tracing::debug!(error = %e, "no pipe for splice; copying");
-            return copy_rest(from, to, moved).await.map(|m| (m, false));
+            return copy(from, to, moved, u64::MAX)
+                .await
+                .map(|(m, _)| (m, false));
         }
     };
+    let mut moved = moved;
     loop {
         let n = fill(from, &pipe).await?;
         if n == 0 {
@@ -83,17 +77,28 @@ async fn one_way(from: &TcpStream, to: &TcpStream, splice_after: u64) -> io::Res
     }
 }
 
-async fn copy_rest(from: &TcpStream, to: &TcpStream, mut moved: u64) -> io::Result<u64> {
+/// Copies through a buffer until `moved` reaches `until` or the peer ends its side (passed
+/// on as a half-close): bytes moved, and whether the direction ended.
+async fn copy(
+    from: &TcpStream,
+    to: &TcpStream,
+    mut moved: u64,
+    until: u64,
+) -> io::Result<(u64, bool)> {
+    if moved >= until {
+        return Ok((moved, false));
+    }
     let mut buf = vec![0u8; COPY_BUFFER];
-    loop {
+    while moved < until {
         let n = read(from, &mut buf).await?;
         if n == 0 {
             half_close(to);
-            return Ok(moved);
+            return Ok((moved, true));
         }
         write_all(to, &buf[..n]).await?;
         moved += n as u64;
     }
+    Ok((moved, false))
 }
 
 async fn read(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
