@@ -1,0 +1,395 @@
+//! Sockets on the ring, as tokio `AsyncRead`/`AsyncWrite` streams, so the proxy logic above
+//! is the same code on either backend.
+//!
+//! Reads come from a multishot receive into the provided buffer ring: each completion is a
+//! filled buffer, queued on the stream until read and then given back. Writes are copied
+//! into a buffer the send slot owns and go out at the end of the loop turn; `poll_write`
+//! returns at once (a later write or flush reports a failure), `poll_flush` waits until the
+//! kernel took everything, and data written before a drop is still sent.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use io_uring::cqueue;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::driver::{set_waker, wake_all, AcceptOp, Conn, Driver, Op, RecvOp, SendOp};
+
+/// Bytes a stream may have queued behind an in-flight send before writes wait.
+const SEND_HIGH_WATER: usize = 256 * 1024;
+
+/// A connected TCP socket driven by the ring.
+pub struct UringStream {
+    drv: Rc<Driver>,
+    conn: Rc<Conn>,
+    recv: usize,
+    send: usize,
+    /// The receive buffer being read: (buffer id, bytes read from it, its length).
+    cur: Option<(u16, usize, usize)>,
+    eof: bool,
+}
+
+impl UringStream {
+    /// Moves a connected socket onto the ring.
+    pub fn from_std(drv: &Rc<Driver>, tcp: std::net::TcpStream) -> io::Result<UringStream> {
+        tcp.set_nonblocking(true)?;
+        let target = drv.register(tcp.as_raw_fd());
+        let conn = Rc::new(Conn {
+            tcp,
+            target,
+            drv: Rc::downgrade(drv),
+        });
+        let mut st = drv.st.borrow_mut();
+        let recv = st.ops.insert(Op::Recv(RecvOp::default()));
+        let send = st.ops.insert(Op::Send(SendOp {
+            target,
+            inflight: Vec::new(),
+            off: 0,
+            queued: Vec::new(),
+            busy: false,
+            err: None,
+            waker: None,
+            keep: None,
+        }));
+        // Start receiving now: the request is usually on its way.
+        drv.arm_recv(&mut st, recv, target);
+        drop(st);
+        Ok(UringStream {
+            drv: drv.clone(),
+            conn,
+            recv,
+            send,
+            cur: None,
+            eof: false,
+        })
+    }
+
+    /// Connects to `addr` (through tokio's reactor, which connection pooling makes rare),
+    /// then moves the socket onto the ring.
+    pub async fn connect(drv: &Rc<Driver>, addr: SocketAddr) -> io::Result<UringStream> {
+        let s = tokio::net::TcpStream::connect(addr).await?;
+        UringStream::from_std(drv, s.into_std()?)
+    }
+
+    pub fn tcp(&self) -> &std::net::TcpStream {
+        &self.conn.tcp
+    }
+
+    /// Whether the peer has not closed or reset (non-blocking; what the ring has seen so far).
+    pub fn still_open(&self) -> bool {
+        if self.eof || self.cur.is_some() {
+            return false;
+        }
+        let st = self.drv.st.borrow();
+        matches!(st.ops.get(self.recv), Some(Op::Recv(r)) if r.queue.is_empty())
+    }
+
+    /// Copies received bytes into `out` without consuming them; waits for the first.
+    pub fn poll_peek(&mut self, cx: &mut Context<'_>, out: &mut [u8]) -> Poll<io::Result<usize>> {
+        let mut st = self.drv.st.borrow_mut();
+        let mut n = 0;
+        if let Some((bid, off, len)) = self.cur {
+            let data = &st.bufs.data(bid, len)[off..];
+            let k = data.len().min(out.len());
+            out[..k].copy_from_slice(&data[..k]);
+            n = k;
+        }
+        let Some(Op::Recv(r)) = st.ops.get(self.recv) else {
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        let queued: Vec<(i32, u32)> = r.queue.iter().copied().collect();
+        for (res, flags) in queued {
+            if n == out.len() {
+                break;
+            }
+            if res < 0 && n == 0 {
+                return Poll::Ready(Err(io::Error::from_raw_os_error(-res)));
+            }
+            let Some(bid) = cqueue::buffer_select(flags).filter(|_| res > 0) else {
+                break;
+            };
+            let data = st.bufs.data(bid, res as usize);
+            let k = data.len().min(out.len() - n);
+            out[n..n + k].copy_from_slice(&data[..k]);
+            n += k;
+        }
+        if n > 0 || self.eof || matches!(r_queue_front(&st, self.recv), Some((0, _))) {
+            return Poll::Ready(Ok(n));
+        }
+        self.wait_for_data(&mut st, cx);
+        Poll::Pending
+    }
+
+    /// Registers to be woken by the next completion, re-arming the receive if it ended.
+    fn wait_for_data(&self, st: &mut crate::driver::State, cx: &mut Context<'_>) {
+        let armed = match st.ops.get_mut(self.recv) {
+            Some(Op::Recv(r)) => {
+                set_waker(&mut r.waker, cx);
+                r.armed
+            }
+            _ => return,
+        };
+        if !armed {
+            if st.bufs.available() == 0 {
+                // The ring is empty: wait until some reader gives a buffer back.
+                st.buf_waiters.push(cx.waker().clone());
+                return;
+            }
+            self.drv.arm_recv(st, self.recv, self.conn.target);
+        }
+    }
+}
+
+fn r_queue_front(st: &crate::driver::State, ud: usize) -> Option<(i32, u32)> {
+    match st.ops.get(ud) {
+        Some(Op::Recv(r)) => r.queue.front().copied(),
+        _ => None,
+    }
+}
+
+impl AsyncRead for UringStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.eof {
+            return Poll::Ready(Ok(()));
+        }
+        let mut st = this.drv.st.borrow_mut();
+        let mut copied = false;
+        loop {
+            if let Some((bid, off, len)) = this.cur {
+                let data = &st.bufs.data(bid, len)[off..];
+                let k = data.len().min(buf.remaining());
+                buf.put_slice(&data[..k]);
+                copied |= k > 0;
+                if off + k < len {
+                    this.cur = Some((bid, off + k, len));
+                    return Poll::Ready(Ok(()));
+                }
+                this.cur = None;
+                st.bufs.recycle(bid);
+                wake_all(&mut st.buf_waiters);
+                if buf.remaining() == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+            }
+            let next = match st.ops.get_mut(this.recv) {
+                Some(Op::Recv(r)) => r.queue.pop_front(),
+                _ => return Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+            };
+            match next {
+                Some((res, flags)) if res > 0 => match cqueue::buffer_select(flags) {
+                    Some(bid) => this.cur = Some((bid, 0, res as usize)),
+                    None => return Poll::Ready(Err(io::ErrorKind::InvalidData.into())),
+                },
+                Some((0, _)) => {
+                    this.eof = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Some((err, _)) if copied => {
+                    // Hand over the data first; the error comes with the next read.
+                    if let Some(Op::Recv(r)) = st.ops.get_mut(this.recv) {
+                        r.queue.push_front((err, 0));
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Some((err, _)) => return Poll::Ready(Err(io::Error::from_raw_os_error(-err))),
+                None if copied => return Poll::Ready(Ok(())),
+                None => {
+                    this.wait_for_data(&mut st, cx);
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for UringStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let mut st = this.drv.st.borrow_mut();
+        let Some(Op::Send(s)) = st.ops.get_mut(this.send) else {
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        if let Some(e) = s.err {
+            return Poll::Ready(Err(io::Error::from_raw_os_error(-e)));
+        }
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if s.busy {
+            if s.queued.len() >= SEND_HIGH_WATER {
+                set_waker(&mut s.waker, cx);
+                return Poll::Pending;
+            }
+            s.queued.extend_from_slice(data);
+            return Poll::Ready(Ok(data.len()));
+        }
+        s.inflight.clear();
+        s.inflight.extend_from_slice(data);
+        s.off = 0;
+        s.busy = true;
+        this.drv.submit_send(this.send, s);
+        this.drv.wake_with(&st);
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let mut st = this.drv.st.borrow_mut();
+        let Some(Op::Send(s)) = st.ops.get_mut(this.send) else {
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        if let Some(e) = s.err {
+            return Poll::Ready(Err(io::Error::from_raw_os_error(-e)));
+        }
+        if s.busy {
+            set_waker(&mut s.waker, cx);
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.as_mut().poll_flush(cx) {
+            Poll::Ready(Ok(())) => {}
+            other => return other,
+        }
+        match self.conn.tcp.shutdown(std::net::Shutdown::Write) {
+            Err(e) if e.kind() != io::ErrorKind::NotConnected => Poll::Ready(Err(e)),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl Drop for UringStream {
+    fn drop(&mut self) {
+        let mut st = self.drv.st.borrow_mut();
+        if let Some((bid, _, _)) = self.cur.take() {
+            st.bufs.recycle(bid);
+        }
+        // Receive: give queued buffers back; a live multishot is cancelled and its slot freed
+        // at its last completion.
+        let mut cancel = false;
+        if let Some(Op::Recv(r)) = st.ops.get_mut(self.recv) {
+            let queued: Vec<(i32, u32)> = r.queue.drain(..).collect();
+            r.waker = None;
+            if r.armed {
+                r.orphan = true;
+                cancel = true;
+            }
+            for (res, flags) in queued {
+                if let Some(bid) = cqueue::buffer_select(flags).filter(|_| res > 0) {
+                    st.bufs.recycle(bid);
+                }
+            }
+            if !cancel {
+                st.ops.remove(self.recv);
+            }
+        }
+        wake_all(&mut st.buf_waiters);
+        // Send: what was written still goes out; the slot keeps the socket open until then.
+        if let Some(Op::Send(s)) = st.ops.get_mut(self.send) {
+            s.waker = None;
+            if s.busy {
+                s.keep = Some(self.conn.clone());
+            } else {
+                st.ops.remove(self.send);
+            }
+        }
+        drop(st);
+        if cancel {
+            self.drv.cancel(self.recv);
+        }
+    }
+}
+
+/// A listening socket whose connections arrive through a multishot accept.
+pub struct UringListener {
+    drv: Rc<Driver>,
+    tcp: std::net::TcpListener,
+    op: usize,
+}
+
+impl UringListener {
+    pub fn from_std(drv: &Rc<Driver>, tcp: std::net::TcpListener) -> io::Result<UringListener> {
+        tcp.set_nonblocking(true)?;
+        let op = drv
+            .st
+            .borrow_mut()
+            .ops
+            .insert(Op::Accept(AcceptOp::default()));
+        Ok(UringListener {
+            drv: drv.clone(),
+            tcp,
+            op,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    pub fn poll_accept(&self, cx: &mut Context<'_>) -> Poll<io::Result<(UringStream, SocketAddr)>> {
+        let mut st = self.drv.st.borrow_mut();
+        let Some(Op::Accept(a)) = st.ops.get_mut(self.op) else {
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        match a.queue.pop_front() {
+            Some(fd) if fd >= 0 => {
+                drop(st);
+                // SAFETY: the kernel just accepted this descriptor for us; nobody else owns it.
+                let tcp = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+                let peer = tcp.peer_addr()?;
+                Poll::Ready(Ok((UringStream::from_std(&self.drv, tcp)?, peer)))
+            }
+            Some(err) => Poll::Ready(Err(io::Error::from_raw_os_error(-err))),
+            None => {
+                set_waker(&mut a.waker, cx);
+                if !a.armed {
+                    self.drv.arm_accept(&mut st, self.op, self.tcp.as_raw_fd());
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    pub async fn accept(&self) -> io::Result<(UringStream, SocketAddr)> {
+        std::future::poll_fn(|cx| self.poll_accept(cx)).await
+    }
+}
+
+impl Drop for UringListener {
+    fn drop(&mut self) {
+        let mut st = self.drv.st.borrow_mut();
+        let mut cancel = false;
+        if let Some(Op::Accept(a)) = st.ops.get_mut(self.op) {
+            for fd in a.queue.drain(..).filter(|fd| *fd >= 0) {
+                // SAFETY: accepted descriptors nobody took; closing them refuses the client.
+                drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+            }
+            a.waker = None;
+            if a.armed {
+                a.orphan = true;
+                cancel = true;
+            } else {
+                st.ops.remove(self.op);
+            }
+        }
+        drop(st);
+        if cancel {
+            self.drv.cancel(self.op);
+        }
+    }
+}

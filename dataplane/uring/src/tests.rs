@@ -1,0 +1,347 @@
+//! Real sockets on loopback, a real ring: the lifetimes the unsafe code promises.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::rc::Rc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::*;
+
+fn run<F: std::future::Future<Output = ()>>(f: impl FnOnce() -> F) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    tokio::task::LocalSet::new().block_on(&rt, f());
+}
+
+fn small() -> Config {
+    Config {
+        entries: 64,
+        buffers: 16,
+        buffer_size: 1024,
+        files: 64,
+    }
+}
+
+fn listener() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+/// Waits (bounded) until the driver has settled: only `ops` slots left and every buffer
+/// back in the ring.
+async fn settles(drv: &Rc<Driver>, ops: usize) {
+    for _ in 0..200 {
+        if drv.live_ops() == ops && drv.free_buffers() == drv.config().buffers as usize {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!(
+        "driver did not settle: {} ops (want {ops}), {} of {} buffers free",
+        drv.live_ops(),
+        drv.free_buffers(),
+        drv.config().buffers
+    );
+}
+
+#[test]
+fn t01_probe_accept_echo_and_close() {
+    // Kernel 6.18 here: the deferred task-run mode must be the one in use.
+    assert_eq!(probe(), Ok(TaskRun::Deferred));
+    run(|| async {
+        let drv = Driver::start(small()).unwrap();
+        assert_eq!(drv.taskrun, TaskRun::Deferred);
+        let (l, addr) = listener();
+        let l = UringListener::from_std(&drv, l).unwrap();
+        let client = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.write_all(b"hello ring").unwrap();
+            let mut back = [0u8; 10];
+            c.read_exact(&mut back).unwrap();
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            c.read_to_end(&mut rest).unwrap();
+            (back, rest)
+        });
+        let (mut s, peer) = l.accept().await.unwrap();
+        assert_eq!(peer.ip(), addr.ip());
+        let mut buf = [0u8; 10];
+        s.read_exact(&mut buf).await.unwrap();
+        s.write_all(&buf).await.unwrap();
+        s.flush().await.unwrap();
+        // The client half-closes: EOF, and EOF again.
+        assert_eq!(s.read(&mut buf).await.unwrap(), 0);
+        assert_eq!(s.read(&mut buf).await.unwrap(), 0);
+        s.shutdown().await.unwrap();
+        let (back, rest) = client.join().unwrap();
+        assert_eq!(&back, b"hello ring");
+        assert!(rest.is_empty());
+        drop(s);
+        settles(&drv, 1).await;
+        drop(l);
+        settles(&drv, 0).await;
+    });
+}
+
+#[test]
+fn t02_four_mebibytes_each_way_through_a_small_buffer_ring() {
+    run(|| async {
+        let drv = Driver::start(small()).unwrap();
+        let (l, addr) = listener();
+        let l = UringListener::from_std(&drv, l).unwrap();
+        let data: Vec<u8> = (0..4 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        let sent = data.clone();
+        let client = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr).unwrap();
+            let mut r = c.try_clone().unwrap();
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                r.read_to_end(&mut got).unwrap();
+                got
+            });
+            c.write_all(&sent).unwrap();
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+            reader.join().unwrap()
+        });
+        let (mut s, _) = l.accept().await.unwrap();
+        // Echo in odd-sized pieces: partial buffer reads, queued sends, the queue cap.
+        let mut buf = vec![0u8; 3000];
+        let mut total = 0;
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            s.write_all(&buf[..n]).await.unwrap();
+            total += n;
+        }
+        s.shutdown().await.unwrap();
+        assert_eq!(total, data.len());
+        let got = client.join().unwrap();
+        assert!(got == data, "echoed bytes differ");
+        drop(s);
+        drop(l);
+        settles(&drv, 0).await;
+    });
+}
+
+#[test]
+fn t03_a_dropped_read_future_loses_nothing_and_a_dropped_stream_frees_its_slots() {
+    run(|| async {
+        let drv = Driver::start(small()).unwrap();
+        let (l, addr) = listener();
+        let l = UringListener::from_std(&drv, l).unwrap();
+        let mut c = TcpStream::connect(addr).unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = [0u8; 16];
+        // A read that times out is a dropped future with a receive armed in the kernel.
+        let r = tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await;
+        assert!(r.is_err(), "nothing was sent yet");
+        c.write_all(b"after the cancel").unwrap();
+        let n = s.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], &b"after the cancel"[..n]);
+        // Data arrives for a stream nobody reads, then the stream goes: its buffers come
+        // back and its slots are freed once the kernel confirms the cancel.
+        c.write_all(&[1u8; 8000]).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(s);
+        settles(&drv, 1).await;
+        // And the peer sees the close.
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+        assert!(
+            rest.len() <= 16,
+            "only our echo-less close: got {} bytes",
+            rest.len()
+        );
+    });
+}
+
+#[test]
+fn t04_a_peer_reset_mid_receive_is_an_error_not_a_hang() {
+    run(|| async {
+        let drv = Driver::start(small()).unwrap();
+        let (l, addr) = listener();
+        let l = UringListener::from_std(&drv, l).unwrap();
+        let c = TcpStream::connect(addr).unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut c = c;
+        c.write_all(&[7u8; 5000]).unwrap();
+        // SO_LINGER 0: close sends RST instead of FIN.
+        socket_linger_zero(&c);
+        drop(c);
+        let mut got = 0usize;
+        let mut buf = [0u8; 700];
+        let end = loop {
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                Err(_) => panic!("read hung after the peer reset"),
+                Ok(Ok(0)) => break None,
+                Ok(Ok(n)) => got += n,
+                Ok(Err(e)) => break Some(e),
+            }
+        };
+        assert!(got <= 5000);
+        match end {
+            Some(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+            None => assert_eq!(got, 5000, "EOF without a reset must follow all the data"),
+        }
+        // Writing to the reset socket fails (now or at the flush), never panics.
+        let w = s.write_all(b"x").await;
+        let f = s.flush().await;
+        assert!(
+            w.is_err() || f.is_err(),
+            "a write to a reset peer must fail"
+        );
+        drop(s);
+        drop(l);
+        settles(&drv, 0).await;
+    });
+}
+
+fn socket_linger_zero(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let lin = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt with a valid descriptor and a correctly sized linger value.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&lin as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        )
+    };
+    assert_eq!(r, 0);
+}
+
+#[test]
+fn t05_an_exhausted_buffer_ring_stalls_nobody_for_good() {
+    run(|| async {
+        // 4 buffers of 256 bytes for two connections that both send 64 KiB.
+        let drv = Driver::start(Config {
+            entries: 32,
+            buffers: 4,
+            buffer_size: 256,
+            files: 8,
+        })
+        .unwrap();
+        let (l, addr) = listener();
+        let l = UringListener::from_std(&drv, l).unwrap();
+        let payload: Vec<u8> = (0..65536).map(|i| (i % 253) as u8).collect();
+        let mut senders = Vec::new();
+        for _ in 0..2 {
+            let p = payload.clone();
+            senders.push(std::thread::spawn(move || {
+                let mut c = TcpStream::connect(addr).unwrap();
+                c.write_all(&p).unwrap();
+                c.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut ack = [0u8; 1];
+                c.read_exact(&mut ack).unwrap();
+            }));
+        }
+        let (a, _) = l.accept().await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        // Let both fill the ring while nobody reads.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let read_all = |mut s: UringStream| async move {
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+                .await
+                .expect("a reader stalled on the exhausted ring")
+                .unwrap();
+            s.write_all(b"k").await.unwrap();
+            s.flush().await.unwrap();
+            got
+        };
+        // Read one to the end before touching the other.
+        let got_a = read_all(a).await;
+        let got_b = read_all(b).await;
+        assert!(
+            got_a == payload && got_b == payload,
+            "bytes lost or reordered"
+        );
+        assert!(
+            drv.stats.buffers_exhausted.get() > 0,
+            "the ring never ran dry"
+        );
+        for s in senders {
+            s.join().unwrap();
+        }
+        drop(l);
+        settles(&drv, 0).await;
+    });
+}
+
+#[test]
+fn t06_data_written_before_a_drop_still_arrives() {
+    run(|| async {
+        let drv = Driver::start(small()).unwrap();
+        let (l, addr) = listener();
+        let l = UringListener::from_std(&drv, l).unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr).unwrap();
+            // Read slowly at first, so the sends queue up behind a full socket buffer.
+            std::thread::sleep(Duration::from_millis(200));
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).unwrap();
+            got
+        });
+        let (mut s, _) = l.accept().await.unwrap();
+        let data: Vec<u8> = (0..(2 << 20)).map(|i| (i % 241) as u8).collect();
+        for chunk in data.chunks(64 * 1024) {
+            s.write_all(chunk).await.unwrap();
+        }
+        drop(s); // no flush: the driver finishes the sends, then closes
+        let got = tokio::task::spawn_blocking(move || reader.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(got.len(), data.len());
+        assert!(got == data);
+        drop(l);
+        settles(&drv, 0).await;
+    });
+}
+
+#[test]
+fn t07_connect_and_peek_without_consuming() {
+    run(|| async {
+        let drv = Driver::start(small()).unwrap();
+        let (l, addr) = listener();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            c.write_all(b"PRI * HTTP/2.0").unwrap();
+            std::thread::sleep(Duration::from_millis(30));
+            c.write_all(b"\r\n").unwrap();
+        });
+        let mut s = UringStream::connect(&drv, addr).await.unwrap();
+        assert!(s.still_open());
+        let mut peek = [0u8; 16];
+        let mut n = 0;
+        for _ in 0..100 {
+            n = std::future::poll_fn(|cx| s.poll_peek(cx, &mut peek))
+                .await
+                .unwrap();
+            if n == 16 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(&peek[..n], b"PRI * HTTP/2.0\r\n");
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"PRI * HTTP/2.0\r\n", "peek consumed nothing");
+        assert!(!s.still_open(), "the server closed");
+        server.join().unwrap();
+        drop(s);
+        settles(&drv, 0).await;
+    });
+}
