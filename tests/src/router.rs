@@ -15,6 +15,61 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::bin_dir;
 
+/// Makes `cmd`'s process refuse `io_uring_setup` with EPERM (a real seccomp filter in the
+/// kernel, as Docker's default profile installs), so the router's `--io auto` must fall back.
+#[allow(unsafe_code)]
+pub fn deny_io_uring(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // seccomp_data.nr is at offset 0; io_uring_setup is syscall 425 on x86_64 and aarch64.
+    const NR_IO_URING_SETUP: u32 = 425;
+    let filter = [
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: NR_IO_URING_SETUP,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
+    ];
+    // SAFETY: the closure runs in the child between fork and exec and calls only prctl, which
+    // is async-signal-safe; `filter` is moved into the closure and outlives both calls.
+    unsafe {
+        cmd.pre_exec(move || {
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &prog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A running `flynn-host router`, killed on drop.
 pub struct RouterProc {
     child: Option<Child>,
@@ -36,7 +91,19 @@ impl RouterProc {
             "--routes".into(),
             dir.path().join("routes.toml").display().to_string(),
         ];
-        Self::spawn(dir, source, extra)
+        Self::spawn(dir, source, extra, false)
+    }
+
+    /// [`RouterProc::start`] under a seccomp filter that refuses `io_uring_setup` with EPERM,
+    /// as Docker's default profile does.
+    pub fn start_without_io_uring(routes: &str, extra: &[&str]) -> RouterProc {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("routes.toml"), routes).expect("routes file");
+        let source = vec![
+            "--routes".into(),
+            dir.path().join("routes.toml").display().to_string(),
+        ];
+        Self::spawn(dir, source, extra, true)
     }
 
     /// Starts a router that follows a cluster's controller.
@@ -48,10 +115,15 @@ impl RouterProc {
             "--key".into(),
             key.into(),
         ];
-        Self::spawn(dir, source, extra)
+        Self::spawn(dir, source, extra, false)
     }
 
-    fn spawn(dir: tempfile::TempDir, source: Vec<String>, extra: &[&str]) -> RouterProc {
+    fn spawn(
+        dir: tempfile::TempDir,
+        source: Vec<String>,
+        extra: &[&str],
+        no_io_uring: bool,
+    ) -> RouterProc {
         let mut args: Vec<String> = vec!["router".into()];
         args.extend(source);
         args.extend([
@@ -64,13 +136,15 @@ impl RouterProc {
             "--no-pin".into(),
         ]);
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut child = Command::new(bin_dir().join("flynn-host"))
-            .args(&args)
+        let mut cmd = Command::new(bin_dir().join("flynn-host"));
+        cmd.args(&args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn flynn-host router");
+            .stderr(Stdio::piped());
+        if no_io_uring {
+            deny_io_uring(&mut cmd);
+        }
+        let mut child = cmd.spawn().expect("spawn flynn-host router");
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().expect("stderr");
         let sink = log.clone();

@@ -811,6 +811,77 @@ async fn t22_metrics() {
     let text = r.metrics_text().await;
     assert!(text.contains("# TYPE flynn_router_open_connections gauge"));
     assert!(text.contains("flynn_router_request_duration_seconds_bucket{le=\"+Inf\"} 13"));
+    // The backend in use: what FLYNN_ROUTER_IO asked for (CI runs this suite under both),
+    // io_uring by default on this machine.
+    let want = match std::env::var("FLYNN_ROUTER_IO").as_deref() {
+        Ok("epoll") => "epoll",
+        _ => "uring",
+    };
+    let other = if want == "uring" { "epoll" } else { "uring" };
+    assert_eq!(
+        r.metric("flynn_router_io_backend", &[&format!("backend=\"{want}\"")])
+            .await,
+        1.0
+    );
+    assert_eq!(
+        r.metric(
+            "flynn_router_io_backend",
+            &[&format!("backend=\"{other}\"")]
+        )
+        .await,
+        0.0
+    );
+    if want == "uring" {
+        assert!(r.metric("flynn_router_uring_completions_total", &[]).await > 0.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t24_io_auto_falls_back_to_epoll_where_io_uring_is_blocked() {
+    let a = Backend::start("a").await;
+    let routes = routes(&[("app.test", &[a.addr])], "");
+    // A seccomp filter refuses io_uring_setup, as Docker's default profile does.
+    let r = RouterProc::start_without_io_uring(&routes, &["--io", "auto"]);
+    for _ in 0..5 {
+        assert_eq!(get(r.http, "app.test", "/").await.status, 200);
+    }
+    let log = r.log();
+    let line: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("io_uring unavailable"))
+        .collect();
+    assert_eq!(line.len(), 1, "one line names the fallback:\n{log}");
+    assert!(
+        line[0].contains("Operation not permitted"),
+        "the line names the reason: {}",
+        line[0]
+    );
+    assert_eq!(
+        r.metric("flynn_router_io_backend", &["backend=\"epoll\""])
+            .await,
+        1.0
+    );
+    // Asked for io_uring outright, the router refuses to start, saying why in one line.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("routes.toml");
+    std::fs::write(&file, &routes).unwrap();
+    let mut cmd = std::process::Command::new(flynn_tests::bin_dir().join("flynn-host"));
+    cmd.args(["router", "--routes"]).arg(&file).args([
+        "--http",
+        "127.0.0.1:0",
+        "--io",
+        "uring",
+        "--no-pin",
+    ]);
+    flynn_tests::router::deny_io_uring(&mut cmd);
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.contains("--io uring") && last.contains("Operation not permitted"),
+        "stderr: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

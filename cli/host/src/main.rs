@@ -731,6 +731,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // Where volumes live: a host without ZFS says so here (and in its log).
             if let Ok(components) = host.components().await {
                 status["volumes"] = components["volumes"].clone();
+                // Which I/O backend the router runs on (io_uring or the epoll fallback).
+                status["router"] = components["router"].clone();
             }
             println!("{}", serde_json::to_string_pretty(&status)?);
             Ok(())

@@ -39,6 +39,8 @@ pub struct RouterConfig {
     pub h2_max_streams: u32,
     /// Idle keep-alive connections kept per backend per worker.
     pub max_idle_per_backend: usize,
+    /// The sockets' I/O backend: io_uring, epoll, or io_uring where it works (`auto`).
+    pub io: crate::io::IoMode,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -93,6 +95,7 @@ impl Default for RouterConfig {
             max_connections: 100_000,
             h2_max_streams: 128,
             max_idle_per_backend: 256,
+            io: crate::io::IoMode::Auto,
         }
     }
 }

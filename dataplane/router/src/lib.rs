@@ -16,6 +16,7 @@ pub mod error;
 pub mod forward;
 pub mod h1;
 pub mod h2;
+pub mod io;
 pub mod metrics;
 mod metrics_server;
 pub mod proxy_protocol;

@@ -31,6 +31,10 @@ pub struct WorkerStats {
     pub refused_connections: u64,
     /// TCP route connections that went over to splice (bulk flows).
     pub tcp_spliced: u64,
+    pub uring_enters: u64,
+    pub uring_submitted: u64,
+    pub uring_completions: u64,
+    pub uring_buffers_exhausted: u64,
 }
 
 impl WorkerStats {
@@ -73,6 +77,10 @@ impl WorkerStats {
         self.tls_failures += o.tls_failures;
         self.refused_connections += o.refused_connections;
         self.tcp_spliced += o.tcp_spliced;
+        self.uring_enters += o.uring_enters;
+        self.uring_submitted += o.uring_submitted;
+        self.uring_completions += o.uring_completions;
+        self.uring_buffers_exhausted += o.uring_buffers_exhausted;
     }
 }
 
@@ -82,6 +90,10 @@ pub struct Metrics {
     /// Client connections open now, across workers (also enforces the connection limit).
     pub open_connections: AtomicUsize,
     pub table_revision: AtomicU64,
+    /// The I/O backend the router started on (set once at start).
+    pub io: std::sync::OnceLock<crate::io::IoBackend>,
+    /// Workers whose ring could not be set up and that run epoll instead.
+    pub io_fallbacks: AtomicUsize,
 }
 
 impl Metrics {
@@ -189,10 +201,49 @@ impl Metrics {
                 "TCP route connections relayed by splice once past the copy phase.",
                 t.tcp_spliced,
             ),
+            (
+                "flynn_router_uring_enters_total",
+                "io_uring_enter calls (submission and completion batches) of the io_uring backend.",
+                t.uring_enters,
+            ),
+            (
+                "flynn_router_uring_submissions_total",
+                "Operations submitted to the io_uring backend's rings.",
+                t.uring_submitted,
+            ),
+            (
+                "flynn_router_uring_completions_total",
+                "Completions reaped from the io_uring backend's rings.",
+                t.uring_completions,
+            ),
+            (
+                "flynn_router_uring_buffers_exhausted_total",
+                "Receives that found the provided buffer ring empty (they wait for a reader to return one).",
+                t.uring_buffers_exhausted,
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
+        let io = self
+            .io
+            .get()
+            .copied()
+            .unwrap_or(crate::io::IoBackend::Epoll);
+        o.push_str("# HELP flynn_router_io_backend The I/O backend the router's workers started on (1 for the one in use).\n# TYPE flynn_router_io_backend gauge\n");
+        for b in [crate::io::IoBackend::Uring, crate::io::IoBackend::Epoll] {
+            let _ = writeln!(
+                o,
+                "flynn_router_io_backend{{backend=\"{}\"}} {}",
+                b.name(),
+                u8::from(b == io)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP flynn_router_io_fallback_workers Workers whose io_uring ring failed to set up and that run epoll.\n# TYPE flynn_router_io_fallback_workers gauge\nflynn_router_io_fallback_workers {}",
+            self.io_fallbacks.load(Ordering::Relaxed)
+        );
         let _ = writeln!(
             o,
             "# HELP flynn_router_open_connections Client connections open now.\n# TYPE flynn_router_open_connections gauge\nflynn_router_open_connections {}",

@@ -5,17 +5,18 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
+
+use crate::io::Stream;
 
 /// Longest v1 line, CRLF included (the spec's bound).
 const MAX_LINE: usize = 107;
 
 /// Reads the PROXY line. `Some(addr)`: the client's address; `None`: `PROXY UNKNOWN` (keep
 /// the socket's peer). An error: no valid line (the connection should be closed).
-pub async fn read(stream: &TcpStream) -> io::Result<Option<SocketAddr>> {
+pub async fn read(stream: &mut Stream) -> io::Result<Option<SocketAddr>> {
     let mut peek = [0u8; MAX_LINE];
     let len = loop {
-        stream.readable().await?;
         let n = match stream.peek(&mut peek).await {
             Ok(n) => n,
             Err(e) => return Err(e),
@@ -32,17 +33,9 @@ pub async fn read(stream: &TcpStream) -> io::Result<Option<SocketAddr>> {
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     };
     let parsed = parse(&peek[..len])?;
-    let mut line = vec![0u8; len];
-    let mut got = 0;
-    while got < len {
-        stream.readable().await?;
-        match stream.try_read(&mut line[got..]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    // Consume exactly the line: it was peeked, so these bytes are already here.
+    let mut line = [0u8; MAX_LINE];
+    stream.read_exact(&mut line[..len]).await?;
     Ok(parsed)
 }
 

@@ -149,7 +149,15 @@ impl Router {
             }
         }
         inherited.clear();
+        let (io, fallback) = crate::io::resolve(config.io).map_err(RouterError::Config)?;
+        match fallback {
+            Some(why) => {
+                tracing::warn!(reason = %why, "io_uring unavailable: the router uses epoll")
+            }
+            None => tracing::info!(backend = io.name(), "router I/O backend"),
+        }
         let metrics = Arc::new(Metrics::new(n));
+        let _ = metrics.io.set(io);
         let metrics_addr = match config.metrics {
             Some(addr) => Some(crate::metrics_server::start(addr, metrics.clone())?),
             None => None,
@@ -160,6 +168,7 @@ impl Router {
             metrics: metrics.clone(),
             tls,
             page_503,
+            io,
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let cores = core_affinity::get_core_ids().unwrap_or_default();

@@ -82,6 +82,10 @@ pub struct RouterArgs {
     /// Seconds in-flight requests get after SIGTERM.
     #[arg(long, default_value_t = Timeouts::default().drain.as_secs())]
     drain_timeout: u64,
+    /// Socket I/O backend: io_uring where it works here (`auto`, the default; falls back to
+    /// epoll with one log line naming the reason), `uring` (or fail to start), or `epoll`.
+    #[arg(long, value_enum, env = "FLYNN_ROUTER_IO", default_value = "auto")]
+    pub io: crate::io::IoMode,
 }
 
 /// Where the standalone router's routes come from.
@@ -121,6 +125,7 @@ impl RouterArgs {
             access_log: self.access_log,
             max_connections: self.max_connections,
             max_idle_per_backend: self.max_idle_per_backend,
+            io: self.io,
             ..RouterConfig::default()
         };
         if let Some(n) = self.workers {

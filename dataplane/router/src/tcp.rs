@@ -125,5 +125,6 @@ async fn connect(w: &Worker, port: u16) -> Option<TcpStream> {
     let (_, conn) =
         crate::upstream::connect_backend(w, &entry.backends, None, false, false, &mut Vec::new())
             .await?;
-    Some(conn.stream)
+    // Splice needs the descriptor: a fresh backend socket leaves the worker's ring.
+    conn.stream.into_epoll()
 }

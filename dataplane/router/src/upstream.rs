@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use flynn_router_table::Backend;
-use tokio::net::TcpStream;
+use flynn_uring::Driver;
 
+use crate::io::Stream;
 use crate::worker::Worker;
 
 /// Read buffer per backend connection (kept with it in the pool).
@@ -21,7 +22,7 @@ const READ_BUF: usize = 32 * 1024;
 /// One connection to a backend, with its read buffer.
 #[derive(Debug)]
 pub struct UpstreamConn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub buf: BytesMut,
     pub addr: String,
     /// Came from the idle pool: the backend may have closed it meanwhile.
@@ -29,7 +30,7 @@ pub struct UpstreamConn {
 }
 
 /// A pooled connection: stream, its read buffer, and since when it has been idle.
-type Idle = (TcpStream, BytesMut, Instant);
+type Idle = (Stream, BytesMut, Instant);
 
 pub struct Upstreams {
     idle: RefCell<FastMap<String, Vec<Idle>>>,
@@ -38,6 +39,8 @@ pub struct Upstreams {
     max_idle: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
+    /// The worker's ring when it runs the io_uring backend: backend sockets go on it too.
+    ring: RefCell<Option<std::rc::Rc<Driver>>>,
 }
 
 impl Upstreams {
@@ -54,7 +57,13 @@ impl Upstreams {
             max_idle,
             idle_timeout,
             connect_timeout,
+            ring: RefCell::new(None),
         }
+    }
+
+    /// Puts new backend connections on `ring` (the worker's io_uring).
+    pub fn use_ring(&self, ring: std::rc::Rc<Driver>) {
+        *self.ring.borrow_mut() = Some(ring);
     }
 
     /// xorshift64*: cheap, worker-local randomness for balancing and request ids.
@@ -128,12 +137,19 @@ impl Upstreams {
     }
 
     pub async fn connect_new(&self, addr: &str) -> io::Result<UpstreamConn> {
-        let stream = match addr.parse::<SocketAddr>() {
-            Ok(sa) => tokio::time::timeout(self.connect_timeout, TcpStream::connect(sa)).await,
-            Err(_) => tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await,
-        }
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-        stream.set_nodelay(true)?;
+        let ring = self.ring.borrow().clone();
+        let connect = async {
+            let sa = match addr.parse::<SocketAddr>() {
+                Ok(sa) => sa,
+                Err(_) => tokio::net::lookup_host(addr).await?.next().ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::NotFound, "backend name has no address")
+                })?,
+            };
+            Stream::connect(ring.as_ref(), sa).await
+        };
+        let stream = tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         Ok(UpstreamConn {
             stream,
             buf: BytesMut::with_capacity(READ_BUF),
@@ -185,8 +201,7 @@ impl Drop for InFlight<'_> {
 /// Whether a pooled connection is still open: a non-blocking read sees EOF (or stray bytes)
 /// on a connection the backend has given up on.
 fn still_open(c: &UpstreamConn) -> bool {
-    let mut probe = [0u8; 1];
-    matches!(c.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    c.stream.still_open()
 }
 
 /// Picks and connects a backend: the sticky one first when the cookie names a live one,

@@ -13,11 +13,13 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use flynn_router_table::RouteTable;
-use tokio::net::{TcpListener, TcpStream};
+use flynn_uring::{Driver, UringListener};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::RouterConfig;
 use crate::h1::{self, ConnCtx};
+use crate::io::{IoBackend, Stream};
 use crate::metrics::{Metrics, WorkerStats};
 use crate::upstream::Upstreams;
 
@@ -28,6 +30,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub page_503: Option<Vec<u8>>,
+    /// The I/O backend every worker starts on.
+    pub io: IoBackend,
 }
 
 pub struct Worker {
@@ -42,6 +46,8 @@ pub struct Worker {
     table: RefCell<Rc<Arc<RouteTable>>>,
     /// Client connections this worker has open.
     pub open: Cell<usize>,
+    /// This worker's io_uring, when it runs that backend.
+    ring: RefCell<Option<Rc<Driver>>>,
 }
 
 impl Worker {
@@ -64,6 +70,7 @@ impl Worker {
             shutdown,
             table,
             open: Cell::new(0),
+            ring: RefCell::new(None),
             shared,
         }
     }
@@ -79,7 +86,35 @@ impl Worker {
     }
 
     fn publish(&self) {
+        if let Some(d) = &*self.ring.borrow() {
+            let mut s = self.stats.borrow_mut();
+            s.uring_enters = d.stats.enters.get();
+            s.uring_submitted = d.stats.submitted.get();
+            s.uring_completions = d.stats.completions.get();
+            s.uring_buffers_exhausted = d.stats.buffers_exhausted.get();
+        }
         self.shared.metrics.publish(self.id, &self.stats.borrow());
+    }
+
+    /// Sets up this worker's ring (on its own thread, inside its runtime). A failure leaves
+    /// the worker on epoll, with one log line naming the reason.
+    fn start_ring(&self) {
+        if self.shared.io != IoBackend::Uring {
+            return;
+        }
+        match Driver::start(flynn_uring::Config::default()) {
+            Ok(d) => {
+                self.upstreams.use_ring(d.clone());
+                *self.ring.borrow_mut() = Some(d);
+            }
+            Err(e) => {
+                tracing::warn!(worker = self.id, error = %e, "io_uring ring setup failed: this worker uses epoll");
+                self.shared
+                    .metrics
+                    .io_fallbacks
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -133,8 +168,14 @@ pub fn run(w: Worker, listeners: Vec<(std::net::TcpListener, Kind)>) {
     let local = tokio::task::LocalSet::new();
     let w = Rc::new(w);
     local.block_on(&rt, async move {
+        w.start_ring();
+        let ring = w.ring.borrow().clone();
         for (l, kind) in listeners {
-            let l = match TcpListener::from_std(l) {
+            let l = match &ring {
+                Some(d) => UringListener::from_std(d, l).map(Listener::Uring),
+                None => TcpListener::from_std(l).map(Listener::Epoll),
+            };
+            let l = match l {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::error!(error = %e, "listener");
@@ -175,7 +216,22 @@ fn housekeeping(w: &Worker) {
     w.upstreams.sweep(&live);
 }
 
-async fn accept_loop(w: Rc<Worker>, listener: TcpListener, kind: Kind) {
+/// A worker's listening socket on its backend.
+enum Listener {
+    Epoll(TcpListener),
+    Uring(UringListener),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<(Stream, SocketAddr)> {
+        match self {
+            Listener::Epoll(l) => l.accept().await.map(|(s, a)| (Stream::Epoll(s), a)),
+            Listener::Uring(l) => l.accept().await.map(|(s, a)| (Stream::Uring(s), a)),
+        }
+    }
+}
+
+async fn accept_loop(w: Rc<Worker>, listener: Listener, kind: Kind) {
     let mut shutdown = w.shutdown.clone();
     loop {
         if *shutdown.borrow() {
@@ -206,8 +262,8 @@ async fn accept_loop(w: Rc<Worker>, listener: TcpListener, kind: Kind) {
     }
 }
 
-async fn connection(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, kind: Kind) {
-    let _ = stream.set_nodelay(true);
+async fn connection(w: Rc<Worker>, mut stream: Stream, peer: SocketAddr, kind: Kind) {
+    let _ = stream.set_nodelay();
     let local_port = stream.local_addr().map_or(0, |a| a.port());
     let cfg = &w.shared.config;
     let mut ctx = ConnCtx {
@@ -216,7 +272,11 @@ async fn connection(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, kind: Ki
         tls: kind == Kind::Https,
     };
     if cfg.proxy_protocol {
-        match tokio::time::timeout(cfg.timeouts.header, crate::proxy_protocol::read(&stream)).await
+        match tokio::time::timeout(
+            cfg.timeouts.header,
+            crate::proxy_protocol::read(&mut stream),
+        )
+        .await
         {
             Ok(Ok(Some(addr))) => ctx.peer = addr,
             Ok(Ok(None)) => {}
@@ -225,7 +285,7 @@ async fn connection(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, kind: Ki
     }
     match kind {
         Kind::Http => {
-            if cfg.h2c && starts_with_h2_preface(&stream, cfg.timeouts.header).await {
+            if cfg.h2c && starts_with_h2_preface(&mut stream, cfg.timeouts.header).await {
                 crate::h2::serve(w, stream, ctx).await;
                 return;
             }
@@ -256,7 +316,7 @@ async fn connection(w: Rc<Worker>, stream: TcpStream, peer: SocketAddr, kind: Ki
 }
 
 /// Whether a plain connection opens with the HTTP/2 preface (h2c with prior knowledge).
-async fn starts_with_h2_preface(stream: &TcpStream, timeout: Duration) -> bool {
+async fn starts_with_h2_preface(stream: &mut Stream, timeout: Duration) -> bool {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let mut peek = [0u8; 24];
     let deadline = tokio::time::Instant::now() + timeout;
@@ -272,7 +332,6 @@ async fn starts_with_h2_preface(stream: &TcpStream, timeout: Duration) -> bool {
             return true;
         }
         // A partial preface so far: wait for the rest without consuming it.
-        let _ = stream.readable().await;
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }

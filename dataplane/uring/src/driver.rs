@@ -45,7 +45,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             entries: 1024,
-            buffers: 2048,
+            buffers: 1024,
             buffer_size: 8 * 1024,
             files: 8192,
         }

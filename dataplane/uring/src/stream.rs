@@ -7,6 +7,7 @@
 //! returns at once (a later write or flush reports a failure), `poll_flush` waits until the
 //! kernel took everything, and data written before a drop is still sent.
 
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -28,9 +29,19 @@ pub struct UringStream {
     conn: Rc<Conn>,
     recv: usize,
     send: usize,
-    /// The receive buffer being read: (buffer id, bytes read from it, its length).
-    cur: Option<(u16, usize, usize)>,
-    eof: bool,
+    /// The receive buffer being read: (buffer id, bytes read from it, its length). Cells, so
+    /// a read half and a write half can share one `&UringStream`.
+    cur: Cell<Option<(u16, usize, usize)>>,
+    eof: Cell<bool>,
+}
+
+impl std::fmt::Debug for UringStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringStream")
+            .field("fd", &self.conn.tcp.as_raw_fd())
+            .field("eof", &self.eof.get())
+            .finish()
+    }
 }
 
 impl UringStream {
@@ -55,17 +66,40 @@ impl UringStream {
             waker: None,
             keep: None,
         }));
-        // Start receiving now: the request is usually on its way.
-        drv.arm_recv(&mut st, recv, target);
+        // The receive is armed by the first read, so a stream nobody read from can still
+        // leave the ring (`into_std`).
         drop(st);
         Ok(UringStream {
             drv: drv.clone(),
             conn,
             recv,
             send,
-            cur: None,
-            eof: false,
+            cur: Cell::new(None),
+            eof: Cell::new(false),
         })
+    }
+
+    /// Takes the socket back off the ring, for code that needs the descriptor itself (splice).
+    /// Only a stream that has not been read from and has no send in flight can leave; any
+    /// other comes back as the error.
+    pub fn into_std(self) -> Result<std::net::TcpStream, UringStream> {
+        let idle = {
+            let st = self.drv.st.borrow();
+            let recv_idle = matches!(st.ops.get(self.recv), Some(Op::Recv(r)) if !r.armed && r.queue.is_empty());
+            let send_idle = matches!(st.ops.get(self.send), Some(Op::Send(s)) if !s.busy);
+            recv_idle && send_idle && self.cur.get().is_none() && Rc::strong_count(&self.conn) == 1
+        };
+        if !idle {
+            return Err(self);
+        }
+        let dup = match self.conn.tcp.try_clone() {
+            Ok(d) => d,
+            Err(_) => return Err(self),
+        };
+        // Dropping the stream frees its slots and unregisters the file; the duplicate keeps
+        // the socket itself open.
+        drop(self);
+        Ok(dup)
     }
 
     /// Connects to `addr` (through tokio's reactor, which connection pooling makes rare),
@@ -81,18 +115,39 @@ impl UringStream {
 
     /// Whether the peer has not closed or reset (non-blocking; what the ring has seen so far).
     pub fn still_open(&self) -> bool {
-        if self.eof || self.cur.is_some() {
+        if self.eof.get() || self.cur.get().is_some() {
             return false;
         }
-        let st = self.drv.st.borrow();
-        matches!(st.ops.get(self.recv), Some(Op::Recv(r)) if r.queue.is_empty())
+        let armed = {
+            let st = self.drv.st.borrow();
+            match st.ops.get(self.recv) {
+                Some(Op::Recv(r)) if !r.queue.is_empty() => return false,
+                Some(Op::Recv(r)) => r.armed,
+                _ => return false,
+            }
+        };
+        if armed {
+            return true;
+        }
+        // No receive in the kernel to have seen a close: ask the socket, as epoll would.
+        let mut probe = [0u8; 1];
+        // SAFETY: a non-blocking peek of one byte into a local buffer of that size.
+        let n = unsafe {
+            libc::recv(
+                self.conn.tcp.as_raw_fd(),
+                probe.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
     }
 
     /// Copies received bytes into `out` without consuming them; waits for the first.
     pub fn poll_peek(&mut self, cx: &mut Context<'_>, out: &mut [u8]) -> Poll<io::Result<usize>> {
         let mut st = self.drv.st.borrow_mut();
         let mut n = 0;
-        if let Some((bid, off, len)) = self.cur {
+        if let Some((bid, off, len)) = self.cur.get() {
             let data = &st.bufs.data(bid, len)[off..];
             let k = data.len().min(out.len());
             out[..k].copy_from_slice(&data[..k]);
@@ -117,7 +172,7 @@ impl UringStream {
             out[n..n + k].copy_from_slice(&data[..k]);
             n += k;
         }
-        if n > 0 || self.eof || matches!(r_queue_front(&st, self.recv), Some((0, _))) {
+        if n > 0 || self.eof.get() || matches!(r_queue_front(&st, self.recv), Some((0, _))) {
             return Poll::Ready(Ok(n));
         }
         self.wait_for_data(&mut st, cx);
@@ -151,29 +206,25 @@ fn r_queue_front(st: &crate::driver::State, ud: usize) -> Option<(i32, u32)> {
     }
 }
 
-impl AsyncRead for UringStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.eof {
+impl UringStream {
+    fn read_into(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self;
+        if this.eof.get() {
             return Poll::Ready(Ok(()));
         }
         let mut st = this.drv.st.borrow_mut();
         let mut copied = false;
         loop {
-            if let Some((bid, off, len)) = this.cur {
+            if let Some((bid, off, len)) = this.cur.get() {
                 let data = &st.bufs.data(bid, len)[off..];
                 let k = data.len().min(buf.remaining());
                 buf.put_slice(&data[..k]);
                 copied |= k > 0;
                 if off + k < len {
-                    this.cur = Some((bid, off + k, len));
+                    this.cur.set(Some((bid, off + k, len)));
                     return Poll::Ready(Ok(()));
                 }
-                this.cur = None;
+                this.cur.set(None);
                 st.bufs.recycle(bid);
                 wake_all(&mut st.buf_waiters);
                 if buf.remaining() == 0 {
@@ -186,11 +237,11 @@ impl AsyncRead for UringStream {
             };
             match next {
                 Some((res, flags)) if res > 0 => match cqueue::buffer_select(flags) {
-                    Some(bid) => this.cur = Some((bid, 0, res as usize)),
+                    Some(bid) => this.cur.set(Some((bid, 0, res as usize))),
                     None => return Poll::Ready(Err(io::ErrorKind::InvalidData.into())),
                 },
                 Some((0, _)) => {
-                    this.eof = true;
+                    this.eof.set(true);
                     return Poll::Ready(Ok(()));
                 }
                 Some((err, _)) if copied => {
@@ -211,13 +262,9 @@ impl AsyncRead for UringStream {
     }
 }
 
-impl AsyncWrite for UringStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
+impl UringStream {
+    fn write_from(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self;
         let mut st = this.drv.st.borrow_mut();
         let Some(Op::Send(s)) = st.ops.get_mut(this.send) else {
             return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
@@ -245,8 +292,8 @@ impl AsyncWrite for UringStream {
         Poll::Ready(Ok(data.len()))
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
+    fn flush_sends(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self;
         let mut st = this.drv.st.borrow_mut();
         let Some(Op::Send(s)) = st.ops.get_mut(this.send) else {
             return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
@@ -261,8 +308,8 @@ impl AsyncWrite for UringStream {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.as_mut().poll_flush(cx) {
+    fn shutdown_write(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.flush_sends(cx) {
             Poll::Ready(Ok(())) => {}
             other => return other,
         }
@@ -272,6 +319,43 @@ impl AsyncWrite for UringStream {
         }
     }
 }
+
+macro_rules! stream_io {
+    ($t:ty) => {
+        impl AsyncRead for $t {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                self.read_into(cx, buf)
+            }
+        }
+
+        impl AsyncWrite for $t {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                data: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                self.write_from(cx, data)
+            }
+
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                self.flush_sends(cx)
+            }
+
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                self.shutdown_write(cx)
+            }
+        }
+    };
+}
+
+// The stream, and a shared reference to it: reads and writes use separate slots and state,
+// so one task can read and write the same stream at once (a read half and a write half).
+stream_io!(UringStream);
+stream_io!(&UringStream);
 
 impl Drop for UringStream {
     fn drop(&mut self) {

@@ -345,3 +345,36 @@ fn t07_connect_and_peek_without_consuming() {
         settles(&drv, 0).await;
     });
 }
+
+#[test]
+fn t08_an_unread_stream_leaves_the_ring_for_splice_and_a_read_one_does_not() {
+    run(|| async {
+        let drv = Driver::start(small()).unwrap();
+        let (l, addr) = listener();
+        let server = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            for _ in 0..2 {
+                let (mut c, _) = l.accept().unwrap();
+                c.write_all(b"banner\n").unwrap();
+                out.push(c);
+            }
+            out
+        });
+        let fresh = UringStream::connect(&drv, addr).await.unwrap();
+        let mut std = fresh.into_std().expect("an unread stream leaves the ring");
+        settles(&drv, 0).await;
+        // Nothing was lost in the ring: the banner is still on the socket.
+        std.set_nonblocking(false).unwrap();
+        let mut b = [0u8; 7];
+        std.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"banner\n");
+
+        let mut used = UringStream::connect(&drv, addr).await.unwrap();
+        let mut one = [0u8; 1];
+        used.read_exact(&mut one).await.unwrap();
+        let used = used.into_std().expect_err("a read stream holds ring state");
+        drop(used);
+        settles(&drv, 0).await;
+        drop(server.join().unwrap());
+    });
+}

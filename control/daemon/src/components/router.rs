@@ -48,6 +48,15 @@ pub struct RouterArgs {
     /// Expect a PROXY protocol v1 line on HTTP and HTTPS connections.
     #[arg(long = "router-proxy-protocol")]
     pub proxy_protocol: bool,
+    /// Socket I/O backend: io_uring where it works here (`auto`; falls back to epoll with
+    /// one log line naming the reason), `uring` (or fail to start), or `epoll`.
+    #[arg(
+        long = "router-io",
+        value_enum,
+        env = "FLYNN_ROUTER_IO",
+        default_value = "auto"
+    )]
+    pub io: flynn_router::io::IoMode,
 }
 
 impl RouterArgs {
@@ -68,6 +77,7 @@ impl RouterArgs {
             pin_workers: !self.no_pin,
             h2c: self.h2c,
             proxy_protocol: self.proxy_protocol,
+            io: self.io,
             ..RouterConfig::default()
         };
         if let Some(n) = self.workers {
@@ -98,6 +108,14 @@ fn default_certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     crate::hostdir::write_atomic(&cert, made.cert_pem.as_bytes(), 0o644)?;
     tracing::info!(cert = %cert.display(), "made the router's self-signed default certificate");
     Ok((cert, key))
+}
+
+impl RouterComponent {
+    /// The I/O backend the router runs on (`uring` or `epoll`), once it started.
+    fn io_backend(&self) -> Option<&'static str> {
+        let m = self.metrics.lock().expect("metrics lock");
+        m.as_ref().and_then(|m| m.io.get().map(|b| b.name()))
+    }
 }
 
 pub struct RouterComponent {
@@ -233,6 +251,7 @@ impl Component for RouterComponent {
             "http": self.http,
             "https": self.https,
             "revision": self.table.load().revision,
+            "io": self.io_backend(),
         })
     }
 
@@ -265,6 +284,7 @@ impl Component for RouterComponent {
                 "http": self.http,
                 "https": self.https,
                 "revision": self.table.load().revision,
+                "io": self.io_backend(),
                 "error": accepts.as_ref().err().map(|e| e.to_string()),
             });
             Some(flynn_client::ComponentHealth::from_check(

@@ -1,0 +1,249 @@
+//! The I/O seam: which backend a worker's sockets run on (io_uring or epoll), chosen once at
+//! start, and the one stream type the proxy logic sees either way.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+
+use flynn_uring::{Driver, UringStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// What the operator asks for (`--io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum IoMode {
+    /// io_uring where it works here, else epoll (one log line says why).
+    #[default]
+    Auto,
+    /// io_uring, or fail to start.
+    Uring,
+    /// epoll (tokio's reactor).
+    Epoll,
+}
+
+/// What runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoBackend {
+    Uring,
+    Epoll,
+}
+
+impl IoBackend {
+    pub fn name(self) -> &'static str {
+        match self {
+            IoBackend::Uring => "uring",
+            IoBackend::Epoll => "epoll",
+        }
+    }
+}
+
+/// Picks the backend for `mode`: `auto` probes and falls back with the reason; `uring`
+/// fails when io_uring cannot run here.
+pub fn resolve(mode: IoMode) -> Result<(IoBackend, Option<String>), String> {
+    match mode {
+        IoMode::Epoll => Ok((IoBackend::Epoll, None)),
+        IoMode::Uring => flynn_uring::probe()
+            .map(|_| (IoBackend::Uring, None))
+            .map_err(|why| format!("--io uring: {why}")),
+        IoMode::Auto => Ok(match flynn_uring::probe() {
+            Ok(_) => (IoBackend::Uring, None),
+            Err(why) => (IoBackend::Epoll, Some(why)),
+        }),
+    }
+}
+
+/// A client or backend connection on either backend.
+pub enum Stream {
+    Epoll(TcpStream),
+    Uring(UringStream),
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (backend, local) = match self {
+            Stream::Epoll(s) => ("epoll", s.local_addr()),
+            Stream::Uring(s) => ("uring", s.tcp().local_addr()),
+        };
+        f.debug_struct("Stream")
+            .field("backend", &backend)
+            .field("local", &local.ok())
+            .finish()
+    }
+}
+
+/// The reading side of a [`Stream::split`].
+pub enum ReadHalf<'a> {
+    Epoll(tokio::net::tcp::ReadHalf<'a>),
+    Uring(&'a UringStream),
+}
+
+/// The writing side of a [`Stream::split`].
+pub enum WriteHalf<'a> {
+    Epoll(tokio::net::tcp::WriteHalf<'a>),
+    Uring(&'a UringStream),
+}
+
+impl AsyncRead for ReadHalf<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ReadHalf::Epoll(s) => Pin::new(s).poll_read(cx, buf),
+            ReadHalf::Uring(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WriteHalf<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteHalf::Epoll(s) => Pin::new(s).poll_write(cx, buf),
+            WriteHalf::Uring(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Epoll(s) => Pin::new(s).poll_flush(cx),
+            WriteHalf::Uring(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WriteHalf::Epoll(s) => Pin::new(s).poll_shutdown(cx),
+            WriteHalf::Uring(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Stream {
+    /// Connects to a backend on the worker's backend.
+    pub async fn connect(ring: Option<&Rc<Driver>>, addr: SocketAddr) -> io::Result<Stream> {
+        let s = match ring {
+            Some(d) => Stream::Uring(UringStream::connect(d, addr).await?),
+            None => Stream::Epoll(TcpStream::connect(addr).await?),
+        };
+        s.set_nodelay()?;
+        Ok(s)
+    }
+
+    /// Borrowed read and write halves, to read a response while a body is still being sent.
+    pub fn split(&mut self) -> (ReadHalf<'_>, WriteHalf<'_>) {
+        match self {
+            Stream::Epoll(s) => {
+                let (r, w) = s.split();
+                (ReadHalf::Epoll(r), WriteHalf::Epoll(w))
+            }
+            Stream::Uring(s) => (ReadHalf::Uring(s), WriteHalf::Uring(s)),
+        }
+    }
+
+    /// The socket as tokio's epoll stream, for splice: a ring stream leaves its ring (which
+    /// only a stream not yet read from can do; `None` otherwise).
+    pub fn into_epoll(self) -> Option<TcpStream> {
+        match self {
+            Stream::Epoll(s) => Some(s),
+            Stream::Uring(s) => TcpStream::from_std(s.into_std().ok()?).ok(),
+        }
+    }
+
+    pub fn set_nodelay(&self) -> io::Result<()> {
+        match self {
+            Stream::Epoll(s) => s.set_nodelay(true),
+            Stream::Uring(s) => s.tcp().set_nodelay(true),
+        }
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Stream::Epoll(s) => s.local_addr(),
+            Stream::Uring(s) => s.tcp().local_addr(),
+        }
+    }
+
+    /// Whether an idle connection is still open: no EOF, reset or stray bytes seen.
+    pub fn still_open(&self) -> bool {
+        match self {
+            Stream::Epoll(s) => {
+                let mut probe = [0u8; 1];
+                matches!(s.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            Stream::Uring(s) => s.still_open(),
+        }
+    }
+
+    /// Copies what has arrived into `buf` without consuming it; waits for the first byte.
+    pub async fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Epoll(s) => s.peek(buf).await,
+            Stream::Uring(s) => std::future::poll_fn(|cx| s.poll_peek(cx, buf)).await,
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Epoll(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Uring(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Epoll(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Uring(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Epoll(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Uring(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Epoll(s) => s.is_write_vectored(),
+            Stream::Uring(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Epoll(s) => Pin::new(s).poll_flush(cx),
+            Stream::Uring(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Epoll(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Uring(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
