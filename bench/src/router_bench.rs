@@ -49,7 +49,10 @@ const SINK: u16 = 19200;
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum System {
     Direct,
+    /// The router on its io_uring backend (what `--io auto` picks where io_uring works).
     Router,
+    /// The router on its epoll backend.
+    RouterEpoll,
     /// The least a proxy can do (see [`floor`]): the router's own cost is its gap to this.
     Floor,
     Nginx,
@@ -59,8 +62,9 @@ enum System {
 }
 
 /// Column order of the table.
-const COLUMNS: [System; 6] = [
+const COLUMNS: [System; 7] = [
     System::Router,
+    System::RouterEpoll,
     System::Floor,
     System::Nginx,
     System::NginxDefault,
@@ -72,7 +76,8 @@ impl System {
     fn name(self) -> &'static str {
         match self {
             System::Direct => "direct",
-            System::Router => "router",
+            System::Router => "router_uring",
+            System::RouterEpoll => "router_epoll",
             System::Floor => "floor",
             System::Nginx => "nginx",
             System::NginxDefault => "nginx_default",
@@ -87,15 +92,16 @@ impl System {
             System::Haproxy => 18082,
             System::Floor => 18083,
             System::NginxDefault => 18084,
+            System::RouterEpoll => 18085,
         }
     }
     fn https(self) -> u16 {
-        self.http() + 363 // 18443, 18444, 18445
+        self.http() + 363 // 18443, 18444, 18445, .., 18448
     }
     fn tcp(self) -> u16 {
         match self {
             System::Direct => SINK,
-            s => s.http() + 220, // 18300, 18301, 18302
+            s => s.http() + 220, // 18300, 18301, 18302, .., 18305
         }
     }
 }
@@ -138,12 +144,18 @@ impl Case {
         }
     }
     fn systems(self) -> Vec<System> {
-        let proxies = vec![System::Router, System::Nginx, System::Haproxy];
+        let proxies = vec![
+            System::Router,
+            System::RouterEpoll,
+            System::Nginx,
+            System::Haproxy,
+        ];
         match self {
             // Keep-alive HTTP/1.1: every column, the floor and nginx as installed included.
             Case::Http1Keepalive0 | Case::Http1Keepalive0Conns512 | Case::Http1Keepalive1k => vec![
                 System::Direct,
                 System::Router,
+                System::RouterEpoll,
                 System::Floor,
                 System::Nginx,
                 System::NginxDefault,
@@ -299,6 +311,12 @@ fn main() -> anyhow::Result<()> {
                 "per_second": round3(r.0 / p.0), "per_cpu_second": round3(r.1 / p.1),
             });
         }
+        // The io_uring backend against the epoll one, same router otherwise.
+        if let Some(e) = fig.get(&System::RouterEpoll) {
+            json["ratios"]["uring_vs_epoll"] = serde_json::json!({
+                "per_second": round3(r.0 / e.0), "per_cpu_second": round3(r.1 / e.1),
+            });
+        }
         // The router's CPU per request over the floor's: 1.0 would be no cost of its own.
         if let Some(f) = fig.get(&System::Floor) {
             json["ratios"]["router_cpu_per_request_vs_floor"] =
@@ -312,9 +330,9 @@ fn main() -> anyhow::Result<()> {
     for s in COLUMNS {
         head += &format!(" {} /s | {} /cpu-s |", s.name(), s.name());
     }
-    head += " router vs nginx (cpu) | vs nginx_default | vs haproxy | router cpu/req vs floor | p99 ms router / nginx / haproxy |";
+    head += " router vs nginx (cpu) | vs nginx_default | vs haproxy | uring vs epoll (cpu) | router cpu/req vs floor | p99 ms router / nginx / haproxy |";
     println!("{head}");
-    println!("{}", "|---".repeat(2 + 2 * COLUMNS.len() + 5) + "|");
+    println!("{}", "|---".repeat(2 + 2 * COLUMNS.len() + 6) + "|");
     for (case, fig, lat) in &table {
         let mut row = format!("| {} | {} |", case.name(), case.unit());
         for s in COLUMNS {
@@ -334,10 +352,11 @@ fn main() -> anyhow::Result<()> {
             .map_or("-".into(), |f| format!("{:.2}", f.1 / r));
         let p99 = |s: System| lat.get(&s).map_or("-".into(), |l| format!("{:.2}", l.1));
         row += &format!(
-            " {} | {} | {} | {} | {} / {} / {} |",
+            " {} | {} | {} | {} | {} | {} / {} / {} |",
             vs(System::Nginx),
             vs(System::NginxDefault),
             vs(System::Haproxy),
+            vs(System::RouterEpoll),
             floor,
             p99(System::Router),
             p99(System::Nginx),
@@ -533,13 +552,15 @@ fn start_all(args: &Args, d: &Path) -> anyhow::Result<Procs> {
         both = p("both.pem"),
     );
     std::fs::write(d.join("haproxy.cfg"), haproxy)?;
-    std::fs::write(
-        d.join("routes.toml"),
-        format!(
-            "[[http]]\ndomain = \"{HOST}\"\nbackends = [\"127.0.0.1:{UPSTREAM}\"]\n\n[[tcp]]\nport = {}\nbackends = [\"127.0.0.1:{SINK}\"]\n",
-            System::Router.tcp()
-        ),
-    )?;
+    for r in [System::Router, System::RouterEpoll] {
+        std::fs::write(
+            d.join(format!("routes-{}.toml", r.name())),
+            format!(
+                "[[http]]\ndomain = \"{HOST}\"\nbackends = [\"127.0.0.1:{UPSTREAM}\"]\n\n[[tcp]]\nport = {}\nbackends = [\"127.0.0.1:{SINK}\"]\n",
+                r.tcp()
+            ),
+        )?;
+    }
     let mut procs = Procs {
         children: Vec::new(),
         pids: BTreeMap::new(),
@@ -552,9 +573,14 @@ fn start_all(args: &Args, d: &Path) -> anyhow::Result<Procs> {
     ]
     .into_iter()
     .chain(
-        [System::Router, System::Nginx, System::Haproxy]
-            .into_iter()
-            .flat_map(|s| [s.http(), s.https(), s.tcp()]),
+        [
+            System::Router,
+            System::RouterEpoll,
+            System::Nginx,
+            System::Haproxy,
+        ]
+        .into_iter()
+        .flat_map(|s| [s.http(), s.https(), s.tcp()]),
     );
     for port in ports {
         if TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -575,29 +601,35 @@ fn start_all(args: &Args, d: &Path) -> anyhow::Result<Procs> {
         &d.join("sink.log"),
     )?);
     let router_bin = args.bin_dir.join("flynn-host");
-    let router = spawn_pinned(
-        "0",
-        router_bin.to_str().unwrap(),
-        &[
-            "router",
-            "--routes",
-            &p("routes.toml"),
-            "--http",
-            &format!("127.0.0.1:{}", System::Router.http()),
-            "--https",
-            &format!("127.0.0.1:{}", System::Router.https()),
-            "--tls-cert",
-            &p("cert.pem"),
-            "--tls-key",
-            &p("key.pem"),
-            "--tcp-ip",
-            "127.0.0.1",
-            "--workers",
-            "1",
-            "--no-pin",
-        ],
-        &d.join("router.log"),
-    )?;
+    let start_router = |r: System, io: &str| {
+        spawn_pinned(
+            "0",
+            router_bin.to_str().unwrap(),
+            &[
+                "router",
+                "--routes",
+                &p(&format!("routes-{}.toml", r.name())),
+                "--http",
+                &format!("127.0.0.1:{}", r.http()),
+                "--https",
+                &format!("127.0.0.1:{}", r.https()),
+                "--tls-cert",
+                &p("cert.pem"),
+                "--tls-key",
+                &p("key.pem"),
+                "--tcp-ip",
+                "127.0.0.1",
+                "--workers",
+                "1",
+                "--no-pin",
+                "--io",
+                io,
+            ],
+            &d.join(format!("{}.log", r.name())),
+        )
+    };
+    let router = start_router(System::Router, "uring")?;
+    let router_epoll = start_router(System::RouterEpoll, "epoll")?;
     let nginx = spawn_pinned(
         "0",
         "nginx",
@@ -625,7 +657,12 @@ fn start_all(args: &Args, d: &Path) -> anyhow::Result<Procs> {
     for port in [UPSTREAM, SINK] {
         wait_port(port)?;
     }
-    for s in [System::Router, System::Nginx, System::Haproxy] {
+    for s in [
+        System::Router,
+        System::RouterEpoll,
+        System::Nginx,
+        System::Haproxy,
+    ] {
         wait_port(s.http()).with_context(|| {
             let log =
                 std::fs::read_to_string(d.join(format!("{}.log", s.name()))).unwrap_or_default();
@@ -637,8 +674,12 @@ fn start_all(args: &Args, d: &Path) -> anyhow::Result<Procs> {
         wait_port(s.http()).with_context(|| format!("{} did not start", s.name()))?;
     }
     wait_port(System::Router.tcp())?;
+    wait_port(System::RouterEpoll.tcp())?;
     std::thread::sleep(Duration::from_millis(300));
     procs.pids.insert(System::Router, pids_of(&router));
+    procs
+        .pids
+        .insert(System::RouterEpoll, pids_of(&router_epoll));
     procs.pids.insert(System::Nginx, pids_of(&nginx));
     procs.pids.insert(System::Haproxy, pids_of(&haproxy));
     procs
@@ -649,7 +690,7 @@ fn start_all(args: &Args, d: &Path) -> anyhow::Result<Procs> {
     eprintln!("proxy processes: {:?}", procs.pids);
     procs
         .children
-        .extend([router, nginx, haproxy, nginx_default, floor]);
+        .extend([router, router_epoll, nginx, haproxy, nginx_default, floor]);
     // Every system answers the bench host before anything is measured.
     for s in COLUMNS {
         let mut c = TcpStream::connect(("127.0.0.1", s.http()))?;
