@@ -499,7 +499,7 @@ fn start_all(args: &Args, d: &Path) -> anyhow::Result<Procs> {
         "{stream_module}worker_processes 1; daemon off; pid {pid}; error_log {err};\n\
          events {{ worker_connections 8192; }}\n\
          http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 300s;\n\
-           upstream up {{ server 127.0.0.1:{UPSTREAM}; keepalive 256; }}\n\
+           upstream up {{ server 127.0.0.1:{UPSTREAM}; keepalive 1024; }}\n\
            ssl_protocols TLSv1.2 TLSv1.3; ssl_ecdh_curve X25519; ssl_session_cache shared:S:10m;\n\
            server {{ listen 127.0.0.1:{h} reuseport backlog=4096; listen 127.0.0.1:{s} ssl http2 reuseport backlog=4096;\n\
              server_name {HOST}; ssl_certificate {cert}; ssl_certificate_key {key};\n\

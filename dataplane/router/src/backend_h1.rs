@@ -26,6 +26,9 @@ pub struct ResponseHead {
     reason: (u32, u32),
     /// (name start, name end, value start, value end) in `raw`.
     fields: Vec<[u32; 4]>,
+    /// A `Connection` header names something other than `close`/`keep-alive`: only then
+    /// does each header need checking against it (most responses skip that work).
+    names_hop_headers: bool,
 }
 
 /// Trims optional whitespace (RFC 9110 §5.6.3) around a list element.
@@ -57,10 +60,17 @@ impl ResponseHead {
         })
     }
 
+    /// Every header in order, as bytes (no UTF-8 check: for lookups by name).
+    pub fn raw_headers(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.fields
+            .iter()
+            .map(|[ns, ne, vs, ve]| (self.part((*ns, *ne)), self.part((*vs, *ve))))
+    }
+
     /// The comma-separated elements of every `name` header, trimmed.
     fn tokens<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.headers()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+        self.raw_headers()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
             .flat_map(|(_, v)| v.split(|b| *b == b','))
             .map(trim_ows)
     }
@@ -84,7 +94,8 @@ impl ResponseHead {
     pub fn end_to_end(&self) -> impl Iterator<Item = (&str, &[u8])> + '_ {
         self.headers().filter(move |(name, _)| {
             let keep_upgrade = self.status == 101 && name.eq_ignore_ascii_case("upgrade");
-            (!is_hop_by_hop(name) || keep_upgrade) && !self.connection_names(name)
+            (!is_hop_by_hop(name) || keep_upgrade)
+                && !(self.names_hop_headers && self.connection_names(name))
         })
     }
 }
@@ -152,6 +163,17 @@ pub(crate) async fn read_head_from<R: AsyncRead + Unpin>(
                             [ns, ne, vs, ve]
                         })
                         .collect();
+                    let names_hop_headers = resp
+                        .headers
+                        .iter()
+                        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+                        .flat_map(|h| h.value.split(|b| *b == b','))
+                        .map(trim_ows)
+                        .any(|t| {
+                            !t.is_empty()
+                                && !t.eq_ignore_ascii_case(b"close")
+                                && !t.eq_ignore_ascii_case(b"keep-alive")
+                        });
                     let raw = buf.split_to(n).freeze();
                     return Ok(ResponseHead {
                         status,
@@ -159,6 +181,7 @@ pub(crate) async fn read_head_from<R: AsyncRead + Unpin>(
                         raw,
                         reason,
                         fields,
+                        names_hop_headers,
                     });
                 }
                 Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD => {}

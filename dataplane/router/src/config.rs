@@ -94,7 +94,7 @@ impl Default for RouterConfig {
             timeouts: Timeouts::default(),
             max_connections: 100_000,
             h2_max_streams: 128,
-            max_idle_per_backend: 256,
+            max_idle_per_backend: 1024,
             io: crate::io::IoMode::Auto,
         }
     }

@@ -527,8 +527,8 @@ fn write_response_head(
     }
     if r.status != 101 && r.status / 100 != 1 {
         // Backends framing by transfer-encoding without chunked: keep their coding header.
-        for (name, value) in r.headers() {
-            if name.eq_ignore_ascii_case("transfer-encoding")
+        for (name, value) in r.raw_headers() {
+            if name.eq_ignore_ascii_case(b"transfer-encoding")
                 && !rechunk
                 && !value.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked"))
             {
