@@ -52,6 +52,12 @@ async fn t10_volumes_snapshot_and_send_between_hosts() {
         let status = ok(&c.flynn_host(i, &["status"]));
         assert_eq!(status["volumes"]["provider"], "zfs");
         assert_eq!(status["volumes"]["health"], "ONLINE");
+        // The status names the router's I/O backend: io_uring, auto's pick on this machine.
+        let want = match std::env::var("FLYNN_ROUTER_IO").as_deref() {
+            Ok("epoll") => "epoll",
+            _ => "uring",
+        };
+        assert_eq!(status["router"]["io"], want, "{status}");
     }
 
     let made = ok(&c.flynn_host(0, &["volume", "create", "--id", "pgdata", "--size", "64M"]));
