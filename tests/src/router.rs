@@ -85,25 +85,23 @@ pub struct RouterProc {
 impl RouterProc {
     /// Starts a router on loopback with `routes` (TOML) and extra flags.
     pub fn start(routes: &str, extra: &[&str]) -> RouterProc {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("routes.toml"), routes).expect("routes file");
-        let source = vec![
-            "--routes".into(),
-            dir.path().join("routes.toml").display().to_string(),
-        ];
-        Self::spawn(dir, source, extra, false)
+        Self::from_file(routes, extra, false)
     }
 
     /// [`RouterProc::start`] under a seccomp filter that refuses `io_uring_setup` with EPERM,
     /// as Docker's default profile does.
     pub fn start_without_io_uring(routes: &str, extra: &[&str]) -> RouterProc {
+        Self::from_file(routes, extra, true)
+    }
+
+    fn from_file(routes: &str, extra: &[&str], no_io_uring: bool) -> RouterProc {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("routes.toml"), routes).expect("routes file");
         let source = vec![
             "--routes".into(),
             dir.path().join("routes.toml").display().to_string(),
         ];
-        Self::spawn(dir, source, extra, true)
+        Self::spawn(dir, source, extra, no_io_uring)
     }
 
     /// Starts a router that follows a cluster's controller.

@@ -110,6 +110,17 @@ impl AsyncWrite for WriteHalf<'_> {
         }
     }
 
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WriteHalf::Epoll(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            WriteHalf::Uring(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             WriteHalf::Epoll(s) => Pin::new(s).poll_flush(cx),
@@ -190,16 +201,15 @@ impl Stream {
     }
 }
 
+// The whole stream reads and writes through its borrowed halves (one place that matches on
+// the backend; splitting is only taking references).
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Epoll(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Uring(s) => Pin::new(s).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().split().0).poll_read(cx, buf)
     }
 }
 
@@ -209,10 +219,7 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Epoll(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Uring(s) => Pin::new(s).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().split().1).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -220,10 +227,7 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Epoll(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Uring(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().split().1).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -234,16 +238,10 @@ impl AsyncWrite for Stream {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Epoll(s) => Pin::new(s).poll_flush(cx),
-            Stream::Uring(s) => Pin::new(s).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().split().1).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Epoll(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Uring(s) => Pin::new(s).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().split().1).poll_shutdown(cx)
     }
 }

@@ -263,15 +263,24 @@ impl UringStream {
 }
 
 impl UringStream {
+    /// This stream's send slot, or the error every write and flush now returns.
+    fn send_slot<'a>(&self, st: &'a mut crate::driver::State) -> io::Result<&'a mut SendOp> {
+        match st.ops.get_mut(self.send) {
+            Some(Op::Send(s)) => match s.err {
+                Some(e) => Err(io::Error::from_raw_os_error(-e)),
+                None => Ok(s),
+            },
+            _ => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
     fn write_from(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = self;
         let mut st = this.drv.st.borrow_mut();
-        let Some(Op::Send(s)) = st.ops.get_mut(this.send) else {
-            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        let s = match this.send_slot(&mut st) {
+            Ok(s) => s,
+            Err(e) => return Poll::Ready(Err(e)),
         };
-        if let Some(e) = s.err {
-            return Poll::Ready(Err(io::Error::from_raw_os_error(-e)));
-        }
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -293,14 +302,11 @@ impl UringStream {
     }
 
     fn flush_sends(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self;
-        let mut st = this.drv.st.borrow_mut();
-        let Some(Op::Send(s)) = st.ops.get_mut(this.send) else {
-            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        let mut st = self.drv.st.borrow_mut();
+        let s = match self.send_slot(&mut st) {
+            Ok(s) => s,
+            Err(e) => return Poll::Ready(Err(e)),
         };
-        if let Some(e) = s.err {
-            return Poll::Ready(Err(io::Error::from_raw_os_error(-e)));
-        }
         if s.busy {
             set_waker(&mut s.waker, cx);
             return Poll::Pending;
