@@ -235,31 +235,42 @@ async fn accept_loop(w: Rc<Worker>, listener: Listener, kind: Kind) {
     let mut shutdown = w.shutdown.clone();
     loop {
         if *shutdown.borrow() {
-            return;
+            break;
         }
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => break,
         };
-        let (stream, peer) = match accepted {
-            Ok(x) => x,
+        match accepted {
+            Ok((stream, peer)) => serve(&w, stream, peer, kind),
             Err(e) => {
                 // Out of descriptors, say: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
             }
-        };
-        let Some(open) = Open::new(&w) else {
-            drop(stream);
-            continue;
-        };
-        tokio::task::spawn_local(async move {
-            let w = open.0.clone();
-            connection(w, stream, peer, kind).await;
-            drop(open);
-        });
+        }
     }
+    // A multishot accept takes connections off the shared socket before anyone asks: those
+    // it took are this process's to answer (closing them would reset their clients while a
+    // successor process takes over the socket).
+    if let Listener::Uring(l) = listener {
+        for (stream, peer) in l.close().await {
+            serve(&w, Stream::Uring(stream), peer, kind);
+        }
+    }
+}
+
+/// Starts a task for an accepted connection (or closes it at once over the connection limit).
+fn serve(w: &Rc<Worker>, stream: Stream, peer: SocketAddr, kind: Kind) {
+    let Some(open) = Open::new(w) else {
+        drop(stream);
+        return;
+    };
+    tokio::task::spawn_local(async move {
+        let w = open.0.clone();
+        connection(w, stream, peer, kind).await;
+        drop(open);
+    });
 }
 
 async fn connection(w: Rc<Worker>, mut stream: Stream, peer: SocketAddr, kind: Kind) {

@@ -458,6 +458,41 @@ impl UringListener {
     pub async fn accept(&self) -> io::Result<(UringStream, SocketAddr)> {
         std::future::poll_fn(|cx| self.poll_accept(cx)).await
     }
+
+    /// Stops accepting and returns the connections the kernel already accepted for us (a
+    /// multishot accept takes them off the socket before anyone asks; dropping them would
+    /// reset their clients). Waits, at most a second, for the cancel to be confirmed.
+    pub async fn close(self) -> Vec<(UringStream, SocketAddr)> {
+        let armed = matches!(self.drv.st.borrow().ops.get(self.op), Some(Op::Accept(a)) if a.armed);
+        if armed {
+            self.drv.cancel(self.op);
+            let confirmed = std::future::poll_fn(|cx| {
+                let mut st = self.drv.st.borrow_mut();
+                match st.ops.get_mut(self.op) {
+                    Some(Op::Accept(a)) if a.armed => {
+                        set_waker(&mut a.waker, cx);
+                        Poll::Pending
+                    }
+                    _ => Poll::Ready(()),
+                }
+            });
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), confirmed).await;
+        }
+        let fds: Vec<i32> = match self.drv.st.borrow_mut().ops.get_mut(self.op) {
+            Some(Op::Accept(a)) => a.queue.drain(..).filter(|fd| *fd >= 0).collect(),
+            _ => Vec::new(),
+        };
+        let mut out = Vec::new();
+        for fd in fds {
+            // SAFETY: a descriptor the kernel accepted for us and nobody took.
+            let tcp = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+            let Ok(peer) = tcp.peer_addr() else { continue };
+            if let Ok(s) = UringStream::from_std(&self.drv, tcp) {
+                out.push((s, peer));
+            }
+        }
+        out
+    }
 }
 
 impl Drop for UringListener {

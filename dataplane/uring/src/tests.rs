@@ -378,3 +378,51 @@ fn t08_an_unread_stream_leaves_the_ring_for_splice_and_a_read_one_does_not() {
         drop(server.join().unwrap());
     });
 }
+
+#[test]
+fn t09_closing_a_listener_hands_over_what_it_accepted_instead_of_resetting_it() {
+    run(|| async {
+        let drv = Driver::start(small()).unwrap();
+        let (l, addr) = listener();
+        let l = UringListener::from_std(&drv, l).unwrap();
+        // Arm the multishot accept, then let three clients connect without anyone accepting.
+        let first = std::thread::spawn(move || TcpStream::connect(addr).unwrap());
+        let (mut s0, _) = l.accept().await.unwrap();
+        let mut clients = vec![first.join().unwrap()];
+        for _ in 0..3 {
+            clients.push(TcpStream::connect(addr).unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let handed = l.close().await;
+        assert_eq!(
+            handed.len(),
+            3,
+            "the ring accepted three connections nobody took"
+        );
+        s0.write_all(b"0").await.unwrap();
+        s0.flush().await.unwrap();
+        let mut streams = vec![s0];
+        for (mut s, _) in handed {
+            s.write_all(b"1").await.unwrap();
+            s.flush().await.unwrap();
+            streams.push(s);
+        }
+        drop(streams);
+        // Every client reads its byte and a clean EOF: none was reset.
+        let results = tokio::task::spawn_blocking(move || {
+            clients
+                .into_iter()
+                .map(|mut c| {
+                    let mut got = Vec::new();
+                    c.read_to_end(&mut got).map(|_| got)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        for r in results {
+            assert_eq!(r.expect("no reset").len(), 1);
+        }
+        settles(&drv, 0).await;
+    });
+}
