@@ -7,6 +7,7 @@ use std::cell::{Cell, RefCell};
 use std::hash::{Hash, Hasher};
 use std::io;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -39,8 +40,6 @@ pub struct Upstreams {
     max_idle: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
-    /// The worker's ring when it runs the io_uring backend: backend sockets go on it too.
-    ring: RefCell<Option<std::rc::Rc<Driver>>>,
 }
 
 impl Upstreams {
@@ -57,13 +56,7 @@ impl Upstreams {
             max_idle,
             idle_timeout,
             connect_timeout,
-            ring: RefCell::new(None),
         }
-    }
-
-    /// Puts new backend connections on `ring` (the worker's io_uring).
-    pub fn use_ring(&self, ring: std::rc::Rc<Driver>) {
-        *self.ring.borrow_mut() = Some(ring);
     }
 
     /// xorshift64*: cheap, worker-local randomness for balancing and request ids.
@@ -116,8 +109,14 @@ impl Upstreams {
         }
     }
 
-    /// A pooled connection if one is fresh, else a new one.
-    pub async fn connect(&self, addr: &str, pooled: bool) -> io::Result<UpstreamConn> {
+    /// A pooled connection if one is fresh, else a new one (on `ring`, the worker's
+    /// io_uring, when it runs that backend).
+    pub async fn connect(
+        &self,
+        addr: &str,
+        pooled: bool,
+        ring: Option<&Rc<Driver>>,
+    ) -> io::Result<UpstreamConn> {
         if pooled {
             let mut idle = self.idle.borrow_mut();
             if let Some(list) = idle.get_mut(addr) {
@@ -133,11 +132,14 @@ impl Upstreams {
                 }
             }
         }
-        self.connect_new(addr).await
+        self.connect_new(addr, ring).await
     }
 
-    pub async fn connect_new(&self, addr: &str) -> io::Result<UpstreamConn> {
-        let ring = self.ring.borrow().clone();
+    pub async fn connect_new(
+        &self,
+        addr: &str,
+        ring: Option<&Rc<Driver>>,
+    ) -> io::Result<UpstreamConn> {
         let connect = async {
             let sa = match addr.parse::<SocketAddr>() {
                 Ok(sa) => sa,
@@ -145,7 +147,7 @@ impl Upstreams {
                     io::Error::new(io::ErrorKind::NotFound, "backend name has no address")
                 })?,
             };
-            Stream::connect(ring.as_ref(), sa).await
+            Stream::connect(ring, sa).await
         };
         let stream = tokio::time::timeout(self.connect_timeout, connect)
             .await
@@ -198,12 +200,6 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Whether a pooled connection is still open: a non-blocking read sees EOF (or stray bytes)
-/// on a connection the backend has given up on.
-fn still_open(c: &UpstreamConn) -> bool {
-    c.stream.still_open()
-}
-
 /// Picks and connects a backend: the sticky one first when the cookie names a live one,
 /// then least-outstanding of two random choices among those not yet tried, until one
 /// connects. `None`: none could be reached.
@@ -221,12 +217,16 @@ pub(crate) async fn connect_backend(
             _ => w.upstreams.pick(backends, tried)?,
         };
         tried.push(idx);
-        match w.upstreams.connect(&backends[idx].addr, pooled).await {
+        match w
+            .upstreams
+            .connect(&backends[idx].addr, pooled, w.ring())
+            .await
+        {
             Ok(mut c) => {
                 // A request that cannot be replayed gets a connection known to be open: a
                 // pooled one the backend has closed reads EOF (or a reset) here.
-                if must_be_open && c.reused && !still_open(&c) {
-                    match w.upstreams.connect_new(&backends[idx].addr).await {
+                if must_be_open && c.reused && !c.stream.still_open() {
+                    match w.upstreams.connect_new(&backends[idx].addr, w.ring()).await {
                         Ok(n) => c = n,
                         Err(_) => {
                             w.stats.borrow_mut().connect_errors += 1;
@@ -252,7 +252,7 @@ pub(crate) async fn reconnect(
     idx: usize,
     tried: &mut Vec<usize>,
 ) -> Option<(usize, UpstreamConn)> {
-    match w.upstreams.connect_new(&backends[idx].addr).await {
+    match w.upstreams.connect_new(&backends[idx].addr, w.ring()).await {
         Ok(c) => Some((idx, c)),
         Err(_) => {
             w.stats.borrow_mut().connect_errors += 1;

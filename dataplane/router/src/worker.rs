@@ -46,8 +46,8 @@ pub struct Worker {
     table: RefCell<Rc<Arc<RouteTable>>>,
     /// Client connections this worker has open.
     pub open: Cell<usize>,
-    /// This worker's io_uring, when it runs that backend.
-    ring: RefCell<Option<Rc<Driver>>>,
+    /// This worker's io_uring, when it runs that backend (set once, at start).
+    ring: std::cell::OnceCell<Rc<Driver>>,
 }
 
 impl Worker {
@@ -70,7 +70,7 @@ impl Worker {
             shutdown,
             table,
             open: Cell::new(0),
-            ring: RefCell::new(None),
+            ring: std::cell::OnceCell::new(),
             shared,
         }
     }
@@ -85,8 +85,14 @@ impl Worker {
         self.table.borrow().clone()
     }
 
+    /// The worker's io_uring, when it runs that backend: its sockets, backend ones too, go
+    /// on it.
+    pub(crate) fn ring(&self) -> Option<&Rc<Driver>> {
+        self.ring.get()
+    }
+
     fn publish(&self) {
-        if let Some(d) = &*self.ring.borrow() {
+        if let Some(d) = self.ring.get() {
             let mut s = self.stats.borrow_mut();
             s.uring_enters = d.stats.enters.get();
             s.uring_submitted = d.stats.submitted.get();
@@ -104,8 +110,7 @@ impl Worker {
         }
         match Driver::start(flynn_uring::Config::default()) {
             Ok(d) => {
-                self.upstreams.use_ring(d.clone());
-                *self.ring.borrow_mut() = Some(d);
+                let _ = self.ring.set(d);
             }
             Err(e) => {
                 tracing::warn!(worker = self.id, error = %e, "io_uring ring setup failed: this worker uses epoll");
@@ -169,9 +174,8 @@ pub fn run(w: Worker, listeners: Vec<(std::net::TcpListener, Kind)>) {
     let w = Rc::new(w);
     local.block_on(&rt, async move {
         w.start_ring();
-        let ring = w.ring.borrow().clone();
         for (l, kind) in listeners {
-            let l = match &ring {
+            let l = match w.ring() {
                 Some(d) => UringListener::from_std(d, l).map(Listener::Uring),
                 None => TcpListener::from_std(l).map(Listener::Epoll),
             };
