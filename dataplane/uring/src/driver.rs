@@ -265,36 +265,12 @@ impl Driver {
     /// Every pointer in `sqe` must stay valid until its completion arrives (the operation's
     /// slot owns the memory), and its user data must name a live slot or be `IGNORED`.
     pub(crate) unsafe fn push(&self, sqe: &squeue::Entry) {
-        // SAFETY: single thread, and no other SubmissionQueue handle is alive: every use of
-        // `submission_shared` in this crate ends before it returns.
-        let mut sq = unsafe { self.ring.submission_shared() };
-        if sq.is_full() {
-            drop(sq);
-            if let Err(e) = self.ring.submitter().submit() {
-                tracing::warn!(error = %e, "io_uring submit with a full queue");
-            }
-            self.stats.enters.set(self.stats.enters.get() + 1);
-            // SAFETY: as above.
-            sq = unsafe { self.ring.submission_shared() };
-        }
         // SAFETY: forwarded from this function's contract.
-        if unsafe { sq.push(sqe) }.is_err() {
-            tracing::error!("io_uring submission queue still full after a submit");
-        }
-        drop(sq);
-        self.stats.submitted.set(self.stats.submitted.get() + 1);
-        self.wake();
+        unsafe { self.push_nowake(sqe) };
+        self.wake_with(&self.st.borrow());
     }
 
-    fn wake(&self) {
-        if !self.needs_turn.replace(true) {
-            if let Some(w) = &self.st.borrow().driver_waker {
-                w.wake_by_ref();
-            }
-        }
-    }
-
-    /// Like `wake`, for callers already holding the state.
+    /// Makes sure the drive task runs this turn (`st`: the state, which the caller may hold).
     pub(crate) fn wake_with(&self, st: &State) {
         if !self.needs_turn.replace(true) {
             if let Some(w) = &st.driver_waker {
@@ -383,14 +359,20 @@ impl Driver {
 
     /// `push` without waking the drive task: for callers that hold the state (they wake it
     /// through `wake_with`) or run inside the turn.
+    ///
+    /// # Safety
+    /// As for `push`.
     unsafe fn push_nowake(&self, sqe: &squeue::Entry) {
-        // SAFETY: see `push`.
+        // SAFETY: single thread, and no other SubmissionQueue handle is alive: every use of
+        // `submission_shared` in this crate ends before it returns.
         let mut sq = unsafe { self.ring.submission_shared() };
         if sq.is_full() {
             drop(sq);
-            let _ = self.ring.submitter().submit();
+            if let Err(e) = self.ring.submitter().submit() {
+                tracing::warn!(error = %e, "io_uring submit with a full queue");
+            }
             self.stats.enters.set(self.stats.enters.get() + 1);
-            // SAFETY: see `push`.
+            // SAFETY: as above.
             sq = unsafe { self.ring.submission_shared() };
         }
         // SAFETY: forwarded from the caller's contract.

@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use io_uring::cqueue;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::driver::{set_waker, wake_all, AcceptOp, Conn, Driver, Op, RecvOp, SendOp};
+use crate::driver::{set_waker, wake_all, AcceptOp, Conn, Driver, Op, RecvOp, SendOp, State};
 
 /// Bytes a stream may have queued behind an in-flight send before writes wait.
 const SEND_HIGH_WATER: usize = 256 * 1024;
@@ -156,15 +156,22 @@ impl UringStream {
         let Some(Op::Recv(r)) = st.ops.get(self.recv) else {
             return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
         };
-        let queued: Vec<(i32, u32)> = r.queue.iter().copied().collect();
-        for (res, flags) in queued {
+        let mut eof = self.eof.get();
+        for &(res, flags) in &r.queue {
             if n == out.len() {
                 break;
             }
-            if res < 0 && n == 0 {
-                return Poll::Ready(Err(io::Error::from_raw_os_error(-res)));
+            if res == 0 {
+                eof = true;
+                break;
             }
-            let Some(bid) = cqueue::buffer_select(flags).filter(|_| res > 0) else {
+            if res < 0 {
+                if n == 0 {
+                    return Poll::Ready(Err(io::Error::from_raw_os_error(-res)));
+                }
+                break;
+            }
+            let Some(bid) = cqueue::buffer_select(flags) else {
                 break;
             };
             let data = st.bufs.data(bid, res as usize);
@@ -172,7 +179,7 @@ impl UringStream {
             out[n..n + k].copy_from_slice(&data[..k]);
             n += k;
         }
-        if n > 0 || self.eof.get() || matches!(r_queue_front(&st, self.recv), Some((0, _))) {
+        if n > 0 || eof {
             return Poll::Ready(Ok(n));
         }
         self.wait_for_data(&mut st, cx);
@@ -180,7 +187,7 @@ impl UringStream {
     }
 
     /// Registers to be woken by the next completion, re-arming the receive if it ended.
-    fn wait_for_data(&self, st: &mut crate::driver::State, cx: &mut Context<'_>) {
+    fn wait_for_data(&self, st: &mut State, cx: &mut Context<'_>) {
         let armed = match st.ops.get_mut(self.recv) {
             Some(Op::Recv(r)) => {
                 set_waker(&mut r.waker, cx);
@@ -196,13 +203,6 @@ impl UringStream {
             }
             self.drv.arm_recv(st, self.recv, self.conn.target);
         }
-    }
-}
-
-fn r_queue_front(st: &crate::driver::State, ud: usize) -> Option<(i32, u32)> {
-    match st.ops.get(ud) {
-        Some(Op::Recv(r)) => r.queue.front().copied(),
-        _ => None,
     }
 }
 
@@ -264,7 +264,7 @@ impl UringStream {
 
 impl UringStream {
     /// This stream's send slot, or the error every write and flush now returns.
-    fn send_slot<'a>(&self, st: &'a mut crate::driver::State) -> io::Result<&'a mut SendOp> {
+    fn send_slot<'a>(&self, st: &'a mut State) -> io::Result<&'a mut SendOp> {
         match st.ops.get_mut(self.send) {
             Some(Op::Send(s)) => match s.err {
                 Some(e) => Err(io::Error::from_raw_os_error(-e)),
@@ -372,23 +372,27 @@ impl Drop for UringStream {
         // Receive: give queued buffers back; a live multishot is cancelled and its slot freed
         // at its last completion.
         let mut cancel = false;
-        if let Some(Op::Recv(r)) = st.ops.get_mut(self.recv) {
-            let queued: Vec<(i32, u32)> = r.queue.drain(..).collect();
+        let State {
+            ops,
+            bufs,
+            buf_waiters,
+            ..
+        } = &mut *st;
+        if let Some(Op::Recv(r)) = ops.get_mut(self.recv) {
+            for (res, flags) in r.queue.drain(..) {
+                if let Some(bid) = cqueue::buffer_select(flags).filter(|_| res > 0) {
+                    bufs.recycle(bid);
+                }
+            }
             r.waker = None;
             if r.armed {
                 r.orphan = true;
                 cancel = true;
-            }
-            for (res, flags) in queued {
-                if let Some(bid) = cqueue::buffer_select(flags).filter(|_| res > 0) {
-                    st.bufs.recycle(bid);
-                }
-            }
-            if !cancel {
-                st.ops.remove(self.recv);
+            } else {
+                ops.remove(self.recv);
             }
         }
-        wake_all(&mut st.buf_waiters);
+        wake_all(buf_waiters);
         // Send: what was written still goes out; the slot keeps the socket open until then.
         if let Some(Op::Send(s)) = st.ops.get_mut(self.send) {
             s.waker = None;

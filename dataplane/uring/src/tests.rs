@@ -32,6 +32,12 @@ fn listener() -> (TcpListener, SocketAddr) {
     (l, a)
 }
 
+/// A loopback listener on `drv`'s ring, and its address.
+fn ring_listener(drv: &Rc<Driver>) -> (UringListener, SocketAddr) {
+    let (l, addr) = listener();
+    (UringListener::from_std(drv, l).unwrap(), addr)
+}
+
 /// Waits (bounded) until the driver has settled: only `ops` slots left and every buffer
 /// back in the ring.
 async fn settles(drv: &Rc<Driver>, ops: usize) {
@@ -56,8 +62,7 @@ fn t01_probe_accept_echo_and_close() {
     run(|| async {
         let drv = Driver::start(small()).unwrap();
         assert_eq!(drv.taskrun, TaskRun::Deferred);
-        let (l, addr) = listener();
-        let l = UringListener::from_std(&drv, l).unwrap();
+        let (l, addr) = ring_listener(&drv);
         let client = std::thread::spawn(move || {
             let mut c = TcpStream::connect(addr).unwrap();
             c.write_all(b"hello ring").unwrap();
@@ -92,8 +97,7 @@ fn t01_probe_accept_echo_and_close() {
 fn t02_four_mebibytes_each_way_through_a_small_buffer_ring() {
     run(|| async {
         let drv = Driver::start(small()).unwrap();
-        let (l, addr) = listener();
-        let l = UringListener::from_std(&drv, l).unwrap();
+        let (l, addr) = ring_listener(&drv);
         let data: Vec<u8> = (0..4 << 20).map(|i| (i * 7 % 251) as u8).collect();
         let sent = data.clone();
         let client = std::thread::spawn(move || {
@@ -134,8 +138,7 @@ fn t02_four_mebibytes_each_way_through_a_small_buffer_ring() {
 fn t03_a_dropped_read_future_loses_nothing_and_a_dropped_stream_frees_its_slots() {
     run(|| async {
         let drv = Driver::start(small()).unwrap();
-        let (l, addr) = listener();
-        let l = UringListener::from_std(&drv, l).unwrap();
+        let (l, addr) = ring_listener(&drv);
         let mut c = TcpStream::connect(addr).unwrap();
         let (mut s, _) = l.accept().await.unwrap();
         let mut buf = [0u8; 16];
@@ -167,8 +170,7 @@ fn t03_a_dropped_read_future_loses_nothing_and_a_dropped_stream_frees_its_slots(
 fn t04_a_peer_reset_mid_receive_is_an_error_not_a_hang() {
     run(|| async {
         let drv = Driver::start(small()).unwrap();
-        let (l, addr) = listener();
-        let l = UringListener::from_std(&drv, l).unwrap();
+        let (l, addr) = ring_listener(&drv);
         let c = TcpStream::connect(addr).unwrap();
         let (mut s, _) = l.accept().await.unwrap();
         let mut c = c;
@@ -234,8 +236,7 @@ fn t05_an_exhausted_buffer_ring_stalls_nobody_for_good() {
             files: 8,
         })
         .unwrap();
-        let (l, addr) = listener();
-        let l = UringListener::from_std(&drv, l).unwrap();
+        let (l, addr) = ring_listener(&drv);
         let payload: Vec<u8> = (0..65536).map(|i| (i % 253) as u8).collect();
         let mut senders = Vec::new();
         for _ in 0..2 {
@@ -285,8 +286,7 @@ fn t05_an_exhausted_buffer_ring_stalls_nobody_for_good() {
 fn t06_data_written_before_a_drop_still_arrives() {
     run(|| async {
         let drv = Driver::start(small()).unwrap();
-        let (l, addr) = listener();
-        let l = UringListener::from_std(&drv, l).unwrap();
+        let (l, addr) = ring_listener(&drv);
         let reader = std::thread::spawn(move || {
             let mut c = TcpStream::connect(addr).unwrap();
             // Read slowly at first, so the sends queue up behind a full socket buffer.
@@ -383,8 +383,7 @@ fn t08_an_unread_stream_leaves_the_ring_for_splice_and_a_read_one_does_not() {
 fn t09_closing_a_listener_hands_over_what_it_accepted_instead_of_resetting_it() {
     run(|| async {
         let drv = Driver::start(small()).unwrap();
-        let (l, addr) = listener();
-        let l = UringListener::from_std(&drv, l).unwrap();
+        let (l, addr) = ring_listener(&drv);
         // Arm the multishot accept, then let three clients connect without anyone accepting.
         let first = std::thread::spawn(move || TcpStream::connect(addr).unwrap());
         let (mut s0, _) = l.accept().await.unwrap();
