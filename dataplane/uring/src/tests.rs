@@ -316,14 +316,19 @@ fn t07_connect_and_peek_without_consuming() {
     run(|| async {
         let drv = Driver::start(small()).unwrap();
         let (l, addr) = listener();
+        // The server speaks only once told to: `still_open` means "open and idle", so bytes
+        // that arrived before the first check would rightly make it false.
+        let (go, wait) = std::sync::mpsc::channel::<()>();
         let server = std::thread::spawn(move || {
             let (mut c, _) = l.accept().unwrap();
+            wait.recv().unwrap();
             c.write_all(b"PRI * HTTP/2.0").unwrap();
             std::thread::sleep(Duration::from_millis(30));
             c.write_all(b"\r\n").unwrap();
         });
         let mut s = UringStream::connect(&drv, addr).await.unwrap();
         assert!(s.still_open());
+        go.send(()).unwrap();
         let mut peek = [0u8; 16];
         let mut n = 0;
         for _ in 0..100 {
