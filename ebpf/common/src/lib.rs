@@ -21,6 +21,12 @@ pub struct Config {
     pub udp_reply_secs: u32,
     pub v4_count: u32,
     pub v6_count: u32,
+    /// The kernel's tick rate (CONFIG_HZ), measured by the loader: the fast paths count time
+    /// in jiffies, which are a plain load, where a clock helper call is not.
+    pub hz: u32,
+    /// Random per load: keys the SYN limiter's set hash, so a flooder cannot pick sources
+    /// that push one another's buckets out (each eviction would hand out a fresh burst).
+    pub seed: u32,
     /// (network-order address, network-order mask) pairs.
     pub v4: [[u32; 2]; INLINE_V4],
     /// (address halves, mask halves), each as two u64 read from the bytes in memory order.
@@ -39,13 +45,21 @@ pub const FLAG_PASS_FRAGMENTS: u32 = 1 << 1;
 /// Port bitmaps: 65536 bits as 1024 words.
 pub const PORT_WORDS: u32 = 1024;
 
-/// Per-source token bucket for new TCP connections.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SynBucket {
-    /// Tokens × 1000 (so refills of less than one token per packet accumulate).
-    pub milli_tokens: u64,
-    pub last_ns: u64,
+/// The SYN limiter's table of per-source token buckets: sets of [`SYN_WAYS`] sources,
+/// picked by [`source_set`].
+pub const SYN_SETS: u32 = 16384;
+pub const SYN_WAYS: usize = 4;
+
+/// Which set of the SYN limiter's table a source lives in: murmur3's 64-bit finalizer over
+/// the address words and the load's seed.
+pub fn source_set(src: &[u64; 2], seed: u32) -> u32 {
+    let mut x = src[0] ^ src[1].rotate_left(31) ^ (seed as u64) << 32 ^ seed as u64;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^= x >> 33;
+    (x as u32) % SYN_SETS
 }
 
 /// An outbound UDP flow of the host, seen on egress; replies to it are let in.
@@ -56,6 +70,49 @@ pub struct UdpFlow {
     pub remote: [u8; 16],
     pub remote_port: u16,
     pub local_port: u16,
+}
+
+/// The reply-flow table: an array of sets of [`FLOW_WAYS`] flows, written by the egress
+/// program and read by ingress with a multiply-and-shift hash, an array index and compares.
+/// It answers a flow's replies (its first one too) without the flow map's hash of a 20-byte
+/// key; a flow that lost its way to newer ones is still answered by the flow map.
+pub const FLOW_SETS: u32 = 16384;
+pub const FLOW_WAYS: usize = 4;
+
+/// A flow as words: the remote address read in memory order, and (remote port << 16 |
+/// local port).
+pub fn flow_words(remote: &[u8; 16], remote_port: u16, local_port: u16) -> ([u64; 2], u32) {
+    let w = |i: usize| {
+        u64::from_ne_bytes([
+            remote[i],
+            remote[i + 1],
+            remote[i + 2],
+            remote[i + 3],
+            remote[i + 4],
+            remote[i + 5],
+            remote[i + 6],
+            remote[i + 7],
+        ])
+    };
+    ([w(0), w(8)], (remote_port as u32) << 16 | local_port as u32)
+}
+
+/// Which set of the flow table a flow lives in (Fibonacci hashing of all its words).
+pub fn flow_set(remote: &[u64; 2], ports: u32) -> u32 {
+    let folded = remote[0] ^ remote[1].rotate_left(29) ^ (ports as u64).rotate_left(47);
+    let mixed = (folded ^ (folded >> 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    ((mixed >> 32) as u32) % FLOW_SETS
+}
+
+/// A way's check word over every field, written last: a reader that meets a way half
+/// rewritten by another CPU sees a mismatch and asks the flow map instead of trusting a
+/// mix of two flows. Never 0, which marks an empty way.
+pub fn flow_tag(remote: &[u64; 2], ports: u32, jiffies: u64) -> u32 {
+    let x = (remote[0].wrapping_mul(0xff51_afd7_ed55_8ccd) ^ remote[1])
+        .wrapping_mul(0xc4ce_b9fe_1a85_ec53)
+        ^ ((ports as u64) << 32 | (jiffies & 0xffff_ffff)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ jiffies >> 32;
+    ((x >> 32) as u32 ^ x as u32) | 1
 }
 
 /// Packet and byte counts of one (reason, port class) cell.
@@ -162,7 +219,6 @@ pub fn port_class(port: u16) -> u32 {
 mod user {
     // SAFETY: plain #[repr(C)] data with no padding-dependent invariants.
     unsafe impl aya::Pod for super::Config {}
-    unsafe impl aya::Pod for super::SynBucket {}
     unsafe impl aya::Pod for super::UdpFlow {}
     unsafe impl aya::Pod for super::Counter {}
 }

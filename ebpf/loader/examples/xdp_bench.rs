@@ -40,7 +40,7 @@ fn main() {
             "udp_closed_drop",
             eth4(&V4::from(OUTSIDE).packet(17, &udp(53, 5353, b"x"))),
         ),
-        // A reply to the host's own query: the flow-table path (LRU hash lookup).
+        // A reply to the host's own query: the reply-flow table (a set of 4 ways).
         (
             "udp_reply_pass",
             eth4(&V4::from(OUTSIDE).packet(17, &udp(53, 41000, b"x"))),
@@ -68,20 +68,30 @@ fn main() {
     for (name, frame) in &cases {
         rows.push(run_case(&fw, name, frame));
     }
-    // A flow's first reply, and any flow whose slot another one took, skip the per-CPU
-    // cache and look in the flow table. A 3 s window keeps every flow out of the cache
-    // (it caches only flows with more than 3 s left), so this row prices that path.
+    // New connections under the per-source SYN limit, with a rate no run can exhaust.
     fw.set_policy(&Policy {
         internal_prefixes: Policy::parse_prefixes("10.0.0.0/8,fd00::/8").unwrap(),
-        syn_rate: 0,
-        udp_reply_secs: 3,
+        syn_rate: 1_000_000_000,
+        syn_burst: 1_000_000,
+        udp_reply_secs: 3600,
         ..Policy::default()
     })
     .expect("policy");
-    fw.test_egress(&eth4(&query.packet(17, &udp(41000, 53, b"q"))))
-        .expect("egress");
+    rows.push(run_case(
+        &fw,
+        "tcp_syn_limited_pass",
+        &tcp4(OUTSIDE, 443, SYN),
+    ));
+    // A flow pushed out of its reply-table set by newer flows: its replies are answered by
+    // the flow map (hash of the 20-byte key, coarse clock). Rare by design, priced here.
+    for other in colliding_remotes(OUTSIDE, 53, 41000, flynn_xdp_common::FLOW_WAYS) {
+        let mut q = V4::from([10, 9, 9, 1]);
+        q.dst = other;
+        fw.test_egress(&eth4(&q.packet(17, &udp(41000, 53, b"q"))))
+            .expect("egress");
+    }
     let reply = eth4(&V4::from(OUTSIDE).packet(17, &udp(53, 41000, b"x")));
-    rows.push(run_case(&fw, "udp_reply_uncached_pass", &reply));
+    rows.push(run_case(&fw, "udp_reply_evicted_pass", &reply));
     println!();
     println!("| path | firewall ns/pkt | XDP_PASS floor ns/pkt | ratio |");
     println!("|---|---|---|---|");

@@ -135,9 +135,10 @@ impl Policy {
         words
     }
 
-    fn config(&self) -> Config {
+    fn config(&self, hz: u32) -> Config {
         let mut cfg = Config {
             flags: 0,
+            hz,
             syn_rate: self.syn_rate,
             syn_burst: self.syn_burst,
             udp_reply_secs: self.udp_reply_secs,
@@ -223,13 +224,17 @@ pub struct Firewall {
     attached: Vec<Attachment>,
     prefixes: BTreeSet<(IpAddr, u8)>,
     policy: Policy,
+    /// The kernel's CONFIG_HZ, as measured at load.
+    hz: u32,
+    /// Keys the SYN limiter's set hash (see `Config::seed`).
+    seed: u32,
 }
 
 impl Firewall {
     /// Loads and verifies the programs, with the default policy in the maps.
     pub fn load() -> Result<Self, FirewallError> {
         let mut ebpf = Ebpf::load(OBJECT).map_err(|e| FirewallError::Load(e.to_string()))?;
-        for name in ["flynn_firewall", "flynn_pass"] {
+        for name in ["flynn_firewall", "flynn_pass", "flynn_jiffies"] {
             let prog: &mut Xdp = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|e| FirewallError::Load(format!("{name}: {e}")))?;
@@ -243,9 +248,60 @@ impl Firewall {
             attached: Vec::new(),
             prefixes: BTreeSet::new(),
             policy: Policy::default(),
+            hz: 0,
+            seed: rand::random(),
         };
+        fw.hz = fw.measure_hz()?;
         fw.set_policy(&Policy::default())?;
         Ok(fw)
+    }
+
+    /// The seed of the SYN limiter's set hash (tests use it to build colliding sources).
+    pub fn syn_seed(&self) -> u32 {
+        self.seed
+    }
+
+    /// The kernel's tick rate (CONFIG_HZ) the fast paths count time in.
+    pub fn hz(&self) -> u32 {
+        self.hz
+    }
+
+    /// Learns CONFIG_HZ by timing jiffies over a short sleep, snapped to the rates the kernel
+    /// can be built with (x86 offers 100, 250, 300 and 1000; others are rare and are not
+    /// guessed at). The reply window is then `udp_reply_secs × HZ` jiffies. A wrong snap
+    /// cannot widen it by much: the rates are ≥ 20% apart and 80 ms of ticks tell them apart.
+    fn measure_hz(&self) -> Result<u32, FirewallError> {
+        let jiffies = || -> Result<u32, FirewallError> {
+            Ok(self.test_run("flynn_jiffies", &[0u8; 64], 1)?.0)
+        };
+        // Start on a tick edge so the count is not off by a partial tick.
+        let edge = |from: u32| -> Result<(u32, std::time::Instant), FirewallError> {
+            let deadline = std::time::Instant::now() + Duration::from_millis(100);
+            loop {
+                let j = jiffies()?;
+                if j != from || std::time::Instant::now() > deadline {
+                    return Ok((j, std::time::Instant::now()));
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        };
+        let (j0, t0) = edge(jiffies()?)?;
+        std::thread::sleep(Duration::from_millis(80));
+        let (j1, t1) = edge(jiffies()?)?;
+        let measured = j1.wrapping_sub(j0) as f64 / (t1 - t0).as_secs_f64();
+        let hz = [100u32, 250, 300, 1000]
+            .into_iter()
+            .min_by(|a, b| {
+                let off = |c: u32| (measured / c as f64).ln().abs();
+                off(*a).total_cmp(&off(*b))
+            })
+            .unwrap_or(100);
+        if !(50.0..2000.0).contains(&measured) {
+            return Err(FirewallError::Load(format!(
+                "jiffies advanced at {measured:.0}/s, not a kernel tick rate"
+            )));
+        }
+        Ok(hz)
     }
 
     pub fn policy(&self) -> &Policy {
@@ -268,9 +324,13 @@ impl Firewall {
                 map.set(i as u32, *w, 0).map_err(map_err("ports"))?;
             }
         }
+        let config = Config {
+            seed: self.seed,
+            ..policy.config(self.hz)
+        };
         let mut cfg: Array<_, Config> =
             Array::try_from(self.map("CONFIG")?).map_err(map_err("CONFIG"))?;
-        cfg.set(0, policy.config(), 0).map_err(map_err("CONFIG"))?;
+        cfg.set(0, config, 0).map_err(map_err("CONFIG"))?;
 
         let wanted: BTreeSet<(IpAddr, u8)> = policy.internal_prefixes.iter().copied().collect();
         for (addr, len) in wanted.difference(&self.prefixes.clone()) {

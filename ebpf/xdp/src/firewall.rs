@@ -15,15 +15,15 @@
 //! 7. any other IP protocol → drop.
 
 use aya_ebpf::bindings::{xdp_action, TC_ACT_OK};
-use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
+use aya_ebpf::helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns};
 use aya_ebpf::macros::{classifier, map, xdp};
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{Array, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::{TcContext, XdpContext};
 use flynn_xdp_common::{
-    port_class, Config, Counter, Reason, SynBucket, UdpFlow, CLASS_NONE, COUNTER_CELLS,
-    FLAG_ALLOW_ECHO, FLAG_PASS_FRAGMENTS, FLAG_USE_LPM, INLINE_V4, INLINE_V6, PORT_CLASSES,
-    PORT_WORDS,
+    flow_set, flow_tag, flow_words, port_class, source_set, Config, Counter, Reason, UdpFlow,
+    CLASS_NONE, COUNTER_CELLS, FLAG_ALLOW_ECHO, FLAG_PASS_FRAGMENTS, FLAG_USE_LPM, FLOW_SETS,
+    FLOW_WAYS, INLINE_V4, INLINE_V6, PORT_CLASSES, PORT_WORDS, SYN_SETS, SYN_WAYS,
 };
 
 #[map]
@@ -37,40 +37,55 @@ static INTERNAL_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(1024, 0);
 #[map]
 static INTERNAL_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(1024, 0);
 #[map]
-static SYN_BUCKETS: LruHashMap<[u8; 16], SynBucket> = LruHashMap::with_max_entries(65536, 0);
+static SYN_TABLE: Array<SynSet> = Array::with_max_entries(SYN_SETS, 0);
 #[map]
 static UDP_FLOWS: LruHashMap<UdpFlow, u64> = LruHashMap::with_max_entries(65536, 0);
 /// Local ports that have sent UDP (one bit each): a cheap first test before the flow lookup,
 /// so a flood to ports the host never used drops without touching the LRU map.
 #[map]
 static UDP_LOCAL_PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
-/// Per-CPU, direct-mapped: the reply flows this CPU let in last. A busy flow's replies
-/// pass on a compare and a jiffies read, instead of the LRU map's hash of a 20-byte key and
-/// a clock read (the flow's first reply, and any whose slot another flow took, still look
-/// there). An entry is trusted for [`CACHE_TRUST_JIFFIES`] and is made only while the flow
-/// has more than [`CACHE_MIN_LEFT_NS`] of its reply window left, which is longer than that
-/// at any HZ, so the cache never lets a reply in after the flow table would stop it.
+/// Reply flows, as sets of ways (see [`FLOW_SETS`]): a flow's replies pass on a hash, an
+/// array index, compares and a jiffies read. Shared by all CPUs: egress on one CPU writes
+/// what ingress on another reads, so each way carries a check word ([`flow_tag`]).
 #[map]
-static UDP_FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+static UDP_FLOW_TABLE: Array<FlowSet> = Array::with_max_entries(FLOW_SETS, 0);
 #[map]
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTER_CELLS, 0);
 
-const FLOW_CACHE_SLOTS: u32 = 256;
-/// How long a cached flow is trusted: 250 jiffies, 2.5 s at HZ=100 and 0.25 s at HZ=1000.
-const CACHE_TRUST_JIFFIES: u64 = 250;
-/// A flow is cached only with more than this left of its window (> 250 jiffies at HZ=100).
-const CACHE_MIN_LEFT_NS: u64 = 3_000_000_000;
+/// One source's token bucket. An empty way is all zeros: it reads as a full bucket, so it
+/// is the first a new source takes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SynWay {
+    /// The source address as words (IPv4-mapped for IPv4).
+    src: [u64; 2],
+    /// Tokens × 1000 (so refills of less than one token per packet accumulate).
+    milli_tokens: u64,
+    /// jiffies at the bucket's last refill.
+    jiffies: u64,
+}
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct CachedFlow {
-    /// The flow as words: remote address (two u64), then remote and local port.
+struct SynSet {
+    ways: [SynWay; SYN_WAYS],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FlowWay {
     remote: [u64; 2],
     ports: u32,
-    /// Non-zero once filled (an all-zero flow is a real, if unlikely, key).
-    filled: u32,
-    /// jiffies when the flow table last vouched for the flow.
+    /// [`flow_tag`] of the other fields; 0 while the way is empty.
+    tag: u32,
+    /// jiffies at the flow's last outbound packet.
     jiffies: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FlowSet {
+    ways: [FlowWay; FLOW_WAYS],
 }
 
 const ETH_P_IP: u16 = 0x0800;
@@ -145,6 +160,14 @@ pub fn flynn_firewall(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn flynn_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// Returns jiffies' low 32 bits, never a verdict: the loader times two test runs of it to
+/// learn the kernel's HZ. Loaded, never attached.
+#[xdp]
+pub fn flynn_jiffies(_ctx: XdpContext) -> u32 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_jiffies64() as u32 }
 }
 
 #[inline(always)]
@@ -414,6 +437,10 @@ fn echo() -> Verdict {
 }
 
 /// Token bucket per source: `syn_rate` new connections per second, bursts of `syn_burst`.
+/// Buckets live in a seeded set-associative table and count time in jiffies: a hash, an
+/// array index and a plain load, where a hash map of 16-byte keys and a clock helper cost
+/// 3x more (`bash bench/xdp`). A new source takes its set's fullest bucket, the one whose
+/// loss forgets least (an idle source's bucket is full again anyway).
 #[inline(always)]
 fn syn_allowed(src: &[u8; 16], v6: bool) -> bool {
     let Some(cfg) = config() else {
@@ -422,38 +449,52 @@ fn syn_allowed(src: &[u8; 16], v6: bool) -> bool {
     if cfg.syn_rate == 0 {
         return true;
     }
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let hz = cfg.hz.max(1) as u64;
     let cap = cfg.syn_burst.max(1) as u64 * 1000;
-    match SYN_BUCKETS.get_ptr_mut(*src) {
-        Some(b) => {
-            // SAFETY: the pointer is to this entry's value; concurrent updates from other
-            // CPUs can only make the bucket slightly more generous, never unsafe.
-            let b = unsafe { &mut *b };
-            let elapsed = now.saturating_sub(b.last_ns);
-            // Refill: rate tokens per second, in milli-tokens; capped before multiplying so
-            // a long-idle source cannot overflow.
-            let refill = (elapsed.min(10_000_000_000) / 1000) * cfg.syn_rate as u64 / 1000;
-            let tokens = (b.milli_tokens + refill).min(cap);
-            b.last_ns = now;
+    let (key, _) = flow_words(src, 0, 0);
+    let Some(set) = SYN_TABLE.get_ptr_mut(source_set(&key, cfg.seed)) else {
+        return true;
+    };
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_jiffies64() };
+    // SAFETY: a pointer to this set's array slot. CPUs updating one bucket at once can only
+    // make it slightly more generous (a lost decrement), never unsafe.
+    let set = unsafe { &mut *set };
+    let mut victim = 0;
+    let mut fullest = 0u64;
+    for (i, way) in set.ways.iter_mut().enumerate() {
+        let elapsed = now.wrapping_sub(way.jiffies);
+        // A stamp from another CPU's later tick reads as no time passed; a long-idle bucket
+        // refills at most 10 s worth, which also keeps the product below from overflowing.
+        let elapsed = if elapsed > 1 << 62 {
+            0
+        } else {
+            elapsed.min(10 * hz)
+        };
+        let tokens = (way.milli_tokens + elapsed * cfg.syn_rate as u64 * 1000 / hz).min(cap);
+        if way.src == key {
+            way.jiffies = now;
             if tokens >= 1000 {
-                b.milli_tokens = tokens - 1000;
-                true
-            } else {
-                b.milli_tokens = tokens;
-                // Cluster hosts are never limited.
-                internal(src, v6)
+                way.milli_tokens = tokens - 1000;
+                return true;
             }
+            way.milli_tokens = tokens;
+            // Cluster hosts are never limited.
+            return internal(src, v6);
         }
-        None => {
-            let bucket = SynBucket {
-                milli_tokens: cap - 1000,
-                last_ns: now,
-            };
-            let _ = SYN_BUCKETS.insert(*src, bucket, 0);
-            true
+        if tokens > fullest {
+            fullest = tokens;
+            victim = i;
         }
     }
+    if let Some(way) = set.ways.get_mut(victim) {
+        *way = SynWay {
+            src: key,
+            milli_tokens: cap - 1000,
+            jiffies: now,
+        };
+    }
+    true
 }
 
 #[inline(always)]
@@ -461,33 +502,24 @@ fn udp_reply(src: [u8; 16], sport: u16, dport: u16) -> bool {
     if !port_allowed(&UDP_LOCAL_PORTS, dport) {
         return false;
     }
-    let remote = [
-        u64::from_ne_bytes([
-            src[0], src[1], src[2], src[3], src[4], src[5], src[6], src[7],
-        ]),
-        u64::from_ne_bytes([
-            src[8], src[9], src[10], src[11], src[12], src[13], src[14], src[15],
-        ]),
-    ];
-    let ports = (sport as u32) << 16 | dport as u32;
-    // Fibonacci hashing of the flow's low bits picks the slot.
-    let slot = ((remote[1] as u32 ^ (remote[1] >> 32) as u32 ^ ports).wrapping_mul(0x9e37_79b1)
-        >> 24)
-        % FLOW_CACHE_SLOTS;
-    // SAFETY: no preconditions.
-    let jiffies = unsafe { bpf_jiffies64() };
-    let cached = UDP_FLOW_CACHE.get_ptr_mut(slot);
-    if let Some(c) = cached {
-        // SAFETY: this CPU's slot; nothing else runs on this CPU while the program does.
-        let c = unsafe { &*c };
-        if c.filled != 0
-            && c.remote == remote
-            && c.ports == ports
-            && jiffies.wrapping_sub(c.jiffies) < CACHE_TRUST_JIFFIES
-        {
-            return true;
+    let (remote, ports) = flow_words(&src, sport, dport);
+    let (secs, hz) = config().map_or((0, 0), |c| (c.udp_reply_secs, c.hz));
+    let window = secs as u64 * hz as u64;
+    if let Some(set) = UDP_FLOW_TABLE.get(flow_set(&remote, ports)) {
+        // SAFETY: no preconditions (a plain load of jiffies once the JIT inlines it).
+        let now = unsafe { bpf_jiffies64() };
+        for way in &set.ways {
+            if way.remote == remote
+                && way.ports == ports
+                && now.wrapping_sub(way.jiffies) <= window
+                && way.tag == flow_tag(&remote, ports, way.jiffies)
+            {
+                return true;
+            }
         }
     }
+    // Not in the table (its way went to newer flows, or was caught mid-rewrite): the flow
+    // map is the authority.
     let key = UdpFlow {
         remote: src,
         remote_port: sport,
@@ -501,26 +533,7 @@ fn udp_reply(src: [u8; 16], sport: u16, dport: u16) -> bool {
     // Seconds-long windows: the coarse clock (a tick's resolution) is enough.
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let window = config().map_or(0, |c| c.udp_reply_secs) as u64 * 1_000_000_000;
-    let age = now.saturating_sub(seen);
-    if age > window {
-        return false;
-    }
-    if window - age <= CACHE_MIN_LEFT_NS {
-        return true;
-    }
-    if let Some(c) = cached {
-        // SAFETY: as above, this CPU's own slot.
-        unsafe {
-            *c = CachedFlow {
-                remote,
-                ports,
-                filled: 1,
-                jiffies,
-            };
-        }
-    }
-    true
+    now.saturating_sub(seen) <= secs as u64 * 1_000_000_000
 }
 
 /// Egress: remembers the host's own outbound UDP flows so their replies get in.
@@ -576,10 +589,55 @@ fn track_udp(ctx: &TcContext) -> Option<()> {
             }
         }
     }
+    remember_flow(&remote, remote_port, local_port);
     // The same (coarse) clock the ingress side compares against.
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     UDP_FLOWS.insert(key, now, 0).ok()
+}
+
+/// Puts the flow in its table set: its own way if there (stamped again once a tick has
+/// passed, so a busy flow does not rewrite a shared cache line per packet), else the
+/// oldest way.
+#[inline(always)]
+fn remember_flow(remote: &[u8; 16], remote_port: u16, local_port: u16) {
+    let (remote, ports) = flow_words(remote, remote_port, local_port);
+    let Some(set) = UDP_FLOW_TABLE.get_ptr_mut(flow_set(&remote, ports)) else {
+        return;
+    };
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_jiffies64() };
+    // SAFETY: a pointer to this set's array slot. Other CPUs may write the same set at the
+    // same time; the check word turns any torn way into a miss (see `flow_tag`).
+    let set = unsafe { &mut *set };
+    let mut victim = 0;
+    let mut oldest = 0u64;
+    for (i, way) in set.ways.iter_mut().enumerate() {
+        if way.remote == remote && way.ports == ports {
+            if way.jiffies != now {
+                way.jiffies = now;
+                way.tag = flow_tag(&remote, ports, now);
+            }
+            return;
+        }
+        let age = if way.tag == 0 {
+            u64::MAX
+        } else {
+            now.wrapping_sub(way.jiffies)
+        };
+        if age > oldest {
+            oldest = age;
+            victim = i;
+        }
+    }
+    if let Some(way) = set.ways.get_mut(victim) {
+        *way = FlowWay {
+            remote,
+            ports,
+            tag: flow_tag(&remote, ports, now),
+            jiffies: now,
+        };
+    }
 }
 
 #[panic_handler]
