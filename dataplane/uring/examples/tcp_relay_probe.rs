@@ -7,6 +7,11 @@
 //!   splice inline: it always hands it to an io-wq worker thread, which blocks in it.
 //! - `uring_copy`: this crate's streams (multishot receive into the provided buffer ring,
 //!   send from user space): the copy path HTTP takes under the io_uring backend.
+//! - `ring_send` / `ring_send_zc`: a plain ring loop, receive into a 256 KiB buffer and send
+//!   it with `IORING_OP_SEND` or `IORING_OP_SEND_ZC`: what zero-copy sends would save on a
+//!   large body. Over loopback (and veth) the kernel copies a zero-copy skb anyway when it
+//!   reaches the local receiver, so this prices the mechanism's overhead, not its gain on a
+//!   NIC.
 //!
 //! The source and sink are threads of this process; their own CPU time (per-thread clocks)
 //! is taken off the process total, io-wq workers included. `bash bench/tcp-relay`.
@@ -29,10 +34,12 @@ fn main() {
     let mib: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(2048);
     let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
     let total = mib << 20;
-    let modes: [(&str, Relay); 3] = [
+    let modes: [(&str, Relay); 5] = [
         ("splice", relay_splice),
         ("uring_splice", relay_uring_splice),
         ("uring_copy", relay_uring_copy),
+        ("ring_send", |c, b| relay_ring_send(c, b, false)),
+        ("ring_send_zc", |c, b| relay_ring_send(c, b, true)),
     ];
     let mut results: Vec<(&str, Vec<f64>, Vec<f64>)> =
         modes.iter().map(|(n, _)| (*n, vec![], vec![])).collect();
@@ -276,4 +283,53 @@ fn relay_uring_copy(client: TcpStream, backend: TcpStream) {
         }
         to.shutdown().await.unwrap();
     });
+}
+
+/// Receive into one buffer, send it on: with `zc`, by `SEND_ZC`, whose buffer stays the
+/// kernel's until its notification arrives (waited for before the buffer is reused).
+fn relay_ring_send(client: TcpStream, backend: TcpStream, zc: bool) {
+    let mut ring = IoUring::new(8).expect("io_uring");
+    let mut buf = vec![0u8; CHUNK];
+    let (from, to) = (client.as_raw_fd(), backend.as_raw_fd());
+    loop {
+        let sqe = opcode::Recv::new(types::Fd(from), buf.as_mut_ptr(), CHUNK as u32).build();
+        // SAFETY: `buf` outlives the wait for this receive's completion just below.
+        unsafe { ring.submission().push(&sqe).expect("queue has room") };
+        ring.submit_and_wait(1).expect("io_uring_enter");
+        let n = ring.completion().next().expect("a completion").result();
+        assert!(n >= 0, "ring recv: {}", -n);
+        if n == 0 {
+            break;
+        }
+        let mut off = 0usize;
+        while off < n as usize {
+            let (ptr, len) = (buf[off..].as_ptr(), (n as usize - off) as u32);
+            let sqe = if zc {
+                opcode::SendZc::new(types::Fd(to), ptr, len).build()
+            } else {
+                opcode::Send::new(types::Fd(to), ptr, len).build()
+            };
+            // SAFETY: `buf` is neither freed nor written until every completion of this send
+            // (for SEND_ZC, its notification too) has been reaped below.
+            unsafe { ring.submission().push(&sqe).expect("queue has room") };
+            let mut sent = None;
+            let mut notified = !zc;
+            while sent.is_none() || !notified {
+                ring.submit_and_wait(1).expect("io_uring_enter");
+                for cqe in ring.completion() {
+                    if io_uring::cqueue::notif(cqe.flags()) {
+                        notified = true;
+                    } else {
+                        sent = Some(cqe.result());
+                        if !io_uring::cqueue::more(cqe.flags()) {
+                            notified = true;
+                        }
+                    }
+                }
+            }
+            let m = sent.unwrap_or(-1);
+            assert!(m > 0, "ring send: {}", -m);
+            off += m as usize;
+        }
+    }
 }
