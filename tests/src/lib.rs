@@ -721,6 +721,53 @@ pub fn relay(listen_ip: &str, target: std::net::SocketAddr) -> std::net::SocketA
     addr
 }
 
+/// Serves the files under `root` read-only over HTTP/1.0 GET on `listen_ip` (a release
+/// repository, for instance): 200 with the bytes, 404 for anything else. Lives as long as
+/// the test process.
+pub fn serve_dir(listen_ip: &str, root: &Path) -> std::net::SocketAddr {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind((listen_ip, 0)).expect("file server bind");
+    let addr = listener.local_addr().expect("file server addr");
+    let root = root.to_path_buf();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let root = root.clone();
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                let Ok(reader) = conn.try_clone() else { return };
+                let mut reader = std::io::BufReader::new(reader);
+                if reader.read_line(&mut line).is_err() {
+                    return;
+                }
+                // The rest of the head, unread otherwise.
+                let mut h = String::new();
+                while reader.read_line(&mut h).is_ok_and(|n| n > 2) {
+                    h.clear();
+                }
+                let path = line
+                    .split(' ')
+                    .nth(1)
+                    .unwrap_or("/")
+                    .trim_start_matches('/');
+                let file = (!path.split('/').any(|p| p == ".."))
+                    .then(|| std::fs::read(root.join(path)).ok())
+                    .flatten();
+                let _ = match file {
+                    Some(body) => conn
+                        .write_all(
+                            format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
+                                .as_bytes(),
+                        )
+                        .and_then(|_| conn.write_all(&body)),
+                    None => conn.write_all(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n"),
+                };
+            });
+        }
+    });
+    addr
+}
+
 /// The storage servers the blobstore's external backends are tested against, started (or
 /// found) by `script/storage-servers`: their addresses and credentials, on loopback.
 pub fn storage_servers() -> std::collections::BTreeMap<String, String> {

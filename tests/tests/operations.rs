@@ -1194,3 +1194,113 @@ async fn t07_a_host_that_does_not_come_back_stops_the_rollout() {
     }
     assert_eq!(untouched, 2, "{said}");
 }
+
+/// `flynn-host update --version` fetches the release from the release repository, checks
+/// its manifest's signature and the binary's SHA-512 before any host is touched, and rolls
+/// it out. A release signed by another key, or whose binary was altered, is refused with
+/// every host untouched and nothing left to run.
+#[tokio::test(flavor = "multi_thread")]
+async fn t08_update_to_a_signed_release_from_the_repository() {
+    let c = own_binaries_cluster(1).await;
+    let root = c.root_path();
+    let local = |args: &[&str]| {
+        let out = Command::new(flynn_tests::bin_dir().join("flynn-host"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let path = |p: &str| root.join(p).to_str().unwrap().to_string();
+    local(&["release", "keygen", "--out", &path("release.key")]);
+    local(&["release", "keygen", "--out", &path("other.key")]);
+    let key = std::fs::read_to_string(path("release.pub"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let other = std::fs::read_to_string(path("other.pub"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let bins = flynn_tests::bin_dir();
+    for repo in ["repo", "tampered"] {
+        local(&[
+            "release",
+            "publish",
+            "--repository",
+            &path(repo),
+            "--key",
+            &path("release.key"),
+            "--from",
+            bins.to_str().unwrap(),
+        ]);
+    }
+    let version = ok(&c.flynn_host(0, &["version"])).trim().to_string();
+    let altered = root.join("tampered").join(&version).join("flynn-host");
+    let mut bytes = std::fs::read(&altered).unwrap();
+    bytes.extend_from_slice(b"\0tampered");
+    std::fs::write(&altered, bytes).unwrap();
+    let url = format!(
+        "http://{}",
+        flynn_tests::serve_dir(&c.bridge_ip(), &root.join("repo"))
+    );
+    let bad_url = format!(
+        "http://{}",
+        flynn_tests::serve_dir(&c.bridge_ip(), &root.join("tampered"))
+    );
+    let started = c.host_client(0).info().await.unwrap().started_ms;
+    let fetched = c.hosts[0]
+        .data_dir
+        .join("releases")
+        .join(&version)
+        .join("flynn-host");
+
+    let refusals: [(&[&str], &str); 2] = [
+        (
+            &["--repository", &url, "--release-key", &other],
+            "not signed",
+        ),
+        (
+            &["--repository", &bad_url, "--release-key", &key],
+            "does not match",
+        ),
+    ];
+    for (args, says) in refusals {
+        let mut all = vec!["--version", "latest"];
+        all.extend_from_slice(args);
+        let out = host_update(&c, &all);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !out.status.success() && err.contains(says),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !fetched.exists(),
+            "{args:?}: a refused binary was left in place"
+        );
+        let info = c.host_client(0).info().await.unwrap();
+        assert_eq!(info.started_ms, started, "{args:?}: the host was touched");
+    }
+
+    // The channel install-flynn records (DATA_DIR/release.json); no flags needed.
+    std::fs::write(
+        c.hosts[0].data_dir.join("release.json"),
+        serde_json::json!({"repository": url, "key": key}).to_string(),
+    )
+    .unwrap();
+    let out = host_update(&c, &["--version", &version, "--timeout", "120"]);
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{said}\n{}", c.dump_logs());
+    assert!(said.contains("signature and SHA-512 check out"), "{said}");
+    let info = c.host_client(0).info().await.unwrap();
+    assert_ne!(info.started_ms, started, "the host did not restart");
+    assert_eq!(info.version, version);
+    assert_eq!(
+        std::fs::read(&fetched).unwrap(),
+        std::fs::read(bins.join("flynn-host")).unwrap(),
+        "the fetched binary is the published one"
+    );
+}

@@ -1,6 +1,7 @@
 //! `flynn-host`: runs a host and manages the cluster's hosts.
 
 mod debug;
+mod release;
 mod update;
 
 use std::path::{Path, PathBuf};
@@ -33,6 +34,27 @@ struct Cli {
     data_dir: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum ReleaseCmd {
+    /// Make a release signing key (PKCS#8, mode 0600) and FILE.pub, its public half, which
+    /// hosts are installed with (`install-flynn --release-key`).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Put the binaries of --from (flynn-host, and flynn and flynn-blobstore when there)
+    /// into the repository directory as release V (V from `flynn-host version`), with a
+    /// signed manifest, and make it the latest. A published release is never changed.
+    Publish {
+        #[arg(long)]
+        repository: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        from: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -187,9 +209,19 @@ enum Cmd {
         /// The new flynn-host binary.
         #[arg(long)]
         file: Option<PathBuf>,
-        /// Refuse a binary of another version.
+        /// The release to update to ("latest" for the newest), fetched from the release
+        /// repository and checked against the release key; with --file, a binary of
+        /// another version is refused.
         #[arg(long)]
         version: Option<String>,
+        /// The release repository (an http(s) URL or a directory); default: the one given
+        /// at install (DATA_DIR/release.json).
+        #[arg(long, env = "FLYNN_RELEASE_REPOSITORY")]
+        repository: Option<String>,
+        /// The release public key (base64, or a file holding it); default: the one given at
+        /// install.
+        #[arg(long, env = "FLYNN_RELEASE_KEY")]
+        release_key: Option<String>,
         /// Put back, on every host, the binary the last update replaced.
         #[arg(long)]
         rollback: bool,
@@ -198,6 +230,11 @@ enum Cmd {
         timeout: u64,
         #[command(flatten)]
         target: Target,
+    },
+    /// Make and publish releases for `flynn-host update --version`.
+    Release {
+        #[command(subcommand)]
+        cmd: ReleaseCmd,
     },
     /// Gather this host's debug information (host facts, logs, jobs, zpool status, firewall
     /// counters, Raft status, versions, the cluster state) into one archive, secrets
@@ -803,9 +840,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Release { cmd } => match cmd {
+            ReleaseCmd::Keygen { out } => {
+                let public = release::keygen(&out)?;
+                println!(
+                    "Signing key written to {} (keep it off the cluster).",
+                    out.display()
+                );
+                println!("Release key (for install-flynn --release-key): {public}");
+                Ok(())
+            }
+            ReleaseCmd::Publish {
+                repository,
+                key,
+                from,
+            } => {
+                let v = release::publish(&repository, &key, &from)?;
+                println!("Published release {v} in {}.", repository.display());
+                Ok(())
+            }
+        },
         Cmd::Update {
             file,
             version,
+            repository,
+            release_key,
             rollback,
             timeout,
             target,
@@ -817,6 +876,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             .context("no cluster secret here (is this host part of a cluster?)")?;
             let hosts = local_host(&cli.data_dir, &target)?.list().await?;
+            // --version without --file: the release comes from the channel, verified,
+            // before any host is touched.
+            let mut file = file;
+            let mut version = version;
+            if let (None, Some(v), false) = (&file, &version, rollback) {
+                let channel = release::Channel::resolve(
+                    &cli.data_dir,
+                    repository.as_deref(),
+                    release_key.as_deref(),
+                )?;
+                eprintln!("==> fetching release {v} from {}", channel.repository);
+                let (path, v) = release::fetch_host_binary(&channel, &cli.data_dir, v).await?;
+                eprintln!("==> release {v}: signature and SHA-512 check out");
+                file = Some(path);
+                version = Some(v);
+            }
             update::run(
                 hosts,
                 &secret,

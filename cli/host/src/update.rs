@@ -43,7 +43,7 @@ where
 }
 
 /// The version a binary reports.
-fn version_of(binary: &Path) -> anyhow::Result<String> {
+pub(crate) fn version_of(binary: &Path) -> anyhow::Result<String> {
     let out = std::process::Command::new(binary)
         .arg("version")
         .output()
@@ -74,7 +74,7 @@ pub async fn run(hosts: Vec<HostEntry>, secret: &str, opts: Options<'_>) -> anyh
         }
         (None, true) => None,
         (None, false) => bail!(
-            "give the new binary with --file FLYNN-HOST (fetching --version V needs a release channel, which this cluster does not have)"
+            "give the release with --version V (from the release repository) or the binary with --file FLYNN-HOST"
         ),
     };
     // Followers first, the leader last: quorum holds throughout, and leadership moves once.
