@@ -111,6 +111,8 @@ enum Case {
     Http1Keepalive0,
     Http1Keepalive0Conns512,
     Http1Keepalive1k,
+    Http1Body64k,
+    Http1Body1m,
     Http1NewConnection,
     HttpsKeepalive,
     TlsHandshakes,
@@ -119,11 +121,13 @@ enum Case {
 }
 
 impl Case {
-    fn all() -> [Case; 8] {
+    fn all() -> [Case; 10] {
         [
             Case::Http1Keepalive0,
             Case::Http1Keepalive0Conns512,
             Case::Http1Keepalive1k,
+            Case::Http1Body64k,
+            Case::Http1Body1m,
             Case::Http1NewConnection,
             Case::HttpsKeepalive,
             Case::TlsHandshakes,
@@ -136,6 +140,8 @@ impl Case {
             Case::Http1Keepalive0 => "http1_keepalive_0b",
             Case::Http1Keepalive0Conns512 => "http1_keepalive_0b_512c",
             Case::Http1Keepalive1k => "http1_keepalive_1k",
+            Case::Http1Body64k => "http1_body_64k",
+            Case::Http1Body1m => "http1_body_1m",
             Case::Http1NewConnection => "http1_new_connection",
             Case::HttpsKeepalive => "https_keepalive_0b",
             Case::TlsHandshakes => "tls_handshakes",
@@ -161,7 +167,10 @@ impl Case {
                 System::NginxDefault,
                 System::Haproxy,
             ],
-            Case::Http1NewConnection | Case::TcpThroughput => {
+            Case::Http1NewConnection
+            | Case::TcpThroughput
+            | Case::Http1Body64k
+            | Case::Http1Body1m => {
                 let mut v = vec![System::Direct];
                 v.extend(proxies);
                 v
@@ -173,6 +182,8 @@ impl Case {
     fn connections(self) -> u32 {
         match self {
             Case::Http1Keepalive0Conns512 => 512,
+            // Large bodies: fewer, busier connections (as downloads are).
+            Case::Http1Body64k | Case::Http1Body1m => 16,
             _ => 64,
         }
     }
@@ -475,10 +486,16 @@ fn start_all(args: &Args, d: &Path) -> anyhow::Result<Procs> {
          http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 300s;\n\
            server {{ listen 127.0.0.1:{UPSTREAM} reuseport backlog=4096;\n\
              location = /0 {{ return 200 \"\"; }}\n\
-             location = /1k {{ return 200 \"{one_k}\"; }} }} }}\n",
+             location = /1k {{ return 200 \"{one_k}\"; }}\n\
+             location = /64k {{ sendfile on; alias {k64}; }}\n\
+             location = /1m {{ sendfile on; alias {one_m}; }} }} }}\n",
         pid = p("up.pid"),
         err = p("up.err"),
+        one_m = p("1m.bin"),
+        k64 = p("64k.bin"),
     );
+    std::fs::write(d.join("64k.bin"), vec![b'k'; 64 << 10])?;
+    std::fs::write(d.join("1m.bin"), vec![b'm'; 1 << 20])?;
     std::fs::write(d.join("upstream.conf"), upstream)?;
     let headers = "proxy_set_header Host $host;\n\
         proxy_set_header Connection \"\";\n\
@@ -774,6 +791,8 @@ fn measure(case: Case, s: System, seconds: u64, procs: &Procs) -> anyhow::Result
             let (scheme, port, path) = match case {
                 Case::HttpsKeepalive | Case::TlsHandshakes => ("https", s.https(), "/0"),
                 Case::Http1Keepalive1k => ("http", s.http(), "/1k"),
+                Case::Http1Body64k => ("http", s.http(), "/64k"),
+                Case::Http1Body1m => ("http", s.http(), "/1m"),
                 _ => ("http", s.http(), "/0"),
             };
             let mut a = vec![

@@ -170,6 +170,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    if encoding == Encoding::Raw && !reader.is_chunked() {
+        return pump_raw(reader, r, buf, w, pending, timeout).await;
+    }
     let mut moved = 0u64;
     let mut piece = Vec::new();
     loop {
@@ -190,6 +193,68 @@ where
             pending.clear();
         }
     }
+}
+
+/// [`pump`] for a body that goes out as it came in (Content-Length or close-delimited, not
+/// re-chunked): each read is written straight from the connection's read buffer, instead of
+/// being copied into a piece and then into an output buffer first. Two copies fewer per byte
+/// on a large download.
+async fn pump_raw<R, W>(
+    reader: &mut BodyReader,
+    r: &mut R,
+    buf: &mut BytesMut,
+    w: &mut W,
+    mut pending: Vec<u8>,
+    timeout: Duration,
+) -> Result<u64, PumpError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // The head, with whatever of the body arrived with it, in one write.
+    let before = pending.len();
+    reader
+        .take_buffered(buf, &mut pending)
+        .map_err(PumpError::Read)?;
+    let mut moved = (pending.len() - before) as u64;
+    write_timed(w, &pending, timeout).await?;
+    drop(pending);
+    while !reader.done {
+        buf.reserve(READ_CHUNK);
+        let n = tokio::time::timeout(timeout, r.read_buf(buf))
+            .await
+            .map_err(|_| PumpError::Read(BodyError::Timeout))?
+            .map_err(|e| PumpError::Read(e.into()))?;
+        let take = match &mut reader.framing {
+            Framing::Length(remaining) => {
+                if n == 0 {
+                    return Err(PumpError::Read(BodyError::Truncated));
+                }
+                // Bytes past the body (a pipelined message) stay in `buf`.
+                let k = (*remaining).min(buf.len() as u64) as usize;
+                *remaining -= k as u64;
+                reader.done = *remaining == 0;
+                k
+            }
+            Framing::Close => {
+                if n == 0 {
+                    reader.done = true;
+                }
+                buf.len()
+            }
+            // Never here: chunked bodies take the general path, and None is done.
+            Framing::None | Framing::Chunked(_) => {
+                reader.done = true;
+                0
+            }
+        };
+        if take > 0 {
+            write_timed(w, &buf[..take], timeout).await?;
+            buf.advance(take);
+            moved += take as u64;
+        }
+    }
+    Ok(moved)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -216,5 +281,83 @@ async fn write_timed<W: AsyncWrite + Unpin>(
             io::ErrorKind::TimedOut,
             "write timed out",
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// Hands out its pieces one read at a time, then EOF.
+    struct Pieces(std::collections::VecDeque<Vec<u8>>);
+
+    impl AsyncRead for Pieces {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            out: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if let Some(p) = self.0.pop_front() {
+                out.put_slice(&p);
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn pieces(p: &[&[u8]]) -> Pieces {
+        Pieces(p.iter().map(|x| x.to_vec()).collect())
+    }
+
+    async fn run(
+        framing: Framing,
+        encoding: Encoding,
+        buffered: &[u8],
+        r: &mut Pieces,
+    ) -> (Result<u64, PumpError>, Vec<u8>, BytesMut) {
+        let mut reader = BodyReader::new(framing);
+        let mut buf = BytesMut::from(buffered);
+        let mut out = Vec::new();
+        let res = pump(
+            &mut reader,
+            r,
+            &mut buf,
+            &mut out,
+            encoding,
+            b"HEAD|".to_vec(),
+            Duration::from_secs(5),
+        )
+        .await;
+        (res, out, buf)
+    }
+
+    #[tokio::test]
+    async fn a_length_body_across_reads_stops_at_its_end_and_keeps_the_next_message() {
+        let mut r = pieces(&[b"bcd", b"ef", b"ghNEXT /"]);
+        let (res, out, buf) = run(Framing::Length(8), Encoding::Raw, b"a", &mut r).await;
+        assert_eq!(res.unwrap(), 8);
+        assert_eq!(out, b"HEAD|abcdefgh");
+        assert_eq!(&buf[..], b"NEXT /", "the pipelined message stays buffered");
+    }
+
+    #[tokio::test]
+    async fn a_length_body_cut_short_is_an_error_not_a_short_success() {
+        let mut r = pieces(&[b"bcd"]);
+        let (res, out, _) = run(Framing::Length(8), Encoding::Raw, b"a", &mut r).await;
+        assert!(matches!(res, Err(PumpError::Read(BodyError::Truncated))));
+        assert_eq!(out, b"HEAD|abcd", "what arrived went out");
+    }
+
+    #[tokio::test]
+    async fn a_close_delimited_body_runs_to_eof_and_rechunks_when_asked() {
+        let mut r = pieces(&[b"bc", b"d"]);
+        let (res, out, _) = run(Framing::Close, Encoding::Raw, b"a", &mut r).await;
+        assert_eq!(res.unwrap(), 4);
+        assert_eq!(out, b"HEAD|abcd");
+        let mut r = pieces(&[b"bc"]);
+        let (res, out, _) = run(Framing::Close, Encoding::Chunked, b"a", &mut r).await;
+        assert_eq!(res.unwrap(), 3);
+        assert_eq!(out, b"HEAD|1\r\na\r\n2\r\nbc\r\n0\r\n\r\n");
     }
 }

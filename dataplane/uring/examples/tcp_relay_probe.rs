@@ -7,6 +7,7 @@
 //!   splice inline: it always hands it to an io-wq worker thread, which blocks in it.
 //! - `uring_copy`: this crate's streams (multishot receive into the provided buffer ring,
 //!   send from user space): the copy path HTTP takes under the io_uring backend.
+//! - `epoll_copy`: tokio's sockets, the same 64 KiB copy loop: the copy path under epoll.
 //! - `ring_send` / `ring_send_zc`: a plain ring loop, receive into a 256 KiB buffer and send
 //!   it with `IORING_OP_SEND` or `IORING_OP_SEND_ZC`: what zero-copy sends would save on a
 //!   large body. Over loopback (and veth) the kernel copies a zero-copy skb anyway when it
@@ -14,7 +15,10 @@
 //!   NIC.
 //!
 //! The source and sink are threads of this process; their own CPU time (per-thread clocks)
-//! is taken off the process total, io-wq workers included. `bash bench/tcp-relay`.
+//! is taken off the process total, io-wq workers included. Loopback runs the receiver's
+//! softirq in the sender's thread, so some of the kernel's work lands on whichever thread
+//! sent: read the ratios as the relay's cost with that caveat, and compare within a run.
+//! `bash bench/tcp-relay [MiB] [rounds] [modes,...]`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -33,14 +37,24 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mib: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(2048);
     let rounds: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(3);
+    let only: Option<String> = args.next();
     let total = mib << 20;
-    let modes: [(&str, Relay); 5] = [
+    let modes: [(&str, Relay); 6] = [
         ("splice", relay_splice),
         ("uring_splice", relay_uring_splice),
         ("uring_copy", relay_uring_copy),
+        ("epoll_copy", relay_epoll_copy),
         ("ring_send", |c, b| relay_ring_send(c, b, false)),
         ("ring_send_zc", |c, b| relay_ring_send(c, b, true)),
     ];
+    // A third argument picks modes by name (comma-separated).
+    let modes: Vec<(&str, Relay)> = modes
+        .into_iter()
+        .filter(|(n, _)| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|m| m == *n))
+        })
+        .collect();
     let mut results: Vec<(&str, Vec<f64>, Vec<f64>)> =
         modes.iter().map(|(n, _)| (*n, vec![], vec![])).collect();
     for _ in 0..rounds {
@@ -80,31 +94,37 @@ fn measure(total: u64, relay: Relay) -> (f64, f64) {
     let front = TcpListener::bind("127.0.0.1:0").unwrap();
     let back = TcpListener::bind("127.0.0.1:0").unwrap();
     let (front_addr, back_addr) = (front.local_addr().unwrap(), back.local_addr().unwrap());
-    let sink = std::thread::spawn(move || {
-        let (mut s, _) = back.accept().unwrap();
-        let mut buf = vec![0u8; CHUNK];
-        let mut got = 0u64;
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => got += n as u64,
-                Err(e) => panic!("sink: {e}"),
+    let sink = std::thread::Builder::new()
+        .name("sink".into())
+        .spawn(move || {
+            let (mut s, _) = back.accept().unwrap();
+            let mut buf = vec![0u8; CHUNK];
+            let mut got = 0u64;
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => got += n as u64,
+                    Err(e) => panic!("sink: {e}"),
+                }
             }
-        }
-        (got, thread_cpu())
-    });
-    let source = std::thread::spawn(move || {
-        let mut s = TcpStream::connect(front_addr).unwrap();
-        let buf = vec![7u8; CHUNK];
-        let mut sent = 0u64;
-        while sent < total {
-            let n = (total - sent).min(CHUNK as u64) as usize;
-            s.write_all(&buf[..n]).unwrap();
-            sent += n as u64;
-        }
-        drop(s);
-        thread_cpu()
-    });
+            (got, thread_cpu())
+        })
+        .unwrap();
+    let source = std::thread::Builder::new()
+        .name("source".into())
+        .spawn(move || {
+            let mut s = TcpStream::connect(front_addr).unwrap();
+            let buf = vec![7u8; CHUNK];
+            let mut sent = 0u64;
+            while sent < total {
+                let n = (total - sent).min(CHUNK as u64) as usize;
+                s.write_all(&buf[..n]).unwrap();
+                sent += n as u64;
+            }
+            drop(s);
+            thread_cpu()
+        })
+        .unwrap();
     let (client, _) = front.accept().unwrap();
     let backend = TcpStream::connect(back_addr).unwrap();
     let (cpu0, t0) = (process_cpu(), Instant::now());
@@ -273,15 +293,38 @@ fn relay_uring_copy(client: TcpStream, backend: TcpStream) {
         let drv = flynn_uring::Driver::start(flynn_uring::Config::default()).unwrap();
         let mut from = flynn_uring::UringStream::from_std(&drv, client).unwrap();
         let mut to = flynn_uring::UringStream::from_std(&drv, backend).unwrap();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = from.read(&mut buf).await.unwrap();
-            if n == 0 {
-                break;
-            }
-            to.write_all(&buf[..n]).await.unwrap();
+        copy_all(&mut from, &mut to).await;
+    });
+}
+
+/// The 64 KiB read/write loop both copy modes run, then the half-close.
+async fn copy_all<R, W>(from: &mut R, to: &mut W)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = from.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
         }
-        to.shutdown().await.unwrap();
+        to.write_all(&buf[..n]).await.unwrap();
+    }
+    to.shutdown().await.unwrap();
+}
+
+fn relay_epoll_copy(client: TcpStream, backend: TcpStream) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        client.set_nonblocking(true).unwrap();
+        backend.set_nonblocking(true).unwrap();
+        let mut from = tokio::net::TcpStream::from_std(client).unwrap();
+        let mut to = tokio::net::TcpStream::from_std(backend).unwrap();
+        copy_all(&mut from, &mut to).await;
     });
 }
 
