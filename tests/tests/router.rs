@@ -772,6 +772,56 @@ async fn t21_tcp_routes_with_half_close() {
     .await;
 }
 
+/// A backend whose host is wedged (its kernel accepts, nothing answers) costs each of the
+/// two workers one timed-out request (504); then picks pass it over, and the requests after
+/// go to the live backend. Without that, about half of them would wait out the timeout. The
+/// ejection is counted, and a route whose only backend is ejected still tries it (a guess
+/// never fails a route closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t25_a_silent_backend_is_passed_over_after_it_times_out() {
+    let a = Backend::start("a").await;
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in silent.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let table = routes(
+        &[
+            ("app.test", &[a.addr, silent_addr]),
+            ("only-silent.test", &[silent_addr]),
+        ],
+        "",
+    );
+    let r = RouterProc::start(&table, &["--upstream-timeout", "1"]);
+    let mut timed_out = 0;
+    for _ in 0..40 {
+        match get(r.http, "app.test", "/").await.status {
+            200 => {}
+            504 => timed_out += 1,
+            s => panic!("status {s}"),
+        }
+    }
+    assert!(
+        (1..=2).contains(&timed_out),
+        "{timed_out} of 40 requests waited out the silent backend"
+    );
+    let ejections =
+        flynn_tests::eventually(Duration::from_secs(5), "ejections counted", || async {
+            let n = r.metric("flynn_router_backend_ejections_total", &[]).await;
+            (n >= 1.0).then_some(n)
+        })
+        .await;
+    assert!(ejections <= 2.0, "{ejections}");
+    assert_eq!(
+        get(r.http, "only-silent.test", "/").await.status,
+        504,
+        "an ejected only backend is still tried"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t22_metrics() {
     let a = Backend::start("a").await;

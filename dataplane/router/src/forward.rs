@@ -125,7 +125,14 @@ impl<'w> Exchange<'w> {
     /// Reads the next response head (after an interim one, say).
     pub async fn read_head(&mut self) -> Result<ResponseHead, ProxyError> {
         let timeout = self.w.shared.config.timeouts.upstream;
-        Ok(backend_h1::read_response_head(&mut self.conn, timeout).await?)
+        let head = backend_h1::read_response_head(&mut self.conn, timeout).await;
+        // Passive health: an answer clears the backend, silence past the timeout ejects it.
+        match &head {
+            Ok(_) => self.w.upstreams.answered(&self.conn.addr),
+            Err(backend_h1::UpstreamError::Timeout) => upstream::eject(self.w, &self.conn.addr),
+            Err(_) => {}
+        }
+        Ok(head?)
     }
 
     /// Reads past interim (1xx) responses to the final one, calling `interim` for each.

@@ -26,6 +26,8 @@ pub struct WorkerStats {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub connect_errors: u64,
+    /// Backends newly ejected by passive health checks.
+    pub ejections: u64,
     pub tls_handshakes: u64,
     pub tls_failures: u64,
     pub refused_connections: u64,
@@ -73,6 +75,7 @@ impl WorkerStats {
         self.bytes_in += o.bytes_in;
         self.bytes_out += o.bytes_out;
         self.connect_errors += o.connect_errors;
+        self.ejections += o.ejections;
         self.tls_handshakes += o.tls_handshakes;
         self.tls_failures += o.tls_failures;
         self.refused_connections += o.refused_connections;
@@ -180,6 +183,11 @@ impl Metrics {
                 "flynn_router_backend_connect_errors_total",
                 "Failed connects to backends.",
                 t.connect_errors,
+            ),
+            (
+                "flynn_router_backend_ejections_total",
+                "Backends passed over for a while after a refused connect or no response in time.",
+                t.ejections,
             ),
             (
                 "flynn_router_tls_handshakes_total",

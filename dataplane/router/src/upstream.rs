@@ -33,9 +33,25 @@ pub struct UpstreamConn {
 /// A pooled connection: stream, its read buffer, and since when it has been idle.
 type Idle = (Stream, BytesMut, Instant);
 
+/// A backend picks avoid for a while: it refused a connect or gave no response head within
+/// the upstream timeout. Each failure in a row doubles the pause, from [`EJECT_BASE`] to at
+/// most [`EJECT_MAX`]; an answer clears it.
+#[derive(Debug, Clone, Copy)]
+struct Ejection {
+    failures: u32,
+    until: Instant,
+}
+
+const EJECT_BASE: Duration = Duration::from_secs(5);
+const EJECT_MAX: Duration = Duration::from_secs(60);
+
 pub struct Upstreams {
     idle: RefCell<FastMap<String, Vec<Idle>>>,
     outstanding: RefCell<FastMap<String, u32>>,
+    /// Passive health, per worker: a wedged host whose instances are still registered (its
+    /// kernel accepts, nothing answers) costs each worker one timed-out request, not one in
+    /// every few until the registration expires.
+    ejected: RefCell<FastMap<String, Ejection>>,
     rng: Cell<u64>,
     max_idle: usize,
     idle_timeout: Duration,
@@ -52,6 +68,7 @@ impl Upstreams {
         Upstreams {
             idle: RefCell::default(),
             outstanding: RefCell::default(),
+            ejected: RefCell::default(),
             rng: Cell::new(seed | 1),
             max_idle,
             idle_timeout,
@@ -73,9 +90,53 @@ impl Upstreams {
         self.outstanding.borrow().get(addr).copied().unwrap_or(0)
     }
 
-    /// Least outstanding requests of two random choices among the backends not yet tried.
+    /// A backend failed (see [`Ejection`]): picks avoid it for a while, and its idle pooled
+    /// connections go. Returns whether it was newly ejected.
+    pub fn failed(&self, addr: &str) -> bool {
+        let now = Instant::now();
+        let mut map = self.ejected.borrow_mut();
+        let e = map.entry(addr.to_string()).or_insert(Ejection {
+            failures: 0,
+            until: now,
+        });
+        let newly = e.until <= now;
+        e.failures = e.failures.saturating_add(1);
+        let pause = EJECT_BASE.saturating_mul(1 << (e.failures - 1).min(6));
+        e.until = now + pause.min(EJECT_MAX);
+        drop(map);
+        self.idle.borrow_mut().remove(addr);
+        newly
+    }
+
+    /// A backend answered: it is healthy again.
+    pub fn answered(&self, addr: &str) {
+        let mut map = self.ejected.borrow_mut();
+        if !map.is_empty() {
+            map.remove(addr);
+        }
+    }
+
+    /// Whether picks avoid `addr` right now.
+    pub fn is_ejected(&self, addr: &str) -> bool {
+        let map = self.ejected.borrow();
+        !map.is_empty() && map.get(addr).is_some_and(|e| e.until > Instant::now())
+    }
+
+    /// Least outstanding requests of two random choices among the backends not yet tried,
+    /// passing over ejected ones unless every one left is ejected (a route whose backends
+    /// all failed still gets tried: never fail closed on a guess).
     pub fn pick(&self, backends: &[Backend], tried: &[usize]) -> Option<usize> {
-        let open: Vec<usize> = (0..backends.len()).filter(|i| !tried.contains(i)).collect();
+        let mut open: Vec<usize> = (0..backends.len()).filter(|i| !tried.contains(i)).collect();
+        if !self.ejected.borrow().is_empty() {
+            let healthy: Vec<usize> = open
+                .iter()
+                .copied()
+                .filter(|&i| !self.is_ejected(&backends[i].addr))
+                .collect();
+            if !healthy.is_empty() {
+                open = healthy;
+            }
+        }
         match open.len() {
             0 => None,
             1 => Some(open[0]),
@@ -213,7 +274,8 @@ pub(crate) async fn connect_backend(
 ) -> Option<(usize, UpstreamConn)> {
     loop {
         let idx = match (tried.is_empty(), sticky) {
-            (true, Some(i)) => i,
+            // A sticky client follows its backend, unless that one is ejected.
+            (true, Some(i)) if !w.upstreams.is_ejected(&backends[i].addr) => i,
             _ => w.upstreams.pick(backends, tried)?,
         };
         tried.push(idx);
@@ -239,8 +301,17 @@ pub(crate) async fn connect_backend(
             Err(e) => {
                 w.stats.borrow_mut().connect_errors += 1;
                 tracing::debug!(backend = %backends[idx].addr, error = %e, "backend connect failed");
+                eject(w, &backends[idx].addr);
             }
         }
+    }
+}
+
+/// Marks a backend failed, counting a new ejection.
+pub(crate) fn eject(w: &Worker, addr: &str) {
+    if w.upstreams.failed(addr) {
+        w.stats.borrow_mut().ejections += 1;
+        tracing::info!(backend = %addr, "backend ejected for a while: it refused a connect or did not answer in time");
     }
 }
 
