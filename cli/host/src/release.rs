@@ -145,9 +145,8 @@ pub fn publish(repository: &Path, key_file: &Path, from: &Path) -> anyhow::Resul
         .map_err(|_| anyhow::anyhow!("{} is not an Ed25519 signing key", key_file.display()))?;
     let host = from.join("flynn-host");
     let version = crate::update::version_of(&host)?;
-    if version.is_empty() || version.contains(['/', '\n', ' ']) || version.starts_with('.') {
-        bail!("{} reports an unusable version {version:?}", host.display());
-    }
+    check_version(&version)
+        .with_context(|| format!("{} reports an unusable version", host.display()))?;
     let dir = repository.join(&version);
     if dir.join("MANIFEST").exists() {
         bail!(
@@ -242,22 +241,46 @@ fn local_path(repository: &str) -> PathBuf {
     PathBuf::from(repository.strip_prefix("file://").unwrap_or(repository))
 }
 
-/// GET of a repository file that must answer 2xx: its URL and the response.
-async fn get(
+/// Streams one file of the repository (over HTTP, or from its directory) into `sink`,
+/// piece by piece.
+async fn fetch(
     http: &reqwest::Client,
     repository: &str,
     rel: &str,
-) -> anyhow::Result<(String, reqwest::Response)> {
-    let url = location(repository, rel);
-    let resp = http
-        .get(&url)
-        .send()
-        .await
-        .with_context(|| format!("fetching {url}"))?;
-    if !resp.status().is_success() {
-        bail!("{url}: {}", resp.status());
+    mut sink: impl FnMut(&[u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let at = location(repository, rel);
+    if is_http(repository) {
+        let mut resp = http
+            .get(&at)
+            .send()
+            .await
+            .with_context(|| format!("fetching {at}"))?;
+        if !resp.status().is_success() {
+            bail!("{at}: {}", resp.status());
+        }
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .with_context(|| format!("reading {at}"))?
+        {
+            sink(&chunk)?;
+        }
+    } else {
+        let p = local_path(repository).join(rel);
+        let mut src =
+            std::fs::File::open(&p).with_context(|| format!("reading {}", p.display()))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut src, &mut buf)
+                .with_context(|| format!("reading {}", p.display()))?;
+            if n == 0 {
+                break;
+            }
+            sink(&buf[..n])?;
+        }
     }
-    Ok((url, resp))
+    Ok(())
 }
 
 /// A small file of the repository (the manifest, its signature, `latest`), size-capped.
@@ -266,29 +289,28 @@ async fn fetch_small(
     repository: &str,
     rel: &str,
 ) -> anyhow::Result<Vec<u8>> {
-    let bytes = if is_http(repository) {
-        let (url, mut resp) = get(http, repository, rel).await?;
-        let mut body = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .with_context(|| format!("reading {url}"))?
-        {
-            body.extend_from_slice(&chunk);
-            if body.len() > MANIFEST_MAX {
-                bail!("{url} is larger than {MANIFEST_MAX} bytes");
-            }
+    let mut body = Vec::new();
+    fetch(http, repository, rel, |piece| {
+        body.extend_from_slice(piece);
+        if body.len() > MANIFEST_MAX {
+            bail!(
+                "{} is larger than {MANIFEST_MAX} bytes",
+                location(repository, rel)
+            );
         }
-        body
-    } else {
-        let p = local_path(repository).join(rel);
-        let b = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-        if b.len() > MANIFEST_MAX {
-            bail!("{} is larger than {MANIFEST_MAX} bytes", p.display());
-        }
-        b
-    };
-    Ok(bytes)
+        Ok(())
+    })
+    .await?;
+    Ok(body)
+}
+
+/// A release version is one path component of the repository: not empty, no separators
+/// or blanks, not hidden (nor `.` or `..`).
+fn check_version(version: &str) -> anyhow::Result<()> {
+    if version.is_empty() || version.contains(['/', '\\', '\n', ' ']) || version.starts_with('.') {
+        bail!("{version:?} is not a release version");
+    }
+    Ok(())
 }
 
 /// Fetches release `version` ("latest" for the newest) of flynn-host from the channel into
@@ -308,9 +330,7 @@ pub async fn fetch_host_binary(
     } else {
         version.to_string()
     };
-    if version.is_empty() || version.contains(['/', '\\']) || version.starts_with('.') {
-        bail!("{version:?} is not a release version");
-    }
+    check_version(&version)?;
     let manifest = fetch_small(&http, repo, &format!("{version}/MANIFEST"))
         .await
         .with_context(|| format!("release {version} is not in {repo}"))?;
@@ -367,30 +387,12 @@ async fn download(
         .open(to)
         .with_context(|| format!("creating {}", to.display()))?;
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA512);
-    if is_http(repository) {
-        let (url, mut resp) = get(http, repository, rel).await?;
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .with_context(|| format!("reading {url}"))?
-        {
-            ctx.update(&chunk);
-            out.write_all(&chunk)?;
-        }
-    } else {
-        let p = local_path(repository).join(rel);
-        let mut src =
-            std::fs::File::open(&p).with_context(|| format!("reading {}", p.display()))?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = std::io::Read::read(&mut src, &mut buf)?;
-            if n == 0 {
-                break;
-            }
-            ctx.update(&buf[..n]);
-            out.write_all(&buf[..n])?;
-        }
-    }
+    fetch(http, repository, rel, |piece| {
+        ctx.update(piece);
+        out.write_all(piece)
+            .with_context(|| format!("writing {}", to.display()))
+    })
+    .await?;
     out.sync_all()?;
     Ok(hex(ctx.finish().as_ref()))
 }
