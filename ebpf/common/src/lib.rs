@@ -79,22 +79,29 @@ pub struct UdpFlow {
 pub const FLOW_SETS: u32 = 16384;
 pub const FLOW_WAYS: usize = 4;
 
-/// A flow as words: the remote address read in memory order, and (remote port << 16 |
-/// local port).
-pub fn flow_words(remote: &[u8; 16], remote_port: u16, local_port: u16) -> ([u64; 2], u32) {
+/// An address (IPv6, or IPv4-mapped) as two words read in memory order.
+pub fn addr_words(a: &[u8; 16]) -> [u64; 2] {
     let w = |i: usize| {
         u64::from_ne_bytes([
-            remote[i],
-            remote[i + 1],
-            remote[i + 2],
-            remote[i + 3],
-            remote[i + 4],
-            remote[i + 5],
-            remote[i + 6],
-            remote[i + 7],
+            a[i],
+            a[i + 1],
+            a[i + 2],
+            a[i + 3],
+            a[i + 4],
+            a[i + 5],
+            a[i + 6],
+            a[i + 7],
         ])
     };
-    ([w(0), w(8)], (remote_port as u32) << 16 | local_port as u32)
+    [w(0), w(8)]
+}
+
+/// A flow as words: the remote address's, and (remote port << 16 | local port).
+pub fn flow_words(remote: &[u8; 16], remote_port: u16, local_port: u16) -> ([u64; 2], u32) {
+    (
+        addr_words(remote),
+        (remote_port as u32) << 16 | local_port as u32,
+    )
 }
 
 /// Which set of the flow table a flow lives in (Fibonacci hashing of all its words).

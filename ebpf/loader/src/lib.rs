@@ -135,10 +135,13 @@ impl Policy {
         words
     }
 
-    fn config(&self, hz: u32) -> Config {
+    /// The policy as the kernel reads it, with what the loader measured (`hz`) and chose
+    /// (`seed`) at load.
+    fn config(&self, hz: u32, seed: u32) -> Config {
         let mut cfg = Config {
             flags: 0,
             hz,
+            seed,
             syn_rate: self.syn_rate,
             syn_burst: self.syn_burst,
             udp_reply_secs: self.udp_reply_secs,
@@ -289,19 +292,16 @@ impl Firewall {
         std::thread::sleep(Duration::from_millis(80));
         let (j1, t1) = edge(jiffies()?)?;
         let measured = j1.wrapping_sub(j0) as f64 / (t1 - t0).as_secs_f64();
-        let hz = [100u32, 250, 300, 1000]
-            .into_iter()
-            .min_by(|a, b| {
-                let off = |c: u32| (measured / c as f64).ln().abs();
-                off(*a).total_cmp(&off(*b))
-            })
-            .unwrap_or(100);
         if !(50.0..2000.0).contains(&measured) {
             return Err(FirewallError::Load(format!(
                 "jiffies advanced at {measured:.0}/s, not a kernel tick rate"
             )));
         }
-        Ok(hz)
+        let off = |c: &u32| (measured / *c as f64).ln().abs();
+        Ok([100u32, 250, 300, 1000]
+            .into_iter()
+            .min_by(|a, b| off(a).total_cmp(&off(b)))
+            .unwrap_or(100))
     }
 
     pub fn policy(&self) -> &Policy {
@@ -324,10 +324,7 @@ impl Firewall {
                 map.set(i as u32, *w, 0).map_err(map_err("ports"))?;
             }
         }
-        let config = Config {
-            seed: self.seed,
-            ..policy.config(self.hz)
-        };
+        let config = policy.config(self.hz, self.seed);
         let mut cfg: Array<_, Config> =
             Array::try_from(self.map("CONFIG")?).map_err(map_err("CONFIG"))?;
         cfg.set(0, config, 0).map_err(map_err("CONFIG"))?;

@@ -338,19 +338,9 @@ fn t20b_new_sources_never_take_a_flooders_empty_bucket() {
         ..Policy::default()
     })
     .unwrap();
-    let set_of = |a: [u8; 4]| {
-        let (w, _) = flynn_xdp_common::flow_words(&v4_mapped(a), 0, 0);
-        flynn_xdp_common::source_set(&w, fw.syn_seed())
-    };
-    let want = set_of(OUTSIDE);
-    let neighbours: Vec<[u8; 4]> = (0..1u32 << 24)
-        .map(|i| {
-            let b = i.to_be_bytes();
-            [198, b[1], b[2], b[3]]
-        })
-        .filter(|&a| set_of(a) == want)
-        .take(3 * flynn_xdp_common::SYN_WAYS)
-        .collect();
+    let neighbours = same_set(OUTSIDE, 198, 3 * flynn_xdp_common::SYN_WAYS, |a| {
+        flynn_xdp_common::source_set(&flynn_xdp_common::addr_words(&v4_mapped(a)), fw.syn_seed())
+    });
     let passed = (0..50)
         .filter(|_| verdict(&fw, &syn4(OUTSIDE, 443)) == XDP_PASS)
         .count();

@@ -21,9 +21,9 @@ use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{Array, LpmTrie, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::{TcContext, XdpContext};
 use flynn_xdp_common::{
-    flow_set, flow_tag, flow_words, port_class, source_set, Config, Counter, Reason, UdpFlow,
-    CLASS_NONE, COUNTER_CELLS, FLAG_ALLOW_ECHO, FLAG_PASS_FRAGMENTS, FLAG_USE_LPM, FLOW_SETS,
-    FLOW_WAYS, INLINE_V4, INLINE_V6, PORT_CLASSES, PORT_WORDS, SYN_SETS, SYN_WAYS,
+    addr_words, flow_set, flow_tag, flow_words, port_class, source_set, Config, Counter, Reason,
+    UdpFlow, CLASS_NONE, COUNTER_CELLS, FLAG_ALLOW_ECHO, FLAG_PASS_FRAGMENTS, FLAG_USE_LPM,
+    FLOW_SETS, FLOW_WAYS, INLINE_V4, INLINE_V6, PORT_CLASSES, PORT_WORDS, SYN_SETS, SYN_WAYS,
 };
 
 #[map]
@@ -451,7 +451,7 @@ fn syn_allowed(src: &[u8; 16], v6: bool) -> bool {
     }
     let hz = cfg.hz.max(1) as u64;
     let cap = cfg.syn_burst.max(1) as u64 * 1000;
-    let (key, _) = flow_words(src, 0, 0);
+    let key = addr_words(src);
     let Some(set) = SYN_TABLE.get_ptr_mut(source_set(&key, cfg.seed)) else {
         return true;
     };

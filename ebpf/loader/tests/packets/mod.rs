@@ -126,6 +126,25 @@ pub fn eth6(ip: &[u8]) -> Vec<u8> {
 pub const OUTSIDE: [u8; 4] = [203, 0, 113, 7];
 pub const OUTSIDE6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
 
+/// Up to `n` IPv4 addresses `first_octet.x.y.z`, other than `first`, that `set` puts where
+/// it puts `first`: sources or flows that share a table set.
+pub fn same_set(
+    first: [u8; 4],
+    first_octet: u8,
+    n: usize,
+    set: impl Fn([u8; 4]) -> u32,
+) -> Vec<[u8; 4]> {
+    let want = set(first);
+    (0..1u32 << 24)
+        .map(|i| {
+            let b = i.to_be_bytes();
+            [first_octet, b[1], b[2], b[3]]
+        })
+        .filter(|&a| a != first && set(a) == want)
+        .take(n)
+        .collect()
+}
+
 /// Other remote addresses (203.x.y.z) whose flow between the same ports lands in the same
 /// reply-flow-table set as `first`'s: enough of them push `first`'s flow out of the table.
 pub fn colliding_remotes(
@@ -134,19 +153,10 @@ pub fn colliding_remotes(
     local_port: u16,
     n: usize,
 ) -> Vec<[u8; 4]> {
-    let set = |a: [u8; 4]| {
+    same_set(first, 203, n, |a| {
         let (r, p) = flynn_xdp_common::flow_words(&v4_mapped(a), remote_port, local_port);
         flynn_xdp_common::flow_set(&r, p)
-    };
-    let want = set(first);
-    (0..1u32 << 24)
-        .map(|i| {
-            let b = i.to_be_bytes();
-            [203, b[1], b[2], b[3]]
-        })
-        .filter(|&a| a != first && set(a) == want)
-        .take(n)
-        .collect()
+    })
 }
 
 /// `::ffff:a.b.c.d`, as the firewall keys IPv4 addresses.
