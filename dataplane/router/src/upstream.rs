@@ -127,23 +127,16 @@ impl Upstreams {
     /// all failed still gets tried: never fail closed on a guess).
     pub fn pick(&self, backends: &[Backend], tried: &[usize]) -> Option<usize> {
         let mut open: Vec<usize> = (0..backends.len()).filter(|i| !tried.contains(i)).collect();
-        let ejected = self.ejected.borrow();
-        if !ejected.is_empty() {
-            let now = Instant::now();
+        if !self.ejected.borrow().is_empty() {
             let healthy: Vec<usize> = open
                 .iter()
                 .copied()
-                .filter(|&i| {
-                    ejected
-                        .get(&backends[i].addr)
-                        .is_none_or(|e| e.until <= now)
-                })
+                .filter(|&i| !self.is_ejected(&backends[i].addr))
                 .collect();
             if !healthy.is_empty() {
                 open = healthy;
             }
         }
-        drop(ejected);
         match open.len() {
             0 => None,
             1 => Some(open[0]),
@@ -297,24 +290,21 @@ pub(crate) async fn connect_backend(
                 if must_be_open && c.reused && !c.stream.still_open() {
                     match w.upstreams.connect_new(&backends[idx].addr, w.ring()).await {
                         Ok(n) => c = n,
-                        Err(e) => {
-                            connect_failed(w, &backends[idx].addr, &e);
+                        Err(_) => {
+                            w.stats.borrow_mut().connect_errors += 1;
                             continue;
                         }
                     }
                 }
                 return Some((idx, c));
             }
-            Err(e) => connect_failed(w, &backends[idx].addr, &e),
+            Err(e) => {
+                w.stats.borrow_mut().connect_errors += 1;
+                tracing::debug!(backend = %backends[idx].addr, error = %e, "backend connect failed");
+                eject(w, &backends[idx].addr);
+            }
         }
     }
-}
-
-/// A connect to a backend failed: counted, and the backend ejected for a while.
-fn connect_failed(w: &Worker, addr: &str, e: &io::Error) {
-    w.stats.borrow_mut().connect_errors += 1;
-    tracing::debug!(backend = %addr, error = %e, "backend connect failed");
-    eject(w, addr);
 }
 
 /// Marks a backend failed, counting a new ejection.
@@ -335,8 +325,8 @@ pub(crate) async fn reconnect(
 ) -> Option<(usize, UpstreamConn)> {
     match w.upstreams.connect_new(&backends[idx].addr, w.ring()).await {
         Ok(c) => Some((idx, c)),
-        Err(e) => {
-            connect_failed(w, &backends[idx].addr, &e);
+        Err(_) => {
+            w.stats.borrow_mut().connect_errors += 1;
             connect_backend(w, backends, None, false, false, tried).await
         }
     }
