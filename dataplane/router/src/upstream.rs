@@ -127,16 +127,23 @@ impl Upstreams {
     /// all failed still gets tried: never fail closed on a guess).
     pub fn pick(&self, backends: &[Backend], tried: &[usize]) -> Option<usize> {
         let mut open: Vec<usize> = (0..backends.len()).filter(|i| !tried.contains(i)).collect();
-        if !self.ejected.borrow().is_empty() {
+        let ejected = self.ejected.borrow();
+        if !ejected.is_empty() {
+            let now = Instant::now();
             let healthy: Vec<usize> = open
                 .iter()
                 .copied()
-                .filter(|&i| !self.is_ejected(&backends[i].addr))
+                .filter(|&i| {
+                    ejected
+                        .get(&backends[i].addr)
+                        .is_none_or(|e| e.until <= now)
+                })
                 .collect();
             if !healthy.is_empty() {
                 open = healthy;
             }
         }
+        drop(ejected);
         match open.len() {
             0 => None,
             1 => Some(open[0]),
