@@ -846,3 +846,150 @@ async fn t20_data_volumes_outlive_their_job_unless_asked_not_to() {
     ));
     assert!(err.contains("volume path"), "{err}");
 }
+
+// A throwaway key made with ssh-keygen for this test; it guards nothing.
+const BUILD_KEY: &str = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\nQyNTUxOQAAACCCYX8NhyxzADculhxeUSXsC6LIoLwwtnZ+8C4SHTW3pwAAAJBzeSiEc3ko\nhAAAAAtzc2gtZWQyNTUxOQAAACCCYX8NhyxzADculhxeUSXsC6LIoLwwtnZ+8C4SHTW3pw\nAAAEC/EkkJX5mcLriZ1duylw1VmmW2lDpMAm5oBCwiPM3lEoJhfw2HLHMANy6WHF5RJewL\nosigvDC2dn7wLhIdNbenAAAAB3Jvb3RAdm0BAgMEBQY=\n-----END OPENSSH PRIVATE KEY-----\n";
+
+/// What the build job saw, as its bin/compile reports it on the deploy's stderr.
+const COMPILE: &str = r#"#!/bin/sh
+set -e
+echo "-----> compiling in $1 as $(id -u)"
+if [ -e "$HOME/.ssh/id_rsa" ]; then
+  echo "key sha256 $(sha256sum < "$HOME/.ssh/id_rsa" | cut -d' ' -f1)"
+  echo "key mode $(stat -c %a "$HOME/.ssh/id_rsa") owner $(stat -c %u "$HOME/.ssh/id_rsa")"
+  echo "hosts $(cut -d' ' -f1 "$HOME/.ssh/known_hosts")"
+  if touch "$HOME/.ssh/extra" 2>/dev/null || chmod 600 "$HOME/.ssh/id_rsa" 2>/dev/null; then
+    echo "the key is writable"; exit 9
+  fi
+  echo "the key is read-only"
+else
+  echo "no key"
+fi
+if env | grep -q SSH_CLIENT; then echo "the key is in the env"; exit 8; fi
+if [ -e "$1/fail" ]; then echo "failing on purpose"; exit 3; fi
+echo "$(cat "$3/GREETING") from the build" > "$1/public/built.txt"
+mkdir -p "$2/cached"
+echo "-----> done"
+"#;
+
+fn sha256_hex(data: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t21_builds_run_bin_compile_with_the_ssh_client_key_read_only() {
+    let c = cluster(1).await;
+    ok(&c.flynn(0, &["create", "built"]));
+    let base = c.busybox_image("base", None);
+    ok(&c.flynn(0, &["base-image", "push", base.to_str().unwrap()]));
+    ok(&c.flynn(0, &["-a", "built", "env", "set", "GREETING=hello"]));
+    let hosts = "github.com ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIJhfw2HLHMANy6WHF5RJewLosigvDC2dn7wLhIdNben";
+    ok(&c.flynn(
+        0,
+        &[
+            "-a",
+            "gitreceive",
+            "env",
+            "set",
+            &format!("SSH_CLIENT_KEY={BUILD_KEY}"),
+            &format!("SSH_CLIENT_HOSTS={hosts}"),
+        ],
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["bin", "public"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
+    let compile = dir.path().join("bin/compile");
+    std::fs::write(&compile, COMPILE).unwrap();
+    let deploy = ["-a", "built", "deploy", dir.path().to_str().unwrap()];
+    std::fs::write(
+        dir.path().join("Procfile"),
+        "web: exec httpd -f -p $PORT -h /app/public\n",
+    )
+    .unwrap();
+    let err = failed(&c.flynn(0, &deploy));
+    assert!(err.contains("not executable"), "{err}");
+    std::fs::set_permissions(
+        &compile,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let out = c.flynn(0, &deploy);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(&out);
+    // The build ran as the image's user (nobody), with gitreceive's key and hosts as files
+    // it owns and can read but not change, and not in its environment.
+    assert!(said.contains("compiling in /app as 65534"), "{said}");
+    let sum = sha256_hex(BUILD_KEY.as_bytes());
+    assert!(said.contains(&format!("key sha256 {sum}")), "{said}");
+    assert!(said.contains("key mode 400 owner 65534"), "{said}");
+    assert!(said.contains("hosts github.com"), "{said}");
+    assert!(said.contains("the key is read-only"), "{said}");
+    assert!(said.contains("-----> done"), "{said}");
+    assert!(!said.contains("PRIVATE KEY"), "{said}");
+    // What runs is the built tree: the file bin/compile wrote, with the app's env.
+    let r = get(http(&c, 0), &format!("built.{DOMAIN}"), "/built.txt").await;
+    assert_eq!(r.text().trim(), "hello from the build");
+    // The key stays with builds: not in the slug, not in the app's jobs.
+    let seen = ok(&c.flynn(
+        0,
+        &[
+            "-a",
+            "built",
+            "run",
+            "sh",
+            "-c",
+            "ls /home/build/.ssh 2>&1; grep -rl 'PRIVATE KEY' /app /home /tmp; echo end",
+        ],
+    ));
+    assert!(
+        seen.contains("No such file") && seen.trim_end().ends_with("end"),
+        "{seen}"
+    );
+    assert!(!seen.contains("id_rsa"), "{seen}");
+    let release = ok(&c.flynn(0, &["-a", "built", "release", "show"]));
+
+    // A build that fails deploys nothing and says so.
+    std::fs::write(dir.path().join("fail"), "").unwrap();
+    let err = failed(&c.flynn(0, &deploy));
+    assert!(
+        err.contains("failing on purpose") && err.contains("bin/compile exited 3"),
+        "{err}"
+    );
+    assert_eq!(
+        ok(&c.flynn(0, &["-a", "built", "release", "show"])),
+        release
+    );
+    // Without a configured key a build runs with no .ssh at all.
+    std::fs::remove_file(dir.path().join("fail")).unwrap();
+    ok(&c.flynn(
+        0,
+        &[
+            "-a",
+            "gitreceive",
+            "env",
+            "unset",
+            "SSH_CLIENT_KEY",
+            "SSH_CLIENT_HOSTS",
+        ],
+    ));
+    ok(&c.flynn(0, &["-a", "built", "env", "set", "GREETING=bonjour"]));
+    let out = c.flynn(0, &deploy);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(&out);
+    assert!(said.contains("no key"), "{said}");
+    let r = get(http(&c, 0), &format!("built.{DOMAIN}"), "/built.txt").await;
+    assert_eq!(r.text().trim(), "bonjour from the build");
+}

@@ -199,6 +199,18 @@ pub async fn deploy_dir(
     let procfile = std::fs::read_to_string(dir.join("Procfile"))
         .with_context(|| format!("{} has no Procfile", dir.display()))?;
     let processes = parse_procfile(&procfile)?;
+    let compile = dir.join("bin/compile");
+    let builds = compile.is_file();
+    if builds {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&compile)?.permissions().mode();
+        if mode & 0o111 == 0 {
+            bail!(
+                "{} is not executable (chmod +x it): a build runs it",
+                compile.display()
+            );
+        }
+    }
     let base = client.image("base").await?;
     // The directory as a deterministic gzip tar: the same tree is the same layer.
     let tmp = tempfile::NamedTempFile::new()?;
@@ -221,6 +233,13 @@ pub async fn deploy_dir(
         Ok(std::io::Read::take(std::fs::File::open(&path)?, size))
     };
     let layer = upload_layer(client, "app layer", hashed, size, open).await?;
+    // A source with bin/compile is built first (Heroku's buildpack contract): the built
+    // /app, not the source, is what runs.
+    let layer = if builds {
+        build(client, app, layer).await?
+    } else {
+        layer
+    };
     let mut image = base;
     image.layers.push(layer);
     image.config.working_dir = "/app".into();
@@ -234,6 +253,21 @@ pub async fn deploy_dir(
     let release = client.create_release(app, &req, !no_wait).await?;
     println!("Created release {}", release.id);
     Ok(())
+}
+
+/// Runs a build job of the uploaded source, its output on stderr; the slug it left.
+async fn build(client: &ControllerClient, app: &str, source: Layer) -> anyhow::Result<Layer> {
+    let job = client
+        .build(app, &flynn_client::BuildRequest { source })
+        .await?;
+    eprintln!("building {app} ({})...", job.id);
+    let end = attach(client, app, &job.id, true).await?;
+    let code = end["exit"].as_i64().unwrap_or(1);
+    if code != 0 {
+        bail!("the build failed (bin/compile exited {code}); nothing was deployed");
+    }
+    serde_json::from_value(end["result"]["slug"].clone())
+        .context("the build ended without a slug; nothing was deployed")
 }
 
 /// The layer's bytes as a request body, with progress on stderr when it is a terminal.
@@ -601,9 +635,6 @@ pub async fn run(
     args: Vec<String>,
     detached: bool,
 ) -> anyhow::Result<i32> {
-    use base64::Engine;
-    use futures::StreamExt;
-    use std::io::Write;
     let stdin = !detached && !std::io::stdin().is_terminal();
     let job = client
         .run(app, &flynn_client::RunRequest { args, stdin })
@@ -624,7 +655,22 @@ pub async fn run(
             }
         });
     }
-    let resp = client.job_output(app, &job.id).await?;
+    let end = attach(client, app, &job.id, false).await?;
+    Ok(end["exit"].as_i64().unwrap_or(1) as i32)
+}
+
+/// Copies a one-off job's output (to stdout and stderr, or all of it to stderr) until it
+/// ends; its last line (`{"exit":N}`, with what the job left in `result`).
+async fn attach(
+    client: &ControllerClient,
+    app: &str,
+    id: &str,
+    all_to_stderr: bool,
+) -> anyhow::Result<serde_json::Value> {
+    use base64::Engine;
+    use futures::StreamExt;
+    use std::io::Write;
+    let resp = client.job_output(app, id).await?;
     let mut body = resp.bytes_stream();
     let mut pending: Vec<u8> = Vec::new();
     while let Some(chunk) = body.next().await {
@@ -636,8 +682,8 @@ pub async fn run(
                 Ok(v) => v,
                 Err(_) => continue,
             };
-            if let Some(code) = v["exit"].as_i64() {
-                return Ok(code as i32);
+            if v["exit"].is_i64() {
+                return Ok(v);
             }
             let Some(data) = v["data"].as_str() else {
                 continue; // a heartbeat
@@ -645,7 +691,7 @@ pub async fn run(
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(data)
                 .unwrap_or_default();
-            if v["stream"] == "stderr" {
+            if all_to_stderr || v["stream"] == "stderr" {
                 let mut e = std::io::stderr();
                 e.write_all(&bytes)?;
                 e.flush()?;
@@ -656,10 +702,7 @@ pub async fn run(
             }
         }
     }
-    bail!(
-        "the connection to job {} ended before it did (see flynn -a {app} ps --all)",
-        job.id
-    )
+    bail!("the connection to job {id} ended before it did (see flynn -a {app} ps --all)")
 }
 
 #[cfg(test)]

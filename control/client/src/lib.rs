@@ -513,6 +513,16 @@ impl ControllerClient {
             .await
     }
 
+    pub async fn build(
+        &self,
+        app: &str,
+        req: &BuildRequest,
+    ) -> Result<flynn_model::Job, ClientError> {
+        self.http
+            .post(&format!("/apps/{}/builds", seg(app)), req)
+            .await
+    }
+
     /// Uploads a one-off job's stdin, streamed; its end closes the job's stdin.
     pub async fn job_stdin(
         &self,

@@ -297,6 +297,13 @@ pub struct SetLimits {
     pub limits: flynn_model::Limits,
 }
 
+/// `POST /apps/{app}/builds`: a build job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildRequest {
+    /// The uploaded source: a layer holding `app/` with an executable `app/bin/compile`.
+    pub source: flynn_model::Layer,
+}
+
 /// `POST /apps/{app}/run`: a one-off job.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunRequest {

@@ -17,7 +17,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
+use nix::unistd::{Gid, Pid, Uid};
 use serde::{Deserialize, Serialize};
 
 /// Exit status when the command cannot be started (as a shell's "command not found").
@@ -60,6 +60,13 @@ pub struct VolumeMount {
     pub host: PathBuf,
     /// Absolute path in the job's filesystem.
     pub path: String,
+    /// Bound read-only (a build's SSH key), so the job can read it but never change it.
+    #[serde(default)]
+    pub readonly: bool,
+    /// The whole tree is given to the job's user first (a directory the runner made for
+    /// this job alone, such as a build's `/app`).
+    #[serde(default)]
+    pub chown: bool,
 }
 
 fn fail(code: i32, msg: impl std::fmt::Display) -> ! {
@@ -240,6 +247,17 @@ fn populate_dev(root: &Path) {
 }
 
 /// `uid:gid` for the image's user: numeric, or a name from its /etc/passwd.
+/// Gives a directory tree to `uid:gid`, symlinks themselves rather than their targets.
+fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
 fn resolve_user(user: &str) -> Result<(u32, u32), String> {
     if user.is_empty() {
         return Ok((65534, 65534));
@@ -314,12 +332,22 @@ pub fn stage2(spec_path: &Path) -> ! {
     // A new (empty) data volume belongs to the job's user, so it can write there.
     for v in &spec.volumes {
         let empty = std::fs::read_dir(&v.path).is_ok_and(|mut d| d.next().is_none());
-        if empty {
-            let _ = nix::unistd::chown(
-                v.path.as_str(),
-                Some(nix::unistd::Uid::from_raw(uid)),
-                Some(nix::unistd::Gid::from_raw(gid)),
-            );
+        let path = Path::new(&v.path);
+        if v.chown {
+            chown_tree(path, uid, gid)
+                .unwrap_or_else(|e| fail(EXIT_SETUP, format!("chown {}: {e}", v.path)));
+        } else if empty {
+            let _ = nix::unistd::chown(path, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
+        }
+        if v.readonly {
+            // A bind mount takes its read-only flag only on a remount.
+            let flags = MsFlags::MS_BIND
+                | MsFlags::MS_REMOUNT
+                | MsFlags::MS_RDONLY
+                | MsFlags::MS_NOSUID
+                | MsFlags::MS_NODEV;
+            mount(None::<&str>, path, None::<&str>, flags, None::<&str>)
+                .unwrap_or_else(|e| fail(EXIT_SETUP, format!("making {} read-only: {e}", v.path)));
         }
     }
     let Some((program, args)) = spec.args.split_first() else {

@@ -190,6 +190,9 @@ pub struct Job {
     /// A one-off job whose stdin is uploaded by its caller (else /dev/null).
     #[serde(default)]
     pub stdin: bool,
+    /// A build job (`flynn deploy DIR` of a source with `bin/compile`): what it builds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<Build>,
     /// `IP:PORT` it serves on, once running.
     #[serde(default)]
     pub addr: Option<String>,
@@ -202,6 +205,15 @@ pub struct Job {
     pub started_ms: Option<u64>,
     #[serde(default)]
     pub ended_ms: Option<u64>,
+}
+
+/// What a build job builds: its source (a layer holding `app/`) copied to a writable
+/// `/app` in a container of `image` (the cluster's base image), where `bin/compile` runs.
+/// The built `/app` becomes the slug layer of the app's next release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Build {
+    pub image: Image,
+    pub source: Layer,
 }
 
 impl Job {

@@ -55,6 +55,7 @@ pub fn controller_routes() -> Router<AppState> {
         .route("/apps/{app}/jobs/{id}", get(job).delete(kill))
         .route("/apps/{app}/log", get(app_log))
         .route("/apps/{app}/run", post(run))
+        .route("/apps/{app}/builds", post(build))
         .route(
             "/apps/{app}/jobs/{id}/stdin",
             axum::routing::put(job_stdin).layer(axum::extract::DefaultBodyLimit::disable()),
@@ -580,12 +581,10 @@ async fn run(
     node.read_barrier().await?;
     // A system app without a release runs from its system image (flynn-blobstore).
     crate::jobs::system_image::ensure_release(&host, &app).await?;
-    let now = crate::now_ms();
-    let (release, target) = node.state.read(|a| {
+    let release = node.state.read(|a| {
         let s = &a.state;
         s.app(&app)?;
-        let release = s
-            .jobs
+        s.jobs
             .formations
             .get(&app)
             .map(|f| f.release.clone())
@@ -594,10 +593,82 @@ async fn run(
                 ApiError::Invalid(format!(
                     "app {app:?} has no release to run: deploy one first"
                 ))
-            })?;
+            })
+    })?;
+    let job = place_oneoff(
+        &host,
+        flynn_state::jobs::NewJob {
+            app,
+            release,
+            proc_type: "run".into(),
+            host: 0,
+            oneoff: true,
+            args: req.args,
+            stdin: req.stdin,
+            build: None,
+        },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(job)))
+}
+
+/// `POST /apps/{app}/builds`: a build job of an uploaded source layer on the cluster's base
+/// image; its output (and, at its end, the slug layer) is read like a one-off job's.
+async fn build(
+    State(host): State<AppState>,
+    Path(app): Path<String>,
+    JsonBody(req): JsonBody<flynn_client::BuildRequest>,
+) -> ApiResult<(StatusCode, Json<Job>)> {
+    check_sha(&req.source.sha512)?;
+    let node = host.node()?;
+    let source = flynn_state::Image {
+        layers: vec![req.source.clone()],
+        config: Default::default(),
+    };
+    layers_stored(node, &source).await?;
+    let (image, release) = node.state.read(|a| {
+        let s = &a.state;
+        s.app(&app)?;
+        let image = s.jobs.images.get("base").cloned().ok_or_else(|| {
+            ApiError::Invalid(
+                "the cluster has no base image to build on (an operator sets it: flynn base-image push IMAGE.tar)"
+                    .into(),
+            )
+        })?;
+        let release = s.jobs.formations.get(&app).map(|f| f.release.clone());
+        Ok::<_, ApiError>((image, release.unwrap_or_default()))
+    })?;
+    let job = place_oneoff(
+        &host,
+        flynn_state::jobs::NewJob {
+            app,
+            release,
+            proc_type: "build".into(),
+            host: 0,
+            oneoff: true,
+            args: crate::jobs::build::ARGS
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
+            stdin: false,
+            build: Some(flynn_state::Build {
+                image,
+                source: req.source,
+            }),
+        },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(job)))
+}
+
+/// Places a one-off job on this host if it runs jobs (its output then needs no second
+/// hop), else on the live host with the fewest active jobs.
+async fn place_oneoff(host: &AppState, mut job: flynn_state::jobs::NewJob) -> ApiResult<Job> {
+    let node = host.node()?;
+    let now = crate::now_ms();
+    job.host = node.state.read(|a| {
+        let s = &a.state;
         let live = crate::jobs::scheduler::live_hosts(s, now);
-        // This host if it runs jobs (its output then needs no second hop), else the live
-        // host with the fewest active jobs.
         let target = if live.contains(&host.id) && host.jobs().is_some() {
             Some(host.id)
         } else {
@@ -609,29 +680,17 @@ async fn run(
                     .count()
             })
         };
-        let target =
-            target.ok_or_else(|| ApiError::Unavailable("no host can run jobs now".into()))?;
-        Ok::<_, ApiError>((release, target))
+        target.ok_or_else(|| ApiError::Unavailable("no host can run jobs now".into()))
     })?;
     let jobs: Vec<Job> = node
         .propose_as(JobsCommand::PlaceJobs {
-            jobs: vec![flynn_state::jobs::NewJob {
-                app,
-                release,
-                proc_type: "run".into(),
-                host: target,
-                oneoff: true,
-                args: req.args,
-                stdin: req.stdin,
-            }],
+            jobs: vec![job],
             now_ms: now,
         })
         .await?;
-    let job = jobs
-        .into_iter()
+    jobs.into_iter()
         .next()
-        .ok_or_else(|| ApiError::Internal("no job placed".into()))?;
-    Ok((StatusCode::CREATED, Json(job)))
+        .ok_or_else(|| ApiError::Internal("no job placed".into()))
 }
 
 /// Where a job runs: `None` for this host, else the host API address of its host.

@@ -8,6 +8,7 @@
 //! hosts ([`network`]); a process type may ask for the host's network instead, and a host
 //! without `ip`/`nft` runs every job in its network (a free host port as `$PORT`).
 
+pub mod build;
 pub mod logs;
 pub mod network;
 pub mod oneoff;
@@ -26,7 +27,7 @@ use flynn_job::init::{ContainerSpec, EXIT_NOT_FOUND, EXIT_SETUP, INIT_PREFIX};
 use flynn_job::layer::LayerStore;
 use flynn_job::JobDir;
 use flynn_state::jobs::JobsCommand;
-use flynn_state::{Command, DiscoveryCommand, Job, JobState, Release};
+use flynn_state::{Command, DiscoveryCommand, Job, JobState, ProcessType, Release};
 use futures::future::BoxFuture;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
@@ -444,6 +445,24 @@ impl JobRunner {
                 }
             }
         };
+        // A build that succeeded leaves its slug; one that cannot be stored failed.
+        let mut slug = None;
+        let mut outcome = outcome;
+        if l.job.build.is_some() && outcome.exit_status == Some(0) {
+            match self.store_slug(&id).await {
+                Ok(layer) => slug = Some(layer),
+                Err(why) => {
+                    if let Some(io) = &l.io {
+                        io.output(oneoff::STDERR, format!("flynn: {why}\n").into());
+                    }
+                    outcome = Outcome {
+                        state: JobState::Failed,
+                        exit_status: Some(1),
+                        error: Some(why),
+                    };
+                }
+            }
+        }
         // What `flynn run` exits with: the command's status, 126 if it never ran.
         let outcome_exit = outcome.exit_status.unwrap_or(126);
         self.report(
@@ -456,12 +475,45 @@ impl JobRunner {
         )
         .await;
         if let Some(io) = &l.io {
-            io.finish(outcome_exit);
+            let result = slug.map(|layer| serde_json::json!({ "slug": layer }));
+            io.finish(outcome_exit, result);
             self.attachments.ended(&id);
         }
         self.running.lock().expect("jobs lock").remove(&id);
         let _ = std::fs::remove_dir_all(self.cfg.jobs_dir.join(&id));
         self.drop_volumes(&local, &l.job).await;
+    }
+
+    /// Packs a finished build's `/app` and stores it in the blobstore as a layer.
+    async fn store_slug(&self, id: &str) -> Result<flynn_state::Layer, String> {
+        let blobstore = self
+            .blobstore
+            .as_ref()
+            .ok_or("this host runs no blobstore to store the slug in")?;
+        let job_dir = self.cfg.jobs_dir.join(id);
+        let out = job_dir.join("slug.tar.gz");
+        let (sha512, size) = {
+            let (dir, out) = (job_dir.clone(), out.clone());
+            tokio::task::spawn_blocking(move || build::pack_slug(&dir, &out))
+                .await
+                .map_err(|e| e.to_string())??
+        };
+        let file = tokio::fs::File::open(&out)
+            .await
+            .map_err(|e| format!("the slug: {e}"))?;
+        blobstore
+            .put_checked(
+                &flynn_state::layer_path(&sha512),
+                tokio_util::io::ReaderStream::new(file),
+                &sha512,
+            )
+            .await
+            .map_err(|e| format!("storing the slug: {e}"))?;
+        Ok(flynn_state::Layer {
+            sha512,
+            size,
+            compression: flynn_state::LayerCompression::Gzip,
+        })
     }
 
     /// The id of the job's `i`th data volume.
@@ -502,6 +554,8 @@ impl JobRunner {
             mounts.push(flynn_job::init::VolumeMount {
                 host: info.path,
                 path: req.path.clone(),
+                readonly: false,
+                chown: false,
             });
         }
         Ok(mounts)
@@ -559,6 +613,8 @@ impl JobRunner {
         Ok(Some(flynn_job::init::VolumeMount {
             host: info.path,
             path: path.to_string(),
+            readonly: false,
+            chown: false,
         }))
     }
 
@@ -599,20 +655,38 @@ impl JobRunner {
     /// Layers, directories, cgroups and the init's spec; the container is not started yet.
     async fn prepare(&self, local: &LocalState, l: &Local) -> Result<Prepared, String> {
         let job = &l.job;
-        let release: Release = local
-            .read(|s| s.jobs.releases.get(&job.release).cloned())
-            .ok_or_else(|| format!("release {} no longer exists", job.release))?;
-        let proc = release
-            .processes
-            .get(&job.proc_type)
-            .cloned()
-            .unwrap_or_default();
+        // A build runs on its own image with no process type; other jobs on their release.
+        let (image, proc, release_env) = match &job.build {
+            Some(b) => (b.image.clone(), ProcessType::default(), BTreeMap::new()),
+            None => {
+                let release: Release =
+                    local
+                        .read(|s| s.jobs.releases.get(&job.release).cloned())
+                        .ok_or_else(|| format!("release {} no longer exists", job.release))?;
+                let proc = release
+                    .processes
+                    .get(&job.proc_type)
+                    .cloned()
+                    .unwrap_or_default();
+                let env = release.env_for(&job.proc_type);
+                (release.image, proc, env)
+            }
+        };
         let mut lowerdirs = Vec::new();
-        for layer in &release.image.layers {
+        for layer in &image.layers {
             lowerdirs.push(self.layer(layer).await?);
         }
         lowerdirs.reverse(); // overlayfs wants the top layer first
         let dir = JobDir::create(&self.cfg.jobs_dir, &job.id).map_err(|e| e.to_string())?;
+        let build_mounts = match &job.build {
+            Some(b) => {
+                let source = self.layer(&b.source).await?;
+                let inputs = local.read(|s| build::Inputs::from_state(s, &job.app));
+                let job_dir = dir.dir.clone();
+                tokio::task::block_in_place(|| build::prepare(&job_dir, &source, &inputs))?
+            }
+            None => Vec::new(),
+        };
         let cgroup = match &self.cgroups {
             Some(h) => Some(
                 h.create(&self.cgroup_name(&job.id), &proc.limits)
@@ -649,18 +723,20 @@ impl JobRunner {
             None => (None, None),
         };
         // Env: the image's, then the release's, then Flynn's own.
-        let mut env: BTreeMap<String, String> = release
-            .image
+        let mut env: BTreeMap<String, String> = image
             .config
             .env
             .iter()
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        env.extend(release.env_for(&job.proc_type));
+        env.extend(release_env);
         env.entry("PATH".into()).or_insert_with(|| {
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
         });
+        if job.build.is_some() {
+            env.insert("HOME".into(), build::HOME.into());
+        }
         env.entry("HOME".into()).or_insert_with(|| "/".into());
         if let Some(p) = port {
             env.insert("PORT".into(), p.to_string());
@@ -670,7 +746,7 @@ impl JobRunner {
         env.insert("FLYNN_PROCESS_TYPE".into(), job.proc_type.clone());
         env.insert("FLYNN_JOB_ID".into(), job.id.clone());
         env.insert("EXTERNAL_IP".into(), self.ip.clone());
-        let config = &release.image.config;
+        let config = &image.config;
         let args = if !job.args.is_empty() {
             job.args.clone()
         } else if !proc.args.is_empty() {
@@ -683,7 +759,8 @@ impl JobRunner {
                 .cloned()
                 .collect()
         };
-        let volumes = self.data_volumes(local, job, &proc).await?;
+        let mut volumes = self.data_volumes(local, job, &proc).await?;
+        volumes.extend(build_mounts);
         let spec = ContainerSpec {
             id: job.id.clone(),
             hostname: job.id.chars().take(63).collect(),
@@ -693,7 +770,11 @@ impl JobRunner {
             root: dir.root(),
             args,
             env,
-            cwd: config.working_dir.clone(),
+            cwd: if job.build.is_some() {
+                "/app".into()
+            } else {
+                config.working_dir.clone()
+            },
             user: config.user.clone(),
             cgroup_procs: cgroup.as_ref().map(|c| c.procs_files()).unwrap_or_default(),
             max_fd: proc.limits.max_fd,

@@ -24,6 +24,8 @@ struct Inner {
     dropped: usize,
     size: usize,
     exit: Option<i32>,
+    /// What the job left besides its status (a build's slug), sent with it.
+    result: Option<serde_json::Value>,
     stdin: Option<tokio::sync::mpsc::Sender<Bytes>>,
 }
 
@@ -56,9 +58,10 @@ impl OneOffIo {
         self.changed.notify_waiters();
     }
 
-    pub fn finish(&self, exit: i32) {
+    pub fn finish(&self, exit: i32, result: Option<serde_json::Value>) {
         let mut g = self.inner.lock().expect("io lock");
         g.exit = Some(exit);
+        g.result = result;
         g.stdin = None;
         drop(g);
         self.changed.notify_waiters();
@@ -100,16 +103,23 @@ impl OneOffIo {
                         out.push_str(&format!("{{\"stream\":\"{name}\",\"data\":\"{b64}\"}}\n"));
                     }
                     next = g.dropped + g.frames.len();
-                    (out, g.exit)
+                    let exit = g.exit.map(|code| {
+                        let mut line = serde_json::json!({ "exit": code });
+                        if let Some(r) = &g.result {
+                            line["result"] = r.clone();
+                        }
+                        line
+                    });
+                    (out, exit)
                 };
                 match (batch.is_empty(), exit) {
                     (false, _) => {
                         drop(notified);
                         return Some((Ok(Bytes::from(batch)), (io, next, false)));
                     }
-                    (true, Some(code)) => {
+                    (true, Some(end)) => {
                         drop(notified);
-                        let line = Bytes::from(format!("{{\"exit\":{code}}}\n"));
+                        let line = Bytes::from(format!("{end}\n"));
                         return Some((Ok(line), (io, next, true)));
                     }
                     (true, None) => {
@@ -168,7 +178,7 @@ mod tests {
         let io = OneOffIo::new(None);
         io.output(STDOUT, Bytes::from_static(b"hello\n"));
         io.output(STDERR, Bytes::from_static(b"oops\n"));
-        io.finish(3);
+        io.finish(3, None);
         let all: Vec<Bytes> = io.clone().stream().map(|b| b.unwrap()).collect().await;
         let text = String::from_utf8(all.concat()).unwrap();
         let lines: Vec<serde_json::Value> = text

@@ -289,6 +289,7 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                             oneoff: false,
                             args: Vec::new(),
                             stdin: false,
+                            build: None,
                         });
                     }
                 } else if mine.len() > want {

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::area::{Area, Cx, Records, Table};
 use crate::{
-    validate, ApplyResult, ClusterState, Formation, Image, Job, JobState, Limits, NewRelease,
-    ProcessType, Release, Response, StateError,
+    validate, ApplyResult, Build, ClusterState, Formation, Image, Job, JobState, Layer, Limits,
+    NewRelease, ProcessType, Release, Response, StateError,
 };
 
 pub const RELEASES: Table = Table("release/");
@@ -95,6 +95,9 @@ pub struct NewJob {
     pub args: Vec<String>,
     #[serde(default)]
     pub stdin: bool,
+    /// A build job: it runs on the build's image, not on a release's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<Build>,
 }
 
 /// Recent crashes of one process type (`APP/TYPE`).
@@ -266,7 +269,11 @@ fn check_release(r: &Release) -> Result<(), StateError> {
 }
 
 fn check_layers(image: &Image) -> Result<(), StateError> {
-    for l in &image.layers {
+    check_digests(&image.layers)
+}
+
+fn check_digests<'a>(layers: impl IntoIterator<Item = &'a Layer>) -> Result<(), StateError> {
+    for l in layers {
         if l.sha512.len() != 128 || !l.sha512.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(StateError::Invalid(format!(
                 "layer digest {:?} is not a hex SHA-512",
@@ -428,6 +435,15 @@ impl Area for Jobs {
             }
             JobsCommand::PlaceJobs { jobs, now_ms } => {
                 for j in &jobs {
+                    if let Some(b) = &j.build {
+                        // A build may come before the app's first release.
+                        s.app(&j.app)?;
+                        if !j.oneoff {
+                            return Err(StateError::Invalid("a build job is a one-off".into()));
+                        }
+                        check_digests(b.image.layers.iter().chain([&b.source]))?;
+                        continue;
+                    }
                     let r =
                         s.jobs.releases.get(&j.release).ok_or_else(|| {
                             StateError::NotFound(format!("release {:?}", j.release))
@@ -452,6 +468,7 @@ impl Area for Jobs {
                         oneoff: j.oneoff,
                         args: j.args,
                         stdin: j.stdin,
+                        build: j.build,
                         addr: None,
                         exit_status: None,
                         error: None,

@@ -44,6 +44,7 @@ fn place(s: &mut ClusterState, release: &str, host: u64) -> Job {
                 oneoff: false,
                 args: vec![],
                 stdin: false,
+                build: None,
             }],
             now_ms: 1,
         },
@@ -188,4 +189,52 @@ fn t13_stop_sticks_and_host_down_fails_jobs_and_leaves_discovery() {
         .any(|e| matches!(&e.kind, EventKind::InstanceDown { id, .. } if *id == b.id)));
     // A host going down is not the app crashing.
     assert!(!s.jobs.backoff.contains_key("web1/web"));
+}
+
+#[test]
+fn t14_a_build_job_needs_its_app_not_a_release_and_is_a_one_off() {
+    let mut s = booted();
+    ok(&mut s, AppsCommand::CreateApp { name: "src".into() });
+    let build = |app: &str, oneoff: bool, source: &str| NewJob {
+        app: app.into(),
+        release: String::new(),
+        proc_type: "build".into(),
+        host: 2,
+        oneoff,
+        args: vec!["/app/bin/compile".into()],
+        stdin: false,
+        build: Some(Build {
+            image: image(),
+            source: Layer {
+                sha512: source.into(),
+                size: 1,
+                compression: LayerCompression::Gzip,
+            },
+        }),
+    };
+    let place = |s: &mut ClusterState, j: NewJob| {
+        apply(
+            s,
+            JobsCommand::PlaceJobs {
+                jobs: vec![j],
+                now_ms: 1,
+            },
+        )
+        .0
+    };
+    // Before the app's first release: the build carries its own image.
+    let placed = place(&mut s, build("src", true, &"cd".repeat(64))).unwrap();
+    let job = Vec::<Job>::try_from(placed).unwrap().remove(0);
+    assert!(job.oneoff && job.build.is_some(), "{job:?}");
+    assert_eq!(s.jobs.jobs[&job.id].build, job.build);
+    for (bad, why) in [
+        (build("nope", true, &"cd".repeat(64)), "nope"),
+        (build("src", false, &"cd".repeat(64)), "one-off"),
+        (build("src", true, "not-a-digest"), "SHA-512"),
+    ] {
+        let before = s.jobs.jobs.len();
+        let e = place(&mut s, bad).unwrap_err().to_string();
+        assert!(e.contains(why), "{e}");
+        assert_eq!(s.jobs.jobs.len(), before);
+    }
 }

@@ -1,0 +1,205 @@
+//! Build jobs (`flynn deploy DIR` of a source with `bin/compile`), the host side: the
+//! directories a build runs in, and the slug it leaves.
+//!
+//! A build follows Heroku's buildpack contract, as Flynn's slugbuilder does: the source is
+//! copied to a writable `/app` and `/app/bin/compile /app /tmp/cache /tmp/env` runs there as
+//! the image's user, with the app's env as one file per variable in `/tmp/env` (read-only).
+//! gitreceive's `SSH_CLIENT_KEY` and `SSH_CLIENT_HOSTS` become `$HOME/.ssh/id_rsa` and
+//! `known_hosts` on a read-only mount, so `git` and `ssh` in the build fetch private
+//! dependencies with them; they are never in the build's environment, its output or its
+//! slug. A build that exits 0 leaves `/app`, tarred deterministically, as the slug layer.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use flynn_job::init::VolumeMount;
+
+/// What a build job runs.
+pub const ARGS: [&str; 4] = ["/app/bin/compile", "/app", "/tmp/cache", "/tmp/env"];
+/// The build's home; its `.ssh` holds the SSH client identity.
+pub const HOME: &str = "/home/build";
+
+/// The secrets and settings a build gets from the cluster state.
+pub struct Inputs {
+    /// The app's env, written to `/tmp/env`.
+    pub env: BTreeMap<String, String>,
+    /// gitreceive's `SSH_CLIENT_KEY`.
+    pub ssh_key: Option<String>,
+    /// gitreceive's `SSH_CLIENT_HOSTS`.
+    pub ssh_hosts: Option<String>,
+}
+
+impl Inputs {
+    pub fn from_state(s: &flynn_state::ClusterState, app: &str) -> Self {
+        let global = |a: &str| s.apps.get(a).map(|a| a.env.global.clone());
+        let gitreceive = global("gitreceive").unwrap_or_default();
+        let nonempty = |k: &str| gitreceive.get(k).filter(|v| !v.trim().is_empty()).cloned();
+        Inputs {
+            env: global(app).unwrap_or_default(),
+            ssh_key: nonempty("SSH_CLIENT_KEY"),
+            ssh_hosts: nonempty("SSH_CLIENT_HOSTS"),
+        }
+    }
+}
+
+/// Makes the build's directories under `job_dir` from the unpacked source layer and
+/// returns their mounts, in the order they must be made.
+pub fn prepare(job_dir: &Path, source: &Path, inputs: &Inputs) -> Result<Vec<VolumeMount>, String> {
+    let app = source.join("app");
+    if !app.join("bin/compile").is_file() {
+        return Err("the source has no bin/compile to build it with".into());
+    }
+    let dir = |name: &str| -> Result<PathBuf, String> {
+        let p = job_dir.join(name);
+        std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        Ok(p)
+    };
+    let mount = |host: PathBuf, path: &str, readonly: bool| VolumeMount {
+        host,
+        path: path.to_string(),
+        readonly,
+        chown: true,
+    };
+    let build = dir("build")?;
+    // The source layer is shared by every job on the host and read-only: the build gets a
+    // copy it may change.
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(app.join("."))
+        .arg(&build)
+        .output()
+        .map_err(|e| format!("copying the source: {e}"))?;
+    if !copied.status.success() {
+        return Err(format!(
+            "copying the source: {}",
+            String::from_utf8_lossy(&copied.stderr).trim()
+        ));
+    }
+    let env = dir("env")?;
+    for (k, v) in &inputs.env {
+        // Names are env names; anything that is not one cannot be a file name here.
+        if k.is_empty() || k.contains('/') || k.starts_with('.') {
+            continue;
+        }
+        write(&env.join(k), v, 0o444)?;
+    }
+    let mut mounts = vec![
+        mount(build, "/app", false),
+        mount(dir("cache")?, "/tmp/cache", false),
+        mount(env, "/tmp/env", true),
+        mount(dir("home")?, HOME, false),
+    ];
+    if inputs.ssh_key.is_some() || inputs.ssh_hosts.is_some() {
+        let ssh = dir("ssh")?;
+        if let Some(key) = &inputs.ssh_key {
+            // ssh refuses a key others may read, and one without its final newline.
+            let key = format!("{}\n", key.trim_end());
+            write(&ssh.join("id_rsa"), &key, 0o400)?;
+        }
+        if let Some(hosts) = &inputs.ssh_hosts {
+            write(
+                &ssh.join("known_hosts"),
+                &format!("{}\n", hosts.trim_end()),
+                0o444,
+            )?;
+        }
+        mounts.push(mount(ssh, &format!("{HOME}/.ssh"), true));
+    }
+    Ok(mounts)
+}
+
+fn write(path: &Path, text: &str, mode: u32) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The built `/app` as a deterministic gzip tar under `app/` (the same tree makes the same
+/// layer), written to `out`; its SHA-512 and size.
+pub fn pack_slug(job_dir: &Path, out: &Path) -> Result<(String, u64), String> {
+    let built = job_dir.join("build");
+    let pack = || -> std::io::Result<()> {
+        let file = std::fs::File::create(out)?;
+        let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
+        let mut tar = tar::Builder::new(gz);
+        tar.mode(tar::HeaderMode::Deterministic);
+        tar.follow_symlinks(false);
+        tar.append_dir_all("app", &built)?;
+        tar.into_inner()?.finish()?.sync_all()
+    };
+    pack().map_err(|e| format!("packing the slug: {e}"))?;
+    let sha = flynn_job::layer::sha512_file(out).map_err(|e| format!("hashing the slug: {e}"))?;
+    let size = std::fs::metadata(out)
+        .map_err(|e| format!("the slug: {e}"))?
+        .len();
+    Ok((sha, size))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(key: Option<&str>) -> Inputs {
+        Inputs {
+            env: BTreeMap::from([
+                ("GREETING".to_string(), "hi".to_string()),
+                ("../escape".to_string(), "no".to_string()),
+            ]),
+            ssh_key: key.map(str::to_string),
+            ssh_hosts: None,
+        }
+    }
+
+    #[test]
+    fn t10_a_build_gets_a_copy_of_its_source_its_env_and_a_private_key_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let source = tmp.path().join("layer");
+        std::fs::create_dir_all(source.join("app/bin")).unwrap();
+        std::fs::write(source.join("app/bin/compile"), "#!/bin/sh\n").unwrap();
+        let job = tmp.path().join("job");
+        let mounts = prepare(&job, &source, &inputs(Some("KEY"))).unwrap();
+        let paths: Vec<&str> = mounts.iter().map(|m| m.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["/app", "/tmp/cache", "/tmp/env", HOME, "/home/build/.ssh"]
+        );
+        let ro: Vec<bool> = mounts.iter().map(|m| m.readonly).collect();
+        assert_eq!(ro, [false, false, true, false, true]);
+        assert!(job.join("build/bin/compile").is_file());
+        assert_eq!(
+            std::fs::read_to_string(job.join("env/GREETING")).unwrap(),
+            "hi"
+        );
+        assert!(!tmp.path().join("escape").exists());
+        let key = job.join("ssh/id_rsa");
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "KEY\n");
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o400);
+        // No key configured: no .ssh mount at all.
+        let job2 = tmp.path().join("job2");
+        let mounts = prepare(&job2, &source, &inputs(None)).unwrap();
+        assert!(mounts.iter().all(|m| !m.path.ends_with(".ssh")));
+        // A source without bin/compile is not a build.
+        std::fs::remove_file(source.join("app/bin/compile")).unwrap();
+        let err = prepare(&tmp.path().join("job3"), &source, &inputs(None)).unwrap_err();
+        assert!(err.contains("bin/compile"), "{err}");
+    }
+
+    #[test]
+    fn t11_the_same_built_tree_is_the_same_slug() {
+        let tmp = tempfile::tempdir().unwrap();
+        let job = tmp.path().join("job");
+        std::fs::create_dir_all(job.join("build/bin")).unwrap();
+        std::fs::write(job.join("build/bin/run"), "x").unwrap();
+        let (a, size) = pack_slug(&job, &tmp.path().join("a.tgz")).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        std::fs::write(job.join("build/bin/run"), "x").unwrap();
+        let (b, _) = pack_slug(&job, &tmp.path().join("b.tgz")).unwrap();
+        assert_eq!(a, b);
+        assert!(size > 0);
+        std::fs::write(job.join("build/bin/run"), "y").unwrap();
+        let (c, _) = pack_slug(&job, &tmp.path().join("c.tgz")).unwrap();
+        assert_ne!(a, c);
+    }
+}
