@@ -866,9 +866,10 @@ else
   echo "no key"
 fi
 if env | grep -q SSH_CLIENT; then echo "the key is in the env"; exit 8; fi
+n=$(cat "$2/count" 2>/dev/null || echo 0); n=$((n + 1)); echo $n > "$2/count"
+echo "build number $n"
 if [ -e "$1/fail" ]; then echo "failing on purpose"; exit 3; fi
 echo "$(cat "$3/GREETING") from the build" > "$1/public/built.txt"
-mkdir -p "$2/cached"
 echo "-----> done"
 "#;
 
@@ -889,7 +890,7 @@ fn sha256_hex(data: &[u8]) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn t21_builds_run_bin_compile_with_the_ssh_client_key_read_only() {
+async fn t21_builds_run_bin_compile_with_the_ssh_client_key_read_only_and_a_kept_cache() {
     let c = cluster(1).await;
     ok(&c.flynn(0, &["create", "built"]));
     let base = c.busybox_image("base", None);
@@ -938,6 +939,7 @@ async fn t21_builds_run_bin_compile_with_the_ssh_client_key_read_only() {
     assert!(said.contains("hosts github.com"), "{said}");
     assert!(said.contains("the key is read-only"), "{said}");
     assert!(said.contains("-----> done"), "{said}");
+    assert!(said.contains("build number 1"), "{said}");
     assert!(!said.contains("PRIVATE KEY"), "{said}");
     // What runs is the built tree: the file bin/compile wrote, with the app's env.
     let r = get(http(&c, 0), &format!("built.{DOMAIN}"), "/built.txt").await;
@@ -990,6 +992,8 @@ async fn t21_builds_run_bin_compile_with_the_ssh_client_key_read_only() {
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(&out);
     assert!(said.contains("no key"), "{said}");
+    // The cache a successful build left is the next build's; a failed build's is not kept.
+    assert!(said.contains("build number 2"), "{said}");
     let r = get(http(&c, 0), &format!("built.{DOMAIN}"), "/built.txt").await;
     assert_eq!(r.text().trim(), "bonjour from the build");
 }

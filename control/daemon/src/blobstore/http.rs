@@ -545,15 +545,37 @@ impl super::Blobstore {
         S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin + Send + 'static,
         E: std::fmt::Display,
     {
+        self.put(path, body, Some(expect)).await
+    }
+
+    /// Stores a stream at `path`, replacing what was there; with `expect`, content with
+    /// another SHA-512 is refused and nothing is stored.
+    pub async fn put<S, E>(
+        self: &Arc<Self>,
+        path: &str,
+        body: S,
+        expect: Option<&str>,
+    ) -> ApiResult<BlobFile>
+    where
+        S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin + Send + 'static,
+        E: std::fmt::Display,
+    {
         let local = self.ready()?;
         check_path(path)?;
         let existing = local.read(|s| s.blobs.blobs.get(path).cloned());
         let content = body
             .map(|r| r.map_err(|e| std::io::Error::other(e.to_string())))
             .boxed();
-        let stored = self.store_content(content, Some(expect)).await?;
+        let stored = self.store_content(content, expect).await?;
         self.commit(path, stored, None, existing.as_ref(), crate::now_ms())
             .await
+    }
+
+    /// The file at `path`, if there is one.
+    pub fn file(&self, path: &str) -> Option<BlobFile> {
+        self.ready()
+            .ok()?
+            .read(|s| s.blobs.blobs.get(path).cloned())
     }
 
     /// A path on this host holding the blob at `path` (fetched if needed).

@@ -115,25 +115,51 @@ fn write(path: &Path, text: &str, mode: u32) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Packs a part of a finished build (its job directory) into a file: SHA-512 and size.
+pub type Packer = fn(&Path, &Path) -> Result<(String, u64), String>;
+
+/// A packed part of a build, ready to store.
+pub struct Packed {
+    pub file: PathBuf,
+    pub sha512: String,
+    pub size: u64,
+}
+
+/// Where an app's build cache is kept in the blobstore between builds.
+pub fn cache_path(app: &str) -> String {
+    format!("/build-cache/{app}.tar.gz")
+}
+
 /// The built `/app` as a deterministic gzip tar under `app/` (the same tree makes the same
 /// layer), written to `out`; its SHA-512 and size.
 pub fn pack_slug(job_dir: &Path, out: &Path) -> Result<(String, u64), String> {
-    let built = job_dir.join("build");
-    let pack = || -> std::io::Result<()> {
-        let file = std::fs::File::create(out)?;
-        let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
-        let mut tar = tar::Builder::new(gz);
-        tar.mode(tar::HeaderMode::Deterministic);
-        tar.follow_symlinks(false);
-        tar.append_dir_all("app", &built)?;
-        tar.into_inner()?.finish()?.sync_all()
-    };
-    pack().map_err(|e| format!("packing the slug: {e}"))?;
-    let sha = flynn_job::layer::sha512_file(out).map_err(|e| format!("hashing the slug: {e}"))?;
-    let size = std::fs::metadata(out)
-        .map_err(|e| format!("the slug: {e}"))?
-        .len();
-    Ok((sha, size))
+    pack(&job_dir.join("build"), "app", out).map_err(|e| format!("packing the slug: {e}"))
+}
+
+/// The build's `/tmp/cache` as a gzip tar, for the app's next build; SHA-512 and size.
+pub fn pack_cache(job_dir: &Path, out: &Path) -> Result<(String, u64), String> {
+    pack(&job_dir.join("cache"), ".", out).map_err(|e| format!("packing the build cache: {e}"))
+}
+
+/// Unpacks the app's last build cache into the build's `/tmp/cache`.
+pub fn restore_cache(job_dir: &Path, archive: &Path) -> Result<(), String> {
+    let file = std::fs::File::open(archive).map_err(|e| e.to_string())?;
+    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
+    tar.set_preserve_ownerships(false);
+    // `unpack` keeps every entry inside the directory (no `..`, no writes through links).
+    tar.unpack(job_dir.join("cache")).map_err(|e| e.to_string())
+}
+
+fn pack(dir: &Path, prefix: &str, out: &Path) -> std::io::Result<(String, u64)> {
+    let file = std::fs::File::create(out)?;
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::default());
+    let mut tar = tar::Builder::new(gz);
+    tar.mode(tar::HeaderMode::Deterministic);
+    tar.follow_symlinks(false);
+    tar.append_dir_all(prefix, dir)?;
+    tar.into_inner()?.finish()?.sync_all()?;
+    let sha = flynn_job::layer::sha512_file(out)?;
+    Ok((sha, std::fs::metadata(out)?.len()))
 }
 
 #[cfg(test)]
@@ -184,6 +210,25 @@ mod tests {
         std::fs::remove_file(source.join("app/bin/compile")).unwrap();
         let err = prepare(&tmp.path().join("job3"), &source, &inputs(None)).unwrap_err();
         assert!(err.contains("bin/compile"), "{err}");
+    }
+
+    #[test]
+    fn t12_a_build_cache_comes_back_as_it_was_packed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::create_dir_all(a.join("cache/deps")).unwrap();
+        std::fs::write(a.join("cache/deps/lib"), "compiled").unwrap();
+        std::fs::create_dir_all(b.join("cache")).unwrap();
+        let archive = tmp.path().join("cache.tgz");
+        pack_cache(&a, &archive).unwrap();
+        restore_cache(&b, &archive).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(b.join("cache/deps/lib")).unwrap(),
+            "compiled"
+        );
+        // Not an archive: an error, not a panic, and nothing outside the cache touched.
+        std::fs::write(&archive, "junk").unwrap();
+        assert!(restore_cache(&b, &archive).is_err());
     }
 
     #[test]

@@ -450,7 +450,16 @@ impl JobRunner {
         let mut outcome = outcome;
         if l.job.build.is_some() && outcome.exit_status == Some(0) {
             match self.store_slug(&id).await {
-                Ok(layer) => slug = Some(layer),
+                Ok(layer) => {
+                    slug = Some(layer);
+                    if let Err(why) = self.store_build_cache(&l.job.app, &id).await {
+                        tracing::warn!(job = %id, error = %why, "build cache not kept");
+                        if let Some(io) = &l.io {
+                            let msg = format!("flynn: the build cache was not kept ({why})\n");
+                            io.output(oneoff::STDERR, msg.into());
+                        }
+                    }
+                }
                 Err(why) => {
                     if let Some(io) = &l.io {
                         io.output(oneoff::STDERR, format!("flynn: {why}\n").into());
@@ -486,34 +495,96 @@ impl JobRunner {
 
     /// Packs a finished build's `/app` and stores it in the blobstore as a layer.
     async fn store_slug(&self, id: &str) -> Result<flynn_state::Layer, String> {
-        let blobstore = self
-            .blobstore
-            .as_ref()
-            .ok_or("this host runs no blobstore to store the slug in")?;
-        let job_dir = self.cfg.jobs_dir.join(id);
-        let out = job_dir.join("slug.tar.gz");
-        let (sha512, size) = {
-            let (dir, out) = (job_dir.clone(), out.clone());
-            tokio::task::spawn_blocking(move || build::pack_slug(&dir, &out))
-                .await
-                .map_err(|e| e.to_string())??
-        };
-        let file = tokio::fs::File::open(&out)
-            .await
-            .map_err(|e| format!("the slug: {e}"))?;
-        blobstore
-            .put_checked(
-                &flynn_state::layer_path(&sha512),
-                tokio_util::io::ReaderStream::new(file),
-                &sha512,
-            )
+        let packed = self.pack_build(id, "slug.tar.gz", build::pack_slug).await?;
+        let path = flynn_state::layer_path(&packed.sha512);
+        self.store_packed(&path, &packed)
             .await
             .map_err(|e| format!("storing the slug: {e}"))?;
         Ok(flynn_state::Layer {
-            sha512,
-            size,
+            sha512: packed.sha512,
+            size: packed.size,
             compression: flynn_state::LayerCompression::Gzip,
         })
+    }
+
+    /// Packs part of a finished build into `name` in its job directory: the file, its
+    /// SHA-512 and size.
+    async fn pack_build(
+        &self,
+        id: &str,
+        name: &str,
+        pack: build::Packer,
+    ) -> Result<build::Packed, String> {
+        let job_dir = self.cfg.jobs_dir.join(id);
+        let out = job_dir.join(name);
+        let target = out.clone();
+        let (sha512, size) = tokio::task::spawn_blocking(move || pack(&job_dir, &target))
+            .await
+            .map_err(|e| e.to_string())??;
+        Ok(build::Packed {
+            file: out,
+            sha512,
+            size,
+        })
+    }
+
+    /// Stores a packed file at `path` in the blobstore, checked against its digest.
+    async fn store_packed(&self, path: &str, packed: &build::Packed) -> Result<(), String> {
+        let blobstore = self
+            .blobstore
+            .as_ref()
+            .ok_or("this host runs no blobstore")?;
+        let file = tokio::fs::File::open(&packed.file)
+            .await
+            .map_err(|e| e.to_string())?;
+        let body = tokio_util::io::ReaderStream::new(file);
+        blobstore
+            .put(path, body, Some(&packed.sha512))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Unpacks the app's last build cache, if the blobstore holds one, into a build's
+    /// `/tmp/cache`.
+    async fn restore_build_cache(
+        &self,
+        app: &str,
+        job_dir: &std::path::Path,
+    ) -> Result<(), String> {
+        let Some(blobstore) = &self.blobstore else {
+            return Ok(());
+        };
+        let path = build::cache_path(app);
+        if blobstore.file(&path).is_none() {
+            return Ok(());
+        }
+        let archive = blobstore
+            .local_copy(&path)
+            .await
+            .map_err(|e| e.to_string())?;
+        let job_dir = job_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || build::restore_cache(&job_dir, &archive))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    /// Keeps a finished build's `/tmp/cache` for the app's next build (unless unchanged).
+    async fn store_build_cache(&self, app: &str, id: &str) -> Result<(), String> {
+        let Some(blobstore) = &self.blobstore else {
+            return Ok(());
+        };
+        let packed = self
+            .pack_build(id, "cache.tar.gz", build::pack_cache)
+            .await?;
+        let path = build::cache_path(app);
+        if blobstore
+            .file(&path)
+            .is_some_and(|f| f.sha512 == packed.sha512)
+        {
+            return Ok(());
+        }
+        self.store_packed(&path, &packed).await
     }
 
     /// The id of the job's `i`th data volume.
@@ -683,7 +754,16 @@ impl JobRunner {
                 let source = self.layer(&b.source).await?;
                 let inputs = local.read(|s| build::Inputs::from_state(s, &job.app));
                 let job_dir = dir.dir.clone();
-                tokio::task::block_in_place(|| build::prepare(&job_dir, &source, &inputs))?
+                let mounts =
+                    tokio::task::block_in_place(|| build::prepare(&job_dir, &source, &inputs))?;
+                if let Err(why) = self.restore_build_cache(&job.app, &job_dir).await {
+                    // A cache only saves time: the build goes on without it.
+                    if let Some(io) = &l.io {
+                        let msg = format!("flynn: the build cache was not restored ({why})\n");
+                        io.output(oneoff::STDERR, msg.into());
+                    }
+                }
+                mounts
             }
             None => Vec::new(),
         };
