@@ -891,7 +891,8 @@ fn sha256_hex(data: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn t21_builds_run_bin_compile_with_the_ssh_client_key_read_only_and_a_kept_cache() {
-    let c = cluster(1).await;
+    // Three hosts: the build runs where the deploy asked, its slug runs on every host.
+    let c = cluster(3).await;
     ok(&c.flynn(0, &["create", "built"]));
     let base = c.busybox_image("base", None);
     ok(&c.flynn(0, &["base-image", "push", base.to_str().unwrap()]));
@@ -927,7 +928,7 @@ async fn t21_builds_run_bin_compile_with_the_ssh_client_key_read_only_and_a_kept
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let out = c.flynn(0, &deploy);
+    let out = c.flynn(1, &deploy);
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(&out);
     // The build ran as the image's user (nobody), with gitreceive's key and hosts as files
@@ -942,8 +943,20 @@ async fn t21_builds_run_bin_compile_with_the_ssh_client_key_read_only_and_a_kept
     assert!(said.contains("build number 1"), "{said}");
     assert!(!said.contains("PRIVATE KEY"), "{said}");
     // What runs is the built tree: the file bin/compile wrote, with the app's env.
-    let r = get(http(&c, 0), &format!("built.{DOMAIN}"), "/built.txt").await;
-    assert_eq!(r.text().trim(), "hello from the build");
+    ok(&c.flynn(0, &["-a", "built", "scale", "web=3"]));
+    let release = ok(&c.flynn(0, &["-a", "built", "release", "show"]));
+    let id = release
+        .split_whitespace()
+        .find(|w| w.starts_with("built-v"))
+        .unwrap()
+        .to_string();
+    let placed = settled(&c, "built", &id, 3).await;
+    let hosts: BTreeSet<u64> = running(&placed).iter().map(|j| j.host).collect();
+    assert_eq!(hosts.len(), 3, "{placed:?}");
+    for i in 0..3 {
+        let r = get(http(&c, i), &format!("built.{DOMAIN}"), "/built.txt").await;
+        assert_eq!(r.text().trim(), "hello from the build");
+    }
     // The key stays with builds: not in the slug, not in the app's jobs.
     let seen = ok(&c.flynn(
         0,
@@ -961,7 +974,6 @@ async fn t21_builds_run_bin_compile_with_the_ssh_client_key_read_only_and_a_kept
         "{seen}"
     );
     assert!(!seen.contains("id_rsa"), "{seen}");
-    let release = ok(&c.flynn(0, &["-a", "built", "release", "show"]));
 
     // A build that fails deploys nothing and says so.
     std::fs::write(dir.path().join("fail"), "").unwrap();
