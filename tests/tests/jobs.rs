@@ -834,6 +834,21 @@ async fn t20_data_volumes_outlive_their_job_unless_asked_not_to() {
     assert_eq!(held.len(), 2, "{volumes}");
     assert!(held.contains(&kept_id.as_str()), "{volumes}");
     assert_eq!(std::fs::read_to_string(&kept).unwrap(), "kept\n");
+    // A deploy (an env change) of a type with a kept volume is stop-first: the new
+    // release's job takes the same volume up instead of starting on an empty one.
+    ok(&c.flynn(0, &["-a", "vol", "env", "set", "K=v"]));
+    let job = settled(&c, "vol", "vol-v3", 1).await;
+    let newest = running(&job)[0].id.clone();
+    let volumes: serde_json::Value =
+        serde_json::from_str(&ok(&c.flynn_host(0, &["volume", "list", "--all", "--json"])))
+            .unwrap();
+    let owner = volumes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["id"] == kept_id.as_str())
+        .map(|v| v["job"].clone());
+    assert_eq!(owner, Some(serde_json::json!(newest)), "{volumes}");
     // A volume path that is not absolute is refused with the reason.
     std::fs::write(
         &update,

@@ -214,6 +214,18 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
             };
             let mut current = of_type(true);
             let old = of_type(false);
+            // A type with kept data volumes deploys stop-first: a new job can take an old
+            // one's volume up only once that job has ended (started alongside, it would get
+            // an empty one). Jobs on draining hosts still go new-before-old: their volumes
+            // cannot move with them anyway.
+            let stop_first = proc.volumes.iter().any(|v| !v.delete_on_stop);
+            let holds = |j: &Job| stop_first && !draining.contains(&j.host);
+            let leaving: Vec<&Job> = active
+                .iter()
+                .copied()
+                .filter(|j| j.app == *app && j.proc_type == *ty && !j.oneoff)
+                .filter(|j| j.state == JobState::Stopping && holds(j))
+                .collect();
             // Omni types run `count` jobs on every live host; others `count` in all.
             let groups: Vec<(Option<u64>, usize)> = if proc.omni {
                 placeable.iter().map(|h| (Some(*h), count)).collect()
@@ -228,7 +240,15 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                     .copied()
                     .filter(|j| only_host.is_none_or(|h| j.host == h))
                     .collect();
-                if mine.len() < want {
+                // Slots still held by old or leaving jobs of a stop-first type.
+                let held = old
+                    .iter()
+                    .chain(&leaving)
+                    .filter(|j| holds(j))
+                    .filter(|j| only_host.is_none_or(|h| j.host == h))
+                    .count();
+                let want_now = want.saturating_sub(held);
+                if mine.len() < want_now {
                     let backoff = s
                         .jobs
                         .backoff
@@ -244,7 +264,7 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                             reserved.get(h).copied().unwrap_or(0).saturating_add(need) <= cap
                         })
                     };
-                    for _ in mine.len()..want {
+                    for _ in mine.len()..want_now {
                         // Only hosts with room for the type's memory limit.
                         let candidates: Vec<u64> = match only_host {
                             Some(h) => vec![h],
@@ -270,7 +290,7 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                         }) else {
                             no_room.push(format!(
                                 "{app}/{ty}: {} more wanted, {} MiB each",
-                                want - mine.len(),
+                                want_now - mine.len(),
                                 need >> 20
                             ));
                             break;
@@ -307,7 +327,15 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                 .iter()
                 .filter(|j| j.state == JobState::Running)
                 .count();
-            let allowed_old = want_total.saturating_sub(running_new);
+            let allowed_old = if old.iter().any(|j| holds(j)) {
+                // One at a time, and the next only once the last replacement runs.
+                let settled = leaving.is_empty()
+                    && current.iter().all(|j| j.state == JobState::Running)
+                    && current.len() + old.len() >= want_total;
+                want_total.saturating_sub(current.len() + usize::from(settled))
+            } else {
+                want_total.saturating_sub(running_new)
+            };
             let mut old = old;
             old.sort_by_key(|j| stopping_rank(j));
             let n = old.len().saturating_sub(allowed_old);
@@ -692,5 +720,81 @@ mod tests {
         scale(&mut s, 4);
         step(&mut s, 5);
         assert_eq!(running_on(&s).get(&2), Some(&1));
+    }
+
+    #[test]
+    fn t17_a_type_with_kept_volumes_deploys_stop_first_one_at_a_time() {
+        let mut s = state(&[1, 2]);
+        let web = flynn_state::ProcessType {
+            ports: true,
+            volumes: vec![flynn_state::VolumeReq {
+                path: "/data".into(),
+                delete_on_stop: false,
+            }],
+            ..Default::default()
+        };
+        let image = s.jobs.current_release("web1").unwrap().image.clone();
+        s.apply(
+            JobsCommand::CreateRelease {
+                app: "web1".into(),
+                release: NewRelease {
+                    image,
+                    processes: Some([("web".to_string(), web)].into()),
+                },
+                now_ms: 1,
+            }
+            .into(),
+        )
+        .0
+        .unwrap();
+        scale(&mut s, 2);
+        step(&mut s, 2);
+        assert_eq!(running_on(&s), [(1, 1), (2, 1)].into());
+        let env = AppsCommand::UpdateEnv {
+            app: "web1".into(),
+            proc_type: None,
+            set: [("K".to_string(), "v2".to_string())].into(),
+            unset: vec![],
+            now_ms: 3,
+        };
+        s.apply(env.into()).0.unwrap();
+        let new = s.jobs.formations["web1"].release.clone();
+        let kinds = |plan: &[Command]| -> (usize, usize) {
+            let stops = plan
+                .iter()
+                .filter(|c| matches!(c, Command::Jobs(JobsCommand::StopJob { .. })))
+                .count();
+            let places = plan
+                .iter()
+                .filter(|c| matches!(c, Command::Jobs(JobsCommand::PlaceJobs { .. })))
+                .count();
+            (stops, places)
+        };
+        // First one old job stops, and nothing starts beside it.
+        let first = plan(&s, 4);
+        assert_eq!(kinds(&first), (1, 0), "{first:?}");
+        for c in first {
+            s.apply(c).0.unwrap();
+        }
+        // While it is still stopping, nothing more happens: its volume is not free yet.
+        assert!(plan(&s, 5).is_empty());
+        // Then, step by step, never more than the count active and never none running.
+        for now in 6..20 {
+            step(&mut s, now);
+            let active = s.jobs.jobs.values().filter(|j| j.state.is_active()).count();
+            let running = running_on(&s).values().sum::<usize>();
+            assert!(
+                active <= 2 && running >= 1,
+                "at {now}: {active} active, {running} running"
+            );
+        }
+        let running: Vec<&Job> = s
+            .jobs
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Running)
+            .collect();
+        assert_eq!(running.len(), 2);
+        assert!(running.iter().all(|j| j.release == new));
     }
 }
