@@ -507,6 +507,19 @@ mod tests {
         .unwrap();
     }
 
+    /// An env change: a new release of web1, deployed; its id.
+    fn redeploy(s: &mut ClusterState, now: u64) -> String {
+        let env = AppsCommand::UpdateEnv {
+            app: "web1".into(),
+            proc_type: None,
+            set: [("K".to_string(), format!("v{now}"))].into(),
+            unset: vec![],
+            now_ms: now,
+        };
+        s.apply(env.into()).0.unwrap();
+        s.jobs.formations["web1"].release.clone()
+    }
+
     #[test]
     fn t10_jobs_spread_over_hosts_and_scale_down() {
         let mut s = state(&[1, 2, 3]);
@@ -537,15 +550,7 @@ mod tests {
         let mut s = state(&[1, 2, 3]);
         scale(&mut s, 3);
         step(&mut s, 1);
-        let env = AppsCommand::UpdateEnv {
-            app: "web1".into(),
-            proc_type: None,
-            set: [("K".to_string(), "v2".to_string())].into(),
-            unset: vec![],
-            now_ms: 2,
-        };
-        s.apply(env.into()).0.unwrap();
-        let new = s.jobs.formations["web1"].release.clone();
+        let new = redeploy(&mut s, 2);
         // Pass 1 places the new jobs and stops nothing: none of them runs yet.
         let plan1 = plan(&s, 2);
         assert!(plan1
@@ -750,15 +755,7 @@ mod tests {
         scale(&mut s, 2);
         step(&mut s, 2);
         assert_eq!(running_on(&s), [(1, 1), (2, 1)].into());
-        let env = AppsCommand::UpdateEnv {
-            app: "web1".into(),
-            proc_type: None,
-            set: [("K".to_string(), "v2".to_string())].into(),
-            unset: vec![],
-            now_ms: 3,
-        };
-        s.apply(env.into()).0.unwrap();
-        let new = s.jobs.formations["web1"].release.clone();
+        let new = redeploy(&mut s, 3);
         let kinds = |plan: &[Command]| -> (usize, usize) {
             let stops = plan
                 .iter()
