@@ -576,7 +576,7 @@ async fn t16_logs_are_ordered_bounded_followed_rotated_and_survive_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn t17_jobs_reach_published_ports_only() {
+async fn t17_jobs_reach_published_ports_only_and_the_outside_through_their_host() {
     let c = cluster(2).await;
     ok(&c.flynn(0, &["create", "web1"]));
     let image = c.busybox_image("v1", None);
@@ -636,6 +636,17 @@ async fn t17_jobs_reach_published_ports_only() {
     let direct = c.run_cmd_in(on, &["sh", "-c", &script]);
     assert!(String::from_utf8_lossy(&direct.stdout).contains("hello from busybox v1"));
     ok(&c.flynn(0, &["-a", "web1", "kill", &hidden]));
+    // Jobs reach a network beyond the cluster (here the test's own address, which has no
+    // route to job subnets) through their host's address.
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("hello.txt"), "from outside\n").unwrap();
+    let server = flynn_tests::serve_dir(&c.bridge_ip(), outside.path());
+    let (ip, port) = (server.ip(), server.port());
+    for from in [0, 1] {
+        let script = format!("printf 'GET /hello.txt HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} {port}");
+        let out = ok(&c.flynn(from, &["-a", "web1", "run", "sh", "-c", &script]));
+        assert!(out.contains("from outside"), "from host {from}: {out}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

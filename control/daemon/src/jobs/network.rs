@@ -7,7 +7,9 @@
 //! routed through the host, where an nftables chain lets in only connections to a job's
 //! published port (`$PORT`) and drops new connections to any other port of a job. Other
 //! hosts' subnets are routed via those hosts' addresses (the hosts share a network, as
-//! flannel's host-gw backend assumes).
+//! flannel's host-gw backend assumes). Traffic from a job to anything that is not a job
+//! leaves with its host's address (masquerade), so jobs reach networks beyond the cluster
+//! (package mirrors, databases, APIs) that have no route back to job subnets.
 //!
 //! Everything is done with `ip` and `nft`, as an operator would; without them (or where
 //! they fail at start) jobs use the host's network and the host says so.
@@ -17,6 +19,9 @@ use std::hash::{Hash, Hasher};
 use std::net::Ipv4Addr;
 use std::process::Command;
 use std::sync::Mutex;
+
+/// Every host's job subnet lies in this range; traffic between jobs keeps its addresses.
+const JOB_NETWORK: &str = "100.100.0.0/16";
 
 /// The port a job with its own address serves on (as Flynn's jobs did).
 pub const JOB_PORT: u16 = 8080;
@@ -149,6 +154,10 @@ impl HostNet {
                  ct state established,related accept\n\
                  ip daddr . tcp dport @published accept\n\
                  ip daddr 100.100.{index}.0/24 ct state new drop\n\
+               }}\n\
+               chain postrouting {{\n\
+                 type nat hook postrouting priority srcnat; policy accept;\n\
+                 ip saddr 100.100.{index}.0/24 ip daddr != {JOB_NETWORK} masquerade\n\
                }}\n\
              }}\n"
         ))?;
