@@ -538,6 +538,24 @@ impl Cluster {
         child.wait_with_output().expect("run cli")
     }
 
+    /// Starts `flynn` in host `i`'s namespace with its stdin and stdout piped, for a test
+    /// that talks to it as it runs (at most 60 s).
+    pub fn spawn_flynn_piped(&self, i: usize, args: &[&str]) -> std::process::Child {
+        let _ = self.flynn(i, &["apps"]); // makes the host's flynnrc once
+        let rc = self.root.path().join(format!("flynnrc{i}"));
+        Command::new("ip")
+            .args(["netns", "exec", &self.hosts[i].ns, "timeout", "60"])
+            .arg(bin_dir().join("flynn"))
+            .args(args)
+            .env("FLYNNRC", rc)
+            .env_remove("FLYNN_APP")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run cli")
+    }
+
     /// Starts a long-running `flynn` (like `log -f`) in host `i`'s namespace; its stdout
     /// goes to a file read by [`Following::output_so_far`]. Killed on drop.
     pub fn spawn_flynn_output(&self, i: usize, args: &[&str]) -> Following {

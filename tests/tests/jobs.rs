@@ -417,7 +417,7 @@ async fn t14_crash_loops_back_off_and_memory_limits_kill_only_the_job() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn t15_run_passes_stdin_output_and_the_exit_status() {
+async fn t15_run_passes_stdin_output_and_the_exit_status_on_a_pipe_or_a_pty() {
     let c = cluster(2).await;
     ok(&c.flynn(0, &["create", "web1"]));
     let image = c.busybox_image("v1", None);
@@ -473,6 +473,89 @@ async fn t15_run_passes_stdin_output_and_the_exit_status() {
     ok(&c.flynn(0, &["create", "empty"]));
     let err = failed(&c.flynn(0, &["-a", "empty", "run", "true"]));
     assert!(err.contains("no release"), "{err}");
+
+    // On a pty (-t; from a terminal it is the default): the job's streams are a terminal
+    // of the caller's size (80x24 when the caller has none), keys are read as typed, and
+    // the terminal echoes them.
+    let script = "test -t 0 && test -t 1 && test -t 2 && echo on-a-tty; stty size; \
+                  read line; echo \"got:$line\"; exit 3";
+    let out = c.flynn_with_stdin(
+        1,
+        &["-a", "web1", "run", "-t", "sh", "-c", script],
+        b"hello\n",
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(text.contains("on-a-tty\r\n24 80\r\n"), "{text:?}");
+    // Echoed by the terminal when it arrived (before or after the prompt), then read.
+    assert!(text.contains("got:hello\r\n"), "{text:?}");
+    assert_eq!(text.matches("hello\r\n").count(), 2, "{text:?}");
+    // ^C is the terminal's: the job's foreground gets SIGINT. A resize reaches the job too.
+    let mut cli = c.spawn_flynn_piped(
+        1,
+        &[
+            "-a",
+            "web1",
+            "run",
+            "-t",
+            "sh",
+            "-c",
+            "trap 'stty size' WINCH; echo ready; sleep 20 & wait; sleep 20; echo not-interrupted",
+        ],
+    );
+    let mut stdin = cli.stdin.take().unwrap();
+    let stdout = cli.stdout.take().unwrap();
+    let (seen_tx, seen_rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut all = Vec::new();
+        let mut stdout = stdout;
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            let _ = seen_tx.send(String::from_utf8_lossy(&all).into_owned());
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    let wait_for = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(text) = seen_rx.recv_timeout(Duration::from_millis(200)) {
+                if text.contains(what) {
+                    return;
+                }
+            }
+        }
+        panic!("no {what:?} from the job");
+    };
+    wait_for("ready");
+    let job = jobs(&c, "web1")
+        .await
+        .into_iter()
+        .find(|j| j.state == JobState::Running && j.tty.is_some())
+        .expect("the job on a pty");
+    let size = flynn_model::TtySize {
+        cols: 132,
+        rows: 43,
+    };
+    c.client(0).job_resize("web1", &job.id, size).await.unwrap();
+    wait_for("43 132");
+    std::io::Write::write_all(&mut stdin, b"\x03").unwrap();
+    let status = cli.wait().unwrap();
+    let text = reader.join().unwrap();
+    assert_eq!(status.code(), Some(130), "{text:?}");
+    assert!(!text.contains("not-interrupted"), "{text:?}");
+    // A job that has no terminal cannot be resized.
+    let plain = ok(&c.flynn(0, &["-a", "web1", "run", "-d", "sleep", "5"]));
+    let err = c
+        .client(0)
+        .job_resize("web1", plain.trim(), size)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no terminal"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

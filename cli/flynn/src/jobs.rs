@@ -629,24 +629,37 @@ pub async fn limit(
 }
 
 /// `flynn run`: starts the job, passes piped stdin, copies its output; its exit status.
+/// With `tty` the job runs on a pty: this terminal (if it is one) is put in raw mode so
+/// every key goes to the job, and its size follows this one's.
 pub async fn run(
     client: &ControllerClient,
     app: &str,
     args: Vec<String>,
     detached: bool,
+    tty: bool,
 ) -> anyhow::Result<i32> {
-    let stdin = !detached && !std::io::stdin().is_terminal();
+    let stdin = !detached && (tty || !std::io::stdin().is_terminal());
+    let size = tty.then(terminal::size);
     let job = client
-        .run(app, &flynn_client::RunRequest { args, stdin })
+        .run(
+            app,
+            &flynn_client::RunRequest {
+                args,
+                stdin,
+                tty: size,
+            },
+        )
         .await?;
     if detached {
         println!("{}", job.id);
         return Ok(0);
     }
+    // Restored when this returns, whatever the way out.
+    let _raw = if tty { terminal::Raw::enter() } else { None };
     if stdin {
         let (client, app, id) = (client.clone(), app.to_string(), job.id.clone());
         tokio::spawn(async move {
-            let input = tokio_util::io::ReaderStream::new(tokio::io::stdin());
+            let input = tokio_util::io::ReaderStream::with_capacity(tokio::io::stdin(), 4096);
             if let Err(e) = client
                 .job_stdin(&app, &id, reqwest::Body::wrap_stream(input))
                 .await
@@ -655,8 +668,75 @@ pub async fn run(
             }
         });
     }
+    if tty {
+        let (client, app, id) = (client.clone(), app.to_string(), job.id.clone());
+        tokio::spawn(async move {
+            let Ok(mut winch) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+            else {
+                return;
+            };
+            while winch.recv().await.is_some() {
+                let _ = client.job_resize(&app, &id, terminal::size()).await;
+            }
+        });
+    }
     let end = attach(client, app, &job.id, false).await?;
     Ok(end["exit"].as_i64().unwrap_or(1) as i32)
+}
+
+/// The local terminal: its size, and raw mode while a job has it.
+mod terminal {
+    use flynn_model::TtySize;
+    use nix::sys::termios::{self, SetArg, Termios};
+    use std::io::IsTerminal;
+    use std::os::fd::AsRawFd;
+
+    /// This terminal's size (stdout's, else stdin's); 80x24 when neither is a terminal.
+    pub fn size() -> TtySize {
+        for fd in [std::io::stdout().as_raw_fd(), std::io::stdin().as_raw_fd()] {
+            let mut ws = libc::winsize {
+                ws_row: 0,
+                ws_col: 0,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            #[allow(unsafe_code)]
+            // SAFETY: TIOCGWINSZ writes a winsize through a pointer to a live local.
+            let r = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) };
+            if r == 0 && ws.ws_col > 0 && ws.ws_row > 0 {
+                return TtySize {
+                    cols: ws.ws_col,
+                    rows: ws.ws_row,
+                };
+            }
+        }
+        TtySize { cols: 80, rows: 24 }
+    }
+
+    /// Raw mode on stdin while it lives, so keys (^C too) go to the job's terminal, which
+    /// does the echoing and line editing.
+    pub struct Raw(Termios);
+
+    impl Raw {
+        pub fn enter() -> Option<Raw> {
+            let stdin = std::io::stdin();
+            if !stdin.is_terminal() {
+                return None;
+            }
+            let saved = termios::tcgetattr(&stdin).ok()?;
+            let mut raw = saved.clone();
+            termios::cfmakeraw(&mut raw);
+            termios::tcsetattr(&stdin, SetArg::TCSANOW, &raw).ok()?;
+            Some(Raw(saved))
+        }
+    }
+
+    impl Drop for Raw {
+        fn drop(&mut self) {
+            let _ = termios::tcsetattr(std::io::stdin(), SetArg::TCSADRAIN, &self.0);
+        }
+    }
 }
 
 /// Copies a one-off job's output (to stdout and stderr, or all of it to stderr) until it

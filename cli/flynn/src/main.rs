@@ -123,11 +123,18 @@ enum Cmd {
         proc_type: Option<String>,
     },
     /// Run a one-off command in a new job of the app's current release; it exits with the
-    /// command's status. Piped stdin is passed to it.
+    /// command's status. Piped stdin is passed to it; from a terminal it runs on a pty
+    /// (`flynn run bash`), with keys, ^C and window size passed through.
     Run {
         /// Print the job's id and return at once.
         #[arg(short = 'd', long)]
         detached: bool,
+        /// Run on a pty even when stdin or stdout is not a terminal.
+        #[arg(short = 't', long, conflicts_with_all = ["detached", "no_tty"])]
+        tty: bool,
+        /// Never run on a pty, even from a terminal.
+        #[arg(short = 'T', long)]
+        no_tty: bool,
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
@@ -362,9 +369,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             jobs::log(&client, &app()?, args).await?
         }
-        Cmd::Run { detached, command } => {
-            let code = jobs::run(&client, &app()?, command, detached).await?;
-            if code != 0 {
+        Cmd::Run {
+            detached,
+            tty,
+            no_tty,
+            command,
+        } => {
+            use std::io::IsTerminal;
+            let terminal = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+            let tty = !detached && !no_tty && (tty || terminal);
+            let code = jobs::run(&client, &app()?, command, detached, tty).await?;
+            if code != 0 || tty {
+                // Exits now: a read of the terminal that is still waiting for a key would
+                // otherwise hold the runtime's shutdown until one is pressed.
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
                 std::process::exit(code);

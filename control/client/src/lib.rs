@@ -513,6 +513,21 @@ impl ControllerClient {
             .await
     }
 
+    /// Sets the window size of a one-off job's terminal.
+    pub async fn job_resize(
+        &self,
+        app: &str,
+        id: &str,
+        size: flynn_model::TtySize,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.http
+            .post(
+                &format!("/apps/{}/jobs/{}/resize", seg(app), seg(id)),
+                &size,
+            )
+            .await
+    }
+
     pub async fn build(
         &self,
         app: &str,

@@ -311,4 +311,8 @@ pub struct RunRequest {
     /// The caller uploads its stdin (`PUT .../stdin`); else the job's stdin is empty.
     #[serde(default)]
     pub stdin: bool,
+    /// Run on a pty of this size (the caller is a terminal); stdin is then always passed
+    /// and the output is one stream, as a terminal shows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<flynn_model::TtySize>,
 }

@@ -52,6 +52,10 @@ pub struct ContainerSpec {
     /// Host directories (data volumes) bound into the job's filesystem.
     #[serde(default)]
     pub volumes: Vec<VolumeMount>,
+    /// The init's stdin is a pty the command takes as its controlling terminal, in a
+    /// session of its own (so the terminal's ^C reaches it as SIGINT).
+    #[serde(default)]
+    pub tty: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -366,12 +370,19 @@ pub fn stage2(spec_path: &Path) -> ! {
         .gid(gid);
     // The job starts with no signal blocked or ignored, whatever its init inherited (the
     // mask and ignored dispositions survive exec, and std does not reset them).
+    let tty = spec.tty;
     #[allow(unsafe_code)]
-    // SAFETY: between fork and exec only sigprocmask and sigaction run, both
+    // SAFETY: between fork and exec only setsid, ioctl, sigprocmask and sigaction run, all
     // async-signal-safe; nothing is allocated or locked.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             use nix::sys::signal::{sigprocmask, SigHandler, SigmaskHow};
+            if tty {
+                nix::unistd::setsid()?;
+                if libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             for sig in [
                 Signal::SIGPIPE,
                 Signal::SIGINT,

@@ -193,6 +193,9 @@ pub struct Job {
     /// A build job (`flynn deploy DIR` of a source with `bin/compile`): what it builds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build: Option<Build>,
+    /// A one-off job on a terminal (`flynn run` from one): its pty's first size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySize>,
     /// `IP:PORT` it serves on, once running.
     #[serde(default)]
     pub addr: Option<String>,
@@ -205,6 +208,13 @@ pub struct Job {
     pub started_ms: Option<u64>,
     #[serde(default)]
     pub ended_ms: Option<u64>,
+}
+
+/// A terminal's size, in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    pub cols: u16,
+    pub rows: u16,
 }
 
 /// What a build job builds: its source (a layer holding `app/`) copied to a writable

@@ -61,6 +61,7 @@ pub fn controller_routes() -> Router<AppState> {
             axum::routing::put(job_stdin).layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route("/apps/{app}/jobs/{id}/output", get(job_output))
+        .route("/apps/{app}/jobs/{id}/resize", post(job_resize))
 }
 
 pub fn secret_routes() -> Router<AppState> {
@@ -73,6 +74,7 @@ pub fn secret_routes() -> Router<AppState> {
             axum::routing::put(host_stdin).layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route("/host/jobs/{id}/output", get(host_output))
+        .route("/host/jobs/{id}/resize", post(host_resize))
 }
 
 fn check_sha(sha: &str) -> ApiResult<()> {
@@ -604,8 +606,10 @@ async fn run(
             host: 0,
             oneoff: true,
             args: req.args,
-            stdin: req.stdin,
+            // A terminal's input is the session's: it is always passed.
+            stdin: req.stdin || req.tty.is_some(),
             build: None,
+            tty: req.tty,
         },
     )
     .await?;
@@ -655,6 +659,7 @@ async fn build(
                 image,
                 source: req.source,
             }),
+            tty: None,
         },
     )
     .await?;
@@ -779,6 +784,56 @@ async fn job_output(
 }
 
 /// A one-off job's I/O on this host, waiting briefly for a job just placed to start.
+/// `POST /apps/{app}/jobs/{id}/resize`: the window size of a one-off job's terminal.
+async fn job_resize(
+    State(host): State<AppState>,
+    Path((app, id)): Path<(String, String)>,
+    body: bytes::Bytes,
+) -> ApiResult<axum::response::Response> {
+    match job_host(&host, &app, &id).await? {
+        None => local_resize(&host, &id, &body).await,
+        Some(addr) => {
+            let path = format!("/host/jobs/{id}/resize");
+            forward(
+                &host,
+                reqwest::Method::POST,
+                &addr,
+                &path,
+                Some(body.into()),
+            )
+            .await
+        }
+    }
+}
+
+async fn host_resize(
+    State(host): State<AppState>,
+    Path(id): Path<String>,
+    body: bytes::Bytes,
+) -> ApiResult<axum::response::Response> {
+    local_resize(&host, &id, &body).await
+}
+
+async fn local_resize(
+    host: &AppState,
+    id: &str,
+    body: &[u8],
+) -> ApiResult<axum::response::Response> {
+    let size: flynn_state::TtySize = serde_json::from_slice(body).map_err(|e| {
+        ApiError::Invalid(format!(
+            "not a terminal size ({{\"cols\": N, \"rows\": N}}): {e}"
+        ))
+    })?;
+    if size.cols == 0 || size.rows == 0 {
+        return Err(ApiError::Invalid(
+            "a terminal has at least one row and column".into(),
+        ));
+    }
+    let io = attachment(host, id).await?;
+    io.resize(size).map_err(ApiError::Conflict)?;
+    Ok(Json(serde_json::json!({"cols": size.cols, "rows": size.rows})).into_response())
+}
+
 async fn attachment(host: &AppState, id: &str) -> ApiResult<Arc<OneOffIo>> {
     let runner = host
         .jobs()

@@ -12,6 +12,7 @@ pub mod build;
 pub mod logs;
 pub mod network;
 pub mod oneoff;
+pub mod pty;
 pub mod scheduler;
 pub mod system_image;
 
@@ -29,7 +30,7 @@ use flynn_job::JobDir;
 use flynn_state::jobs::JobsCommand;
 use flynn_state::{Command, DiscoveryCommand, Job, JobState, ProcessType, Release};
 use futures::future::BoxFuture;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::AsyncRead;
 
 use crate::blobstore::Blobstore;
 use crate::component::{Component, LocalState};
@@ -860,6 +861,7 @@ impl JobRunner {
             max_fd: proc.limits.max_fd,
             netns: net.as_ref().map(|n| PathBuf::from(n.netns_path())),
             volumes,
+            tty: job.tty.is_some(),
         };
         let spec_path = dir.write_spec(&spec).map_err(|e| e.to_string())?;
         let ip = net
@@ -913,45 +915,101 @@ impl JobRunner {
             Err(e) => return Outcome::failed(format!("cannot find flynn-host itself: {e}")),
         };
         let stdin_rx = l.stdin.lock().expect("stdin lock").take();
-        let mut child = match tokio::process::Command::new(exe)
-            .arg("container-init")
-            .arg(&p.spec_path)
-            .stdin(if stdin_rx.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-        {
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("container-init").arg(&p.spec_path);
+        // On a pty the job's three streams are its slave; the runner keeps the master.
+        let master = match job.tty {
+            Some(size) => {
+                let opened = pty::open(size).and_then(|pty| {
+                    let (out, err) = (pty.slave.try_clone()?, pty.slave.try_clone()?);
+                    cmd.stdin(Stdio::from(pty.slave))
+                        .stdout(Stdio::from(out))
+                        .stderr(Stdio::from(err));
+                    Ok(pty.master)
+                });
+                match opened {
+                    Ok(m) => Some(m),
+                    Err(e) => return Outcome::failed(format!("allocating a terminal: {e}")),
+                }
+            }
+            None => {
+                cmd.stdin(if stdin_rx.is_some() {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+                None
+            }
+        };
+        let spawned = cmd.spawn();
+        // Its copies of a pty's slave close here, so the master sees the job's end.
+        drop(cmd);
+        let mut child = match spawned {
             Ok(c) => c,
             Err(e) => return Outcome::failed(format!("starting the container: {e}")),
         };
         l.pid
             .store(child.id().unwrap_or(0) as u64, Ordering::Relaxed);
-        if let (Some(mut rx), Some(mut pipe)) = (stdin_rx, child.stdin.take()) {
-            // The caller's upload, as it arrives; its end closes the job's stdin.
+        let init_error = Arc::new(Mutex::new(None::<String>));
+        let (stdin_sink, readers) = match master {
+            Some(master) => {
+                let clones = master
+                    .try_clone()
+                    .and_then(|w| Ok((w, master.try_clone()?)));
+                let (writer, reader) = match clones {
+                    Ok(c) => c,
+                    Err(e) => {
+                        nix_kill(l, true);
+                        let _ = child.wait().await;
+                        return Outcome::failed(format!("allocating a terminal: {e}"));
+                    }
+                };
+                if let Some(io) = &l.io {
+                    io.set_pty(master);
+                }
+                let sink: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =
+                    Box::new(tokio::fs::File::from_std(writer));
+                let reader = tokio::fs::File::from_std(reader);
+                let out = self.pipe(
+                    job,
+                    "stdout",
+                    reader,
+                    Some(init_error.clone()),
+                    l.io.clone(),
+                );
+                (Some(sink), [Some(out), None])
+            }
+            None => {
+                let sink = child
+                    .stdin
+                    .take()
+                    .map(|p| -> Box<dyn tokio::io::AsyncWrite + Unpin + Send> { Box::new(p) });
+                let readers = [
+                    child
+                        .stdout
+                        .take()
+                        .map(|s| self.pipe(job, "stdout", s, None, l.io.clone())),
+                    child.stderr.take().map(|s| {
+                        self.pipe(job, "stderr", s, Some(init_error.clone()), l.io.clone())
+                    }),
+                ];
+                (sink, readers)
+            }
+        };
+        if let (Some(mut rx), Some(mut sink)) = (stdin_rx, stdin_sink) {
+            // The caller's upload, as it arrives; its end closes the job's stdin (on a pty,
+            // the caller's own ^D does).
             tokio::spawn(async move {
                 use tokio::io::AsyncWriteExt;
                 while let Some(chunk) = rx.recv().await {
-                    if pipe.write_all(&chunk).await.is_err() {
+                    if sink.write_all(&chunk).await.is_err() || sink.flush().await.is_err() {
                         break;
                     }
                 }
             });
         }
-        let init_error = Arc::new(Mutex::new(None::<String>));
-        let readers = [
-            child
-                .stdout
-                .take()
-                .map(|s| self.pipe(job, "stdout", s, None, l.io.clone())),
-            child
-                .stderr
-                .take()
-                .map(|s| self.pipe(job, "stderr", s, Some(init_error.clone()), l.io.clone())),
-        ];
         let started = Instant::now();
         let addr = p.port.map(|port| format!("{}:{port}", p.ip));
 
@@ -1125,37 +1183,31 @@ impl JobRunner {
         }
     }
 
-    /// Copies one of the job's output pipes into the host's log, line by line.
+    /// Copies one of the job's output pipes (or its pty) into the host's log, line by line
+    /// (a line over [`logs::MAX_LINE`] is split), and to an attached caller as it comes:
+    /// a prompt without a newline shows at once.
     fn pipe(
         &self,
         job: &Job,
         stream: &'static str,
-        pipe: impl AsyncRead + Unpin + Send + 'static,
+        mut pipe: impl AsyncRead + Unpin + Send + 'static,
         init_error: Option<Arc<Mutex<Option<String>>>>,
         io: Option<Arc<oneoff::OneOffIo>>,
     ) -> tokio::task::JoinHandle<()> {
+        use tokio::io::AsyncReadExt;
         let logs = self.logs.clone();
         let (app, id, ty) = (job.app.clone(), job.id.clone(), job.proc_type.clone());
+        let to = if stream == "stdout" {
+            oneoff::STDOUT
+        } else {
+            oneoff::STDERR
+        };
         tokio::spawn(async move {
-            let mut reader = BufReader::new(pipe);
-            let mut buf = Vec::new();
-            loop {
-                buf.clear();
-                match read_line_capped(&mut reader, &mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-                if let Some(io) = &io {
-                    let id = if stream == "stdout" {
-                        oneoff::STDOUT
-                    } else {
-                        oneoff::STDERR
-                    };
-                    io.output(id, bytes::Bytes::copy_from_slice(&buf));
-                }
-                let text = String::from_utf8_lossy(&buf)
+            let emit = |line: &mut Vec<u8>| {
+                let text = String::from_utf8_lossy(line)
                     .trim_end_matches(['\n', '\r'])
                     .to_string();
+                line.clear();
                 let (stream, text) = match (&init_error, text.strip_prefix(INIT_PREFIX)) {
                     (Some(slot), Some(msg)) => {
                         *slot.lock().expect("init error") = Some(msg.to_string());
@@ -1164,6 +1216,32 @@ impl JobRunner {
                     _ => (stream, text),
                 };
                 logs.push(&app, &id, &ty, stream, text);
+            };
+            let mut chunk = vec![0u8; 16 * 1024];
+            let mut line: Vec<u8> = Vec::new();
+            loop {
+                // A pty's master reads EIO once the job's side is closed: its end.
+                let n = match pipe.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if let Some(io) = &io {
+                    io.output(to, bytes::Bytes::copy_from_slice(&chunk[..n]));
+                }
+                let mut rest = &chunk[..n];
+                while !rest.is_empty() {
+                    let take = rest.len().min(logs::MAX_LINE - line.len());
+                    let end = rest[..take].iter().position(|b| *b == b'\n');
+                    let used = end.map_or(take, |i| i + 1);
+                    line.extend_from_slice(&rest[..used]);
+                    rest = &rest[used..];
+                    if end.is_some() || line.len() >= logs::MAX_LINE {
+                        emit(&mut line);
+                    }
+                }
+            }
+            if !line.is_empty() {
+                emit(&mut line);
             }
         })
     }
@@ -1255,31 +1333,6 @@ fn kill_pid(pid: u64, hard: bool) {
 
 fn nix_kill(l: &Local, hard: bool) {
     kill_pid(l.pid.load(Ordering::Relaxed), hard)
-}
-
-/// Reads one line of at most [`logs::MAX_LINE`] bytes (the rest of a longer line follows as
-/// further lines).
-async fn read_line_capped(
-    r: &mut (impl tokio::io::AsyncBufRead + Unpin),
-    buf: &mut Vec<u8>,
-) -> std::io::Result<usize> {
-    loop {
-        let available = r.fill_buf().await?;
-        if available.is_empty() {
-            return Ok(buf.len());
-        }
-        let room = logs::MAX_LINE - buf.len();
-        let take = available.len().min(room);
-        let (n, done) = match available[..take].iter().position(|b| *b == b'\n') {
-            Some(i) => (i + 1, true),
-            None => (take, buf.len() + take >= logs::MAX_LINE),
-        };
-        buf.extend_from_slice(&available[..n]);
-        r.consume(n);
-        if done {
-            return Ok(buf.len());
-        }
-    }
 }
 
 /// Waits until something accepts connections on the job's port (and, with a health path,

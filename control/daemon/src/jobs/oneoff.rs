@@ -27,6 +27,8 @@ struct Inner {
     /// What the job left besides its status (a build's slug), sent with it.
     result: Option<serde_json::Value>,
     stdin: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    /// The master of a job's pty, for resizes.
+    pty: Option<std::fs::File>,
 }
 
 #[derive(Default)]
@@ -62,9 +64,22 @@ impl OneOffIo {
         let mut g = self.inner.lock().expect("io lock");
         g.exit = Some(exit);
         g.result = result;
+        g.pty = None;
         g.stdin = None;
         drop(g);
         self.changed.notify_waiters();
+    }
+
+    /// The job runs on a pty with this master.
+    pub fn set_pty(&self, master: std::fs::File) {
+        self.inner.lock().expect("io lock").pty = Some(master);
+    }
+
+    /// Sets the window size of the job's pty; an error if it has none (or no more).
+    pub fn resize(&self, size: flynn_state::TtySize) -> Result<(), String> {
+        let g = self.inner.lock().expect("io lock");
+        let master = g.pty.as_ref().ok_or("the job has no terminal")?;
+        super::pty::resize(master, size).map_err(|e| format!("resizing its terminal: {e}"))
     }
 
     /// The job's stdin, once (the first upload takes it).

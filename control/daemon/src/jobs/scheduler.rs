@@ -310,6 +310,7 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                             args: Vec::new(),
                             stdin: false,
                             build: None,
+                            tty: None,
                         });
                     }
                 } else if mine.len() > want {

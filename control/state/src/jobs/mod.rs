@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::area::{Area, Cx, Records, Table};
 use crate::{
     validate, ApplyResult, Build, ClusterState, Formation, Image, Job, JobState, Layer, Limits,
-    NewRelease, ProcessType, Release, Response, StateError,
+    NewRelease, ProcessType, Release, Response, StateError, TtySize,
 };
 
 pub const RELEASES: Table = Table("release/");
@@ -98,6 +98,9 @@ pub struct NewJob {
     /// A build job: it runs on the build's image, not on a release's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build: Option<Build>,
+    /// A one-off job on a pty of this size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySize>,
 }
 
 /// Recent crashes of one process type (`APP/TYPE`).
@@ -435,6 +438,11 @@ impl Area for Jobs {
             }
             JobsCommand::PlaceJobs { jobs, now_ms } => {
                 for j in &jobs {
+                    if j.tty.is_some() && !j.oneoff {
+                        return Err(StateError::Invalid(
+                            "only a one-off job runs on a terminal".into(),
+                        ));
+                    }
                     if let Some(b) = &j.build {
                         // A build may come before the app's first release.
                         s.app(&j.app)?;
@@ -469,6 +477,7 @@ impl Area for Jobs {
                         args: j.args,
                         stdin: j.stdin,
                         build: j.build,
+                        tty: j.tty,
                         addr: None,
                         exit_status: None,
                         error: None,

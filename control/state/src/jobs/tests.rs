@@ -45,6 +45,7 @@ fn place(s: &mut ClusterState, release: &str, host: u64) -> Job {
                 args: vec![],
                 stdin: false,
                 build: None,
+                tty: None,
             }],
             now_ms: 1,
         },
@@ -211,6 +212,7 @@ fn t14_a_build_job_needs_its_app_not_a_release_and_is_a_one_off() {
                 compression: LayerCompression::Gzip,
             },
         }),
+        tty: None,
     };
     let place = |s: &mut ClusterState, j: NewJob| {
         apply(
@@ -237,4 +239,39 @@ fn t14_a_build_job_needs_its_app_not_a_release_and_is_a_one_off() {
         assert!(e.contains(why), "{e}");
         assert_eq!(s.jobs.jobs.len(), before);
     }
+}
+
+#[test]
+fn t15_only_a_one_off_job_runs_on_a_terminal() {
+    let (mut s, r1) = deployed("web1");
+    let job = |oneoff: bool| NewJob {
+        app: "web1".into(),
+        release: r1.id.clone(),
+        proc_type: if oneoff { "run" } else { "web" }.into(),
+        host: 2,
+        oneoff,
+        args: vec!["sh".into()],
+        stdin: true,
+        build: None,
+        tty: Some(TtySize { cols: 80, rows: 24 }),
+    };
+    let e = apply(
+        &mut s,
+        JobsCommand::PlaceJobs {
+            jobs: vec![job(false)],
+            now_ms: 1,
+        },
+    )
+    .0
+    .unwrap_err();
+    assert!(e.to_string().contains("terminal"), "{e}");
+    let (r, _) = ok(
+        &mut s,
+        JobsCommand::PlaceJobs {
+            jobs: vec![job(true)],
+            now_ms: 1,
+        },
+    );
+    let placed = Vec::<Job>::try_from(r).unwrap().remove(0);
+    assert_eq!(placed.tty, Some(TtySize { cols: 80, rows: 24 }));
 }
