@@ -978,6 +978,7 @@ if env | grep -q SSH_CLIENT; then echo "the key is in the env"; exit 8; fi
 n=$(cat "$2/count" 2>/dev/null || echo 0); n=$((n + 1)); echo $n > "$2/count"
 echo "build number $n"
 if [ -e "$1/fail" ]; then echo "failing on purpose"; exit 3; fi
+if [ -e "$1/hog" ]; then big=$(head -c 200000000 /dev/zero | tr '\0' a); echo "held ${#big}"; fi
 echo "$(cat "$3/GREETING") from the build" > "$1/public/built.txt"
 echo "-----> done"
 "#;
@@ -1117,4 +1118,40 @@ async fn t21_builds_run_bin_compile_with_the_ssh_client_key_read_only_and_a_kept
     assert!(said.contains("build number 2"), "{said}");
     let r = get(http(&c, 0), &format!("built.{DOMAIN}"), "/built.txt").await;
     assert_eq!(r.text().trim(), "bonjour from the build");
+    // Builds run under gitreceive's memory limit (Flynn's setting; 1 GiB by default): a
+    // build that needs more is killed and deploys nothing.
+    let set_limit = |v: &str| {
+        c.flynn(
+            0,
+            &[
+                "-a",
+                "gitreceive",
+                "env",
+                "set",
+                &format!("SLUGBUILDER_DEFAULT_MEMORY_LIMIT={v}"),
+            ],
+        )
+    };
+    for bad in ["lots", "1MB"] {
+        let err = failed(&set_limit(bad));
+        assert!(err.contains("SLUGBUILDER_DEFAULT_MEMORY_LIMIT"), "{err}");
+    }
+    ok(&set_limit("96MB"));
+    std::fs::write(dir.path().join("hog"), "").unwrap();
+    let err = failed(&c.flynn(0, &deploy));
+    assert!(err.contains("bin/compile exited 137"), "{err}");
+    ok(&c.flynn(
+        0,
+        &[
+            "-a",
+            "gitreceive",
+            "env",
+            "unset",
+            "SLUGBUILDER_DEFAULT_MEMORY_LIMIT",
+        ],
+    ));
+    let out = c.flynn(0, &deploy);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    ok(&out);
+    assert!(said.contains("held 200000000"), "{said}");
 }

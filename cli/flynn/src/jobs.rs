@@ -550,19 +550,7 @@ pub async fn log(client: &ControllerClient, app: &str, a: LogArgs) -> anyhow::Re
 }
 
 fn parse_bytes(v: &str) -> anyhow::Result<u64> {
-    let v = v.trim();
-    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
-    let (n, unit) = v.split_at(split);
-    let n: u64 = n.parse().with_context(|| format!("{v:?} is not a size"))?;
-    let mult: u64 = match unit.to_ascii_uppercase().as_str() {
-        "" | "B" => 1,
-        "K" | "KB" => 1 << 10,
-        "M" | "MB" => 1 << 20,
-        "G" | "GB" => 1 << 30,
-        _ => bail!("{v:?}: unknown unit {unit:?} (use KB, MB or GB)"),
-    };
-    n.checked_mul(mult)
-        .with_context(|| format!("{v:?} is too large"))
+    flynn_model::parse_size(v).map_err(anyhow::Error::msg)
 }
 
 pub async fn limit(
@@ -788,10 +776,7 @@ async fn attach(
 #[cfg(test)]
 mod tests {
     #[test]
-    fn t10_sizes_and_counts_parse_or_say_why() {
-        assert_eq!(super::parse_bytes("256MB").unwrap(), 256 << 20);
-        assert_eq!(super::parse_bytes("1g").unwrap(), 1 << 30);
-        assert!(super::parse_bytes("12 parsecs").is_err());
+    fn t10_procfiles_and_counts_parse_or_say_why() {
         let p = super::parse_procfile("# app\nweb: exec httpd -p $PORT\nworker: ./work\n").unwrap();
         assert!(p["web"].ports && !p["worker"].ports);
         assert_eq!(p["worker"].args, ["/bin/sh", "-c", "./work"]);

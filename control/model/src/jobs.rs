@@ -51,6 +51,26 @@ pub struct Image {
     pub config: ImageConfig,
 }
 
+/// A size as operators write it: `1048576`, `512M`, `512MB`, `10G`, `1t` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" => 1 << 10,
+        "M" | "MB" => 1 << 20,
+        "G" | "GB" => 1 << 30,
+        "T" | "TB" => 1 << 40,
+        _ => return Err(format!("size {s:?}: the unit must be K, M, G or T")),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("size {s:?} is not a number of bytes"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
 /// Resource limits of a process type. `None` leaves the host's default.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
@@ -305,3 +325,19 @@ impl LogQuery {
 
 /// Most lines one log request returns.
 pub const MAX_LOG_LINES: usize = 10_000;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn t10_sizes_read_as_operators_write_them() {
+        let parse = super::parse_size;
+        assert_eq!(parse("1048576").unwrap(), 1 << 20);
+        assert_eq!(parse("10G").unwrap(), 10 << 30);
+        assert_eq!(parse("512m").unwrap(), 512 << 20);
+        assert_eq!(parse("256MB").unwrap(), 256 << 20);
+        assert_eq!(parse("1g").unwrap(), 1 << 30);
+        for bad in ["", "G", "1X", "-5", "99999999999T", "12 parsecs"] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -26,7 +26,7 @@ pub use blobs::BlobsCommand;
 pub use cluster::ClusterCommand;
 pub use discovery::DiscoveryCommand;
 pub use flynn_model::*;
-pub use jobs::JobsCommand;
+pub use jobs::{build_memory, JobsCommand, BUILD_MEMORY_ENV};
 pub use routes::RoutesCommand;
 pub use volumes::VolumesCommand;
 

@@ -44,25 +44,7 @@ pub struct VolumeConfig {
 
 /// `10G`, `512M`, `1048576`.
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let mult = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => anyhow::bail!("size {s:?}: the suffix must be K, M, G or T"),
-            };
-            (&s[..i], mult)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("size {s:?} is not a number of bytes"))?;
-    n.checked_mul(mult)
-        .with_context(|| format!("size {s:?} is too large"))
+    flynn_state::parse_size(s).map_err(anyhow::Error::msg)
 }
 
 impl VolumeArgs {
@@ -288,18 +270,5 @@ impl Component for VolumesComponent {
             );
         }
         out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn t10_sizes_read_as_operators_write_them() {
-        assert_eq!(super::parse_size("1048576").unwrap(), 1 << 20);
-        assert_eq!(super::parse_size("10G").unwrap(), 10 << 30);
-        assert_eq!(super::parse_size("512m").unwrap(), 512 << 20);
-        for bad in ["", "G", "1X", "-5", "99999999999T"] {
-            assert!(super::parse_size(bad).is_err(), "{bad:?}");
-        }
     }
 }

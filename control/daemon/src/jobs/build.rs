@@ -28,6 +28,9 @@ pub struct Inputs {
     pub ssh_key: Option<String>,
     /// gitreceive's `SSH_CLIENT_HOSTS`.
     pub ssh_hosts: Option<String>,
+    /// The build's memory limit (gitreceive's `SLUGBUILDER_DEFAULT_MEMORY_LIMIT`, 1 GiB
+    /// by default): a build cannot take its host's memory.
+    pub memory: u64,
 }
 
 impl Inputs {
@@ -35,10 +38,16 @@ impl Inputs {
         let global = |a: &str| s.apps.get(a).map(|a| a.env.global.clone());
         let gitreceive = global("gitreceive").unwrap_or_default();
         let nonempty = |k: &str| gitreceive.get(k).filter(|v| !v.trim().is_empty()).cloned();
+        let setting = gitreceive
+            .get(flynn_state::BUILD_MEMORY_ENV)
+            .map(String::as_str);
         Inputs {
             env: global(app).unwrap_or_default(),
             ssh_key: nonempty("SSH_CLIENT_KEY"),
             ssh_hosts: nonempty("SSH_CLIENT_HOSTS"),
+            // Checked when it was set; the default if it somehow is not usable.
+            memory: flynn_state::build_memory(setting)
+                .unwrap_or(flynn_state::jobs::BUILD_MEMORY_DEFAULT),
         }
     }
 }
@@ -174,6 +183,7 @@ mod tests {
             ]),
             ssh_key: key.map(str::to_string),
             ssh_hosts: None,
+            memory: 1 << 30,
         }
     }
 

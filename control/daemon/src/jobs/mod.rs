@@ -728,9 +728,17 @@ impl JobRunner {
     async fn prepare(&self, local: &LocalState, l: &Local) -> Result<Prepared, String> {
         let job = &l.job;
         // A build runs on its own image with no process type; other jobs on their release.
-        let (image, proc, release_env) = match &job.build {
-            Some(b) => (b.image.clone(), ProcessType::default(), BTreeMap::new()),
-            None => {
+        let inputs = job
+            .build
+            .as_ref()
+            .map(|_| local.read(|s| build::Inputs::from_state(s, &job.app)));
+        let (image, proc, release_env) = match (&job.build, &inputs) {
+            (Some(b), Some(inputs)) => {
+                let mut proc = ProcessType::default();
+                proc.limits.memory = Some(inputs.memory);
+                (b.image.clone(), proc, BTreeMap::new())
+            }
+            _ => {
                 let release: Release =
                     local
                         .read(|s| s.jobs.releases.get(&job.release).cloned())
@@ -750,13 +758,12 @@ impl JobRunner {
         }
         lowerdirs.reverse(); // overlayfs wants the top layer first
         let dir = JobDir::create(&self.cfg.jobs_dir, &job.id).map_err(|e| e.to_string())?;
-        let build_mounts = match &job.build {
-            Some(b) => {
+        let build_mounts = match (&job.build, &inputs) {
+            (Some(b), Some(inputs)) => {
                 let source = self.layer(&b.source).await?;
-                let inputs = local.read(|s| build::Inputs::from_state(s, &job.app));
                 let job_dir = dir.dir.clone();
                 let mounts =
-                    tokio::task::block_in_place(|| build::prepare(&job_dir, &source, &inputs))?;
+                    tokio::task::block_in_place(|| build::prepare(&job_dir, &source, inputs))?;
                 if let Err(why) = self.restore_build_cache(&job.app, &job_dir).await {
                     // A cache only saves time: the build goes on without it.
                     if let Some(io) = &l.io {
@@ -766,7 +773,7 @@ impl JobRunner {
                 }
                 mounts
             }
-            None => Vec::new(),
+            _ => Vec::new(),
         };
         let cgroup = match &self.cgroups {
             Some(h) => Some(

@@ -179,6 +179,9 @@ fn update_env(
         if let Some(hosts) = set.get("SSH_CLIENT_HOSTS") {
             validate::ssh_known_hosts(hosts)?;
         }
+        if let Some(limit) = set.get(crate::BUILD_MEMORY_ENV) {
+            crate::build_memory(Some(limit))?;
+        }
     }
     let mut updated = s.app(app)?.clone();
     updated.env = env;

@@ -81,6 +81,26 @@ pub enum JobsCommand {
     ClaimSubnet { host: u64 },
 }
 
+/// gitreceive's setting of build jobs' memory limit (Flynn's name for it).
+pub const BUILD_MEMORY_ENV: &str = "SLUGBUILDER_DEFAULT_MEMORY_LIMIT";
+/// A build job's memory limit when gitreceive sets none (Flynn's default).
+pub const BUILD_MEMORY_DEFAULT: u64 = 1 << 30;
+
+/// Build jobs' memory limit from gitreceive's setting: at least 64 MiB.
+pub fn build_memory(setting: Option<&str>) -> Result<u64, StateError> {
+    let Some(v) = setting.filter(|v| !v.trim().is_empty()) else {
+        return Ok(BUILD_MEMORY_DEFAULT);
+    };
+    let n = crate::parse_size(v)
+        .map_err(|e| StateError::Invalid(format!("{BUILD_MEMORY_ENV}: {e}")))?;
+    if n < 64 << 20 {
+        return Err(StateError::Invalid(format!(
+            "{BUILD_MEMORY_ENV}: {v:?} is less than 64MB, too little to build in"
+        )));
+    }
+    Ok(n)
+}
+
 /// A job as the scheduler asks for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewJob {

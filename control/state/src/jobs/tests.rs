@@ -275,3 +275,14 @@ fn t15_only_a_one_off_job_runs_on_a_terminal() {
     let placed = Vec::<Job>::try_from(r).unwrap().remove(0);
     assert_eq!(placed.tty, Some(TtySize { cols: 80, rows: 24 }));
 }
+
+#[test]
+fn t16_build_memory_is_gitreceive_s_setting_or_1_gib() {
+    use crate::jobs::{build_memory, BUILD_MEMORY_DEFAULT};
+    assert_eq!(build_memory(None).unwrap(), BUILD_MEMORY_DEFAULT);
+    assert_eq!(build_memory(Some(" ")).unwrap(), BUILD_MEMORY_DEFAULT);
+    assert_eq!(build_memory(Some("2GB")).unwrap(), 2 << 30);
+    for bad in ["lots", "1MB", "63M"] {
+        assert!(build_memory(Some(bad)).is_err(), "{bad}");
+    }
+}
