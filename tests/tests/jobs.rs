@@ -1116,8 +1116,12 @@ async fn t21_builds_run_bin_compile_with_the_ssh_client_key_read_only_and_a_kept
     assert!(said.contains("no key"), "{said}");
     // The cache a successful build left is the next build's; a failed build's is not kept.
     assert!(said.contains("build number 2"), "{said}");
-    let r = get(http(&c, 0), &format!("built.{DOMAIN}"), "/built.txt").await;
-    assert_eq!(r.text().trim(), "bonjour from the build");
+    // Old jobs leave the routers as the new ones run.
+    eventually(Duration::from_secs(20), "the new build served", || async {
+        let r = get(http(&c, 0), &format!("built.{DOMAIN}"), "/built.txt").await;
+        (r.text().trim() == "bonjour from the build").then_some(())
+    })
+    .await;
     // Builds run under gitreceive's memory limit (Flynn's setting; 1 GiB by default): a
     // build that needs more is killed and deploys nothing.
     let set_limit = |v: &str| {
@@ -1154,4 +1158,9 @@ async fn t21_builds_run_bin_compile_with_the_ssh_client_key_read_only_and_a_kept
     let said = String::from_utf8_lossy(&out.stderr).into_owned();
     ok(&out);
     assert!(said.contains("held 200000000"), "{said}");
+    // Deleting the app deletes its build cache.
+    let cache = ["state", "get", "blob//build-cache/built.tar.gz"];
+    ok(&c.flynn_host(0, &cache));
+    ok(&c.flynn(0, &["-a", "built", "delete", "-y"]));
+    failed(&c.flynn_host(0, &cache));
 }

@@ -56,8 +56,17 @@ async fn delete(
     Path(app): Path<String>,
 ) -> ApiResult<Json<serde_json::Value>> {
     host.node()?
-        .propose(AppsCommand::DeleteApp { name: app })
+        .propose(AppsCommand::DeleteApp { name: app.clone() })
         .await?;
+    // The app's build cache goes with it: a new app of the same name starts clean.
+    if let Some(blobstore) = host.blobstore() {
+        let cache = crate::jobs::build::cache_path(&app);
+        if blobstore.file(&cache).is_some() {
+            if let Err(e) = blobstore.delete_path(&cache).await {
+                tracing::warn!(app, error = %e, "the deleted app's build cache was not removed");
+            }
+        }
+    }
     Ok(deleted())
 }
 

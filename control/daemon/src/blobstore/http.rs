@@ -571,6 +571,12 @@ impl super::Blobstore {
             .await
     }
 
+    /// Deletes the file at `path` (and anything under it as a directory), releasing the
+    /// objects that held its bytes.
+    pub async fn delete_path(self: &Arc<Self>, path: &str) -> ApiResult<()> {
+        delete(self, path).await.map(|_| ())
+    }
+
     /// The file at `path`, if there is one.
     pub fn file(&self, path: &str) -> Option<BlobFile> {
         self.ready()
