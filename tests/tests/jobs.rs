@@ -548,6 +548,39 @@ async fn t15_run_passes_stdin_output_and_the_exit_status_on_a_pipe_or_a_pty() {
     let text = reader.join().unwrap();
     assert_eq!(status.code(), Some(130), "{text:?}");
     assert!(!text.contains("not-interrupted"), "{text:?}");
+    // Without a pty, ^C (SIGINT) on `flynn run` stops the job as well as the command.
+    let mut cli = c.spawn_flynn_piped(
+        1,
+        &["-a", "web1", "run", "sh", "-c", "echo started; sleep 30"],
+    );
+    let stdout = cli.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    assert_eq!(lines.next().unwrap().unwrap(), "started");
+    let job = jobs(&c, "web1")
+        .await
+        .into_iter()
+        .find(|j| j.state == JobState::Running && j.args.contains(&"echo started; sleep 30".into()))
+        .expect("the job running");
+    // `timeout` (the harness's guard) passes the signal on to `flynn`.
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &cli.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = cli.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted: stopping job"));
+    eventually(
+        Duration::from_secs(20),
+        "the interrupted job stopped",
+        || async {
+            let all = jobs(&c, "web1").await;
+            all.iter()
+                .find(|j| j.id == job.id && !j.state.is_active())
+                .map(|_| ())
+        },
+    )
+    .await;
     // A job that has no terminal cannot be resized.
     let plain = ok(&c.flynn(0, &["-a", "web1", "run", "-d", "sleep", "5"]));
     let err = c

@@ -261,7 +261,10 @@ async fn build(client: &ControllerClient, app: &str, source: Layer) -> anyhow::R
         .build(app, &flynn_client::BuildRequest { source })
         .await?;
     eprintln!("building {app} ({})...", job.id);
-    let end = attach(client, app, &job.id, true).await?;
+    let end = attach(client, app, &job.id, true, true).await?;
+    if end["interrupted"] == true {
+        bail!("interrupted: the build was stopped; nothing was deployed");
+    }
     let code = end["exit"].as_i64().unwrap_or(1);
     if code != 0 {
         bail!("the build failed (bin/compile exited {code}); nothing was deployed");
@@ -669,7 +672,7 @@ pub async fn run(
             }
         });
     }
-    let end = attach(client, app, &job.id, false).await?;
+    let end = attach(client, app, &job.id, false, !tty).await?;
     Ok(end["exit"].as_i64().unwrap_or(1) as i32)
 }
 
@@ -730,6 +733,31 @@ mod terminal {
 /// Copies a one-off job's output (to stdout and stderr, or all of it to stderr) until it
 /// ends; its last line (`{"exit":N}`, with what the job left in `result`).
 async fn attach(
+    client: &ControllerClient,
+    app: &str,
+    id: &str,
+    all_to_stderr: bool,
+    stop_on_interrupt: bool,
+) -> anyhow::Result<serde_json::Value> {
+    let output = copy_output(client, app, id, all_to_stderr);
+    if !stop_on_interrupt {
+        return output.await;
+    }
+    // ^C here stops the job there too, as it would a local command (on a pty ^C is a key
+    // for the job instead, and never gets here).
+    tokio::select! {
+        end = output => end,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("\nflynn: interrupted: stopping job {id}");
+            if let Err(e) = client.kill_job(app, id).await {
+                eprintln!("flynn: job {id} not stopped: {e}");
+            }
+            Ok(serde_json::json!({"exit": 130, "interrupted": true}))
+        }
+    }
+}
+
+async fn copy_output(
     client: &ControllerClient,
     app: &str,
     id: &str,
