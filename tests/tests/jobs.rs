@@ -834,6 +834,9 @@ async fn t19_deploy_a_directory_with_a_procfile_on_the_base_image() {
         "web: exec httpd -f -p $PORT -h /app/public\nclock: while true; do echo tick; sleep 1; done\n",
     )
     .unwrap();
+    // Version control history stays behind.
+    std::fs::create_dir_all(dir.path().join(".git/objects")).unwrap();
+    std::fs::write(dir.path().join(".git/config"), "[core]\n").unwrap();
     let deploy = ["-a", "site", "deploy", dir.path().to_str().unwrap()];
     // No base image yet: the error says what the operator does about it.
     let err = failed(&c.flynn(0, &deploy));
@@ -843,6 +846,12 @@ async fn t19_deploy_a_directory_with_a_procfile_on_the_base_image() {
     ok(&c.flynn(0, &deploy));
     let r = get(http(&c, 0), &format!("site.{DOMAIN}"), "/").await;
     assert_eq!(r.text().trim(), "deployed from a directory");
+    let listed = ok(&c.flynn(0, &["-a", "site", "run", "ls", "-a", "/app"]));
+    assert!(
+        listed.contains("Procfile") && listed.contains("public"),
+        "{listed}"
+    );
+    assert!(!listed.contains(".git"), "{listed}");
     let show = ok(&c.flynn(0, &["-a", "site", "release", "show"]));
     assert!(
         show.contains("web: /bin/sh -c exec httpd") && show.contains("clock:"),

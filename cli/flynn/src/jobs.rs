@@ -221,7 +221,7 @@ pub async fn deploy_dir(
         let mut tar = tar::Builder::new(gz);
         tar.mode(tar::HeaderMode::Deterministic);
         tar.follow_symlinks(false);
-        tar.append_dir_all("app", &src)
+        append_source(&mut tar, &src, Path::new("app"))
             .with_context(|| format!("reading {}", src.display()))?;
         tar.into_inner()?.finish()?.sync_all()?;
         let size = std::fs::metadata(&dst)?.len();
@@ -252,6 +252,32 @@ pub async fn deploy_dir(
     }
     let release = client.create_release(app, &req, !no_wait).await?;
     println!("Created release {}", release.id);
+    Ok(())
+}
+
+/// Appends the tree at `dir` under `name`, entries in name order (the same tree is the same
+/// layer, whatever order the filesystem lists it in), leaving out version control
+/// directories: a deploy sends the app, not its history.
+fn append_source<W: std::io::Write>(
+    tar: &mut tar::Builder<W>,
+    dir: &Path,
+    name: &Path,
+) -> std::io::Result<()> {
+    tar.append_dir(name, dir)?;
+    let mut entries: Vec<std::fs::DirEntry> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let file_name = e.file_name();
+        if [".git", ".hg", ".svn"].iter().any(|vcs| file_name == *vcs) {
+            continue;
+        }
+        let (path, inner) = (e.path(), name.join(&file_name));
+        if e.file_type()?.is_dir() {
+            append_source(tar, &path, &inner)?;
+        } else {
+            tar.append_path_with_name(&path, &inner)?;
+        }
+    }
     Ok(())
 }
 
