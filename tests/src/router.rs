@@ -477,8 +477,15 @@ pub struct Backend {
     pub connections: Arc<AtomicUsize>,
     pub requests: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
-    open: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    /// The listening socket, shared with the accept loop, so a kill closes it at once.
+    listener: std::net::TcpListener,
+    /// Each connection's task and a handle on its socket, held only while the task serves.
+    open: Arc<Mutex<Vec<(tokio::task::AbortHandle, SocketSlot)>>>,
 }
+
+/// A second handle on a backend connection's socket, for closing it from outside; the
+/// serving task empties it when it ends, so it never keeps a closed connection open.
+type SocketSlot = Arc<Mutex<Option<std::net::TcpStream>>>;
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
@@ -488,12 +495,15 @@ impl Backend {
     /// A backend listening on `ip` (e.g. the test's bridge address, which every test host
     /// reaches).
     pub async fn start_on(name: &str, ip: &str) -> Backend {
-        let listener = TcpListener::bind((ip, 0)).await.expect("bind backend");
+        let std_listener = std::net::TcpListener::bind((ip, 0)).expect("bind backend");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let kept = std_listener.try_clone().expect("listener clone");
+        let listener = TcpListener::from_std(std_listener).expect("tokio listener");
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let requests = Arc::new(AtomicUsize::new(0));
         let (c, r, n) = (connections.clone(), requests.clone(), name.to_string());
-        let open: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let open: Arc<Mutex<Vec<(tokio::task::AbortHandle, SocketSlot)>>> = Arc::default();
         let tasks = open.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -501,8 +511,20 @@ impl Backend {
                     return;
                 };
                 c.fetch_add(1, Ordering::SeqCst);
-                let t = tokio::spawn(serve_backend(s, n.clone(), r.clone()));
-                tasks.lock().unwrap().push(t.abort_handle());
+                let Ok((handle, s)) = s.into_std().and_then(|s| Ok((s.try_clone()?, s))) else {
+                    continue;
+                };
+                let Ok(s) = TcpStream::from_std(s) else {
+                    continue;
+                };
+                let slot: SocketSlot = Arc::new(Mutex::new(Some(handle)));
+                let mine = slot.clone();
+                let (n, r) = (n.clone(), r.clone());
+                let t = tokio::spawn(async move {
+                    serve_backend(s, n, r).await;
+                    mine.lock().unwrap().take();
+                });
+                tasks.lock().unwrap().push((t.abort_handle(), slot));
             }
         });
         Backend {
@@ -511,15 +533,23 @@ impl Backend {
             connections,
             requests,
             task,
+            listener: kept,
             open,
         }
     }
 
-    /// Dies: the listener and every open connection go away, mid-request or not.
+    /// Dies as a process does: the listener and every open connection close at once (no
+    /// connection is accepted after this returns), mid-request or not; then the tasks go.
     pub fn kill(&self) {
+        // A shut-down listening socket refuses new connections and resets those waiting
+        // in its backlog; aborting the accept task alone would leave it open a moment.
+        let _ = socket2::SockRef::from(&self.listener).shutdown(std::net::Shutdown::Both);
         self.task.abort();
-        for t in self.open.lock().unwrap().drain(..) {
-            t.abort();
+        for (task, slot) in self.open.lock().unwrap().drain(..) {
+            if let Some(socket) = slot.lock().unwrap().take() {
+                let _ = socket.shutdown(std::net::Shutdown::Both);
+            }
+            task.abort();
         }
     }
 }
