@@ -297,21 +297,25 @@ pub(crate) async fn connect_backend(
                 if must_be_open && c.reused && !c.stream.still_open() {
                     match w.upstreams.connect_new(&backends[idx].addr, w.ring()).await {
                         Ok(n) => c = n,
-                        Err(_) => {
-                            w.stats.borrow_mut().connect_errors += 1;
+                        Err(e) => {
+                            connect_failed(w, &backends[idx].addr, &e);
                             continue;
                         }
                     }
                 }
                 return Some((idx, c));
             }
-            Err(e) => {
-                w.stats.borrow_mut().connect_errors += 1;
-                tracing::debug!(backend = %backends[idx].addr, error = %e, "backend connect failed");
-                eject(w, &backends[idx].addr);
-            }
+            Err(e) => connect_failed(w, &backends[idx].addr, &e),
         }
     }
+}
+
+/// A backend refused (or timed out) a new connection: counted, and passed over for a
+/// while. Its pooled connections having closed too is no excuse: it is down.
+fn connect_failed(w: &Worker, addr: &str, e: &dyn std::fmt::Display) {
+    w.stats.borrow_mut().connect_errors += 1;
+    tracing::debug!(backend = %addr, error = %e, "backend connect failed");
+    eject(w, addr);
 }
 
 /// Marks a backend failed, counting a new ejection.
@@ -332,8 +336,8 @@ pub(crate) async fn reconnect(
 ) -> Option<(usize, UpstreamConn)> {
     match w.upstreams.connect_new(&backends[idx].addr, w.ring()).await {
         Ok(c) => Some((idx, c)),
-        Err(_) => {
-            w.stats.borrow_mut().connect_errors += 1;
+        Err(e) => {
+            connect_failed(w, &backends[idx].addr, &e);
             connect_backend(w, backends, None, false, false, tried).await
         }
     }
