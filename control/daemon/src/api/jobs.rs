@@ -179,7 +179,7 @@ async fn create_release(
     JsonBody(req): JsonBody<NewRelease>,
 ) -> ApiResult<(StatusCode, Json<Release>)> {
     let node = host.node()?;
-    layers_stored(node, &req.image).await?;
+    layers_stored(node, &req.image.layers).await?;
     let previous = node
         .state
         .read(|a| a.state.jobs.formations.get(&app).map(|f| f.release.clone()));
@@ -221,11 +221,10 @@ async fn create_release(
 }
 
 /// Every layer of an image must be stored before a release or image may name it.
-async fn layers_stored(node: &crate::node::Node, image: &flynn_state::Image) -> ApiResult<()> {
+async fn layers_stored(node: &crate::node::Node, layers: &[flynn_state::Layer]) -> ApiResult<()> {
     node.read_barrier().await?;
     let missing: Vec<String> = node.state.read(|a| {
-        image
-            .layers
+        layers
             .iter()
             .filter(|l| {
                 !a.state
@@ -267,7 +266,7 @@ async fn put_image(
     JsonBody(image): JsonBody<flynn_state::Image>,
 ) -> ApiResult<Json<flynn_state::Image>> {
     let node = host.node()?;
-    layers_stored(node, &image).await?;
+    layers_stored(node, &image.layers).await?;
     node.propose(JobsCommand::PutImage {
         name,
         image: image.clone(),
@@ -625,11 +624,7 @@ async fn build(
 ) -> ApiResult<(StatusCode, Json<Job>)> {
     check_sha(&req.source.sha512)?;
     let node = host.node()?;
-    let source = flynn_state::Image {
-        layers: vec![req.source.clone()],
-        config: Default::default(),
-    };
-    layers_stored(node, &source).await?;
+    layers_stored(node, std::slice::from_ref(&req.source)).await?;
     let (image, release) = node.state.read(|a| {
         let s = &a.state;
         s.app(&app)?;
@@ -783,7 +778,6 @@ async fn job_output(
     }
 }
 
-/// A one-off job's I/O on this host, waiting briefly for a job just placed to start.
 /// `POST /apps/{app}/jobs/{id}/resize`: the window size of a one-off job's terminal.
 async fn job_resize(
     State(host): State<AppState>,
@@ -834,6 +828,7 @@ async fn local_resize(
     Ok(Json(serde_json::json!({"cols": size.cols, "rows": size.rows})).into_response())
 }
 
+/// A one-off job's I/O on this host, waiting briefly for a job just placed to start.
 async fn attachment(host: &AppState, id: &str) -> ApiResult<Arc<OneOffIo>> {
     let runner = host
         .jobs()

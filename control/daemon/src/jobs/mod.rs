@@ -140,6 +140,15 @@ struct Local {
     stdin: Mutex<Option<tokio::sync::mpsc::Receiver<bytes::Bytes>>>,
 }
 
+impl Local {
+    /// A line from the runner to whoever is attached to a one-off job (its stderr).
+    fn tell(&self, msg: &str) {
+        if let Some(io) = &self.io {
+            io.output(oneoff::STDERR, format!("flynn: {msg}\n").into());
+        }
+    }
+}
+
 pub struct JobRunner {
     host: u64,
     /// The address other hosts' routers reach this host's jobs at.
@@ -436,9 +445,7 @@ impl JobRunner {
                 tracing::warn!(job = %id, error = %why, "job could not start");
                 self.logs
                     .push(&l.job.app, &id, &l.job.proc_type, "init", why.clone());
-                if let Some(io) = &l.io {
-                    io.output(oneoff::STDERR, format!("flynn: {why}\n").into());
-                }
+                l.tell(&why);
                 Outcome {
                     state: JobState::Failed,
                     exit_status: None,
@@ -455,16 +462,11 @@ impl JobRunner {
                     slug = Some(layer);
                     if let Err(why) = self.store_build_cache(&l.job.app, &id).await {
                         tracing::warn!(job = %id, error = %why, "build cache not kept");
-                        if let Some(io) = &l.io {
-                            let msg = format!("flynn: the build cache was not kept ({why})\n");
-                            io.output(oneoff::STDERR, msg.into());
-                        }
+                        l.tell(&format!("the build cache was not kept ({why})"));
                     }
                 }
                 Err(why) => {
-                    if let Some(io) = &l.io {
-                        io.output(oneoff::STDERR, format!("flynn: {why}\n").into());
-                    }
+                    l.tell(&why);
                     outcome = Outcome {
                         state: JobState::Failed,
                         exit_status: Some(1),
@@ -728,17 +730,17 @@ impl JobRunner {
     async fn prepare(&self, local: &LocalState, l: &Local) -> Result<Prepared, String> {
         let job = &l.job;
         // A build runs on its own image with no process type; other jobs on their release.
-        let inputs = job
+        let build = job
             .build
             .as_ref()
-            .map(|_| local.read(|s| build::Inputs::from_state(s, &job.app)));
-        let (image, proc, release_env) = match (&job.build, &inputs) {
-            (Some(b), Some(inputs)) => {
+            .map(|b| (b, local.read(|s| build::Inputs::from_state(s, &job.app))));
+        let (image, proc, release_env) = match &build {
+            Some((b, inputs)) => {
                 let mut proc = ProcessType::default();
                 proc.limits.memory = Some(inputs.memory);
                 (b.image.clone(), proc, BTreeMap::new())
             }
-            _ => {
+            None => {
                 let release: Release =
                     local
                         .read(|s| s.jobs.releases.get(&job.release).cloned())
@@ -758,22 +760,19 @@ impl JobRunner {
         }
         lowerdirs.reverse(); // overlayfs wants the top layer first
         let dir = JobDir::create(&self.cfg.jobs_dir, &job.id).map_err(|e| e.to_string())?;
-        let build_mounts = match (&job.build, &inputs) {
-            (Some(b), Some(inputs)) => {
+        let build_mounts = match &build {
+            Some((b, inputs)) => {
                 let source = self.layer(&b.source).await?;
                 let job_dir = dir.dir.clone();
                 let mounts =
                     tokio::task::block_in_place(|| build::prepare(&job_dir, &source, inputs))?;
                 if let Err(why) = self.restore_build_cache(&job.app, &job_dir).await {
                     // A cache only saves time: the build goes on without it.
-                    if let Some(io) = &l.io {
-                        let msg = format!("flynn: the build cache was not restored ({why})\n");
-                        io.output(oneoff::STDERR, msg.into());
-                    }
+                    l.tell(&format!("the build cache was not restored ({why})"));
                 }
                 mounts
             }
-            _ => Vec::new(),
+            None => Vec::new(),
         };
         let cgroup = match &self.cgroups {
             Some(h) => Some(

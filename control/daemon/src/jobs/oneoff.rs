@@ -118,7 +118,8 @@ impl OneOffIo {
                         out.push_str(&format!("{{\"stream\":\"{name}\",\"data\":\"{b64}\"}}\n"));
                     }
                     next = g.dropped + g.frames.len();
-                    let exit = g.exit.map(|code| {
+                    // The end line, once everything before it is out.
+                    let exit = g.exit.filter(|_| out.is_empty()).map(|code| {
                         let mut line = serde_json::json!({ "exit": code });
                         if let Some(r) = &g.result {
                             line["result"] = r.clone();

@@ -483,14 +483,17 @@ mod tests {
         n
     }
 
-    fn running_on(s: &ClusterState) -> BTreeMap<u64, usize> {
-        let mut m = BTreeMap::new();
-        for j in s
-            .jobs
+    fn running_jobs(s: &ClusterState) -> Vec<&Job> {
+        s.jobs
             .jobs
             .values()
             .filter(|j| j.state == JobState::Running)
-        {
+            .collect()
+    }
+
+    fn running_on(s: &ClusterState) -> BTreeMap<u64, usize> {
+        let mut m = BTreeMap::new();
+        for j in running_jobs(s) {
             *m.entry(j.host).or_default() += 1;
         }
         m
@@ -559,12 +562,7 @@ mod tests {
             .all(|c| !matches!(c, Command::Jobs(JobsCommand::StopJob { .. }))));
         step(&mut s, 2);
         step(&mut s, 3);
-        let running: Vec<&Job> = s
-            .jobs
-            .jobs
-            .values()
-            .filter(|j| j.state == JobState::Running)
-            .collect();
+        let running = running_jobs(&s);
         assert_eq!(running.len(), 3);
         assert!(running.iter().all(|j| j.release == new));
     }
@@ -786,12 +784,7 @@ mod tests {
                 "at {now}: {active} active, {running} running"
             );
         }
-        let running: Vec<&Job> = s
-            .jobs
-            .jobs
-            .values()
-            .filter(|j| j.state == JobState::Running)
-            .collect();
+        let running = running_jobs(&s);
         assert_eq!(running.len(), 2);
         assert!(running.iter().all(|j| j.release == new));
     }
