@@ -157,6 +157,29 @@ async fn t10_deploy_scale_route_kill_and_redeploy_on_env_change() {
         3,
         "requests spread over the three jobs: {seen:?}"
     );
+    // One client connection kept alive through host 0's router: 200 requests one after
+    // another, each answered when its job answers (the io_uring backend once waited ~30 ms
+    // per request, 6 s for these; busybox httpd closes every connection it serves, so each
+    // also opens a new one to the job).
+    let mut client = flynn_tests::router::Client::connect(http(&c, 0)).await;
+    let start = Instant::now();
+    for i in 0..200 {
+        client
+            .send(format!(
+                "GET /index.html?{i} HTTP/1.1\r\nHost: web1.{DOMAIN}\r\n\r\n"
+            ))
+            .await;
+        let r = client
+            .read(false)
+            .await
+            .expect("an answer on the kept-alive connection");
+        assert_eq!((r.status, r.text().trim()), (200, "hello from busybox v1"));
+    }
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "200 sequential requests through the daemon's router took {took:?}"
+    );
 
     // Each job has an address of its own on its host's subnet.
     let addrs: BTreeSet<&str> = running(&all)

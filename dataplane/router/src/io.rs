@@ -39,18 +39,70 @@ impl IoBackend {
     }
 }
 
-/// Picks the backend for `mode`: `auto` probes and falls back with the reason; `uring`
-/// fails when io_uring cannot run here.
-pub fn resolve(mode: IoMode) -> Result<(IoBackend, Option<String>), String> {
+/// A ring whose round trips take longer than this at the median is not chosen by `auto`:
+/// epoll answers a loopback round trip in tens of microseconds, a stalled ring in tens of
+/// milliseconds, and a loaded machine stays well below this.
+pub const SELF_TEST_LIMIT: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Round trips the `auto` self-test times.
+const SELF_TEST_ROUNDS: usize = 20;
+
+/// The backend chosen at start, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IoChoice {
+    pub backend: IoBackend,
+    /// Why `auto` did not take io_uring (`None` when it did, or when the operator chose).
+    pub fallback: Option<String>,
+    /// The median round trip of the ring's self-test, where one ran.
+    pub ring_round_trip: Option<std::time::Duration>,
+}
+
+/// Picks the backend for `mode`: `auto` probes io_uring's features, then times a loopback
+/// self-test through a ring, and falls back to epoll with the reason when either fails or the
+/// ring is slow; `uring` fails only when io_uring cannot run here.
+pub fn resolve(mode: IoMode) -> Result<IoChoice, String> {
+    resolve_with(mode, SELF_TEST_LIMIT)
+}
+
+/// [`resolve`] with the self-test's limit given (tests set it to zero to see a fallback).
+pub fn resolve_with(mode: IoMode, limit: std::time::Duration) -> Result<IoChoice, String> {
+    let epoll = |fallback: Option<String>, rtt| IoChoice {
+        backend: IoBackend::Epoll,
+        fallback,
+        ring_round_trip: rtt,
+    };
     match mode {
-        IoMode::Epoll => Ok((IoBackend::Epoll, None)),
-        IoMode::Uring => flynn_uring::probe()
-            .map(|_| (IoBackend::Uring, None))
-            .map_err(|why| format!("--io uring: {why}")),
-        IoMode::Auto => Ok(match flynn_uring::probe() {
-            Ok(_) => (IoBackend::Uring, None),
-            Err(why) => (IoBackend::Epoll, Some(why)),
-        }),
+        IoMode::Epoll => Ok(epoll(None, None)),
+        IoMode::Uring => {
+            flynn_uring::probe().map_err(|why| format!("--io uring: {why}"))?;
+            Ok(IoChoice {
+                backend: IoBackend::Uring,
+                fallback: None,
+                ring_round_trip: None,
+            })
+        }
+        IoMode::Auto => {
+            if let Err(why) = flynn_uring::probe() {
+                return Ok(epoll(Some(why), None));
+            }
+            match flynn_uring::self_test(SELF_TEST_ROUNDS) {
+                Err(why) => Ok(epoll(Some(why), None)),
+                Ok(t) if t.median > limit => Ok(epoll(
+                    Some(format!(
+                        "io_uring round trips took {:.3} ms at the median in the self-test \
+                         (limit {:.3} ms)",
+                        t.median.as_secs_f64() * 1e3,
+                        limit.as_secs_f64() * 1e3
+                    )),
+                    Some(t.median),
+                )),
+                Ok(t) => Ok(IoChoice {
+                    backend: IoBackend::Uring,
+                    fallback: None,
+                    ring_round_trip: Some(t.median),
+                }),
+            }
+        }
     }
 }
 
@@ -243,5 +295,40 @@ impl AsyncWrite for Stream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().split().1).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn auto_takes_a_prompt_ring_and_passes_over_a_slow_one_saying_why() {
+        // This machine's ring answers in microseconds: auto takes it and keeps the figure.
+        let fast = resolve(IoMode::Auto).unwrap();
+        assert_eq!(fast.backend, IoBackend::Uring, "{fast:?}");
+        assert_eq!(fast.fallback, None);
+        let rtt = fast.ring_round_trip.expect("the self-test's figure");
+        assert!(rtt < SELF_TEST_LIMIT, "{rtt:?}");
+        // Any ring is too slow for a limit of zero: epoll, with the measured delay named.
+        let slow = resolve_with(IoMode::Auto, Duration::ZERO).unwrap();
+        assert_eq!(slow.backend, IoBackend::Epoll);
+        let why = slow.fallback.expect("a reason");
+        assert!(why.contains("ms at the median in the self-test"), "{why}");
+        assert!(slow.ring_round_trip.is_some());
+        // Chosen outright, neither mode runs the self-test.
+        assert_eq!(
+            resolve_with(IoMode::Uring, Duration::ZERO).unwrap().backend,
+            IoBackend::Uring
+        );
+        assert_eq!(
+            resolve_with(IoMode::Epoll, Duration::ZERO).unwrap(),
+            IoChoice {
+                backend: IoBackend::Epoll,
+                fallback: None,
+                ring_round_trip: None
+            }
+        );
     }
 }

@@ -93,8 +93,8 @@ pub struct Metrics {
     /// Client connections open now, across workers (also enforces the connection limit).
     pub open_connections: AtomicUsize,
     pub table_revision: AtomicU64,
-    /// The I/O backend the router started on (set once at start).
-    pub io: std::sync::OnceLock<crate::io::IoBackend>,
+    /// The I/O backend the router started on, and why (set once at start).
+    pub io: std::sync::OnceLock<crate::io::IoChoice>,
     /// Workers whose ring could not be set up and that run epoll instead.
     pub io_fallbacks: AtomicUsize,
 }
@@ -233,11 +233,8 @@ impl Metrics {
         for (name, help, v) in counters {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }
-        let io = self
-            .io
-            .get()
-            .copied()
-            .unwrap_or(crate::io::IoBackend::Epoll);
+        let choice = self.io.get();
+        let io = choice.map_or(crate::io::IoBackend::Epoll, |c| c.backend);
         o.push_str("# HELP flynn_router_io_backend The I/O backend the router's workers started on (1 for the one in use).\n# TYPE flynn_router_io_backend gauge\n");
         for b in [crate::io::IoBackend::Uring, crate::io::IoBackend::Epoll] {
             let _ = writeln!(
@@ -245,6 +242,30 @@ impl Metrics {
                 "flynn_router_io_backend{{backend=\"{}\"}} {}",
                 b.name(),
                 u8::from(b == io)
+            );
+        }
+        // Why `auto` passed io_uring over, and what the ring's self-test measured.
+        if let Some(why) = choice.and_then(|c| c.fallback.as_deref()) {
+            flynn_metrics::header(
+                &mut o,
+                "flynn_router_io_fallback_info",
+                "gauge",
+                "Why the router runs epoll although it may choose io_uring (--io auto).",
+            );
+            flynn_metrics::sample(
+                &mut o,
+                "flynn_router_io_fallback_info",
+                &[("reason", why)],
+                1,
+            );
+        }
+        if let Some(rtt) = choice.and_then(|c| c.ring_round_trip) {
+            flynn_metrics::single(
+                &mut o,
+                "flynn_router_io_self_test_round_trip_seconds",
+                "gauge",
+                "Median loopback round trip through an io_uring ring, timed at start (--io auto).",
+                rtt.as_secs_f64(),
             );
         }
         let _ = writeln!(

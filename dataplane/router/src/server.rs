@@ -149,15 +149,20 @@ impl Router {
             }
         }
         inherited.clear();
-        let (io, fallback) = crate::io::resolve(config.io).map_err(RouterError::Config)?;
-        match fallback {
+        let choice = crate::io::resolve(config.io).map_err(RouterError::Config)?;
+        let io = choice.backend;
+        match &choice.fallback {
             Some(why) => {
-                tracing::warn!(reason = %why, "io_uring unavailable: the router uses epoll")
+                tracing::warn!(reason = %why, "io_uring not chosen: the router uses epoll")
             }
-            None => tracing::info!(backend = io.name(), "router I/O backend"),
+            None => tracing::info!(
+                backend = io.name(),
+                self_test_round_trip_us = choice.ring_round_trip.map(|d| d.as_micros() as u64),
+                "router I/O backend"
+            ),
         }
         let metrics = Arc::new(Metrics::new(n));
-        let _ = metrics.io.set(io);
+        let _ = metrics.io.set(choice);
         let metrics_addr = match config.metrics {
             Some(addr) => Some(crate::metrics_server::start(addr, metrics.clone())?),
             None => None,

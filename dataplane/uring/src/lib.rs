@@ -1,7 +1,10 @@
 //! The router's io_uring backend: one ring per pinned worker thread, beside the epoll one.
 //!
-//! - The ring is set up with `SINGLE_ISSUER | DEFER_TASKRUN` (`COOP_TASKRUN` on kernels
-//!   before 6.1): completions are posted only when the worker asks, in its own turn.
+//! - The ring is set up with `SINGLE_ISSUER | COOP_TASKRUN`: completions are posted at the
+//!   worker's next kernel entry, never by interrupting it, and a sleeping worker wakes at
+//!   once (why not `DEFER_TASKRUN`: [`driver`]'s header).
+//! - [`self_test`] times real round trips through a ring, so a router that may choose
+//!   either backend only takes one that answers promptly here.
 //! - Listeners take connections through a multishot accept; streams receive through a
 //!   multishot receive into a provided buffer ring, so an idle connection holds no buffer.
 //! - Sockets sit in registered-file slots (no per-operation descriptor lookup).
@@ -15,9 +18,11 @@
 
 mod bufring;
 mod driver;
+mod selftest;
 mod stream;
 
 pub use driver::{probe, Config, Driver, Stats, TaskRun};
+pub use selftest::{self_test, SelfTest};
 pub use stream::{UringListener, UringStream};
 
 #[cfg(test)]

@@ -57,11 +57,11 @@ async fn settles(drv: &Rc<Driver>, ops: usize) {
 
 #[test]
 fn t01_probe_accept_echo_and_close() {
-    // Kernel 6.18 here: the deferred task-run mode must be the one in use.
-    assert_eq!(probe(), Ok(TaskRun::Deferred));
+    // Kernel 6.18 here: the cooperative task-run mode must be the one in use.
+    assert_eq!(probe(), Ok(TaskRun::Cooperative));
     run(|| async {
         let drv = Driver::start(small()).unwrap();
-        assert_eq!(drv.taskrun, TaskRun::Deferred);
+        assert_eq!(drv.taskrun, TaskRun::Cooperative);
         let (l, addr) = ring_listener(&drv);
         let client = std::thread::spawn(move || {
             let mut c = TcpStream::connect(addr).unwrap();
@@ -429,4 +429,54 @@ fn t09_closing_a_listener_hands_over_what_it_accepted_instead_of_resetting_it() 
         }
         settles(&drv, 0).await;
     });
+}
+
+/// 200 request/response round trips on one connection, the server on the ring and the client
+/// a plain blocking socket on another thread: each answer must come back when its request
+/// arrives, not when something else happens to wake the worker. A ring whose sleeping worker
+/// is not woken by deferred completions waits for a timer per round trip (tens of ms each);
+/// the bound is generous against a loaded machine and still fails at a few ms per trip.
+#[test]
+fn t10_round_trips_are_not_stalled_by_a_sleeping_worker() {
+    run(|| async {
+        let drv = Driver::start(small()).unwrap();
+        let (l, addr) = ring_listener(&drv);
+        let client = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.set_nodelay(true).unwrap();
+            let start = std::time::Instant::now();
+            let mut worst = Duration::ZERO;
+            for i in 0..200u32 {
+                let t = std::time::Instant::now();
+                c.write_all(&i.to_le_bytes()).unwrap();
+                let mut back = [0u8; 4];
+                c.read_exact(&mut back).unwrap();
+                assert_eq!(u32::from_le_bytes(back), i);
+                worst = worst.max(t.elapsed());
+            }
+            (start.elapsed(), worst)
+        });
+        let (mut s, _) = l.accept().await.unwrap();
+        for _ in 0..200 {
+            let mut buf = [0u8; 4];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(&buf).await.unwrap();
+            s.flush().await.unwrap();
+        }
+        let (total, worst) = client.join().unwrap();
+        eprintln!("200 round trips: {total:?}, worst {worst:?}");
+        assert!(
+            total < Duration::from_secs(2),
+            "200 round trips took {total:?} (worst {worst:?}): the worker sleeps through completions"
+        );
+    });
+}
+
+#[test]
+fn t11_the_self_test_times_prompt_round_trips() {
+    let t = self_test(50).unwrap();
+    assert_eq!(t.round_trips, 50);
+    assert!(t.median <= t.worst);
+    // Generous: a stalled ring takes 16 ms and more per trip here.
+    assert!(t.median < Duration::from_millis(5), "{t:?}");
 }

@@ -114,7 +114,15 @@ impl RouterComponent {
     /// The I/O backend the router runs on (`uring` or `epoll`), once it started.
     fn io_backend(&self) -> Option<&'static str> {
         let m = self.metrics.lock().expect("metrics lock");
-        m.as_ref().and_then(|m| m.io.get().map(|b| b.name()))
+        m.as_ref()
+            .and_then(|m| m.io.get().map(|c| c.backend.name()))
+    }
+
+    /// Why `--router-io auto` did not take io_uring, when it did not.
+    fn io_fallback(&self) -> Option<String> {
+        let m = self.metrics.lock().expect("metrics lock");
+        m.as_ref()
+            .and_then(|m| m.io.get().and_then(|c| c.fallback.clone()))
     }
 }
 
@@ -252,6 +260,7 @@ impl Component for RouterComponent {
             "https": self.https,
             "revision": self.table.load().revision,
             "io": self.io_backend(),
+            "io_fallback": self.io_fallback(),
         })
     }
 
@@ -285,6 +294,7 @@ impl Component for RouterComponent {
                 "https": self.https,
                 "revision": self.table.load().revision,
                 "io": self.io_backend(),
+                "io_fallback": self.io_fallback(),
                 "error": accepts.as_ref().err().map(|e| e.to_string()),
             });
             Some(flynn_client::ComponentHealth::from_check(
