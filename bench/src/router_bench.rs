@@ -3,11 +3,17 @@
 //! Every proxy runs pinned to core 0 doing the same work (Host routing, keep-alive to the
 //! upstream, X-Forwarded-For/Proto/Port, X-Request-Start and X-Request-Id added, the same
 //! certificate, TLS 1.3 with X25519); the load generator and the upstream (nginx, or a TCP
-//! sink) share core 1. Systems are interleaved round by round and medians reported. The
-//! deciding figure is requests per proxy CPU-second (utime+stime from /proc), since the
-//! load generator's core caps raw requests/s on a 2-core machine. Latency is measured
-//! separately, open-loop at a fixed rate (half the slowest proxy's peak), with h2load's
-//! per-request log.
+//! sink) share core 1. Systems are interleaved round by round and medians reported.
+//!
+//! Two kinds of figure, both per case and system, because either alone misleads:
+//! - what a client sees: requests/s and the p50/p99 latency of a closed loop (wrk
+//!   `--latency`, or h2load's per-request log), at the case's connections and at one
+//!   connection, where a proxy's added latency is plainest (the direct path is measured
+//!   the same way, so each proxy's added latency is its gap to it);
+//! - efficiency: requests per proxy CPU-second (utime+stime from /proc). The load
+//!   generator's core caps raw requests/s on a 2-core machine, so at 64 connections this is
+//!   where proxies differ. A proxy that sleeps between requests also spends few CPU-seconds,
+//!   which is why it is never read alone.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -23,10 +29,10 @@ use clap::Parser;
 #[command(about = "Router vs nginx vs HAProxy, one core each, same run")]
 struct Args {
     /// Seconds per measurement.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 3)]
     seconds: u64,
     /// Interleaved rounds per case (medians are reported).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Cases to run (comma-separated); all by default.
     #[arg(long, value_delimiter = ',')]
@@ -109,6 +115,7 @@ impl System {
 #[derive(Clone, Copy, Debug)]
 enum Case {
     Http1Keepalive0,
+    Http1Keepalive0Conns8,
     Http1Keepalive0Conns512,
     Http1Keepalive1k,
     Http1Body64k,
@@ -121,9 +128,10 @@ enum Case {
 }
 
 impl Case {
-    fn all() -> [Case; 10] {
+    fn all() -> [Case; 11] {
         [
             Case::Http1Keepalive0,
+            Case::Http1Keepalive0Conns8,
             Case::Http1Keepalive0Conns512,
             Case::Http1Keepalive1k,
             Case::Http1Body64k,
@@ -138,6 +146,7 @@ impl Case {
     fn name(self) -> &'static str {
         match self {
             Case::Http1Keepalive0 => "http1_keepalive_0b",
+            Case::Http1Keepalive0Conns8 => "http1_keepalive_0b_8c",
             Case::Http1Keepalive0Conns512 => "http1_keepalive_0b_512c",
             Case::Http1Keepalive1k => "http1_keepalive_1k",
             Case::Http1Body64k => "http1_body_64k",
@@ -158,7 +167,10 @@ impl Case {
         ];
         match self {
             // Keep-alive HTTP/1.1: every column, the floor and nginx as installed included.
-            Case::Http1Keepalive0 | Case::Http1Keepalive0Conns512 | Case::Http1Keepalive1k => vec![
+            Case::Http1Keepalive0
+            | Case::Http1Keepalive0Conns8
+            | Case::Http1Keepalive0Conns512
+            | Case::Http1Keepalive1k => vec![
                 System::Direct,
                 System::Router,
                 System::RouterEpoll,
@@ -181,10 +193,24 @@ impl Case {
     /// Client connections of the load.
     fn connections(self) -> u32 {
         match self {
+            Case::Http1Keepalive0Conns8 => 8,
             Case::Http1Keepalive0Conns512 => 512,
             // Large bodies: fewer, busier connections (as downloads are).
             Case::Http1Body64k | Case::Http1Body1m => 16,
+            // Four bulk flows.
+            Case::TcpThroughput => 4,
             _ => 64,
+        }
+    }
+    /// The client connections each system is measured at: the case's own, and one (a lone
+    /// client's latency), but where another case already has that one.
+    fn concurrencies(self) -> Vec<u32> {
+        match self {
+            Case::TcpThroughput => vec![self.connections()],
+            Case::Http1Keepalive0Conns8 | Case::Http1Keepalive0Conns512 => {
+                vec![self.connections()]
+            }
+            _ => vec![self.connections(), 1],
         }
     }
     /// Requests (or bytes, for TCP) per second are the unit.
@@ -196,13 +222,59 @@ impl Case {
     }
 }
 
-/// One measurement: work done, seconds, proxy CPU seconds.
+/// One measurement: work done, seconds, proxy CPU seconds, and the latency the client saw
+/// (ms; none for the TCP case).
 #[derive(Clone, Copy, Debug, Default)]
 struct Sample {
     work: f64,
     seconds: f64,
     cpu: f64,
+    p50: Option<f64>,
+    p99: Option<f64>,
 }
+
+/// Medians of a system's rounds at one concurrency.
+#[derive(Clone, Copy, Debug, Default)]
+struct Figure {
+    per_second: f64,
+    per_cpu_second: f64,
+    p50: Option<f64>,
+    p99: Option<f64>,
+}
+
+impl Figure {
+    fn of(v: &[Sample]) -> Figure {
+        let opt = |f: fn(&Sample) -> Option<f64>| {
+            let xs: Vec<f64> = v.iter().filter_map(f).collect();
+            (!xs.is_empty()).then(|| median(xs))
+        };
+        Figure {
+            per_second: median(v.iter().map(|x| x.work / x.seconds).collect()),
+            per_cpu_second: median(
+                v.iter()
+                    .filter(|x| x.cpu > 0.0)
+                    .map(|x| x.work / x.cpu)
+                    .collect(),
+            ),
+            p50: opt(|x| x.p50),
+            p99: opt(|x| x.p99),
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let mut j = serde_json::json!({
+            "per_second": round(self.per_second),
+            "per_cpu_second": round(self.per_cpu_second),
+        });
+        if let (Some(p50), Some(p99)) = (self.p50, self.p99) {
+            j["latency_ms"] = serde_json::json!({ "p50": round3(p50), "p99": round3(p99) });
+        }
+        j
+    }
+}
+
+/// One case's figures: per system, per concurrency.
+type Figures = BTreeMap<System, BTreeMap<u32, Figure>>;
 
 struct Procs {
     children: Vec<Child>,
@@ -244,139 +316,176 @@ fn main() -> anyhow::Result<()> {
         .into_iter()
         .filter(|c| args.cases.is_empty() || args.cases.iter().any(|n| n == c.name()))
         .collect();
-    let mut table = Vec::new();
+    let mut table: Vec<(Case, Figures)> = Vec::new();
     for case in cases {
         let systems = case.systems();
-        // Warm up each system once, then interleave rounds.
-        for s in &systems {
-            measure(case, *s, 1, &procs)?;
-        }
-        let mut samples: BTreeMap<System, Vec<Sample>> = BTreeMap::new();
-        for _ in 0..args.rounds {
+        let mut figs: Figures = BTreeMap::new();
+        for conns in case.concurrencies() {
+            // Warm up each system once, then interleave rounds.
             for s in &systems {
-                samples
-                    .entry(*s)
-                    .or_default()
-                    .push(measure(case, *s, args.seconds, &procs)?);
+                measure(case, *s, 1, conns, &procs, d)?;
             }
-        }
-        let mut fig: BTreeMap<System, (f64, f64)> = BTreeMap::new(); // (per second, per cpu second)
-        for (s, v) in &samples {
-            let rate = median(v.iter().map(|x| x.work / x.seconds).collect());
-            let per_cpu = median(
-                v.iter()
-                    .filter(|x| x.cpu > 0.0)
-                    .map(|x| x.work / x.cpu)
-                    .collect(),
-            );
-            fig.insert(*s, (rate, per_cpu));
-        }
-        // Latency at half the slowest proxy's peak, open loop.
-        let mut lat: BTreeMap<System, (f64, f64)> = BTreeMap::new();
-        if matches!(
-            case,
-            Case::Http1Keepalive0
-                | Case::Http1Keepalive0Conns512
-                | Case::Http1Keepalive1k
-                | Case::HttpsKeepalive
-                | Case::H2Tls
-        ) {
-            let slowest = systems
-                .iter()
-                .filter(|s| **s != System::Direct)
-                .map(|s| fig[s].0)
-                .fold(f64::MAX, f64::min);
-            let rate = (slowest * 0.5).max(100.0);
-            for _ in 0..3 {
-                for s in systems.iter().filter(|s| **s != System::Direct) {
-                    let (p50, p99) = latency(case, *s, rate, args.seconds, d)?;
-                    let e = lat.entry(*s).or_insert((0.0, 0.0));
-                    // Keep per-round values; medians below.
-                    e.0 += p50;
-                    e.1 += p99;
+            let mut samples: BTreeMap<System, Vec<Sample>> = BTreeMap::new();
+            for _ in 0..args.rounds {
+                for s in &systems {
+                    samples.entry(*s).or_default().push(measure(
+                        case,
+                        *s,
+                        args.seconds,
+                        conns,
+                        &procs,
+                        d,
+                    )?);
                 }
             }
-            for v in lat.values_mut() {
-                v.0 /= 3.0;
-                v.1 /= 3.0;
-            }
-            lat.insert(System::Direct, (rate, 0.0)); // records the rate used
-        }
-        let mut json = serde_json::json!({ "case": case.name(), "unit": case.unit() });
-        for (s, (rate, per_cpu)) in &fig {
-            json[s.name()] = serde_json::json!({
-                "per_second": round(*rate), "per_cpu_second": round(*per_cpu),
-            });
-            if let Some((p50, p99)) = lat.get(s).filter(|_| *s != System::Direct) {
-                json[s.name()]["latency_ms"] =
-                    serde_json::json!({ "p50": round3(*p50), "p99": round3(*p99) });
+            for (s, v) in &samples {
+                figs.entry(*s).or_default().insert(conns, Figure::of(v));
             }
         }
-        if let Some((rate, _)) = lat.get(&System::Direct) {
-            json["latency_rate_per_second"] = serde_json::json!(round(*rate));
-        }
-        let r = fig[&System::Router];
-        for peer in [System::Nginx, System::NginxDefault, System::Haproxy] {
-            let Some(p) = fig.get(&peer) else { continue };
-            json["ratios"][format!("vs_{}", peer.name())] = serde_json::json!({
-                "per_second": round3(r.0 / p.0), "per_cpu_second": round3(r.1 / p.1),
-            });
-        }
-        // The io_uring backend against the epoll one, same router otherwise.
-        if let Some(e) = fig.get(&System::RouterEpoll) {
-            json["ratios"]["uring_vs_epoll"] = serde_json::json!({
-                "per_second": round3(r.0 / e.0), "per_cpu_second": round3(r.1 / e.1),
-            });
-        }
-        // The router's CPU per request over the floor's: 1.0 would be no cost of its own.
-        if let Some(f) = fig.get(&System::Floor) {
-            json["ratios"]["router_cpu_per_request_vs_floor"] =
-                serde_json::json!(round3(f.1 / r.1));
-        }
-        println!("{json}");
-        table.push((case, fig, lat));
+        println!("{}", case_json(case, &figs));
+        table.push((case, figs));
     }
     println!();
-    let mut head = "| case | unit |".to_string();
+    print_throughput_table(&table);
+    println!();
+    print_latency_table(&table);
+    drop(procs);
+    Ok(())
+}
+
+/// One JSON line per case: every system's figures, and the router's ratios to its peers.
+fn case_json(case: Case, figs: &Figures) -> serde_json::Value {
+    let n = case.connections();
+    let mut json = serde_json::json!({
+        "case": case.name(), "unit": case.unit(), "connections": n,
+    });
+    for (s, by_conns) in figs {
+        let mut j = by_conns.get(&n).map_or(serde_json::json!({}), Figure::json);
+        if let Some(one) = by_conns.get(&1).filter(|_| n != 1) {
+            j["one_connection"] = one.json();
+        }
+        json[s.name()] = j;
+    }
+    let at = |s: System, c: u32| figs.get(&s).and_then(|m| m.get(&c)).copied();
+    let Some(r) = at(System::Router, n) else {
+        return json;
+    };
+    for peer in [System::Nginx, System::NginxDefault, System::Haproxy] {
+        let Some(p) = at(peer, n) else { continue };
+        json["ratios"][format!("vs_{}", peer.name())] = serde_json::json!({
+            "per_second": round3(r.per_second / p.per_second),
+            "per_cpu_second": round3(r.per_cpu_second / p.per_cpu_second),
+        });
+    }
+    // The io_uring backend against the epoll one, same router otherwise.
+    if let Some(e) = at(System::RouterEpoll, n) {
+        json["ratios"]["uring_vs_epoll"] = serde_json::json!({
+            "per_second": round3(r.per_second / e.per_second),
+            "per_cpu_second": round3(r.per_cpu_second / e.per_cpu_second),
+        });
+    }
+    // The router's CPU per request over the floor's: 1.0 would be no cost of its own.
+    if let Some(f) = at(System::Floor, n) {
+        json["ratios"]["router_cpu_per_request_vs_floor"] =
+            serde_json::json!(round3(f.per_cpu_second / r.per_cpu_second));
+    }
+    // What each proxy adds to a lone client's request: its p50 over the direct path's.
+    if let Some(direct) = at(System::Direct, 1).and_then(|f| f.p50) {
+        for s in COLUMNS.iter().filter(|s| **s != System::Direct) {
+            if let Some(p50) = at(*s, 1).and_then(|f| f.p50) {
+                json["added_p50_ms_one_connection"][s.name()] =
+                    serde_json::json!(round3(p50 - direct));
+            }
+        }
+    }
+    json
+}
+
+fn print_throughput_table(table: &[(Case, Figures)]) {
+    let mut head = "| case | conns | unit |".to_string();
     for s in COLUMNS {
         head += &format!(" {} /s | {} /cpu-s |", s.name(), s.name());
     }
-    head += " router vs nginx (cpu) | vs nginx_default | vs haproxy | uring vs epoll (cpu) | router cpu/req vs floor | p99 ms router / nginx / haproxy |";
+    head += " router vs nginx (cpu) | vs nginx_default | vs haproxy | uring vs epoll (/s, cpu) | router cpu/req vs floor |";
     println!("{head}");
-    println!("{}", "|---".repeat(2 + 2 * COLUMNS.len() + 6) + "|");
-    for (case, fig, lat) in &table {
-        let mut row = format!("| {} | {} |", case.name(), case.unit());
+    println!("{}", "|---".repeat(3 + 2 * COLUMNS.len() + 5) + "|");
+    for (case, figs) in table {
+        let n = case.connections();
+        let at = |s: System| figs.get(&s).and_then(|m| m.get(&n)).copied();
+        let mut row = format!("| {} | {n} | {} |", case.name(), case.unit());
         for s in COLUMNS {
-            match fig.get(&s) {
-                Some((rate, _)) if s == System::Direct => row += &format!(" {rate:.0} | - |"),
-                Some((rate, cpu)) => row += &format!(" {rate:.0} | {cpu:.0} |"),
+            match at(s) {
+                Some(f) if s == System::Direct => row += &format!(" {:.0} | - |", f.per_second),
+                Some(f) => row += &format!(" {:.0} | {:.0} |", f.per_second, f.per_cpu_second),
                 None => row += " - | - |",
             }
         }
-        let r = fig[&System::Router].1;
-        let vs = |s: System| {
-            fig.get(&s)
-                .map_or("-".into(), |p| format!("{:.2}", r / p.1))
+        let Some(r) = at(System::Router) else {
+            println!("{row}");
+            continue;
         };
-        let floor = fig
-            .get(&System::Floor)
-            .map_or("-".into(), |f| format!("{:.2}", f.1 / r));
-        let p99 = |s: System| lat.get(&s).map_or("-".into(), |l| format!("{:.2}", l.1));
+        let vs = |s: System| {
+            at(s).map_or("-".into(), |p| {
+                format!("{:.2}", r.per_cpu_second / p.per_cpu_second)
+            })
+        };
+        let epoll = at(System::RouterEpoll).map_or("-".into(), |e| {
+            format!(
+                "{:.2}, {:.2}",
+                r.per_second / e.per_second,
+                r.per_cpu_second / e.per_cpu_second
+            )
+        });
+        let floor = at(System::Floor).map_or("-".into(), |f| {
+            format!("{:.2}", f.per_cpu_second / r.per_cpu_second)
+        });
         row += &format!(
-            " {} | {} | {} | {} | {} | {} / {} / {} |",
+            " {} | {} | {} | {epoll} | {floor} |",
             vs(System::Nginx),
             vs(System::NginxDefault),
             vs(System::Haproxy),
-            vs(System::RouterEpoll),
-            floor,
-            p99(System::Router),
-            p99(System::Nginx),
-            p99(System::Haproxy),
         );
         println!("{row}");
     }
-    drop(procs);
-    Ok(())
+}
+
+/// Requests/s and p50 / p99 (ms) per system, at one connection and at the case's own.
+fn print_latency_table(table: &[(Case, Figures)]) {
+    let systems = [
+        System::Router,
+        System::RouterEpoll,
+        System::Nginx,
+        System::Haproxy,
+        System::Floor,
+        System::Direct,
+    ];
+    let mut head = "| case | conns |".to_string();
+    for s in systems {
+        head += &format!(" {} req/s, p50 / p99 ms |", s.name());
+    }
+    println!("{head}");
+    println!("{}", "|---".repeat(2 + systems.len()) + "|");
+    for (case, figs) in table {
+        let mut conns: Vec<u32> = figs.values().flat_map(|m| m.keys().copied()).collect();
+        conns.sort();
+        conns.dedup();
+        for c in conns {
+            let mut row = format!("| {} | {c} |", case.name());
+            for s in systems {
+                row += &match figs.get(&s).and_then(|m| m.get(&c)) {
+                    Some(Figure {
+                        per_second,
+                        p50: Some(p50),
+                        p99: Some(p99),
+                        ..
+                    }) => format!(" {per_second:.0}, {p50:.3} / {p99:.3} |"),
+                    Some(f) => format!(" {:.0} |", f.per_second),
+                    None => " - |".into(),
+                };
+            }
+            println!("{row}");
+        }
+    }
 }
 
 fn round(v: f64) -> f64 {
@@ -762,30 +871,44 @@ fn run_pinned(cmd: &str, args: &[String]) -> anyhow::Result<String> {
     Ok(text)
 }
 
-fn measure(case: Case, s: System, seconds: u64, procs: &Procs) -> anyhow::Result<Sample> {
+fn measure(
+    case: Case,
+    s: System,
+    seconds: u64,
+    conns: u32,
+    procs: &Procs,
+    d: &Path,
+) -> anyhow::Result<Sample> {
     let pids = &procs.pids[&s];
     let cpu0 = cpu_seconds(pids);
     let t0 = Instant::now();
-    let work = match case {
+    let (work, p50, p99) = match case {
         Case::TcpThroughput => {
-            tcp_load(s.tcp(), seconds).with_context(|| format!("tcp load through {}", s.name()))?
-                / 1e6
+            let bytes = tcp_load(s.tcp(), seconds, conns)
+                .with_context(|| format!("tcp load through {}", s.name()))?;
+            (bytes / 1e6, None, None)
         }
         Case::H2Tls => {
+            let log = d.join(format!("h2-{}-{conns}.tsv", s.name()));
+            let _ = std::fs::remove_file(&log);
+            // Ten streams in flight per connection, but a lone client sends one at a time.
+            let streams = if conns == 1 { 1 } else { 10 };
             let out = run_pinned(
                 "h2load",
                 &[
                     "-t1".into(),
-                    "-c16".into(),
-                    "-m10".into(),
+                    format!("-c{conns}"),
+                    format!("-m{streams}"),
                     "-D".into(),
                     seconds.to_string(),
+                    format!("--log-file={}", log.display()),
                     "-H".into(),
                     format!(":authority: {HOST}"),
                     format!("https://127.0.0.1:{}/0", s.https()),
                 ],
             )?;
-            h2load_done(&out)?
+            let (p50, p99) = log_percentiles(&log)?;
+            (h2load_done(&out)?, Some(p50), Some(p99))
         }
         _ => {
             let (scheme, port, path) = match case {
@@ -797,8 +920,9 @@ fn measure(case: Case, s: System, seconds: u64, procs: &Procs) -> anyhow::Result
             };
             let mut a = vec![
                 "-t1".to_string(),
-                format!("-c{}", case.connections()),
+                format!("-c{conns}"),
                 format!("-d{seconds}s"),
+                "--latency".into(),
                 "-H".into(),
                 format!("Host: {HOST}"),
             ];
@@ -807,12 +931,64 @@ fn measure(case: Case, s: System, seconds: u64, procs: &Procs) -> anyhow::Result
             }
             a.push(format!("{scheme}://127.0.0.1:{port}{path}"));
             let out = run_pinned("wrk", &a)?;
-            wrk_requests(&out).with_context(|| format!("{} {}: {out}", case.name(), s.name()))?
+            let what = || format!("{} {} at {conns}: {out}", case.name(), s.name());
+            let work = wrk_requests(&out).with_context(what)?;
+            let p50 = wrk_percentile(&out, "50%").with_context(what)?;
+            let p99 = wrk_percentile(&out, "99%").with_context(what)?;
+            (work, Some(p50), Some(p99))
         }
     };
     let seconds = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pids) - cpu0;
-    Ok(Sample { work, seconds, cpu })
+    Ok(Sample {
+        work,
+        seconds,
+        cpu,
+        p50,
+        p99,
+    })
+}
+
+/// A percentile from wrk's `--latency` distribution (`    99%    1.23ms`), in ms.
+fn wrk_percentile(out: &str, which: &str) -> anyhow::Result<f64> {
+    let v = out
+        .lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix(which))
+        .with_context(|| format!("no {which} line in wrk's latency distribution"))?
+        .trim();
+    let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1e-3)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix('m') {
+        (n, 60e3)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1e3)
+    } else {
+        bail!("wrk latency {v:?} has no unit");
+    };
+    Ok(num.parse::<f64>()? * scale)
+}
+
+/// p50 and p99 (ms) of the successful requests in an h2load `--log-file`.
+fn log_percentiles(log: &Path) -> anyhow::Result<(f64, f64)> {
+    let text = std::fs::read_to_string(log)?;
+    let mut us: Vec<f64> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f.get(1) == Some(&"200"))
+                .then(|| f.get(2)?.parse::<f64>().ok())
+                .flatten()
+        })
+        .collect();
+    if us.is_empty() {
+        bail!("no successful requests in {}", log.display());
+    }
+    us.sort_by(|a, b| a.total_cmp(b));
+    let q = |p: f64| us[((us.len() as f64 * p) as usize).min(us.len() - 1)] / 1000.0;
+    Ok((q(0.5), q(0.99)))
 }
 
 fn wrk_requests(out: &str) -> anyhow::Result<f64> {
@@ -840,60 +1016,10 @@ fn h2load_done(out: &str) -> anyhow::Result<f64> {
     Ok(succeeded.parse()?)
 }
 
-/// Open-loop latency at `rate` requests/s over 16 connections: (p50, p99) in ms.
-fn latency(case: Case, s: System, rate: f64, seconds: u64, d: &Path) -> anyhow::Result<(f64, f64)> {
-    let log = d.join(format!("lat-{}-{}.tsv", case.name(), s.name()));
-    let _ = std::fs::remove_file(&log);
-    let clients = 16.0;
-    let mut a = vec![
-        "-t1".to_string(),
-        "-c16".into(),
-        format!("--rps={}", (rate / clients).max(1.0).round()),
-        "-D".into(),
-        seconds.to_string(),
-        format!("--log-file={}", log.display()),
-        "-H".into(),
-        format!(":authority: {HOST}"),
-    ];
-    let url = match case {
-        Case::H2Tls => format!("https://127.0.0.1:{}/0", s.https()),
-        Case::HttpsKeepalive => {
-            a.push("--h1".into());
-            format!("https://127.0.0.1:{}/0", s.https())
-        }
-        Case::Http1Keepalive1k => {
-            a.push("--h1".into());
-            format!("http://127.0.0.1:{}/1k", s.http())
-        }
-        _ => {
-            a.push("--h1".into());
-            format!("http://127.0.0.1:{}/0", s.http())
-        }
-    };
-    a.push(url);
-    run_pinned("h2load", &a)?;
-    let text = std::fs::read_to_string(&log)?;
-    let mut us: Vec<f64> = text
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split('\t').collect();
-            (f.get(1) == Some(&"200"))
-                .then(|| f.get(2)?.parse::<f64>().ok())
-                .flatten()
-        })
-        .collect();
-    if us.is_empty() {
-        bail!("no successful requests in {}", log.display());
-    }
-    us.sort_by(|a, b| a.total_cmp(b));
-    let q = |p: f64| us[((us.len() as f64 * p) as usize).min(us.len() - 1)] / 1000.0;
-    Ok((q(0.5), q(0.99)))
-}
-
-/// Bulk upload through a TCP port for `seconds` over 4 connections; bytes moved.
-fn tcp_load(port: u16, seconds: u64) -> anyhow::Result<f64> {
+/// Bulk upload through a TCP port for `seconds` over `conns` connections; bytes moved.
+fn tcp_load(port: u16, seconds: u64, conns: u32) -> anyhow::Result<f64> {
     let until = Instant::now() + Duration::from_secs(seconds);
-    let threads: Vec<_> = (0..4)
+    let threads: Vec<_> = (0..conns)
         .map(|_| {
             std::thread::spawn(move || -> anyhow::Result<u64> {
                 let mut s = TcpStream::connect(("127.0.0.1", port))?;

@@ -21,6 +21,7 @@ use crate::backend_h1::{self, ResponseHead};
 use crate::body::{self, BodyReader, Encoding, Framing, PumpError};
 use crate::error::{ErrorKind, ProxyError};
 use crate::forward::{self, Exchange};
+use crate::io::RingSocket;
 use crate::upstream::UpstreamConn;
 use crate::worker::Worker;
 
@@ -36,7 +37,7 @@ pub struct ConnCtx {
 /// Serves a client connection until it closes, errs, times out or the router drains.
 pub async fn serve<S>(w: Rc<Worker>, mut client: S, mut buf: BytesMut, ctx: ConnCtx)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + RingSocket,
 {
     let mut shutdown = w.shutdown.clone();
     loop {
@@ -156,7 +157,7 @@ async fn request<S>(
     ctx: ConnCtx,
 ) -> Next
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + RingSocket,
 {
     let start = Instant::now();
     let framing = match head.framing() {
@@ -226,7 +227,7 @@ async fn proxy<S>(
     path: &str,
 ) -> Next
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + RingSocket,
 {
     let t = w.shared.config.timeouts;
     let upgrade = wants_upgrade(&req.head);
@@ -447,7 +448,7 @@ async fn send_with_body<S>(
     upstream_timeout: Duration,
 ) -> Result<ResponseHead, ProxyError>
 where
-    S: AsyncRead + Unpin,
+    S: AsyncRead + Unpin + RingSocket,
 {
     let encoding = if reader.is_chunked() {
         Encoding::Chunked
@@ -566,7 +567,7 @@ async fn splice_upgraded<S>(
     head: Vec<u8>,
 ) -> Next
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + RingSocket,
 {
     let mut first = head;
     first.extend_from_slice(&conn.buf);

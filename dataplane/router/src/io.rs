@@ -125,6 +125,49 @@ impl std::fmt::Debug for Stream {
     }
 }
 
+/// The ring socket a stream's bytes go to and come from unchanged, if any: a plain stream on
+/// io_uring. A body relayed between two of them on one ring moves in the ring's own receive
+/// buffers, uncopied ([`crate::body::pump`]); a TLS stream transforms its bytes, so it has
+/// none, as has an epoll stream.
+pub trait RingSocket {
+    fn ring_socket(&self) -> Option<&UringStream> {
+        None
+    }
+}
+
+impl RingSocket for Stream {
+    fn ring_socket(&self) -> Option<&UringStream> {
+        match self {
+            Stream::Uring(s) => Some(s),
+            Stream::Epoll(_) => None,
+        }
+    }
+}
+
+impl RingSocket for ReadHalf<'_> {
+    fn ring_socket(&self) -> Option<&UringStream> {
+        match self {
+            ReadHalf::Uring(s) => Some(s),
+            ReadHalf::Epoll(_) => None,
+        }
+    }
+}
+
+impl RingSocket for WriteHalf<'_> {
+    fn ring_socket(&self) -> Option<&UringStream> {
+        match self {
+            WriteHalf::Uring(s) => Some(s),
+            WriteHalf::Epoll(_) => None,
+        }
+    }
+}
+
+impl<IO> RingSocket for tokio_rustls::server::TlsStream<IO> {}
+
+/// Bytes collected in memory (tests).
+#[cfg(test)]
+impl RingSocket for Vec<u8> {}
+
 /// The reading side of a [`Stream::split`].
 pub enum ReadHalf<'a> {
     Epoll(tokio::net::tcp::ReadHalf<'a>),

@@ -29,6 +29,8 @@ use slab::Slab;
 use tokio::io::unix::AsyncFd;
 
 use crate::bufring::BufRing;
+pub(crate) use crate::send::SendOp;
+use crate::send::Sent;
 
 /// Completions carrying this are not anybody's (cancellations, whose effect shows on the
 /// cancelled operation).
@@ -36,7 +38,7 @@ pub(crate) const IGNORED: u64 = u64::MAX;
 
 /// A receive queue holding this many filled buffers stops receiving until it is read, so one
 /// slow reader cannot take the whole buffer ring.
-const MAX_QUEUED_BUFFERS: usize = 8;
+pub(crate) const MAX_QUEUED_BUFFERS: usize = 8;
 
 /// Sizes of one worker's ring.
 #[derive(Debug, Clone, Copy)]
@@ -134,26 +136,20 @@ pub(crate) struct RecvOp {
     /// Completions (result, flags) not yet read: data in a provided buffer, 0 for EOF, or an
     /// error.
     pub queue: VecDeque<(i32, u32)>,
+    /// An operation of this slot is in the kernel (the multishot receive, or a direct one).
     pub armed: bool,
     pub cancelling: bool,
     pub waker: Option<Waker>,
     pub orphan: bool,
-}
-
-pub(crate) struct SendOp {
-    pub target: Target,
-    /// Bytes the kernel is sending now, from `off`. Owned here, never touched while `busy`,
-    /// so the kernel's pointer stays valid whatever happens to the stream.
-    pub inflight: Vec<u8>,
-    pub off: usize,
-    /// Bytes written while a send was in flight, sent next.
-    pub queued: Vec<u8>,
-    pub busy: bool,
-    /// The first send error (negative errno), returned to every later write.
-    pub err: Option<i32>,
-    pub waker: Option<Waker>,
-    /// Keeps the socket open while data written before the stream was dropped still goes out.
-    pub keep: Option<Rc<Conn>>,
+    /// One receive per read (into one provided buffer), not a multishot: what the peer sends
+    /// beyond it waits in the socket, held back by TCP's flow control, instead of filling
+    /// the ring's shared buffers (backend connections, whose large responses a relay then
+    /// takes by direct receives).
+    pub on_demand: bool,
+    /// A direct receive: one-shot, into this buffer the slot owns (a bulk relay's, sent on
+    /// uncopied), and its result once it completes.
+    pub direct: Option<Vec<u8>>,
+    pub direct_res: Option<i32>,
 }
 
 pub(crate) struct State {
@@ -347,15 +343,46 @@ impl Driver {
 
     pub(crate) fn arm_recv(&self, st: &mut State, ud: usize, target: Target) {
         let group = st.bufs.group;
-        let sqe = with_target!(target, |fd| opcode::RecvMulti::new(fd, group)
-            .build()
-            .user_data(ud as u64));
-        if let Some(Op::Recv(r)) = st.ops.get_mut(ud) {
-            r.armed = true;
-        }
+        let Some(Op::Recv(r)) = st.ops.get_mut(ud) else {
+            return;
+        };
+        r.armed = true;
+        let sqe = if r.on_demand {
+            with_target!(target, |fd| opcode::Recv::new(fd, std::ptr::null_mut(), 0)
+                .buf_group(group)
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT)
+                .user_data(ud as u64))
+        } else {
+            with_target!(target, |fd| opcode::RecvMulti::new(fd, group)
+                .build()
+                .user_data(ud as u64))
+        };
         self.wake_with(st);
         // SAFETY: the receive writes only into provided buffers (owned by `st.bufs`, which
         // outlives the ring's use of them); `ud` is the stream's live receive slot.
+        unsafe { self.push_nowake(&sqe) };
+    }
+
+    /// Receives into the slot's direct buffer, after its `len` bytes: at most `max` bytes,
+    /// and no more than its capacity.
+    pub(crate) fn arm_direct(&self, st: &mut State, ud: usize, target: Target, max: usize) {
+        let Some(Op::Recv(r)) = st.ops.get_mut(ud) else {
+            return;
+        };
+        let Some(buf) = &mut r.direct else { return };
+        let spare = buf.spare_capacity_mut();
+        let len = spare.len().min(max).min(u32::MAX as usize) as u32;
+        let ptr = spare.as_mut_ptr().cast::<u8>();
+        let sqe = with_target!(target, |fd| opcode::Recv::new(fd, ptr, len)
+            .build()
+            .user_data(ud as u64));
+        r.armed = true;
+        r.direct_res = None;
+        self.wake_with(st);
+        // SAFETY: the kernel writes into the spare capacity of the slot's own `direct`
+        // buffer, which stays in the slot, unread and unmoved (its heap block, that is), until
+        // this receive completes; an orphaned slot keeps it until then too.
         unsafe { self.push_nowake(&sqe) };
     }
 
@@ -372,16 +399,13 @@ impl Driver {
         unsafe { self.push_nowake(&sqe) };
     }
 
-    /// Sends `s.inflight[s.off..]`.
-    pub(crate) fn submit_send(&self, ud: usize, s: &SendOp) {
-        let data = &s.inflight[s.off..];
-        let (ptr, len) = (data.as_ptr(), data.len() as u32);
-        let sqe = with_target!(s.target, |fd| opcode::Send::new(fd, ptr, len)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(ud as u64));
-        // SAFETY: `inflight` belongs to the send slot `ud` and is neither changed nor freed
-        // while `busy` is set (the caller sets it), which lasts until this send completes.
+    /// Submits what send slot `ud` has in flight.
+    pub(crate) fn submit_send(&self, ud: usize, s: &mut SendOp, bufs: &BufRing) {
+        let sqe = s.sqe(ud as u64, bufs);
+        // SAFETY: the chunks, iovecs and header the entry points to belong to send slot `ud`
+        // and are neither changed nor freed while it is `busy` (set by `start`), which lasts
+        // until this send completes; provided buffers among them stay out of the ring until
+        // then.
         unsafe { self.push_nowake(&sqe) };
     }
 
@@ -526,6 +550,12 @@ impl Driver {
                         wake_all(buf_waiters);
                     }
                     remove = !r.armed;
+                } else if r.direct.is_some() && bid.is_none() && r.direct_res.is_none() {
+                    // The direct receive's completion (a multishot ended before it began).
+                    r.direct_res = Some(res);
+                    if let Some(w) = &r.waker {
+                        w.wake_by_ref();
+                    }
                 } else {
                     match res {
                         e if e == -libc::ECANCELED => {}
@@ -549,27 +579,12 @@ impl Driver {
                 }
             }
             Op::Send(s) => {
-                if res < 0 {
-                    s.err.get_or_insert(res);
-                    s.busy = false;
-                    s.queued.clear();
-                } else {
-                    s.off += res as usize;
-                    if s.off < s.inflight.len() {
-                        // A short send: the rest goes now, whether or not anybody polls.
-                        self.submit_send(ud, s);
-                        return;
-                    }
-                    if !s.queued.is_empty() {
-                        std::mem::swap(&mut s.inflight, &mut s.queued);
-                        s.queued.clear();
-                        s.off = 0;
-                        self.submit_send(ud, s);
-                    } else {
-                        s.busy = false;
-                        s.inflight.clear();
-                        s.off = 0;
-                    }
+                let before = bufs.available();
+                if let Sent::Again = s.completed(res, bufs) {
+                    self.submit_send(ud, s, bufs);
+                }
+                if bufs.available() > before {
+                    wake_all(buf_waiters);
                 }
                 if let Some(w) = &s.waker {
                     w.wake_by_ref();

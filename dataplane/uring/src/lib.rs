@@ -19,11 +19,12 @@
 mod bufring;
 mod driver;
 mod selftest;
+mod send;
 mod stream;
 
 pub use driver::{probe, Config, Driver, Stats, TaskRun};
 pub use selftest::{self_test, SelfTest};
-pub use stream::{UringListener, UringStream};
+pub use stream::{Direct, RecvBuf, Taken, UringListener, UringStream};
 
 #[cfg(test)]
 mod tests;

@@ -23,6 +23,10 @@ use crate::driver::{set_waker, wake_all, AcceptOp, Conn, Driver, Op, RecvOp, Sen
 /// Bytes a stream may have queued behind an in-flight send before writes wait.
 const SEND_HIGH_WATER: usize = 256 * 1024;
 
+/// Provided buffers a stream's sends may hold before [`UringStream::poll_send_bufs`] waits:
+/// as many as its receive may queue unread, so a relay holds at most twice that.
+const SEND_PROVIDED_HIGH_WATER: usize = crate::driver::MAX_QUEUED_BUFFERS;
+
 /// A connected TCP socket driven by the ring.
 pub struct UringStream {
     drv: Rc<Driver>,
@@ -56,16 +60,7 @@ impl UringStream {
         });
         let mut st = drv.st.borrow_mut();
         let recv = st.ops.insert(Op::Recv(RecvOp::default()));
-        let send = st.ops.insert(Op::Send(SendOp {
-            target,
-            inflight: Vec::new(),
-            off: 0,
-            queued: Vec::new(),
-            busy: false,
-            err: None,
-            waker: None,
-            keep: None,
-        }));
+        let send = st.ops.insert(Op::Send(SendOp::new(target)));
         // The receive is armed by the first read, so a stream nobody read from can still
         // leave the ring (`into_std`).
         drop(st);
@@ -103,10 +98,16 @@ impl UringStream {
     }
 
     /// Connects to `addr` (through tokio's reactor, which connection pooling makes rare),
-    /// then moves the socket onto the ring.
+    /// then moves the socket onto the ring. It receives on demand (one receive per read, not
+    /// a multishot): a backend's large response then waits in its socket until relayed,
+    /// instead of filling the ring's shared buffers first.
     pub async fn connect(drv: &Rc<Driver>, addr: SocketAddr) -> io::Result<UringStream> {
         let s = tokio::net::TcpStream::connect(addr).await?;
-        UringStream::from_std(drv, s.into_std()?)
+        let s = UringStream::from_std(drv, s.into_std()?)?;
+        if let Some(Op::Recv(r)) = drv.st.borrow_mut().ops.get_mut(s.recv) {
+            r.on_demand = true;
+        }
+        Ok(s)
     }
 
     pub fn tcp(&self) -> &std::net::TcpStream {
@@ -179,7 +180,12 @@ impl UringStream {
             out[n..n + k].copy_from_slice(&data[..k]);
             n += k;
         }
+        let more_wanted = r.on_demand && !r.armed && r.direct.is_none() && n < out.len();
         if n > 0 || eof {
+            if more_wanted && !eof {
+                // On demand, nothing receives unless asked: ask, so a later peek sees more.
+                self.drv.arm_recv(&mut st, self.recv, self.conn.target);
+            }
             return Poll::Ready(Ok(n));
         }
         self.wait_for_data(&mut st, cx);
@@ -191,7 +197,9 @@ impl UringStream {
         let armed = match st.ops.get_mut(self.recv) {
             Some(Op::Recv(r)) => {
                 set_waker(&mut r.waker, cx);
-                r.armed
+                // A direct receive owns the slot until its taker collects it (a relay never
+                // leaves one behind on a stream that is read again).
+                r.armed || r.direct.is_some()
             }
             _ => return,
         };
@@ -262,48 +270,348 @@ impl UringStream {
     }
 }
 
+/// Received bytes still in the ring's provided buffer they arrived in, handed out of a
+/// stream without a copy ([`UringStream::poll_take`]). The buffer goes back to the ring when
+/// this is dropped, or once a send of it ([`UringStream::poll_send_bufs`]) completes.
+pub struct RecvBuf {
+    drv: Rc<Driver>,
+    /// The bytes: in the buffer ring's memory, which never moves while the driver lives.
+    ptr: *const u8,
+    bid: u16,
+    off: u32,
+    len: u32,
+}
+
+impl RecvBuf {
+    /// (buffer id, offset, length), leaving the buffer out of the ring: the caller now owns
+    /// giving it back.
+    fn into_raw(self) -> (u16, u32, u32) {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never used or dropped again, so its Rc is moved out exactly once.
+        drop(unsafe { std::ptr::read(&this.drv) });
+        (this.bid, this.off, this.len)
+    }
+}
+
+impl std::ops::Deref for RecvBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr..ptr+len` lies in the buffer ring's memory (checked by `data` when it
+        // was taken), which lives as long as the driver this value keeps alive; the buffer
+        // is out of the ring while this value holds it, so nothing writes it meanwhile.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len as usize) }
+    }
+}
+
+impl std::fmt::Debug for RecvBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RecvBuf({} bytes)", self.len)
+    }
+}
+
+impl Drop for RecvBuf {
+    fn drop(&mut self) {
+        let mut st = self.drv.st.borrow_mut();
+        st.bufs.recycle(self.bid);
+        wake_all(&mut st.buf_waiters);
+    }
+}
+
+/// What [`UringStream::poll_recv_direct`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direct {
+    /// Received this many bytes into the buffer (0 only when the buffer had no room).
+    Filled(usize),
+    /// The multishot receive had queued bytes, which come first: nothing was received.
+    Queued,
+    /// The peer closed its side.
+    Eof,
+}
+
+/// What [`UringStream::poll_take`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// This many bytes, in the buffers handed out.
+    Bytes(usize),
+    /// The peer closed its side.
+    Eof,
+    /// The next received buffer holds more than the bytes asked for: read those the
+    /// ordinary way (they are copied), and the rest stays for the next read.
+    Straddles,
+}
+
 impl UringStream {
-    /// This stream's send slot, or the error every write and flush now returns.
-    fn send_slot<'a>(&self, st: &'a mut State) -> io::Result<&'a mut SendOp> {
-        match st.ops.get_mut(self.send) {
-            Some(Op::Send(s)) => match s.err {
-                Some(e) => Err(io::Error::from_raw_os_error(-e)),
-                None => Ok(s),
-            },
-            _ => Err(io::ErrorKind::NotConnected.into()),
+    /// Hands out received buffers as they are, without copying them: every whole one queued,
+    /// up to `max` bytes in all; waits for the first.
+    pub fn poll_take(
+        &self,
+        cx: &mut Context<'_>,
+        max: usize,
+        out: &mut Vec<RecvBuf>,
+    ) -> Poll<io::Result<Taken>> {
+        if self.eof.get() {
+            return Poll::Ready(Ok(Taken::Eof));
+        }
+        let mut st = self.drv.st.borrow_mut();
+        let mut n = 0usize;
+        if let Some((bid, off, len)) = self.cur.get() {
+            if len - off > max {
+                return Poll::Ready(Ok(Taken::Straddles));
+            }
+            self.cur.set(None);
+            out.push(self.recv_buf(&st, bid, off, len - off));
+            n += len - off;
+        }
+        loop {
+            let Some(Op::Recv(r)) = st.ops.get_mut(self.recv) else {
+                return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+            };
+            let Some(&(res, flags)) = r.queue.front() else {
+                break;
+            };
+            if res > 0 {
+                let Some(bid) = cqueue::buffer_select(flags) else {
+                    return Poll::Ready(Err(io::ErrorKind::InvalidData.into()));
+                };
+                if n + res as usize > max {
+                    if n == 0 {
+                        return Poll::Ready(Ok(Taken::Straddles));
+                    }
+                    break;
+                }
+                r.queue.pop_front();
+                out.push(self.recv_buf(&st, bid, 0, res as usize));
+                n += res as usize;
+                continue;
+            }
+            if n > 0 {
+                break; // the data first; the end or the error with the next call
+            }
+            r.queue.pop_front();
+            if res == 0 {
+                self.eof.set(true);
+                return Poll::Ready(Ok(Taken::Eof));
+            }
+            return Poll::Ready(Err(io::Error::from_raw_os_error(-res)));
+        }
+        if n > 0 {
+            return Poll::Ready(Ok(Taken::Bytes(n)));
+        }
+        self.wait_for_data(&mut st, cx);
+        Poll::Pending
+    }
+
+    /// [`UringStream::poll_take`] as a future.
+    pub async fn take_bufs(&self, max: usize, out: &mut Vec<RecvBuf>) -> io::Result<Taken> {
+        std::future::poll_fn(|cx| self.poll_take(cx, max, out)).await
+    }
+
+    fn recv_buf(&self, st: &State, bid: u16, off: usize, len: usize) -> RecvBuf {
+        RecvBuf {
+            drv: self.drv.clone(),
+            ptr: st.bufs.data(bid, off + len)[off..].as_ptr(),
+            bid,
+            off: off as u32,
+            len: len as u32,
         }
     }
 
+    /// Receives into `buf` (after its contents, up to its capacity and at most `max` bytes)
+    /// with a one-shot receive
+    /// the stream owns, for a bulk relay: the filled buffer is sent on as it is
+    /// ([`UringStream::poll_send_owned`]), one receive and one send per buffer, like a
+    /// read/write loop but with nothing copied in user space. Bytes the multishot receive
+    /// already queued come first: then this returns [`Direct::Queued`] and takes nothing
+    /// (hand them out with [`UringStream::poll_take`]). A running multishot receive is
+    /// stopped first; the next ordinary read starts it again.
+    pub fn poll_recv_direct(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut Option<Vec<u8>>,
+        max: usize,
+    ) -> Poll<io::Result<Direct>> {
+        if self.cur.get().is_some() {
+            return Poll::Ready(Ok(Direct::Queued));
+        }
+        if self.eof.get() {
+            return Poll::Ready(Ok(Direct::Eof));
+        }
+        let mut st = self.drv.st.borrow_mut();
+        let Some(Op::Recv(r)) = st.ops.get_mut(self.recv) else {
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        set_waker(&mut r.waker, cx);
+        if let Some(res) = r.direct_res.take() {
+            let mut got = r.direct.take().expect("a direct result has its buffer");
+            return Poll::Ready(match res {
+                0 => {
+                    self.eof.set(true);
+                    *buf = Some(got);
+                    Ok(Direct::Eof)
+                }
+                n if n > 0 => {
+                    // SAFETY: the kernel wrote `n` bytes into the spare capacity after `len`.
+                    unsafe { got.set_len(got.len() + n as usize) };
+                    *buf = Some(got);
+                    Ok(Direct::Filled(n as usize))
+                }
+                e => {
+                    *buf = Some(got);
+                    Err(io::Error::from_raw_os_error(-e))
+                }
+            });
+        }
+        if !r.queue.is_empty() {
+            return Poll::Ready(Ok(Direct::Queued));
+        }
+        if r.armed {
+            // The multishot receive (or the direct one, not done yet): wait for its last
+            // completion, cancelling a multishot so it stops taking the ring's buffers.
+            if r.direct.is_none() && !r.cancelling {
+                r.cancelling = true;
+                drop(st);
+                self.drv.cancel(self.recv);
+            }
+            return Poll::Pending;
+        }
+        let Some(b) = buf.take() else {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a direct receive needs a buffer",
+            )));
+        };
+        if b.capacity() == b.len() || max == 0 {
+            *buf = Some(b);
+            return Poll::Ready(Ok(Direct::Filled(0)));
+        }
+        r.direct = Some(b);
+        self.drv
+            .arm_direct(&mut st, self.recv, self.conn.target, max);
+        Poll::Pending
+    }
+
+    /// [`UringStream::poll_recv_direct`] as a future.
+    pub async fn recv_direct(&self, buf: &mut Option<Vec<u8>>, max: usize) -> io::Result<Direct> {
+        std::future::poll_fn(|cx| self.poll_recv_direct(cx, buf, max)).await
+    }
+
+    /// Queues `buf` to be sent as it is, without copying it (see
+    /// [`UringStream::poll_recv_direct`]); waits first while much is queued already.
+    pub fn poll_send_owned(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut Option<Vec<u8>>,
+    ) -> Poll<io::Result<()>> {
+        let Some(b) = buf.take().filter(|b| !b.is_empty()) else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut b = Some(b);
+        let r = self.enqueue(cx, false, |s| s.push_owned(b.take().unwrap_or_default()));
+        if b.is_some() {
+            *buf = b; // not queued (waiting, or an error): the caller keeps it
+        }
+        r
+    }
+
+    /// [`UringStream::poll_send_owned`] as a future.
+    pub async fn send_owned(&self, buf: Vec<u8>) -> io::Result<()> {
+        let mut buf = Some(buf);
+        std::future::poll_fn(|cx| self.poll_send_owned(cx, &mut buf)).await
+    }
+
+    /// Whether at least a quarter of the ring's receive buffers are free: enough that
+    /// holding some in a relay's sends starves no other stream.
+    pub fn ring_has_room(&self) -> bool {
+        let free = self.drv.free_buffers();
+        free * 4 >= self.drv.config().buffers as usize
+    }
+
+    /// Whether `other` runs on this stream's ring (so buffers pass between them uncopied).
+    pub fn same_ring(&self, other: &UringStream) -> bool {
+        Rc::ptr_eq(&self.drv, &other.drv)
+    }
+}
+
+impl UringStream {
     fn write_from(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self;
-        let mut st = this.drv.st.borrow_mut();
-        let s = match this.send_slot(&mut st) {
+        if data.is_empty() {
+            return match send_slot(&mut self.drv.st.borrow_mut().ops, self.send) {
+                Ok(_) => Poll::Ready(Ok(0)),
+                Err(e) => Poll::Ready(Err(e)),
+            };
+        }
+        self.enqueue(cx, false, |s| s.write(data))
+            .map_ok(|()| data.len())
+    }
+
+    /// Queues a send through `add` and starts it if nothing is in flight; waits first while
+    /// much is queued already (or, with `holds_provided`, while the slot holds its share of
+    /// the ring's buffers).
+    fn enqueue(
+        &self,
+        cx: &mut Context<'_>,
+        holds_provided: bool,
+        add: impl FnOnce(&mut SendOp),
+    ) -> Poll<io::Result<()>> {
+        let mut st = self.drv.st.borrow_mut();
+        let State { ops, bufs, .. } = &mut *st;
+        let s = match send_slot(ops, self.send) {
             Ok(s) => s,
             Err(e) => return Poll::Ready(Err(e)),
         };
-        if data.is_empty() {
-            return Poll::Ready(Ok(0));
+        let full = s.queued_bytes() >= SEND_HIGH_WATER
+            || (holds_provided && s.provided_buffers() >= SEND_PROVIDED_HIGH_WATER);
+        if s.busy && full {
+            set_waker(&mut s.waker, cx);
+            return Poll::Pending;
         }
-        if s.busy {
-            if s.queued.len() >= SEND_HIGH_WATER {
-                set_waker(&mut s.waker, cx);
-                return Poll::Pending;
+        add(s);
+        if s.start() {
+            self.drv.submit_send(self.send, s, bufs);
+            self.drv.wake_with(&st);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Sends received buffers (from [`UringStream::poll_take`] of a stream on the same ring)
+    /// as they are, without copying them, then gives them back to the ring. Like a write it
+    /// returns once they are queued ([`poll_flush`](AsyncWrite::poll_flush) waits until the
+    /// kernel took them), and waits first while much is queued already.
+    pub fn poll_send_bufs(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut Vec<RecvBuf>,
+    ) -> Poll<io::Result<()>> {
+        if bufs.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        if bufs.iter().any(|b| !Rc::ptr_eq(&b.drv, &self.drv)) {
+            // Another ring's buffers: copied, as any write is.
+            while let Some(b) = bufs.first() {
+                match self.write_from(cx, b) {
+                    Poll::Ready(Ok(_)) => drop(bufs.remove(0)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
             }
-            s.queued.extend_from_slice(data);
-            return Poll::Ready(Ok(data.len()));
+            return Poll::Ready(Ok(()));
         }
-        s.inflight.clear();
-        s.inflight.extend_from_slice(data);
-        s.off = 0;
-        s.busy = true;
-        this.drv.submit_send(this.send, s);
-        this.drv.wake_with(&st);
-        Poll::Ready(Ok(data.len()))
+        self.enqueue(cx, true, |s| {
+            for b in bufs.drain(..) {
+                let (bid, off, len) = b.into_raw();
+                s.push_provided(bid, off, len);
+            }
+        })
+    }
+
+    /// [`UringStream::poll_send_bufs`] as a future.
+    pub async fn send_bufs(&self, bufs: &mut Vec<RecvBuf>) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_send_bufs(cx, bufs)).await
     }
 
     fn flush_sends(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut st = self.drv.st.borrow_mut();
-        let s = match self.send_slot(&mut st) {
+        let s = match send_slot(&mut st.ops, self.send) {
             Ok(s) => s,
             Err(e) => return Poll::Ready(Err(e)),
         };
@@ -323,6 +631,17 @@ impl UringStream {
             Err(e) if e.kind() != io::ErrorKind::NotConnected => Poll::Ready(Err(e)),
             _ => Poll::Ready(Ok(())),
         }
+    }
+}
+
+/// Send slot `ud`, or the error every write and flush of its stream now returns.
+fn send_slot(ops: &mut slab::Slab<Op>, ud: usize) -> io::Result<&mut SendOp> {
+    match ops.get_mut(ud) {
+        Some(Op::Send(s)) => match s.err {
+            Some(e) => Err(io::Error::from_raw_os_error(-e)),
+            None => Ok(s),
+        },
+        _ => Err(io::ErrorKind::NotConnected.into()),
     }
 }
 
@@ -394,12 +713,14 @@ impl Drop for UringStream {
         }
         wake_all(buf_waiters);
         // Send: what was written still goes out; the slot keeps the socket open until then.
-        if let Some(Op::Send(s)) = st.ops.get_mut(self.send) {
+        let State { ops, bufs, .. } = &mut *st;
+        if let Some(Op::Send(s)) = ops.get_mut(self.send) {
             s.waker = None;
             if s.busy {
                 s.keep = Some(self.conn.clone());
             } else {
-                st.ops.remove(self.send);
+                s.release(bufs);
+                ops.remove(self.send);
             }
         }
         drop(st);

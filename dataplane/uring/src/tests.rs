@@ -480,3 +480,210 @@ fn t11_the_self_test_times_prompt_round_trips() {
     // Generous: a stalled ring takes 16 ms and more per trip here.
     assert!(t.median < Duration::from_millis(5), "{t:?}");
 }
+
+/// A relay as the router's body pump does it on one ring: received buffers go out as they
+/// came in, uncopied, interleaved with ordinary writes, with a body that ends inside a
+/// buffer (the rest read the ordinary way and left for the next message).
+#[test]
+fn t12_received_buffers_are_sent_on_uncopied_and_all_come_back() {
+    run(|| async {
+        let drv = Driver::start(small()).unwrap();
+        let (l_in, addr_in) = ring_listener(&drv);
+        let (l_out, addr_out) = ring_listener(&drv);
+        let body: Vec<u8> = (0..(3 << 20) + 777).map(|i| (i * 13 % 251) as u8).collect();
+        let trailer = b"NEXT MESSAGE".to_vec();
+        let (to_send, want) = (body.clone(), body.clone());
+        let sender = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr_in).unwrap();
+            c.write_all(&to_send).unwrap();
+            c.write_all(&trailer).unwrap();
+        });
+        let receiver = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr_out).unwrap();
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).unwrap();
+            got
+        });
+        let (src, _) = l_in.accept().await.unwrap();
+        let (mut dst, _) = l_out.accept().await.unwrap();
+        assert!(src.same_ring(&dst));
+        dst.write_all(b"HEAD:").await.unwrap();
+        let mut left = body.len();
+        let mut bufs = Vec::new();
+        let mut uncopied = 0;
+        while left > 0 {
+            match src.take_bufs(left, &mut bufs).await.unwrap() {
+                Taken::Bytes(n) => {
+                    assert_eq!(bufs.iter().map(|b| b.len()).sum::<usize>(), n);
+                    dst.send_bufs(&mut bufs).await.unwrap();
+                    assert!(bufs.is_empty());
+                    left -= n;
+                    uncopied += n;
+                }
+                Taken::Straddles => {
+                    // The body's last bytes share a buffer with the next message.
+                    let mut tail = vec![0u8; left];
+                    (&src).read_exact(&mut tail).await.unwrap();
+                    dst.write_all(&tail).await.unwrap();
+                    left = 0;
+                }
+                Taken::Eof => panic!("early end with {left} bytes left"),
+            }
+        }
+        dst.write_all(b":TAIL").await.unwrap();
+        dst.shutdown().await.unwrap();
+        assert!(
+            uncopied > body.len() / 2,
+            "only {uncopied} bytes went uncopied"
+        );
+        // What followed the body is still there for the next read.
+        let mut next = [0u8; 12];
+        (&src).read_exact(&mut next).await.unwrap();
+        assert_eq!(&next, b"NEXT MESSAGE");
+        let got = receiver.join().unwrap();
+        assert_eq!(&got[..5], b"HEAD:");
+        assert_eq!(&got[got.len() - 5..], b":TAIL");
+        assert!(got[5..got.len() - 5] == want[..], "relayed bytes differ");
+        drop(src);
+        sender.join().unwrap();
+        drop(dst);
+        drop((l_in, l_out));
+        settles(&drv, 0).await;
+    });
+}
+
+/// Buffers handed out and dropped unsent go back to the ring; a send that fails gives back
+/// what it carried.
+#[test]
+fn t13_taken_buffers_return_whether_dropped_or_failed() {
+    run(|| async {
+        let drv = Driver::start(small()).unwrap();
+        let (l, addr) = ring_listener(&drv);
+        let writer = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.write_all(&vec![1u8; 5000]).unwrap();
+            c
+        });
+        let (src, _) = l.accept().await.unwrap();
+        let _keep = writer.join().unwrap();
+        let mut bufs = Vec::new();
+        let mut got = 0;
+        while got < 5000 {
+            match src.take_bufs(usize::MAX, &mut bufs).await.unwrap() {
+                Taken::Bytes(n) => got += n,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            drv.free_buffers(),
+            drv.config().buffers as usize - bufs.len()
+        );
+        let mut half = bufs.split_off(bufs.len() / 2);
+        drop(bufs);
+        // A peer that reset its connection: sends to it fail.
+        let resetter = std::thread::spawn(move || {
+            let c = TcpStream::connect(addr).unwrap();
+            socket_linger_zero(&c);
+        });
+        let (mut dst, _) = l.accept().await.unwrap();
+        resetter.join().unwrap();
+        let mut probe = [0u8; 1];
+        assert!(dst.read(&mut probe).await.is_err(), "the reset is seen");
+        let sent = async {
+            dst.send_bufs(&mut half).await?;
+            (&dst).flush().await
+        };
+        assert!(sent.await.is_err(), "a send to a reset peer fails");
+        drop(src);
+        drop(dst);
+        drop(l);
+        settles(&drv, 0).await;
+    });
+}
+
+/// A bulk relay by direct receives into owned buffers, sent on as they are: the body's end
+/// is respected (what follows stays for the next read), bytes the multishot queued first
+/// come first, and a stream dropped with a direct receive in flight frees everything.
+#[test]
+fn t14_direct_receives_relay_bulk_and_stop_at_the_body_s_end() {
+    run(|| async {
+        let drv = Driver::start(small()).unwrap();
+        let (l_in, addr_in) = ring_listener(&drv);
+        let (l_out, addr_out) = ring_listener(&drv);
+        let body: Vec<u8> = (0..(2 << 20) + 333).map(|i| (i * 31 % 251) as u8).collect();
+        let to_send = body.clone();
+        let sender = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr_in).unwrap();
+            c.write_all(&to_send).unwrap();
+            c.write_all(b"AFTER").unwrap();
+            c
+        });
+        let receiver = std::thread::spawn(move || {
+            let mut c = TcpStream::connect(addr_out).unwrap();
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).unwrap();
+            got
+        });
+        let (src, _) = l_in.accept().await.unwrap();
+        let (mut dst, _) = l_out.accept().await.unwrap();
+        // A first ordinary read starts the multishot receive, which queues some bytes.
+        let mut first = [0u8; 100];
+        (&src).read_exact(&mut first).await.unwrap();
+        dst.write_all(&first).await.unwrap();
+        let mut left = body.len() - 100;
+        let (mut direct, mut queued) = (0, 0);
+        while left > 0 {
+            let mut buf = Some(Vec::with_capacity(64 << 10));
+            match src.recv_direct(&mut buf, left).await.unwrap() {
+                Direct::Filled(n) => {
+                    assert!(n > 0 && n <= left);
+                    let b = buf.take().unwrap();
+                    assert_eq!(b.len(), n);
+                    dst.send_owned(b).await.unwrap();
+                    left -= n;
+                    direct += n;
+                }
+                Direct::Queued => {
+                    let mut bufs = Vec::new();
+                    match src.take_bufs(left, &mut bufs).await.unwrap() {
+                        Taken::Bytes(n) => {
+                            dst.send_bufs(&mut bufs).await.unwrap();
+                            left -= n;
+                            queued += n;
+                        }
+                        Taken::Straddles => {
+                            let mut tail = vec![0u8; left];
+                            (&src).read_exact(&mut tail).await.unwrap();
+                            dst.write_all(&tail).await.unwrap();
+                            left = 0;
+                        }
+                        Taken::Eof => panic!("early end"),
+                    }
+                }
+                Direct::Eof => panic!("early end with {left} left"),
+            }
+        }
+        assert!(direct > body.len() / 2, "{direct} direct, {queued} queued");
+        dst.shutdown().await.unwrap();
+        let mut after = [0u8; 5];
+        (&src).read_exact(&mut after).await.unwrap();
+        assert_eq!(&after, b"AFTER");
+        let got = receiver.join().unwrap();
+        assert!(
+            got == body,
+            "relayed bytes differ ({} of {})",
+            got.len(),
+            body.len()
+        );
+        // A direct receive in flight when its stream goes.
+        let _sender = sender.join().unwrap();
+        let mut buf = Some(Vec::with_capacity(4096));
+        let pending =
+            tokio::time::timeout(Duration::from_millis(50), src.recv_direct(&mut buf, 4096)).await;
+        assert!(pending.is_err(), "nothing more was sent: {pending:?}");
+        drop(src);
+        drop(dst);
+        drop((l_in, l_out));
+        settles(&drv, 0).await;
+    });
+}
