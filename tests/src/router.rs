@@ -496,6 +496,11 @@ impl Backend {
     /// reaches).
     pub async fn start_on(name: &str, ip: &str) -> Backend {
         let std_listener = std::net::TcpListener::bind((ip, 0)).expect("bind backend");
+        Backend::serve(name, std_listener)
+    }
+
+    /// A backend serving on a listener bound already (in another network namespace, say).
+    pub fn serve(name: &str, std_listener: std::net::TcpListener) -> Backend {
         std_listener.set_nonblocking(true).expect("nonblocking");
         let kept = std_listener.try_clone().expect("listener clone");
         let listener = TcpListener::from_std(std_listener).expect("tokio listener");
@@ -801,4 +806,109 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+/// A network namespace with one address, joined to the test's own by a veth pair: a host a
+/// test can make vanish. Removed on drop.
+pub struct NetHost {
+    pub ns: String,
+    pub ip: String,
+    link: String,
+}
+
+impl NetHost {
+    /// Host `i` (0..60) of this test process: `10.197.P.4i+2`, its peer side `.4i+1`.
+    pub fn new(i: u8) -> NetHost {
+        let pid = std::process::id();
+        let (ns, link) = (
+            format!("frb{}n{i}", pid % 10000),
+            format!("frb{}v{i}", pid % 10000),
+        );
+        let net = format!("10.197.{}", pid % 250);
+        let (here, there) = (
+            format!("{net}.{}", 4 * i + 1),
+            format!("{net}.{}", 4 * i + 2),
+        );
+        let sh = |args: &[&str]| {
+            let out = Command::new(args[0])
+                .args(&args[1..])
+                .output()
+                .expect("run ip");
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        let _ = Command::new("ip").args(["link", "del", &link]).output();
+        sh(&["ip", "netns", "add", &ns]);
+        sh(&[
+            "ip", "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
+        sh(&["ip", "addr", "add", &format!("{here}/30"), "dev", &link]);
+        sh(&["ip", "link", "set", &link, "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{there}/30"),
+            "dev",
+            "eth0",
+        ]);
+        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        NetHost {
+            ns,
+            ip: there,
+            link,
+        }
+    }
+
+    /// A listening socket on this host's address, made inside its namespace (a socket stays
+    /// in the namespace it was made in, whichever thread serves it).
+    #[allow(unsafe_code)]
+    pub fn listen(&self) -> std::net::TcpListener {
+        let (ns, ip) = (self.ns.clone(), self.ip.clone());
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let f = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns file");
+            // SAFETY: setns on this short-lived thread only, with a valid namespace fd.
+            let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            std::net::TcpListener::bind((ip.as_str(), 0)).expect("bind in the namespace")
+        })
+        .join()
+        .expect("listen thread")
+    }
+
+    /// The host vanishes: everything sent to it is dropped without an answer (nftables in
+    /// its namespace), as when a machine loses power or its network.
+    pub fn blackhole(&self) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin
+                    .take()
+                    .expect("stdin")
+                    .write_all(b"table inet blackhole { chain drop_all { type filter hook input priority -300; policy drop; }; }\n")?;
+                c.wait_with_output()
+            })
+            .expect("nft");
+        assert!(out.status.success(), "nft blackhole failed");
+    }
+}
+
+impl Drop for NetHost {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.link])
+            .output();
+    }
 }

@@ -2,10 +2,12 @@
 //! backend servers on real sockets, raw HTTP/1.1 clients (so hostile input can be sent as
 //! is), rustls and h2 clients for HTTPS and HTTP/2.
 
-use std::sync::atomic::Ordering;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use flynn_tests::router::{get, request, routes, Backend, Client, RouterProc};
+use flynn_tests::router::{get, request, routes, Backend, Client, NetHost, RouterProc};
 
 fn now_ms() -> u128 {
     SystemTime::now()
@@ -876,6 +878,94 @@ async fn t26_sequential_requests_on_one_connection_are_not_stalled() {
         took < Duration::from_secs(2),
         "200 sequential requests took {took:?} (worst {worst:?}) through the router"
     );
+}
+
+/// A backend host that vanishes (its packets dropped, nothing refused) costs no request:
+/// connects to it time out in the router's short connect timeout and the request goes to
+/// another backend; pooled connections to it fail once the kernel gives up on unacknowledged
+/// data, and replay elsewhere. Three hosts in network namespaces, four clients in a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t27_a_vanished_backend_host_fails_no_request() {
+    let hosts: Vec<NetHost> = (0..3).map(NetHost::new).collect();
+    let backends: Vec<Backend> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| Backend::serve(&format!("b{i}"), h.listen()))
+        .collect();
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    let r = RouterProc::start(
+        &routes(&[("app.test", &addrs)], ""),
+        &["--connect-timeout-ms", "300"],
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, http) = (stop.clone(), r.http);
+            tokio::spawn(async move {
+                let (mut ok, mut failed, mut slowest) = (0u32, Vec::new(), Duration::ZERO);
+                let mut seen = std::collections::BTreeMap::<String, u32>::new();
+                let mut c = Client::connect(http).await;
+                while !stop.load(Ordering::SeqCst) {
+                    let t = Instant::now();
+                    c.send("GET /who HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
+                    match tokio::time::timeout(Duration::from_secs(3), c.read(false)).await {
+                        Ok(Some(resp)) if resp.status == 200 => {
+                            ok += 1;
+                            *seen
+                                .entry(resp.json()["backend"].as_str().unwrap_or("").to_string())
+                                .or_default() += 1;
+                        }
+                        other => {
+                            failed.push(format!("{:?}", other.map(|r| r.map(|r| r.status))));
+                            c = Client::connect(http).await;
+                        }
+                    }
+                    slowest = slowest.max(t.elapsed());
+                }
+                (ok, failed, slowest, seen)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let connect_errors_before = r
+        .metric("flynn_router_backend_connect_errors_total", &[])
+        .await;
+    hosts[0].blackhole();
+    let vanished = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, Ordering::SeqCst);
+    let (mut total, mut seen_all) = (0, std::collections::BTreeMap::<String, u32>::new());
+    for c in clients {
+        let (ok, failed, slowest, seen) = c.await.unwrap();
+        assert!(failed.is_empty(), "requests failed: {failed:?}");
+        // At worst one connect timeout, or one kernel give-up on a pooled connection (1 s),
+        // before the request went elsewhere.
+        assert!(
+            slowest < Duration::from_millis(2500),
+            "a request took {slowest:?}"
+        );
+        total += ok;
+        for (k, v) in seen {
+            *seen_all.entry(k).or_default() += v;
+        }
+    }
+    assert!(total > 200, "only {total} requests in 6.5 s");
+    assert!(
+        seen_all.len() == 3,
+        "every backend answered before: {seen_all:?}"
+    );
+    // The vanished host was passed over after its first failures on each worker: connect
+    // attempts to it stayed few, not one per request.
+    let connect_errors = r
+        .metric("flynn_router_backend_connect_errors_total", &[])
+        .await
+        - connect_errors_before;
+    assert!(
+        connect_errors <= 8.0,
+        "{connect_errors} connects timed out in {:?}",
+        vanished.elapsed()
+    );
+    assert!(r.metric("flynn_router_backend_ejections_total", &[]).await >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

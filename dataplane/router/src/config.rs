@@ -51,7 +51,13 @@ pub struct Timeouts {
     pub idle: Duration,
     /// Longest wait for the next piece of a request body: beyond it, 408.
     pub body: Duration,
-    /// Backend connect.
+    /// Backend connect: beyond it the backend counts as gone (passed over for a while) and
+    /// the request goes to another. Short, because a connect that fails sent nothing: on a
+    /// cluster network a live backend answers a SYN in well under a millisecond, and a
+    /// vanished host (a blackhole, not a refusal) would otherwise hold every request that
+    /// picks it for this long. Backend sockets also give up on data unacknowledged for
+    /// twice this (at least a second), so a pooled connection to a vanished host fails as
+    /// fast.
     pub connect: Duration,
     /// Backend's response head, and each later read of its body: beyond it, 504.
     pub upstream: Duration,
@@ -67,7 +73,7 @@ impl Default for Timeouts {
             header: Duration::from_secs(10),
             idle: Duration::from_secs(60),
             body: Duration::from_secs(30),
-            connect: Duration::from_secs(5),
+            connect: Duration::from_millis(500),
             upstream: Duration::from_secs(60),
             drain: Duration::from_secs(30),
             pool_idle: Duration::from_secs(30),
@@ -98,4 +104,14 @@ impl Default for RouterConfig {
             io: crate::io::IoMode::Auto,
         }
     }
+}
+
+/// A backend connect timeout in milliseconds, checked: from 1 ms to a minute.
+pub fn connect_timeout(ms: u64) -> Result<Duration, String> {
+    if !(1..=60_000).contains(&ms) {
+        return Err(format!(
+            "the backend connect timeout must be from 1 to 60000 ms, not {ms}"
+        ));
+    }
+    Ok(Duration::from_millis(ms))
 }

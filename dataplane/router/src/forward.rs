@@ -104,7 +104,10 @@ impl<'w> Exchange<'w> {
         loop {
             let result = match self.conn.stream.write_all(out).await {
                 Ok(()) => self.read_head().await,
-                Err(e) => Err(backend_h1::UpstreamError::Io(e, true).into()),
+                Err(e) => {
+                    self.vanished_if_timed_out(&e);
+                    Err(backend_h1::UpstreamError::Io(e, true).into())
+                }
             };
             match result {
                 Err(e)
@@ -130,9 +133,19 @@ impl<'w> Exchange<'w> {
         match &head {
             Ok(_) => self.w.upstreams.answered(&self.conn.addr),
             Err(backend_h1::UpstreamError::Timeout) => upstream::eject(self.w, &self.conn.addr),
+            Err(backend_h1::UpstreamError::Io(e, _)) => self.vanished_if_timed_out(e),
             Err(_) => {}
         }
         Ok(head?)
+    }
+
+    /// A connection the kernel gave up on (our data went unacknowledged past the socket's
+    /// user timeout) means the backend's host is gone: passed over for a while, so a replay
+    /// goes elsewhere at once.
+    fn vanished_if_timed_out(&self, e: &std::io::Error) {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            upstream::eject(self.w, &self.conn.addr);
+        }
     }
 
     /// Reads past interim (1xx) responses to the final one, calling `interim` for each.

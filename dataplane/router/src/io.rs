@@ -269,6 +269,17 @@ impl Stream {
         }
     }
 
+    /// Makes the kernel fail the connection (ETIMEDOUT) once sent data has gone
+    /// unacknowledged this long: how a backend whose host vanished shows on a pooled
+    /// connection, instead of silence until the response timeout.
+    pub fn set_user_timeout(&self, d: std::time::Duration) -> io::Result<()> {
+        let sock = match self {
+            Stream::Epoll(s) => socket2::SockRef::from(s),
+            Stream::Uring(s) => socket2::SockRef::from(s.tcp()),
+        };
+        sock.set_tcp_user_timeout(Some(d))
+    }
+
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         match self {
             Stream::Epoll(s) => s.local_addr(),

@@ -79,6 +79,10 @@ pub struct RouterArgs {
     /// Seconds to wait for a backend's response.
     #[arg(long, default_value_t = Timeouts::default().upstream.as_secs())]
     upstream_timeout: u64,
+    /// Milliseconds a backend connect may take before the request goes to another backend
+    /// (and this one is passed over for a while).
+    #[arg(long, default_value_t = Timeouts::default().connect.as_millis() as u64)]
+    connect_timeout_ms: u64,
     /// Seconds in-flight requests get after SIGTERM.
     #[arg(long, default_value_t = Timeouts::default().drain.as_secs())]
     drain_timeout: u64,
@@ -142,6 +146,8 @@ impl RouterArgs {
         t.body = Duration::from_secs(self.body_timeout);
         t.upstream = Duration::from_secs(self.upstream_timeout);
         t.drain = Duration::from_secs(self.drain_timeout);
+        t.connect = crate::config::connect_timeout(self.connect_timeout_ms)
+            .map_err(StandaloneError::Config)?;
         let source = match (&self.routes, &self.controller) {
             (Some(path), _) => RouteSource::File(path.clone()),
             (None, Some(url)) => RouteSource::Controller {

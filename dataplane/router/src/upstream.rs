@@ -220,6 +220,7 @@ impl Upstreams {
         let stream = tokio::time::timeout(self.connect_timeout, connect)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        stream.set_user_timeout((self.connect_timeout * 2).max(Duration::from_secs(1)))?;
         Ok(UpstreamConn {
             stream,
             buf: BytesMut::with_capacity(READ_BUF),
@@ -334,6 +335,10 @@ pub(crate) async fn reconnect(
     idx: usize,
     tried: &mut Vec<usize>,
 ) -> Option<(usize, UpstreamConn)> {
+    if w.upstreams.is_ejected(&backends[idx].addr) {
+        // It failed just now (its host vanished, say): straight to another.
+        return connect_backend(w, backends, None, false, false, tried).await;
+    }
     match w.upstreams.connect_new(&backends[idx].addr, w.ring()).await {
         Ok(c) => Some((idx, c)),
         Err(e) => {

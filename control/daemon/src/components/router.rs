@@ -48,6 +48,15 @@ pub struct RouterArgs {
     /// Expect a PROXY protocol v1 line on HTTP and HTTPS connections.
     #[arg(long = "router-proxy-protocol")]
     pub proxy_protocol: bool,
+    /// Milliseconds a backend connect may take before the request goes to another backend
+    /// (and this one is passed over for a while): well under a second suits hosts on one
+    /// network; raise it for backends farther away.
+    #[arg(
+        long = "router-connect-timeout-ms",
+        env = "FLYNN_ROUTER_CONNECT_TIMEOUT_MS",
+        default_value_t = flynn_router::config::Timeouts::default().connect.as_millis() as u64
+    )]
+    pub connect_timeout_ms: u64,
     /// Socket I/O backend: io_uring where it works here (`auto`; falls back to epoll with
     /// one log line naming the reason), `uring` (or fail to start), or `epoll`.
     #[arg(
@@ -84,6 +93,8 @@ impl RouterArgs {
             anyhow::ensure!(n > 0, "--router-workers must be at least 1");
             config.workers = n;
         }
+        config.timeouts.connect = flynn_router::config::connect_timeout(self.connect_timeout_ms)
+            .map_err(|e| anyhow::anyhow!("--router-connect-timeout-ms: {e}"))?;
         (config.tls_cert, config.tls_key) = match (&self.tls_cert, &self.tls_key) {
             (Some(c), Some(k)) => (Some(c.clone()), Some(k.clone())),
             _ if config.https.is_empty() => (None, None),
