@@ -176,6 +176,7 @@ async fn t10_deploy_scale_route_kill_and_redeploy_on_env_change() {
         assert_eq!((r.status, r.text().trim()), (200, "hello from busybox v1"));
     }
     let took = start.elapsed();
+    eprintln!("200 sequential requests through the daemon's router: {took:?}");
     assert!(
         took < Duration::from_secs(4),
         "200 sequential requests through the daemon's router took {took:?}"
@@ -348,6 +349,20 @@ async fn t13_bad_images_commands_and_scales_get_clear_errors() {
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let err = failed(&c.flynn(0, &["-a", "web1", "docker", "push", cut.to_str().unwrap()]));
     assert!(err.contains("truncated") || err.contains("tar"), "{err}");
+    // A file that is no archive at all: named, with what was expected, never quoted.
+    let text = image.with_extension("passwd");
+    std::fs::write(
+        &text,
+        "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/:/bin/sh\n",
+    )
+    .unwrap();
+    let err = failed(&c.flynn(0, &["-a", "web1", "docker", "push", text.to_str().unwrap()]));
+    assert!(
+        err.contains(text.to_str().unwrap()) && err.contains("not a tar archive"),
+        "{err}"
+    );
+    assert!(!err.contains("root:x"), "the error quotes the file: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
     // A layer whose bytes do not match its digest.
     let mut corrupt = bytes.clone();
     let at = corrupt.len() / 2; // inside the layer, which is nearly all of the archive

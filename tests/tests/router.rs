@@ -803,33 +803,45 @@ async fn t21_tcp_routes_with_half_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn t25_a_silent_backend_is_passed_over_after_it_times_out() {
     let a = Backend::start("a").await;
-    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let silent_addr = silent.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for c in silent.incoming().flatten() {
-            held.push(c);
-        }
-    });
+    // Wedged hosts: their kernel accepts, nothing ever answers.
+    let wedged = || {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = silent.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for c in silent.incoming().flatten() {
+                held.push(c);
+            }
+        });
+        addr
+    };
+    let (silent_addr, other_silent) = (wedged(), wedged());
+    // `quick.test` has a response timeout of its own, far below the router's.
+    let quick = format!(
+        "[[http]]\ndomain = \"quick.test\"\nbackends = [\"{a}\", \"{other_silent}\"]\nresponse_timeout_ms = 300\n",
+        a = a.addr
+    );
     let table = routes(
         &[
             ("app.test", &[a.addr, silent_addr]),
             ("only-silent.test", &[silent_addr]),
         ],
-        "",
+        &quick,
     );
     let r = RouterProc::start(&table, &["--upstream-timeout", "1"]);
-    let mut timed_out = 0;
+    // A GET that meets the silence waits it out once, then goes to the other backend; the
+    // silent one is passed over after that.
+    let mut waited = 0;
     for _ in 0..40 {
-        match get(r.http, "app.test", "/").await.status {
-            200 => {}
-            504 => timed_out += 1,
-            s => panic!("status {s}"),
+        let t = Instant::now();
+        assert_eq!(get(r.http, "app.test", "/").await.status, 200);
+        if t.elapsed() > Duration::from_millis(900) {
+            waited += 1;
         }
     }
     assert!(
-        (1..=2).contains(&timed_out),
-        "{timed_out} of 40 requests waited out the silent backend"
+        (1..=2).contains(&waited),
+        "{waited} of 40 requests waited out the silent backend"
     );
     let ejections =
         flynn_tests::eventually(Duration::from_secs(5), "ejections counted", || async {
@@ -843,6 +855,20 @@ async fn t25_a_silent_backend_is_passed_over_after_it_times_out() {
         504,
         "an ejected only backend is still tried"
     );
+    // The route's own timeout: 300 ms, not the router's second.
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        let t = Instant::now();
+        assert_eq!(get(r.http, "quick.test", "/").await.status, 200);
+        slowest = slowest.max(t.elapsed());
+    }
+    assert!(
+        slowest > Duration::from_millis(250) && slowest < Duration::from_millis(800),
+        "the slowest of 20 took {slowest:?}: it should have met the silence once"
+    );
+    // A request with a body is never sent twice: the silence is its answer.
+    let post = "POST / HTTP/1.1\r\nHost: only-silent.test\r\nContent-Length: 2\r\n\r\nhi";
+    assert_eq!(request(r.http, post).await.status, 504);
 }
 
 /// One client, one keep-alive connection, 200 requests one after another: each answer comes
@@ -1120,6 +1146,7 @@ async fn t30_router_follows_the_cluster() {
         no_drain_backends: false,
         certificate: None,
         https_redirect: false,
+        response_timeout_ms: None,
     };
     let register = |id: &'static str, addr: std::net::SocketAddr| {
         let api = api.clone();

@@ -79,7 +79,8 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
-/// Streams a response body into `file` (or stdout when not a terminal).
+/// Streams a response body into `file` (or stdout when not a terminal). The file is the
+/// owner's alone (0600): a backup holds every secret of the cluster, an export its app's.
 async fn save(resp: reqwest::Response, file: Option<&Path>) -> anyhow::Result<u64> {
     let mut progress = Progress::new("wrote");
     let mut body = resp.bytes_stream();
@@ -87,7 +88,12 @@ async fn save(resp: reqwest::Response, file: Option<&Path>) -> anyhow::Result<u6
         Some(path) => {
             let tmp = temp_beside(path);
             let written: anyhow::Result<()> = async {
-                let mut out = tokio::fs::File::create(&tmp)
+                let mut out = tokio::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
                     .await
                     .with_context(|| format!("creating {}", tmp.display()))?;
                 while let Some(chunk) = body.next().await {
@@ -188,6 +194,13 @@ pub async fn import(
     name: Option<&str>,
     routes: bool,
 ) -> anyhow::Result<()> {
+    // A name that cannot be taken is refused before anything is uploaded.
+    if let Some(name) = name {
+        flynn_model::check_dns_label(name, "app name").map_err(|e| anyhow::anyhow!(e))?;
+        if client.app(name).await.is_ok() {
+            bail!("an app named {name:?} exists; import under another name with --name");
+        }
+    }
     let reader: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match file {
         Some(f) => Box::new(
             tokio::fs::File::open(f)

@@ -53,10 +53,17 @@ impl Archive {
         let mut tar = tar::Archive::new(file);
         let mut entries = HashMap::new();
         let mut links = HashMap::new();
-        let bad = || format!("{} is not a readable tar archive", path.display());
-        for entry in tar.entries().with_context(bad)? {
-            let entry = entry.with_context(bad)?;
-            let name = clean(&entry.path().with_context(bad)?.to_string_lossy());
+        // The tar reader's own errors quote the bytes it choked on (a text file's first
+        // line, say): name the file and what was expected instead, never its content.
+        let bad = |_| {
+            anyhow::anyhow!(
+                "{} is not a tar archive (expected a `docker save` or OCI image archive)",
+                path.display()
+            )
+        };
+        for entry in tar.entries().map_err(bad)? {
+            let entry = entry.map_err(bad)?;
+            let name = clean(&entry.path().map_err(bad)?.to_string_lossy());
             match entry.header().entry_type() {
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
                     entries.insert(name, (entry.raw_file_position(), entry.size()));
@@ -364,4 +371,22 @@ pub fn hash_layer(archive: &Archive, layer: &LayerSource) -> anyhow::Result<Hash
         sha512: hex(sha512.finish().as_ref()),
         compression,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_is_no_archive_is_named_never_quoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = "root:x:0:0:root:/root:/bin/bash\n".repeat(40);
+        for (name, text) in [("short", "root:x:0:0:root\n"), ("long", long.as_str())] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            let err = format!("{:#}", Archive::open(&path).err().expect("refused"));
+            assert!(err.contains(&path.display().to_string()), "{err}");
+            assert!(!err.contains("root:"), "{err}");
+        }
+    }
 }

@@ -261,6 +261,10 @@ enum RouteKind {
         /// Redirect plain-HTTP requests for this route to HTTPS.
         #[arg(long)]
         redirect_https: bool,
+        /// Milliseconds a backend may take to start its response (default: the router's
+        /// upstream timeout); past it, a GET or HEAD goes to another backend.
+        #[arg(long)]
+        response_timeout_ms: Option<u64>,
         domain: String,
     },
     /// A TCP route on a port (default: the first free one in 3000-3500).
@@ -542,6 +546,7 @@ async fn route_cmd(client: &ControllerClient, app: &str, args: RouteArgs) -> any
                     disable_keep_alives,
                     certificate,
                     redirect_https,
+                    response_timeout_ms,
                     domain,
                 } => {
                     let (domain, path) = match domain.find('/') {
@@ -558,6 +563,7 @@ async fn route_cmd(client: &ControllerClient, app: &str, args: RouteArgs) -> any
                         no_drain_backends,
                         certificate,
                         https_redirect: redirect_https,
+                        response_timeout_ms,
                     }
                 }
                 RouteKind::Tcp {

@@ -52,7 +52,14 @@ pub fn redact_state(v: &mut serde_json::Value, found: &mut BTreeSet<String>) {
             for (k, val) in map.iter_mut() {
                 let secret_field = secret_name(k) || k == "key_pem";
                 match val {
-                    serde_json::Value::String(s) if secret_field && !s.is_empty() => {
+                    serde_json::Value::String(s) if !secret_field => {
+                        // A URL's password is a secret whatever its variable is called
+                        // (REDIS_URL=redis://:PASSWORD@host:6379).
+                        if let Some(clean) = redact_url_passwords(s, found) {
+                            *s = clean;
+                        }
+                    }
+                    serde_json::Value::String(s) if !s.is_empty() => {
                         found.insert(s.clone());
                         // Comma-separated key lists: each key is a secret of its own.
                         for part in s.split(',') {
@@ -75,9 +82,47 @@ pub fn redact_state(v: &mut serde_json::Value, found: &mut BTreeSet<String>) {
     }
 }
 
-/// Replaces every occurrence of each secret in `text`.
+/// `text` with the password of every URL that carries one (`scheme://user:PASSWORD@host`)
+/// replaced, each password collected into `found`; `None` when there was none.
+pub fn redact_url_passwords(text: &str, found: &mut BTreeSet<String>) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut changed = false;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        // The authority runs to the path, query, fragment, or anything a URL cannot hold.
+        let end = after
+            .find(|c: char| {
+                matches!(c, '/' | '?' | '#' | '"' | '\'' | '<' | '>') || c.is_whitespace()
+            })
+            .unwrap_or(after.len());
+        let authority = &after[..end];
+        match authority.rfind('@').and_then(|a| {
+            let userinfo = &authority[..a];
+            userinfo.find(':').map(|c| (c, a))
+        }) {
+            Some((colon, a)) if colon + 1 < a => {
+                found.insert(authority[colon + 1..a].to_string());
+                out.push_str(&authority[..=colon]);
+                out.push_str(REDACTED);
+                out.push_str(&authority[a..]);
+                changed = true;
+            }
+            _ => out.push_str(authority),
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    changed.then_some(out)
+}
+
+/// Replaces every occurrence of each secret in `text`, and the password of any URL in it.
 pub fn scrub(text: &str, secrets: &BTreeSet<String>) -> String {
     let mut out = text.to_string();
+    if let Some(clean) = redact_url_passwords(&out, &mut BTreeSet::new()) {
+        out = clean;
+    }
     // Longest first, so a secret containing another is replaced whole.
     let mut list: Vec<&String> = secrets.iter().filter(|s| s.len() >= 6).collect();
     list.sort_by_key(|s| std::cmp::Reverse(s.len()));
@@ -337,6 +382,50 @@ mod tests {
         assert_eq!(
             scrubbed,
             "auth with [REDACTED] ok\nkey line [REDACTED]\nnothing here\n"
+        );
+    }
+
+    #[test]
+    fn t03_url_passwords_are_redacted_whatever_the_variable_is_called() {
+        let mut state = serde_json::json!({"records": {"app/web": {"env": {"global": {
+            "REDIS_URL": "redis://:r3d1sPass@10.0.0.5:6379",
+            "MAIN_DB": "postgres://app:pgSecret99@db.internal:5432/app?sslmode=require",
+            "MYSQL_CONN": "mysql://root:my%2Fsql@h/db",
+            "QUEUE": "amqps://guest:rabbitPw@mq:5671/vhost,amqps://guest:rabbitPw2@mq2:5671",
+            "MONGO": "mongodb+srv://u:m0ng0pw@cluster0.example.net/db",
+            "UPSTREAM": "https://user@example.com/path",
+            "HOMEPAGE": "https://example.com/a@b:c",
+            "EMPTY_PW": "ftp://anon:@ftp.example.com/"
+        }}}}});
+        let mut found = BTreeSet::new();
+        redact_state(&mut state, &mut found);
+        let text = state.to_string();
+        for gone in [
+            "r3d1sPass",
+            "pgSecret99",
+            "my%2Fsql",
+            "rabbitPw",
+            "rabbitPw2",
+            "m0ng0pw",
+        ] {
+            assert!(!text.contains(gone), "{gone} in {text}");
+            assert!(found.contains(gone), "{gone} collected");
+        }
+        // What is not a password stays: users, hosts, paths, and URLs without one.
+        for kept in [
+            "redis://:[REDACTED]@10.0.0.5:6379",
+            "postgres://app:[REDACTED]@db.internal:5432/app?sslmode=require",
+            "https://user@example.com/path",
+            "https://example.com/a@b:c",
+            "ftp://anon:@ftp.example.com/",
+        ] {
+            assert!(text.contains(kept), "{kept} in {text}");
+        }
+        // A log line with a URL the state never held is scrubbed too.
+        let log = "connecting to postgres://svc:unlisted123@10.1.1.1/db failed\n";
+        assert_eq!(
+            scrub(log, &found),
+            "connecting to postgres://svc:[REDACTED]@10.1.1.1/db failed\n"
         );
     }
 

@@ -317,10 +317,10 @@ impl<R: AsyncRead + Unpin> TarReader<R> {
             let h = tar::Header::from_byte_slice(&b);
             let cksum_ok = h.cksum().ok() == Some(checksum(&b));
             if !cksum_ok {
-                return Err(ArchiveError::Corrupted(format!(
-                    "a header after {:?} fails its checksum",
-                    self.last.as_deref().unwrap_or("the start")
-                )));
+                return Err(ArchiveError::Corrupted(match &self.last {
+                    Some(entry) => format!("the header after entry {entry} fails its checksum"),
+                    None => "its first header fails its checksum (it is no tar archive)".into(),
+                }));
             }
             let size = h
                 .entry_size()

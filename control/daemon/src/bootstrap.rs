@@ -281,6 +281,24 @@ pub async fn bootstrap(opts: &BootstrapOptions) -> anyhow::Result<BootstrapOutco
             _ => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     };
+    // The line printed next reaches the controller through any host's router, which routes
+    // to the hosts registered in service `controller`: wait until every host sees a
+    // registration, so that line works at once.
+    for (url, _) in &found {
+        let host = flynn_client::ControllerClient::new(url, &auth_key);
+        loop {
+            match host
+                .service(crate::components::controller::SERVICES[0])
+                .await
+            {
+                Ok(s) if !s.instances.is_empty() => break,
+                _ if Instant::now() >= deadline => {
+                    bail!("{url} did not see the controller API registered in time")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
     let restored = match &backup {
         Some(b) => Some(restore(&peers[0].0, &secret, &b.path).await?),
         None => None,

@@ -67,6 +67,9 @@ pub struct Host {
     volumes: Arc<VolumesComponent>,
     jobs: Option<Arc<crate::jobs::JobRunner>>,
     blobstore: Option<Arc<crate::blobstore::Blobstore>>,
+    /// This host's own health lines, kept fresh in the background (the status page and
+    /// peers asking read them at once).
+    pub health: crate::api::status::HealthCache,
 }
 
 impl Host {
@@ -453,8 +456,10 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
         volumes,
         jobs,
         blobstore,
+        health: Default::default(),
     });
     tracing::info!(node_id = id, addr = %host.addr, version = version(), "flynn-host daemon starting");
+    tokio::spawn(crate::api::status::keep_health_fresh(host.clone()));
 
     if let Some(secret) = dir.secret()? {
         let recovering = dir.recover_state()?;

@@ -116,6 +116,11 @@ pub struct HttpRoute {
     /// Answer plain-HTTP requests with a redirect to HTTPS.
     #[serde(default)]
     pub https_redirect: bool,
+    /// How long a backend may take to start its response on this route (the router's own
+    /// upstream timeout otherwise). A request that can be replayed goes to another backend
+    /// when it passes, as the router's passive health passes the silent one over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_timeout_ms: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -193,6 +198,8 @@ pub enum RouteSpec {
         certificate: Option<String>,
         #[serde(default)]
         https_redirect: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        response_timeout_ms: Option<u64>,
     },
     Tcp {
         #[serde(default)]
@@ -217,6 +224,7 @@ impl RouteSpec {
             no_drain_backends: false,
             certificate: None,
             https_redirect: false,
+            response_timeout_ms: None,
         }
     }
 }
@@ -248,4 +256,24 @@ pub fn host_instance_id(node: u64) -> String {
 /// The node id of a host instance id made by [`host_instance_id`].
 pub fn host_of_instance(id: &str) -> Option<u64> {
     id.strip_prefix("host-")?.parse().ok()
+}
+
+/// Names that become hostnames (apps, services, process types): DNS-label shaped, as Flynn
+/// requires. `what` names the kind in the error. Shared by the state machine, the API and
+/// the CLI (which checks before it uploads anything).
+pub fn check_dns_label(name: &str, what: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {name:?} must be 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'"
+        ))
+    }
 }

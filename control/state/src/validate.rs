@@ -21,20 +21,7 @@ pub fn proc_type(name: &str) -> Result<(), StateError> {
 }
 
 fn label(name: &str, what: &str) -> Result<(), StateError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(format!(
-            "{what} {name:?} must be 1-63 characters of a-z, 0-9 and '-', not starting or ending with '-'"
-        )))
-    }
+    flynn_model::check_dns_label(name, what).map_err(invalid)
 }
 
 pub fn env_key(key: &str) -> Result<(), StateError> {

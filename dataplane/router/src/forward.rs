@@ -5,6 +5,8 @@
 //! closed), set the sticky cookie, and hand the connection back to the pool or not.
 //! `h1` and `h2` only translate their client's protocol to these phases and back.
 
+use std::time::Duration;
+
 use flynn_router_table::{Backend, HttpEntry, RouteTable};
 use tokio::io::AsyncWriteExt;
 
@@ -120,6 +122,27 @@ impl<'w> Exchange<'w> {
                     }
                     self.reconnect().await?;
                 }
+                // Silent past the response timeout: `read_head` passed the backend over, and
+                // a request that can be replayed goes to another not yet tried (as nginx's
+                // `proxy_next_upstream timeout`), so a wedged host costs it one timeout.
+                Err(e) if e.kind == ErrorKind::UpstreamTimeout && self.replayable => {
+                    let backends = &self.entry.backends;
+                    let Some((i, c)) = upstream::connect_backend(
+                        self.w,
+                        backends,
+                        None,
+                        false,
+                        false,
+                        &mut self.tried,
+                    )
+                    .await
+                    else {
+                        return Err(e);
+                    };
+                    self.idx = i;
+                    self.in_flight = self.w.upstreams.begin(&backends[i].addr);
+                    self.conn = c;
+                }
                 other => return other,
             }
         }
@@ -127,7 +150,11 @@ impl<'w> Exchange<'w> {
 
     /// Reads the next response head (after an interim one, say).
     pub async fn read_head(&mut self) -> Result<ResponseHead, ProxyError> {
-        let timeout = self.w.shared.config.timeouts.upstream;
+        // The route's own response timeout, where it has one.
+        let timeout = self.entry.route.response_timeout_ms.map_or(
+            self.w.shared.config.timeouts.upstream,
+            Duration::from_millis,
+        );
         let head = backend_h1::read_response_head(&mut self.conn, timeout).await;
         // Passive health: an answer clears the backend, silence past the timeout ejects it.
         match &head {

@@ -66,6 +66,8 @@ struct HttpEntry {
     https_redirect: bool,
     #[serde(default)]
     certificate: Option<String>,
+    #[serde(default)]
+    response_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,6 +146,7 @@ pub fn parse(text: &str, dir: &Path) -> Result<RouteTable, String> {
                 drain_backends: h.drain_backends,
                 certificate: h.certificate.clone(),
                 https_redirect: h.https_redirect,
+                response_timeout_ms: h.response_timeout_ms,
             }),
         });
     }

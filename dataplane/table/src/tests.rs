@@ -17,6 +17,7 @@ fn http(id: &str, domain: &str, path: &str, service: &str, leader: bool) -> Watc
                 drain_backends: true,
                 certificate: None,
                 https_redirect: false,
+                response_timeout_ms: None,
             }),
         },
     })

@@ -175,8 +175,12 @@ async fn backup(State(host): State<AppState>) -> ApiResult<Response> {
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
-fn broken(e: ArchiveError) -> ApiError {
-    ApiError::Invalid(format!("backup archive: {e}"))
+/// What the archive is called in errors: the kind the user gave.
+pub const BACKUP: &str = "backup archive";
+pub const APP_EXPORT: &str = "app export archive";
+
+fn broken(what: &str, e: ArchiveError) -> ApiError {
+    ApiError::Invalid(format!("{what}: {e}"))
 }
 
 /// A volume stream being received on some host while its chunks are read from an archive.
@@ -231,10 +235,11 @@ impl Receiving {
         })
     }
 
-    /// Sends the archive's current entry (one chunk of the stream).
+    /// Sends the archive's current entry (one chunk of the stream); `what` names the archive.
     pub async fn feed<R: tokio::io::AsyncRead + Unpin>(
         &self,
         tar: &mut TarReader<R>,
+        what: &str,
     ) -> ApiResult<()> {
         let tx = self.tx.clone();
         tar.for_each_chunk(|c| {
@@ -246,7 +251,7 @@ impl Receiving {
             }
         })
         .await
-        .map_err(broken)?;
+        .map_err(|e| broken(what, e))?;
         Ok(())
     }
 
@@ -285,6 +290,7 @@ pub async fn put_blob<R: tokio::io::AsyncRead + Unpin>(
     tar: &mut TarReader<R>,
     path: &str,
     sha512: &str,
+    what: &str,
 ) -> ApiResult<()> {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
     let (b, p, sha) = (blobstore.clone(), path.to_string(), sha512.to_string());
@@ -301,34 +307,41 @@ pub async fn put_blob<R: tokio::io::AsyncRead + Unpin>(
         .await;
     drop(tx);
     let stored = put.await.map_err(|e| ApiError::Internal(e.to_string()))?;
-    fed.map_err(broken)?;
+    fed.map_err(|e| broken(what, e))?;
     stored.map_err(|e| ApiError::Internal(format!("blob {path}: {e}")))?;
     Ok(())
 }
 
-/// Opens an archive arriving as a request body whose first entry must be `first` (at most
-/// `limit` bytes, read whole); `what` names the archive in errors.
-pub async fn open_archive(
-    body: Body,
+/// An archive arriving as a request body.
+pub fn archive_body(body: Body) -> TarReader<impl tokio::io::AsyncRead + Unpin> {
+    TarReader::new(tokio_util::io::StreamReader::new(
+        body.into_data_stream().map_err(io::Error::other),
+    ))
+}
+
+/// Reads the archive's first entry, which must be `first` (at most `limit` bytes, read
+/// whole); `what` names the archive in errors, which say what was given instead.
+pub async fn read_head<R: tokio::io::AsyncRead + Unpin>(
+    tar: &mut TarReader<R>,
     first: &str,
     limit: u64,
     what: &str,
-) -> ApiResult<(TarReader<impl tokio::io::AsyncRead + Unpin>, Vec<u8>)> {
-    let reader =
-        tokio_util::io::StreamReader::new(body.into_data_stream().map_err(io::Error::other));
-    let mut tar = TarReader::new(reader);
-    let bad = |e: ArchiveError| ApiError::Invalid(format!("{what}: {e}"));
-    match tar.next().await.map_err(bad)? {
+) -> ApiResult<Vec<u8>> {
+    match tar.next().await.map_err(|e| broken(what, e))? {
         Some((name, _)) if name == first => {}
-        other => {
+        Some((name, _)) => {
+            let hint = match name.as_str() {
+                STATE_ENTRY => " (it is a cluster backup: restore it with `flynn-host bootstrap --from-backup`)",
+                super::export::APP_ENTRY => " (it is an app export: import it with `flynn import`)",
+                _ => "",
+            };
             return Err(ApiError::Invalid(format!(
-                "{what}: the first entry is {:?}, not {first}",
-                other.map(|o| o.0)
-            )))
+                "{what}: the first entry is {name}, not {first}{hint}"
+            )));
         }
+        None => return Err(ApiError::Invalid(format!("{what}: the archive is empty"))),
     }
-    let head = tar.read_all(limit).await.map_err(bad)?;
-    Ok((tar, head))
+    tar.read_all(limit).await.map_err(|e| broken(what, e))
 }
 
 /// Appends volume `id`'s full `zfs send` stream, asked of the host at `addr`, as chunk
@@ -357,22 +370,34 @@ pub async fn write_volume(
 }
 
 async fn restore(State(host): State<AppState>, body: Body) -> ApiResult<Json<serde_json::Value>> {
+    let mut tar = archive_body(body);
+    let result = restore_archive(&host, &mut tar).await;
+    if result.is_err() {
+        // The refusal reaches the client whole only once its upload was read: answered
+        // early, it would see a broken pipe instead of the reason.
+        tar.drain().await;
+    }
+    result
+}
+
+async fn restore_archive<R: tokio::io::AsyncRead + Unpin>(
+    host: &AppState,
+    tar: &mut TarReader<R>,
+) -> ApiResult<Json<serde_json::Value>> {
     let node = host.node()?.clone();
     node.read_barrier().await?;
     let blobstore = host.blobstore().cloned().ok_or_else(|| {
         ApiError::Unavailable("this host runs no blobstore; restore through another".into())
     })?;
-    let (mut tar, head) =
-        open_archive(body, STATE_ENTRY, 256 * 1024 * 1024, "backup archive").await?;
     if !node.state.read(|a| a.state.is_fresh()) {
-        tar.drain().await;
         return Err(ApiError::Conflict(
             "a backup is restored only into a new cluster; this one has apps or releases already"
                 .into(),
         ));
     }
+    let head = read_head(tar, STATE_ENTRY, 256 * 1024 * 1024, BACKUP).await?;
     let backup: ClusterState = serde_json::from_slice(&head)
-        .map_err(|e| ApiError::Invalid(format!("backup archive: {STATE_ENTRY}: {e}")))?;
+        .map_err(|e| ApiError::Invalid(format!("{BACKUP}: {STATE_ENTRY}: {e}")))?;
 
     // Volumes go to the hosts that can take a send stream, in turn.
     let secret = node.secret().to_string();
@@ -392,7 +417,7 @@ async fn restore(State(host): State<AppState>, body: Body) -> ApiResult<Json<ser
 
     let (mut blobs, mut blob_bytes, mut volumes) = (0u64, 0u64, Vec::new());
     let mut receiving: Option<Receiving> = None;
-    while let Some((name, size)) = tar.next().await.map_err(broken)? {
+    while let Some((name, size)) = tar.next().await.map_err(|e| broken(BACKUP, e))? {
         let volume = name
             .strip_prefix("volumes/")
             .and_then(|r| r.split_once('/'))
@@ -402,10 +427,11 @@ async fn restore(State(host): State<AppState>, body: Body) -> ApiResult<Json<ser
             volumes.push(r.finish().await?);
         }
         if let Some(path) = name.strip_prefix("blobs") {
-            let file = backup.blobs.blobs.get(path).ok_or_else(|| {
-                ApiError::Invalid(format!("backup archive: {name:?} has no blob record"))
-            })?;
-            put_blob(&blobstore, &mut tar, path, &file.sha512).await?;
+            let file =
+                backup.blobs.blobs.get(path).ok_or_else(|| {
+                    ApiError::Invalid(format!("{BACKUP}: {name} has no blob record"))
+                })?;
+            put_blob(&blobstore, tar, path, &file.sha512, BACKUP).await?;
             blobs += 1;
             blob_bytes += size;
         } else if let Some(id) = volume {
@@ -417,7 +443,7 @@ async fn restore(State(host): State<AppState>, body: Body) -> ApiResult<Json<ser
             receiving
                 .as_ref()
                 .expect("receiving")
-                .feed(&mut tar)
+                .feed(tar, BACKUP)
                 .await?;
         }
         // The manifest was checked whole by the sender; the entries were checked above.

@@ -32,6 +32,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::backup::APP_EXPORT;
 use super::AppState;
 use crate::archive::{ArchiveError, TarReader, TarWriter};
 use crate::error::{ApiError, ApiResult};
@@ -192,7 +193,19 @@ struct ImportOpts {
 }
 
 fn broken(e: ArchiveError) -> ApiError {
-    ApiError::Invalid(format!("app export archive: {e}"))
+    ApiError::Invalid(format!("{APP_EXPORT}: {e}"))
+}
+
+/// A name an imported app may take: valid, and no app's yet.
+async fn check_new_app_name(node: &crate::node::Node, name: &str) -> ApiResult<()> {
+    flynn_state::validate::app_name(name)?;
+    node.read_barrier().await?;
+    if node.state.read(|a| a.state.apps.contains_key(name)) {
+        return Err(ApiError::Conflict(format!(
+            "an app named {name:?} exists; import under another name with --name"
+        )));
+    }
+    Ok(())
 }
 
 /// A route of the exported app as a request to add it to `app`: the service moves with the
@@ -213,6 +226,7 @@ fn route_spec(r: &Route, old: &str, new: &str, certs: &BTreeMap<String, String>)
             no_drain_backends: !h.drain_backends,
             certificate: h.certificate.as_ref().and_then(|c| certs.get(c).cloned()),
             https_redirect: h.https_redirect,
+            response_timeout_ms: h.response_timeout_ms,
         },
         Route::Tcp(t) => RouteSpec::Tcp {
             port: Some(t.port),
@@ -227,32 +241,42 @@ async fn import(
     Query(opts): Query<ImportOpts>,
     body: Body,
 ) -> ApiResult<Json<serde_json::Value>> {
+    let mut tar = super::backup::archive_body(body);
+    let result = import_archive(&host, &opts, &mut tar).await;
+    if result.is_err() {
+        // The refusal reaches the client whole only once its upload was read: answered
+        // early, it would see a broken pipe instead of the reason.
+        tar.drain().await;
+    }
+    result
+}
+
+async fn import_archive<R: tokio::io::AsyncRead + Unpin>(
+    host: &AppState,
+    opts: &ImportOpts,
+    tar: &mut TarReader<R>,
+) -> ApiResult<Json<serde_json::Value>> {
     let node = host.node()?.clone();
     let blobstore = host.blobstore().cloned().ok_or_else(|| {
         ApiError::Unavailable("this host runs no blobstore; import through another".into())
     })?;
-    let (mut tar, head) =
-        super::backup::open_archive(body, APP_ENTRY, 64 * 1024 * 1024, "app export archive")
-            .await?;
+    // A name given is checked before a byte of the upload is read.
+    if let Some(name) = &opts.name {
+        check_new_app_name(&node, name).await?;
+    }
+    let head = super::backup::read_head(tar, APP_ENTRY, 64 * 1024 * 1024, APP_EXPORT).await?;
     let export: AppExport = serde_json::from_slice(&head)
-        .map_err(|e| ApiError::Invalid(format!("app export archive: {APP_ENTRY}: {e}")))?;
+        .map_err(|e| ApiError::Invalid(format!("{APP_EXPORT}: {APP_ENTRY}: {e}")))?;
     let old = export.app.name.clone();
     let name = opts.name.clone().unwrap_or_else(|| old.clone());
-    flynn_state::validate::app_name(&name)?;
-    node.read_barrier().await?;
-    if node.state.read(|a| a.state.apps.contains_key(&name)) {
-        tar.drain().await;
-        return Err(ApiError::Conflict(format!(
-            "an app named {name:?} exists; import under another name with --name"
-        )));
-    }
+    check_new_app_name(&node, &name).await?;
     node.propose(AppsCommand::CreateApp { name: name.clone() })
         .await?;
     let mut received: Vec<(String, String)> = Vec::new();
     let outcome = import_into(
         &node,
         &blobstore,
-        &mut tar,
+        tar,
         &export,
         &name,
         opts.routes,
@@ -309,11 +333,9 @@ async fn import_into<R: tokio::io::AsyncRead + Unpin>(
         }
         if let Some(path) = entry.strip_prefix("blobs") {
             let sha = layers.get(path).ok_or_else(|| {
-                ApiError::Invalid(format!(
-                    "app export archive: {entry:?} is no layer of its release"
-                ))
+                ApiError::Invalid(format!("{APP_EXPORT}: {entry} is no layer of its release"))
             })?;
-            super::backup::put_blob(blobstore, tar, path, sha).await?;
+            super::backup::put_blob(blobstore, tar, path, sha, APP_EXPORT).await?;
         } else if let Some(old_id) = volume {
             if receiving.is_none() {
                 if zfs_hosts.is_empty() {
@@ -336,7 +358,11 @@ async fn import_into<R: tokio::io::AsyncRead + Unpin>(
                     exported.map(|v| (name, v)),
                 )?);
             }
-            receiving.as_ref().expect("receiving").feed(tar).await?;
+            receiving
+                .as_ref()
+                .expect("receiving")
+                .feed(tar, APP_EXPORT)
+                .await?;
         }
     }
     if let Some(r) = receiving.take() {

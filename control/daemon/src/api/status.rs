@@ -2,8 +2,12 @@
 //! any host's router (bootstrap routes it to service `status`, which every host registers).
 //! It answers Flynn's shape, `{"data":{"status":..,"version":..,"detail":{..}}}`: 200 when
 //! every core component is healthy, 500 otherwise. Optional lines (apps' formations) are
-//! listed and never make it 500. Every check is bounded by [`CHECK_LIMIT`], so a hung host
-//! or component shows as unhealthy instead of hanging the page.
+//! listed and never make it 500. The page answers within [`PAGE_LIMIT`] whatever is hung:
+//! its checks run at once, each bounded; each host keeps its own components' lines fresh in
+//! the background (each check bounded by [`CHECK_LIMIT`]), so asking a live host is quick,
+//! and a hung one shows as unhealthy instead of hanging the page. Bootstrap gives the route
+//! `status.$CLUSTER_DOMAIN` a response timeout just over that bound, so a router whose
+//! first pick is a hung host asks another in time.
 //!
 //! **Who needs the key.** A client on a private (10/8, 172.16/12, 192.168/16, fc00::/7),
 //! loopback or shared (100.64/10) address reads it freely; anyone else needs the status
@@ -30,8 +34,40 @@ use crate::daemon::Host;
 use crate::error::ApiError;
 use crate::version;
 
-/// Longest any one check may take.
+/// Longest any one component check may take (in the background).
 pub const CHECK_LIMIT: Duration = Duration::from_secs(3);
+/// Longest the page's checks (quorum read, every host's lines) may take, together.
+pub const PAGE_LIMIT: Duration = Duration::from_millis(1000);
+/// How often each host refreshes its own lines.
+const REFRESH: Duration = Duration::from_secs(2);
+/// Lines older than this are not served: they are measured again.
+const STALE: Duration = Duration::from_secs(8);
+
+/// A host's own health lines and when they were measured.
+#[derive(Default)]
+pub struct HealthCache(std::sync::Mutex<Option<(HostHealth, std::time::Instant)>>);
+
+impl HealthCache {
+    fn fresh(&self) -> Option<HostHealth> {
+        let last = self.0.lock().expect("health cache");
+        last.as_ref()
+            .filter(|(_, at)| at.elapsed() < STALE)
+            .map(|(h, _)| h.clone())
+    }
+
+    fn store(&self, h: HostHealth) {
+        *self.0.lock().expect("health cache") = Some((h, std::time::Instant::now()));
+    }
+}
+
+/// Measures this host's lines every [`REFRESH`], for as long as the daemon runs.
+pub async fn keep_health_fresh(host: std::sync::Arc<Host>) {
+    loop {
+        let lines = measure_local_health(&host).await;
+        host.health.store(lines);
+        tokio::time::sleep(REFRESH).await;
+    }
+}
 /// The service `status.$CLUSTER_DOMAIN` routes to.
 pub const SERVICE: &str = "status";
 
@@ -47,9 +83,22 @@ async fn host_health(State(host): State<AppState>) -> Json<HostHealth> {
     Json(local_health(&host).await)
 }
 
-/// This host's own lines: the daemon itself and every component that lists one. A host
-/// without a router or firewall says so instead of leaving the line out.
+/// This host's own lines: the daemon itself and every component that lists one (from the
+/// background measurement, or measured now when that is stale).
 pub async fn local_health(host: &Host) -> HostHealth {
+    match host.health.fresh() {
+        Some(lines) => lines,
+        None => {
+            let lines = measure_local_health(host).await;
+            host.health.store(lines.clone());
+            lines
+        }
+    }
+}
+
+/// Measures this host's lines. A host without a router or firewall says so instead of
+/// leaving the line out.
+async fn measure_local_health(host: &Host) -> HostHealth {
     let mut lines = host.components().health(CHECK_LIMIT).await;
     lines.insert(
         "daemon".into(),
@@ -125,8 +174,31 @@ async fn page(
         detail.insert(name, serde_json::to_value(h).unwrap_or_default());
     };
 
-    // Raft: a linearizable read confirms a leader with a quorum behind it.
-    let barrier = tokio::time::timeout(CHECK_LIMIT, node.read_barrier()).await;
+    // Raft (a linearizable read confirms a leader with a quorum behind it) and every host's
+    // own lines, all at once, each bounded by the page's limit.
+    let barrier = tokio::time::timeout(PAGE_LIMIT, node.read_barrier());
+    let secret = node.secret().to_string();
+    let asks = members.iter().map(|(id, addr)| {
+        let own = *id == node.id;
+        let (host, secret, addr) = (host.clone(), secret.clone(), addr.clone());
+        async move {
+            let ip = addr
+                .rsplit_once(':')
+                .map_or(addr.as_str(), |(ip, _)| ip)
+                .to_string();
+            let answer = if own {
+                Ok(local_health(&host).await)
+            } else {
+                let client = HostClient::new(&format!("http://{addr}"), Some(&secret), PAGE_LIMIT);
+                match tokio::time::timeout(PAGE_LIMIT, client.health()).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer within {} ms", PAGE_LIMIT.as_millis())),
+                }
+            };
+            (ip, answer)
+        }
+    });
+    let (barrier, answers) = tokio::join!(barrier, futures::future::join_all(asks));
     let m = node.metrics();
     let raft = match barrier {
         Ok(Ok(())) => ComponentHealth::healthy(
@@ -134,7 +206,7 @@ async fn page(
         ),
         Ok(Err(e)) => ComponentHealth::unhealthy(json!({"error": e.to_string()})),
         Err(_) => ComponentHealth::unhealthy(json!({"error": format!(
-            "no quorum read within {} ms", CHECK_LIMIT.as_millis()
+            "no quorum read within {} ms", PAGE_LIMIT.as_millis()
         )})),
     };
     let quorum = raft.is_healthy();
@@ -155,30 +227,7 @@ async fn page(
             json!({"leader": m.current_leader, "pending_jobs": pending}),
         ),
     );
-
-    // Every host's own lines, asked concurrently, each bounded.
-    let secret = node.secret().to_string();
-    let asks = members.iter().map(|(id, addr)| {
-        let own = *id == node.id;
-        let (host, secret, addr) = (host.clone(), secret.clone(), addr.clone());
-        async move {
-            let ip = addr
-                .rsplit_once(':')
-                .map_or(addr.as_str(), |(ip, _)| ip)
-                .to_string();
-            let answer = if own {
-                Ok(local_health(&host).await)
-            } else {
-                let client = HostClient::new(&format!("http://{addr}"), Some(&secret), CHECK_LIMIT);
-                match tokio::time::timeout(CHECK_LIMIT, client.health()).await {
-                    Ok(r) => r.map_err(|e| e.to_string()),
-                    Err(_) => Err(format!("no answer within {} ms", CHECK_LIMIT.as_millis())),
-                }
-            };
-            (ip, answer)
-        }
-    });
-    for (ip, answer) in futures::future::join_all(asks).await {
+    for (ip, answer) in answers {
         match answer {
             Ok(lines) => {
                 for (name, h) in lines {

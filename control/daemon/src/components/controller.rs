@@ -16,6 +16,7 @@ pub const SERVICES: [&str; 2] = ["controller", crate::api::status::SERVICE];
 /// An instance not heard from for this long is dropped by the leader.
 const TTL: Duration = Duration::from_secs(15);
 const HEARTBEAT: Duration = Duration::from_secs(5);
+const RETRY: Duration = Duration::from_millis(250);
 
 pub struct ControllerRegistration {
     /// Instance id: this host's node id.
@@ -63,16 +64,25 @@ impl Component for ControllerRegistration {
     fn follow(self: Arc<Self>, local: LocalState) -> BoxFuture<'static, ()> {
         let _ = self.local.set(local.clone());
         Box::pin(async move {
-            let mut tick = tokio::time::interval(HEARTBEAT);
+            // Registered as soon as the cluster exists (bootstrap waits for it), then
+            // refreshed every heartbeat.
+            let mut changes = local.changes();
+            while !local.read(|s| s.bootstrapped()) {
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
             loop {
-                tick.tick().await;
-                if !local.read(|s| s.bootstrapped()) {
-                    continue;
-                }
-                // Registering again refreshes the TTL and keeps the instance's seniority.
-                if let Err(e) = local.node().propose(self.register()).await {
-                    tracing::debug!(error = %e, "controller registration not applied");
-                }
+                // Registering again refreshes the TTL and keeps the instance's seniority. A
+                // registration not applied (no leader yet, say) is tried again soon.
+                let next = match local.node().propose(self.register()).await {
+                    Ok(_) => HEARTBEAT,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "controller registration not applied");
+                        RETRY
+                    }
+                };
+                tokio::time::sleep(next).await;
             }
         })
     }

@@ -188,12 +188,23 @@ fn controller_route(
     Ok(())
 }
 
+/// How long a host may take to start answering the status page through the routers.
+pub const STATUS_RESPONSE_TIMEOUT_MS: u64 = 1500;
+
 /// The status page's route `status.$DOMAIN` (plain HTTP, as monitors poll it), to the
 /// service every host's API registers for it.
 fn status_route(s: &mut ClusterState, domain: &str, cx: &mut Cx) -> Result<(), StateError> {
     let mut route = RouteSpec::http(&format!("status.{domain}"));
-    if let RouteSpec::Http { service, .. } = &mut route {
+    if let RouteSpec::Http {
+        service,
+        response_timeout_ms,
+        ..
+    } = &mut route
+    {
         *service = Some(STATUS_SERVICE.into());
+        // The page answers within 1 s whatever is hung; a host silent past this is hung
+        // itself, and the router asks another.
+        *response_timeout_ms = Some(STATUS_RESPONSE_TIMEOUT_MS);
     }
     let add_route = RoutesCommand::AddRoute {
         app: "status".into(),

@@ -181,8 +181,16 @@ pub(crate) fn add_route(
             no_drain_backends,
             certificate,
             https_redirect,
+            response_timeout_ms,
         } => {
             let domain = validate::domain(&domain)?;
+            if let Some(ms) = response_timeout_ms {
+                if !(1..=3_600_000).contains(&ms) {
+                    return Err(StateError::Invalid(format!(
+                        "a route's response timeout must be from 1 ms to an hour, not {ms} ms"
+                    )));
+                }
+            }
             let path = validate::path(path.as_deref().unwrap_or("/"))?;
             let service = service.unwrap_or_else(|| format!("{app}-web"));
             validate::service_name(&service)?;
@@ -214,6 +222,7 @@ pub(crate) fn add_route(
                 drain_backends: !no_drain_backends,
                 certificate,
                 https_redirect,
+                response_timeout_ms,
             })
         }
         RouteSpec::Tcp {
