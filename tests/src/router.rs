@@ -309,6 +309,14 @@ pub struct Client {
 }
 
 impl Client {
+    /// A client on a connection opened already (part of a request may be written on it).
+    pub fn from_stream(stream: TcpStream) -> Client {
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
     pub async fn connect(addr: SocketAddr) -> Client {
         Client {
             stream: TcpStream::connect(addr).await.expect("connect router"),

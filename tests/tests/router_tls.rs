@@ -328,3 +328,106 @@ async fn t20_https_sni_resumption_h2_and_redirect() {
     assert_eq!(status, 200, "in-flight h2 stream cut by the drain");
     assert_eq!(r.wait_exit(Duration::from_secs(10)), Some(true));
 }
+
+/// HTTP/1.1 and HTTP/2 clients are accounted for alike: one access-log line each, of the
+/// same fields, and the byte counters count the same thing (body bytes) whichever
+/// protocol carried them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t21_h1_and_h2_write_the_same_access_line_and_count_bytes_alike() {
+    let a = Backend::start("a").await;
+    let r = RouterProc::start(
+        &routes(&[("app.test", &[a.addr])], ""),
+        &["--h2c", "--access-log"],
+    );
+    let upload = vec![b'u'; 3000];
+    let sent_before = r.metric("flynn_router_bytes_sent_total", &[]).await;
+    let received_before = r.metric("flynn_router_bytes_received_total", &[]).await;
+
+    // HTTP/1.1: a POST with a body, then a GET of exactly 5000 bytes.
+    let mut s = TcpStream::connect(r.http).await.unwrap();
+    let head = format!(
+        "POST /up HTTP/1.1\r\nHost: app.test\r\nContent-Length: {}\r\n\r\n",
+        upload.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&upload).await.unwrap();
+    let mut c = flynn_tests::router::Client::from_stream(s);
+    let posted_h1 = c.read(false).await.expect("h1 POST answered");
+    assert_eq!(posted_h1.status, 200);
+    c.send("GET /bytes/5000 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await;
+    let got_h1 = c.read(false).await.expect("h1 GET answered");
+    assert_eq!(got_h1.body.len(), 5000);
+
+    // HTTP/2 (h2c): the same two requests.
+    let plain = TcpStream::connect(r.http).await.unwrap();
+    let (send, conn) = h2::client::handshake(plain).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut send = send;
+    let (status, posted_h2) = h2_get(&mut send, "app.test", "/up", Some(upload.clone())).await;
+    assert_eq!(status, 200);
+    let (status, got_h2) = h2_get(&mut send, "app.test", "/bytes/5000", None).await;
+    assert_eq!((status, got_h2.len()), (200, 5000));
+
+    // One line per request, the same fields whichever protocol, body bytes as the
+    // client saw them.
+    let lines = flynn_tests::eventually(Duration::from_secs(5), "four access lines", || async {
+        let log = r.log();
+        let lines: Vec<String> = log
+            .lines()
+            .filter(|l| l.contains("flynn_router::access"))
+            .map(String::from)
+            .collect();
+        (lines.len() >= 4).then_some(lines)
+    })
+    .await;
+    let field = |line: &str, name: &str| -> String {
+        let at = line
+            .find(&format!(" {name}="))
+            .unwrap_or_else(|| panic!("{name} in {line}"));
+        line[at + name.len() + 2..]
+            .split(' ')
+            .next()
+            .unwrap_or_default()
+            .trim_matches('"')
+            .to_string()
+    };
+    let fields = |line: &str| -> Vec<String> {
+        line.split(' ')
+            .filter_map(|w| w.split_once('=').map(|(k, _)| k.to_string()))
+            .collect()
+    };
+    assert_eq!(fields(&lines[0]), fields(&lines[2]), "{lines:#?}");
+    for (line, proto, method, path, body_in, body_out) in [
+        (
+            &lines[0],
+            "HTTP/1.1",
+            "POST",
+            "/up",
+            3000,
+            posted_h1.body.len(),
+        ),
+        (&lines[1], "HTTP/1.1", "GET", "/bytes/5000", 0, 5000),
+        (&lines[2], "HTTP/2", "POST", "/up", 3000, posted_h2.len()),
+        (&lines[3], "HTTP/2", "GET", "/bytes/5000", 0, 5000),
+    ] {
+        assert_eq!(field(line, "proto"), proto, "{line}");
+        assert_eq!(field(line, "method"), method, "{line}");
+        assert_eq!(field(line, "path"), path, "{line}");
+        assert_eq!(field(line, "host"), "app.test", "{line}");
+        assert_eq!(field(line, "status"), "200", "{line}");
+        assert_eq!(field(line, "backend"), a.addr.to_string(), "{line}");
+        assert_eq!(field(line, "bytes_in"), body_in.to_string(), "{line}");
+        assert_eq!(field(line, "bytes_out"), body_out.to_string(), "{line}");
+    }
+    // The counters: exactly the bodies, both ways, over both protocols.
+    let want_sent = (posted_h1.body.len() + 5000 + posted_h2.len() + 5000) as f64;
+    flynn_tests::eventually(Duration::from_secs(5), "bytes counted", || async {
+        let sent = r.metric("flynn_router_bytes_sent_total", &[]).await - sent_before;
+        let received = r.metric("flynn_router_bytes_received_total", &[]).await - received_before;
+        (sent == want_sent && received == 6000.0).then_some(())
+    })
+    .await;
+}

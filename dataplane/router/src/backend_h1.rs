@@ -9,7 +9,8 @@ use flynn_http1::{BodyFraming, ChunkedDecoder, RequestHead};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::body::Framing;
-use crate::h1::ConnCtx;
+use crate::conn::ConnCtx;
+use crate::error::{ErrorKind, ProxyError};
 use crate::upstream::UpstreamConn;
 use crate::worker::Worker;
 
@@ -388,6 +389,19 @@ pub(crate) fn push_decimal(out: &mut Vec<u8>, mut v: u64) {
         }
     }
     out.extend_from_slice(&digits[i..]);
+}
+
+/// How a failed exchange with the backend is classified for the client.
+impl From<UpstreamError> for ProxyError {
+    fn from(e: UpstreamError) -> Self {
+        let retryable = e.before_response();
+        let kind = match e {
+            UpstreamError::Timeout => ErrorKind::UpstreamTimeout,
+            UpstreamError::Malformed => ErrorKind::BadResponse("backend sent a malformed response"),
+            UpstreamError::Io(..) | UpstreamError::ClosedEarly => ErrorKind::UpstreamFailed,
+        };
+        ProxyError { kind, retryable }
+    }
 }
 
 #[cfg(test)]

@@ -3,8 +3,6 @@
 //! again elsewhere. Both protocols answer from it, so a failure reads the same over HTTP/1.1
 //! and HTTP/2.
 
-use crate::backend_h1::UpstreamError;
-
 /// Which side of the proxy failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -97,18 +95,6 @@ impl ProxyError {
     }
 }
 
-impl From<UpstreamError> for ProxyError {
-    fn from(e: UpstreamError) -> Self {
-        let retryable = e.before_response();
-        let kind = match e {
-            UpstreamError::Timeout => ErrorKind::UpstreamTimeout,
-            UpstreamError::Malformed => ErrorKind::BadResponse("backend sent a malformed response"),
-            UpstreamError::Io(..) | UpstreamError::ClosedEarly => ErrorKind::UpstreamFailed,
-        };
-        ProxyError { kind, retryable }
-    }
-}
-
 impl std::fmt::Display for ProxyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:?} ({:?}): {}", self.kind, self.side(), self.why())
@@ -120,6 +106,7 @@ impl std::error::Error for ProxyError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend_h1::UpstreamError;
 
     #[test]
     fn t10_each_kind_answers_its_status_and_side() {

@@ -5,6 +5,7 @@
 //! closed), set the sticky cookie, and hand the connection back to the pool or not.
 //! `h1` and `h2` only translate their client's protocol to these phases and back.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use flynn_router_table::{Backend, HttpEntry, RouteTable};
@@ -75,10 +76,9 @@ impl<'w> Exchange<'w> {
         let mut tried = Vec::new();
         // A request that cannot be replayed gets a pooled connection only once it is seen
         // open.
-        let (idx, conn) =
-            upstream::connect_backend(w, backends, sticky, pooled, !replayable, &mut tried)
-                .await
-                .ok_or(ProxyError::new(ErrorKind::Unreachable))?;
+        let (idx, conn) = connect_backend(w, backends, sticky, pooled, !replayable, &mut tried)
+            .await
+            .ok_or(ProxyError::new(ErrorKind::Unreachable))?;
         Ok(Exchange {
             w,
             entry,
@@ -127,15 +127,9 @@ impl<'w> Exchange<'w> {
                 // `proxy_next_upstream timeout`), so a wedged host costs it one timeout.
                 Err(e) if e.kind == ErrorKind::UpstreamTimeout && self.replayable => {
                     let backends = &self.entry.backends;
-                    let Some((i, c)) = upstream::connect_backend(
-                        self.w,
-                        backends,
-                        None,
-                        false,
-                        false,
-                        &mut self.tried,
-                    )
-                    .await
+                    let Some((i, c)) =
+                        connect_backend(self.w, backends, None, false, false, &mut self.tried)
+                            .await
                     else {
                         return Err(e);
                     };
@@ -159,7 +153,7 @@ impl<'w> Exchange<'w> {
         // Passive health: an answer clears the backend, silence past the timeout ejects it.
         match &head {
             Ok(_) => self.w.upstreams.answered(&self.conn.addr),
-            Err(backend_h1::UpstreamError::Timeout) => upstream::eject(self.w, &self.conn.addr),
+            Err(backend_h1::UpstreamError::Timeout) => eject(self.w, &self.conn.addr),
             Err(backend_h1::UpstreamError::Io(e, _)) => self.vanished_if_timed_out(e),
             Err(_) => {}
         }
@@ -171,7 +165,7 @@ impl<'w> Exchange<'w> {
     /// goes elsewhere at once.
     fn vanished_if_timed_out(&self, e: &std::io::Error) {
         if e.kind() == std::io::ErrorKind::TimedOut {
-            upstream::eject(self.w, &self.conn.addr);
+            eject(self.w, &self.conn.addr);
         }
     }
 
@@ -190,7 +184,7 @@ impl<'w> Exchange<'w> {
 
     async fn reconnect(&mut self) -> Result<(), ProxyError> {
         let backends = &self.entry.backends;
-        let (i, c) = upstream::reconnect(self.w, backends, self.idx, &mut self.tried)
+        let (i, c) = reconnect(self.w, backends, self.idx, &mut self.tried)
             .await
             .ok_or(ProxyError::new(ErrorKind::Unreachable))?;
         if i != self.idx {
@@ -225,6 +219,124 @@ impl<'w> Exchange<'w> {
     /// Takes the connection out of the exchange (an upgraded connection is spliced).
     pub fn into_conn(self) -> UpstreamConn {
         self.conn
+    }
+}
+
+/// One request as the router accounts for it, the same over HTTP/1 and HTTP/2: counted in
+/// the metrics and, with `--access-log`, written as one access-log line (target
+/// `flynn_router::access`). Only body bytes count, since heads are encoded differently by
+/// the two protocols.
+pub struct Served<'a> {
+    pub client: SocketAddr,
+    pub proto: &'static str,
+    pub method: &'a str,
+    pub host: &'a str,
+    pub path: &'a str,
+    pub status: u16,
+    pub route: &'a str,
+    /// The backend that answered; none for the router's own answers.
+    pub backend: Option<&'a str>,
+    pub elapsed: Duration,
+    /// Request body bytes read from the client.
+    pub body_in: u64,
+    /// Response body bytes written to the client.
+    pub body_out: u64,
+}
+
+pub fn account(w: &Worker, s: &Served<'_>) {
+    {
+        let mut stats = w.stats.borrow_mut();
+        stats.request(s.route, s.status, s.elapsed);
+        stats.bytes_in += s.body_in;
+        stats.bytes_out += s.body_out;
+    }
+    if w.shared.config.access_log {
+        tracing::info!(
+            target: "flynn_router::access",
+            client = %s.client, proto = s.proto, method = %s.method, host = %s.host,
+            path = %s.path, status = s.status, route = %s.route,
+            backend = %s.backend.unwrap_or("-"), ms = s.elapsed.as_secs_f64() * 1000.0,
+            bytes_in = s.body_in, bytes_out = s.body_out,
+        );
+    }
+}
+
+/// Picks and connects a backend: the sticky one first when the cookie names a live one,
+/// then least-outstanding of two random choices among those not yet tried, until one
+/// connects. `None`: none could be reached.
+pub(crate) async fn connect_backend(
+    w: &Worker,
+    backends: &[Backend],
+    sticky: Option<usize>,
+    pooled: bool,
+    must_be_open: bool,
+    tried: &mut Vec<usize>,
+) -> Option<(usize, UpstreamConn)> {
+    loop {
+        let idx = match (tried.is_empty(), sticky) {
+            // A sticky client follows its backend, unless that one is ejected.
+            (true, Some(i)) if !w.upstreams.is_ejected(&backends[i].addr) => i,
+            _ => w.upstreams.pick(backends, tried)?,
+        };
+        tried.push(idx);
+        match w
+            .upstreams
+            .connect(&backends[idx].addr, pooled, w.ring())
+            .await
+        {
+            Ok(mut c) => {
+                // A request that cannot be replayed gets a connection known to be open: a
+                // pooled one the backend has closed reads EOF (or a reset) here.
+                if must_be_open && c.reused && !c.stream.still_open() {
+                    match w.upstreams.connect_new(&backends[idx].addr, w.ring()).await {
+                        Ok(n) => c = n,
+                        Err(e) => {
+                            connect_failed(w, &backends[idx].addr, &e);
+                            continue;
+                        }
+                    }
+                }
+                return Some((idx, c));
+            }
+            Err(e) => connect_failed(w, &backends[idx].addr, &e),
+        }
+    }
+}
+
+/// A backend refused (or timed out) a new connection: counted, and passed over for a
+/// while. Its pooled connections having closed too is no excuse: it is down.
+fn connect_failed(w: &Worker, addr: &str, e: &dyn std::fmt::Display) {
+    w.stats.borrow_mut().connect_errors += 1;
+    tracing::debug!(backend = %addr, error = %e, "backend connect failed");
+    eject(w, addr);
+}
+
+/// Marks a backend failed, counting a new ejection.
+pub(crate) fn eject(w: &Worker, addr: &str) {
+    if w.upstreams.failed(addr) {
+        w.stats.borrow_mut().ejections += 1;
+        tracing::info!(backend = %addr, "backend ejected for a while: it refused a connect or did not answer in time");
+    }
+}
+
+/// A fresh connection for a request whose pooled connection proved closed before any
+/// response byte: the same backend first, then any other not yet tried.
+pub(crate) async fn reconnect(
+    w: &Worker,
+    backends: &[Backend],
+    idx: usize,
+    tried: &mut Vec<usize>,
+) -> Option<(usize, UpstreamConn)> {
+    if w.upstreams.is_ejected(&backends[idx].addr) {
+        // It failed just now (its host vanished, say): straight to another.
+        return connect_backend(w, backends, None, false, false, tried).await;
+    }
+    match w.upstreams.connect_new(&backends[idx].addr, w.ring()).await {
+        Ok(c) => Some((idx, c)),
+        Err(e) => {
+            connect_failed(w, &backends[idx].addr, &e);
+            connect_backend(w, backends, None, false, false, tried).await
+        }
     }
 }
 

@@ -19,20 +19,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::backend_h1::{self, ResponseHead};
 use crate::body::{self, BodyReader, Encoding, Framing, PumpError};
+use crate::conn::ConnCtx;
 use crate::error::{ErrorKind, ProxyError};
 use crate::forward::{self, Exchange};
 use crate::io::RingSocket;
+use crate::respond::{error_response, json_string};
 use crate::upstream::UpstreamConn;
 use crate::worker::Worker;
-
-/// What a client connection is, for the headers the router adds.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnCtx {
-    /// The client (from the PROXY line when one was sent).
-    pub peer: SocketAddr,
-    pub local_port: u16,
-    pub tls: bool,
-}
 
 /// Serves a client connection until it closes, errs, times out or the router drains.
 pub async fn serve<S>(w: Rc<Worker>, mut client: S, mut buf: BytesMut, ctx: ConnCtx)
@@ -43,13 +36,12 @@ where
     loop {
         let head = match read_head(&w, &mut client, &mut buf, &mut shutdown).await {
             HeadRead::Head(head, n) => {
-                w.stats.borrow_mut().bytes_in += n as u64;
                 buf.advance(n);
                 head
             }
             HeadRead::Closed => return,
             HeadRead::Refuse(status, why) => {
-                refuse(&w, &mut client, status, why, Instant::now()).await;
+                refuse(&w, &mut client, ctx.peer, status, why, Instant::now()).await;
                 let _ = client.shutdown().await;
                 return;
             }
@@ -142,11 +134,33 @@ enum Next {
 
 /// Per-request facts the phases share.
 struct Req {
+    /// The client, for the access log.
+    peer: SocketAddr,
     head: RequestHead,
     framing: BodyFraming,
     keep_alive: bool,
     start: Instant,
     route_id: String,
+}
+
+const PROTO: &str = "HTTP/1.1";
+
+/// Counts a request and writes its access-log line ([`forward::account`]).
+fn account(w: &Worker, req: &Req, status: u16, backend: Option<&str>, body_in: u64, body_out: u64) {
+    let served = forward::Served {
+        client: req.peer,
+        proto: PROTO,
+        method: &req.head.method,
+        host: request_host(&req.head).unwrap_or_default(),
+        path: &req.head.target,
+        status,
+        route: &req.route_id,
+        backend,
+        elapsed: req.start.elapsed(),
+        body_in,
+        body_out,
+    };
+    forward::account(w, &served);
 }
 
 async fn request<S>(
@@ -162,9 +176,13 @@ where
     let start = Instant::now();
     let framing = match head.framing() {
         Ok(f) => f,
-        Err(e) => return refuse(w, client, e.status(), refusal_text(e.status()), start).await,
+        Err(e) => {
+            let why = refusal_text(e.status());
+            return refuse(w, client, ctx.peer, e.status(), why, start).await;
+        }
     };
     let mut req = Req {
+        peer: ctx.peer,
         keep_alive: head.keep_alive(),
         head,
         framing,
@@ -276,14 +294,15 @@ where
     // Send the request and read the response head; a body streams while the backend may
     // already answer.
     let mut reader = BodyReader::new(request_framing(req.framing));
+    let mut body_in = 0;
     let sent = if has_body {
         send_with_body(
-            w,
             client,
             buf,
             &mut ex.conn,
             &mut reader,
             &mut out,
+            &mut body_in,
             t.body,
             t.upstream,
         )
@@ -324,9 +343,8 @@ where
         }
         let mut head = Vec::new();
         write_response_head(&response, None, &[], Some("upgrade"), &mut head);
-        w.stats
-            .borrow_mut()
-            .request(&req.route_id, 101, req.start.elapsed());
+        let backend = ex.backend().addr.clone();
+        account(w, &req, 101, Some(&backend), body_in, 0);
         return splice_upgraded(client, buf, ex.into_conn(), head).await;
     }
 
@@ -369,7 +387,6 @@ where
         connection,
         &mut head,
     );
-    let head_len = head.len() as u64;
     let status = response.status;
     let moved = body::pump(
         &mut resp_reader,
@@ -381,22 +398,8 @@ where
         t.upstream,
     )
     .await;
-    let elapsed = req.start.elapsed();
-    {
-        let mut s = w.stats.borrow_mut();
-        s.request(&req.route_id, status, elapsed);
-        if let Ok(n) = &moved {
-            s.bytes_out += head_len + n;
-        }
-    }
-    if w.shared.config.access_log {
-        tracing::info!(
-            target: "flynn_router::access",
-            client = %ctx.peer, method = %req.head.method, host = %request_host(&req.head).unwrap_or_default(),
-            path = %req.head.target, status, route = %req.route_id, backend = %ex.backend().addr,
-            ms = elapsed.as_secs_f64() * 1000.0,
-        );
-    }
+    let body_out = moved.as_ref().map_or(0, |n| *n);
+    account(w, &req, status, Some(&ex.backend().addr), body_in, body_out);
     match moved {
         Ok(_) => {
             ex.finish(upstream_reusable);
@@ -438,12 +441,12 @@ fn request_framing(f: BodyFraming) -> Framing {
 /// socket.
 #[allow(clippy::too_many_arguments)]
 async fn send_with_body<S>(
-    w: &Worker,
     client: &mut S,
     buf: &mut BytesMut,
     conn: &mut UpstreamConn,
     reader: &mut BodyReader,
     head: &mut Vec<u8>,
+    body_in: &mut u64,
     body_timeout: Duration,
     upstream_timeout: Duration,
 ) -> Result<ResponseHead, ProxyError>
@@ -493,7 +496,7 @@ where
             }
         };
     }
-    w.stats.borrow_mut().bytes_in += sent_bytes;
+    *body_in = sent_bytes;
     // A request with a body is never replayed: whatever failed is final.
     response.map_err(|e| ProxyError {
         retryable: false,
@@ -607,9 +610,7 @@ where
         body.len(),
         if close { "connection: close\r\n" } else { "" }
     );
-    w.stats
-        .borrow_mut()
-        .request(&req.route_id, 308, req.start.elapsed());
+    account(w, req, 308, None, 0, body.len() as u64);
     if send(client, resp.as_bytes()).await.is_err() {
         return Next::Gone;
     }
@@ -625,12 +626,26 @@ where
 async fn refuse<S: AsyncWrite + Unpin>(
     w: &Worker,
     client: &mut S,
+    peer: SocketAddr,
     status: u16,
     why: &str,
     start: Instant,
 ) -> Next {
-    let resp = error_response(w, status, why, true);
-    w.stats.borrow_mut().request("", status, start.elapsed());
+    let (resp, body_out) = error_response(w, status, why, true);
+    let served = forward::Served {
+        client: peer,
+        proto: PROTO,
+        method: "-",
+        host: "-",
+        path: "-",
+        status,
+        route: "",
+        backend: None,
+        elapsed: start.elapsed(),
+        body_in: 0,
+        body_out,
+    };
+    forward::account(w, &served);
     let _ = send(client, &resp).await;
     Next::Close
 }
@@ -648,10 +663,8 @@ async fn fail<S: AsyncWrite + Unpin>(
         return Next::Gone;
     };
     let close = body_unread || !e.keeps_connection() || !req.keep_alive || *w.shutdown.borrow();
-    let resp = error_response(w, status, e.why(), close);
-    w.stats
-        .borrow_mut()
-        .request(&req.route_id, status, req.start.elapsed());
+    let (resp, body_out) = error_response(w, status, e.why(), close);
+    account(w, req, status, None, 0, body_out);
     if send(client, &resp).await.is_err() {
         return Next::Gone;
     }
@@ -660,61 +673,4 @@ async fn fail<S: AsyncWrite + Unpin>(
     } else {
         Next::KeepAlive
     }
-}
-
-pub fn reason(status: u16) -> &'static str {
-    match status {
-        400 => "Bad Request",
-        404 => "Not Found",
-        408 => "Request Timeout",
-        413 => "Content Too Large",
-        414 => "URI Too Long",
-        431 => "Request Header Fields Too Large",
-        501 => "Not Implemented",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Error",
-    }
-}
-
-/// An error response, whole, for an HTTP/1.1 client.
-pub fn error_response(w: &Worker, status: u16, why: &str, close: bool) -> Vec<u8> {
-    let (ctype, body) = error_body(w, status, why);
-    let mut out = format!(
-        "HTTP/1.1 {status} {}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n{}\r\n",
-        reason(status),
-        body.len(),
-        if close { "connection: close\r\n" } else { "" }
-    )
-    .into_bytes();
-    out.extend_from_slice(&body);
-    out
-}
-
-/// The body of an answer the router gives itself, and its content type: the operator's
-/// page for 503s when one is configured, else `{"error": ..., "status": ...}`.
-pub fn error_body(w: &Worker, status: u16, why: &str) -> (&'static str, Vec<u8>) {
-    match (&w.shared.page_503, status) {
-        (Some(page), 503) => ("text/html; charset=utf-8", page.clone()),
-        _ => (
-            "application/json",
-            format!("{{\"error\":{},\"status\":{status}}}", json_string(why)).into_bytes(),
-        ),
-    }
-}
-
-pub fn json_string(s: &str) -> String {
-    let mut o = String::with_capacity(s.len() + 2);
-    o.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => o.push_str("\\\""),
-            '\\' => o.push_str("\\\\"),
-            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-            c => o.push(c),
-        }
-    }
-    o.push('"');
-    o
 }

@@ -16,9 +16,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::backend_h1;
 use crate::body::{BodyReader, Encoding};
+use crate::conn::ConnCtx;
 use crate::error::{ErrorKind, ProxyError};
 use crate::forward::{self, Exchange};
-use crate::h1::{self, ConnCtx};
+use crate::respond;
 use crate::worker::Worker;
 
 pub async fn serve<S>(w: Rc<Worker>, io: S, ctx: ConnCtx)
@@ -62,16 +63,17 @@ where
     }
 }
 
+/// Answers a stream the router could not proxy with its own response.
 fn error(
     w: &Worker,
     respond: &mut SendResponse<Bytes>,
-    status: u16,
+    served: &mut forward::Served<'_>,
     why: &str,
-    route: &str,
-    start: Instant,
 ) {
-    w.stats.borrow_mut().request(route, status, start.elapsed());
-    let (ctype, body) = h1::error_body(w, status, why);
+    let status = served.status;
+    let (ctype, body) = respond::error_body(w, status, why);
+    served.body_out = body.len() as u64;
+    forward::account(w, served);
     let body = Bytes::from(body);
     let resp = Response::builder()
         .status(status)
@@ -105,33 +107,7 @@ async fn stream(
     ctx: ConnCtx,
 ) {
     let start = Instant::now();
-    let mut route_id = String::new();
-    let result = proxy_stream(&w, req, &mut respond, ctx, &mut route_id).await;
-    match result {
-        Ok((status, sent)) => {
-            let mut s = w.stats.borrow_mut();
-            s.request(&route_id, status, start.elapsed());
-            s.bytes_out += sent;
-        }
-        // No status: the client reset the stream, and there is no one to answer.
-        Err(e) => {
-            if let Some(status) = e.status() {
-                error(&w, &mut respond, status, e.why(), &route_id, start);
-            }
-        }
-    }
-}
-
-/// One stream through the shared request path. `Ok((status, body bytes sent))` once a
-/// response has started; an error before that is answered by the caller.
-async fn proxy_stream(
-    w: &Worker,
-    req: Request<RecvStream>,
-    respond: &mut SendResponse<Bytes>,
-    ctx: ConnCtx,
-    route_id: &mut String,
-) -> Result<(u16, u64), ProxyError> {
-    let (parts, mut body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     let host = parts
         .uri
         .authority()
@@ -149,9 +125,62 @@ async fn proxy_stream(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
+    let mut done = Done::default();
+    let result = proxy_stream(&w, &parts, body, &host, &path, &mut respond, ctx, &mut done).await;
+    let mut served = forward::Served {
+        client: ctx.peer,
+        proto: "HTTP/2",
+        method: parts.method.as_str(),
+        host: &host,
+        path: &path,
+        status: 0,
+        route: &done.route,
+        backend: done.backend.as_deref(),
+        elapsed: start.elapsed(),
+        body_in: done.body_in,
+        body_out: done.body_out,
+    };
+    match result {
+        Ok(status) => {
+            served.status = status;
+            forward::account(&w, &served);
+        }
+        // No status: the client reset the stream, and there is no one to answer.
+        Err(e) => {
+            if let Some(status) = e.status() {
+                served.status = status;
+                served.backend = None;
+                error(&w, &mut respond, &mut served, e.why());
+            }
+        }
+    }
+}
+
+/// What a stream's exchange got to, for its accounting.
+#[derive(Default)]
+struct Done {
+    route: String,
+    backend: Option<String>,
+    body_in: u64,
+    body_out: u64,
+}
+
+/// One stream through the shared request path. `Ok(status)` once a response has started;
+/// an error before that is answered by the caller.
+#[allow(clippy::too_many_arguments)]
+async fn proxy_stream(
+    w: &Worker,
+    parts: &http::request::Parts,
+    mut body: RecvStream,
+    host: &str,
+    path: &str,
+    respond: &mut SendResponse<Bytes>,
+    ctx: ConnCtx,
+    done: &mut Done,
+) -> Result<u16, ProxyError> {
     let table = w.table();
-    let entry = forward::route(&table, &host, &path)?;
-    route_id.clone_from(&entry.route.id);
+    let entry = forward::route(&table, host, path)?;
+    done.route.clone_from(&entry.route.id);
     forward::has_backends(entry)?;
     let length = parts
         .headers
@@ -168,7 +197,7 @@ async fn proxy_stream(
     // The request as an HTTP/1.1 head, so the headers the router adds are the same.
     let mut headers = vec![Header {
         name: "host".into(),
-        value: host.clone().into_bytes(),
+        value: host.as_bytes().to_vec(),
     }];
     let mut cookies: Vec<Vec<u8>> = Vec::new();
     for (name, value) in &parts.headers {
@@ -194,7 +223,7 @@ async fn proxy_stream(
     }
     let head = RequestHead {
         method: parts.method.as_str().to_string(),
-        target: path.clone(),
+        target: path.to_string(),
         minor_version: 1,
         headers,
     };
@@ -205,7 +234,7 @@ async fn proxy_stream(
     let mut ex = Exchange::open(w, entry, &cookie_values, keepalive, replayable).await?;
     let t = w.shared.config.timeouts;
     let mut out = Vec::with_capacity(1024);
-    backend_h1::write_request_head(w, &head, framing, ctx, &path, keepalive, false, &mut out);
+    backend_h1::write_request_head(w, &head, framing, ctx, path, keepalive, false, &mut out);
 
     // Request body: forwarded as it arrives, window released only once it is written.
     let encoding = if framing == BodyFraming::Chunked {
@@ -216,6 +245,7 @@ async fn proxy_stream(
     if has_body {
         while let Some(data) = body.data().await {
             let data = data.map_err(|_| ProxyError::new(ErrorKind::ClientGone))?;
+            done.body_in += data.len() as u64;
             encoding.frame(&data, &mut out);
             if let Err(e) = ex.conn.stream.write_all(&out).await {
                 tracing::debug!(error = %e, "backend stopped reading the body");
@@ -229,6 +259,7 @@ async fn proxy_stream(
     let first = ex.send(&out).await?;
     // Interim responses are not passed on over HTTP/2.
     let response = ex.final_head(first, |_| {}).await?;
+    done.backend = Some(ex.backend().addr.clone());
     if response.status == 101 {
         return Err(ProxyError::new(ErrorKind::BadResponse(
             "backend switched protocols unasked",
@@ -264,7 +295,6 @@ async fn proxy_stream(
     let Ok(mut send) = respond.send_response(resp, end) else {
         return Err(ProxyError::new(ErrorKind::ClientGone));
     };
-    let mut sent = 0u64;
     let mut ok = true;
     if !end {
         let mut piece = Vec::new();
@@ -277,7 +307,7 @@ async fn proxy_stream(
                 .await
             {
                 Ok(more) => {
-                    sent += piece.len() as u64;
+                    done.body_out += piece.len() as u64;
                     if !send_within_window(&mut send, Bytes::copy_from_slice(&piece)).await {
                         ok = false;
                         break;
@@ -298,7 +328,7 @@ async fn proxy_stream(
     }
     let reusable = forward::reusable(entry, &response, reader.close_delimited(), true);
     ex.finish(ok && reusable && reader.is_done());
-    Ok((status, sent))
+    Ok(status)
 }
 
 /// Sends `data` only as the client's flow-control window allows.

@@ -9,17 +9,21 @@
 //! source; [`standalone`] runs the router as its own process. The route table itself is
 //! `flynn-router-table`.
 
+mod accept;
 pub mod backend_h1;
 pub mod body;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod forward;
 pub mod h1;
 pub mod h2;
 pub mod io;
+mod listen;
 pub mod metrics;
 mod metrics_server;
 pub mod proxy_protocol;
+pub mod respond;
 pub mod routes_file;
 pub mod server;
 pub mod splice;

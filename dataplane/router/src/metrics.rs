@@ -171,12 +171,12 @@ impl Metrics {
         let counters = [
             (
                 "flynn_router_bytes_received_total",
-                "Bytes read from clients.",
+                "Request body bytes read from clients, over HTTP/1 and HTTP/2 alike (heads are not counted: their encodings differ).",
                 t.bytes_in,
             ),
             (
                 "flynn_router_bytes_sent_total",
-                "Bytes written to clients.",
+                "Response body bytes written to clients, over HTTP/1 and HTTP/2 alike (heads are not counted).",
                 t.bytes_out,
             ),
             (

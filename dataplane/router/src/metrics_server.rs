@@ -7,16 +7,12 @@ use std::sync::Arc;
 use axum::routing::get;
 
 use crate::metrics::Metrics;
-use crate::server::RouterError;
 
-pub fn start(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr, RouterError> {
-    let listener = std::net::TcpListener::bind(addr).map_err(|e| RouterError::Bind(addr, e))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| RouterError::Bind(addr, e))?;
-    let bound = listener
-        .local_addr()
-        .map_err(|e| RouterError::Bind(addr, e))?;
+/// Serves `/metrics` on `addr` from a thread of its own; the address bound.
+pub fn start(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let bound = listener.local_addr()?;
     std::thread::Builder::new()
         .name("router-metrics".into())
         .spawn(move || {
@@ -44,7 +40,6 @@ pub fn start(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<SocketAddr, Rout
                     Err(e) => tracing::error!(error = %e, "metrics listener"),
                 }
             });
-        })
-        .map_err(RouterError::Spawn)?;
+        })?;
     Ok(bound)
 }

@@ -9,12 +9,13 @@ use std::thread::JoinHandle;
 
 use arc_swap::ArcSwap;
 use flynn_router_table::RouteTable;
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 
+use crate::accept::{self, Kind};
 use crate::config::RouterConfig;
+pub use crate::listen::reuseport_listener;
 use crate::metrics::Metrics;
-use crate::worker::{self, Kind, Shared, Worker};
+use crate::worker::{Shared, Worker};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
@@ -28,19 +29,6 @@ pub enum RouterError {
     Config(String),
     #[error("starting a worker: {0}")]
     Spawn(std::io::Error),
-}
-
-/// A listening socket that other workers can share (SO_REUSEPORT): the kernel hashes each
-/// new connection to one of them.
-pub fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.set_tcp_nodelay(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(4096)?;
-    Ok(socket.into())
 }
 
 /// Listening sockets a previous process image left open for this one (an in-place
@@ -164,7 +152,10 @@ impl Router {
         let metrics = Arc::new(Metrics::new(n));
         let _ = metrics.io.set(choice);
         let metrics_addr = match config.metrics {
-            Some(addr) => Some(crate::metrics_server::start(addr, metrics.clone())?),
+            Some(addr) => Some(
+                crate::metrics_server::start(addr, metrics.clone())
+                    .map_err(|e| RouterError::Bind(addr, e))?,
+            ),
             None => None,
         };
         let shared = Arc::new(Shared {
@@ -188,7 +179,7 @@ impl Router {
                     if let Some(core) = core {
                         core_affinity::set_for_current(core);
                     }
-                    worker::run(Worker::new(i, shared, rx), listeners);
+                    accept::run(Worker::new(i, shared, rx), listeners);
                 })
                 .map_err(RouterError::Spawn)?;
             workers.push(handle);

@@ -62,7 +62,7 @@ pub async fn manage(w: Rc<Worker>) {
                 continue;
             }
             let addr = SocketAddr::new(w.shared.config.tcp_ip, port);
-            match crate::server::reuseport_listener(addr) {
+            match crate::listen::reuseport_listener(addr) {
                 Ok(l) => match TcpListener::from_std(l) {
                     Ok(l) => {
                         failed.remove(&port);
@@ -123,7 +123,7 @@ async fn connect(w: &Worker, port: u16) -> Option<TcpStream> {
     let table = w.table();
     let entry = table.tcp(port)?;
     let (_, conn) =
-        crate::upstream::connect_backend(w, &entry.backends, None, false, false, &mut Vec::new())
+        crate::forward::connect_backend(w, &entry.backends, None, false, false, &mut Vec::new())
             .await?;
     // Splice needs the descriptor: a fresh backend socket leaves the worker's ring.
     conn.stream.into_epoll()

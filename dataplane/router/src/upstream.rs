@@ -15,7 +15,6 @@ use flynn_router_table::Backend;
 use flynn_uring::Driver;
 
 use crate::io::Stream;
-use crate::worker::Worker;
 
 /// Read buffer per backend connection (kept with it in the pool).
 const READ_BUF: usize = 32 * 1024;
@@ -265,85 +264,6 @@ impl Drop for InFlight<'_> {
         let mut map = self.upstreams.outstanding.borrow_mut();
         if let Some(n) = map.get_mut(self.addr) {
             *n = n.saturating_sub(1);
-        }
-    }
-}
-
-/// Picks and connects a backend: the sticky one first when the cookie names a live one,
-/// then least-outstanding of two random choices among those not yet tried, until one
-/// connects. `None`: none could be reached.
-pub(crate) async fn connect_backend(
-    w: &Worker,
-    backends: &[Backend],
-    sticky: Option<usize>,
-    pooled: bool,
-    must_be_open: bool,
-    tried: &mut Vec<usize>,
-) -> Option<(usize, UpstreamConn)> {
-    loop {
-        let idx = match (tried.is_empty(), sticky) {
-            // A sticky client follows its backend, unless that one is ejected.
-            (true, Some(i)) if !w.upstreams.is_ejected(&backends[i].addr) => i,
-            _ => w.upstreams.pick(backends, tried)?,
-        };
-        tried.push(idx);
-        match w
-            .upstreams
-            .connect(&backends[idx].addr, pooled, w.ring())
-            .await
-        {
-            Ok(mut c) => {
-                // A request that cannot be replayed gets a connection known to be open: a
-                // pooled one the backend has closed reads EOF (or a reset) here.
-                if must_be_open && c.reused && !c.stream.still_open() {
-                    match w.upstreams.connect_new(&backends[idx].addr, w.ring()).await {
-                        Ok(n) => c = n,
-                        Err(e) => {
-                            connect_failed(w, &backends[idx].addr, &e);
-                            continue;
-                        }
-                    }
-                }
-                return Some((idx, c));
-            }
-            Err(e) => connect_failed(w, &backends[idx].addr, &e),
-        }
-    }
-}
-
-/// A backend refused (or timed out) a new connection: counted, and passed over for a
-/// while. Its pooled connections having closed too is no excuse: it is down.
-fn connect_failed(w: &Worker, addr: &str, e: &dyn std::fmt::Display) {
-    w.stats.borrow_mut().connect_errors += 1;
-    tracing::debug!(backend = %addr, error = %e, "backend connect failed");
-    eject(w, addr);
-}
-
-/// Marks a backend failed, counting a new ejection.
-pub(crate) fn eject(w: &Worker, addr: &str) {
-    if w.upstreams.failed(addr) {
-        w.stats.borrow_mut().ejections += 1;
-        tracing::info!(backend = %addr, "backend ejected for a while: it refused a connect or did not answer in time");
-    }
-}
-
-/// A fresh connection for a request whose pooled connection proved closed before any
-/// response byte: the same backend first, then any other not yet tried.
-pub(crate) async fn reconnect(
-    w: &Worker,
-    backends: &[Backend],
-    idx: usize,
-    tried: &mut Vec<usize>,
-) -> Option<(usize, UpstreamConn)> {
-    if w.upstreams.is_ejected(&backends[idx].addr) {
-        // It failed just now (its host vanished, say): straight to another.
-        return connect_backend(w, backends, None, false, false, tried).await;
-    }
-    match w.upstreams.connect_new(&backends[idx].addr, w.ring()).await {
-        Ok(c) => Some((idx, c)),
-        Err(e) => {
-            connect_failed(w, &backends[idx].addr, &e);
-            connect_backend(w, backends, None, false, false, tried).await
         }
     }
 }
