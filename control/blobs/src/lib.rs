@@ -22,7 +22,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::signer::Signer;
 use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, RetryConfig, WriteMultipart};
 
-pub use flynn_state::blobs::config::BackendConfig;
+pub use flynn_model::BackendConfig;
 
 /// A stream of bytes into or out of a backend.
 pub type ByteStream = BoxStream<'static, Result<Bytes, BackendError>>;

@@ -4,10 +4,12 @@
 //! the state machine (`flynn-state`). Everything here is part of the wire format (Raft log,
 //! snapshots, controller API, watch stream), so field names are stable.
 
+mod blob_backends;
 mod jobs;
 mod records;
 mod watch;
 
+pub use blob_backends::*;
 pub use jobs::*;
 pub use records::*;
 pub use watch::*;
