@@ -51,7 +51,7 @@ struct Backup {
 /// Reads the whole backup once and checks it against its manifest, before any host is
 /// touched: a truncated or corrupted backup is refused naming the broken entry.
 async fn check_backup(path: &std::path::Path) -> anyhow::Result<Backup> {
-    use crate::api::backup::STATE_ENTRY;
+    use crate::ops::STATE_ENTRY;
     let file = tokio::fs::File::open(path)
         .await
         .with_context(|| format!("opening {}", path.display()))?;

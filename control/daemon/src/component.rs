@@ -162,3 +162,21 @@ impl Components {
         }
     }
 }
+
+/// A host's own health lines and when they were measured.
+#[derive(Default)]
+pub struct HealthCache(std::sync::Mutex<Option<(flynn_client::HostHealth, std::time::Instant)>>);
+
+impl HealthCache {
+    /// The lines, unless they are older than `stale`.
+    pub fn fresh(&self, stale: std::time::Duration) -> Option<flynn_client::HostHealth> {
+        let last = self.0.lock().expect("health cache");
+        last.as_ref()
+            .filter(|(_, at)| at.elapsed() < stale)
+            .map(|(h, _)| h.clone())
+    }
+
+    pub fn store(&self, h: flynn_client::HostHealth) {
+        *self.0.lock().expect("health cache") = Some((h, std::time::Instant::now()));
+    }
+}

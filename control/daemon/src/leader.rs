@@ -1,10 +1,12 @@
-//! Leader controllers: cluster-wide upkeep that only the Raft leader does (instance
-//! expiry, `DISCOVERD_PEERS`; next the scheduler and host failure detection).
+//! Leader controllers: cluster-wide upkeep that only the Raft leader does. Here are the
+//! trait, the loop that runs them, and the discovery ones (instance expiry,
+//! `DISCOVERD_PEERS`); the scheduler (`jobs::scheduler`, formations to jobs, host failure)
+//! is another. The host lists them all (`Host::leader_controllers`).
 //!
 //! Each controller looks at the applied state and proposes what is missing. They run on
 //! every change of the state and on a timer (time passes without changes: TTLs lapse),
 //! only while this host leads. Adding one: a type implementing [`LeaderController`], one line
-//! in [`controllers`].
+//! in that list.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,13 +27,9 @@ pub trait LeaderController: Send + Sync + 'static {
     fn run<'a>(&'a self, node: &'a Arc<Node>) -> BoxFuture<'a, ()>;
 }
 
-/// Every leader controller, in the order they run.
-pub fn controllers() -> Vec<Box<dyn LeaderController>> {
-    vec![
-        Box::new(InstanceExpiry),
-        Box::new(DiscoverdPeers),
-        Box::new(crate::jobs::scheduler::Scheduler::default()),
-    ]
+/// The discovery controllers, in the order they run.
+pub fn discovery_controllers() -> Vec<Box<dyn LeaderController>> {
+    vec![Box::new(InstanceExpiry), Box::new(DiscoverdPeers)]
 }
 
 /// Runs the controllers while this host leads, until the daemon stops.

@@ -1,6 +1,6 @@
 //! Serves the API with the router's limits on slow clients: a request head must be complete
 //! within [`HEAD_TIMEOUT`] (the router's header timeout), a body within
-//! [`super::BODY_TIMEOUT`] (the router's body timeout). axum's own `serve` sets no timer, so
+//! `api::BODY_TIMEOUT` (the router's body timeout). axum's own `serve` sets no timer, so
 //! a client dribbling a header line a second kept a connection open forever.
 //!
 //! hyper starts the head timer when a connection begins waiting for a request, so the same
@@ -77,4 +77,9 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Out
     {
         tracing::debug!("api connections still open after the drain");
     }
+}
+
+/// The body of a successful delete.
+pub fn deleted() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({"deleted": true}))
 }

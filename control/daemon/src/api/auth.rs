@@ -9,8 +9,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use flynn_client::SECRET_HEADER;
 
-use crate::daemon::Host;
 use crate::error::ApiError;
+use crate::host::Host;
 
 pub async fn require_secret(State(host): State<Arc<Host>>, req: Request, next: Next) -> Response {
     let node = match host.node() {

@@ -32,12 +32,10 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::backup::APP_EXPORT;
 use super::AppState;
 use crate::archive::{ArchiveError, TarReader, TarWriter};
 use crate::error::{ApiError, ApiResult};
-
-pub const APP_ENTRY: &str = "app.json";
+use crate::ops::{APP_ENTRY, APP_EXPORT};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -161,7 +159,7 @@ async fn export(State(host): State<AppState>, Path(app): Path<String>) -> ApiRes
                 let addr = hosts.get(&v.host).ok_or_else(|| {
                     io::Error::other(format!("volume {}: its host left the cluster", v.id))
                 })?;
-                super::backup::write_volume(&mut w, addr, &secret, &v.id).await?;
+                crate::ops::write_volume(&mut w, addr, &secret, &v.id).await?;
             }
             Ok(())
         }
@@ -241,7 +239,7 @@ async fn import(
     Query(opts): Query<ImportOpts>,
     body: Body,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let mut tar = super::backup::archive_body(body);
+    let mut tar = crate::ops::archive_body(body);
     let result = import_archive(&host, &opts, &mut tar).await;
     if result.is_err() {
         // The refusal reaches the client whole only once its upload was read: answered
@@ -264,7 +262,7 @@ async fn import_archive<R: tokio::io::AsyncRead + Unpin>(
     if let Some(name) = &opts.name {
         check_new_app_name(&node, name).await?;
     }
-    let head = super::backup::read_head(tar, APP_ENTRY, 64 * 1024 * 1024, APP_EXPORT).await?;
+    let head = crate::ops::read_head(tar, APP_ENTRY, 64 * 1024 * 1024, APP_EXPORT).await?;
     let export: AppExport = serde_json::from_slice(&head)
         .map_err(|e| ApiError::Invalid(format!("{APP_EXPORT}: {APP_ENTRY}: {e}")))?;
     let old = export.app.name.clone();
@@ -320,9 +318,9 @@ async fn import_into<R: tokio::io::AsyncRead + Unpin>(
         .map(|l| (flynn_state::layer_path(&l.sha512), l.sha512.clone()))
         .collect();
     let secret = node.secret().to_string();
-    let zfs_hosts = super::backup::zfs_hosts(node, &secret).await;
+    let zfs_hosts = crate::ops::zfs_hosts(node, &secret).await;
     let mut volume_ids: BTreeMap<String, String> = BTreeMap::new();
-    let mut receiving: Option<super::backup::Receiving> = None;
+    let mut receiving: Option<crate::ops::Receiving> = None;
     while let Some((entry, _)) = tar.next().await.map_err(broken)? {
         let volume = entry
             .strip_prefix("volumes/")
@@ -335,7 +333,7 @@ async fn import_into<R: tokio::io::AsyncRead + Unpin>(
             let sha = layers.get(path).ok_or_else(|| {
                 ApiError::Invalid(format!("{APP_EXPORT}: {entry} is no layer of its release"))
             })?;
-            super::backup::put_blob(blobstore, tar, path, sha, APP_EXPORT).await?;
+            crate::ops::put_blob(blobstore, tar, path, sha, APP_EXPORT).await?;
         } else if let Some(old_id) = volume {
             if receiving.is_none() {
                 if zfs_hosts.is_empty() {
@@ -350,7 +348,7 @@ async fn import_into<R: tokio::io::AsyncRead + Unpin>(
                 received.push((target.clone(), id.clone()));
                 volume_ids.insert(old_id.clone(), id.clone());
                 let exported = export.volumes.iter().find(|v| v.id == old_id);
-                receiving = Some(super::backup::Receiving::start(
+                receiving = Some(crate::ops::Receiving::start(
                     &target,
                     &secret,
                     &old_id,

@@ -17,16 +17,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use std::sync::Arc;
 
-use axum::response::IntoResponse;
 use flynn_client::{HostClient, RunRequest, ScaleRequest, SetLimits};
 
-use crate::jobs::oneoff::OneOffIo;
 use flynn_state::jobs::JobsCommand;
-use flynn_state::{
-    Formation, Job, JobState, LogLine, LogQuery, NewRelease, Release, MAX_LOG_LINES,
-};
+use flynn_state::{Formation, Job, LogLine, LogQuery, NewRelease, Release, MAX_LOG_LINES};
 use serde::Deserialize;
 
 use super::{read, AppState, JsonBody, ReadOpts};
@@ -56,12 +51,7 @@ pub fn controller_routes() -> Router<AppState> {
         .route("/apps/{app}/log", get(app_log))
         .route("/apps/{app}/run", post(run))
         .route("/apps/{app}/builds", post(build))
-        .route(
-            "/apps/{app}/jobs/{id}/stdin",
-            axum::routing::put(job_stdin).layer(axum::extract::DefaultBodyLimit::disable()),
-        )
-        .route("/apps/{app}/jobs/{id}/output", get(job_output))
-        .route("/apps/{app}/jobs/{id}/resize", post(job_resize))
+        .merge(super::attach::controller_routes())
 }
 
 pub fn secret_routes() -> Router<AppState> {
@@ -69,12 +59,7 @@ pub fn secret_routes() -> Router<AppState> {
         .route("/host/jobs", get(host_jobs))
         .route("/host/jobs/{id}/stop", post(host_stop))
         .route("/host/logs", get(host_logs))
-        .route(
-            "/host/jobs/{id}/stdin",
-            axum::routing::put(host_stdin).layer(axum::extract::DefaultBodyLimit::disable()),
-        )
-        .route("/host/jobs/{id}/output", get(host_output))
-        .route("/host/jobs/{id}/resize", post(host_resize))
+        .merge(super::attach::secret_routes())
 }
 
 fn check_sha(sha: &str) -> ApiResult<()> {
@@ -283,50 +268,13 @@ async fn wait_deployed(node: &crate::node::Node, release: &Release) -> Result<()
     // This host's state must include the release before it is judged.
     node.read_barrier().await.map_err(|e| e.to_string())?;
     loop {
-        let verdict = node.state.read(|a| {
-            let s = &a.state;
-            let Some(f) = s.jobs.formations.get(&release.app) else {
-                return Some(Err("the app's formation is gone".to_string()));
-            };
-            if f.release != release.id {
-                return Some(Ok(())); // superseded by a newer deploy
-            }
-            let jobs: Vec<&Job> = s
-                .jobs
-                .app_jobs(&release.app)
-                .filter(|j| j.release == release.id && !j.oneoff)
-                .collect();
-            if let Some(bad) = jobs
-                .iter()
-                .find(|j| matches!(j.state, JobState::Crashed | JobState::Failed))
-            {
-                return Some(Err(format!(
-                    "job {} {}: {}",
-                    bad.id,
-                    if bad.state == JobState::Crashed {
-                        "crashed"
-                    } else {
-                        "failed"
-                    },
-                    bad.error.as_deref().unwrap_or("no reason given")
-                )));
-            }
-            let all_up = f.processes.iter().all(|(t, n)| {
-                let omni = release.processes.get(t).is_some_and(|p| p.omni);
-                let running = jobs
-                    .iter()
-                    .filter(|j| j.proc_type == *t && j.state == JobState::Running)
-                    .count();
-                if omni {
-                    running > 0
-                } else {
-                    running >= *n as usize
-                }
-            });
-            all_up.then_some(Ok(()))
-        });
-        if let Some(v) = verdict {
-            return v;
+        let verdict = node
+            .state
+            .read(|a| flynn_state::jobs::deploy_status(&a.state, release));
+        match verdict {
+            flynn_state::jobs::DeployStatus::Done => return Ok(()),
+            flynn_state::jobs::DeployStatus::Failed(why) => return Err(why),
+            flynn_state::jobs::DeployStatus::Deploying => {}
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -581,7 +529,8 @@ async fn run(
     let node = host.node()?;
     node.read_barrier().await?;
     // A system app without a release runs from its system image (flynn-blobstore).
-    crate::jobs::system_image::ensure_release(&host, &app).await?;
+    let tmp = host.dir.root().join("tmp");
+    crate::jobs::system_image::ensure_release(node, host.blobstore(), &tmp, &app).await?;
     let release = node.state.read(|a| {
         let s = &a.state;
         s.app(&app)?;
@@ -691,197 +640,4 @@ async fn place_oneoff(host: &AppState, mut job: flynn_state::jobs::NewJob) -> Ap
     jobs.into_iter()
         .next()
         .ok_or_else(|| ApiError::Internal("no job placed".into()))
-}
-
-/// Where a job runs: `None` for this host, else the host API address of its host.
-async fn job_host(host: &AppState, app: &str, id: &str) -> ApiResult<Option<String>> {
-    let node = host.node()?;
-    // The job may have been placed through the leader a moment ago.
-    node.read_barrier().await?;
-    let on = node.state.read(|a| {
-        a.state
-            .jobs
-            .jobs
-            .get(id)
-            .filter(|j| j.app == app)
-            .map(|j| j.host)
-    });
-    let on = on.ok_or_else(|| ApiError::NotFound(format!("job {id:?} of app {app:?}")))?;
-    if on == host.id {
-        return Ok(None);
-    }
-    let m = node.metrics();
-    let addr = m
-        .membership_config
-        .membership()
-        .get_node(&on)
-        .map(|n| n.addr.clone())
-        .ok_or_else(|| ApiError::Unavailable(format!("job {id:?}'s host is not a member")))?;
-    Ok(Some(addr))
-}
-
-fn streaming_client() -> ApiResult<reqwest::Client> {
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(2))
-        .build()
-        .map_err(|e| ApiError::Internal(e.to_string()))
-}
-
-/// Forwards a streamed request to the job's host's API and streams its answer back.
-async fn forward(
-    host: &AppState,
-    method: reqwest::Method,
-    addr: &str,
-    path: &str,
-    body: Option<Body>,
-) -> ApiResult<axum::response::Response> {
-    let secret = host.node()?.secret().to_string();
-    let mut rb = streaming_client()?
-        .request(method, format!("http://{addr}{path}"))
-        .header(flynn_client::SECRET_HEADER, secret);
-    if let Some(b) = body {
-        rb = rb.body(reqwest::Body::wrap_stream(b.into_data_stream()));
-    }
-    let resp = rb
-        .send()
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("the job's host {addr}: {e}")))?;
-    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-    let body = Body::from_stream(resp.bytes_stream());
-    Ok((status, [("content-type", "application/x-ndjson")], body).into_response())
-}
-
-async fn job_stdin(
-    State(host): State<AppState>,
-    Path((app, id)): Path<(String, String)>,
-    body: Body,
-) -> ApiResult<axum::response::Response> {
-    match job_host(&host, &app, &id).await? {
-        None => local_stdin(&host, &id, body).await,
-        Some(addr) => {
-            let path = format!("/host/jobs/{id}/stdin");
-            forward(&host, reqwest::Method::PUT, &addr, &path, Some(body)).await
-        }
-    }
-}
-
-async fn job_output(
-    State(host): State<AppState>,
-    Path((app, id)): Path<(String, String)>,
-) -> ApiResult<axum::response::Response> {
-    match job_host(&host, &app, &id).await? {
-        None => local_output(&host, &id).await,
-        Some(addr) => {
-            let path = format!("/host/jobs/{id}/output");
-            forward(&host, reqwest::Method::GET, &addr, &path, None).await
-        }
-    }
-}
-
-/// `POST /apps/{app}/jobs/{id}/resize`: the window size of a one-off job's terminal.
-async fn job_resize(
-    State(host): State<AppState>,
-    Path((app, id)): Path<(String, String)>,
-    body: bytes::Bytes,
-) -> ApiResult<axum::response::Response> {
-    match job_host(&host, &app, &id).await? {
-        None => local_resize(&host, &id, &body).await,
-        Some(addr) => {
-            let path = format!("/host/jobs/{id}/resize");
-            forward(
-                &host,
-                reqwest::Method::POST,
-                &addr,
-                &path,
-                Some(body.into()),
-            )
-            .await
-        }
-    }
-}
-
-async fn host_resize(
-    State(host): State<AppState>,
-    Path(id): Path<String>,
-    body: bytes::Bytes,
-) -> ApiResult<axum::response::Response> {
-    local_resize(&host, &id, &body).await
-}
-
-async fn local_resize(
-    host: &AppState,
-    id: &str,
-    body: &[u8],
-) -> ApiResult<axum::response::Response> {
-    let size: flynn_state::TtySize = serde_json::from_slice(body).map_err(|e| {
-        ApiError::Invalid(format!(
-            "not a terminal size ({{\"cols\": N, \"rows\": N}}): {e}"
-        ))
-    })?;
-    if size.cols == 0 || size.rows == 0 {
-        return Err(ApiError::Invalid(
-            "a terminal has at least one row and column".into(),
-        ));
-    }
-    let io = attachment(host, id).await?;
-    io.resize(size).map_err(ApiError::Conflict)?;
-    Ok(Json(serde_json::json!({"cols": size.cols, "rows": size.rows})).into_response())
-}
-
-/// A one-off job's I/O on this host, waiting briefly for a job just placed to start.
-async fn attachment(host: &AppState, id: &str) -> ApiResult<Arc<OneOffIo>> {
-    let runner = host
-        .jobs()
-        .ok_or_else(|| ApiError::NotFound("this host runs no jobs".into()))?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(io) = runner.attachments.get(id) {
-            return Ok(io);
-        }
-        if Instant::now() > deadline {
-            return Err(ApiError::NotFound(format!(
-                "job {id:?} is not a one-off job running on this host"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn local_stdin(host: &AppState, id: &str, body: Body) -> ApiResult<axum::response::Response> {
-    use futures::StreamExt;
-    let io = attachment(host, id).await?;
-    let tx = io.take_stdin().ok_or_else(|| {
-        ApiError::Conflict(format!("job {id:?} takes no stdin, or it was sent already"))
-    })?;
-    let mut stream = body.into_data_stream();
-    let mut sent = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::Invalid(format!("reading stdin: {e}")))?;
-        sent += chunk.len() as u64;
-        if tx.send(chunk).await.is_err() {
-            break; // the job closed its stdin or ended
-        }
-    }
-    Ok(Json(serde_json::json!({"stdin_bytes": sent})).into_response())
-}
-
-async fn local_output(host: &AppState, id: &str) -> ApiResult<axum::response::Response> {
-    let io = attachment(host, id).await?;
-    let body = Body::from_stream(io.stream());
-    Ok(([("content-type", "application/x-ndjson")], body).into_response())
-}
-
-async fn host_stdin(
-    State(host): State<AppState>,
-    Path(id): Path<String>,
-    body: Body,
-) -> ApiResult<axum::response::Response> {
-    local_stdin(&host, &id, body).await
-}
-
-async fn host_output(
-    State(host): State<AppState>,
-    Path(id): Path<String>,
-) -> ApiResult<axum::response::Response> {
-    local_output(&host, &id).await
 }

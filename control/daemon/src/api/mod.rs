@@ -13,6 +13,7 @@
 //! Every answer that is not a success is a JSON [`flynn_client::ErrorBody`].
 
 pub mod apps;
+pub mod attach;
 pub mod auth;
 pub mod backup;
 pub mod export;
@@ -20,7 +21,6 @@ pub mod host;
 pub mod jobs;
 pub mod raft;
 pub mod routes;
-pub mod serve;
 pub mod services;
 pub mod status;
 pub mod volumes;
@@ -36,8 +36,8 @@ use axum::{middleware, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::daemon::Host;
 use crate::error::{ApiError, ApiResult};
+use crate::host::Host;
 use crate::node::Node;
 
 /// Largest request body the controller API accepts.
@@ -137,7 +137,4 @@ pub async fn read<T>(
     node.state.read(|a| f(&a.state))
 }
 
-/// The body of a successful delete.
-pub fn deleted() -> axum::Json<serde_json::Value> {
-    axum::Json(serde_json::json!({"deleted": true}))
-}
+pub use crate::serve::deleted;

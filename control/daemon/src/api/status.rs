@@ -30,8 +30,8 @@ use flynn_state::JobState;
 use serde_json::json;
 
 use super::AppState;
-use crate::daemon::Host;
 use crate::error::ApiError;
+use crate::host::Host;
 use crate::version;
 
 /// Longest any one component check may take (in the background).
@@ -43,23 +43,6 @@ const REFRESH: Duration = Duration::from_secs(2);
 /// Lines older than this are not served: they are measured again.
 const STALE: Duration = Duration::from_secs(8);
 
-/// A host's own health lines and when they were measured.
-#[derive(Default)]
-pub struct HealthCache(std::sync::Mutex<Option<(HostHealth, std::time::Instant)>>);
-
-impl HealthCache {
-    fn fresh(&self) -> Option<HostHealth> {
-        let last = self.0.lock().expect("health cache");
-        last.as_ref()
-            .filter(|(_, at)| at.elapsed() < STALE)
-            .map(|(h, _)| h.clone())
-    }
-
-    fn store(&self, h: HostHealth) {
-        *self.0.lock().expect("health cache") = Some((h, std::time::Instant::now()));
-    }
-}
-
 /// Measures this host's lines every [`REFRESH`], for as long as the daemon runs.
 pub async fn keep_health_fresh(host: std::sync::Arc<Host>) {
     loop {
@@ -69,7 +52,7 @@ pub async fn keep_health_fresh(host: std::sync::Arc<Host>) {
     }
 }
 /// The service `status.$CLUSTER_DOMAIN` routes to.
-pub const SERVICE: &str = "status";
+pub use crate::components::controller::STATUS_SERVICE as SERVICE;
 
 pub fn open_routes() -> Router<AppState> {
     Router::new().route("/", get(page))
@@ -86,7 +69,7 @@ async fn host_health(State(host): State<AppState>) -> Json<HostHealth> {
 /// This host's own lines: the daemon itself and every component that lists one (from the
 /// background measurement, or measured now when that is stale).
 pub async fn local_health(host: &Host) -> HostHealth {
-    match host.health.fresh() {
+    match host.health.fresh(STALE) {
         Some(lines) => lines,
         None => {
             let lines = measure_local_health(host).await;

@@ -7,6 +7,7 @@
 //! that has it. Reads of a whole local object are checked against the recorded SHA-512.
 
 pub mod backends;
+mod content;
 mod http;
 mod metrics;
 mod migrate;
@@ -97,7 +98,7 @@ impl Blobstore {
             metrics: metrics::Metrics::default(),
         });
         let app = http::router(me.clone());
-        let task = tokio::spawn(crate::api::serve::serve(
+        let task = tokio::spawn(crate::serve::serve(
             listener,
             app,
             futures::future::pending::<()>(),

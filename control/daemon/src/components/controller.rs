@@ -12,7 +12,9 @@ use futures::future::BoxFuture;
 use crate::component::{Component, LocalState};
 
 /// The services the host API registers as.
-pub const SERVICES: [&str; 2] = ["controller", crate::api::status::SERVICE];
+pub const SERVICES: [&str; 2] = ["controller", STATUS_SERVICE];
+/// The service `status.$CLUSTER_DOMAIN` routes to (the status page, on every host's API).
+pub const STATUS_SERVICE: &str = "status";
 /// An instance not heard from for this long is dropped by the leader.
 const TTL: Duration = Duration::from_secs(15);
 const HEARTBEAT: Duration = Duration::from_secs(5);

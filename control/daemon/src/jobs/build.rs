@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 
 use flynn_job::init::VolumeMount;
 
+use super::JobError;
+
 /// What a build job runs.
 pub const ARGS: [&str; 4] = ["/app/bin/compile", "/app", "/tmp/cache", "/tmp/env"];
 /// The build's home; its `.ssh` holds the SSH client identity.
@@ -169,6 +171,92 @@ fn pack(dir: &Path, prefix: &str, out: &Path) -> std::io::Result<(String, u64)> 
     tar.into_inner()?.finish()?.sync_all()?;
     let sha = flynn_job::layer::sha512_file(out)?;
     Ok((sha, std::fs::metadata(out)?.len()))
+}
+
+impl super::JobRunner {
+    /// Packs a finished build's `/app` and stores it in the blobstore as a layer.
+    pub(super) async fn store_slug(&self, id: &str) -> Result<flynn_state::Layer, JobError> {
+        let packed = self.pack_build(id, "slug.tar.gz", pack_slug).await?;
+        let path = flynn_state::layer_path(&packed.sha512);
+        self.store_packed(&path, &packed)
+            .await
+            .map_err(|e| JobError::StoreSlug(e.to_string()))?;
+        Ok(flynn_state::Layer {
+            sha512: packed.sha512,
+            size: packed.size,
+            compression: flynn_state::LayerCompression::Gzip,
+        })
+    }
+
+    /// Packs part of a finished build into `name` in its job directory: the file, its
+    /// SHA-512 and size.
+    async fn pack_build(&self, id: &str, name: &str, pack: Packer) -> Result<Packed, JobError> {
+        let job_dir = self.cfg.jobs_dir.join(id);
+        let out = job_dir.join(name);
+        let target = out.clone();
+        let (sha512, size) = tokio::task::spawn_blocking(move || pack(&job_dir, &target))
+            .await
+            .map_err(|e| JobError::Build(e.to_string()))?
+            .map_err(JobError::Build)?;
+        Ok(Packed {
+            file: out,
+            sha512,
+            size,
+        })
+    }
+
+    /// Stores a packed file at `path` in the blobstore, checked against its digest.
+    async fn store_packed(&self, path: &str, packed: &Packed) -> Result<(), JobError> {
+        let blobstore = self.blobstore.as_ref().ok_or(JobError::NoBlobstore(""))?;
+        let file = tokio::fs::File::open(&packed.file).await?;
+        let body = tokio_util::io::ReaderStream::new(file);
+        blobstore
+            .put(path, body, Some(&packed.sha512))
+            .await
+            .map_err(|e| JobError::Store(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Unpacks the app's last build cache, if the blobstore holds one, into a build's
+    /// `/tmp/cache`.
+    pub(super) async fn restore_build_cache(
+        &self,
+        app: &str,
+        job_dir: &std::path::Path,
+    ) -> Result<(), JobError> {
+        let Some(blobstore) = &self.blobstore else {
+            return Ok(());
+        };
+        let path = cache_path(app);
+        if blobstore.file(&path).is_none() {
+            return Ok(());
+        }
+        let archive = blobstore
+            .local_copy(&path)
+            .await
+            .map_err(|e| JobError::Store(e.to_string()))?;
+        let job_dir = job_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || restore_cache(&job_dir, &archive))
+            .await
+            .map_err(|e| JobError::Build(e.to_string()))?
+            .map_err(JobError::Build)
+    }
+
+    /// Keeps a finished build's `/tmp/cache` for the app's next build (unless unchanged).
+    pub(super) async fn store_build_cache(&self, app: &str, id: &str) -> Result<(), JobError> {
+        let Some(blobstore) = &self.blobstore else {
+            return Ok(());
+        };
+        let packed = self.pack_build(id, "cache.tar.gz", pack_cache).await?;
+        let path = cache_path(app);
+        if blobstore
+            .file(&path)
+            .is_some_and(|f| f.sha512 == packed.sha512)
+        {
+            return Ok(());
+        }
+        self.store_packed(&path, &packed).await
+    }
 }
 
 #[cfg(test)]

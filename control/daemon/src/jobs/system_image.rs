@@ -10,18 +10,22 @@ use std::path::{Path, PathBuf};
 use flynn_state::jobs::JobsCommand;
 use flynn_state::{Image, ImageConfig, Layer, LayerCompression, NewRelease, ProcessType};
 
-use crate::api::AppState;
 use crate::error::{ApiError, ApiResult};
 
 /// System apps that can run one-off jobs, with the binary they run.
 const SYSTEM_BINARIES: &[(&str, &str)] = &[("blobstore", "flynn-blobstore")];
 
-/// Gives `app` a release from its system image if it is a system app without one.
-pub async fn ensure_release(host: &AppState, app: &str) -> ApiResult<()> {
+/// Gives `app` a release from its system image if it is a system app without one. The image
+/// is stored through `blobstore` (none: this host cannot), built in `tmp`.
+pub async fn ensure_release(
+    node: &crate::node::Node,
+    blobstore: Option<&std::sync::Arc<crate::blobstore::Blobstore>>,
+    tmp: &std::path::Path,
+    app: &str,
+) -> ApiResult<()> {
     let Some((_, binary)) = SYSTEM_BINARIES.iter().find(|(a, _)| *a == app) else {
         return Ok(());
     };
-    let node = host.node()?;
     let has = node.state.read(|a| {
         a.state
             .jobs
@@ -32,7 +36,7 @@ pub async fn ensure_release(host: &AppState, app: &str) -> ApiResult<()> {
     if has {
         return Ok(());
     }
-    let blobstore = host.blobstore().ok_or_else(|| {
+    let blobstore = blobstore.ok_or_else(|| {
         ApiError::Unavailable("this host runs no blobstore to keep the system image in".into())
     })?;
     let exe = std::env::current_exe()
@@ -44,7 +48,7 @@ pub async fn ensure_release(host: &AppState, app: &str) -> ApiResult<()> {
             bin.display()
         )));
     }
-    let dir = host.dir.root().join("tmp");
+    let dir = tmp.to_path_buf();
     let (layer_path, sha512, size) = tokio::task::spawn_blocking(move || build_layer(&bin, &dir))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?

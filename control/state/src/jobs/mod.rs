@@ -6,6 +6,9 @@
 //! back. Crashes are counted per process type so the scheduler can back off, and each host
 //! keeps a bounded history of stopped jobs per app.
 
+mod deploy;
+pub use deploy::{deploy_status, DeployStatus};
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};

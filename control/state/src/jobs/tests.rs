@@ -286,3 +286,41 @@ fn t16_build_memory_is_gitreceive_s_setting_or_1_gib() {
         assert!(build_memory(Some(bad)).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn t17_the_deploy_verdict_follows_the_release_s_jobs() {
+    use crate::jobs::{deploy_status, DeployStatus};
+    let (mut s, r1) = deployed("web1");
+    // One web wanted: none running yet.
+    assert_eq!(deploy_status(&s, &r1), DeployStatus::Deploying);
+    let j = place(&mut s, &r1.id, 1);
+    assert_eq!(deploy_status(&s, &r1), DeployStatus::Deploying);
+    report(&mut s, &j.id, JobState::Running, 2).unwrap();
+    assert_eq!(deploy_status(&s, &r1), DeployStatus::Done);
+    // A newer release supersedes it: done as far as the older one's deploy goes.
+    ok(&mut s, env_set("web1", None, "GREETING", "hi"));
+    assert_eq!(deploy_status(&s, &r1), DeployStatus::Done);
+    // The newer one's job crashing fails its deploy, naming the job and why.
+    let r2 = s.jobs.current_release("web1").unwrap().clone();
+    let j2 = place(&mut s, &r2.id, 1);
+    apply(
+        &mut s,
+        JobsCommand::UpdateJob {
+            id: j2.id.clone(),
+            state: JobState::Crashed,
+            addr: None,
+            exit_status: Some(3),
+            error: Some("exited with status 3".into()),
+            now_ms: 3,
+        },
+    )
+    .0
+    .unwrap();
+    match deploy_status(&s, &r2) {
+        DeployStatus::Failed(why) => {
+            assert!(why.contains(&j2.id) && why.contains("crashed"), "{why}");
+            assert!(why.contains("exited with status 3"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

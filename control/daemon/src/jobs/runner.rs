@@ -1,0 +1,326 @@
+//! The runner's loop: reconcile the jobs placed on this host with those it runs, run each
+//! from placement to cleanup (prepare, supervise, report), keep this host and its jobs
+//! registered, and set up the host's job network.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flynn_state::jobs::JobsCommand;
+use flynn_state::{Command, DiscoveryCommand, Job, JobState};
+
+use super::state::State;
+use super::supervise::Outcome;
+use super::{network, oneoff, JobRunner, RunningJob, HOST_SERVICE, HOST_TTL, JOB_TTL, MEMORY_META};
+
+impl JobRunner {
+    pub(super) async fn report(
+        &self,
+        local: &State,
+        id: &str,
+        state: JobState,
+        addr: Option<String>,
+        exit_status: Option<i32>,
+        error: Option<String>,
+    ) {
+        let cmd = JobsCommand::UpdateJob {
+            id: id.into(),
+            state,
+            addr,
+            exit_status,
+            error,
+            now_ms: crate::now_ms(),
+        };
+        propose_retrying(local, cmd.into()).await;
+    }
+
+    /// Claims this host's job subnet and sets up routed job networking, unless this host
+    /// runs jobs in its own network (`--job-network host`, or `auto` where it cannot).
+    pub(super) async fn setup_network(&self, local: &State) {
+        if self.cfg.network == "host" {
+            let _ = self.net.set(None);
+            *self.net_note.lock().expect("net note") = Some("--job-network host".into());
+            return;
+        }
+        let mut changes = local.changes();
+        while !local.read(|s| s.bootstrapped()) {
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
+        let index = loop {
+            let claim = JobsCommand::ClaimSubnet { host: self.host };
+            match local.propose(claim.into()).await {
+                Ok(flynn_state::Response::Subnet { index }) => break index,
+                Ok(other) => {
+                    tracing::error!(?other, "unexpected answer to a subnet claim");
+                    return;
+                }
+                Err(e) if e.is_refusal() => {
+                    tracing::error!(error = %e, "no job subnet for this host");
+                    *self.net_note.lock().expect("net note") = Some(e.to_string());
+                    let _ = self.net.set(None);
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "subnet claim not applied; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        let host = self.host;
+        match tokio::task::spawn_blocking(move || network::HostNet::start(host, index)).await {
+            Ok(Ok(hn)) => {
+                tracing::info!(subnet = %hn.subnet(), "jobs get addresses of their own");
+                let _ = self.net.set(Some(hn));
+            }
+            Ok(Err(why)) => {
+                let level_error = self.cfg.network == "routed";
+                if level_error {
+                    tracing::error!(error = %why, "jobs cannot have their own network");
+                } else {
+                    tracing::warn!(error = %why, "jobs run in the host's network");
+                }
+                *self.net_note.lock().expect("net note") = Some(why);
+                let _ = self.net.set(None);
+            }
+            Err(e) => {
+                *self.net_note.lock().expect("net note") = Some(e.to_string());
+                let _ = self.net.set(None);
+            }
+        }
+    }
+
+    /// Routes to the other hosts' job subnets.
+    pub(super) fn route_subnets(&self, local: &State) {
+        let Some(hn) = self.net.get().and_then(Option::as_ref) else {
+            return;
+        };
+        let members: BTreeMap<u64, String> = local
+            .members()
+            .into_iter()
+            .filter_map(|(id, addr)| Some((id, addr.rsplit_once(':')?.0.to_string())))
+            .collect();
+        let peers: BTreeMap<u32, String> = local.read(|s| {
+            s.jobs
+                .subnets
+                .iter()
+                .filter_map(|(host, index)| {
+                    let ip = members.get(&host.parse().ok()?)?;
+                    Some((*index, ip.clone()))
+                })
+                .collect()
+        });
+        // `ip` runs here: off the async workers' hands.
+        tokio::task::block_in_place(|| hn.route_peers(&peers, &self.ip));
+    }
+
+    /// One pass over the jobs placed on this host.
+    pub(super) fn reconcile(self: &Arc<Self>, local: &State) {
+        self.route_subnets(local);
+        let mine: Vec<Job> = local.read(|s| {
+            s.jobs
+                .jobs
+                .values()
+                .filter(|j| j.host == self.host && j.state.is_active())
+                .cloned()
+                .collect()
+        });
+        let mut running = self.running.lock().expect("jobs lock");
+        for job in mine {
+            match (job.state, running.get(&job.id)) {
+                (JobState::Pending, None) => {
+                    let (io, stdin) = if job.oneoff {
+                        let (tx, rx) = tokio::sync::mpsc::channel(16);
+                        let io = oneoff::OneOffIo::new(job.stdin.then_some(tx));
+                        self.attachments.insert(&job.id, io.clone());
+                        (Some(io), job.stdin.then_some(rx))
+                    } else {
+                        (None, None)
+                    };
+                    let l = Arc::new(RunningJob {
+                        job: job.clone(),
+                        pid: AtomicU64::new(0),
+                        stop: tokio::sync::Notify::new(),
+                        stopping: AtomicBool::new(false),
+                        io,
+                        stdin: Mutex::new(stdin),
+                    });
+                    running.insert(job.id.clone(), l.clone());
+                    tokio::spawn(self.clone().run_job(local.clone(), l));
+                }
+                (JobState::Stopping, Some(l)) if !l.stopping.swap(true, Ordering::SeqCst) => {
+                    l.stop.notify_one();
+                }
+                (state, None) => {
+                    // Placed here but not run by this daemon: it was lost with a restart.
+                    let (next, why) = match state {
+                        JobState::Stopping => (JobState::Done, None),
+                        _ => (
+                            JobState::Failed,
+                            Some("its host restarted while it ran".to_string()),
+                        ),
+                    };
+                    let me = self.clone();
+                    let local = local.clone();
+                    tokio::spawn(async move {
+                        me.report(&local, &job.id, next, None, None, why).await;
+                    });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs one job from placement to cleanup.
+    async fn run_job(self: Arc<Self>, local: State, l: Arc<RunningJob>) {
+        let id = l.job.id.clone();
+        self.started.fetch_add(1, Ordering::Relaxed);
+        // Said while it is prepared, not before: the state machine never moves a job back
+        // from running to starting, so this may land after a later report.
+        {
+            let (me, local, id) = (self.clone(), local.clone(), id.clone());
+            tokio::spawn(async move {
+                me.report(&local, &id, JobState::Starting, None, None, None)
+                    .await
+            });
+        }
+        let outcome = match self.prepare(&local, &l).await {
+            Ok(prepared) => self.supervise(&local, &l, prepared).await,
+            Err(e) => {
+                let why = e.to_string();
+                tracing::warn!(job = %id, error = %why, "job could not start");
+                self.logs
+                    .push(&l.job.app, &id, &l.job.proc_type, "init", why.clone());
+                l.tell(&why);
+                Outcome::failed(why)
+            }
+        };
+        // A build that succeeded leaves its slug; one that cannot be stored failed.
+        let mut slug = None;
+        let mut outcome = outcome;
+        if l.job.build.is_some() && outcome.exit_status == Some(0) {
+            match self.store_slug(&id).await {
+                Ok(layer) => {
+                    slug = Some(layer);
+                    if let Err(why) = self.store_build_cache(&l.job.app, &id).await {
+                        tracing::warn!(job = %id, error = %why, "build cache not kept");
+                        l.tell(&format!("the build cache was not kept ({why})"));
+                    }
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    l.tell(&why);
+                    outcome = Outcome {
+                        state: JobState::Failed,
+                        exit_status: Some(1),
+                        error: Some(why),
+                    };
+                }
+            }
+        }
+        // What `flynn run` exits with: the command's status, 126 if it never ran.
+        let outcome_exit = outcome.exit_status.unwrap_or(126);
+        self.report(
+            &local,
+            &id,
+            outcome.state,
+            None,
+            outcome.exit_status,
+            outcome.error,
+        )
+        .await;
+        if let Some(io) = &l.io {
+            let result = slug.map(|layer| serde_json::json!({ "slug": layer }));
+            io.finish(outcome_exit, result);
+            self.attachments.ended(&id);
+        }
+        self.running.lock().expect("jobs lock").remove(&id);
+        let _ = std::fs::remove_dir_all(self.cfg.jobs_dir.join(&id));
+        self.drop_volumes(&local, &l.job).await;
+    }
+
+    pub(super) fn register(&self, job: &Job, addr: String) -> DiscoveryCommand {
+        DiscoveryCommand::RegisterInstance {
+            service: job.service(),
+            id: job.id.clone(),
+            addr,
+            meta: [
+                ("job".to_string(), job.id.clone()),
+                ("release".to_string(), job.release.clone()),
+                ("host".to_string(), self.host.to_string()),
+            ]
+            .into(),
+            ttl_ms: JOB_TTL.as_millis() as u64,
+            now_ms: crate::now_ms(),
+        }
+    }
+
+    /// Keeps this host, and its jobs' instances, registered.
+    pub(super) async fn heartbeat(&self, local: &State, tick: u64) {
+        let mut commands: Vec<Command> = vec![DiscoveryCommand::RegisterInstance {
+            service: HOST_SERVICE.into(),
+            id: self.instance_id(),
+            addr: self.api_addr.clone(),
+            // What the scheduler may place here (see `scheduler::room`).
+            meta: [(MEMORY_META.to_string(), self.cfg.memory.to_string())].into(),
+            ttl_ms: HOST_TTL.as_millis() as u64,
+            now_ms: crate::now_ms(),
+        }
+        .into()];
+        if tick.is_multiple_of(5) {
+            let now = crate::now_ms();
+            let instances: Vec<(String, String)> = local.read(|s| {
+                s.jobs
+                    .jobs
+                    .values()
+                    .filter(|j| j.host == self.host && j.state == JobState::Running)
+                    .filter(|j| {
+                        s.discovery
+                            .services
+                            .get(&j.service())
+                            .is_some_and(|svc| svc.instances.contains_key(&j.id))
+                    })
+                    .map(|j| (j.service(), j.id.clone()))
+                    .collect()
+            });
+            commands.extend(instances.into_iter().map(|(service, id)| {
+                Command::from(DiscoveryCommand::Heartbeat {
+                    service,
+                    id,
+                    now_ms: now,
+                })
+            }));
+        }
+        if let Err(e) = local.propose(Command::Batch { commands }).await {
+            tracing::debug!(error = %e, "host heartbeat not applied");
+        }
+    }
+}
+
+/// Proposes until applied (or refused: a refusal will not change by retrying), for reports
+/// that must not be lost to a leader change.
+pub(super) async fn propose_retrying(local: &State, cmd: Command) {
+    // A lost report would leave a job `starting` (or running) in the state forever, so it
+    // is retried until it lands; reports are idempotent, and one that already landed is
+    // refused (an ended job) or changes nothing.
+    let mut attempt = 0u32;
+    loop {
+        match local.propose(cmd.clone()).await {
+            Ok(_) => return,
+            Err(e) if e.is_refusal() => {
+                tracing::debug!(error = %e, "job report refused");
+                return;
+            }
+            Err(e) => {
+                attempt += 1;
+                if attempt.is_multiple_of(10) {
+                    tracing::warn!(error = %e, attempt, "job report not applied yet; retrying");
+                }
+                let backoff = Duration::from_millis(100 * u64::from(attempt.min(20)));
+                tokio::time::sleep(backoff).await;
+            }
+        }
+    }
+}

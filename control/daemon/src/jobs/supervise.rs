@@ -1,0 +1,457 @@
+//! A prepared job, run: the container init started (on pipes or a pty), its output to the
+//! host's log and any attached caller, up once its port answers (then running and
+//! registered), stopped on request (SIGTERM, then SIGKILL after a grace), and its end
+//! classified as done, crashed or failed.
+
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flynn_job::cgroup::JobCgroup;
+use flynn_job::init::{EXIT_NOT_FOUND, EXIT_SETUP, INIT_PREFIX};
+use flynn_state::jobs::JobsCommand;
+use flynn_state::{Command, Job, JobState};
+use tokio::io::AsyncRead;
+
+use super::prepare::Prepared;
+use super::runner::propose_retrying;
+use super::state::State;
+use super::{logs, oneoff, pty, JobRunner, RunningJob, STOP_GRACE, UP_TIMEOUT};
+
+impl JobRunner {
+    pub(super) async fn supervise(
+        &self,
+        local: &State,
+        l: &Arc<RunningJob>,
+        p: Prepared,
+    ) -> Outcome {
+        let job = &l.job;
+        let exe = match std::env::current_exe() {
+            Ok(e) => e,
+            Err(e) => return Outcome::failed(format!("cannot find flynn-host itself: {e}")),
+        };
+        let stdin_rx = l.stdin.lock().expect("stdin lock").take();
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("container-init").arg(&p.spec_path);
+        // On a pty the job's three streams are its slave; the runner keeps the master.
+        let master = match job.tty {
+            Some(size) => {
+                let opened = pty::open(size).and_then(|pty| {
+                    let (out, err) = (pty.slave.try_clone()?, pty.slave.try_clone()?);
+                    cmd.stdin(Stdio::from(pty.slave))
+                        .stdout(Stdio::from(out))
+                        .stderr(Stdio::from(err));
+                    Ok(pty.master)
+                });
+                match opened {
+                    Ok(m) => Some(m),
+                    Err(e) => return Outcome::failed(format!("allocating a terminal: {e}")),
+                }
+            }
+            None => {
+                cmd.stdin(if stdin_rx.is_some() {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+                None
+            }
+        };
+        let spawned = cmd.spawn();
+        // Its copies of a pty's slave close here, so the master sees the job's end.
+        drop(cmd);
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => return Outcome::failed(format!("starting the container: {e}")),
+        };
+        l.pid
+            .store(child.id().unwrap_or(0) as u64, Ordering::Relaxed);
+        let init_error = Arc::new(Mutex::new(None::<String>));
+        let (stdin_sink, readers) = match master {
+            Some(master) => {
+                let clones = master
+                    .try_clone()
+                    .and_then(|w| Ok((w, master.try_clone()?)));
+                let (writer, reader) = match clones {
+                    Ok(c) => c,
+                    Err(e) => {
+                        nix_kill(l, true);
+                        let _ = child.wait().await;
+                        return Outcome::failed(format!("allocating a terminal: {e}"));
+                    }
+                };
+                if let Some(io) = &l.io {
+                    io.set_pty(master);
+                }
+                let sink: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =
+                    Box::new(tokio::fs::File::from_std(writer));
+                let reader = tokio::fs::File::from_std(reader);
+                let out = self.pipe(
+                    job,
+                    "stdout",
+                    reader,
+                    Some(init_error.clone()),
+                    l.io.clone(),
+                );
+                (Some(sink), [Some(out), None])
+            }
+            None => {
+                let sink = child
+                    .stdin
+                    .take()
+                    .map(|p| -> Box<dyn tokio::io::AsyncWrite + Unpin + Send> { Box::new(p) });
+                let readers = [
+                    child
+                        .stdout
+                        .take()
+                        .map(|s| self.pipe(job, "stdout", s, None, l.io.clone())),
+                    child.stderr.take().map(|s| {
+                        self.pipe(job, "stderr", s, Some(init_error.clone()), l.io.clone())
+                    }),
+                ];
+                (sink, readers)
+            }
+        };
+        if let (Some(mut rx), Some(mut sink)) = (stdin_rx, stdin_sink) {
+            // The caller's upload, as it arrives; its end closes the job's stdin (on a pty,
+            // the caller's own ^D does).
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                while let Some(chunk) = rx.recv().await {
+                    if sink.write_all(&chunk).await.is_err() || sink.flush().await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let started = Instant::now();
+        let addr = p.port.map(|port| format!("{}:{port}", p.ip));
+
+        // Up: its port answers (or its health path), then it is registered and running.
+        let mut up = false;
+        let wait_up = async {
+            match p.port {
+                Some(port) if p.register => {
+                    // A job in the host's network is reached on loopback (it may bind
+                    // only that); one with its own network at its address.
+                    let target = match &p.net {
+                        Some(n) => std::net::SocketAddr::from((n.ip, port)),
+                        None => std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                    };
+                    wait_listening(target, p.health_path.as_deref(), UP_TIMEOUT).await
+                }
+                _ => true,
+            }
+        };
+        let status = tokio::select! {
+            ok = wait_up => { up = ok; None }
+            s = child.wait() => Some(s),
+            _ = l.stop.notified() => None,
+        };
+        let mut stop_requested = l.stopping.load(Ordering::SeqCst);
+        if status.is_none() && !stop_requested {
+            if up {
+                let mut cmds: Vec<Command> = vec![JobsCommand::UpdateJob {
+                    id: job.id.clone(),
+                    state: JobState::Running,
+                    addr: addr.clone(),
+                    exit_status: None,
+                    error: None,
+                    now_ms: crate::now_ms(),
+                }
+                .into()];
+                if p.register {
+                    cmds.push(self.register(job, addr.clone().unwrap_or_default()).into());
+                }
+                propose_retrying(local, Command::Batch { commands: cmds }).await;
+            } else {
+                nix_kill(l, true);
+            }
+        }
+        // Stopping: SIGTERM now, and everything in the job SIGKILLed if it is still there
+        // after the grace period (checked then: its pid may belong to another by now).
+        let terminate = |l: &Arc<RunningJob>| {
+            nix_kill(l, false);
+            let (l, cgroup) = (l.clone(), p.cgroup.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(STOP_GRACE).await;
+                if l.pid.load(Ordering::SeqCst) != 0 {
+                    if let Some(c) = cgroup {
+                        c.kill_all()
+                    }
+                    nix_kill(&l, true);
+                }
+            });
+        };
+        if status.is_none() && stop_requested {
+            // Asked to stop before it was up (so never registered): no drain needed.
+            terminate(l);
+        }
+        let status = match status {
+            Some(s) => s,
+            None => loop {
+                tokio::select! {
+                    s = child.wait() => break s,
+                    _ = l.stop.notified(), if !stop_requested => {
+                        stop_requested = true;
+                        // Out of discovery already (StopJob); give routers a moment to
+                        // follow, then ask the job to stop.
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        terminate(l);
+                    }
+                }
+            },
+        };
+        // Its pid is free from here on: nothing may signal it any more.
+        l.pid.store(0, Ordering::SeqCst);
+        for r in readers.into_iter().flatten() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
+        }
+        let oom = p.cgroup.as_ref().is_some_and(JobCgroup::oom_killed);
+        if let Some(c) = &p.cgroup {
+            let c = c.clone();
+            let _ = tokio::task::spawn_blocking(move || c.remove()).await;
+        }
+        match &p.net {
+            Some(n) => {
+                if let Some(hn) = self.net.get().and_then(Option::as_ref) {
+                    tokio::task::block_in_place(|| hn.release(n));
+                }
+            }
+            None => {
+                if let Some(port) = p.port {
+                    self.ports.lock().expect("ports lock").remove(&port);
+                }
+            }
+        }
+        let code = match status {
+            Ok(s) => s.code().unwrap_or(-1),
+            Err(e) => return Outcome::failed(format!("waiting for the job: {e}")),
+        };
+        let init_error = init_error.lock().expect("init error").take();
+        let ran = started.elapsed();
+        tracing::info!(job = %job.id, code, ?ran, oom, "job exited");
+        Outcome::of(&Ended {
+            code,
+            stop_requested,
+            oom,
+            init_error,
+            up,
+            registers: p.register,
+        })
+    }
+
+    /// Copies one of the job's output pipes (or its pty) into the host's log, line by line
+    /// (a line over [`logs::MAX_LINE`] is split), and to an attached caller as it comes:
+    /// a prompt without a newline shows at once.
+    fn pipe(
+        &self,
+        job: &Job,
+        stream: &'static str,
+        mut pipe: impl AsyncRead + Unpin + Send + 'static,
+        init_error: Option<Arc<Mutex<Option<String>>>>,
+        io: Option<Arc<oneoff::OneOffIo>>,
+    ) -> tokio::task::JoinHandle<()> {
+        use tokio::io::AsyncReadExt;
+        let logs = self.logs.clone();
+        let (app, id, ty) = (job.app.clone(), job.id.clone(), job.proc_type.clone());
+        let to = if stream == "stdout" {
+            oneoff::STDOUT
+        } else {
+            oneoff::STDERR
+        };
+        tokio::spawn(async move {
+            let emit = |line: &mut Vec<u8>| {
+                let text = String::from_utf8_lossy(line)
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string();
+                line.clear();
+                let (stream, text) = match (&init_error, text.strip_prefix(INIT_PREFIX)) {
+                    (Some(slot), Some(msg)) => {
+                        *slot.lock().expect("init error") = Some(msg.to_string());
+                        ("init", msg.to_string())
+                    }
+                    _ => (stream, text),
+                };
+                logs.push(&app, &id, &ty, stream, text);
+            };
+            let mut chunk = vec![0u8; 16 * 1024];
+            let mut line: Vec<u8> = Vec::new();
+            loop {
+                // A pty's master reads EIO once the job's side is closed: its end.
+                let n = match pipe.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if let Some(io) = &io {
+                    io.output(to, bytes::Bytes::copy_from_slice(&chunk[..n]));
+                }
+                let mut rest = &chunk[..n];
+                while !rest.is_empty() {
+                    let take = rest.len().min(logs::MAX_LINE - line.len());
+                    let end = rest[..take].iter().position(|b| *b == b'\n');
+                    let used = end.map_or(take, |i| i + 1);
+                    line.extend_from_slice(&rest[..used]);
+                    rest = &rest[used..];
+                    if end.is_some() || line.len() >= logs::MAX_LINE {
+                        emit(&mut line);
+                    }
+                }
+            }
+            if !line.is_empty() {
+                emit(&mut line);
+            }
+        })
+    }
+}
+
+pub(crate) struct Outcome {
+    pub(super) state: JobState,
+    pub(super) exit_status: Option<i32>,
+    pub(super) error: Option<String>,
+}
+
+impl Outcome {
+    pub(super) fn failed(why: String) -> Self {
+        Outcome {
+            state: JobState::Failed,
+            exit_status: None,
+            error: Some(why),
+        }
+    }
+}
+
+/// How a job's init ended, as far as its outcome goes.
+pub(crate) struct Ended {
+    pub(super) code: i32,
+    /// The runner asked it to stop.
+    pub(super) stop_requested: bool,
+    /// The cgroup's OOM killer fired.
+    pub(super) oom: bool,
+    /// What the init itself said went wrong, if it did.
+    pub(super) init_error: Option<String>,
+    /// Its port answered (or it has none to wait for).
+    pub(super) up: bool,
+    /// It serves a port and is registered in discovery once up.
+    pub(super) registers: bool,
+}
+
+impl Outcome {
+    /// The job's end as its record says it: done, crashed (with why), or failed.
+    pub(super) fn of(e: &Ended) -> Outcome {
+        if e.stop_requested {
+            return Outcome {
+                state: JobState::Done,
+                exit_status: Some(e.code),
+                error: None,
+            };
+        }
+        if e.oom {
+            return Outcome {
+                state: JobState::Crashed,
+                exit_status: Some(e.code),
+                error: Some("out of memory".into()),
+            };
+        }
+        if let (Some(why), true) = (
+            e.init_error.clone(),
+            matches!(e.code, EXIT_SETUP | EXIT_NOT_FOUND | 126),
+        ) {
+            return Outcome {
+                state: JobState::Failed,
+                exit_status: Some(e.code),
+                error: Some(why),
+            };
+        }
+        if !e.up && status_ok(e.code) && e.registers {
+            return Outcome {
+                state: JobState::Crashed,
+                exit_status: Some(e.code),
+                error: Some("exited before its port answered".into()),
+            };
+        }
+        match e.code {
+            0 => Outcome {
+                state: JobState::Done,
+                exit_status: Some(0),
+                error: None,
+            },
+            c if c > 128 => Outcome {
+                state: JobState::Crashed,
+                exit_status: Some(c),
+                error: Some(format!("killed by signal {}", c - 128)),
+            },
+            c => Outcome {
+                state: JobState::Crashed,
+                exit_status: Some(c),
+                error: Some(format!("exited with status {c}")),
+            },
+        }
+    }
+}
+
+fn status_ok(code: i32) -> bool {
+    code == 0
+}
+
+fn kill_pid(pid: u64, hard: bool) {
+    if pid == 0 {
+        return;
+    }
+    let sig = if hard {
+        nix::sys::signal::Signal::SIGKILL
+    } else {
+        nix::sys::signal::Signal::SIGTERM
+    };
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+}
+
+pub(crate) fn nix_kill(l: &RunningJob, hard: bool) {
+    kill_pid(l.pid.load(Ordering::Relaxed), hard)
+}
+
+/// Waits until something accepts connections on the job's port (and, with a health path,
+/// answers it with a 2xx or 3xx).
+pub(super) async fn wait_listening(
+    target: std::net::SocketAddr,
+    health_path: Option<&str>,
+    timeout: Duration,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(2);
+    while Instant::now() < deadline {
+        if let Ok(Ok(mut s)) = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(target),
+        )
+        .await
+        {
+            let Some(path) = health_path else {
+                return true;
+            };
+            if http_ok(&mut s, path).await {
+                return true;
+            }
+        }
+        // Fast for a job that comes up at once, gentler for a hundred that do not.
+        tokio::time::sleep(pause).await;
+        pause = (pause + Duration::from_millis(2)).min(Duration::from_millis(50));
+    }
+    false
+}
+
+async fn http_ok(s: &mut tokio::net::TcpStream, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    match tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut head)).await {
+        Ok(Ok(_)) => matches!(head.get(9), Some(b'2') | Some(b'3')),
+        _ => false,
+    }
+}
