@@ -148,114 +148,6 @@ fn t11_refusals_install_nothing() {
     assert!(text(&out.stderr).contains(&version()));
 }
 
-/// A release made with `flynn-host release keygen` and `publish`, served over HTTP, installs
-/// once its manifest's signature and every binary's SHA-512 check out, and the channel is
-/// kept for `flynn-host update --version`. Another key's release, a tampered binary and a
-/// version the repository lacks install nothing, each with one line naming why.
-#[test]
-fn t15_installs_a_signed_release_from_a_repository() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = |p: &str| dir.path().join(p).to_str().unwrap().to_string();
-    host_ok(&["release", "keygen", "--out", &path("release.key")]);
-    let key = std::fs::read_to_string(path("release.pub")).unwrap();
-    let key = key.trim();
-    let from = bin_dir();
-    let published = host_ok(&[
-        "release",
-        "publish",
-        "--repository",
-        &path("repo"),
-        "--key",
-        &path("release.key"),
-        "--from",
-        from.to_str().unwrap(),
-    ]);
-    assert!(published.contains(&version()), "{published}");
-    let url = format!(
-        "http://{}",
-        flynn_tests::serve_dir("127.0.0.1", Path::new(&path("repo")))
-    );
-
-    let out = install_as_given(&[
-        "--repository",
-        &url,
-        "--release-key",
-        key,
-        "--prefix",
-        &path("usr"),
-        "--data-dir",
-        &path("data"),
-    ]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    for bin in ["flynn-host", "flynn", "flynn-blobstore"] {
-        assert_eq!(
-            std::fs::read(dir.path().join("usr/bin").join(bin)).unwrap(),
-            std::fs::read(from.join(bin)).unwrap(),
-            "{bin} is the published one"
-        );
-    }
-    let channel: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("data/release.json")).unwrap())
-            .unwrap();
-    assert_eq!(channel["repository"], url.as_str());
-    assert_eq!(channel["key"], key);
-
-    // Another key, a tampered binary, a missing version: nothing installed.
-    host_ok(&["release", "keygen", "--out", &path("other.key")]);
-    let other = std::fs::read_to_string(path("other.pub")).unwrap();
-    let tampered = dir.path().join("tampered");
-    std::fs::create_dir_all(&tampered).unwrap();
-    let v = version();
-    let copy = Command::new("cp")
-        .args([
-            "-r",
-            &format!("{}/.", path("repo")),
-            tampered.to_str().unwrap(),
-        ])
-        .status()
-        .unwrap();
-    assert!(copy.success());
-    let mut bytes = std::fs::read(tampered.join(&v).join("flynn")).unwrap();
-    bytes.push(0);
-    std::fs::write(tampered.join(&v).join("flynn"), bytes).unwrap();
-    let tampered_url = format!("http://{}", flynn_tests::serve_dir("127.0.0.1", &tampered));
-    let cases: [(&[&str], &str); 3] = [
-        (
-            &["--repository", &url, "--release-key", other.trim()],
-            "not signed",
-        ),
-        (
-            &["--repository", &tampered_url, "--release-key", key],
-            "does not match",
-        ),
-        (
-            &[
-                "--repository",
-                &url,
-                "--release-key",
-                key,
-                "--version",
-                "9.9.9",
-            ],
-            "not in",
-        ),
-    ];
-    for (args, says) in cases {
-        let mut all = args.to_vec();
-        let (usr, data) = (path("usr2"), path("data2"));
-        all.extend_from_slice(&["--prefix", &usr, "--data-dir", &data]);
-        let out = install_as_given(&all);
-        assert!(!out.status.success(), "{args:?}");
-        let err = text(&out.stderr);
-        assert!(
-            err.contains(says) && err.lines().count() == 1,
-            "{args:?}: {err}"
-        );
-        assert!(!dir.path().join("usr2/bin/flynn-host").exists(), "{args:?}");
-        assert!(!dir.path().join("data2/release.json").exists(), "{args:?}");
-    }
-}
-
 #[test]
 fn t12_writes_a_systemd_unit_whose_daemon_logs_to_the_journal_and_a_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -456,5 +348,113 @@ async fn t14_vagrant_provisioning_brings_up_a_three_host_cluster() {
         )
         .await;
         assert!(apps.iter().any(|a| a.name == "controller"));
+    }
+}
+
+/// A release made with `flynn-host release keygen` and `publish`, served over HTTP, installs
+/// once its manifest's signature and every binary's SHA-512 check out, and the channel is
+/// kept for `flynn-host update --version`. Another key's release, a tampered binary and a
+/// version the repository lacks install nothing, each with one line naming why.
+#[test]
+fn t15_installs_a_signed_release_from_a_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |p: &str| dir.path().join(p).to_str().unwrap().to_string();
+    host_ok(&["release", "keygen", "--out", &path("release.key")]);
+    let key = std::fs::read_to_string(path("release.pub")).unwrap();
+    let key = key.trim();
+    let from = bin_dir();
+    let published = host_ok(&[
+        "release",
+        "publish",
+        "--repository",
+        &path("repo"),
+        "--key",
+        &path("release.key"),
+        "--from",
+        from.to_str().unwrap(),
+    ]);
+    assert!(published.contains(&version()), "{published}");
+    let url = format!(
+        "http://{}",
+        flynn_tests::serve_dir("127.0.0.1", Path::new(&path("repo")))
+    );
+
+    let out = install_as_given(&[
+        "--repository",
+        &url,
+        "--release-key",
+        key,
+        "--prefix",
+        &path("usr"),
+        "--data-dir",
+        &path("data"),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for bin in ["flynn-host", "flynn", "flynn-blobstore"] {
+        assert_eq!(
+            std::fs::read(dir.path().join("usr/bin").join(bin)).unwrap(),
+            std::fs::read(from.join(bin)).unwrap(),
+            "{bin} is the published one"
+        );
+    }
+    let channel: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("data/release.json")).unwrap())
+            .unwrap();
+    assert_eq!(channel["repository"], url.as_str());
+    assert_eq!(channel["key"], key);
+
+    // Another key, a tampered binary, a missing version: nothing installed.
+    host_ok(&["release", "keygen", "--out", &path("other.key")]);
+    let other = std::fs::read_to_string(path("other.pub")).unwrap();
+    let tampered = dir.path().join("tampered");
+    std::fs::create_dir_all(&tampered).unwrap();
+    let v = version();
+    let copy = Command::new("cp")
+        .args([
+            "-r",
+            &format!("{}/.", path("repo")),
+            tampered.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    let mut bytes = std::fs::read(tampered.join(&v).join("flynn")).unwrap();
+    bytes.push(0);
+    std::fs::write(tampered.join(&v).join("flynn"), bytes).unwrap();
+    let tampered_url = format!("http://{}", flynn_tests::serve_dir("127.0.0.1", &tampered));
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--repository", &url, "--release-key", other.trim()],
+            "not signed",
+        ),
+        (
+            &["--repository", &tampered_url, "--release-key", key],
+            "does not match",
+        ),
+        (
+            &[
+                "--repository",
+                &url,
+                "--release-key",
+                key,
+                "--version",
+                "9.9.9",
+            ],
+            "not in",
+        ),
+    ];
+    for (args, says) in cases {
+        let mut all = args.to_vec();
+        let (usr, data) = (path("usr2"), path("data2"));
+        all.extend_from_slice(&["--prefix", &usr, "--data-dir", &data]);
+        let out = install_as_given(&all);
+        assert!(!out.status.success(), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(says) && err.lines().count() == 1,
+            "{args:?}: {err}"
+        );
+        assert!(!dir.path().join("usr2/bin/flynn-host").exists(), "{args:?}");
+        assert!(!dir.path().join("data2/release.json").exists(), "{args:?}");
     }
 }

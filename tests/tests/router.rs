@@ -795,6 +795,137 @@ async fn t21_tcp_routes_with_half_close() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t22_metrics() {
+    let a = Backend::start("a").await;
+    let r = RouterProc::start(&routes(&[("app.test", &[a.addr])], ""), &[]);
+    for _ in 0..10 {
+        assert_eq!(get(r.http, "app.test", "/").await.status, 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(get(r.http, "none.test", "/").await.status, 404);
+    }
+    // Workers publish once a second.
+    let ok = flynn_tests::eventually(Duration::from_secs(5), "metrics published", || async {
+        let n = r
+            .metric(
+                "flynn_router_requests_total",
+                &["route=\"http-0\"", "class=\"2xx\""],
+            )
+            .await;
+        (n >= 10.0).then_some(n)
+    })
+    .await;
+    assert_eq!(ok, 10.0);
+    assert_eq!(
+        r.metric(
+            "flynn_router_requests_total",
+            &["route=\"\"", "class=\"4xx\""]
+        )
+        .await,
+        3.0
+    );
+    assert_eq!(
+        r.metric("flynn_router_request_duration_seconds_count", &[])
+            .await,
+        13.0
+    );
+    assert!(r.metric("flynn_router_bytes_sent_total", &[]).await > 0.0);
+    let text = r.metrics_text().await;
+    assert!(text.contains("# TYPE flynn_router_open_connections gauge"));
+    assert!(text.contains("flynn_router_request_duration_seconds_bucket{le=\"+Inf\"} 13"));
+    // The backend in use: what FLYNN_ROUTER_IO asked for (CI runs this suite under both),
+    // io_uring by default on this machine.
+    let want = match std::env::var("FLYNN_ROUTER_IO").as_deref() {
+        Ok("epoll") => "epoll",
+        _ => "uring",
+    };
+    let other = if want == "uring" { "epoll" } else { "uring" };
+    assert_eq!(
+        r.metric("flynn_router_io_backend", &[&format!("backend=\"{want}\"")])
+            .await,
+        1.0
+    );
+    assert_eq!(
+        r.metric(
+            "flynn_router_io_backend",
+            &[&format!("backend=\"{other}\"")]
+        )
+        .await,
+        0.0
+    );
+    if want == "uring" {
+        assert!(r.metric("flynn_router_uring_completions_total", &[]).await > 0.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t23_proxy_protocol_v1() {
+    let a = Backend::start("a").await;
+    let r = RouterProc::start(
+        &routes(&[("app.test", &[a.addr])], ""),
+        &["--proxy-protocol"],
+    );
+    let resp = request(
+        r.http,
+        "PROXY TCP4 203.0.113.7 192.0.2.1 56324 80\r\nGET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(resp.json()["headers"]["x-forwarded-for"], "203.0.113.7");
+    // Without the PROXY line the connection is not from the load balancer: closed.
+    let mut c = Client::connect(r.http).await;
+    c.send("GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
+    assert!(c.read(false).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn t24_io_auto_falls_back_to_epoll_where_io_uring_is_blocked() {
+    let a = Backend::start("a").await;
+    let routes = routes(&[("app.test", &[a.addr])], "");
+    // A seccomp filter refuses io_uring_setup, as Docker's default profile does.
+    let r = RouterProc::start_without_io_uring(&routes, &["--io", "auto"]);
+    for _ in 0..5 {
+        assert_eq!(get(r.http, "app.test", "/").await.status, 200);
+    }
+    let log = r.log();
+    let line: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("io_uring not chosen"))
+        .collect();
+    assert_eq!(line.len(), 1, "one line names the fallback:\n{log}");
+    assert!(
+        line[0].contains("Operation not permitted"),
+        "the line names the reason: {}",
+        line[0]
+    );
+    assert_eq!(
+        r.metric("flynn_router_io_backend", &["backend=\"epoll\""])
+            .await,
+        1.0
+    );
+    // Asked for io_uring outright, the router refuses to start, saying why in one line.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("routes.toml");
+    std::fs::write(&file, &routes).unwrap();
+    let mut cmd = std::process::Command::new(flynn_tests::bin_dir().join("flynn-host"));
+    cmd.args(["router", "--routes"]).arg(&file).args([
+        "--http",
+        "127.0.0.1:0",
+        "--io",
+        "uring",
+        "--no-pin",
+    ]);
+    flynn_tests::router::deny_io_uring(&mut cmd);
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.contains("--io uring") && last.contains("Operation not permitted"),
+        "stderr: {err}"
+    );
+}
+
 /// A backend whose host is wedged (its kernel accepts, nothing answers) costs each of the
 /// two workers one timed-out request (504); then picks pass it over, and the requests after
 /// go to the live backend. Without that, about half of them would wait out the timeout. The
@@ -992,137 +1123,6 @@ async fn t27_a_vanished_backend_host_fails_no_request() {
         vanished.elapsed()
     );
     assert!(r.metric("flynn_router_backend_ejections_total", &[]).await >= 1.0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn t22_metrics() {
-    let a = Backend::start("a").await;
-    let r = RouterProc::start(&routes(&[("app.test", &[a.addr])], ""), &[]);
-    for _ in 0..10 {
-        assert_eq!(get(r.http, "app.test", "/").await.status, 200);
-    }
-    for _ in 0..3 {
-        assert_eq!(get(r.http, "none.test", "/").await.status, 404);
-    }
-    // Workers publish once a second.
-    let ok = flynn_tests::eventually(Duration::from_secs(5), "metrics published", || async {
-        let n = r
-            .metric(
-                "flynn_router_requests_total",
-                &["route=\"http-0\"", "class=\"2xx\""],
-            )
-            .await;
-        (n >= 10.0).then_some(n)
-    })
-    .await;
-    assert_eq!(ok, 10.0);
-    assert_eq!(
-        r.metric(
-            "flynn_router_requests_total",
-            &["route=\"\"", "class=\"4xx\""]
-        )
-        .await,
-        3.0
-    );
-    assert_eq!(
-        r.metric("flynn_router_request_duration_seconds_count", &[])
-            .await,
-        13.0
-    );
-    assert!(r.metric("flynn_router_bytes_sent_total", &[]).await > 0.0);
-    let text = r.metrics_text().await;
-    assert!(text.contains("# TYPE flynn_router_open_connections gauge"));
-    assert!(text.contains("flynn_router_request_duration_seconds_bucket{le=\"+Inf\"} 13"));
-    // The backend in use: what FLYNN_ROUTER_IO asked for (CI runs this suite under both),
-    // io_uring by default on this machine.
-    let want = match std::env::var("FLYNN_ROUTER_IO").as_deref() {
-        Ok("epoll") => "epoll",
-        _ => "uring",
-    };
-    let other = if want == "uring" { "epoll" } else { "uring" };
-    assert_eq!(
-        r.metric("flynn_router_io_backend", &[&format!("backend=\"{want}\"")])
-            .await,
-        1.0
-    );
-    assert_eq!(
-        r.metric(
-            "flynn_router_io_backend",
-            &[&format!("backend=\"{other}\"")]
-        )
-        .await,
-        0.0
-    );
-    if want == "uring" {
-        assert!(r.metric("flynn_router_uring_completions_total", &[]).await > 0.0);
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn t24_io_auto_falls_back_to_epoll_where_io_uring_is_blocked() {
-    let a = Backend::start("a").await;
-    let routes = routes(&[("app.test", &[a.addr])], "");
-    // A seccomp filter refuses io_uring_setup, as Docker's default profile does.
-    let r = RouterProc::start_without_io_uring(&routes, &["--io", "auto"]);
-    for _ in 0..5 {
-        assert_eq!(get(r.http, "app.test", "/").await.status, 200);
-    }
-    let log = r.log();
-    let line: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("io_uring not chosen"))
-        .collect();
-    assert_eq!(line.len(), 1, "one line names the fallback:\n{log}");
-    assert!(
-        line[0].contains("Operation not permitted"),
-        "the line names the reason: {}",
-        line[0]
-    );
-    assert_eq!(
-        r.metric("flynn_router_io_backend", &["backend=\"epoll\""])
-            .await,
-        1.0
-    );
-    // Asked for io_uring outright, the router refuses to start, saying why in one line.
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("routes.toml");
-    std::fs::write(&file, &routes).unwrap();
-    let mut cmd = std::process::Command::new(flynn_tests::bin_dir().join("flynn-host"));
-    cmd.args(["router", "--routes"]).arg(&file).args([
-        "--http",
-        "127.0.0.1:0",
-        "--io",
-        "uring",
-        "--no-pin",
-    ]);
-    flynn_tests::router::deny_io_uring(&mut cmd);
-    let out = cmd.output().unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    let last = err.trim().lines().last().unwrap_or_default();
-    assert!(
-        last.contains("--io uring") && last.contains("Operation not permitted"),
-        "stderr: {err}"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn t23_proxy_protocol_v1() {
-    let a = Backend::start("a").await;
-    let r = RouterProc::start(
-        &routes(&[("app.test", &[a.addr])], ""),
-        &["--proxy-protocol"],
-    );
-    let resp = request(
-        r.http,
-        "PROXY TCP4 203.0.113.7 192.0.2.1 56324 80\r\nGET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(resp.json()["headers"]["x-forwarded-for"], "203.0.113.7");
-    // Without the PROXY line the connection is not from the load balancer: closed.
-    let mut c = Client::connect(r.http).await;
-    c.send("GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
-    assert!(c.read(false).await.is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,6 +1,6 @@
 //! Host components: the parts of flynn-host that run on every host from that host's own
-//! applied state (the router, the firewall, the controller's registration; next volumes,
-//! the blobstore, the job runner, the log shipper).
+//! applied state: the router, the firewall, volumes, the blobstore, the job runner and the
+//! controller's registration.
 //!
 //! A component is built from its config before the API serves (so a port in use or an
 //! interface that cannot be filtered stops the daemon at start), then follows its host's
@@ -10,7 +10,9 @@
 //!
 //! Adding a component: a module in `components/` with a clap `Args` struct (its flags and
 //! defaults) and `validate()` into its config; a type implementing [`Component`]; one line
-//! in `Components::build` (daemon.rs) that builds it from the daemon's config.
+//! in `daemon::run` that builds it from the daemon's config and adds it to [`Components`].
+//! The host's own health lines, measured in the background from every component's
+//! `health()`, are kept here too ([`HealthCache`]).
 
 use std::sync::Arc;
 

@@ -1,5 +1,6 @@
 //! The cluster state machine, split by area: apps and env, routes and certificates,
-//! discovery, the cluster itself.
+//! discovery, the cluster itself, volumes, blobs, and jobs (releases, formations, jobs,
+//! their backoff and subnets, and the deploy verdict).
 //!
 //! Pure and deterministic: [`ClusterState::apply`] takes a command and returns the result
 //! plus the events it caused; it does no I/O and reads no clock (time arrives inside commands

@@ -246,21 +246,50 @@ impl TableBuilder {
     }
 }
 
+/// Follows a watch stream, one connection at a time, for every route-table follower (a
+/// remote host's stream in [`follow`], the daemon's own host's lines in process): lines
+/// apply to a copy of the table's builder, and each complete batch keeps the copy and
+/// gives the table to publish. A connection that breaks mid-batch leaves the builder at
+/// the last complete revision, where the next connection resumes.
+#[derive(Default)]
+pub struct Follower {
+    builder: TableBuilder,
+    pending: TableBuilder,
+}
+
+impl Follower {
+    /// The revision the next connection resumes after.
+    pub fn revision(&self) -> u64 {
+        self.builder.revision()
+    }
+
+    /// Starts over from the last complete batch (a new connection).
+    pub fn reconnect(&mut self) {
+        self.pending = self.builder.clone();
+    }
+
+    /// Applies one line; the table to publish when it completed a batch.
+    pub fn line(&mut self, line: WatchLine) -> Option<RouteTable> {
+        if !self.pending.apply(line) {
+            return None;
+        }
+        self.builder = self.pending.clone();
+        Some(self.builder.build())
+    }
+}
+
 /// Keeps `table` equal to the cluster's data-plane state as `client`'s host sees it,
 /// forever: on a broken stream it waits and resumes from the last complete revision.
 pub async fn follow(client: ControllerClient, table: Arc<ArcSwap<RouteTable>>) {
-    let mut builder = TableBuilder::default();
+    let mut follower = Follower::default();
     let mut backoff = Duration::from_millis(100);
     loop {
-        // Work on a copy: a stream that breaks mid-batch leaves the published state intact,
-        // and the next connection resumes from the last revision that was complete.
-        let mut pending = builder.clone();
-        let before = builder.revision();
+        follower.reconnect();
+        let before = follower.revision();
         let result = client
-            .watch_from(builder.revision(), true, |line| {
-                if pending.apply(line) {
-                    builder = pending.clone();
-                    table.store(Arc::new(builder.build()));
+            .watch_from(follower.revision(), true, |line| {
+                if let Some(t) = follower.line(line) {
+                    table.store(Arc::new(t));
                 }
                 true
             })
@@ -269,7 +298,7 @@ pub async fn follow(client: ControllerClient, table: Arc<ArcSwap<RouteTable>>) {
             Ok(()) => tracing::warn!("watch stream ended; reconnecting"),
             Err(e) => tracing::warn!(error = %e, "watch stream failed; reconnecting"),
         }
-        if builder.revision() > before {
+        if follower.revision() > before {
             backoff = Duration::from_millis(100); // that connection made progress
         }
         tokio::time::sleep(backoff).await;

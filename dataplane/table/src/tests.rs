@@ -177,3 +177,28 @@ fn t40_tcp_routes_and_certificates() {
     );
     assert!(t.certificate("example.org").is_none());
 }
+
+#[test]
+fn t50_a_follower_publishes_whole_batches_and_resumes_from_the_last_one() {
+    let mut f = Follower::default();
+    f.reconnect();
+    assert!(f.line(WatchLine::Reset { revision: 0 }).is_none());
+    assert!(f.line(http("r1", "a.test", "/", "a-web", false)).is_none());
+    assert!(f.line(up("a-web", "i1", "10.0.0.1:80")).is_none());
+    let t = f
+        .line(WatchLine::Synced { revision: 5 })
+        .expect("a whole batch");
+    assert_eq!(id(&t, "a.test", "/"), Some("r1".into()));
+    assert_eq!(f.revision(), 5);
+    // A connection that breaks mid-batch: half a batch is never published, and the next
+    // connection starts again from revision 5, without it.
+    assert!(f.line(http("r2", "b.test", "/", "b-web", false)).is_none());
+    f.reconnect();
+    assert_eq!(f.revision(), 5);
+    let t = f
+        .line(WatchLine::Synced { revision: 6 })
+        .expect("the next batch");
+    assert_eq!(id(&t, "b.test", "/"), None, "the broken half is gone");
+    assert_eq!(id(&t, "a.test", "/"), Some("r1".into()));
+    assert!(f.line(WatchLine::Heartbeat { revision: 6 }).is_none());
+}

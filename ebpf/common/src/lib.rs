@@ -226,6 +226,8 @@ pub fn port_class(port: u16) -> u32 {
 mod user {
     // SAFETY: plain #[repr(C)] data with no padding-dependent invariants.
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::UdpFlow {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Counter {}
 }

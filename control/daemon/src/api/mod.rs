@@ -7,8 +7,15 @@
 //! - [`status`]: `/` (the status page, open from private addresses, else the status key),
 //!   `/host/health` (cluster secret).
 //! - the controller API, behind a controller key ([`auth`]): [`apps`] (`/apps`, env),
-//!   [`routes`] (routes, `/certificates`), [`services`] (`/services`), [`watch`] (`/watch`)
-//!   and `/status`.
+//!   [`routes`] (routes, `/certificates`), [`services`] (`/services`), [`watch`] (`/watch`),
+//!   [`jobs`] (layers, images, releases, formations, jobs, logs, `flynn run`, builds),
+//!   [`attach`] (a one-off job's stdin, output and terminal size, forwarded to its host),
+//!   [`volumes`], [`backup`] (`/backup`; restore is host to host) and [`export`]
+//!   (export, import), and `/status`.
+//!
+//! Handlers parse, call the host's services and answer; archive logic is in
+//! [`crate::ops`], the blobstore's in [`crate::blobstore`], the job runner's in
+//! [`crate::jobs`].
 //!
 //! Every answer that is not a success is a JSON [`flynn_client::ErrorBody`].
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use flynn_router::{Router, RouterConfig};
-use flynn_router_table::{RouteTable, TableBuilder};
+use flynn_router_table::{Follower, RouteTable};
 use futures::future::BoxFuture;
 
 use crate::component::{Component, LocalState};
@@ -249,14 +249,13 @@ impl Component for RouterComponent {
     /// `synced` mark, so the workers never see half a change.
     fn follow(self: Arc<Self>, local: LocalState) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            let mut builder = TableBuilder::default();
+            let mut follower = Follower::default();
             loop {
-                let mut lines = local.watch_lines(builder.revision());
-                let mut pending = builder.clone();
+                follower.reconnect();
+                let mut lines = local.watch_lines(follower.revision());
                 while let Some(line) = lines.recv().await {
-                    if pending.apply(line) {
-                        builder = pending.clone();
-                        self.table.store(Arc::new(builder.build()));
+                    if let Some(t) = follower.line(line) {
+                        self.table.store(Arc::new(t));
                         self.start_deferred();
                     }
                 }
