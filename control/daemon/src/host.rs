@@ -277,9 +277,7 @@ impl Host {
             );
         }
         let mut gauge = |name: &str, help: &str, value: u64| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
-            ));
+            flynn_metrics::single(&mut out, name, "gauge", help, value);
         };
         let Some(node) = self.node.get() else {
             gauge(

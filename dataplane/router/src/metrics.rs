@@ -3,7 +3,6 @@
 //! sums the published copies and is at most a second behind.
 
 use std::collections::HashMap;
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -125,48 +124,62 @@ impl Metrics {
 
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
+        use flynn_metrics::{header, sample, single};
         let t = self.total();
         let mut o = String::new();
-        o.push_str(
-            "# HELP flynn_router_requests_total Requests answered, by route and status class.\n",
+        header(
+            &mut o,
+            "flynn_router_requests_total",
+            "counter",
+            "Requests answered, by route and status class.",
         );
-        o.push_str("# TYPE flynn_router_requests_total counter\n");
         let mut routes: Vec<_> = t.requests.iter().collect();
         routes.sort();
         for (route, c) in routes {
             for (i, n) in c.iter().enumerate() {
-                let _ = writeln!(
-                    o,
-                    "flynn_router_requests_total{{route=\"{}\",class=\"{}xx\"}} {n}",
-                    escape(route),
-                    i + 1
+                let class = format!("{}xx", i + 1);
+                sample(
+                    &mut o,
+                    "flynn_router_requests_total",
+                    &[("route", route), ("class", &class)],
+                    n,
                 );
             }
         }
-        o.push_str("# HELP flynn_router_request_duration_seconds Time from a request's head to the end of its response.\n");
-        o.push_str("# TYPE flynn_router_request_duration_seconds histogram\n");
+        header(
+            &mut o,
+            "flynn_router_request_duration_seconds",
+            "histogram",
+            "Time from a request's head to the end of its response.",
+        );
         let mut cumulative = 0;
         for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
             cumulative += t.latency[i];
-            let _ = writeln!(
-                o,
-                "flynn_router_request_duration_seconds_bucket{{le=\"{b}\"}} {cumulative}"
+            sample(
+                &mut o,
+                "flynn_router_request_duration_seconds_bucket",
+                &[("le", &b.to_string())],
+                cumulative,
             );
         }
         cumulative += t.latency[LATENCY_BUCKETS.len()];
-        let _ = writeln!(
-            o,
-            "flynn_router_request_duration_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+        sample(
+            &mut o,
+            "flynn_router_request_duration_seconds_bucket",
+            &[("le", "+Inf")],
+            cumulative,
         );
-        let _ = writeln!(
-            o,
-            "flynn_router_request_duration_seconds_sum {}",
-            t.latency_sum
+        sample(
+            &mut o,
+            "flynn_router_request_duration_seconds_sum",
+            &[],
+            t.latency_sum,
         );
-        let _ = writeln!(
-            o,
-            "flynn_router_request_duration_seconds_count {}",
-            t.latency_count
+        sample(
+            &mut o,
+            "flynn_router_request_duration_seconds_count",
+            &[],
+            t.latency_count,
         );
         let counters = [
             (
@@ -231,22 +244,27 @@ impl Metrics {
             ),
         ];
         for (name, help, v) in counters {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            single(&mut o, name, "counter", help, v);
         }
         let choice = self.io.get();
         let io = choice.map_or(crate::io::IoBackend::Epoll, |c| c.backend);
-        o.push_str("# HELP flynn_router_io_backend The I/O backend the router's workers started on (1 for the one in use).\n# TYPE flynn_router_io_backend gauge\n");
+        header(
+            &mut o,
+            "flynn_router_io_backend",
+            "gauge",
+            "The I/O backend the router's workers started on (1 for the one in use).",
+        );
         for b in [crate::io::IoBackend::Uring, crate::io::IoBackend::Epoll] {
-            let _ = writeln!(
-                o,
-                "flynn_router_io_backend{{backend=\"{}\"}} {}",
-                b.name(),
-                u8::from(b == io)
+            sample(
+                &mut o,
+                "flynn_router_io_backend",
+                &[("backend", b.name())],
+                u8::from(b == io),
             );
         }
         // Why `auto` passed io_uring over, and what the ring's self-test measured.
         if let Some(why) = choice.and_then(|c| c.fallback.as_deref()) {
-            flynn_metrics::header(
+            header(
                 &mut o,
                 "flynn_router_io_fallback_info",
                 "gauge",
@@ -268,27 +286,27 @@ impl Metrics {
                 rtt.as_secs_f64(),
             );
         }
-        let _ = writeln!(
-            o,
-            "# HELP flynn_router_io_fallback_workers Workers whose io_uring ring failed to set up and that run epoll.\n# TYPE flynn_router_io_fallback_workers gauge\nflynn_router_io_fallback_workers {}",
-            self.io_fallbacks.load(Ordering::Relaxed)
+        single(
+            &mut o,
+            "flynn_router_io_fallback_workers",
+            "gauge",
+            "Workers whose io_uring ring failed to set up and that run epoll.",
+            self.io_fallbacks.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            o,
-            "# HELP flynn_router_open_connections Client connections open now.\n# TYPE flynn_router_open_connections gauge\nflynn_router_open_connections {}",
-            self.open_connections.load(Ordering::Relaxed)
+        single(
+            &mut o,
+            "flynn_router_open_connections",
+            "gauge",
+            "Client connections open now.",
+            self.open_connections.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            o,
-            "# HELP flynn_router_table_revision Control-plane revision the route table reflects.\n# TYPE flynn_router_table_revision gauge\nflynn_router_table_revision {}",
-            self.table_revision.load(Ordering::Relaxed)
+        single(
+            &mut o,
+            "flynn_router_table_revision",
+            "gauge",
+            "Control-plane revision the route table reflects.",
+            self.table_revision.load(Ordering::Relaxed),
         );
         o
     }
-}
-
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }

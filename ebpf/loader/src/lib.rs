@@ -488,15 +488,15 @@ impl Firewall {
                 1,
             ),
         ] {
-            out.push_str(&format!(
-                "# HELP {metric} {help}\n# TYPE {metric} counter\n"
-            ));
+            flynn_metrics::header(&mut out, metric, "counter", help);
             for r in &rows {
                 let v = if pick == 0 { r.packets } else { r.bytes };
-                out.push_str(&format!(
-                    "{metric}{{verdict=\"{}\",reason=\"{}\",port_class=\"{}\"}} {v}\n",
-                    r.verdict, r.reason, r.port_class
-                ));
+                let labels = [
+                    ("verdict", r.verdict),
+                    ("reason", r.reason),
+                    ("port_class", r.port_class),
+                ];
+                flynn_metrics::sample(&mut out, metric, &labels, v);
             }
         }
         Ok(out)

@@ -256,8 +256,20 @@ impl Component for VolumesComponent {
     fn prometheus(&self) -> String {
         let zfs = u64::from(matches!(self.provider, Provider::Zfs(_)));
         let count = self.provider.list().map(|v| v.len()).unwrap_or(0);
-        let mut out = format!(
-            "# HELP flynn_volumes_zfs 1 if volumes are on ZFS, 0 for plain directories\n# TYPE flynn_volumes_zfs gauge\nflynn_volumes_zfs {zfs}\n# HELP flynn_volumes Volumes on this host\n# TYPE flynn_volumes gauge\nflynn_volumes {count}\n"
+        let mut out = String::new();
+        flynn_metrics::single(
+            &mut out,
+            "flynn_volumes_zfs",
+            "gauge",
+            "1 if volumes are on ZFS, 0 for plain directories",
+            zfs,
+        );
+        flynn_metrics::single(
+            &mut out,
+            "flynn_volumes",
+            "gauge",
+            "Volumes on this host",
+            count,
         );
         if let Provider::Zfs(p) = &self.provider {
             let healthy = p.health().is_ok_and(|h| h == "ONLINE");

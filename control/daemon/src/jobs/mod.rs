@@ -274,16 +274,38 @@ impl Component for JobRunner {
     }
 
     fn prometheus(&self) -> String {
-        format!(
-            "# HELP flynn_jobs_running Jobs running on this host.\n# TYPE flynn_jobs_running gauge\nflynn_jobs_running {}\n\
-             # HELP flynn_jobs_started_total Jobs this host started.\n# TYPE flynn_jobs_started_total counter\nflynn_jobs_started_total {}\n\
-             # HELP flynn_job_log_lines_total Job output lines written to the host's log files.\n# TYPE flynn_job_log_lines_total counter\nflynn_job_log_lines_total {}\n\
-             # HELP flynn_job_log_lines_dropped_total Job output lines dropped because the log writer fell behind.\n# TYPE flynn_job_log_lines_dropped_total counter\nflynn_job_log_lines_dropped_total {}\n",
-            self.running.lock().expect("jobs lock").len(),
-            self.started.load(Ordering::Relaxed),
-            self.logs.written.load(Ordering::Relaxed),
-            self.logs.dropped.load(Ordering::Relaxed),
-        )
+        let mut out = String::new();
+        let running = self.running.lock().expect("jobs lock").len();
+        let lines = |n: &std::sync::atomic::AtomicU64| n.load(Ordering::Relaxed);
+        for (name, kind, help, value) in [
+            (
+                "flynn_jobs_running",
+                "gauge",
+                "Jobs running on this host.",
+                running as u64,
+            ),
+            (
+                "flynn_jobs_started_total",
+                "counter",
+                "Jobs this host started.",
+                self.started.load(Ordering::Relaxed),
+            ),
+            (
+                "flynn_job_log_lines_total",
+                "counter",
+                "Job output lines written to the host's log files.",
+                lines(&self.logs.written),
+            ),
+            (
+                "flynn_job_log_lines_dropped_total",
+                "counter",
+                "Job output lines dropped because the log writer fell behind.",
+                lines(&self.logs.dropped),
+            ),
+        ] {
+            flynn_metrics::single(&mut out, name, kind, help, value);
+        }
+        out
     }
 
     /// Jobs end with their host's daemon: each is stopped (SIGTERM, then SIGKILL).
