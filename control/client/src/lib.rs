@@ -808,6 +808,37 @@ impl HostClient {
         let path = format!("/host/volumes/{}/send", seg(id));
         self.http.post(&path, req).await
     }
+
+    /// `PUT /host/volumes/{id}/receive` (cluster secret): a `zfs send` stream received into
+    /// volume `id` on this host, recorded with `owner` (app, and process type with mount
+    /// path) when given.
+    pub async fn receive_volume(
+        &self,
+        id: &str,
+        owner: Option<(&str, Option<(&str, &str)>)>,
+        stream: reqwest::Body,
+    ) -> Result<serde_json::Value, ClientError> {
+        let mut path = format!("/host/volumes/{}/receive", seg(id));
+        if let Some((app, typed)) = owner {
+            path.push_str(&format!("?app={}", seg(app)));
+            if let Some((proc_type, mount)) = typed {
+                path.push_str(&format!(
+                    "&proc_type={}&path={}",
+                    seg(proc_type),
+                    seg(mount)
+                ));
+            }
+        }
+        self.http.upload(&path, stream).await
+    }
+
+    /// `GET /host/volumes/{id}/export` (cluster secret): volume `id`'s full `zfs send`
+    /// stream, as it comes.
+    pub async fn export_volume(&self, id: &str) -> Result<reqwest::Response, ClientError> {
+        self.http
+            .download(&format!("/host/volumes/{}/export", seg(id)))
+            .await
+    }
 }
 
 /// A log query as URL parameters.

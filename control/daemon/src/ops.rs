@@ -8,7 +8,6 @@ use std::io;
 
 use axum::body::Body;
 use bytes::Bytes;
-use flynn_client::SECRET_HEADER;
 use flynn_state::blobs::BlobFile;
 use flynn_state::volumes::Volume;
 use flynn_state::ClusterState;
@@ -108,31 +107,24 @@ impl Receiving {
         new_id: &str,
         owner: Option<(&str, &Volume)>,
     ) -> ApiResult<Receiving> {
-        let mut url =
-            reqwest::Url::parse(&format!("http://{target}/host/volumes/{new_id}/receive"))
-                .map_err(|e| ApiError::Invalid(e.to_string()))?;
-        if let Some((app, v)) = owner {
-            url.query_pairs_mut().append_pair("app", app);
-            if let (Some(t), Some(p)) = (&v.proc_type, &v.path) {
-                url.query_pairs_mut()
-                    .append_pair("proc_type", t)
-                    .append_pair("path", p);
-            }
-        }
         let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
-        let req = reqwest::Client::new()
-            .put(url)
-            .header(SECRET_HEADER, secret)
-            .body(reqwest::Body::wrap_stream(ReceiverStream::new(rx)));
+        let host = peer(target, secret);
+        let owner: Option<(String, Option<(String, String)>)> = owner.map(|(app, v)| {
+            let typed = v.proc_type.clone().zip(v.path.clone());
+            (app.to_string(), typed)
+        });
         let (target, vid) = (target.to_string(), new_id.to_string());
         let done = tokio::spawn(async move {
-            let r = req.send().await.map_err(|e| e.to_string())?;
-            let ok = r.status().is_success();
-            let text = r.text().await.unwrap_or_default();
-            if ok {
-                Ok(format!("{vid} on {target}"))
-            } else {
-                Err(format!("{target} refused it: {text}"))
+            let owner = owner.as_ref().map(|(app, t)| {
+                (
+                    app.as_str(),
+                    t.as_ref().map(|(p, m)| (p.as_str(), m.as_str())),
+                )
+            });
+            let stream = reqwest::Body::wrap_stream(ReceiverStream::new(rx));
+            match host.receive_volume(&vid, owner, stream).await {
+                Ok(_) => Ok(format!("{vid} on {target}")),
+                Err(e) => Err(format!("{target} refused it: {e}")),
             }
         });
         Ok(Receiving {
@@ -259,19 +251,23 @@ pub async fn write_volume(
     secret: &str,
     id: &str,
 ) -> io::Result<u64> {
-    let r = reqwest::Client::new()
-        .get(format!("http://{addr}/host/volumes/{id}/export"))
-        .header(SECRET_HEADER, secret)
-        .send()
+    let r = peer(addr, secret)
+        .export_volume(id)
         .await
         .map_err(|e| io::Error::other(format!("volume {id} at {addr}: {e}")))?;
-    if !r.status().is_success() {
-        let body = r.text().await.unwrap_or_default();
-        return Err(io::Error::other(format!("volume {id} at {addr}: {body}")));
-    }
     w.chunked(
         &format!("volumes/{id}"),
         r.bytes_stream().map_err(io::Error::other),
     )
     .await
+}
+
+/// Another host's API, by its address, with the cluster secret: archive transfers take as
+/// long as they take, so only the connect and idle limits apply.
+pub fn peer(addr: &str, secret: &str) -> flynn_client::HostClient {
+    flynn_client::HostClient::new(
+        &format!("http://{addr}"),
+        Some(secret),
+        std::time::Duration::from_secs(30),
+    )
 }

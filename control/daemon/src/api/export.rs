@@ -20,7 +20,6 @@ use axum::response::Response;
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use bytes::Bytes;
-use flynn_client::SECRET_HEADER;
 use flynn_state::jobs::JobsCommand;
 use flynn_state::routes::RoutesCommand;
 use flynn_state::volumes::Volume;
@@ -290,11 +289,7 @@ async fn import_archive<R: tokio::io::AsyncRead + Unpin>(
                 .await;
             let secret = node.secret().to_string();
             for (addr, id) in received {
-                let _ = reqwest::Client::new()
-                    .delete(format!("http://{addr}/host/volumes/{id}"))
-                    .header(SECRET_HEADER, &secret)
-                    .send()
-                    .await;
+                let _ = crate::ops::peer(&addr, &secret).delete_volume(&id).await;
             }
             Err(e)
         }

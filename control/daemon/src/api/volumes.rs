@@ -9,7 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use flynn_client::{NewVolume, SendVolume, SECRET_HEADER};
+use flynn_client::{NewVolume, SendVolume};
 use flynn_state::volumes::{Volume, VolumesCommand};
 use flynn_volume::{VolumeError, VolumeInfo};
 use futures::{StreamExt, TryStreamExt};
@@ -211,54 +211,35 @@ async fn send(
         .get_node(&target)
         .map(|n| n.addr.clone())
         .ok_or_else(|| ApiError::NotFound(format!("host {}", req.to)))?;
-    let peers = reqwest::Client::new();
-    let base = format!("http://{target_addr}/host/volumes/{id}");
-    let secret = node.secret().to_string();
+    let peer = crate::ops::peer(&target_addr, node.secret());
     // What the target has decides the base of an incremental stream.
     let from = match req.from {
         Some(f) => Some(f),
         None => {
-            let theirs = peers.get(&base).header(SECRET_HEADER, &secret).send().await;
-            match theirs {
-                Ok(r) if r.status().is_success() => {
-                    let theirs: VolumeInfo = r
-                        .json()
-                        .await
-                        .map_err(|e| ApiError::Internal(e.to_string()))?;
-                    info.snapshots
-                        .iter()
-                        .rev()
-                        .find(|s| theirs.snapshots.contains(s) && **s != snapshot)
-                        .cloned()
-                }
-                _ => None,
-            }
+            let theirs = peer
+                .volume(&id)
+                .await
+                .ok()
+                .and_then(|v| serde_json::from_value::<VolumeInfo>(v).ok());
+            theirs.and_then(|theirs| {
+                info.snapshots
+                    .iter()
+                    .rev()
+                    .find(|s| theirs.snapshots.contains(s) && **s != snapshot)
+                    .cloned()
+            })
         }
     };
     let (mut child, stdout) = zfs_send(&host, &id, &snapshot, from.clone()).await?;
-    let stream = tokio_util::io::ReaderStream::new(stdout);
-    let sent = peers
-        .put(format!("{base}/receive"))
-        .header(SECRET_HEADER, &secret)
-        .body(reqwest::Body::wrap_stream(stream))
-        .send()
-        .await;
+    let stream = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(stdout));
+    let sent = peer.receive_volume(&id, None, stream).await;
     let status = tokio::task::spawn_blocking(move || child.wait()).await;
-    let resp = sent.map_err(|e| ApiError::Internal(format!("sending to {target_addr}: {e}")))?;
+    // A refusal explains a broken-pipe exit of `zfs send`, so it is reported first.
+    let body =
+        sent.map_err(|e| ApiError::Internal(format!("{target_addr} refused the stream: {e}")))?;
     if !matches!(status, Ok(Ok(s)) if s.success()) {
         return Err(ApiError::Internal(format!(
             "zfs send of {id}@{snapshot} failed"
-        )));
-    }
-    let code = resp.status();
-    let body: serde_json::Value = resp.json().await.unwrap_or_default();
-    if !code.is_success() {
-        let msg = body["message"]
-            .as_str()
-            .unwrap_or("receive failed")
-            .to_string();
-        return Err(ApiError::Internal(format!(
-            "{target_addr} refused the stream: {msg}"
         )));
     }
     Ok(Json(
