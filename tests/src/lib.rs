@@ -426,6 +426,53 @@ impl Cluster {
         out
     }
 
+    /// git's global config for every command a test runs (`flynn cluster add` writes the
+    /// credential helper and the cluster's certificate there): the test's own file, never
+    /// the user's `~/.gitconfig`.
+    pub fn gitconfig(&self) -> PathBuf {
+        self.root.path().join("gitconfig")
+    }
+
+    /// Runs `git` from the test's own namespace in `dir`, with the test's git config, a
+    /// fixed identity and no prompts (at most 120 s).
+    pub fn git_here(&self, dir: &Path, args: &[&str]) -> Output {
+        Command::new("timeout")
+            .arg("120")
+            .arg("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_CONFIG_GLOBAL", self.gitconfig())
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            // An environment's own CA bundle would override the cluster's certificate
+            // that `flynn cluster add` configured for git.
+            .env_remove("GIT_SSL_CAINFO")
+            .env("GIT_AUTHOR_NAME", "Test")
+            .env("GIT_AUTHOR_EMAIL", "test@example.test")
+            .env("GIT_COMMITTER_NAME", "Test")
+            .env("GIT_COMMITTER_EMAIL", "test@example.test")
+            .env("FLYNNRC", self.root.path().join("rc-git"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run git")
+    }
+
+    /// Like [`Self::flynn_here`], run in `dir` (a checkout, whose remote may name the app).
+    pub fn flynn_here_in(&self, rc: &str, dir: &Path, args: &[&str]) -> Output {
+        Command::new("timeout")
+            .arg("60")
+            .arg(bin_dir().join("flynn"))
+            .args(args)
+            .current_dir(dir)
+            .env("FLYNNRC", self.root.path().join(rc))
+            .env_remove("FLYNN_APP")
+            .env("GIT_CONFIG_GLOBAL", self.gitconfig())
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run flynn")
+    }
+
     /// Runs the `flynn` CLI from the test's own namespace (the admin network) with the
     /// flynnrc named `rc` (made on first use by the caller's `cluster add`).
     pub fn flynn_here(&self, rc: &str, args: &[&str]) -> Output {
@@ -435,6 +482,8 @@ impl Cluster {
             .args(args)
             .env("FLYNNRC", self.root.path().join(rc))
             .env_remove("FLYNN_APP")
+            .env("GIT_CONFIG_GLOBAL", self.gitconfig())
+            .env("GIT_CONFIG_NOSYSTEM", "1")
             .stdin(Stdio::null())
             .output()
             .expect("run flynn")
@@ -520,6 +569,8 @@ impl Cluster {
             .args(args)
             .env("FLYNNRC", rc)
             .env_remove("FLYNN_APP")
+            .env("GIT_CONFIG_GLOBAL", self.gitconfig())
+            .env("GIT_CONFIG_NOSYSTEM", "1")
             .stdin(if input.is_some() {
                 Stdio::piped()
             } else {
@@ -549,6 +600,8 @@ impl Cluster {
             .args(args)
             .env("FLYNNRC", rc)
             .env_remove("FLYNN_APP")
+            .env("GIT_CONFIG_GLOBAL", self.gitconfig())
+            .env("GIT_CONFIG_NOSYSTEM", "1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -570,6 +623,8 @@ impl Cluster {
             .args(args)
             .env("FLYNNRC", rc)
             .env_remove("FLYNN_APP")
+            .env("GIT_CONFIG_GLOBAL", self.gitconfig())
+            .env("GIT_CONFIG_NOSYSTEM", "1")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(Stdio::null())

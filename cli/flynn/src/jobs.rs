@@ -189,19 +189,26 @@ pub fn parse_procfile(text: &str) -> anyhow::Result<BTreeMap<String, ProcessType
     Ok(out)
 }
 
-/// `flynn deploy DIR`: DIR (with its Procfile) as one layer at /app on the base image.
+/// `flynn deploy DIR` (and `git push`, after checking out the pushed revision): DIR as one
+/// layer at /app on the base image. A tree with its own `bin/compile`, buildpacks named in
+/// `.buildpacks` or the app's `BUILDPACK_URL`, or one a shipped buildpack detects (other
+/// than `procfile`) is built first; a tree with only a Procfile runs as it is.
 pub async fn deploy_dir(
     client: &ControllerClient,
     app: &str,
     dir: &Path,
     no_wait: bool,
 ) -> anyhow::Result<()> {
-    let procfile = std::fs::read_to_string(dir.join("Procfile"))
-        .with_context(|| format!("{} has no Procfile", dir.display()))?;
-    let processes = parse_procfile(&procfile)?;
+    if !dir.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    let procfile = match std::fs::read_to_string(dir.join("Procfile")) {
+        Ok(text) => Some(parse_procfile(&text)?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => bail!("{}: {e}", dir.join("Procfile").display()),
+    };
     let compile = dir.join("bin/compile");
-    let builds = compile.is_file();
-    if builds {
+    if compile.is_file() {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&compile)?.permissions().mode();
         if mode & 0o111 == 0 {
@@ -211,6 +218,11 @@ pub async fn deploy_dir(
             );
         }
     }
+    let env = client.env(app, None).await?;
+    let builds = flynn_buildpacks::needs_build(dir)
+        || env
+            .get("BUILDPACK_URL")
+            .is_some_and(|u| !u.trim().is_empty());
     let base = client.image("base").await?;
     // The directory as a deterministic gzip tar: the same tree is the same layer.
     let tmp = tempfile::NamedTempFile::new()?;
@@ -233,12 +245,24 @@ pub async fn deploy_dir(
         Ok(std::io::Read::take(std::fs::File::open(&path)?, size))
     };
     let layer = upload_layer(client, "app layer", hashed, size, open).await?;
-    // A source with bin/compile is built first (Heroku's buildpack contract): the built
-    // /app, not the source, is what runs.
-    let layer = if builds {
-        build(client, app, layer).await?
+    // A built /app, not the source, is what runs; the build says which process types it
+    // ended with (the app's Procfile, or its buildpack's defaults).
+    let (layer, processes) = if builds {
+        let built = build(client, app, layer).await?;
+        let mut processes = match procfile {
+            Some(p) => p,
+            None => parse_procfile(built.procfile.as_deref().unwrap_or_default())
+                .context("the build left no process types")?,
+        };
+        if built.profile {
+            for p in processes.values_mut() {
+                source_profile(&mut p.args);
+            }
+        }
+        (built.slug, processes)
     } else {
-        layer
+        let processes = procfile.context("the source has no Procfile")?;
+        (layer, processes)
     };
     let mut image = base;
     image.layers.push(layer);
@@ -253,6 +277,17 @@ pub async fn deploy_dir(
     let release = client.create_release(app, &req, !no_wait).await?;
     println!("Created release {}", release.id);
     Ok(())
+}
+
+/// Makes a process of a built slug source its buildpacks' `/app/.profile.d/*.sh` first (as
+/// Flynn's slugrunner did), so a virtualenv's or node_modules' commands are on its PATH.
+fn source_profile(args: &mut [String]) {
+    if let [sh, c, cmd] = args {
+        if sh == "/bin/sh" && c == "-c" {
+            *cmd =
+                format!("for f in /app/.profile.d/*.sh; do [ -r \"$f\" ] && . \"$f\"; done; {cmd}");
+        }
+    }
 }
 
 /// Appends the tree at `dir` under `name`, entries in name order (the same tree is the same
@@ -281,8 +316,19 @@ fn append_source<W: std::io::Write>(
     Ok(())
 }
 
-/// Runs a build job of the uploaded source, its output on stderr; the slug it left.
-async fn build(client: &ControllerClient, app: &str, source: Layer) -> anyhow::Result<Layer> {
+/// What a successful build left: its slug, its process types, whether it has profile
+/// scripts.
+#[derive(serde::Deserialize)]
+struct Built {
+    slug: Layer,
+    #[serde(default)]
+    procfile: Option<String>,
+    #[serde(default)]
+    profile: bool,
+}
+
+/// Runs a build job of the uploaded source, its output on stderr; what it left.
+async fn build(client: &ControllerClient, app: &str, source: Layer) -> anyhow::Result<Built> {
     let job = client
         .build(app, &flynn_client::BuildRequest { source })
         .await?;
@@ -295,7 +341,7 @@ async fn build(client: &ControllerClient, app: &str, source: Layer) -> anyhow::R
     if code != 0 {
         bail!("the build failed (bin/compile exited {code}); nothing was deployed");
     }
-    serde_json::from_value(end["result"]["slug"].clone())
+    serde_json::from_value(end["result"].clone())
         .context("the build ended without a slug; nothing was deployed")
 }
 

@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 mod archive;
 mod flynnrc;
+mod git;
 mod image;
 mod jobs;
 
@@ -37,11 +38,28 @@ struct Cli {
 enum Cmd {
     /// List, add and remove clusters in flynnrc.
     Cluster(ClusterArgs),
-    /// Create an app.
+    /// Create an app; inside a git checkout, also add the remote `flynn` for it.
     Create {
         /// App name (defaults to -a).
         name: Option<String>,
+        /// Name of the git remote to add.
+        #[arg(short = 'r', long, default_value = "flynn")]
+        remote: String,
+        /// Add no git remote.
+        #[arg(long)]
+        no_remote: bool,
     },
+    /// Manage the git remote of the app (`flynn -a APP remote add`).
+    Remote {
+        #[command(subcommand)]
+        cmd: RemoteCmd,
+    },
+    /// git's credential helper for the cluster's git server (set by `flynn cluster add`).
+    #[command(hide = true)]
+    GitCredentials { action: String },
+    /// The pre-receive hook the cluster's git server runs for a push.
+    #[command(hide = true)]
+    GitHook { hook: String },
     /// List apps.
     Apps,
     /// Export the app given with -a: config, current release with its image layers,
@@ -144,6 +162,15 @@ enum Cmd {
     Limit {
         #[command(subcommand)]
         cmd: Option<jobs::LimitCmd>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RemoteCmd {
+    /// Add (or repoint) the git remote for the app: `git push REMOTE main` deploys it.
+    Add {
+        #[arg(default_value = "flynn")]
+        remote: String,
     },
 }
 
@@ -284,24 +311,38 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Cmd::GitHook { hook } = &cli.cmd {
+        if hook != "pre-receive" {
+            bail!("no such git hook {hook:?}");
+        }
+        return git::pre_receive().await;
+    }
     let rc_path = flynnrc::path()?;
     let backup_file = match &cli.cmd {
         Cmd::Cluster(ClusterArgs {
             cmd: Some(ClusterCmd::Backup { file }),
         }) => Some(file.clone()),
-        Cmd::Cluster(args) => return cluster_cmd(&rc_path, args),
+        Cmd::Cluster(args) => return cluster_cmd(&rc_path, args).await,
         _ => None,
     };
     let rc = FlynnRc::load(&rc_path)?;
+    if let Cmd::GitCredentials { action } = &cli.cmd {
+        return git::credentials(&rc, action);
+    }
     let cluster = rc.pick(cli.cluster.as_deref())?;
     let client = cluster.client()?;
     if let Some(file) = backup_file {
         return archive::backup(&client, file.as_deref()).await;
     }
+    // Without -a, a checkout's git remote for this cluster names the app.
+    let from_remote = match &cli.app {
+        Some(_) => None,
+        None => git::app_from_remote(cluster)?,
+    };
     let app = || {
-        cli.app
-            .clone()
-            .context("no app given: use -a APP or set FLYNN_APP")
+        cli.app.clone().or(from_remote.clone()).context(
+            "no app given: use -a APP, set FLYNN_APP, or run inside a checkout with a flynn remote",
+        )
     };
     match cli.cmd {
         Cmd::Cluster(_) => unreachable!("handled above"),
@@ -309,13 +350,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Import { file, name, routes } => {
             archive::import(&client, file.as_deref(), name.as_deref(), routes).await?
         }
-        Cmd::Create { name } => {
+        Cmd::Create {
+            name,
+            remote,
+            no_remote,
+        } => {
             let name = name
                 .or(cli.app.clone())
                 .context("usage: flynn create NAME")?;
             let created = client.create_app(&name).await?;
             println!("Created {}", created.name);
+            if !no_remote && git::in_checkout() {
+                git::add_remote(cluster, &created.name, &remote)?;
+            }
         }
+        Cmd::Remote {
+            cmd: RemoteCmd::Add { remote },
+        } => {
+            let app = app()?;
+            client.app(&app).await?;
+            git::add_remote(cluster, &app, &remote)?;
+        }
+        Cmd::GitCredentials { .. } | Cmd::GitHook { .. } => unreachable!("handled above"),
         Cmd::Apps => {
             let apps = client.apps().await?;
             let rows: Vec<Vec<String>> = apps
@@ -401,7 +457,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cluster_cmd(rc_path: &std::path::Path, args: &ClusterArgs) -> anyhow::Result<()> {
+async fn cluster_cmd(rc_path: &std::path::Path, args: &ClusterArgs) -> anyhow::Result<()> {
     let mut rc = FlynnRc::load(rc_path)?;
     match &args.cmd {
         None => {
@@ -434,6 +490,21 @@ fn cluster_cmd(rc_path: &std::path::Path, args: &ClusterArgs) -> anyhow::Result<
             }
             rc.save(rc_path)?;
             println!("Cluster {name} added.");
+            // git push: the credential helper and the certificate to trust.
+            let cluster = rc.pick(Some(name))?;
+            let pem = match cluster.client() {
+                Ok(client) if cluster.tls_pin.is_some() => {
+                    git::ca_pem(&client, cluster).await.unwrap_or_else(|e| {
+                        eprintln!("the cluster's certificate for git was not fetched: {e:#}");
+                        None
+                    })
+                }
+                _ => None,
+            };
+            let ca_file = rc_path
+                .with_file_name(".flynn-ca-certs")
+                .join(format!("{name}.pem"));
+            git::configure(cluster, pem.as_deref(), &ca_file)?;
         }
         Some(ClusterCmd::Remove { name }) => {
             rc.remove(name)?;

@@ -223,7 +223,10 @@ pub async fn bootstrap(opts: &BootstrapOptions) -> anyhow::Result<BootstrapOutco
         None => None,
     };
     let controller_tls = match (&domain, &backup) {
-        (Some(d), None) => Some(crate::tls::self_signed(&[format!("controller.{d}")])?),
+        (Some(d), None) => Some(crate::tls::self_signed(&[
+            format!("controller.{d}"),
+            format!("git.{d}"),
+        ])?),
         _ => None,
     };
     let n_voters = voters_for(found.len());
@@ -262,7 +265,10 @@ pub async fn bootstrap(opts: &BootstrapOptions) -> anyhow::Result<BootstrapOutco
             controller_certificate: controller_tls
                 .as_ref()
                 .map(|t| flynn_state::NewCertificate {
-                    domains: vec![format!("controller.{}", domain.as_deref().unwrap_or(""))],
+                    domains: ["controller", "git"]
+                        .iter()
+                        .map(|n| format!("{n}.{}", domain.as_deref().unwrap_or("")))
+                        .collect(),
                     cert_pem: t.cert_pem.clone(),
                     key_pem: t.key_pem.clone(),
                 }),

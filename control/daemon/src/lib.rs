@@ -11,6 +11,7 @@ pub mod components;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod git;
 pub mod host;
 pub mod hostdir;
 pub mod jobs;

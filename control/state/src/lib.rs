@@ -1,6 +1,6 @@
 //! The cluster state machine, split by area: apps and env, routes and certificates,
-//! discovery, the cluster itself, volumes, blobs, and jobs (releases, formations, jobs,
-//! their backoff and subnets, and the deploy verdict).
+//! discovery, the cluster itself, volumes, blobs, jobs (releases, formations, jobs,
+//! their backoff and subnets, and the deploy verdict), and git repositories.
 //!
 //! Pure and deterministic: [`ClusterState::apply`] takes a command and returns the result
 //! plus the events it caused; it does no I/O and reads no clock (time arrives inside commands
@@ -14,6 +14,7 @@ pub mod area;
 pub mod blobs;
 pub mod cluster;
 pub mod discovery;
+pub mod git;
 pub mod jobs;
 pub mod routes;
 pub mod validate;
@@ -27,6 +28,7 @@ pub use blobs::BlobsCommand;
 pub use cluster::ClusterCommand;
 pub use discovery::DiscoveryCommand;
 pub use flynn_model::*;
+pub use git::GitCommand;
 pub use jobs::{build_memory, JobsCommand, BUILD_MEMORY_ENV};
 pub use routes::RoutesCommand;
 pub use volumes::VolumesCommand;
@@ -122,6 +124,7 @@ areas! {
     volumes: Volumes(VolumesCommand) => volumes::Volumes,
     blobs: Blobs(BlobsCommand) => blobs::Blobs,
     jobs: Jobs(JobsCommand) => jobs::Jobs,
+    git: Git(GitCommand) => git::Git,
 }
 
 /// The state's own record: its revision, stored as `meta/revision`.
@@ -146,6 +149,7 @@ pub enum Response {
     Subnet { index: u32 },
     Expired { count: usize },
     Batch { results: Vec<ApplyResult> },
+    GitRepo { repo: git::Repo },
 }
 
 /// A result of another kind than the command promises: a bug, never the client's fault.
@@ -182,6 +186,7 @@ typed_response! {
     Formation { formation } => Formation,
     Job { job } => Job,
     Jobs { jobs } => Vec<Job>,
+    GitRepo { repo } => git::Repo,
 }
 
 /// Why a command was refused. Refusal is deterministic: every host refuses the same command
@@ -289,6 +294,12 @@ impl ClusterState {
             blobs.entry(path).or_insert(file);
         }
         self.blobs.blobs = blobs;
+        // The backup's repositories live on none of the new hosts: the first to serve one
+        // restores it from its copy in the blobstore.
+        for repo in self.git.repos.values_mut() {
+            repo.host = 0;
+            repo.lock = None;
+        }
         let peers = into
             .apps
             .get("discoverd")

@@ -12,6 +12,8 @@
 //!   [`attach`] (a one-off job's stdin, output and terminal size, forwarded to its host),
 //!   [`volumes`], [`backup`] (`/backup`; restore is host to host) and [`export`]
 //!   (export, import), and `/status`.
+//! - [`git`]: `/APP.git/info/refs`, `/APP.git/git-upload-pack|git-receive-pack` (git's
+//!   smart HTTP at `git.$CLUSTER_DOMAIN`, a controller key as the Basic password).
 //!
 //! Handlers parse, call the host's services and answer; archive logic is in
 //! [`crate::ops`], the blobstore's in [`crate::blobstore`], the job runner's in
@@ -24,6 +26,7 @@ pub mod attach;
 pub mod auth;
 pub mod backup;
 pub mod export;
+pub mod git;
 pub mod host;
 pub mod jobs;
 pub mod raft;
@@ -81,11 +84,13 @@ pub fn router(host: Arc<Host>) -> Router {
             host.clone(),
             auth::require_key,
         ));
+    let git = git::routes(host.clone());
     host::open_routes()
         .merge(status::open_routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY))
         .merge(cluster)
         .merge(controller)
+        .merge(git)
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(middleware::from_fn(crate::metrics::api))
         .with_state(host)

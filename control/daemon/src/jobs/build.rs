@@ -1,9 +1,11 @@
-//! Build jobs (`flynn deploy DIR` of a source with `bin/compile`), the host side: the
-//! directories a build runs in, and the slug it leaves.
+//! Build jobs (`flynn deploy DIR` and `git push`), the host side: the directories a build
+//! runs in, and the slug it leaves.
 //!
 //! A build follows Heroku's buildpack contract, as Flynn's slugbuilder does: the source is
-//! copied to a writable `/app` and `/app/bin/compile /app /tmp/cache /tmp/env` runs there as
-//! the image's user, with the app's env as one file per variable in `/tmp/env` (read-only).
+//! copied to a writable `/app`, and the shipped buildpacks' `build` program
+//! (`flynn-buildpacks`, read-only at `/tmp/buildpacks`) runs there as the image's user: the
+//! source's own `bin/compile /app /tmp/cache /tmp/env`, else the buildpacks it names or
+//! detection's pick. The app's env is one file per variable in `/tmp/env` (read-only).
 //! gitreceive's `SSH_CLIENT_KEY` and `SSH_CLIENT_HOSTS` become `$HOME/.ssh/id_rsa` and
 //! `known_hosts` on a read-only mount, so `git` and `ssh` in the build fetch private
 //! dependencies with them; they are never in the build's environment, its output or its
@@ -18,7 +20,7 @@ use flynn_job::init::VolumeMount;
 use super::JobError;
 
 /// What a build job runs.
-pub const ARGS: [&str; 4] = ["/app/bin/compile", "/app", "/tmp/cache", "/tmp/env"];
+pub const ARGS: [&str; 2] = flynn_buildpacks::BUILD_ARGS;
 /// The build's home; its `.ssh` holds the SSH client identity.
 pub const HOME: &str = "/home/build";
 
@@ -58,8 +60,8 @@ impl Inputs {
 /// returns their mounts, in the order they must be made.
 pub fn prepare(job_dir: &Path, source: &Path, inputs: &Inputs) -> Result<Vec<VolumeMount>, String> {
     let app = source.join("app");
-    if !app.join("bin/compile").is_file() {
-        return Err("the source has no bin/compile to build it with".into());
+    if !app.is_dir() {
+        return Err("the source layer has no /app to build".into());
     }
     let dir = |name: &str| -> Result<PathBuf, String> {
         let p = job_dir.join(name);
@@ -95,8 +97,11 @@ pub fn prepare(job_dir: &Path, source: &Path, inputs: &Inputs) -> Result<Vec<Vol
         }
         write(&env.join(k), v, 0o444)?;
     }
+    let packs = dir("buildpacks")?;
+    flynn_buildpacks::write_to(&packs).map_err(|e| format!("writing the buildpacks: {e}"))?;
     let mut mounts = vec![
         mount(build, "/app", false),
+        mount(packs, flynn_buildpacks::MOUNT, true),
         mount(dir("cache")?, "/tmp/cache", false),
         mount(env, "/tmp/env", true),
         mount(dir("home")?, HOME, false),
@@ -134,6 +139,18 @@ pub struct Packed {
     pub file: PathBuf,
     pub sha512: String,
     pub size: u64,
+}
+
+/// What a successful build tells the deploy besides its slug: the process types it ended
+/// with (`/app/Procfile`, the app's own or its buildpack's defaults), and whether the slug
+/// has `.profile.d` scripts its processes must source first (as Flynn's slugrunner did).
+pub fn built(job_dir: &Path) -> serde_json::Value {
+    let app = job_dir.join("build");
+    let procfile = std::fs::read_to_string(app.join("Procfile")).ok();
+    let profile = std::fs::read_dir(app.join(".profile.d"))
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    serde_json::json!({ "procfile": procfile, "profile": profile })
 }
 
 /// Where an app's build cache is kept in the blobstore between builds.
@@ -286,10 +303,18 @@ mod tests {
         let paths: Vec<&str> = mounts.iter().map(|m| m.path.as_str()).collect();
         assert_eq!(
             paths,
-            ["/app", "/tmp/cache", "/tmp/env", HOME, "/home/build/.ssh"]
+            [
+                "/app",
+                "/tmp/buildpacks",
+                "/tmp/cache",
+                "/tmp/env",
+                HOME,
+                "/home/build/.ssh"
+            ]
         );
         let ro: Vec<bool> = mounts.iter().map(|m| m.readonly).collect();
-        assert_eq!(ro, [false, false, true, false, true]);
+        assert_eq!(ro, [false, true, false, true, false, true]);
+        assert!(job.join("buildpacks/build").is_file());
         assert!(job.join("build/bin/compile").is_file());
         assert_eq!(
             std::fs::read_to_string(job.join("env/GREETING")).unwrap(),
@@ -304,10 +329,11 @@ mod tests {
         let job2 = tmp.path().join("job2");
         let mounts = prepare(&job2, &source, &inputs(None)).unwrap();
         assert!(mounts.iter().all(|m| !m.path.ends_with(".ssh")));
-        // A source without bin/compile is not a build.
-        std::fs::remove_file(source.join("app/bin/compile")).unwrap();
-        let err = prepare(&tmp.path().join("job3"), &source, &inputs(None)).unwrap_err();
-        assert!(err.contains("bin/compile"), "{err}");
+        // A layer that is no source tree is not a build.
+        let empty = tmp.path().join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        let err = prepare(&tmp.path().join("job3"), &empty, &inputs(None)).unwrap_err();
+        assert!(err.contains("/app"), "{err}");
     }
 
     #[test]

@@ -203,7 +203,9 @@ impl JobRunner {
         if l.job.build.is_some() && outcome.exit_status == Some(0) {
             match self.store_slug(&id).await {
                 Ok(layer) => {
-                    slug = Some(layer);
+                    let mut result = super::build::built(&self.cfg.jobs_dir.join(&id));
+                    result["slug"] = serde_json::json!(layer);
+                    slug = Some(result);
                     if let Err(why) = self.store_build_cache(&l.job.app, &id).await {
                         tracing::warn!(job = %id, error = %why, "build cache not kept");
                         l.tell(&format!("the build cache was not kept ({why})"));
@@ -232,8 +234,7 @@ impl JobRunner {
         )
         .await;
         if let Some(io) = &l.io {
-            let result = slug.map(|layer| serde_json::json!({ "slug": layer }));
-            io.finish(outcome_exit, result);
+            io.finish(outcome_exit, slug);
             self.attachments.ended(&id);
         }
         self.running.lock().expect("jobs lock").remove(&id);

@@ -85,6 +85,7 @@ impl Area for Apps {
                 cx.touch(TABLE, &name);
                 crate::routes::remove_app_routes(s, &name, cx);
                 crate::jobs::remove_app(s, &name, cx);
+                crate::git::remove_app(s, &name, cx);
                 Ok(Response::Done)
             }
             AppsCommand::UpdateEnv {

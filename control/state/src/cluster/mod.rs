@@ -157,7 +157,8 @@ impl Area for Cluster {
     }
 }
 
-/// The controller's HTTPS route `controller.$DOMAIN`, with its certificate.
+/// The controller's HTTPS routes, `controller.$DOMAIN` and `git.$DOMAIN`, with its
+/// certificate.
 fn controller_route(
     s: &mut ClusterState,
     domain: &str,
@@ -177,11 +178,30 @@ fn controller_route(
     } = &mut route
     {
         *service = Some(CONTROLLER_SERVICE.into());
-        *cert = Some(certificate.id);
+        *cert = Some(certificate.id.clone());
         *https_redirect = true;
     }
     let add_route = RoutesCommand::AddRoute {
         app: "controller".into(),
+        route,
+    };
+    Routes::apply(s, add_route, cx)?;
+    // The git server (`git push flynn main`) is served by the same hosts' API, with the
+    // same certificate (bootstrap makes it for both names).
+    let mut route = RouteSpec::http(&format!("git.{domain}"));
+    if let RouteSpec::Http {
+        service,
+        certificate: cert,
+        https_redirect,
+        ..
+    } = &mut route
+    {
+        *service = Some(CONTROLLER_SERVICE.into());
+        *cert = Some(certificate.id);
+        *https_redirect = true;
+    }
+    let add_route = RoutesCommand::AddRoute {
+        app: "gitreceive".into(),
         route,
     };
     Routes::apply(s, add_route, cx)?;
