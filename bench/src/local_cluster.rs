@@ -42,6 +42,9 @@ pub fn run(bin: &Path, args: &[&str], home: &Path) -> anyhow::Result<String> {
     let out = Command::new(bin)
         .args(args)
         .env("FLYNNRC", home.join("flynnrc"))
+        // `cluster add` sets git up for the cluster: in the bench's own config, not the
+        // user's ~/.gitconfig.
+        .env("GIT_CONFIG_GLOBAL", home.join("gitconfig"))
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {}", bin.display()))?;

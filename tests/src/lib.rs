@@ -823,14 +823,28 @@ pub fn serve_dir(listen_ip: &str, root: &Path) -> std::net::SocketAddr {
                     .nth(1)
                     .unwrap_or("/")
                     .trim_start_matches('/');
+                // A directory is served as its index.html (as a package index's pages are).
                 let file = (!path.split('/').any(|p| p == ".."))
-                    .then(|| std::fs::read(root.join(path)).ok())
+                    .then(|| {
+                        let p = root.join(path);
+                        let p = if p.is_dir() { p.join("index.html") } else { p };
+                        let html = p.extension().is_some_and(|e| e == "html");
+                        std::fs::read(p).ok().map(|b| (b, html))
+                    })
                     .flatten();
                 let _ = match file {
-                    Some(body) => conn
+                    Some((body, html)) => conn
                         .write_all(
-                            format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
-                                .as_bytes(),
+                            format!(
+                                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n{}\r\n",
+                                body.len(),
+                                if html {
+                                    "Content-Type: text/html\r\n"
+                                } else {
+                                    ""
+                                }
+                            )
+                            .as_bytes(),
                         )
                         .and_then(|_| conn.write_all(&body)),
                     None => conn.write_all(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n"),

@@ -15,12 +15,20 @@ const RC: &str = "rc-git";
 /// A cluster of `n` with the domain, every host ready for jobs, the busybox base image,
 /// and the test's own `flynn` set up for it through host 0's router (`cluster add -p`).
 async fn cluster(n: usize) -> (Cluster, String) {
+    cluster_on(n, None).await
+}
+
+/// Like [`cluster`], on the base image at `base` instead of busybox.
+async fn cluster_on(n: usize, base: Option<&Path>) -> (Cluster, String) {
     let mut c = Cluster::start(n);
     let out = c.bootstrap_with(n, &["--domain", DOMAIN]);
     let pin = out["controller_pin"].as_str().expect("pin").to_string();
     c.wait_leader(0, None).await;
     c.wait_ready_for_jobs(n).await;
-    let base = c.busybox_image("base", None);
+    let base = match base {
+        Some(b) => b.to_path_buf(),
+        None => c.busybox_image("base", None),
+    };
     ok(&c.flynn(0, &["base-image", "push", base.to_str().unwrap()]));
     let ip = c.hosts[0].ip.clone();
     ok(&c.flynn_here(
@@ -287,4 +295,182 @@ fn use_router(c: &Cluster, pin: &str, i: usize) {
             "cluster", "add", "-p", pin, "--ip", &ip, "default", DOMAIN, &c.key,
         ],
     ));
+}
+
+/// A package index on the test's own address holding one wheel, `greet` 1.0, as pip's
+/// simple API serves it.
+fn package_index(dir: &Path) {
+    let script = r#"
+import base64, hashlib, os, sys, zipfile
+out = sys.argv[1]
+os.makedirs(os.path.join(out, "simple", "greet"), exist_ok=True)
+name = "greet-1.0-py3-none-any.whl"
+files = {
+    "greet/__init__.py": "def hello():\n    return 'hello from greet 1.0'\n",
+    "greet-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: greet\nVersion: 1.0\n",
+    "greet-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+}
+record = []
+with zipfile.ZipFile(os.path.join(out, name), "w") as z:
+    for path, text in files.items():
+        data = text.encode()
+        z.writestr(path, data)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(data)}")
+    record.append("greet-1.0.dist-info/RECORD,,")
+    z.writestr("greet-1.0.dist-info/RECORD", "\n".join(record) + "\n")
+with open(os.path.join(out, "simple", "greet", "index.html"), "w") as f:
+    f.write(f'<html><body><a href="../../{name}">{name}</a></body></html>\n')
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(dir)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The Python buildpack on the Debian stack image (`script/base-image OUT --stack`, made by
+/// `script/test` and named by `FLYNN_TEST_STACK`): dependencies from a package index on the
+/// test's own address, then a second push with the index gone, which must build from the
+/// build cache alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn t12_a_python_app_builds_on_the_stack_and_its_second_push_downloads_nothing() {
+    let stack = std::env::var("FLYNN_TEST_STACK").expect(
+        "FLYNN_TEST_STACK names the stack image (script/test makes it with script/base-image OUT --stack)",
+    );
+    let (c, _) = cluster_on(1, Some(Path::new(&stack))).await;
+    let index = tempfile::tempdir().unwrap();
+    package_index(index.path());
+    let server = flynn_tests::serve_dir(&c.bridge_ip(), index.path());
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let app = |text: &str| {
+        format!(
+            "import os, http.server, greet\n\
+             class H(http.server.BaseHTTPRequestHandler):\n\
+             \x20   def do_GET(self):\n\
+             \x20       body = ('{text} ' + greet.hello() + '\\n').encode()\n\
+             \x20       self.send_response(200)\n\
+             \x20       self.send_header('Content-Length', str(len(body)))\n\
+             \x20       self.end_headers()\n\
+             \x20       self.wfile.write(body)\n\
+             http.server.HTTPServer(('', int(os.environ['PORT'])), H).serve_forever()\n"
+        )
+    };
+    checkout(
+        &c,
+        dir,
+        &[
+            ("requirements.txt", "greet==1.0\n"),
+            ("app.py", &app("first:")),
+        ],
+    );
+    ok(&c.flynn_here_in(RC, dir, &["create", "py"]));
+    let index_url = format!("PIP_INDEX_URL=http://{server}/simple");
+    ok(&c.flynn_here_in(RC, dir, &["env", "set", &index_url]));
+    let push = c.git_here(dir, &["push", "flynn", "main"]);
+    let said = stderr(&push);
+    assert!(push.status.success(), "{said}");
+    assert!(said.contains("Python app detected"), "{said}");
+    assert!(said.contains("Fetching dependencies"), "{said}");
+    assert_eq!(text(&c, "py").await, "first: hello from greet 1.0");
+    // The index loses its wheel: a build that tried to download it would fail.
+    std::fs::remove_file(index.path().join("greet-1.0-py3-none-any.whl")).unwrap();
+    commit(&c, dir, &[("app.py", &app("second:"))], "second");
+    let push = c.git_here(dir, &["push", "flynn", "main"]);
+    let said = stderr(&push);
+    assert!(push.status.success(), "{said}");
+    assert!(said.contains("installed from the build cache"), "{said}");
+    assert_eq!(text(&c, "py").await, "second: hello from greet 1.0");
+}
+
+/// The Node.js and Rust buildpacks on the stack image, each detected with no Procfile and
+/// run by its own default process; each pushed twice, the second time from the build cache.
+#[tokio::test(flavor = "multi_thread")]
+async fn t13_node_and_rust_apps_build_on_the_stack_and_run_their_default_process() {
+    let stack = std::env::var("FLYNN_TEST_STACK").expect(
+        "FLYNN_TEST_STACK names the stack image (script/test makes it with script/base-image OUT --stack)",
+    );
+    let (c, _) = cluster_on(1, Some(Path::new(&stack))).await;
+    let cases: [(&str, &str, Files, AppCode); 2] = [
+        (
+            "node",
+            "Node.js app detected",
+            vec![(
+                "package.json",
+                r#"{"name": "hello", "version": "1.0.0", "scripts": {"start": "node server.js"}}"#
+                    .to_string(),
+            )],
+            node_app,
+        ),
+        (
+            "rusty",
+            "Rust app detected",
+            vec![(
+                "Cargo.toml",
+                "[package]\nname = \"rusty\"\nversion = \"0.1.0\"\nedition = \"2021\"\n"
+                    .to_string(),
+            )],
+            rust_app,
+        ),
+    ];
+    for (app, detected, fixed, code) in cases {
+        let work = tempfile::tempdir().unwrap();
+        let dir = work.path();
+        let mut files: Vec<(&str, String)> = fixed.clone();
+        files.extend(code(&format!("{app} one")));
+        let files: Vec<(&str, &str)> = files.iter().map(|(n, t)| (*n, t.as_str())).collect();
+        checkout(&c, dir, &files);
+        ok(&c.flynn_here_in(RC, dir, &["create", app]));
+        let push = c.git_here(dir, &["push", "flynn", "main"]);
+        let said = stderr(&push);
+        assert!(push.status.success(), "{said}");
+        assert!(said.contains(detected), "{said}");
+        assert_eq!(text(&c, app).await, format!("{app} one"), "{said}");
+        let again = code(&format!("{app} two"));
+        let again: Vec<(&str, &str)> = again.iter().map(|(n, t)| (*n, t.as_str())).collect();
+        commit(&c, dir, &again, "two");
+        let push = c.git_here(dir, &["push", "flynn", "main"]);
+        let said = stderr(&push);
+        assert!(push.status.success(), "{said}");
+        assert!(said.contains("from the build cache"), "{said}");
+        assert_eq!(text(&c, app).await, format!("{app} two"), "{said}");
+    }
+}
+
+/// Files of a test app: path and text.
+type Files = Vec<(&'static str, String)>;
+
+/// A test app's code saying `text`.
+type AppCode = fn(&str) -> Files;
+
+/// A Node.js server saying `text`.
+fn node_app(text: &str) -> Files {
+    let server = format!(
+        "require('http').createServer((req, res) => res.end('{text}\\n'))\n\
+             \x20 .listen(Number(process.env.PORT));\n"
+    );
+    vec![("server.js", server)]
+}
+
+/// A Rust server (std only: Debian's rustc 1.65) saying `text`.
+fn rust_app(text: &str) -> Files {
+    let main = format!(
+            "use std::io::{{Read, Write}};\n\
+             fn main() {{\n\
+             \x20   let port: u16 = std::env::var(\"PORT\").unwrap().parse().unwrap();\n\
+             \x20   let l = std::net::TcpListener::bind((\"0.0.0.0\", port)).unwrap();\n\
+             \x20   for mut s in l.incoming().flatten() {{\n\
+             \x20       let _ = s.read(&mut [0u8; 4096]);\n\
+             \x20       let body = \"{text}\\n\";\n\
+             \x20       let _ = write!(s, \"HTTP/1.1 200 OK\\r\\nContent-Length: {{}}\\r\\nConnection: close\\r\\n\\r\\n{{}}\", body.len(), body);\n\
+             \x20   }}\n\
+             }}\n"
+    );
+    vec![("src/main.rs", main)]
 }

@@ -203,13 +203,19 @@ pub async fn pre_receive() -> anyhow::Result<()> {
     };
     let short = &deploy.rev[..deploy.rev.len().min(12)];
     eprintln!("-----> Building {app} from {} at {short}", deploy.branch);
+    let started = std::time::Instant::now();
     let dir = tempfile::tempdir()?;
     checkout(&deploy.rev, dir.path())?;
+    let checkout_ms = started.elapsed().as_millis();
     let client = ControllerClient::new(&var("FLYNN_GIT_URL"), &var("FLYNN_GIT_KEY"));
-    crate::jobs::deploy_dir(&client, &app, dir.path(), false).await?;
+    let t = crate::jobs::deploy_dir(&client, &app, dir.path(), false).await?;
     std::fs::write(var("FLYNN_GIT_RESULT"), &deploy.branch)
         .context("recording the deployed branch")?;
     eprintln!("-----> {app} is deployed from {}", deploy.branch);
+    eprintln!(
+        "-----> stages (ms): checkout {checkout_ms}, pack {}, upload {}, build {} (slug {}), release {}",
+        t.pack_ms, t.upload_ms, t.build_ms, t.slug_ms, t.release_ms
+    );
     Ok(())
 }
 

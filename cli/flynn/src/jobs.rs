@@ -198,7 +198,13 @@ pub async fn deploy_dir(
     app: &str,
     dir: &Path,
     no_wait: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<DeployTimes> {
+    let mut times = DeployTimes::default();
+    let mut stage = Instant::now();
+    let mut lap = |into: &mut u64| {
+        *into = stage.elapsed().as_millis() as u64;
+        stage = Instant::now();
+    };
     if !dir.is_dir() {
         bail!("{} is not a directory", dir.display());
     }
@@ -240,15 +246,19 @@ pub async fn deploy_dir(
         Ok((crate::image::hash_file(&dst)?, size))
     })
     .await??;
+    lap(&mut times.pack_ms);
     let path = tmp.path().to_path_buf();
     let open = |_: &()| -> anyhow::Result<std::io::Take<std::fs::File>> {
         Ok(std::io::Read::take(std::fs::File::open(&path)?, size))
     };
     let layer = upload_layer(client, "app layer", hashed, size, open).await?;
+    lap(&mut times.upload_ms);
     // A built /app, not the source, is what runs; the build says which process types it
     // ended with (the app's Procfile, or its buildpack's defaults).
     let (layer, processes) = if builds {
         let built = build(client, app, layer).await?;
+        lap(&mut times.build_ms);
+        times.slug_ms = built.slug_ms;
         let mut processes = match procfile {
             Some(p) => p,
             None => parse_procfile(built.procfile.as_deref().unwrap_or_default())
@@ -275,8 +285,20 @@ pub async fn deploy_dir(
         eprintln!("deploying to {app}, waiting for its jobs to run...");
     }
     let release = client.create_release(app, &req, !no_wait).await?;
+    lap(&mut times.release_ms);
     println!("Created release {}", release.id);
-    Ok(())
+    Ok(times)
+}
+
+/// How long each stage of a deploy took, in milliseconds: packing the source, uploading
+/// it, the build (with `slug_ms` of it storing the slug), and the release rolled out.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DeployTimes {
+    pub pack_ms: u64,
+    pub upload_ms: u64,
+    pub build_ms: u64,
+    pub slug_ms: u64,
+    pub release_ms: u64,
 }
 
 /// Makes a process of a built slug source its buildpacks' `/app/.profile.d/*.sh` first (as
@@ -325,6 +347,9 @@ struct Built {
     procfile: Option<String>,
     #[serde(default)]
     profile: bool,
+    /// Of the build's time, how long packing and storing the slug took.
+    #[serde(default)]
+    slug_ms: u64,
 }
 
 /// Runs a build job of the uploaded source, its output on stderr; what it left.

@@ -408,7 +408,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cmd: jobs::DockerCmd::Push { image, no_wait },
         } => jobs::docker_push(&client, &app()?, &image, no_wait).await?,
         Cmd::Release { cmd } => jobs::release_cmd(&client, &app()?, cmd).await?,
-        Cmd::Deploy { no_wait, dir } => jobs::deploy_dir(&client, &app()?, &dir, no_wait).await?,
+        Cmd::Deploy { no_wait, dir } => {
+            jobs::deploy_dir(&client, &app()?, &dir, no_wait).await?;
+        }
         Cmd::BaseImage { cmd: None } => jobs::base_image_show(&client).await?,
         Cmd::BaseImage {
             cmd: Some(jobs::BaseImageCmd::Push { image }),

@@ -201,10 +201,12 @@ impl JobRunner {
         let mut slug = None;
         let mut outcome = outcome;
         if l.job.build.is_some() && outcome.exit_status == Some(0) {
+            let storing = std::time::Instant::now();
             match self.store_slug(&id).await {
                 Ok(layer) => {
                     let mut result = super::build::built(&self.cfg.jobs_dir.join(&id));
                     result["slug"] = serde_json::json!(layer);
+                    result["slug_ms"] = serde_json::json!(storing.elapsed().as_millis() as u64);
                     slug = Some(result);
                     if let Err(why) = self.store_build_cache(&l.job.app, &id).await {
                         tracing::warn!(job = %id, error = %why, "build cache not kept");
