@@ -32,6 +32,10 @@ struct Opts {
     /// The base image to build on (default: busybox, made here).
     #[arg(long)]
     base: Option<PathBuf>,
+    /// The app pushed: static (any base), python or node (the stack image as --base),
+    /// each without dependencies, so a push measures the buildpack's own cost.
+    #[arg(long, default_value = "static")]
+    app: String,
     /// Where flynn and flynn-host are (default: beside this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -191,7 +195,7 @@ async fn run(opts: &Opts, cluster: &local_cluster::LocalCluster) -> anyhow::Resu
     let dir = work.path();
     let router = format!("http://127.0.0.1:{}/", 18080);
     let host = format!("web.{}", local_cluster::DOMAIN);
-    std::fs::write(dir.join("index.html"), "round 0\n")?;
+    write_app(dir, &opts.app, "round 0")?;
     let first = push(dir, home, "round 0")?;
     served(&router, &host, "round 0").await?;
     println!(
@@ -200,7 +204,7 @@ async fn run(opts: &Opts, cluster: &local_cluster::LocalCluster) -> anyhow::Resu
     );
     let mut rounds = Vec::new();
     for i in 1..=opts.rounds {
-        std::fs::write(dir.join("index.html"), format!("round {i}\n"))?;
+        write_app(dir, &opts.app, &format!("round {i}"))?;
         let s = push(dir, home, &format!("round {i}"))?;
         served(&router, &host, &format!("round {i}")).await?;
         println!(
@@ -237,6 +241,45 @@ async fn run(opts: &Opts, cluster: &local_cluster::LocalCluster) -> anyhow::Resu
     }
     if opts.large_mb > 0 {
         large(opts.large_mb, cluster, home).await?;
+    }
+    Ok(())
+}
+
+/// Writes the app of `kind` answering `text`: a one-line change from the last round.
+fn write_app(dir: &Path, kind: &str, text: &str) -> anyhow::Result<()> {
+    match kind {
+        "static" => std::fs::write(dir.join("index.html"), format!("{text}\n"))?,
+        "python" => {
+            std::fs::write(dir.join("requirements.txt"), "")?;
+            std::fs::write(
+                dir.join("app.py"),
+                format!(
+                    "import os, http.server\n\
+                     class H(http.server.BaseHTTPRequestHandler):\n\
+                     \x20   def do_GET(self):\n\
+                     \x20       body = b'{text}\\n'\n\
+                     \x20       self.send_response(200)\n\
+                     \x20       self.send_header('Content-Length', str(len(body)))\n\
+                     \x20       self.end_headers()\n\
+                     \x20       self.wfile.write(body)\n\
+                     http.server.HTTPServer(('', int(os.environ['PORT'])), H).serve_forever()\n"
+                ),
+            )?
+        }
+        "node" => {
+            std::fs::write(
+                dir.join("package.json"),
+                r#"{"name": "bench", "version": "1.0.0", "scripts": {"start": "node server.js"}}"#,
+            )?;
+            std::fs::write(
+                dir.join("server.js"),
+                format!(
+                    "require('http').createServer((q, r) => r.end('{text}\\n'))\n\
+                     \x20 .listen(Number(process.env.PORT));\n"
+                ),
+            )?
+        }
+        other => bail!("--app {other}: static, python or node"),
     }
     Ok(())
 }

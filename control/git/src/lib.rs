@@ -141,6 +141,9 @@ pub fn init_bare(git: &Path, path: &Path) -> Result<(), RepoError> {
         ("receive.denyDeletes", "true"),
         // Objects of pushes arrive as packs and stay packs.
         ("receive.unpackLimit", "1"),
+        // A large blob is streamed, never held whole in memory (git's default is 512 MB):
+        // the service's memory stays flat whatever the repository holds.
+        ("core.bigFileThreshold", "16m"),
         ("gc.auto", "0"),
         ("uploadpack.allowFilter", "true"),
     ] {
