@@ -671,8 +671,19 @@ async fn t19_sigterm_drains() {
             c.read(false).await
         }
     });
+    // A connection accepted before the drain whose request has not arrived yet (in
+    // flight, or queued in the socket): it is answered, never reset.
+    let mut fresh = Client::connect(r.http).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     r.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    fresh.send("GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await;
+    let resp = fresh
+        .read(false)
+        .await
+        .expect("a connection accepted before the drain was cut");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("connection"), Some("close"));
     // Idle keep-alive connections are closed at once; new connections are refused.
     assert!(
         idle.closed(Duration::from_secs(2)).await,

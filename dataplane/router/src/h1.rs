@@ -33,8 +33,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin + RingSocket,
 {
     let mut shutdown = w.shutdown.clone();
+    let mut first = true;
     loop {
-        let head = match read_head(&w, &mut client, &mut buf, &mut shutdown).await {
+        let head = match read_head(&w, &mut client, &mut buf, &mut shutdown, first).await {
             HeadRead::Head(head, n) => {
                 buf.advance(n);
                 head
@@ -46,6 +47,7 @@ where
                 return;
             }
         };
+        first = false;
         match request(&w, &mut client, &mut buf, head, ctx).await {
             Next::KeepAlive if !*shutdown.borrow() => continue,
             Next::KeepAlive | Next::Close => {
@@ -63,11 +65,15 @@ enum HeadRead {
     Refuse(u16, &'static str),
 }
 
+/// Reads the next request head. `first`: the connection's first request, which a drain
+/// does not cut short: the connection was accepted, so its client may have sent the request
+/// already (closing then would reset it); it gets the header timeout to arrive.
 async fn read_head<S: AsyncRead + Unpin>(
     w: &Worker,
     client: &mut S,
     buf: &mut BytesMut,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    first: bool,
 ) -> HeadRead {
     let t = &w.shared.config.timeouts;
     let limits = &w.shared.config.limits;
@@ -91,17 +97,29 @@ async fn read_head<S: AsyncRead + Unpin>(
                 Ok(r) => r,
                 Err(_) => return HeadRead::Refuse(408, "request head not received in time"),
             },
-            // Between requests: idle timeout, and a drain closes idle connections at once.
-            None => {
-                if *shutdown.borrow() {
+            // Between requests: idle timeout, and a drain closes idle connections at once
+            // (but not a new one before its first request: see above).
+            None if *shutdown.borrow() => {
+                if !first {
                     return HeadRead::Closed;
                 }
+                match tokio::time::timeout(t.header, client.read_buf(buf)).await {
+                    Ok(r) => r,
+                    Err(_) => return HeadRead::Closed,
+                }
+            }
+            None => {
                 tokio::select! {
                     r = tokio::time::timeout(t.idle, client.read_buf(buf)) => match r {
                         Ok(r) => r,
                         Err(_) => return HeadRead::Closed,
                     },
-                    _ = shutdown.changed() => return HeadRead::Closed,
+                    _ = shutdown.changed() => {
+                        if first {
+                            continue;
+                        }
+                        return HeadRead::Closed;
+                    }
                 }
             }
         };
