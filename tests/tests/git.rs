@@ -114,10 +114,14 @@ async fn t01_push_builds_deploys_redeploys_refuses_and_clones() {
         "{show}"
     );
 
-    // A second push with a change: the new text.
+    // A second push with a change: the new text, rolled out with no failed request.
     let v2 = commit(&c, dir, &[("index.html", "hello from git v2\n")], "v2");
+    let load = Load::start(router(&c, 0), &format!("web.{DOMAIN}"));
     ok(&c.git_here(dir, &["push", "flynn", "main"]));
     assert_eq!(text(&c, "web").await, "hello from git v2");
+    let (served, failures) = load.stop().await;
+    assert!(served >= 5, "only {served} requests during the push");
+    assert!(failures.is_empty(), "failed during the push: {failures:?}");
 
     // A failing build rejects the push: the ref stays, the old release keeps serving.
     commit(
@@ -183,6 +187,68 @@ async fn t01_push_builds_deploys_redeploys_refuses_and_clones() {
     assert_eq!(log.lines().collect::<Vec<_>>(), ["v2", "first"], "{log}");
     // None of the refused pushes changed anything.
     assert_eq!(text(&c, "web").await, "hello from git v2");
+
+    // A Procfile and its files, nothing to build: deployed as it is.
+    let plain = tempfile::tempdir().unwrap();
+    checkout(
+        &c,
+        plain.path(),
+        &[
+            ("Procfile", "web: exec httpd -f -p $PORT -h /app/www\n"),
+            ("www/index.html", "plain procfile\n"),
+        ],
+    );
+    ok(&c.flynn_here_in(RC, plain.path(), &["create", "plain"]));
+    let push = c.git_here(plain.path(), &["push", "flynn", "main"]);
+    assert!(push.status.success(), "{}", stderr(&push));
+    assert!(!stderr(&push).contains("building"), "{}", stderr(&push));
+    assert_eq!(text(&c, "plain").await, "plain procfile");
+
+    // An export carries the repository; the imported app has it.
+    let file = work.path().join("web.tar");
+    let file = file.to_str().unwrap();
+    ok(&c.flynn_here(RC, &["-a", "web", "export", "--file", file]));
+    ok(&c.flynn_here(RC, &["import", "--file", file, "--name", "web2"]));
+    let url = format!("https://git.{DOMAIN}/web2.git");
+    ok(&c.git_here(other.path(), &["clone", "--quiet", &url, "copy2"]));
+    let log = ok(&c.git_here(&other.path().join("copy2"), &["log", "--format=%s"]));
+    assert_eq!(log.lines().collect::<Vec<_>>(), ["v2", "first"], "{log}");
+}
+
+/// GETs through a router in a loop until stopped: how many were served, and what failed.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Load {
+    fn start(addr: std::net::SocketAddr, host: &str) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, host) = (stop.clone(), host.to_string());
+        let task = tokio::spawn(async move {
+            let (mut served, mut failures) = (0, Vec::new());
+            // Bounded: at most 10,000 requests, one every 5 ms.
+            for _ in 0..10_000 {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let r = get(addr, &host, "/").await;
+                if r.status == 200 {
+                    served += 1;
+                } else {
+                    failures.push(format!("{} {}", r.status, r.text()));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (served, failures)
+        });
+        Load { stop, task }
+    }
+
+    async fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.expect("load task")
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

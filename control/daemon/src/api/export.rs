@@ -59,12 +59,19 @@ pub struct AppExport {
     pub certificates: Vec<Certificate>,
     #[serde(default)]
     pub volumes: Vec<Volume>,
+    /// SHA-512 of the app's git repository as a bundle (entry [`REPOSITORY_ENTRY`]), when
+    /// it has one (its last deployed push's copy in the blobstore).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
 }
+
+/// The archive entry holding the app's git repository, as `git bundle` wrote it.
+const REPOSITORY_ENTRY: &str = "git/repository.bundle";
 
 async fn export(State(host): State<AppState>, Path(app): Path<String>) -> ApiResult<Response> {
     let node = host.node()?.clone();
     node.read_barrier().await?;
-    let (export, layers) = node.state.read(|a| {
+    let (export, layers, repository) = node.state.read(|a| {
         let s = &a.state;
         let app = s.app(&app)?.clone();
         if app.system {
@@ -102,6 +109,17 @@ async fn export(State(host): State<AppState>, Path(app): Path<String>) -> ApiRes
             .filter(|v| v.app.as_deref() == Some(app.name.as_str()) && v.provider == "zfs")
             .cloned()
             .collect();
+        let repository = s
+            .git
+            .repos
+            .get(&app.name)
+            .filter(|r| r.app_revision == app.created_revision)
+            .and_then(|r| {
+                s.blobs
+                    .blobs
+                    .get(&crate::git::bundle_path(&r.dir_name()))
+                    .cloned()
+            });
         let layers: Vec<flynn_state::blobs::BlobFile> = release
             .iter()
             .flat_map(|r| r.image.layers.iter())
@@ -120,8 +138,10 @@ async fn export(State(host): State<AppState>, Path(app): Path<String>) -> ApiRes
                 routes,
                 certificates,
                 volumes,
+                repository: repository.as_ref().map(|f| f.sha512.clone()),
             },
             layers,
+            repository,
         ))
     })?;
     let hosts: BTreeMap<u64, String> = node.members().into_iter().collect();
@@ -153,6 +173,13 @@ async fn export(State(host): State<AppState>, Path(app): Path<String>) -> ApiRes
                     .map_err(|e| io::Error::other(format!("layer {}: {e}", f.path)))?;
                 w.stream(&format!("blobs{}", f.path), f.size, content)
                     .await?;
+            }
+            if let Some(f) = &repository {
+                let content = blobstore
+                    .open(f, None)
+                    .await
+                    .map_err(|e| io::Error::other(format!("the git repository: {e}")))?;
+                w.stream(REPOSITORY_ENTRY, f.size, content).await?;
             }
             for v in &export.volumes {
                 let addr = hosts.get(&v.host).ok_or_else(|| {
@@ -324,7 +351,30 @@ async fn import_into<R: tokio::io::AsyncRead + Unpin>(
         if receiving.as_ref().map(|r| Some(&r.id) != volume.as_ref()) == Some(true) {
             receiving.take().expect("receiving").finish().await?;
         }
-        if let Some(path) = entry.strip_prefix("blobs") {
+        if entry == REPOSITORY_ENTRY {
+            let sha = export.repository.as_deref().ok_or_else(|| {
+                ApiError::Invalid(format!("{APP_EXPORT}: {entry} is not named in {APP_ENTRY}"))
+            })?;
+            // Kept as the new app's repository copy; its first git request restores it.
+            let created = node
+                .state
+                .read(|a| a.state.app(name).map(|a| a.created_revision))?;
+            let repo = flynn_state::git::Repo {
+                app: name.to_string(),
+                app_revision: created,
+                host: 0,
+                branch: None,
+                lock: None,
+                pushes: 0,
+            };
+            let path = crate::git::bundle_path(&repo.dir_name());
+            crate::ops::put_blob(blobstore, tar, &path, sha, APP_EXPORT).await?;
+            node.propose(flynn_state::GitCommand::Claim {
+                app: name.to_string(),
+                host: 0,
+            })
+            .await?;
+        } else if let Some(path) = entry.strip_prefix("blobs") {
             let sha = layers.get(path).ok_or_else(|| {
                 ApiError::Invalid(format!("{APP_EXPORT}: {entry} is no layer of its release"))
             })?;

@@ -120,7 +120,7 @@ async fn info_refs(
         ),
         Err(e) => plain(
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot run git: {e}"),
+            format!("cannot run git on this host ({e}): install git there"),
         ),
     }
 }
@@ -180,7 +180,7 @@ async fn rpc(host: AppState, repo: String, service: Service, req: Request) -> Re
         Err(e) => {
             return plain(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot run git: {e}"),
+                format!("cannot run git on this host ({e}): install git there"),
             )
         }
     };
