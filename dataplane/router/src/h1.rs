@@ -496,7 +496,12 @@ where
         tokio::pin!(read);
         let mut pumped = false;
         response = loop {
+            // Biased to the pump: when the body's last write and the response are both
+            // ready (a backend answers once it has read the body), the pump's count must
+            // be taken first, or the access line says no body was sent (router_tls t21
+            // caught it on epoll, where the write completes before the backend reads).
             tokio::select! {
+                biased;
                 r = &mut pump, if !pumped => {
                     pumped = true;
                     match r {
