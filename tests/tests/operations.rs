@@ -392,6 +392,8 @@ async fn t02_backup_restores_onto_fresh_one_and_three_host_clusters() {
     let mut source_volumes = volume_files(&c, "web");
     source_volumes.sort();
     assert!(!source_volumes.is_empty(), "a data volume");
+    // An app deployed by git push: its repository is backed up with the blobstore.
+    let repo_bundle = push_site(&c).await;
 
     // The backup, through the CLI, as the guide writes it.
     let file = c.root_path().join("backup.tar");
@@ -451,7 +453,7 @@ async fn t02_backup_restores_onto_fresh_one_and_three_host_clusters() {
         // The old key and domain.
         assert_eq!(r.key, c.key, "the controller key carries over");
         assert_eq!(out["domain"], DOMAIN);
-        assert_eq!(out["restored"]["apps"], serde_json::json!(["web"]));
+        assert_eq!(out["restored"]["apps"], serde_json::json!(["site", "web"]));
         let env = ok(&r.flynn(0, &["-a", "web", "env"]));
         assert!(env.contains("GREETING=hello"), "{env}");
         let routes = ok(&r.flynn(0, &["-a", "web", "route"]));
@@ -499,6 +501,9 @@ async fn t02_backup_restores_onto_fresh_one_and_three_host_clusters() {
         for i in 0..n {
             served(&r, i, "web").await;
         }
+        // The pushed app's repository comes back from its copy on first use.
+        assert!(blob(&r, 0, &repo_bundle).await.is_some(), "{n} hosts");
+        assert_eq!(clone_site(&r), ["first"], "{n} hosts");
         // Hosts register the status page again within their heartbeat.
         let admin: IpAddr = r.bridge_ip().parse().unwrap();
         eventually(
@@ -511,6 +516,50 @@ async fn t02_backup_restores_onto_fresh_one_and_three_host_clusters() {
         )
         .await;
     }
+}
+
+/// Pushes a one-commit static site as app `site` through host 0's API (the controller
+/// address serves git too) and waits for its repository's copy in the blobstore; the
+/// copy's path.
+async fn push_site(c: &Cluster) -> String {
+    let base = c.busybox_image("base", None);
+    ok(&c.flynn(0, &["base-image", "push", base.to_str().unwrap()]));
+    let api = format!("{}:{}", c.hosts[0].ip, flynn_tests::PORT);
+    ok(&c.flynn_here("rc-git", &["cluster", "add", "default", &api, &c.key]));
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    ok(&c.git_here(dir, &["init", "--quiet", "--initial-branch=main"]));
+    std::fs::write(dir.join("index.html"), "from the repository\n").unwrap();
+    ok(&c.git_here(dir, &["add", "-A"]));
+    ok(&c.git_here(dir, &["commit", "--quiet", "-m", "first"]));
+    ok(&c.flynn_here_in("rc-git", dir, &["create", "site"]));
+    let push = c.git_here(dir, &["push", "flynn", "main"]);
+    assert!(
+        push.status.success(),
+        "{}",
+        String::from_utf8_lossy(&push.stderr)
+    );
+    let created = c.client(0).app("site").await.unwrap().created_revision;
+    let path = format!("/git/site-{created}.bundle");
+    eventually(Duration::from_secs(20), "the repository's copy", || async {
+        blob(c, 0, &path).await.map(|_| ())
+    })
+    .await;
+    path
+}
+
+/// Clones app `site` from a (restored) cluster through host 0's API: its commit messages.
+fn clone_site(r: &Cluster) -> Vec<String> {
+    let api = format!("{}:{}", r.hosts[0].ip, flynn_tests::PORT);
+    let _ = r.flynn_here("rc-git", &["cluster", "remove", "default"]);
+    ok(&r.flynn_here("rc-git", &["cluster", "add", "default", &api, &r.key]));
+    let work = tempfile::tempdir().unwrap();
+    let url = format!("http://{api}/site.git");
+    ok(&r.git_here(work.path(), &["clone", "--quiet", &url, "copy"]));
+    ok(&r.git_here(&work.path().join("copy"), &["log", "--format=%s"]))
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
