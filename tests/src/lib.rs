@@ -795,8 +795,9 @@ pub fn relay(listen_ip: &str, target: std::net::SocketAddr) -> std::net::SocketA
 }
 
 /// Serves the files under `root` read-only over HTTP/1.0 GET on `listen_ip` (a release
-/// repository, for instance): 200 with the bytes, 404 for anything else. Lives as long as
-/// the test process.
+/// repository, a package index, a git repository over the dumb protocol): 200 with the
+/// bytes (a directory's index.html, any query ignored), 404 for anything else. Lives as
+/// long as the test process.
 pub fn serve_dir(listen_ip: &str, root: &Path) -> std::net::SocketAddr {
     use std::io::{BufRead, Write};
     let listener = std::net::TcpListener::bind((listen_ip, 0)).expect("file server bind");
@@ -822,6 +823,9 @@ pub fn serve_dir(listen_ip: &str, root: &Path) -> std::net::SocketAddr {
                     .split(' ')
                     .nth(1)
                     .unwrap_or("/")
+                    .split('?')
+                    .next()
+                    .unwrap_or_default()
                     .trim_start_matches('/');
                 // A directory is served as its index.html (as a package index's pages are).
                 let file = (!path.split('/').any(|p| p == ".."))

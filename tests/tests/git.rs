@@ -509,6 +509,123 @@ async fn t13_node_and_rust_apps_build_on_the_stack_and_run_their_default_process
     }
 }
 
+/// A push with a submodule builds with it checked out at the recorded commit (here the
+/// site's pages live in the submodule), as Flynn's receiver did.
+#[tokio::test(flavor = "multi_thread")]
+async fn t14_submodules_are_checked_out_for_the_build() {
+    let (c, _) = cluster(1).await;
+    let work = tempfile::tempdir().unwrap();
+    let pages = work.path().join("pages");
+    std::fs::create_dir_all(&pages).unwrap();
+    checkout(&c, &pages, &[("index.html", "from the submodule, first\n")]);
+    let first = ok(&c.git_here(&pages, &["rev-parse", "HEAD"]))
+        .trim()
+        .to_string();
+    let dir = work.path().join("app");
+    std::fs::create_dir_all(&dir).unwrap();
+    checkout(&c, &dir, &[("README", "the app\n")]);
+    let url = format!("file://{}", pages.display());
+    ok(&c.git_here(
+        &dir,
+        &[
+            "-c",
+            "protocol.file.allow=always",
+            "submodule",
+            "add",
+            "--quiet",
+            &url,
+            "public",
+        ],
+    ));
+    ok(&c.git_here(&dir, &["commit", "--quiet", "-m", "pages"]));
+    // A later commit in the submodule's own repository is not what the app records.
+    commit(
+        &c,
+        &pages,
+        &[("index.html", "from the submodule, later\n")],
+        "later",
+    );
+    ok(&c.flynn_here_in(RC, &dir, &["create", "subs"]));
+    let push = c.git_here(&dir, &["push", "flynn", "main"]);
+    let said = stderr(&push);
+    assert!(push.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("Submodule public at {}", &first[..12])),
+        "{said}"
+    );
+    assert_eq!(text(&c, "subs").await, "from the submodule, first");
+}
+
+/// A buildpack of the app's own, fetched by the build from a git URL: by `BUILDPACK_URL`,
+/// then named in `.buildpacks` (here served over git's dumb HTTP from the test's address;
+/// the stack image has git).
+#[tokio::test(flavor = "multi_thread")]
+async fn t15_buildpack_url_and_dot_buildpacks_fetch_a_buildpack_by_git() {
+    let stack = std::env::var("FLYNN_TEST_STACK").expect(
+        "FLYNN_TEST_STACK names the stack image (script/test makes it with script/base-image OUT --stack)",
+    );
+    let (c, _) = cluster_on(1, Some(Path::new(&stack))).await;
+    // The buildpack: its compile writes the page from the app's greeting.
+    let work = tempfile::tempdir().unwrap();
+    let bp = work.path().join("bp");
+    std::fs::create_dir_all(&bp).unwrap();
+    checkout(
+        &c,
+        &bp,
+        &[
+            ("bin/detect", "#!/bin/sh\nexit 1\n"),
+            (
+                "bin/compile",
+                "#!/bin/sh\necho '-----> the custom buildpack'\necho \"custom: $(cat \"$1/greeting.txt\")\" >\"$1/index.html\"\n",
+            ),
+            (
+                "bin/release",
+                "#!/bin/sh\nprintf -- '---\\ndefault_process_types:\\n  web: exec busybox httpd -f -p $PORT -h /app\\n'\n",
+            ),
+        ],
+    );
+    // Served over git's dumb HTTP protocol: a bare copy with its info files.
+    let served = work.path().join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    ok(&c.git_here(
+        &served,
+        &["clone", "--quiet", "--bare", bp.to_str().unwrap(), "bp.git"],
+    ));
+    ok(&c.git_here(&served.join("bp.git"), &["update-server-info"]));
+    let server = flynn_tests::serve_dir(&c.bridge_ip(), &served);
+    let bp_url = format!("http://{server}/bp.git");
+
+    let dir = work.path().join("app");
+    std::fs::create_dir_all(&dir).unwrap();
+    checkout(&c, &dir, &[("greeting.txt", "hello")]);
+    ok(&c.flynn_here_in(RC, &dir, &["create", "custom"]));
+    ok(&c.flynn_here_in(
+        RC,
+        &dir,
+        &["env", "set", &format!("BUILDPACK_URL={bp_url}")],
+    ));
+    let push = c.git_here(&dir, &["push", "flynn", "main"]);
+    let said = stderr(&push);
+    assert!(push.status.success(), "{said}");
+    assert!(said.contains("the custom buildpack"), "{said}");
+    assert_eq!(text(&c, "custom").await, "custom: hello");
+    // Named in .buildpacks instead (which wins over BUILDPACK_URL, here unset).
+    ok(&c.flynn_here_in(RC, &dir, &["env", "unset", "BUILDPACK_URL"]));
+    commit(
+        &c,
+        &dir,
+        &[
+            (".buildpacks", &format!("{bp_url}\n")),
+            ("greeting.txt", "again"),
+        ],
+        "buildpacks file",
+    );
+    let push = c.git_here(&dir, &["push", "flynn", "main"]);
+    let said = stderr(&push);
+    assert!(push.status.success(), "{said}");
+    assert_eq!(text(&c, "custom").await, "custom: again");
+}
+
 /// Files of a test app: path and text.
 type Files = Vec<(&'static str, String)>;
 

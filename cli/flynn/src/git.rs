@@ -241,9 +241,107 @@ fn checkout(rev: &str, dir: &Path) -> anyhow::Result<()> {
     }
     unpacked.with_context(|| format!("checking out {rev}"))?;
     if dir.join(".gitmodules").is_file() {
-        eprintln!(
-            "-----> note: submodules are not checked out (the build sees their directories empty)"
-        );
+        submodules(rev, dir)?;
     }
     Ok(())
+}
+/// Checks out the pushed revision's submodules into `dir`, as Flynn's receiver did: each
+/// cloned from the URL `.gitmodules` gives it (a URL this host can reach), at the commit
+/// the revision records, with its own submodules in turn.
+fn submodules(rev: &str, dir: &Path) -> anyhow::Result<()> {
+    // Gitlinks (mode 160000): the submodules' paths and commits, from the pushed tree.
+    let listed = git()
+        .args(["ls-tree", "-r", "-z", rev])
+        .output()
+        .context("listing the revision's submodules")?;
+    let gitlinks: Vec<(String, String)> = listed
+        .stdout
+        .split(|b| *b == 0)
+        .filter_map(|entry| {
+            let entry = std::str::from_utf8(entry).ok()?;
+            let (meta, path) = entry.split_once('\t')?;
+            let mut meta = meta.split(' ');
+            match (meta.next(), meta.next(), meta.next()) {
+                (Some("160000"), Some("commit"), Some(sha)) => {
+                    Some((path.to_string(), sha.to_string()))
+                }
+                _ => None,
+            }
+        })
+        .collect();
+    let config = outside_git()
+        .arg("config")
+        .arg("-f")
+        .arg(dir.join(".gitmodules"))
+        .args(["--get-regexp", r"^submodule\..*\.(path|url)$"])
+        .output()
+        .context("reading .gitmodules")?;
+    let config = String::from_utf8_lossy(&config.stdout).to_string();
+    let entries: Vec<(&str, &str)> = config.lines().filter_map(|l| l.split_once(' ')).collect();
+    for (path, sha) in gitlinks {
+        let name = entries
+            .iter()
+            .find_map(|(k, v)| {
+                let name = k.strip_prefix("submodule.")?.strip_suffix(".path")?;
+                (*v == path).then_some(name)
+            })
+            .with_context(|| format!("submodule {path} is not in .gitmodules"))?;
+        let url = entries
+            .iter()
+            .find_map(|(k, v)| (*k == format!("submodule.{name}.url")).then_some(*v))
+            .with_context(|| format!("submodule {path} has no url in .gitmodules"))?;
+        if url.starts_with("./") || url.starts_with("../") {
+            bail!(
+                "submodule {path}: a relative URL ({url}) cannot be fetched by the build; give its full URL"
+            );
+        }
+        eprintln!(
+            "-----> Submodule {path} at {} from {url}",
+            &sha[..sha.len().min(12)]
+        );
+        let target = dir.join(&path);
+        let _ = std::fs::remove_dir(&target);
+        let target = target.to_string_lossy().to_string();
+        let steps: [(Vec<&str>, String); 3] = [
+            (
+                vec!["clone", "--quiet", "--no-checkout", url, &target],
+                format!("cloning submodule {path} from {url}"),
+            ),
+            (
+                vec!["-C", &target, "checkout", "--quiet", &sha],
+                format!("submodule {path}: checking out {sha}"),
+            ),
+            (
+                vec![
+                    "-C",
+                    &target,
+                    "submodule",
+                    "update",
+                    "--quiet",
+                    "--init",
+                    "--recursive",
+                ],
+                format!("submodule {path}: its own submodules"),
+            ),
+        ];
+        for (args, what) in steps {
+            let out = outside_git().args(&args).output().context(what.clone())?;
+            if !out.status.success() {
+                bail!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// git for repositories other than the one being pushed to: without the hook's `GIT_*`
+/// environment (its repository and the push's quarantined objects).
+fn outside_git() -> Command {
+    let mut cmd = git();
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("GIT_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
 }
