@@ -459,16 +459,8 @@ impl Cluster {
 
     /// Like [`Self::flynn_here`], run in `dir` (a checkout, whose remote may name the app).
     pub fn flynn_here_in(&self, rc: &str, dir: &Path, args: &[&str]) -> Output {
-        Command::new("timeout")
-            .arg("60")
-            .arg(bin_dir().join("flynn"))
-            .args(args)
+        self.flynn_here_cmd(rc, args)
             .current_dir(dir)
-            .env("FLYNNRC", self.root.path().join(rc))
-            .env_remove("FLYNN_APP")
-            .env("GIT_CONFIG_GLOBAL", self.gitconfig())
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .stdin(Stdio::null())
             .output()
             .expect("run flynn")
     }
@@ -476,17 +468,20 @@ impl Cluster {
     /// Runs the `flynn` CLI from the test's own namespace (the admin network) with the
     /// flynnrc named `rc` (made on first use by the caller's `cluster add`).
     pub fn flynn_here(&self, rc: &str, args: &[&str]) -> Output {
-        Command::new("timeout")
-            .arg("60")
+        self.flynn_here_cmd(rc, args).output().expect("run flynn")
+    }
+
+    fn flynn_here_cmd(&self, rc: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new("timeout");
+        cmd.arg("60")
             .arg(bin_dir().join("flynn"))
             .args(args)
             .env("FLYNNRC", self.root.path().join(rc))
             .env_remove("FLYNN_APP")
             .env("GIT_CONFIG_GLOBAL", self.gitconfig())
             .env("GIT_CONFIG_NOSYSTEM", "1")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run flynn")
+            .stdin(Stdio::null());
+        cmd
     }
 
     /// Waits until `n` hosts say they are ready for jobs (instances of service `flynn-host`).

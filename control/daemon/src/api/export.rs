@@ -359,14 +359,7 @@ async fn import_into<R: tokio::io::AsyncRead + Unpin>(
             let created = node
                 .state
                 .read(|a| a.state.app(name).map(|a| a.created_revision))?;
-            let repo = flynn_state::git::Repo {
-                app: name.to_string(),
-                app_revision: created,
-                host: 0,
-                branch: None,
-                lock: None,
-                pushes: 0,
-            };
+            let repo = flynn_state::git::Repo::new(name, created, 0);
             let path = crate::git::bundle_path(&repo.dir_name());
             crate::ops::put_blob(blobstore, tar, &path, sha, APP_EXPORT).await?;
             node.propose(flynn_state::GitCommand::Claim {

@@ -169,42 +169,27 @@ fn controller_route(
     let Response::Certificate { certificate } = Routes::apply(s, add_cert, cx)? else {
         unreachable!("AddCertificate answers with the certificate")
     };
-    let mut route = RouteSpec::http(&format!("controller.{domain}"));
-    if let RouteSpec::Http {
-        service,
-        certificate: cert,
-        https_redirect,
-        ..
-    } = &mut route
-    {
-        *service = Some(CONTROLLER_SERVICE.into());
-        *cert = Some(certificate.id.clone());
-        *https_redirect = true;
-    }
-    let add_route = RoutesCommand::AddRoute {
-        app: "controller".into(),
-        route,
-    };
-    Routes::apply(s, add_route, cx)?;
     // The git server (`git push flynn main`) is served by the same hosts' API, with the
     // same certificate (bootstrap makes it for both names).
-    let mut route = RouteSpec::http(&format!("git.{domain}"));
-    if let RouteSpec::Http {
-        service,
-        certificate: cert,
-        https_redirect,
-        ..
-    } = &mut route
-    {
-        *service = Some(CONTROLLER_SERVICE.into());
-        *cert = Some(certificate.id);
-        *https_redirect = true;
+    for (name, app) in [("controller", "controller"), ("git", "gitreceive")] {
+        let mut route = RouteSpec::http(&format!("{name}.{domain}"));
+        if let RouteSpec::Http {
+            service,
+            certificate: cert,
+            https_redirect,
+            ..
+        } = &mut route
+        {
+            *service = Some(CONTROLLER_SERVICE.into());
+            *cert = Some(certificate.id.clone());
+            *https_redirect = true;
+        }
+        let add_route = RoutesCommand::AddRoute {
+            app: app.into(),
+            route,
+        };
+        Routes::apply(s, add_route, cx)?;
     }
-    let add_route = RoutesCommand::AddRoute {
-        app: "gitreceive".into(),
-        route,
-    };
-    Routes::apply(s, add_route, cx)?;
     Ok(())
 }
 

@@ -41,6 +41,18 @@ pub struct Repo {
 }
 
 impl Repo {
+    /// A new, empty repository of `app`'s incarnation `app_revision`, at home on `host`.
+    pub fn new(app: &str, app_revision: u64, host: u64) -> Repo {
+        Repo {
+            app: app.to_string(),
+            app_revision,
+            host,
+            branch: None,
+            lock: None,
+            pushes: 0,
+        }
+    }
+
     /// The repository's directory name on its host: the app and its incarnation.
     pub fn dir_name(&self) -> String {
         format!("{}-{}.git", self.app, self.app_revision)
@@ -120,14 +132,7 @@ impl Area for Git {
                 }
                 let mut repo = match s.git.repos.get(&app) {
                     Some(r) if r.app_revision == app_revision => r.clone(),
-                    _ => Repo {
-                        app: app.clone(),
-                        app_revision,
-                        host,
-                        branch: None,
-                        lock: None,
-                        pushes: 0,
-                    },
+                    _ => Repo::new(&app, app_revision, host),
                 };
                 // A restored cluster's repositories have no home until one host restores
                 // them from their copies.
@@ -191,14 +196,7 @@ impl Area for Git {
                 {
                     return Ok(Response::GitRepo { repo: r.clone() });
                 }
-                let repo = Repo {
-                    app: app.clone(),
-                    app_revision,
-                    host,
-                    branch: None,
-                    lock: None,
-                    pushes: 0,
-                };
+                let repo = Repo::new(&app, app_revision, host);
                 s.git.repos.insert(app.clone(), repo.clone());
                 cx.touch(TABLE, &app);
                 Ok(Response::GitRepo { repo })
