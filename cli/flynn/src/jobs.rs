@@ -26,8 +26,14 @@ pub enum DockerCmd {
 
 #[derive(Subcommand)]
 pub enum BaseImageCmd {
-    /// Upload an image archive (`docker save` or OCI layout) as the base image.
-    Push { image: std::path::PathBuf },
+    /// Upload an image archive (`docker save` or OCI layout) as the base image, or as
+    /// another named image: `--name databases` is what `flynn resource add` runs
+    /// (`script/base-image IMAGE.tar --databases` makes it).
+    Push {
+        #[arg(long, default_value = "base")]
+        name: String,
+        image: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -126,11 +132,15 @@ pub async fn docker_push(
 }
 
 /// `flynn base-image push IMAGE.tar`: the image `flynn deploy DIR` builds on.
-pub async fn base_image_push(client: &ControllerClient, path: &Path) -> anyhow::Result<()> {
+pub async fn base_image_push(
+    client: &ControllerClient,
+    name: &str,
+    path: &Path,
+) -> anyhow::Result<()> {
     let image = push_archive(client, path).await?;
-    client.put_image("base", &image).await?;
+    client.put_image(name, &image).await?;
     println!(
-        "The cluster's base image is now {} ({} layers).",
+        "The cluster's {name} image is now {} ({} layers).",
         path.display(),
         image.layers.len()
     );
@@ -719,12 +729,15 @@ pub async fn limit(
 /// `flynn run`: starts the job, passes piped stdin, copies its output; its exit status.
 /// With `tty` the job runs on a pty: this terminal (if it is one) is put in raw mode so
 /// every key goes to the job, and its size follows this one's.
+/// With `provider`, the job runs on that provider's server image with the app's resource
+/// env (`flynn pg psql`), as a job of the server's app.
 pub async fn run(
     client: &ControllerClient,
     app: &str,
     args: Vec<String>,
     detached: bool,
     tty: bool,
+    provider: Option<&str>,
 ) -> anyhow::Result<i32> {
     let stdin = !detached && (tty || !std::io::stdin().is_terminal());
     let size = tty.then(terminal::size);
@@ -735,6 +748,7 @@ pub async fn run(
                 args,
                 stdin,
                 tty: size,
+                provider: provider.map(str::to_string),
             },
         )
         .await?;
@@ -742,6 +756,7 @@ pub async fn run(
         println!("{}", job.id);
         return Ok(0);
     }
+    let app = job.app.as_str();
     // Restored when this returns, whatever the way out.
     let _raw = if tty { terminal::Raw::enter() } else { None };
     if stdin {
@@ -770,6 +785,54 @@ pub async fn run(
         });
     }
     let end = attach(client, app, &job.id, false, !tty).await?;
+    Ok(end["exit"].as_i64().unwrap_or(1) as i32)
+}
+
+/// Runs a one-off job (on `provider`'s server image with the app's resource env) with no
+/// terminal: stdin from `input` (else none), stdout into `output` (else this stdout), stderr
+/// here; its exit status. ^C stops it.
+pub async fn run_piped(
+    client: &ControllerClient,
+    app: &str,
+    args: Vec<String>,
+    provider: Option<&str>,
+    input: Option<std::fs::File>,
+    output: Option<&mut std::fs::File>,
+) -> anyhow::Result<i32> {
+    let job = client
+        .run(
+            app,
+            &flynn_client::RunRequest {
+                args,
+                stdin: input.is_some(),
+                tty: None,
+                provider: provider.map(str::to_string),
+            },
+        )
+        .await?;
+    let app = job.app.as_str();
+    if let Some(file) = input {
+        let (client, app, id) = (client.clone(), app.to_string(), job.id.clone());
+        tokio::spawn(async move {
+            let file = tokio::fs::File::from_std(file);
+            let body = tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024);
+            if let Err(e) = client
+                .job_stdin(&app, &id, reqwest::Body::wrap_stream(body))
+                .await
+            {
+                eprintln!("flynn: input not passed: {e}");
+            }
+        });
+    }
+    let id = job.id.clone();
+    let end = tokio::select! {
+        end = copy_output(client, app, &id, false, output) => end?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("\nflynn: interrupted: stopping job {id}");
+            let _ = client.kill_job(app, &id).await;
+            serde_json::json!({"exit": 130})
+        }
+    };
     Ok(end["exit"].as_i64().unwrap_or(1) as i32)
 }
 
@@ -836,7 +899,7 @@ async fn attach(
     all_to_stderr: bool,
     stop_on_interrupt: bool,
 ) -> anyhow::Result<serde_json::Value> {
-    let output = copy_output(client, app, id, all_to_stderr);
+    let output = copy_output(client, app, id, all_to_stderr, None);
     if !stop_on_interrupt {
         return output.await;
     }
@@ -859,6 +922,7 @@ async fn copy_output(
     app: &str,
     id: &str,
     all_to_stderr: bool,
+    mut stdout_to: Option<&mut std::fs::File>,
 ) -> anyhow::Result<serde_json::Value> {
     use base64::Engine;
     use futures::StreamExt;
@@ -884,7 +948,10 @@ async fn copy_output(
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(data)
                 .unwrap_or_default();
-            if all_to_stderr || v["stream"] == "stderr" {
+            if let (Some(f), false) = (stdout_to.as_deref_mut(), v["stream"] == "stderr") {
+                f.write_all(&bytes)
+                    .context("writing the job's output to the file")?;
+            } else if all_to_stderr || v["stream"] == "stderr" {
                 let mut e = std::io::stderr();
                 e.write_all(&bytes)?;
                 e.flush()?;

@@ -10,6 +10,7 @@ mod flynnrc;
 mod git;
 mod image;
 mod jobs;
+mod resources;
 
 use flynn_cli_util::{print_table, run_main};
 use flynn_client::{ControllerClient, EnvUpdate, RouteRequest};
@@ -158,6 +159,26 @@ enum Cmd {
     },
     /// Stop a job (the scheduler replaces it if the formation still wants it).
     Kill { job: String },
+    /// List the app's databases, or add or remove one (`flynn resource add postgres`).
+    Resource {
+        #[command(subcommand)]
+        cmd: Option<resources::ResourceCmd>,
+    },
+    /// Use the app's Postgres: psql, dump, restore.
+    Pg {
+        #[command(subcommand)]
+        cmd: resources::PgCmd,
+    },
+    /// Use the app's Redis: redis-cli.
+    Redis {
+        #[command(subcommand)]
+        cmd: resources::RedisCmd,
+    },
+    /// Use the app's MariaDB: console, dump, restore.
+    Mysql {
+        #[command(subcommand)]
+        cmd: resources::MysqlCmd,
+    },
     /// Show or set process types' resource limits.
     Limit {
         #[command(subcommand)]
@@ -413,8 +434,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::BaseImage { cmd: None } => jobs::base_image_show(&client).await?,
         Cmd::BaseImage {
-            cmd: Some(jobs::BaseImageCmd::Push { image }),
-        } => jobs::base_image_push(&client, &image).await?,
+            cmd: Some(jobs::BaseImageCmd::Push { name, image }),
+        } => jobs::base_image_push(&client, &name, &image).await?,
         Cmd::Scale { no_wait, counts } => jobs::scale(&client, &app()?, &counts, no_wait).await?,
         Cmd::Ps { all } => jobs::ps(&client, &app()?, all).await?,
         Cmd::Log {
@@ -440,7 +461,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             use std::io::IsTerminal;
             let terminal = std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
             let tty = !detached && !no_tty && (tty || terminal);
-            let code = jobs::run(&client, &app()?, command, detached, tty).await?;
+            let code = jobs::run(&client, &app()?, command, detached, tty, None).await?;
             if code != 0 || tty {
                 // Exits now: a read of the terminal that is still waiting for a key would
                 // otherwise hold the runtime's shutdown until one is pressed.
@@ -455,6 +476,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("Job {job} stopped.");
         }
         Cmd::Limit { cmd } => jobs::limit(&client, &app()?, cmd).await?,
+        Cmd::Resource { cmd } => resources::resource_cmd(&client, &app()?, cmd).await?,
+        Cmd::Pg { cmd } => exit_with(resources::pg_cmd(&client, &app()?, cmd).await?),
+        Cmd::Redis { cmd } => exit_with(resources::redis_cmd(&client, &app()?, cmd).await?),
+        Cmd::Mysql { cmd } => exit_with(resources::mysql_cmd(&client, &app()?, cmd).await?),
     }
     Ok(())
 }
@@ -658,6 +683,16 @@ async fn route_cmd(client: &ControllerClient, app: &str, args: RouteArgs) -> any
         }
     }
     Ok(())
+}
+
+/// Exits with a job's status when it is not 0 (now: a terminal read still waiting for a key
+/// would otherwise hold the runtime's shutdown).
+fn exit_with(code: i32) {
+    if code != 0 {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        std::process::exit(code);
+    }
 }
 
 #[cfg(test)]

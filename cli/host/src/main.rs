@@ -299,7 +299,12 @@ enum VolumeCmd {
     /// One volume, with its path, size and snapshots.
     Inspect { id: String },
     /// Delete a volume and its snapshots.
-    Delete { id: String },
+    Delete {
+        id: String,
+        /// Also a volume holding a database server's data (refused without).
+        #[arg(long)]
+        force: bool,
+    },
     /// Snapshot a volume.
     Snapshot {
         id: String,
@@ -964,8 +969,8 @@ async fn volume_cmd(host: HostClient, cmd: VolumeCmd) -> anyhow::Result<()> {
             show(host.create_volume(&req).await?)
         }
         VolumeCmd::Inspect { id } => show(host.volume(&id).await?),
-        VolumeCmd::Delete { id } => {
-            host.delete_volume(&id).await?;
+        VolumeCmd::Delete { id, force } => {
+            host.delete_volume(&id, force).await?;
             println!("Deleted volume {id}.");
             Ok(())
         }

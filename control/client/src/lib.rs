@@ -291,6 +291,58 @@ impl ControllerClient {
         self.http.delete(&format!("/apps/{}", seg(name))).await
     }
 
+    /// What the cluster provisions (`GET /providers`).
+    pub async fn providers(&self) -> Result<Vec<ProviderInfo>, ClientError> {
+        self.http.get("/providers").await
+    }
+
+    /// The app's resources, oldest first.
+    pub async fn app_resources(
+        &self,
+        app: &str,
+    ) -> Result<Vec<flynn_model::Resource>, ClientError> {
+        self.http
+            .get(&format!("/apps/{}/resources", seg(app)))
+            .await
+    }
+
+    /// Provisions a `provider` resource for `app`: its database made and its env deployed.
+    /// A first one also starts the provider's server, so this may take minutes.
+    pub async fn add_resource(
+        &self,
+        provider: &str,
+        app: &str,
+    ) -> Result<ProvisionedResource, ClientError> {
+        let req = ProvisionRequest {
+            app: Some(app.into()),
+            apps: Vec::new(),
+        };
+        let rb = self
+            .http
+            .request(
+                Method::POST,
+                &format!("/providers/{}/resources", seg(provider)),
+            )
+            .timeout(Duration::from_secs(300))
+            .json(&req);
+        self.http.send(rb).await
+    }
+
+    /// Removes a resource (of `provider`, when given): its env unset, its database dropped.
+    pub async fn remove_resource(
+        &self,
+        provider: Option<&str>,
+        id: &str,
+    ) -> Result<flynn_model::Resource, ClientError> {
+        let path = match provider {
+            Some(p) => format!("/providers/{}/resources/{}", seg(p), seg(id)),
+            None => format!("/resources/{}", seg(id)),
+        };
+        self.http
+            .send(self.http.request(Method::DELETE, &path))
+            .await
+    }
+
     /// `GET /backup`: the cluster backup archive, streamed (headers `x-flynn-backup-*`
     /// say what it holds).
     pub async fn backup(&self) -> Result<reqwest::Response, ClientError> {
@@ -756,9 +808,10 @@ impl HostClient {
         self.http.get(&format!("/host/volumes/{}", seg(id))).await
     }
 
-    pub async fn delete_volume(&self, id: &str) -> Result<(), ClientError> {
+    /// Deletes a volume; `force` also one that holds a database server's data.
+    pub async fn delete_volume(&self, id: &str, force: bool) -> Result<(), ClientError> {
         self.http
-            .delete(&format!("/host/volumes/{}", seg(id)))
+            .delete(&format!("/host/volumes/{}?force={force}", seg(id)))
             .await
     }
 

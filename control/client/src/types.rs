@@ -315,4 +315,39 @@ pub struct RunRequest {
     /// and the output is one stream, as a terminal shows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty: Option<flynn_model::TtySize>,
+    /// Run on this provider's server image with the app's resource env instead of on the
+    /// app's release (`flynn pg psql`: psql with the app's `PGHOST`, `PGUSER`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+}
+
+/// `POST /providers/{provider}/resources`: the app the resource is for (`app`, or Flynn's
+/// `apps` with one name).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProvisionRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub apps: Vec<String>,
+}
+
+/// A provisioned resource and the app's release that deployed its env (none while the app
+/// has no release).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProvisionedResource {
+    #[serde(flatten)]
+    pub resource: flynn_model::Resource,
+    #[serde(default)]
+    pub release: Option<String>,
+}
+
+/// `GET /providers`: what the cluster provisions, and how much of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProviderInfo {
+    pub name: String,
+    /// The system app serving it.
+    pub app: String,
+    pub resources: usize,
+    /// Servers the provider runs now (Postgres, MariaDB: its formation's count).
+    pub servers: usize,
 }

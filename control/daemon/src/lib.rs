@@ -10,6 +10,7 @@ pub mod component;
 pub mod components;
 pub mod config;
 pub mod daemon;
+pub mod databases;
 pub mod error;
 pub mod git;
 pub mod host;

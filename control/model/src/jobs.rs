@@ -216,6 +216,10 @@ pub struct Job {
     /// A one-off job on a terminal (`flynn run` from one): its pty's first size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty: Option<TtySize>,
+    /// Env set over its release's (`flynn pg psql` runs on the postgres image with the
+    /// app's resource env).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
     /// `IP:PORT` it serves on, once running.
     #[serde(default)]
     pub addr: Option<String>,

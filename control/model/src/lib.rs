@@ -7,9 +7,11 @@
 mod blob_backends;
 mod jobs;
 mod records;
+mod resources;
 mod watch;
 
 pub use blob_backends::*;
 pub use jobs::*;
 pub use records::*;
+pub use resources::*;
 pub use watch::*;

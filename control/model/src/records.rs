@@ -16,6 +16,7 @@ pub const SYSTEM_APPS: &[&str] = &[
     "docker-receive",
     "taffy",
     "dashboard",
+    "postgres",
     "redis",
     "mariadb",
     "mongodb",

@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod discovery;
 pub mod git;
 pub mod jobs;
+pub mod resources;
 pub mod routes;
 pub mod validate;
 pub mod volumes;
@@ -30,6 +31,7 @@ pub use discovery::DiscoveryCommand;
 pub use flynn_model::*;
 pub use git::GitCommand;
 pub use jobs::{build_memory, JobsCommand, BUILD_MEMORY_ENV};
+pub use resources::ResourcesCommand;
 pub use routes::RoutesCommand;
 pub use volumes::VolumesCommand;
 
@@ -125,6 +127,7 @@ areas! {
     blobs: Blobs(BlobsCommand) => blobs::Blobs,
     jobs: Jobs(JobsCommand) => jobs::Jobs,
     git: Git(GitCommand) => git::Git,
+    resources: Resources(ResourcesCommand) => resources::Resources,
 }
 
 /// The state's own record: its revision, stored as `meta/revision`.
@@ -150,6 +153,7 @@ pub enum Response {
     Expired { count: usize },
     Batch { results: Vec<ApplyResult> },
     GitRepo { repo: git::Repo },
+    Resource { resource: resources::Resource },
 }
 
 /// A result of another kind than the command promises: a bug, never the client's fault.
@@ -187,6 +191,7 @@ typed_response! {
     Job { job } => Job,
     Jobs { jobs } => Vec<Job>,
     GitRepo { repo } => git::Repo,
+    Resource { resource } => resources::Resource,
 }
 
 /// Why a command was refused. Refusal is deterministic: every host refuses the same command

@@ -51,3 +51,18 @@ pub(crate) fn http(app: &str, domain: &str, path: Option<&str>) -> RoutesCommand
 pub(crate) fn apply(s: &mut ClusterState, cmd: impl Into<Command>) -> (ApplyResult, Vec<Event>) {
     s.apply(cmd.into())
 }
+
+/// A one-layer image whose command is `/bin/httpd`.
+pub(crate) fn image() -> Image {
+    Image {
+        layers: vec![Layer {
+            sha512: "ab".repeat(64),
+            size: 10,
+            compression: LayerCompression::Gzip,
+        }],
+        config: ImageConfig {
+            cmd: vec!["/bin/httpd".into()],
+            ..ImageConfig::default()
+        },
+    }
+}

@@ -316,7 +316,9 @@ async fn import_archive<R: tokio::io::AsyncRead + Unpin>(
                 .await;
             let secret = node.secret().to_string();
             for (addr, id) in received {
-                let _ = crate::ops::peer(&addr, &secret).delete_volume(&id).await;
+                let _ = crate::ops::peer(&addr, &secret)
+                    .delete_volume(&id, false)
+                    .await;
             }
             Err(e)
         }

@@ -528,27 +528,33 @@ async fn run(
     }
     let node = host.node()?;
     node.read_barrier().await?;
-    // A system app without a release runs from its system image (flynn-blobstore).
-    let tmp = host.dir.root().join("tmp");
-    crate::jobs::system_image::ensure_release(node, host.blobstore(), &tmp, &app).await?;
-    let release = node.state.read(|a| {
-        let s = &a.state;
-        s.app(&app)?;
-        s.jobs
-            .formations
-            .get(&app)
-            .map(|f| f.release.clone())
-            .filter(|r| !r.is_empty())
-            .ok_or_else(|| {
-                ApiError::Invalid(format!(
-                    "app {app:?} has no release to run: deploy one first"
-                ))
-            })
-    })?;
+    let (job_app, release, env) = match &req.provider {
+        Some(provider) => provider_run(node, &app, provider)?,
+        None => {
+            // A system app without a release runs from its system image (flynn-blobstore).
+            let tmp = host.dir.root().join("tmp");
+            crate::jobs::system_image::ensure_release(node, host.blobstore(), &tmp, &app).await?;
+            let release = node.state.read(|a| {
+                let s = &a.state;
+                s.app(&app)?;
+                s.jobs
+                    .formations
+                    .get(&app)
+                    .map(|f| f.release.clone())
+                    .filter(|r| !r.is_empty())
+                    .ok_or_else(|| {
+                        ApiError::Invalid(format!(
+                            "app {app:?} has no release to run: deploy one first"
+                        ))
+                    })
+            })?;
+            (app, release, BTreeMap::new())
+        }
+    };
     let job = place_oneoff(
         &host,
         flynn_state::jobs::NewJob {
-            app,
+            app: job_app,
             release,
             proc_type: "run".into(),
             host: 0,
@@ -558,10 +564,49 @@ async fn run(
             stdin: req.stdin || req.tty.is_some(),
             build: None,
             tty: req.tty,
+            env,
         },
     )
     .await?;
     Ok((StatusCode::CREATED, Json(job)))
+}
+
+/// Where `flynn pg psql` runs: a job of the provider's server app (its image has the
+/// clients), with `app`'s resource env. The job's app, release and env.
+fn provider_run(
+    node: &crate::node::Node,
+    app: &str,
+    provider: &str,
+) -> ApiResult<(String, String, BTreeMap<String, String>)> {
+    node.state.read(|a| {
+        let s = &a.state;
+        s.app(app)?;
+        let p = flynn_state::resources::provider(provider).map_err(ApiError::from)?;
+        let r = s
+            .resources
+            .of_app(app)
+            .into_iter()
+            .find(|r| r.provider == p.name)
+            .ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "{app} has no {} resource (flynn -a {app} resource add {})",
+                    p.name, p.name
+                ))
+            })?;
+        let server_app = if r.server.is_some() {
+            r.name.clone()
+        } else {
+            p.app.to_string()
+        };
+        let release = s
+            .jobs
+            .current_release(&server_app)
+            .map(|r| r.id.clone())
+            .ok_or_else(|| {
+                ApiError::Unavailable(format!("the {server_app} server has no release"))
+            })?;
+        Ok((server_app, release, r.env.clone()))
+    })
 }
 
 /// `POST /apps/{app}/builds`: a build job of an uploaded source layer on the cluster's base
@@ -604,6 +649,7 @@ async fn build(
                 source: req.source,
             }),
             tty: None,
+            env: Default::default(),
         },
     )
     .await?;

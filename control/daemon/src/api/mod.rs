@@ -30,6 +30,7 @@ pub mod git;
 pub mod host;
 pub mod jobs;
 pub mod raft;
+pub mod resources;
 pub mod routes;
 pub mod services;
 pub mod status;
@@ -79,6 +80,7 @@ pub fn router(host: Arc<Host>) -> Router {
         .merge(jobs::controller_routes())
         .merge(backup::controller_routes())
         .merge(export::routes())
+        .merge(resources::routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY))
         .layer(middleware::from_fn_with_state(
             host.clone(),

@@ -150,10 +150,34 @@ async fn inspect(
     ))
 }
 
+#[derive(Deserialize, Default)]
+struct RemoveOpts {
+    #[serde(default)]
+    force: bool,
+}
+
 async fn remove(
     State(host): State<AppState>,
     Path(id): Path<String>,
+    Query(opts): Query<RemoveOpts>,
 ) -> ApiResult<Json<serde_json::Value>> {
+    if !opts.force {
+        // A database's data goes only when asked for by name and --force.
+        let holder = host.node()?.state.read(|a| {
+            let s = &a.state;
+            s.volumes
+                .volumes
+                .values()
+                .find(|v| v.host == host.volumes().host() && v.id == id)
+                .and_then(|v| v.app.clone())
+                .filter(|app| flynn_state::resources::serves_databases(s, app))
+        });
+        if let Some(app) = holder {
+            return Err(ApiError::Conflict(format!(
+                "volume {id} holds the data of the {app} database server; `flynn-host volume delete --force {id}` deletes it anyway"
+            )));
+        }
+    }
     let vid = id.clone();
     blocking(host.volumes(), move |v| v.provider.delete(&vid)).await?;
     let node = host.node()?;

@@ -11,6 +11,10 @@
 //! leaves with its host's address (masquerade), so jobs reach networks beyond the cluster
 //! (package mirrors, databases, APIs) that have no route back to job subnets.
 //!
+//! Databases are reached at stable service addresses (`100.100.0.0/24`, which no host's
+//! subnet takes): every host rewrites a connection to one (`dnat`) to the current leader of
+//! its service, so `DATABASE_URL` never changes when the primary moves.
+//!
 //! Everything is done with `ip` and `nft`, as an operator would; without them (or where
 //! they fail at start) jobs use the host's network and the host says so.
 
@@ -22,6 +26,9 @@ use std::sync::Mutex;
 
 /// Every host's job subnet lies in this range; traffic between jobs keeps its addresses.
 const JOB_NETWORK: &str = "100.100.0.0/16";
+
+/// Where service addresses live; no host's job subnet is index 0.
+const SERVICE_NETWORK: &str = "100.100.0.0/24";
 
 /// The port a job with its own address serves on (as Flynn's jobs did).
 pub const JOB_PORT: u16 = 8080;
@@ -132,7 +139,11 @@ pub struct HostNet {
     table: String,
     used: Mutex<BTreeSet<u8>>,
     routes: Mutex<BTreeMap<u32, String>>,
+    services: Mutex<ServiceMap>,
 }
+
+/// Service address → the address of the instance serving it now.
+pub type ServiceMap = BTreeMap<(Ipv4Addr, u16), (Ipv4Addr, u16)>;
 
 impl HostNet {
     /// Sets up forwarding and the host's filter for subnet `index`.
@@ -149,11 +160,20 @@ impl HostNet {
         nft(&format!(
             "table inet {table} {{\n\
                set published {{ type ipv4_addr . inet_service; }}\n\
+               map services {{ type ipv4_addr . inet_service : ipv4_addr . inet_service; }}\n\
                chain forward {{\n\
                  type filter hook forward priority 0; policy accept;\n\
                  ct state established,related accept\n\
                  ip daddr . tcp dport @published accept\n\
                  ip daddr 100.100.{index}.0/24 ct state new drop\n\
+               }}\n\
+               chain prerouting {{\n\
+                 type nat hook prerouting priority dstnat; policy accept;\n\
+                 ip daddr {SERVICE_NETWORK} dnat ip to ip daddr . tcp dport map @services\n\
+               }}\n\
+               chain output {{\n\
+                 type nat hook output priority -100; policy accept;\n\
+                 ip daddr {SERVICE_NETWORK} dnat ip to ip daddr . tcp dport map @services\n\
                }}\n\
                chain postrouting {{\n\
                  type nat hook postrouting priority srcnat; policy accept;\n\
@@ -167,6 +187,7 @@ impl HostNet {
             table,
             used: Mutex::new(BTreeSet::new()),
             routes: Mutex::new(BTreeMap::new()),
+            services: Mutex::new(ServiceMap::new()),
         })
     }
 
@@ -188,6 +209,27 @@ impl HostNet {
                 }
                 Err(e) => tracing::warn!(error = %e, "no route to a host's job subnet"),
             }
+        }
+    }
+
+    /// Points each service address at its instance, replacing the whole map in one
+    /// transaction (a connection never sees a half-written one); nothing runs if it is
+    /// unchanged.
+    pub fn set_services(&self, map: &ServiceMap) {
+        let mut current = self.services.lock().expect("services lock");
+        if *current == *map {
+            return;
+        }
+        let mut script = format!("flush map inet {} services\n", self.table);
+        for ((vip, vport), (ip, port)) in map {
+            script.push_str(&format!(
+                "add element inet {} services {{ {vip} . {vport} : {ip} . {port} }}\n",
+                self.table
+            ));
+        }
+        match nft(&script) {
+            Ok(()) => *current = map.clone(),
+            Err(e) => tracing::warn!(error = %e, "service addresses not updated"),
         }
     }
 

@@ -99,7 +99,7 @@ impl JobRunner {
             }
             None => (None, None),
         };
-        // Env: the image's, then the release's, then Flynn's own.
+        // Env: the image's, then the release's, then the job's own, then Flynn's.
         let mut env: BTreeMap<String, String> = image
             .config
             .env
@@ -108,6 +108,7 @@ impl JobRunner {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         env.extend(release_env);
+        env.extend(job.env.clone());
         env.entry("PATH".into()).or_insert_with(|| {
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
         });

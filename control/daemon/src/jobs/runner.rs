@@ -116,9 +116,29 @@ impl JobRunner {
         tokio::task::block_in_place(|| hn.route_peers(&peers, &self.ip));
     }
 
+    /// Points the service addresses (databases' stable addresses) at their services'
+    /// leaders; an address whose service has no live instance is left out (refused).
+    pub(super) fn route_services(&self, local: &State) {
+        let Some(hn) = self.net.get().and_then(Option::as_ref) else {
+            return;
+        };
+        let map: network::ServiceMap = local.read(|s| {
+            flynn_state::resources::service_addrs(s)
+                .into_iter()
+                .filter_map(|a| {
+                    let leader = s.discovery.services.get(&a.service)?.leader()?;
+                    let to: std::net::SocketAddrV4 = leader.addr.parse().ok()?;
+                    Some(((a.ip, a.port), (*to.ip(), to.port())))
+                })
+                .collect()
+        });
+        tokio::task::block_in_place(|| hn.set_services(&map));
+    }
+
     /// One pass over the jobs placed on this host.
     pub(super) fn reconcile(self: &Arc<Self>, local: &State) {
         self.route_subnets(local);
+        self.route_services(local);
         let mine: Vec<Job> = local.read(|s| {
             s.jobs
                 .jobs

@@ -311,6 +311,7 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                             stdin: false,
                             build: None,
                             tty: None,
+                            env: Default::default(),
                         });
                     }
                 } else if mine.len() > want {

@@ -97,6 +97,54 @@ pub async fn ensure_release(
     Ok(())
 }
 
+/// Stores a small layer of `files` (path in the image, contents, mode), each with its
+/// parent directories, through `blobstore` unless it is stored already: the same files make
+/// the same layer. The database servers' start scripts go into their images this way.
+pub async fn store_files_layer(
+    node: &crate::node::Node,
+    blobstore: Option<&std::sync::Arc<crate::blobstore::Blobstore>>,
+    files: &[(&str, &[u8], u32)],
+) -> ApiResult<Layer> {
+    let tar = files_tar(files).map_err(|e| ApiError::Internal(format!("a layer: {e}")))?;
+    let digest = ring::digest::digest(&ring::digest::SHA512, &tar);
+    let sha512: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let layer = Layer {
+        sha512,
+        size: tar.len() as u64,
+        compression: LayerCompression::None,
+    };
+    let blob = flynn_state::layer_path(&layer.sha512);
+    if !node.state.read(|a| a.state.blobs.blobs.contains_key(&blob)) {
+        let blobstore = blobstore.ok_or_else(|| {
+            ApiError::Unavailable("this host runs no blobstore to keep the image in".into())
+        })?;
+        let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(tar))]);
+        blobstore.put_checked(&blob, body, &layer.sha512).await?;
+    }
+    Ok(layer)
+}
+
+fn files_tar(files: &[(&str, &[u8], u32)]) -> std::io::Result<Vec<u8>> {
+    let mut dirs = std::collections::BTreeSet::new();
+    for (path, _, _) in files {
+        let mut p = Path::new(path).parent();
+        while let Some(d) = p.filter(|d| !d.as_os_str().is_empty()) {
+            dirs.insert(d.to_path_buf());
+            p = d.parent();
+        }
+    }
+    let mut tar = tar::Builder::new(Vec::new());
+    for d in &dirs {
+        let mut h = header(tar::EntryType::Directory, 0o755, 0);
+        tar.append_data(&mut h, d, std::io::empty())?;
+    }
+    for (path, data, mode) in files {
+        let mut h = header(tar::EntryType::Regular, *mode, data.len() as u64);
+        tar.append_data(&mut h, path, *data)?;
+    }
+    tar.into_inner()
+}
+
 /// The shared libraries `bin` links, as absolute paths (none for a static binary).
 fn libraries(bin: &Path) -> std::io::Result<Vec<PathBuf>> {
     let out = std::process::Command::new("ldd").arg(bin).output()?;

@@ -84,6 +84,7 @@ fn place(state: &FakeState, release: &str) -> Job {
             stdin: false,
             build: None,
             tty: None,
+            env: Default::default(),
         }],
         now_ms: 2,
     });

@@ -81,6 +81,19 @@ impl Area for Apps {
                         "{name:?} is a system app and cannot be deleted"
                     )));
                 }
+                let held: Vec<&str> = s
+                    .resources
+                    .of_app(&name)
+                    .iter()
+                    .map(|r| r.id.as_str())
+                    .collect();
+                if !held.is_empty() {
+                    // Its databases would be orphaned with the data in them.
+                    return Err(StateError::Conflict(format!(
+                        "{name} has resources ({}): remove them first (flynn resource remove ID)",
+                        held.join(", ")
+                    )));
+                }
                 s.apps.apps.remove(&name);
                 cx.touch(TABLE, &name);
                 crate::routes::remove_app_routes(s, &name, cx);
@@ -134,7 +147,7 @@ impl Apps {
     }
 }
 
-fn update_env(
+pub(crate) fn update_env(
     s: &mut ClusterState,
     app: &str,
     proc_type: Option<String>,

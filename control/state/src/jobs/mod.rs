@@ -124,6 +124,9 @@ pub struct NewJob {
     /// A one-off job on a pty of this size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty: Option<TtySize>,
+    /// Env set over its release's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
 }
 
 /// Recent crashes of one process type (`APP/TYPE`).
@@ -501,6 +504,7 @@ impl Area for Jobs {
                         stdin: j.stdin,
                         build: j.build,
                         tty: j.tty,
+                        env: j.env,
                         addr: None,
                         exit_status: None,
                         error: None,

@@ -1,20 +1,6 @@
 use crate::jobs::{JobsCommand, NewJob, HISTORY_PER_APP_HOST};
 use crate::testing::*;
 
-fn image() -> Image {
-    Image {
-        layers: vec![Layer {
-            sha512: "ab".repeat(64),
-            size: 10,
-            compression: LayerCompression::Gzip,
-        }],
-        config: ImageConfig {
-            cmd: vec!["/bin/httpd".into()],
-            ..ImageConfig::default()
-        },
-    }
-}
-
 fn deployed(app: &str) -> (ClusterState, Release) {
     let mut s = booted();
     ok(&mut s, AppsCommand::CreateApp { name: app.into() });
@@ -46,6 +32,7 @@ fn place(s: &mut ClusterState, release: &str, host: u64) -> Job {
                 stdin: false,
                 build: None,
                 tty: None,
+                env: Default::default(),
             }],
             now_ms: 1,
         },
@@ -213,6 +200,7 @@ fn t14_a_build_job_needs_its_app_not_a_release_and_is_a_one_off() {
             },
         }),
         tty: None,
+        env: Default::default(),
     };
     let place = |s: &mut ClusterState, j: NewJob| {
         apply(
@@ -254,6 +242,7 @@ fn t15_only_a_one_off_job_runs_on_a_terminal() {
         stdin: true,
         build: None,
         tty: Some(TtySize { cols: 80, rows: 24 }),
+        env: Default::default(),
     };
     let e = apply(
         &mut s,
