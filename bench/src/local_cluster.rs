@@ -71,7 +71,9 @@ pub fn bin_dir(given: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
 
 pub struct LocalCluster {
     /// Stopped before `dir` is removed.
-    _procs: Procs,
+    procs: Procs,
+    flynn_host: PathBuf,
+    jobs: bool,
     pub flynn: PathBuf,
     pub url: String,
     pub key: String,
@@ -88,36 +90,8 @@ impl LocalCluster {
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path();
         let mut procs = Procs(Vec::new());
-        for (i, port) in API_PORTS.iter().enumerate() {
-            let log = std::fs::File::create(dir.join(format!("host{i}.log")))?;
-            let first = 40000 + i as u32 * 2000;
-            let mut cmd = Command::new(&flynn_host);
-            cmd.arg("--data-dir")
-                .arg(dir.join(format!("host{i}")))
-                .args([
-                    "daemon",
-                    "--external-ip",
-                    "127.0.0.1",
-                    "--listen-ip",
-                    "127.0.0.1",
-                ])
-                .args(["--port", &port.to_string()])
-                .args(["--router-http", &format!("127.0.0.1:{}", 18080 + i)])
-                .args(["--router-https", &format!("127.0.0.1:{}", 18443 + i)])
-                .args([
-                    "--blobstore-http",
-                    &format!("127.0.0.1:{}", BLOBSTORE_PORTS[i]),
-                ])
-                .args(["--volume-provider", "dir", "--log-dir"])
-                .arg(dir.join(format!("logs{i}")))
-                .args(["--job-ports", &format!("{first}-{}", first + 1999)])
-                .env("RUST_LOG", "info,openraft=error")
-                .stdout(log.try_clone()?)
-                .stderr(log);
-            if !jobs {
-                cmd.arg("--no-jobs");
-            }
-            procs.0.push(cmd.spawn().context("starting flynn-host")?);
+        for i in 0..API_PORTS.len() {
+            procs.0.push(spawn_host(&flynn_host, dir, i, jobs)?);
         }
         let peers: Vec<String> = API_PORTS.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let boot = run(
@@ -167,7 +141,9 @@ impl LocalCluster {
             }
         }
         Ok(LocalCluster {
-            _procs: procs,
+            procs,
+            flynn_host,
+            jobs,
             flynn,
             url,
             key,
@@ -189,7 +165,56 @@ impl LocalCluster {
         }
     }
 
+    /// Kills host `i`'s daemon at once (its jobs die with it), as a lost host.
+    pub fn kill(&mut self, i: usize) {
+        let _ = self.procs.0[i].kill();
+        let _ = self.procs.0[i].wait();
+    }
+
+    /// Starts host `i`'s daemon again on its data dir.
+    pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        self.procs.0[i] = spawn_host(&self.flynn_host, self.dir.path(), i, self.jobs)?;
+        Ok(())
+    }
+
     pub fn flynn(&self, args: &[&str]) -> anyhow::Result<String> {
         run(&self.flynn, args, self.dir.path())
     }
+}
+
+/// Starts host `i`'s daemon (`jobs`: with a job runner), its log appended to `hostI.log`.
+fn spawn_host(flynn_host: &Path, dir: &Path, i: usize, jobs: bool) -> anyhow::Result<Child> {
+    let port = API_PORTS[i];
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("host{i}.log")))?;
+    let first = 40000 + i as u32 * 2000;
+    let mut cmd = Command::new(flynn_host);
+    cmd.arg("--data-dir")
+        .arg(dir.join(format!("host{i}")))
+        .args([
+            "daemon",
+            "--external-ip",
+            "127.0.0.1",
+            "--listen-ip",
+            "127.0.0.1",
+        ])
+        .args(["--port", &port.to_string()])
+        .args(["--router-http", &format!("127.0.0.1:{}", 18080 + i)])
+        .args(["--router-https", &format!("127.0.0.1:{}", 18443 + i)])
+        .args([
+            "--blobstore-http",
+            &format!("127.0.0.1:{}", BLOBSTORE_PORTS[i]),
+        ])
+        .args(["--volume-provider", "dir", "--log-dir"])
+        .arg(dir.join(format!("logs{i}")))
+        .args(["--job-ports", &format!("{first}-{}", first + 1999)])
+        .env("RUST_LOG", "info,openraft=error")
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    if !jobs {
+        cmd.arg("--no-jobs");
+    }
+    cmd.spawn().context("starting flynn-host")
 }

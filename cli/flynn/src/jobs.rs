@@ -147,8 +147,8 @@ pub async fn base_image_push(
     Ok(())
 }
 
-pub async fn base_image_show(client: &ControllerClient) -> anyhow::Result<()> {
-    let image = client.image("base").await?;
+pub async fn base_image_show(client: &ControllerClient, name: &str) -> anyhow::Result<()> {
+    let image = client.image(name).await?;
     for l in &image.layers {
         println!(
             "layer {} {} {:?}",

@@ -100,6 +100,9 @@ enum Cmd {
     },
     /// Show or set the cluster's base image (what `flynn deploy` builds on).
     BaseImage {
+        /// Which named image to show (`databases`: what `flynn resource add` runs).
+        #[arg(long = "name", default_value = "base")]
+        show_name: String,
         #[command(subcommand)]
         cmd: Option<jobs::BaseImageCmd>,
     },
@@ -432,9 +435,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Deploy { no_wait, dir } => {
             jobs::deploy_dir(&client, &app()?, &dir, no_wait).await?;
         }
-        Cmd::BaseImage { cmd: None } => jobs::base_image_show(&client).await?,
+        Cmd::BaseImage {
+            show_name,
+            cmd: None,
+        } => jobs::base_image_show(&client, &show_name).await?,
         Cmd::BaseImage {
             cmd: Some(jobs::BaseImageCmd::Push { name, image }),
+            ..
         } => jobs::base_image_push(&client, &name, &image).await?,
         Cmd::Scale { no_wait, counts } => jobs::scale(&client, &app()?, &counts, no_wait).await?,
         Cmd::Ps { all } => jobs::ps(&client, &app()?, all).await?,

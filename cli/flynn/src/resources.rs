@@ -96,10 +96,22 @@ pub async fn resource_cmd(
                 .iter()
                 .filter(|p| list.iter().any(|r| r.provider == p.name) && p.name != "redis")
             {
-                let note = if p.servers > 1 {
-                    format!("{} servers", p.servers)
-                } else {
-                    "1 server, no standby: not highly available".to_string()
+                let note = match &p.shape {
+                    Some(sh) if sh.sync != 0 => format!(
+                        "{} servers: primary h{}, sync h{} ({}), {} async; generation {}",
+                        p.servers,
+                        sh.primary,
+                        sh.sync,
+                        if sh.sync_ready {
+                            "caught up"
+                        } else {
+                            "catching up"
+                        },
+                        sh.asyncs.len(),
+                        sh.generation
+                    ),
+                    _ if p.servers > 1 => format!("{} servers, no sync standby yet", p.servers),
+                    _ => "1 server, no standby: not highly available".to_string(),
                 };
                 println!("{}: {note}", p.name);
             }

@@ -350,4 +350,7 @@ pub struct ProviderInfo {
     pub resources: usize,
     /// Servers the provider runs now (Postgres, MariaDB: its formation's count).
     pub servers: usize,
+    /// A replicated provider's roles (Postgres): primary, sync, asyncs, generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<flynn_model::DbShape>,
 }

@@ -82,6 +82,12 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
                 .context("starting the job runner")?;
         let runner = Arc::new(runner);
         components.add(runner.clone());
+        // The keeper of a Postgres server this host may run.
+        components.add(Arc::new(crate::databases::keeper::Keeper::new(
+            id,
+            runner.clone(),
+            volumes.clone(),
+        )));
         jobs = Some(runner);
     }
     components.add(Arc::new(ControllerRegistration::new(id, addr.clone())));

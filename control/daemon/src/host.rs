@@ -373,5 +373,6 @@ impl Host {
 fn leader_controllers() -> Vec<Box<dyn crate::leader::LeaderController>> {
     let mut all = crate::leader::discovery_controllers();
     all.push(Box::new(crate::jobs::scheduler::Scheduler::default()));
+    all.push(Box::new(crate::databases::failover::Failover::default()));
     all
 }

@@ -27,9 +27,34 @@ pub trait LeaderController: Send + Sync + 'static {
     fn run<'a>(&'a self, node: &'a Arc<Node>) -> BoxFuture<'a, ()>;
 }
 
+/// How long this host has led in its current Raft term. A new leader gives what it did
+/// not watch one TTL before judging it lapsed: heartbeats may have gone unanswered only
+/// because the cluster had no leader to take them (an old leader cut off holds forwarded
+/// writes for seconds), and declaring every host down then would stop every job.
+#[derive(Default)]
+pub struct LeadershipClock(std::sync::Mutex<Option<(u64, std::time::Instant)>>);
+
+impl LeadershipClock {
+    /// Whether this host has led for at least `grace` in its current term.
+    pub fn led_for(&self, node: &Node, grace: Duration) -> bool {
+        let term = node.metrics().current_term;
+        let now = std::time::Instant::now();
+        let mut g = self.0.lock().expect("leadership clock");
+        let since = match *g {
+            Some((t, since)) if t == term => since,
+            _ => now,
+        };
+        *g = Some((term, since));
+        now.duration_since(since) >= grace
+    }
+}
+
 /// The discovery controllers, in the order they run.
 pub fn discovery_controllers() -> Vec<Box<dyn LeaderController>> {
-    vec![Box::new(InstanceExpiry), Box::new(DiscoverdPeers)]
+    vec![
+        Box::new(InstanceExpiry::default()),
+        Box::new(DiscoverdPeers),
+    ]
 }
 
 /// Runs the controllers while this host leads, until the daemon stops.
@@ -52,7 +77,14 @@ pub async fn run(node: Arc<Node>, controllers: Vec<Box<dyn LeaderController>>) {
 }
 
 /// Drops service instances whose TTL lapsed.
-struct InstanceExpiry;
+#[derive(Default)]
+struct InstanceExpiry {
+    clock: LeadershipClock,
+}
+
+/// What a new leader waits before it expires instances: the longest TTL a host's own
+/// registration has.
+const EXPIRY_GRACE: Duration = Duration::from_secs(10);
 
 impl LeaderController for InstanceExpiry {
     fn name(&self) -> &'static str {
@@ -61,6 +93,9 @@ impl LeaderController for InstanceExpiry {
 
     fn run<'a>(&'a self, node: &'a Arc<Node>) -> BoxFuture<'a, ()> {
         Box::pin(async move {
+            if !self.clock.led_for(node, EXPIRY_GRACE) {
+                return;
+            }
             let now = crate::now_ms();
             if !node.state.read(|a| a.state.discovery.any_lapsed(now)) {
                 return;

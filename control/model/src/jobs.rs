@@ -113,6 +113,10 @@ pub struct ProcessType {
     /// (recorded with it as owner) unless `delete_on_stop`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeReq>,
+    /// At most one job of this type on a host (a replicated database's servers: losing a
+    /// host loses one of them, and each is known by its host).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub one_per_host: bool,
 }
 
 /// A data volume a process type asks for.

@@ -34,3 +34,69 @@ pub struct ServiceAddr {
     pub ip: Ipv4Addr,
     pub port: u16,
 }
+
+/// A replicated database's shape (the postgres app's servers): which server is the
+/// primary, which is its synchronous standby, and which stream asynchronously. The failover
+/// authority: it changes only by compare-and-set on `generation`, and every host points the
+/// database's service address at the primary it names. Servers are named by their hosts
+/// (one per host; a restarted job on the same host and volume is the same server).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DbShape {
+    /// The server app (`postgres`).
+    pub app: String,
+    /// Bumped by every change of roles.
+    pub generation: u64,
+    /// Raft node id of the primary's host (0: none yet).
+    #[serde(default)]
+    pub primary: u64,
+    /// The synchronous standby's host (0: none; a single server commits alone).
+    #[serde(default)]
+    pub sync: u64,
+    #[serde(default)]
+    pub asyncs: Vec<u64>,
+    /// The sync has flushed everything the primary wrote before it began waiting for it:
+    /// only then may it be promoted (it then holds every acknowledged commit).
+    #[serde(default)]
+    pub sync_ready: bool,
+    /// The last WAL position the sync confirmed flushed, as the primary reported it; a
+    /// promotion needs the sync to have reached it.
+    #[serde(default)]
+    pub confirmed_lsn: u64,
+    /// Renewals of the primary's lease so far. The primary renews about every second and
+    /// stops taking writes when it cannot; the leader counts a lease as lapsed when it has
+    /// seen no renewal for the lease's time on its own clock.
+    #[serde(default)]
+    pub lease_renewals: u64,
+    /// Each server's last report, by host.
+    #[serde(default)]
+    pub members: BTreeMap<u64, DbMember>,
+}
+
+/// One server's last report (from the keeper on its host).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DbMember {
+    /// Its current job and address.
+    pub job: String,
+    pub addr: String,
+    /// Flushed WAL position (a standby: received and flushed; the primary: written).
+    pub lsn: u64,
+    /// It answers queries, as a standby (in recovery) or not.
+    pub in_recovery: bool,
+    pub reported_ms: u64,
+}
+
+impl DbShape {
+    /// Every server named in a role, primary first.
+    pub fn servers(&self) -> Vec<u64> {
+        let mut v = Vec::new();
+        for h in [self.primary, self.sync]
+            .into_iter()
+            .chain(self.asyncs.iter().copied())
+        {
+            if h != 0 && !v.contains(&h) {
+                v.push(h);
+            }
+        }
+        v
+    }
+}

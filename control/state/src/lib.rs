@@ -154,6 +154,7 @@ pub enum Response {
     Batch { results: Vec<ApplyResult> },
     GitRepo { repo: git::Repo },
     Resource { resource: resources::Resource },
+    Shape { shape: resources::DbShape },
 }
 
 /// A result of another kind than the command promises: a bug, never the client's fault.
@@ -192,6 +193,7 @@ typed_response! {
     Jobs { jobs } => Vec<Job>,
     GitRepo { repo } => git::Repo,
     Resource { resource } => resources::Resource,
+    Shape { shape } => resources::DbShape,
 }
 
 /// Why a command was refused. Refusal is deterministic: every host refuses the same command

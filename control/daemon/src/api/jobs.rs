@@ -551,8 +551,9 @@ async fn run(
             (app, release, BTreeMap::new())
         }
     };
-    let job = place_oneoff(
-        &host,
+    let job = crate::jobs::oneoff::place(
+        host.node()?,
+        host.jobs().is_some().then_some(host.id),
         flynn_state::jobs::NewJob {
             app: job_app,
             release,
@@ -631,8 +632,9 @@ async fn build(
         let release = s.jobs.formations.get(&app).map(|f| f.release.clone());
         Ok::<_, ApiError>((image, release.unwrap_or_default()))
     })?;
-    let job = place_oneoff(
-        &host,
+    let job = crate::jobs::oneoff::place(
+        host.node()?,
+        host.jobs().is_some().then_some(host.id),
         flynn_state::jobs::NewJob {
             app,
             release,
@@ -654,36 +656,4 @@ async fn build(
     )
     .await?;
     Ok((StatusCode::CREATED, Json(job)))
-}
-
-/// Places a one-off job on this host if it runs jobs (its output then needs no second
-/// hop), else on the live host with the fewest active jobs.
-async fn place_oneoff(host: &AppState, mut job: flynn_state::jobs::NewJob) -> ApiResult<Job> {
-    let node = host.node()?;
-    let now = crate::now_ms();
-    job.host = node.state.read(|a| {
-        let s = &a.state;
-        let live = crate::jobs::scheduler::live_hosts(s, now);
-        let target = if live.contains(&host.id) && host.jobs().is_some() {
-            Some(host.id)
-        } else {
-            live.iter().copied().min_by_key(|h| {
-                s.jobs
-                    .jobs
-                    .values()
-                    .filter(|j| j.host == *h && j.state.is_active())
-                    .count()
-            })
-        };
-        target.ok_or_else(|| ApiError::Unavailable("no host can run jobs now".into()))
-    })?;
-    let jobs: Vec<Job> = node
-        .propose_as(JobsCommand::PlaceJobs {
-            jobs: vec![job],
-            now_ms: now,
-        })
-        .await?;
-    jobs.into_iter()
-        .next()
-        .ok_or_else(|| ApiError::Internal("no job placed".into()))
 }

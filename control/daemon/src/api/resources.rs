@@ -44,6 +44,7 @@ async fn providers(
                     .filter(|r| r.provider == p.name)
                     .count(),
                 servers: server_count(s, p),
+                shape: s.resources.shapes.get(p.app).cloned(),
             })
             .collect())
     })

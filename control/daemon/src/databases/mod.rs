@@ -12,6 +12,8 @@
 //! the app's new env in one state change (`ResourcesCommand::Provision`); if that change is
 //! refused the database is dropped again, so nothing is left half-made.
 
+pub mod failover;
+pub mod keeper;
 mod mariadb;
 mod postgres;
 
@@ -379,6 +381,19 @@ async fn ensure_server(
             )
             .await?;
             let release = server_release(image, entry, &spec);
+            // Postgres replicates: a primary, a sync and an async, one per host, where the
+            // cluster has the hosts. The others run one server.
+            let count = if p.name == "postgres" {
+                node.state.read(|a| {
+                    a.state
+                        .discovery
+                        .services
+                        .get(crate::jobs::HOST_SERVICE)
+                        .map_or(1, |svc| svc.instances.len().clamp(1, 3))
+                })
+            } else {
+                1
+            };
             node.propose(JobsCommand::CreateRelease {
                 app: server_app.into(),
                 release,
@@ -387,7 +402,7 @@ async fn ensure_server(
             .await?;
             node.propose(JobsCommand::Scale {
                 app: server_app.into(),
-                processes: [(spec.proc_type.to_string(), 1)].into(),
+                processes: [(spec.proc_type.to_string(), count as i64)].into(),
             })
             .await?;
             tracing::info!(target: "resources", app = server_app, "started the database server");
@@ -433,6 +448,7 @@ fn server_release(image: Image, entry: flynn_state::Layer, spec: &ServerSpec) ->
                         path: "/data".into(),
                         delete_on_stop: false,
                     }],
+                    one_per_host: true,
                     ..ProcessType::default()
                 },
             )]
@@ -441,15 +457,11 @@ fn server_release(image: Image, entry: flynn_state::Layer, spec: &ServerSpec) ->
     }
 }
 
-/// The address of `service`'s leader, if it has one.
+/// Where `service`'s primary serves (a replicated shape's primary, else the service's
+/// discovery leader), if it has one.
 fn leader(node: &crate::node::Node, service: &str) -> Option<SocketAddr> {
     node.state.read(|a| {
-        a.state
-            .discovery
-            .services
-            .get(service)?
-            .leader()?
-            .addr
+        flynn_state::resources::service_target(&a.state, service)?
             .parse()
             .ok()
     })

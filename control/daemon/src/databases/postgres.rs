@@ -27,11 +27,15 @@ async fn connect(server: SocketAddr, su_password: &str) -> ApiResult<tokio_postg
             tokio::spawn(async move {
                 let _ = conn.await;
             });
-            // Answers only once the server accepts queries (not while it starts up).
-            client
-                .simple_query("SELECT 1")
+            // Answers only once the server accepts queries (not while it starts up), as the
+            // primary (not a standby the shape has just made primary, before its promotion).
+            let row = client
+                .query_one("SELECT pg_is_in_recovery()", &[])
                 .await
                 .map_err(|e| e.to_string())?;
+            if row.get::<_, bool>(0) {
+                return Err("the server is a standby".to_string());
+            }
             Ok(client)
         }
     })

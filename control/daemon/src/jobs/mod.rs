@@ -75,6 +75,8 @@ pub(crate) struct RunningJob {
     /// A one-off job's attachable output, and its stdin as uploaded.
     io: Option<Arc<oneoff::OneOffIo>>,
     stdin: Mutex<Option<tokio::sync::mpsc::Receiver<bytes::Bytes>>>,
+    /// Its cgroup's process lists, once made (a fence kills everything listed).
+    procs: Mutex<Vec<std::path::PathBuf>>,
 }
 
 impl RunningJob {
@@ -173,6 +175,31 @@ impl JobRunner {
             unpack: tokio::sync::Mutex::new(()),
             started: AtomicU64::new(0),
         })
+    }
+
+    /// Kills job `id` now, every process of it, without asking the cluster (a database
+    /// primary that lost its lease stops taking writes even when it cannot reach Raft).
+    /// Its end is reported as a crash; the scheduler starts it again. Whether it was here.
+    pub fn fence(&self, id: &str) -> bool {
+        let Some(l) = self.running.lock().expect("jobs lock").get(id).cloned() else {
+            return false;
+        };
+        supervise::nix_kill(&l, true);
+        Self::kill_procs(&l);
+        true
+    }
+
+    /// SIGKILLs every process in a job's cgroup.
+    fn kill_procs(l: &RunningJob) {
+        for file in l.procs.lock().expect("procs lock").iter() {
+            let pids = std::fs::read_to_string(file).unwrap_or_default();
+            for pid in pids.lines().filter_map(|p| p.trim().parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
     }
 
     fn cgroup_name(&self, job: &str) -> String {

@@ -184,6 +184,40 @@ impl Attachments {
     }
 }
 
+/// Places a one-off job on host `here` if given (the host that took the request runs jobs:
+/// its output then needs no second hop), else on the live host with the fewest active jobs.
+pub async fn place(
+    node: &crate::node::Node,
+    here: Option<u64>,
+    mut job: flynn_state::jobs::NewJob,
+) -> crate::error::ApiResult<flynn_state::Job> {
+    let now = crate::now_ms();
+    job.host = node.state.read(|a| {
+        let s = &a.state;
+        let live = crate::jobs::scheduler::live_hosts(s, now);
+        let target = match here.filter(|h| live.contains(h)) {
+            Some(h) => Some(h),
+            None => live.iter().copied().min_by_key(|h| {
+                s.jobs
+                    .jobs
+                    .values()
+                    .filter(|j| j.host == *h && j.state.is_active())
+                    .count()
+            }),
+        };
+        target.ok_or_else(|| crate::error::ApiError::Unavailable("no host can run jobs now".into()))
+    })?;
+    let jobs: Vec<flynn_state::Job> = node
+        .propose_as(flynn_state::jobs::JobsCommand::PlaceJobs {
+            jobs: vec![job],
+            now_ms: now,
+        })
+        .await?;
+    jobs.into_iter()
+        .next()
+        .ok_or_else(|| crate::error::ApiError::Internal("no job placed".into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

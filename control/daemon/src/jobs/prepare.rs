@@ -124,6 +124,7 @@ impl JobRunner {
         env.insert("FLYNN_PROCESS_TYPE".into(), job.proc_type.clone());
         env.insert("FLYNN_JOB_ID".into(), job.id.clone());
         env.insert("EXTERNAL_IP".into(), self.ip.clone());
+        env.insert("FLYNN_HOST_ID".into(), self.host.to_string());
         let config = &image.config;
         let args = if !job.args.is_empty() {
             job.args.clone()

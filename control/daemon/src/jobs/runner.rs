@@ -12,7 +12,10 @@ use flynn_state::{Command, DiscoveryCommand, Job, JobState};
 
 use super::state::State;
 use super::supervise::Outcome;
-use super::{network, oneoff, JobRunner, RunningJob, HOST_SERVICE, HOST_TTL, JOB_TTL, MEMORY_META};
+use super::{
+    network, oneoff, JobRunner, RunningJob, HOST_HEARTBEAT, HOST_SERVICE, HOST_TTL, JOB_TTL,
+    MEMORY_META,
+};
 
 impl JobRunner {
     pub(super) async fn report(
@@ -116,8 +119,9 @@ impl JobRunner {
         tokio::task::block_in_place(|| hn.route_peers(&peers, &self.ip));
     }
 
-    /// Points the service addresses (databases' stable addresses) at their services'
-    /// leaders; an address whose service has no live instance is left out (refused).
+    /// Points the service addresses (databases' stable addresses) at their primaries (a
+    /// replicated shape's, else the service's leader); one with none is left out
+    /// (connections are refused).
     pub(super) fn route_services(&self, local: &State) {
         let Some(hn) = self.net.get().and_then(Option::as_ref) else {
             return;
@@ -126,8 +130,8 @@ impl JobRunner {
             flynn_state::resources::service_addrs(s)
                 .into_iter()
                 .filter_map(|a| {
-                    let leader = s.discovery.services.get(&a.service)?.leader()?;
-                    let to: std::net::SocketAddrV4 = leader.addr.parse().ok()?;
+                    let target = flynn_state::resources::service_target(s, &a.service)?;
+                    let to: std::net::SocketAddrV4 = target.parse().ok()?;
                     Some(((a.ip, a.port), (*to.ip(), to.port())))
                 })
                 .collect()
@@ -166,6 +170,7 @@ impl JobRunner {
                         stopping: AtomicBool::new(false),
                         io,
                         stdin: Mutex::new(stdin),
+                        procs: Mutex::new(Vec::new()),
                     });
                     running.insert(job.id.clone(), l.clone());
                     tokio::spawn(self.clone().run_job(local.clone(), l));
@@ -190,6 +195,29 @@ impl JobRunner {
                 }
                 _ => {}
             }
+        }
+        // A job this host runs that the cluster has ended without it (marked failed while
+        // this host seemed down) may already have a replacement, which may take its data
+        // volume: it is killed now, not left running beside it.
+        let ended: Vec<Arc<RunningJob>> = local.read(|s| {
+            running
+                .values()
+                .filter(|l| !l.stopping.load(Ordering::SeqCst))
+                .filter(|l| {
+                    s.jobs
+                        .jobs
+                        .get(&l.job.id)
+                        .is_none_or(|j| !j.state.is_active())
+                })
+                .cloned()
+                .collect()
+        });
+        for l in ended {
+            tracing::warn!(job = %l.job.id, "the cluster ended this job while it ran here: killing it");
+            l.stopping.store(true, Ordering::SeqCst);
+            super::supervise::nix_kill(&l, true);
+            Self::kill_procs(&l);
+            l.stop.notify_one();
         }
     }
 
@@ -316,8 +344,13 @@ impl JobRunner {
                 })
             }));
         }
-        if let Err(e) = local.propose(Command::Batch { commands }).await {
-            tracing::debug!(error = %e, "host heartbeat not applied");
+        // Bounded: a write forwarded to a leader that was just cut off waits for an answer
+        // that never comes, and the next beat must go to whichever leader there is then.
+        match tokio::time::timeout(HOST_HEARTBEAT, local.propose(Command::Batch { commands })).await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "host heartbeat not applied"),
+            Err(_) => tracing::debug!("host heartbeat timed out"),
         }
     }
 }

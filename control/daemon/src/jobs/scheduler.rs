@@ -27,6 +27,7 @@ pub struct Scheduler {
     /// When "no room" was last logged, so a formation that cannot fit is said every 30 s,
     /// not on every pass.
     warned: std::sync::Mutex<Option<std::time::Instant>>,
+    clock: crate::leader::LeadershipClock,
 }
 
 impl LeaderController for Scheduler {
@@ -36,6 +37,8 @@ impl LeaderController for Scheduler {
 
     fn run<'a>(&'a self, node: &'a Arc<Node>) -> BoxFuture<'a, ()> {
         Box::pin(async move {
+            // Noted on every pass, so the clock starts with the term.
+            let led = self.clock.led_for(node, super::HOST_TTL);
             let now = crate::now_ms();
             let mut no_room = Vec::new();
             let commands = node
@@ -52,6 +55,21 @@ impl LeaderController for Scheduler {
             }
             if commands.is_empty() {
                 return;
+            }
+            let downs = commands
+                .iter()
+                .any(|c| matches!(c, Command::Jobs(JobsCommand::HostDown { .. })));
+            if downs && !led {
+                // A new leader: heartbeats may have lapsed only for want of one.
+                return;
+            }
+            for c in &commands {
+                if let Command::Jobs(JobsCommand::HostDown { host, .. }) = c {
+                    tracing::warn!(
+                        host,
+                        "a host with jobs stopped heartbeating: its jobs are marked failed"
+                    );
+                }
             }
             let placing: usize = commands
                 .iter()
@@ -177,6 +195,13 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
         }
     }
 
+    // Hosts holding a job of a type, in any release (a one-per-host type skips them).
+    let held_hosts: std::collections::BTreeSet<(&str, &str, u64)> = active
+        .iter()
+        .filter(|j| !j.oneoff)
+        .map(|j| (j.app.as_str(), j.proc_type.as_str(), j.host))
+        .collect();
+
     // Kept data volumes no active job holds, by app, type and host: a job of that type goes
     // where one waits for it, so it takes its data up again.
     let active_ids: Vec<&str> = active.iter().map(|j| j.id.as_str()).collect();
@@ -264,6 +289,7 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                             reserved.get(h).copied().unwrap_or(0).saturating_add(need) <= cap
                         })
                     };
+                    let mut placed_here: Vec<u64> = Vec::new();
                     for _ in mine.len()..want_now {
                         // Only hosts with room for the type's memory limit.
                         let candidates: Vec<u64> = match only_host {
@@ -272,6 +298,11 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                         }
                         .into_iter()
                         .filter(|h| room(h, &reserved))
+                        .filter(|h| {
+                            !proc.one_per_host
+                                || (!held_hosts.contains(&(app.as_str(), ty.as_str(), *h))
+                                    && !placed_here.contains(h))
+                        })
                         .collect();
                         let Some(host) = candidates.into_iter().min_by_key(|h| {
                             (
@@ -298,6 +329,7 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                         if let Some(n) = free_volumes.get_mut(&(app.as_str(), ty.as_str(), host)) {
                             *n = n.saturating_sub(1);
                         }
+                        placed_here.push(host);
                         *type_load.entry((app, ty, host)).or_default() += 1;
                         *load.entry(host).or_default() += 1;
                         *reserved.entry(host).or_default() += need;
@@ -645,6 +677,45 @@ mod tests {
         alive_with(&mut s, 2, 4, Some(4096 * MIB));
         step(&mut s, 5);
         assert_eq!(running_on(&s), [(1, 1), (2, 3)].into());
+    }
+
+    #[test]
+    fn t14b_a_one_per_host_type_never_doubles_up_on_a_host() {
+        let mut s = state(&[1, 2, 3]);
+        s.apply(
+            JobsCommand::CreateRelease {
+                app: "web1".into(),
+                release: NewRelease {
+                    image: Image {
+                        layers: vec![],
+                        config: ImageConfig {
+                            cmd: vec!["postgres".into()],
+                            ..ImageConfig::default()
+                        },
+                    },
+                    processes: Some(
+                        [(
+                            "web".to_string(),
+                            flynn_state::ProcessType {
+                                ports: true,
+                                one_per_host: true,
+                                ..Default::default()
+                            },
+                        )]
+                        .into(),
+                    ),
+                },
+                now_ms: 0,
+            }
+            .into(),
+        )
+        .0
+        .unwrap();
+        scale(&mut s, 4);
+        step(&mut s, 1);
+        step(&mut s, 2);
+        // Four wanted, three hosts: one each, and the fourth waits for a host.
+        assert_eq!(running_on(&s), [(1, 1), (2, 1), (3, 1)].into());
     }
 
     #[test]

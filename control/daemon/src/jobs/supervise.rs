@@ -69,6 +69,9 @@ impl JobRunner {
         };
         l.pid
             .store(child.id().unwrap_or(0) as u64, Ordering::Relaxed);
+        if let Some(cg) = &p.cgroup {
+            *l.procs.lock().expect("procs lock") = cg.procs_files();
+        }
         let init_error = Arc::new(Mutex::new(None::<String>));
         let (stdin_sink, readers) = match master {
             Some(master) => {

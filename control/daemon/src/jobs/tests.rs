@@ -99,6 +99,7 @@ fn running_job(job: Job) -> RunningJob {
         stopping: Default::default(),
         io: None,
         stdin: std::sync::Mutex::new(None),
+        procs: Default::default(),
     }
 }
 

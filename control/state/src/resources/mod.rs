@@ -16,9 +16,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::area::{Area, Cx, Records, Table};
 use crate::{ApplyResult, ClusterState, Response, StateError};
-pub use flynn_model::{Resource, ServiceAddr};
+pub use flynn_model::{DbMember, DbShape, Resource, ServiceAddr};
+
+mod shape;
+pub use shape::ShapeCommand;
 
 pub const TABLE: Table = Table("resource/");
+pub const SHAPES: Table = Table("dbshape/");
 
 /// The providers the cluster offers: Flynn's names, and the system app serving each.
 pub const PROVIDERS: &[Provider] = &[
@@ -108,6 +112,27 @@ pub fn service_addrs(s: &ClusterState) -> Vec<ServiceAddr> {
         .collect()
 }
 
+/// Where a service address points: the primary's job when the service's app has a
+/// replicated shape (the shape is the authority, changed with the generation), else the
+/// service's discovery leader.
+pub fn service_target(s: &ClusterState, service: &str) -> Option<String> {
+    let app = service.rsplit_once('-').map_or(service, |(app, _)| app);
+    if let Some(shape) = s.resources.shapes.get(app).filter(|sh| sh.primary != 0) {
+        return s
+            .jobs
+            .jobs
+            .values()
+            .find(|j| {
+                j.app == app
+                    && j.host == shape.primary
+                    && !j.oneoff
+                    && j.state == crate::JobState::Running
+            })
+            .and_then(|j| j.addr.clone());
+    }
+    Some(s.discovery.services.get(service)?.leader()?.addr.clone())
+}
+
 /// Whether `app` is a database server (a provider's app, or a resource's own), whose
 /// volumes hold data no collection or plain `volume delete` may remove.
 pub fn serves_databases(s: &ClusterState, app: &str) -> bool {
@@ -137,6 +162,8 @@ pub enum ResourcesCommand {
     /// Forgets a resource and unsets its env on its app (a new release, deployed), in one
     /// command. The provider's database is dropped after this commits.
     Remove { id: String, now_ms: u64 },
+    /// Changes or reports on a replicated database's shape (`shape.rs`).
+    Shape(ShapeCommand),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +171,9 @@ pub struct Resources {
     /// Resource id → the resource.
     #[serde(default)]
     pub resources: BTreeMap<String, Resource>,
+    /// Server app → its replicated shape.
+    #[serde(default)]
+    pub shapes: BTreeMap<String, DbShape>,
 }
 
 impl Resources {
@@ -277,15 +307,16 @@ impl Area for Resources {
                 cx.touch(TABLE, &id);
                 Ok(Response::Resource { resource })
             }
+            ResourcesCommand::Shape(cmd) => shape::apply(s, cmd, cx),
         }
     }
 
     fn tables(&self) -> Vec<(Table, &dyn Records)> {
-        vec![(TABLE, &self.resources)]
+        vec![(TABLE, &self.resources), (SHAPES, &self.shapes)]
     }
 
     fn tables_mut(&mut self) -> Vec<(Table, &mut dyn Records)> {
-        vec![(TABLE, &mut self.resources)]
+        vec![(TABLE, &mut self.resources), (SHAPES, &mut self.shapes)]
     }
 }
 

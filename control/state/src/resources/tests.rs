@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 
-use crate::resources::{Resource, ResourcesCommand};
+use crate::resources::{Resource, ResourcesCommand, ShapeCommand};
 use crate::testing::*;
 
 fn pg_env(db: &str) -> BTreeMap<String, String> {
@@ -170,4 +170,71 @@ fn t14_an_app_without_a_release_gets_the_env_for_its_first() {
     ok(&mut s, provision("r1", "postgres", "new"));
     assert!(s.jobs.current_release("new").is_none());
     assert_eq!(s.apps["new"].env.global["PGUSER"], "dbr1");
+}
+
+fn set_shape(expect: u64, primary: u64, sync: u64, asyncs: &[u64]) -> ResourcesCommand {
+    ResourcesCommand::Shape(ShapeCommand::SetShape {
+        app: "postgres".into(),
+        expect_generation: expect,
+        primary,
+        sync,
+        asyncs: asyncs.to_vec(),
+    })
+}
+
+fn renew(generation: u64, host: u64, lsn: u64, ready: bool) -> ResourcesCommand {
+    ResourcesCommand::Shape(ShapeCommand::Renew {
+        app: "postgres".into(),
+        generation,
+        host,
+        confirmed_lsn: lsn,
+        sync_ready: ready,
+    })
+}
+
+#[test]
+fn t15_the_shape_changes_only_by_compare_and_set_and_only_its_primary_renews() {
+    let mut s = booted();
+    ok(&mut s, set_shape(0, 1, 2, &[3]));
+    let snapshot = s.clone();
+    for (cmd, want) in [
+        (set_shape(0, 2, 3, &[]), "generation 1, not 0"),
+        (set_shape(1, 2, 2, &[]), "each server once"),
+        (set_shape(1, 0, 2, &[]), "names a primary"),
+        (renew(1, 2, 10, true), "host 2 is not the primary"),
+        (renew(7, 1, 10, true), "at generation 7"),
+    ] {
+        let err = apply(&mut s, cmd).0.unwrap_err().to_string();
+        assert!(err.contains(want), "{err:?} should say {want:?}");
+        assert_eq!(s, snapshot, "a refusal changes nothing");
+    }
+    ok(&mut s, renew(1, 1, 100, false));
+    ok(&mut s, renew(1, 1, 50, true));
+    let shape = &s.resources.shapes["postgres"];
+    assert_eq!(
+        shape.confirmed_lsn, 100,
+        "the confirmed position never goes back"
+    );
+    assert!(shape.sync_ready);
+    assert_eq!(shape.lease_renewals, 2);
+    // A failover: the sync is promoted, the async becomes the sync and must catch up
+    // before it may be promoted in turn. The deposed primary can no longer renew.
+    ok(&mut s, set_shape(1, 2, 3, &[]));
+    let shape = &s.resources.shapes["postgres"];
+    assert_eq!((shape.generation, shape.primary, shape.sync), (2, 2, 3));
+    assert!(!shape.sync_ready, "a new sync starts not ready");
+    assert_eq!(shape.confirmed_lsn, 100);
+    assert!(apply(&mut s, renew(2, 1, 200, true)).0.is_err());
+    ok(&mut s, renew(2, 2, 200, true));
+}
+
+#[test]
+fn t16_shape_commands_keep_their_wire_form() {
+    let cmd: Command = renew(3, 1, 42, true).into();
+    let json = serde_json::to_string(&cmd).unwrap();
+    assert!(json.contains("\"area\":\"resources\""), "{json}");
+    assert!(json.contains("\"op\":\"shape\""), "{json}");
+    assert!(json.contains("\"shape_op\":\"renew\""), "{json}");
+    let back: Command = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, cmd);
 }
