@@ -78,7 +78,7 @@ async fn settled(c: &LocalCluster, within: Duration) -> anyhow::Result<serde_jso
     let deadline = Instant::now() + within;
     loop {
         let sh = shape(c).await.unwrap_or_default();
-        let members = sh["members"].as_object().map_or(0, |m| m.len());
+        let members = sh["members"].as_array().map_or(0, |m| m.len());
         if sh["primary"].as_u64().unwrap_or(0) != 0
             && sh["sync_ready"] == true
             && sh["asyncs"].as_array().is_some_and(|a| a.len() == 1)
@@ -356,6 +356,20 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let killed = now_s();
             cluster.kill(primary);
+            // The three hosts share this network namespace, so the killed one's job-network
+            // table (and its now stale service map) would outlive it here; a real host takes
+            // it down with it.
+            let subnet = before["members"]
+                .as_array()
+                .and_then(|m| m.iter().find(|p| p[0].as_u64() == Some(primary_id)))
+                .and_then(|p| p[1]["addr"].as_str())
+                .and_then(|a| a.split('.').nth(2))
+                .map(str::to_string);
+            if let Some(n) = subnet {
+                let _ = Command::new("nft")
+                    .args(["delete", "table", "inet", &format!("flynn_jobs_{n}")])
+                    .status();
+            }
             // The API of a surviving host answers from here on.
             let survivor = (primary + 1) % API_PORTS.len();
             cluster.url = format!("http://127.0.0.1:{}", API_PORTS[survivor]);
@@ -368,7 +382,8 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
                 if Instant::now() > deadline {
-                    bail!("no commit on a new primary within 90 s (round {round})");
+                    let now = shape(&cluster).await.unwrap_or_default();
+                    bail!("no commit on a new primary within 90 s (round {round}); the shape: {now}");
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             };

@@ -649,12 +649,6 @@ fn isolate(c: &Cluster, i: usize, cut: bool) {
 /// The primary is isolated by nftables, not killed: it stops taking connections (fenced)
 /// before the new primary commits anything, so no two primaries ever take writes at once;
 /// healed, it rejoins as a standby, and every acknowledged commit is there.
-// Not in the default run: in about one run of six the new primary's lease renewals all
-// fail for 4 s right after the partition (the whole cluster's commits stall; cause not
-// found yet), so it is fenced and a second failover follows. Safety held in every run (no
-// two primaries, no acknowledged commit lost); the test asserts availability too. Run it
-// with `cargo test -p flynn-tests --test databases -- --ignored`.
-#[ignore = "a commit stall after a partition fails it about one run in six (issue 23 note)"]
 #[tokio::test(flavor = "multi_thread")]
 async fn t05_an_isolated_primary_fences_itself_before_another_is_promoted() {
     let c = cluster(3, &["web"]).await;

@@ -67,9 +67,34 @@ pub struct DbShape {
     /// seen no renewal for the lease's time on its own clock.
     #[serde(default)]
     pub lease_renewals: u64,
-    /// Each server's last report, by host.
-    #[serde(default)]
+    /// Each server's last report, by host. On the wire a list of `[host, report]` pairs:
+    /// a map with number keys would not read back inside a tagged enum (a command's
+    /// result forwarded from the leader), where serde cannot turn `"123"` into 123.
+    #[serde(default, with = "members_as_pairs")]
     pub members: BTreeMap<u64, DbMember>,
+}
+
+mod members_as_pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::DbMember;
+
+    pub fn serialize<S: Serializer>(
+        members: &BTreeMap<u64, DbMember>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let pairs: Vec<(&u64, &DbMember)> = members.iter().collect();
+        pairs.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<u64, DbMember>, D::Error> {
+        let pairs: Vec<(u64, DbMember)> = Vec::deserialize(d)?;
+        Ok(pairs.into_iter().collect())
+    }
 }
 
 /// One server's last report (from the keeper on its host).

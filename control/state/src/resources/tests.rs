@@ -238,3 +238,28 @@ fn t16_shape_commands_keep_their_wire_form() {
     let back: Command = serde_json::from_str(&json).unwrap();
     assert_eq!(back, cmd);
 }
+
+#[test]
+fn t17_a_shape_with_reports_reads_back_as_a_command_s_result() {
+    // A renewal forwarded to the leader comes back as this JSON; it must read back (a map
+    // keyed by host numbers did not, inside the tagged result).
+    let mut s = booted();
+    ok(&mut s, set_shape(0, 1, 2, &[]));
+    let (r, _) = ok(
+        &mut s,
+        ResourcesCommand::Shape(ShapeCommand::Report {
+            app: "postgres".into(),
+            host: 2,
+            member: crate::resources::DbMember {
+                job: "j".into(),
+                addr: "100.100.2.2:8080".into(),
+                lsn: 7,
+                in_recovery: true,
+                reported_ms: 1,
+            },
+        }),
+    );
+    let json = serde_json::to_string(&Ok::<_, StateError>(r.clone())).unwrap();
+    let back: ApplyResult = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.unwrap(), r);
+}
