@@ -580,12 +580,17 @@ fn t13_taken_buffers_return_whether_dropped_or_failed() {
         );
         let mut half = bufs.split_off(bufs.len() / 2);
         drop(bufs);
-        // A peer that reset its connection: sends to it fail.
+        // A peer that reset its connection: sends to it fail. It resets only once the
+        // connection is accepted: a reset that raced ahead of the accept made the accept
+        // itself fail (ENOTCONN), once in a CI run.
+        let (accepted, wait_accept) = std::sync::mpsc::channel::<()>();
         let resetter = std::thread::spawn(move || {
             let c = TcpStream::connect(addr).unwrap();
+            let _ = wait_accept.recv();
             socket_linger_zero(&c);
         });
         let (mut dst, _) = l.accept().await.unwrap();
+        accepted.send(()).unwrap();
         resetter.join().unwrap();
         let mut probe = [0u8; 1];
         assert!(dst.read(&mut probe).await.is_err(), "the reset is seen");
