@@ -30,9 +30,9 @@ use crate::jobs::JobRunner;
 /// How long a primary goes on taking writes without a renewed lease.
 pub const FENCE_AFTER: Duration = Duration::from_secs(4);
 const TICK: Duration = Duration::from_millis(500);
-/// The longest a report may take before it counts as failed; a renewal may take up to
-/// [`FENCE_AFTER`], as several are in flight at once.
-const RENEW_TIMEOUT: Duration = Duration::from_millis(1500);
+/// The longest a report may take before it counts as failed (a renewal may take up to
+/// [`FENCE_AFTER`], as several are in flight at once).
+const REPORT_TIMEOUT: Duration = Duration::from_millis(1500);
 const SQL_TIMEOUT: Duration = Duration::from_secs(2);
 /// A standby is ready to be promoted once it has flushed what the primary had written this
 /// long after it began waiting for it.
@@ -111,14 +111,10 @@ fn view(s: &ClusterState, host: u64) -> View {
             .find(|v| v.host == host && v.job.as_deref() == Some(j.id.as_str()))
             .map(|v| v.id.clone())
     });
+    // Where the service address points: the shape's primary, if it runs.
     let primary_addr = (shape.primary != 0)
-        .then(|| {
-            s.jobs.jobs.values().find(|j| {
-                j.app == APP && j.host == shape.primary && !j.oneoff && j.state == JobState::Running
-            })
-        })
-        .flatten()
-        .and_then(|j| j.addr.clone());
+        .then(|| flynn_state::resources::service_target(s, &format!("{APP}-{PROC_TYPE}")))
+        .flatten();
     View {
         password: s
             .apps
@@ -328,7 +324,7 @@ impl Keeper {
                 host: self.host,
                 member: member.clone(),
             });
-            if let Ok(Ok(_)) = tokio::time::timeout(RENEW_TIMEOUT, local.node().propose(cmd)).await
+            if let Ok(Ok(_)) = tokio::time::timeout(REPORT_TIMEOUT, local.node().propose(cmd)).await
             {
                 inner.last_report = Some((member, Instant::now()));
             }
