@@ -274,6 +274,51 @@ async fn t02_a_redis_resource_is_an_instance_of_its_own_with_a_password() {
     )
     .await;
 
+    // Dumped (an RDB), then restored into the other app's server, whose keys it replaces.
+    cli("web", &["RPUSH", "queue", "a", "b", "c"]);
+    cli("other", &["SET", "only-other", "1"]);
+    let dump = c.root_path().join("web.rdb");
+    ok(&c.flynn(
+        0,
+        &["-a", "web", "redis", "dump", "-f", dump.to_str().unwrap()],
+    ));
+    assert!(
+        std::fs::read(&dump).unwrap().starts_with(b"REDIS"),
+        "an RDB file"
+    );
+    ok(&c.flynn(
+        0,
+        &[
+            "-a",
+            "other",
+            "redis",
+            "restore",
+            "-f",
+            dump.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(cli("other", &["GET", "greeting"]), "hello world");
+    assert_eq!(cli("other", &["LRANGE", "queue", "0", "-1"]), "a\nb\nc");
+    assert_eq!(cli("other", &["EXISTS", "only-other"]), "0");
+    // It serves writes again (it followed the dump, and then stopped following).
+    assert_eq!(cli("other", &["SET", "after", "yes"]), "OK");
+    // A garbage file is refused and changes nothing.
+    let garbage = c.root_path().join("garbage.rdb");
+    std::fs::write(&garbage, b"not an rdb\n".repeat(50)).unwrap();
+    let err = failed(&c.flynn(
+        0,
+        &[
+            "-a",
+            "other",
+            "redis",
+            "restore",
+            "-f",
+            garbage.to_str().unwrap(),
+        ],
+    ));
+    assert!(err.contains("not a Redis dump"), "{err}");
+    assert_eq!(cli("other", &["GET", "after"]), "yes");
+
     ok(&c.flynn(0, &["-a", "web", "resource", "remove", "redis", &id]));
     let err = failed(&c.flynn(0, &["-a", "web", "env", "get", "REDIS_URL"]));
     assert!(!err.is_empty());
@@ -349,6 +394,111 @@ async fn t04_a_mysql_resource_is_a_mariadb_database_of_its_own_dumped_and_restor
     ok(&c.flynn(0, &["-a", "web", "resource", "remove", &id]));
     let err = failed(&c.flynn(0, &["-a", "web", "env", "get", "MYSQL_DATABASE"]));
     assert!(!err.is_empty());
+}
+
+/// An app's databases travel with it: `flynn export` carries a dump of each, and `flynn
+/// import` provisions new ones and restores them. A cluster backup carries every database,
+/// and a cluster bootstrapped `--from-backup` has them back, with the same credentials.
+#[tokio::test(flavor = "multi_thread")]
+async fn t06_export_import_and_backup_carry_every_database() {
+    let c = cluster(1, &["web", "shop"]).await;
+    ok(&c.flynn(0, &["-a", "web", "resource", "add", "postgres"]));
+    ok(&c.flynn(0, &["-a", "web", "resource", "add", "redis"]));
+    ok(&c.flynn(0, &["-a", "shop", "resource", "add", "mysql"]));
+    psql(&c, "web", "CREATE TABLE t (n int PRIMARY KEY, s text)");
+    psql(
+        &c,
+        "web",
+        "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 2000) g",
+    );
+    let rows = "SELECT count(*) || ':' || md5(string_agg(n || s, ',' ORDER BY n)) FROM t";
+    let pg_rows = psql(&c, "web", rows);
+    assert!(pg_rows.starts_with("2000:"), "{pg_rows}");
+    let redis = |c: &Cluster, app: &str, args: &[&str]| {
+        let mut full = vec!["-a", app, "redis", "redis-cli", "--"];
+        full.extend_from_slice(args);
+        ok(&c.flynn(0, &full)).trim().to_string()
+    };
+    redis(&c, "web", &["SET", "greeting", "kept"]);
+    redis(&c, "web", &["HSET", "h", "a", "1", "b", "2"]);
+    let mysql = |c: &Cluster, q: &str| {
+        ok(&c.flynn(
+            0,
+            &["-a", "shop", "mysql", "console", "--", "-N", "-B", "-e", q],
+        ))
+        .trim()
+        .to_string()
+    };
+    mysql(&c, "CREATE TABLE items (n INT PRIMARY KEY, s VARCHAR(32))");
+    mysql(&c, "INSERT INTO items VALUES (1, 'one'), (2, 'two')");
+    let my_rows = "SELECT GROUP_CONCAT(n, ':', s ORDER BY n) FROM items";
+
+    // Export and import: new databases, the same data, the env naming the new ones.
+    let export = c.root_path().join("web.tar");
+    ok(&c.flynn(
+        0,
+        &["-a", "web", "export", "--file", export.to_str().unwrap()],
+    ));
+    let out = ok(&c.flynn(
+        0,
+        &[
+            "import",
+            "--file",
+            export.to_str().unwrap(),
+            "--name",
+            "copy",
+        ],
+    ));
+    assert!(out.contains("Restored postgres resource"), "{out}");
+    assert!(out.contains("Restored redis resource"), "{out}");
+    assert_ne!(
+        env_get(&c, "copy", "DATABASE_URL"),
+        env_get(&c, "web", "DATABASE_URL")
+    );
+    assert_ne!(
+        env_get(&c, "copy", "REDIS_URL"),
+        env_get(&c, "web", "REDIS_URL")
+    );
+    assert_eq!(psql(&c, "copy", rows), pg_rows);
+    assert_eq!(redis(&c, "copy", &["GET", "greeting"]), "kept");
+    assert_eq!(redis(&c, "copy", &["HGET", "h", "b"]), "2");
+    // They are copies: a change to one is not in the other.
+    psql(&c, "copy", "DELETE FROM t WHERE n > 10");
+    assert_eq!(psql(&c, "web", rows), pg_rows);
+    let list = ok(&c.flynn(0, &["-a", "copy", "resource"]));
+    assert!(
+        list.contains("postgres") && list.contains("redis"),
+        "{list}"
+    );
+
+    // A cluster backup, restored into a new cluster: every database is back.
+    let backup = c.root_path().join("backup.tar");
+    let out = c.flynn(
+        0,
+        &["cluster", "backup", "--file", backup.to_str().unwrap()],
+    );
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("5 database dump(s)"), "{said}");
+    let mut r = Cluster::start(1);
+    let restored = r.bootstrap_with(1, &["--from-backup", backup.to_str().unwrap()]);
+    let dbs = restored["restored"]["databases"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(dbs.len(), 5, "{restored}");
+    assert!(dbs.iter().all(|d| d["restored"] == true), "{restored}");
+    r.wait_leader(0, None).await;
+    r.wait_ready_for_jobs(1).await;
+    assert_eq!(psql(&r, "web", rows), pg_rows);
+    assert_eq!(psql(&r, "copy", "SELECT count(*) FROM t"), "10");
+    assert_eq!(redis(&r, "web", &["GET", "greeting"]), "kept");
+    assert_eq!(mysql(&r, my_rows), "1:one,2:two");
+    // The same credentials: the apps' env did not change.
+    assert_eq!(
+        env_get(&r, "web", "DATABASE_URL"),
+        env_get(&c, "web", "DATABASE_URL")
+    );
 }
 
 /// The writer's table: each row says when it was committed and by which server.

@@ -154,8 +154,9 @@ pub async fn backup(client: &ControllerClient, file: Option<&Path>) -> anyhow::R
     let volumes = header(&resp, "x-flynn-backup-volumes");
     let revision = header(&resp, "x-flynn-backup-revision");
     let skipped = header(&resp, "x-flynn-backup-skipped");
+    let databases = header(&resp, "x-flynn-backup-databases");
     eprintln!(
-        "backing up the cluster at revision {revision}: state, {blobs} blob(s) ({}), {volumes} volume(s)",
+        "backing up the cluster at revision {revision}: state, {blobs} blob(s) ({}), {volumes} volume(s), {databases} database dump(s)",
         human(blob_bytes)
     );
     if external > 0 {
@@ -240,5 +241,13 @@ pub async fn import(
                 .join(", "))
             .unwrap_or_default()
     );
+    for d in out["databases"].as_array().into_iter().flatten() {
+        println!(
+            "Restored {} resource {} into a new one, {}",
+            d["provider"].as_str().unwrap_or("?"),
+            d["from"].as_str().unwrap_or("?"),
+            d["id"].as_str().unwrap_or("?")
+        );
+    }
     Ok(())
 }

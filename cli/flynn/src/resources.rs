@@ -34,16 +34,17 @@ pub enum PgCmd {
     },
     /// Dump the app's database (pg_dump's custom format, no owners or privileges) to FILE,
     /// or to stdout.
-    Dump {
-        #[arg(short = 'f', long = "file")]
-        file: Option<PathBuf>,
-    },
+    Dump(DumpFile),
     /// Restore a dump from `flynn pg dump` (FILE, or stdin) into the app's database, in one
     /// transaction: a dump that fails to restore changes nothing.
-    Restore {
-        #[arg(short = 'f', long = "file")]
-        file: Option<PathBuf>,
-    },
+    Restore(DumpFile),
+}
+
+/// Where a dump is written or read: `-f FILE`, else stdout or stdin.
+#[derive(clap::Args)]
+pub struct DumpFile {
+    #[arg(short = 'f', long = "file")]
+    file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -53,6 +54,10 @@ pub enum RedisCmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Dump the app's Redis (an RDB file, as `redis-cli --rdb` makes) to FILE, or stdout.
+    Dump(DumpFile),
+    /// Restore an RDB file from `flynn redis dump` (FILE, or stdin): it replaces every key.
+    Restore(DumpFile),
 }
 
 #[derive(Subcommand)]
@@ -63,15 +68,9 @@ pub enum MysqlCmd {
         args: Vec<String>,
     },
     /// Dump the app's database (SQL, in one consistent snapshot) to FILE, or to stdout.
-    Dump {
-        #[arg(short = 'f', long = "file")]
-        file: Option<PathBuf>,
-    },
+    Dump(DumpFile),
     /// Restore SQL from `flynn mysql dump` (FILE, or stdin) into the app's database.
-    Restore {
-        #[arg(short = 'f', long = "file")]
-        file: Option<PathBuf>,
-    },
+    Restore(DumpFile),
 }
 
 pub async fn resource_cmd(
@@ -212,6 +211,28 @@ fn shell(script: &str) -> Vec<String> {
     vec!["/bin/sh".into(), "-c".into(), script.into()]
 }
 
+/// The provider's dump or restore client (one definition, shared with export and backup).
+async fn dump_or_restore(
+    client: &ControllerClient,
+    app: &str,
+    provider: &str,
+    restoring: bool,
+    file: DumpFile,
+) -> anyhow::Result<i32> {
+    use flynn_model::db_clients;
+    let argv = if restoring {
+        db_clients::restore(provider)
+    } else {
+        db_clients::dump(provider)
+    }
+    .with_context(|| format!("{provider} has no dump client"))?;
+    if restoring {
+        restore(client, app, provider, argv, file.file.as_deref()).await
+    } else {
+        dump(client, app, provider, argv, file.file.as_deref()).await
+    }
+}
+
 pub async fn pg_cmd(client: &ControllerClient, app: &str, cmd: PgCmd) -> anyhow::Result<i32> {
     match cmd {
         PgCmd::Psql { args } => {
@@ -219,22 +240,15 @@ pub async fn pg_cmd(client: &ControllerClient, app: &str, cmd: PgCmd) -> anyhow:
             argv.extend(args);
             console(client, app, "postgres", argv).await
         }
-        PgCmd::Dump { file } => {
-            let argv = vec![
-                "pg_dump".into(),
-                "--format=custom".into(),
-                "--no-owner".into(),
-                "--no-acl".into(),
-            ];
-            dump(client, app, "postgres", argv, file.as_deref()).await
-        }
-        PgCmd::Restore { file } => {
-            let argv = shell(
-                "exec pg_restore --clean --if-exists --no-owner --no-acl --single-transaction --exit-on-error --dbname=\"$PGDATABASE\"",
-            );
-            restore(client, app, "postgres", argv, file.as_deref()).await
-        }
+        PgCmd::Dump(f) => dump_or_restore(client, app, "postgres", false, f).await,
+        PgCmd::Restore(f) => dump_or_restore(client, app, "postgres", true, f).await,
     }
+}
+
+fn quoted(args: &[String]) -> String {
+    args.iter()
+        .map(|a| format!(" '{}'", a.replace('\'', "'\\''")))
+        .collect()
 }
 
 pub async fn redis_cmd(client: &ControllerClient, app: &str, cmd: RedisCmd) -> anyhow::Result<i32> {
@@ -242,38 +256,31 @@ pub async fn redis_cmd(client: &ControllerClient, app: &str, cmd: RedisCmd) -> a
         RedisCmd::RedisCli { args } => {
             // REDIS_URL is redis://:PASSWORD@HOST:PORT; the password goes in the env
             // (REDISCLI_AUTH), never in the arguments.
-            let mut script = concat!(
-                "rest=${REDIS_URL#redis://:}; addr=${rest##*@}; ",
-                "REDISCLI_AUTH=${rest%@*} exec redis-cli -h \"${addr%:*}\" -p \"${addr##*:}\""
-            )
-            .to_string();
-            for a in &args {
-                script.push_str(&format!(" '{}'", a.replace('\'', "'\\''")));
-            }
+            let script = format!(
+                "{}exec redis-cli -h \"${{addr%:*}}\" -p \"${{addr##*:}}\"{}",
+                concat!(
+                    "rest=${REDIS_URL#redis://:}; addr=${rest##*@}; ",
+                    "export REDISCLI_AUTH=${rest%@*}; "
+                ),
+                quoted(&args)
+            );
             console(client, app, "redis", shell(&script)).await
         }
+        RedisCmd::Dump(f) => dump_or_restore(client, app, "redis", false, f).await,
+        RedisCmd::Restore(f) => dump_or_restore(client, app, "redis", true, f).await,
     }
 }
 
 pub async fn mysql_cmd(client: &ControllerClient, app: &str, cmd: MysqlCmd) -> anyhow::Result<i32> {
-    let connect = "-h \"$MYSQL_HOST\" -P \"$MYSQL_PORT\" -u \"$MYSQL_USER\"";
     match cmd {
         MysqlCmd::Console { args } => {
-            let mut script = format!("exec mariadb {connect} \"$MYSQL_DATABASE\"");
-            for a in &args {
-                script.push_str(&format!(" '{}'", a.replace('\'', "'\\''")));
-            }
+            let script = format!(
+                "exec mariadb -h \"$MYSQL_HOST\" -P \"$MYSQL_PORT\" -u \"$MYSQL_USER\" \"$MYSQL_DATABASE\"{}",
+                quoted(&args)
+            );
             console(client, app, "mysql", shell(&script)).await
         }
-        MysqlCmd::Dump { file } => {
-            let script = format!(
-                "exec mariadb-dump {connect} --single-transaction --routines --triggers \"$MYSQL_DATABASE\""
-            );
-            dump(client, app, "mysql", shell(&script), file.as_deref()).await
-        }
-        MysqlCmd::Restore { file } => {
-            let script = format!("exec mariadb {connect} \"$MYSQL_DATABASE\"");
-            restore(client, app, "mysql", shell(&script), file.as_deref()).await
-        }
+        MysqlCmd::Dump(f) => dump_or_restore(client, app, "mysql", false, f).await,
+        MysqlCmd::Restore(f) => dump_or_restore(client, app, "mysql", true, f).await,
     }
 }

@@ -515,6 +515,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 domain,
             };
             let out = bootstrap(&opts).await?;
+            // A database whose dump could not be restored: the cluster is up, and says so
+            // (the dump is in the backup; `flynn -a APP pg restore` takes it by hand).
+            let unrestored: Vec<String> = out
+                .restored
+                .as_ref()
+                .and_then(|r| r["databases"].as_array().cloned())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|d| d["restored"] != true)
+                .map(|d| {
+                    format!(
+                        "{} resource {} of {}: {}",
+                        d["provider"].as_str().unwrap_or("?"),
+                        d["id"].as_str().unwrap_or("?"),
+                        d["app"].as_str().unwrap_or("?"),
+                        d["error"].as_str().unwrap_or("not restored")
+                    )
+                })
+                .collect();
             if json {
                 println!(
                     "{}",
@@ -544,10 +563,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 if let Some(r) = &out.restored {
                     println!(
-                        "Restored from the backup: apps {}, {} blob(s), {} volume(s).",
+                        "Restored from the backup: apps {}, {} blob(s), {} volume(s), {} database(s).",
                         r["apps"],
                         r["blobs"],
-                        r["volumes"].as_array().map_or(0, Vec::len)
+                        r["volumes"].as_array().map_or(0, Vec::len),
+                        r["databases"].as_array().map_or(0, Vec::len)
                     );
                 }
                 println!();
@@ -563,6 +583,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ),
                 }
                 println!("  flynn create myapp && flynn -a myapp env set -t web GREETING=hello");
+            }
+            if !unrestored.is_empty() {
+                for u in &unrestored {
+                    eprintln!("flynn-host: not restored: {u}");
+                }
+                bail!(
+                    "the cluster is up, but {} database(s) were not restored from the backup",
+                    unrestored.len()
+                );
             }
             Ok(())
         }

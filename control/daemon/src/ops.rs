@@ -34,6 +34,10 @@ pub struct Plan {
     pub volumes: Vec<(Volume, String)>,
     /// What cannot be carried, and why.
     pub skipped: Vec<String>,
+    /// The databases (`flynn resource`), carried as dumps rather than as their servers'
+    /// volumes: a dump is consistent and restores into any server, where three replicas'
+    /// volumes, each sent at its own moment, would not agree.
+    pub databases: Vec<flynn_state::resources::Resource>,
 }
 
 impl Plan {
@@ -53,6 +57,7 @@ impl Plan {
             external: BTreeMap::new(),
             volumes: Vec::new(),
             skipped: Vec::new(),
+            databases: state.resources.resources.values().cloned().collect(),
         };
         for f in state.blobs.blobs.values() {
             let kind = kinds
@@ -66,6 +71,12 @@ impl Plan {
             }
         }
         for v in state.volumes.volumes.values() {
+            if v.app
+                .as_deref()
+                .is_some_and(|a| flynn_state::resources::serves_databases(state, a))
+            {
+                continue; // its databases are dumped instead
+            }
             match (v.provider.as_str(), members.get(&v.host)) {
                 ("zfs", Some(addr)) => plan.volumes.push((v.clone(), addr.clone())),
                 ("zfs", None) => plan
@@ -270,4 +281,67 @@ pub fn peer(addr: &str, secret: &str) -> flynn_client::HostClient {
         Some(secret),
         std::time::Duration::from_secs(30),
     )
+}
+
+/// Database dumps read from an archive, kept on disk until their databases exist (they
+/// come before the state that makes them is applied). Removed when dropped.
+pub struct DumpSpool {
+    dir: tempfile::TempDir,
+    files: BTreeMap<String, std::path::PathBuf>,
+}
+
+impl DumpSpool {
+    pub fn new(host: &crate::host::Host) -> ApiResult<DumpSpool> {
+        let tmp = host.dir.root().join("tmp");
+        std::fs::create_dir_all(&tmp)
+            .map_err(|e| ApiError::Internal(format!("{}: {e}", tmp.display())))?;
+        let dir = tempfile::tempdir_in(&tmp)
+            .map_err(|e| ApiError::Internal(format!("a spool for the dumps: {e}")))?;
+        Ok(DumpSpool {
+            dir,
+            files: BTreeMap::new(),
+        })
+    }
+
+    /// The dump of resource `id`, if the archive held one.
+    pub fn get(&self, id: &str) -> Option<&std::path::Path> {
+        self.files.get(id).map(|p| p.as_path())
+    }
+
+    /// Appends the archive's current entry (a chunk of resource `id`'s dump) to its file.
+    pub async fn take<R: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        tar: &mut TarReader<R>,
+        id: &str,
+        what: &str,
+    ) -> ApiResult<()> {
+        use tokio::io::AsyncWriteExt;
+        let path = self.dir.path().join(id);
+        self.files.insert(id.to_string(), path.clone());
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .await
+            .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
+        let file = std::sync::Arc::new(tokio::sync::Mutex::new(file));
+        tar.for_each_chunk(|c| {
+            let file = file.clone();
+            async move {
+                file.lock()
+                    .await
+                    .write_all(&c)
+                    .await
+                    .map_err(ArchiveError::Io)
+            }
+        })
+        .await
+        .map_err(|e| broken(what, e))?;
+        file.lock()
+            .await
+            .flush()
+            .await
+            .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
+        Ok(())
+    }
 }

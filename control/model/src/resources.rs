@@ -125,3 +125,99 @@ impl DbShape {
         v
     }
 }
+
+/// The client commands that dump and restore a resource's data, run as one-off jobs on the
+/// provider's server image with the resource's env (`flynn pg dump`, `flynn export`,
+/// `flynn cluster backup`). One definition, so a dump made by one restores through any.
+pub mod db_clients {
+    fn shell(script: &str) -> Vec<String> {
+        vec!["/bin/sh".into(), "-c".into(), script.into()]
+    }
+
+    /// Splits `REDIS_URL` (`redis://:PASSWORD@HOST:PORT`) into `$host`, `$port` and
+    /// `REDISCLI_AUTH`, so the password never appears in a process's arguments.
+    const REDIS_CONNECT: &str = concat!(
+        "rest=${REDIS_URL#redis://:}; addr=${rest##*@}; export REDISCLI_AUTH=${rest%@*}; ",
+        "host=${addr%:*}; port=${addr##*:}; "
+    );
+
+    const MYSQL_CONNECT: &str = "-h \"$MYSQL_HOST\" -P \"$MYSQL_PORT\" -u \"$MYSQL_USER\"";
+
+    /// Writes the resource's dump to stdout: pg_dump's custom format (no owners or
+    /// privileges, so it restores into any database), mariadb-dump's SQL, or Redis's RDB.
+    pub fn dump(provider: &str) -> Option<Vec<String>> {
+        Some(match provider {
+            "postgres" => ["pg_dump", "--format=custom", "--no-owner", "--no-acl"]
+                .map(String::from)
+                .to_vec(),
+            "mysql" => shell(&format!(
+                "exec mariadb-dump {MYSQL_CONNECT} --single-transaction --routines --triggers \"$MYSQL_DATABASE\""
+            )),
+            "redis" => shell(&format!(
+                "{REDIS_CONNECT}exec redis-cli --no-auth-warning -h \"$host\" -p \"$port\" --rdb -"
+            )),
+            _ => return None,
+        })
+    }
+
+    /// Restores a dump from [`dump`] (on stdin) into the resource. Postgres restores in one
+    /// transaction, so a dump that fails changes nothing; Redis checks the RDB whole before
+    /// the server takes it.
+    pub fn restore(provider: &str) -> Option<Vec<String>> {
+        Some(match provider {
+            "postgres" => shell(
+                "exec pg_restore --clean --if-exists --no-owner --no-acl --single-transaction --exit-on-error --dbname=\"$PGDATABASE\"",
+            ),
+            "mysql" => shell(&format!(
+                "exec mariadb {MYSQL_CONNECT} \"$MYSQL_DATABASE\""
+            )),
+            "redis" => shell(&format!("{REDIS_CONNECT}{REDIS_RESTORE}")),
+            _ => return None,
+        })
+    }
+
+    /// Redis has no restore command: the job loads the dump into a throwaway server of its
+    /// own, checks it whole, empties the resource's server and has the throwaway server
+    /// `MIGRATE` every key to it (binary-safe, with its expiry), database by database.
+    const REDIS_RESTORE: &str = r#"set -eu
+target() { redis-cli --no-auth-warning -h "$host" -p "$port" "$@"; }
+dumped() { env -u REDISCLI_AUTH redis-cli -h 127.0.0.1 -p 6390 "$@"; }
+dir=$(mktemp -d)
+cat >"$dir/dump.rdb"
+if ! redis-check-rdb "$dir/dump.rdb" >"$dir/check" 2>&1; then
+  echo "flynn: not a Redis dump (an RDB file, as flynn redis dump writes)" >&2; exit 1
+fi
+env -u REDISCLI_AUTH redis-server --port 6390 --bind 127.0.0.1 --dir "$dir" \
+  --dbfilename dump.rdb --save '' --appendonly no --daemonize yes --logfile "$dir/log"
+n=0
+until dumped ping 2>/dev/null | grep -q PONG; do
+  n=$((n+1))
+  if [ $n -ge 600 ]; then echo "flynn: the dump did not load:" >&2; tail -n 5 "$dir/log" >&2; exit 1; fi
+  sleep 0.1
+done
+if ! target ping 2>&1 | grep -q PONG; then
+  echo "flynn: the Redis server does not answer: $(target ping 2>&1 | tail -n 1)" >&2; exit 1
+fi
+out=$(target flushall 2>&1)
+[ "$out" = OK ] || { echo "flynn: the Redis server was not emptied: $out" >&2; exit 1; }
+keys=$(printf %s "$REDISCLI_AUTH" | dumped -x eval '
+local n = 0
+for db = 0, 15 do
+  redis.call("SELECT", db)
+  local cur = "0"
+  repeat
+    local r = redis.call("SCAN", cur, "COUNT", 500)
+    cur = r[1]
+    if #r[2] > 0 then
+      redis.call("MIGRATE", ARGV[1], ARGV[2], "", db, 60000, "COPY", "REPLACE",
+        "AUTH", ARGV[3], "KEYS", unpack(r[2]))
+      n = n + #r[2]
+    end
+  until cur == "0"
+end
+return n' 0 "$host" "$port")
+case $keys in *[!0-9]*|"") echo "flynn: the keys were not all restored: $keys" >&2; exit 1;; esac
+dumped shutdown nosave >/dev/null 2>&1 || true
+echo "Restored $keys keys." >&2
+"#;
+}

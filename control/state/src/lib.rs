@@ -293,6 +293,9 @@ impl ClusterState {
                 v.path = old.path.clone();
             }
         }
+        // A replicated database's shape names the old hosts; its servers start afresh and
+        // the leader names their roles again.
+        self.resources.shapes.clear();
         self.jobs.jobs = into.jobs.jobs.clone();
         self.jobs.backoff = into.jobs.backoff.clone();
         self.jobs.subnets = into.jobs.subnets.clone();

@@ -4,12 +4,15 @@
 //!   revision: apps, env, releases, formations, routes, certificates, keys, blob
 //!   metadata), `blobs/PATH` (the bytes of every file on the embedded or a Postgres
 //!   backend), `volumes/ID/NNNNNN` (each ZFS volume's full `zfs send` stream, in chunks),
-//!   then `MANIFEST.json`. Files on S3, GCS or Azure are referenced, not copied: their
+//!   `databases/ID/NNNNNN` (each database resource's dump, in place of its servers'
+//!   volumes), then `MANIFEST.json`. Files on S3, GCS or Azure are referenced, not copied: their
 //!   records are in the state and the manifest lists them.
 //! - `PUT /host/restore` (cluster secret; `flynn-host bootstrap --from-backup` sends it
 //!   after checking the archive whole): into a new cluster only. Blob bytes go through the
 //!   blobstore's checked write, volumes to ZFS hosts in turn, and last the state, merged
 //!   with the new cluster's hosts in one command ([`flynn_state::Command::RestoreBackup`]).
+//!   The database servers then start afresh; each resource's database and user are made
+//!   again with the credentials its app's env holds, and its dump restored into them.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -29,6 +32,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::AppState;
 use crate::archive::{TarReader, TarWriter};
+use crate::databases::dumps;
 use crate::error::{ApiError, ApiResult};
 use crate::ops::{
     archive_body, broken, put_blob, read_head, write_volume, zfs_hosts, Plan, Receiving, BACKUP,
@@ -66,7 +70,8 @@ async fn backup(State(host): State<AppState>) -> ApiResult<Response> {
             plan.blobs.iter().map(|b| b.size).sum::<u64>(),
         )
         .header("x-flynn-backup-external-blobs", plan.external.len())
-        .header("x-flynn-backup-volumes", plan.volumes.len());
+        .header("x-flynn-backup-volumes", plan.volumes.len())
+        .header("x-flynn-backup-databases", plan.databases.len());
     if !plan.skipped.is_empty() {
         resp = resp.header("x-flynn-backup-skipped", plan.skipped.len());
     }
@@ -74,9 +79,11 @@ async fn backup(State(host): State<AppState>) -> ApiResult<Response> {
     let secret = node.secret().to_string();
     let domain = state.cluster.domain.clone();
     let revision = state.revision;
+    let host = host.clone();
     tokio::spawn(async move {
         let mut w = TarWriter::new(tx);
         let mut volumes = Vec::new();
+        let mut databases = Vec::new();
         let written: io::Result<()> = async {
             w.bytes(STATE_ENTRY, state_json).await?;
             for f in &plan.blobs {
@@ -90,6 +97,15 @@ async fn backup(State(host): State<AppState>) -> ApiResult<Response> {
             for (v, addr) in &plan.volumes {
                 let bytes = write_volume(&mut w, addr, &secret, &v.id).await?;
                 volumes.push(json!({"id": v.id, "app": v.app, "job": v.job, "bytes": bytes}));
+            }
+            for r in &plan.databases {
+                let dump = dumps::dump(&host, r)
+                    .await
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let bytes = w.chunked(&dumps::entry_prefix(&r.id), dump).await?;
+                databases.push(
+                    json!({"id": r.id, "provider": r.provider, "app": r.app, "bytes": bytes}),
+                );
             }
             Ok(())
         }
@@ -105,6 +121,7 @@ async fn backup(State(host): State<AppState>) -> ApiResult<Response> {
             ("blobs".to_string(), json!(plan.blobs.len())),
             ("external_blobs".to_string(), json!(plan.external)),
             ("volumes".to_string(), json!(volumes)),
+            ("databases".to_string(), json!(databases)),
             ("skipped".to_string(), json!(plan.skipped)),
         ]);
         match w.finish("cluster-backup", extra).await {
@@ -153,6 +170,14 @@ async fn restore_archive<R: tokio::io::AsyncRead + Unpin>(
         .volumes
         .volumes
         .values()
+        // The volumes the backup carries (database servers' are carried as dumps).
+        .filter(|v| {
+            v.provider == "zfs"
+                && !v
+                    .app
+                    .as_deref()
+                    .is_some_and(|a| flynn_state::resources::serves_databases(&backup, a))
+        })
         .map(|v| (v.id.clone(), v))
         .collect();
     if !owners.is_empty() && zfs_hosts.is_empty() {
@@ -162,6 +187,7 @@ async fn restore_archive<R: tokio::io::AsyncRead + Unpin>(
         )));
     }
 
+    let mut dumps_in = crate::ops::DumpSpool::new(host)?;
     let (mut blobs, mut blob_bytes, mut volumes) = (0u64, 0u64, Vec::new());
     let mut receiving: Option<Receiving> = None;
     while let Some((name, size)) = tar.next().await.map_err(|e| broken(BACKUP, e))? {
@@ -181,6 +207,13 @@ async fn restore_archive<R: tokio::io::AsyncRead + Unpin>(
             put_blob(&blobstore, tar, path, &file.sha512, BACKUP).await?;
             blobs += 1;
             blob_bytes += size;
+        } else if let Some(rid) = dumps::entry_resource(&name) {
+            if !backup.resources.resources.contains_key(rid) {
+                return Err(ApiError::Invalid(format!(
+                    "{BACKUP}: {name} is the dump of no resource in {STATE_ENTRY}"
+                )));
+            }
+            dumps_in.take(tar, rid, BACKUP).await?;
         } else if let Some(id) = volume {
             if receiving.is_none() {
                 // Owners come back with the state: their apps do not exist yet.
@@ -209,11 +242,30 @@ async fn restore_archive<R: tokio::io::AsyncRead + Unpin>(
         .map(|a| a.name.clone())
         .collect();
     tracing::info!(blobs, volumes = volumes.len(), "backup restored");
+    // The databases last: their servers start with the restored state.
+    let mut databases = Vec::new();
+    for r in backup.resources.resources.values() {
+        let outcome = match dumps_in.get(&r.id) {
+            None => Err(ApiError::Invalid("the backup holds no dump of it".into())),
+            Some(dump) => crate::databases::reseed(host, r, dump).await,
+        };
+        if let Err(e) = &outcome {
+            tracing::warn!(id = %r.id, provider = %r.provider, app = %r.app, error = %e, "a database was not restored");
+        }
+        databases.push(json!({
+            "id": r.id,
+            "provider": r.provider,
+            "app": r.app,
+            "restored": outcome.is_ok(),
+            "error": outcome.err().map(|e| e.to_string()),
+        }));
+    }
     Ok(Json(json!({
         "apps": apps,
         "blobs": blobs,
         "blob_bytes": blob_bytes,
         "volumes": volumes,
+        "databases": databases,
         "domain": backup.cluster.domain,
     })))
 }

@@ -1,14 +1,16 @@
 //! App export and import (`flynn -a APP export`, `flynn import`), as archives
 //! ([`crate::archive`]): `app.json` (the app with its env, current release, formation,
-//! routes and their certificates, volumes), `blobs/layers/SHA` (the release's image layers,
-//! whatever backend holds them, so the export carries to any cluster), `volumes/ID/NNNNNN`
-//! (the app's ZFS volumes as `zfs send` streams), then `MANIFEST.json`.
+//! routes and their certificates, volumes, databases), `blobs/layers/SHA` (the release's
+//! image layers, whatever backend holds them, so the export carries to any cluster),
+//! `volumes/ID/NNNNNN` (the app's ZFS volumes as `zfs send` streams),
+//! `databases/ID/NNNNNN` (a dump of each of its databases), then `MANIFEST.json`.
 //!
 //! An import is refused before anything is written when the name is taken. It creates the
 //! app (which routes `NAME.$CLUSTER_DOMAIN`), stores the layers through the blobstore's
-//! checked write, receives the volumes, then deploys the release, scales the formation and,
-//! with `routes=true`, adds the exported routes. If any step fails the app is deleted
-//! again, so a failed import leaves no app behind.
+//! checked write, receives the volumes, then deploys the release, provisions new databases
+//! and restores the dumps into them, scales the formation and, with `routes=true`, adds the
+//! exported routes. If any step fails the databases and the app are deleted again, so a
+//! failed import leaves nothing behind.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -33,6 +35,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::AppState;
 use crate::archive::{ArchiveError, TarReader, TarWriter};
+use crate::databases::dumps;
 use crate::error::{ApiError, ApiResult};
 use crate::ops::{APP_ENTRY, APP_EXPORT};
 
@@ -63,6 +66,10 @@ pub struct AppExport {
     /// it has one (its last deployed push's copy in the blobstore).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repository: Option<String>,
+    /// The app's databases (`flynn resource`), each with its dump as entries
+    /// `databases/ID/NNNNNN`. An import provisions new ones and restores the dumps.
+    #[serde(default)]
+    pub resources: Vec<flynn_state::resources::Resource>,
 }
 
 /// The archive entry holding the app's git repository, as `git bundle` wrote it.
@@ -130,6 +137,7 @@ async fn export(State(host): State<AppState>, Path(app): Path<String>) -> ApiRes
                     .cloned()
             })
             .collect();
+        let resources = s.resources.of_app(&app.name).into_iter().cloned().collect();
         Ok((
             AppExport {
                 app,
@@ -139,6 +147,7 @@ async fn export(State(host): State<AppState>, Path(app): Path<String>) -> ApiRes
                 certificates,
                 volumes,
                 repository: repository.as_ref().map(|f| f.sha512.clone()),
+                resources,
             },
             layers,
             repository,
@@ -186,6 +195,12 @@ async fn export(State(host): State<AppState>, Path(app): Path<String>) -> ApiRes
                     io::Error::other(format!("volume {}: its host left the cluster", v.id))
                 })?;
                 crate::ops::write_volume(&mut w, addr, &secret, &v.id).await?;
+            }
+            for r in &export.resources {
+                let dump = dumps::dump(&host, r)
+                    .await
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                w.chunked(&dumps::entry_prefix(&r.id), dump).await?;
             }
             Ok(())
         }
@@ -298,7 +313,7 @@ async fn import_archive<R: tokio::io::AsyncRead + Unpin>(
         .await?;
     let mut received: Vec<(String, String)> = Vec::new();
     let outcome = import_into(
-        &node,
+        host,
         &blobstore,
         tar,
         &export,
@@ -310,7 +325,20 @@ async fn import_archive<R: tokio::io::AsyncRead + Unpin>(
     match outcome {
         Ok(v) => Ok(Json(v)),
         Err(e) => {
-            // Leave nothing half-imported behind.
+            // Leave nothing half-imported behind: the databases provisioned, then the app.
+            let resources: Vec<String> = node.state.read(|a| {
+                a.state
+                    .resources
+                    .of_app(&name)
+                    .iter()
+                    .map(|r| r.id.clone())
+                    .collect()
+            });
+            for id in resources {
+                if let Err(undo) = crate::databases::remove(host, None, &id).await {
+                    tracing::warn!(%id, error = %undo, "a failed import's resource was not removed");
+                }
+            }
             let _ = node
                 .propose(AppsCommand::DeleteApp { name: name.clone() })
                 .await;
@@ -327,7 +355,7 @@ async fn import_archive<R: tokio::io::AsyncRead + Unpin>(
 
 #[allow(clippy::too_many_arguments)]
 async fn import_into<R: tokio::io::AsyncRead + Unpin>(
-    node: &std::sync::Arc<crate::node::Node>,
+    host: &AppState,
     blobstore: &std::sync::Arc<crate::blobstore::Blobstore>,
     tar: &mut TarReader<R>,
     export: &AppExport,
@@ -341,8 +369,11 @@ async fn import_into<R: tokio::io::AsyncRead + Unpin>(
         .flat_map(|r| r.image.layers.iter())
         .map(|l| (flynn_state::layer_path(&l.sha512), l.sha512.clone()))
         .collect();
+    let node = host.node()?;
     let secret = node.secret().to_string();
     let zfs_hosts = crate::ops::zfs_hosts(node, &secret).await;
+    // Dumps wait on disk until their new databases exist (after the release).
+    let mut dumps_in = crate::ops::DumpSpool::new(host)?;
     let mut volume_ids: BTreeMap<String, String> = BTreeMap::new();
     let mut receiving: Option<crate::ops::Receiving> = None;
     while let Some((entry, _)) = tar.next().await.map_err(broken)? {
@@ -369,6 +400,13 @@ async fn import_into<R: tokio::io::AsyncRead + Unpin>(
                 host: 0,
             })
             .await?;
+        } else if let Some(rid) = dumps::entry_resource(&entry) {
+            if !export.resources.iter().any(|r| r.id == rid) {
+                return Err(ApiError::Invalid(format!(
+                    "{APP_EXPORT}: {entry} is the dump of no resource named in {APP_ENTRY}"
+                )));
+            }
+            dumps_in.take(tar, rid, APP_EXPORT).await?;
         } else if let Some(path) = entry.strip_prefix("blobs") {
             let sha = layers.get(path).ok_or_else(|| {
                 ApiError::Invalid(format!("{APP_EXPORT}: {entry} is no layer of its release"))
@@ -407,13 +445,18 @@ async fn import_into<R: tokio::io::AsyncRead + Unpin>(
         r.finish().await?;
     }
 
-    // The app's config, then its release, formation and routes.
+    // The app's config, then its release, databases, formation and routes. The env the
+    // exported databases set is left out: the new databases set their own.
     let env = &export.app.env;
-    if !env.global.is_empty() {
+    let mut global = env.global.clone();
+    for r in &export.resources {
+        global.retain(|k, v| r.env.get(k) != Some(v));
+    }
+    if !global.is_empty() {
         node.propose(AppsCommand::UpdateEnv {
             app: name.into(),
             proc_type: None,
-            set: env.global.clone(),
+            set: global,
             unset: Vec::new(),
             now_ms: crate::now_ms(),
         })
@@ -444,6 +487,26 @@ async fn import_into<R: tokio::io::AsyncRead + Unpin>(
         if let flynn_state::Response::Release { release } = created {
             release_id = Some(release.id);
         }
+    }
+    let mut databases = Vec::new();
+    for old in &export.resources {
+        let dump = dumps_in.get(&old.id).ok_or_else(|| {
+            ApiError::Invalid(format!(
+                "{APP_EXPORT}: resource {} has no dump (entries {}/...)",
+                old.id,
+                dumps::entry_prefix(&old.id)
+            ))
+        })?;
+        let new = crate::databases::provision(host, &old.provider, name).await?;
+        dumps::restore(host, &new, dump).await?;
+        databases.push(json!({"provider": new.provider, "id": new.id, "from": old.id}));
+    }
+    if export.release.is_some() {
+        // Provisioning deployed the databases' env as a release of its own.
+        release_id = node
+            .state
+            .read(|a| a.state.jobs.current_release(name).map(|r| r.id.clone()))
+            .or(release_id);
         if export.formation.values().any(|n| *n > 0) {
             node.propose(JobsCommand::Scale {
                 app: name.into(),
@@ -512,5 +575,6 @@ async fn import_into<R: tokio::io::AsyncRead + Unpin>(
         "release": release_id,
         "routes": routes,
         "volumes": volume_ids,
+        "databases": databases,
     }))
 }

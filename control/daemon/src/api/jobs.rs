@@ -594,19 +594,7 @@ fn provider_run(
                     p.name, p.name
                 ))
             })?;
-        let server_app = if r.server.is_some() {
-            r.name.clone()
-        } else {
-            p.app.to_string()
-        };
-        let release = s
-            .jobs
-            .current_release(&server_app)
-            .map(|r| r.id.clone())
-            .ok_or_else(|| {
-                ApiError::Unavailable(format!("the {server_app} server has no release"))
-            })?;
-        Ok((server_app, release, r.env.clone()))
+        crate::databases::dumps::client_job(s, r)
     })
 }
 

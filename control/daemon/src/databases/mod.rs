@@ -12,6 +12,7 @@
 //! the app's new env in one state change (`ResourcesCommand::Provision`); if that change is
 //! refused the database is dropped again, so nothing is left half-made.
 
+pub mod dumps;
 pub mod failover;
 pub mod keeper;
 mod mariadb;
@@ -177,6 +178,37 @@ pub async fn remove(host: &Host, provider_name: Option<&str>, id: &str) -> ApiRe
     }
     tracing::info!(target: "resources", id, provider = %resource.provider, app = %resource.app, "removed");
     Ok(resource)
+}
+
+/// Makes resource `r` (restored with a cluster backup) exist again on its server, which
+/// started afresh: its database and user with the credentials its app's env already
+/// holds (Postgres, MariaDB; a Redis server is its own, with its password), then restores
+/// its dump from `dump`.
+pub async fn reseed(host: &Host, r: &Resource, dump: &std::path::Path) -> ApiResult<()> {
+    let p = provider(&r.provider).map_err(ApiError::from)?;
+    let server_app = if r.server.is_some() {
+        r.name.as_str()
+    } else {
+        p.app
+    };
+    let server = ensure_server(host, p, server_app, BTreeMap::new()).await?;
+    let password = |key: &str| {
+        r.env
+            .get(key)
+            .cloned()
+            .ok_or_else(|| ApiError::Invalid(format!("resource {} has no {key} in its env", r.id)))
+    };
+    match p.name {
+        "postgres" => {
+            let su = server_env(host, p.app, password_key(p))?;
+            postgres::create(server, &su, &r.name, &password("PGPASSWORD")?).await?;
+        }
+        "mysql" => mariadb::create(host, &r.name, &password("MYSQL_PWD")?).await?,
+        _ => {}
+    }
+    dumps::restore(host, r, dump).await?;
+    tracing::info!(target: "resources", id = %r.id, provider = %r.provider, app = %r.app, "restored from the backup");
+    Ok(())
 }
 
 async fn drop_database(host: &Host, r: &Resource) -> ApiResult<()> {
