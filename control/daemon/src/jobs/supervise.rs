@@ -208,8 +208,10 @@ impl JobRunner {
                 }
             },
         };
-        // Its pid is free from here on: nothing may signal it any more.
+        // Its pid is free from here on: nothing may signal it any more, and nothing is left
+        // for a stop (the cluster may mark it done before this job leaves the runner's table).
         l.pid.store(0, Ordering::SeqCst);
+        l.stopping.store(true, Ordering::SeqCst);
         for r in readers.into_iter().flatten() {
             let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
         }
