@@ -930,6 +930,7 @@ async fn copy_output(
     let resp = client.job_output(app, id).await?;
     let mut body = resp.bytes_stream();
     let mut pending: Vec<u8> = Vec::new();
+    let mut lost = false;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.context("reading the job's output")?;
         pending.extend_from_slice(&chunk);
@@ -940,8 +941,12 @@ async fn copy_output(
                 Err(_) => continue,
             };
             if v["exit"].is_i64() {
+                if lost && stdout_to.is_some() {
+                    bail!("job {id} wrote output faster than it was read before this command attached: the file is incomplete");
+                }
                 return Ok(v);
             }
+            lost |= v["dropped"] == true;
             let Some(data) = v["data"].as_str() else {
                 continue; // a heartbeat
             };

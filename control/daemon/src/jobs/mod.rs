@@ -83,7 +83,7 @@ impl RunningJob {
     /// A line from the runner to whoever is attached to a one-off job (its stderr).
     fn tell(&self, msg: &str) {
         if let Some(io) = &self.io {
-            io.output(oneoff::STDERR, format!("flynn: {msg}\n").into());
+            io.push(oneoff::STDERR, format!("flynn: {msg}\n").into());
         }
     }
 }

@@ -292,7 +292,8 @@ impl JobRunner {
                     Ok(n) => n,
                 };
                 if let Some(io) = &io {
-                    io.output(to, bytes::Bytes::copy_from_slice(&chunk[..n]));
+                    io.output(to, bytes::Bytes::copy_from_slice(&chunk[..n]))
+                        .await;
                 }
                 let mut rest = &chunk[..n];
                 while !rest.is_empty() {
