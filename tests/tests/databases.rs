@@ -501,6 +501,64 @@ async fn t06_export_import_and_backup_carry_every_database() {
     );
 }
 
+/// Point-in-time restore: the servers archive their WAL to the blobstore continuously, and
+/// `flynn pg backups restore --to TIME` puts the app's database back as it was at a time
+/// between two commits, from a base backup and that archive.
+#[tokio::test(flavor = "multi_thread")]
+async fn t07_a_database_is_restored_to_a_time_between_two_commits() {
+    let c = cluster(1, &["web"]).await;
+    ok(&c.flynn(0, &["-a", "web", "resource", "add", "postgres"]));
+    let pg = |args: &[&str]| {
+        let mut full = vec!["-a", "web", "pg", "backups"];
+        full.extend_from_slice(args);
+        c.flynn(0, &full)
+    };
+    // Before any base backup, a restore says what to do first.
+    let err = failed(&pg(&["restore"]));
+    assert!(err.contains("flynn pg backups capture"), "{err}");
+    psql(&c, "web", "CREATE TABLE p (n int PRIMARY KEY, s text)");
+    psql(&c, "web", "INSERT INTO p VALUES (1, 'first')");
+    let out = ok(&pg(&["capture"]));
+    assert!(out.contains("Captured a base backup"), "{out}");
+    let now =
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')";
+    psql(&c, "web", "INSERT INTO p VALUES (2, 'second')");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let t1 = psql(&c, "web", now);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    psql(&c, "web", "INSERT INTO p VALUES (3, 'third')");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let t2 = psql(&c, "web", now);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // A mistake.
+    psql(&c, "web", "DELETE FROM p WHERE n < 3");
+    let rows = "SELECT string_agg(n || ':' || s, ',' ORDER BY n) FROM p";
+    assert_eq!(psql(&c, "web", rows), "3:third");
+
+    let out = ok(&pg(&["restore", "--to", &t2]));
+    assert!(out.contains("Restored"), "{out}");
+    assert_eq!(psql(&c, "web", rows), "1:first,2:second,3:third");
+    // Earlier still: the restore just made is itself only WAL after t1.
+    ok(&pg(&["restore", "--to", &t1]));
+    assert_eq!(psql(&c, "web", rows), "1:first,2:second");
+    // And the latest: what is there now.
+    psql(&c, "web", "INSERT INTO p VALUES (4, 'fourth')");
+    ok(&pg(&["restore"]));
+    assert_eq!(psql(&c, "web", rows), "1:first,2:second,4:fourth");
+
+    let list = ok(&pg(&[]));
+    assert!(
+        list.contains("/postgres/base/") && list.contains("WAL segment"),
+        "{list}"
+    );
+    // Bad input changes nothing.
+    let err = failed(&pg(&["restore", "--to", "yesterday"]));
+    assert!(err.contains("RFC 3339"), "{err}");
+    let err = failed(&pg(&["restore", "--to", "2001-01-01T00:00:00Z"]));
+    assert!(err.contains("no base backup was taken before"), "{err}");
+    assert_eq!(psql(&c, "web", rows), "1:first,2:second,4:fourth");
+}
+
 /// The writer's table: each row says when it was committed and by which server.
 const CREATE_W: &str = "CREATE TABLE w (n bigint PRIMARY KEY, \
     at timestamptz NOT NULL DEFAULT clock_timestamp(), \
@@ -565,7 +623,8 @@ struct Writer {
 }
 
 impl Writer {
-    fn start(c: &Cluster, i: usize, app: &str) -> Writer {
+    /// Starts numbering at `first`.
+    fn start(c: &Cluster, i: usize, app: &str, first: i64) -> Writer {
         let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (a, s) = (acked.clone(), stop.clone());
@@ -578,7 +637,7 @@ impl Writer {
         let rc = c.root_path().join(format!("flynnrc{i}"));
         let app = app.to_string();
         let thread = std::thread::spawn(move || {
-            let mut next: i64 = 1;
+            let mut next: i64 = first;
             let deadline = std::time::Instant::now() + Duration::from_secs(90);
             while !s.load(std::sync::atomic::Ordering::SeqCst)
                 && std::time::Instant::now() < deadline
@@ -698,7 +757,7 @@ async fn t03_the_primary_s_host_dies_under_load_and_no_acknowledged_commit_is_lo
     ok(&c.flynn(0, &["-a", "web", "pg", "psql", "--", "-c", CREATE_W]));
     let primary = index_of(&c, before.primary).await;
     let survivor = index_of(&c, before.asyncs[0]).await;
-    let writer = Writer::start(&c, survivor, "web");
+    let writer = Writer::start(&c, survivor, "web", 1);
     eventually(Duration::from_secs(30), "the writer committing", || async {
         (writer.acked().len() >= 200).then_some(())
     })
@@ -765,6 +824,34 @@ async fn t03_the_primary_s_host_dies_under_load_and_no_acknowledged_commit_is_lo
         rejoined.primary, after.primary,
         "it rejoined without taking over"
     );
+
+    // A second failure: the new primary's host dies too. Its sync (the old async) has
+    // caught up by now and is promoted, and again no acknowledged commit is lost.
+    let before2 = settled(&c, survivor, 1).await;
+    let primary2 = index_of(&c, before2.primary).await;
+    let next_sync = index_of(&c, before2.sync).await;
+    let writer = Writer::start(&c, next_sync, "web", 1_000_000);
+    eventually(Duration::from_secs(30), "the writer committing", || async {
+        (writer.acked().len() >= 100).then_some(())
+    })
+    .await;
+    c.kill(primary2);
+    let after2 = eventually(Duration::from_secs(60), "a third primary", || async {
+        let sh = shape(&c, next_sync).await?;
+        (sh.generation > before2.generation && sh.primary != before2.primary).then_some(sh)
+    })
+    .await;
+    assert_eq!(after2.primary, before2.sync, "the sync is promoted");
+    let n = writer.acked().len();
+    eventually(
+        Duration::from_secs(60),
+        "commits on the third primary",
+        || async { (writer.acked().len() >= n + 100).then_some(()) },
+    )
+    .await;
+    let mut all = acked;
+    all.extend(writer.finish());
+    assert_all_there(&c, next_sync, &all);
 }
 
 /// Cuts host `i` off from every other host with nftables in its own namespace (its jobs
@@ -810,7 +897,7 @@ async fn t05_an_isolated_primary_fences_itself_before_another_is_promoted() {
     let old_addr = before.members[&before.primary].addr.clone();
     let (ip, port) = old_addr.rsplit_once(':').unwrap();
     let su = env_get(&c, "postgres", "PGPASSWORD");
-    let writer = Writer::start(&c, survivor, "web");
+    let writer = Writer::start(&c, survivor, "web", 1);
     eventually(Duration::from_secs(30), "the writer committing", || async {
         (writer.acked().len() >= 200).then_some(())
     })

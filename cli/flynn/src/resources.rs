@@ -38,6 +38,24 @@ pub enum PgCmd {
     /// Restore a dump from `flynn pg dump` (FILE, or stdin) into the app's database, in one
     /// transaction: a dump that fails to restore changes nothing.
     Restore(DumpFile),
+    /// Base backups and point-in-time restore, from the WAL every server archives to the
+    /// blobstore continuously. Without a command: the backups there are.
+    Backups {
+        #[command(subcommand)]
+        cmd: Option<PgBackupsCmd>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PgBackupsCmd {
+    /// Take a base backup of the Postgres server now (it covers every app's database on it).
+    Capture,
+    /// Put the app's database back as it was at TIME (RFC 3339: 2026-12-06T12:00:00Z), or
+    /// at its last committed transaction, in one transaction.
+    Restore {
+        #[arg(long)]
+        to: Option<String>,
+    },
 }
 
 /// Where a dump is written or read: `-f FILE`, else stdout or stdin.
@@ -242,7 +260,61 @@ pub async fn pg_cmd(client: &ControllerClient, app: &str, cmd: PgCmd) -> anyhow:
         }
         PgCmd::Dump(f) => dump_or_restore(client, app, "postgres", false, f).await,
         PgCmd::Restore(f) => dump_or_restore(client, app, "postgres", true, f).await,
+        PgCmd::Backups { cmd } => {
+            pg_backups(client, app, cmd).await?;
+            Ok(0)
+        }
     }
+}
+
+async fn pg_backups(
+    client: &ControllerClient,
+    app: &str,
+    cmd: Option<PgBackupsCmd>,
+) -> anyhow::Result<()> {
+    match cmd {
+        None => {
+            let v = client.pg_backups(app).await?;
+            let rows: Vec<Vec<String>> = v["backups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|b| {
+                    vec![
+                        flynn_cli_util::rfc3339_ms(b["taken_ms"].as_u64().unwrap_or(0)),
+                        b["bytes"].as_u64().unwrap_or(0).to_string(),
+                        b["path"].as_str().unwrap_or("").to_string(),
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                println!("No base backups yet: flynn -a {app} pg backups capture");
+            } else {
+                print_table(&["TAKEN", "BYTES", "PATH"], &rows);
+            }
+            println!(
+                "{} WAL segment(s) archived.",
+                v["wal_segments"].as_u64().unwrap_or(0)
+            );
+        }
+        Some(PgBackupsCmd::Capture) => {
+            let b = client.pg_capture(app).await?;
+            println!(
+                "Captured a base backup ({} bytes) at {}.",
+                b["bytes"],
+                flynn_cli_util::rfc3339_ms(b["taken_ms"].as_u64().unwrap_or(0))
+            );
+        }
+        Some(PgBackupsCmd::Restore { to }) => {
+            let r = client.pg_restore(app, to.as_deref()).await?;
+            println!(
+                "Restored {} to {}.",
+                r["database"].as_str().unwrap_or("?"),
+                to.as_deref().unwrap_or("its last committed transaction")
+            );
+        }
+    }
+    Ok(())
 }
 
 fn quoted(args: &[String]) -> String {

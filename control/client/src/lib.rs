@@ -328,6 +328,37 @@ impl ControllerClient {
         self.http.send(rb).await
     }
 
+    /// The Postgres server's base backups and archived WAL (`flynn pg backups`).
+    pub async fn pg_backups(&self, app: &str) -> Result<serde_json::Value, ClientError> {
+        self.http
+            .get(&format!("/apps/{}/pg/backups", seg(app)))
+            .await
+    }
+
+    /// A base backup of the Postgres server now (`flynn pg backups capture`).
+    pub async fn pg_capture(&self, app: &str) -> Result<serde_json::Value, ClientError> {
+        let rb = self
+            .http
+            .request(Method::POST, &format!("/apps/{}/pg/backups", seg(app)))
+            .timeout(Duration::from_secs(3600));
+        self.http.send(rb).await
+    }
+
+    /// The app's database as it was at `to` (RFC 3339), or at its last archived commit
+    /// (`flynn pg backups restore [--to TIME]`).
+    pub async fn pg_restore(
+        &self,
+        app: &str,
+        to: Option<&str>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let rb = self
+            .http
+            .request(Method::POST, &format!("/apps/{}/pg/restore", seg(app)))
+            .timeout(Duration::from_secs(3600))
+            .json(&serde_json::json!({ "to": to }));
+        self.http.send(rb).await
+    }
+
     /// Removes a resource (of `provider`, when given): its env unset, its database dropped.
     pub async fn remove_resource(
         &self,

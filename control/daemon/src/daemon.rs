@@ -87,6 +87,7 @@ pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
             id,
             runner.clone(),
             volumes.clone(),
+            blobstore.clone(),
         )));
         jobs = Some(runner);
     }

@@ -25,6 +25,116 @@ pub fn routes() -> Router<AppState> {
         .route("/resources", get(list_all))
         .route("/resources/{id}", get(one).delete(remove))
         .route("/apps/{app}/resources", get(list_of_app))
+        .route("/apps/{app}/pg/backups", get(pg_backups).post(pg_capture))
+        .route("/apps/{app}/pg/restore", axum::routing::post(pg_restore))
+}
+
+/// The app's Postgres resource.
+fn pg_resource(host: &AppState, app: &str) -> ApiResult<Resource> {
+    host.node()?.state.read(|a| {
+        let s = &a.state;
+        s.app(app)?;
+        s.resources
+            .of_app(app)
+            .into_iter()
+            .find(|r| r.provider == "postgres")
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "{app} has no postgres resource (flynn -a {app} resource add postgres)"
+                ))
+            })
+    })
+}
+
+/// `GET /apps/{app}/pg/backups`: the server's base backups (each covers every resource's
+/// database on it) and how many WAL segments the archive holds.
+async fn pg_backups(
+    State(host): State<AppState>,
+    Path(app): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    pg_resource(&host, &app)?;
+    let node = host.node()?;
+    node.read_barrier().await?;
+    Ok(Json(node.state.read(|a| {
+        let s = &a.state;
+        let backups: Vec<_> = crate::databases::archive::backups(s)
+            .into_iter()
+            .map(|b| {
+                serde_json::json!({
+                    "path": b.path,
+                    "bytes": b.size,
+                    "taken_ms": crate::databases::archive::base_ms(&b.path),
+                })
+            })
+            .collect();
+        let segments = s
+            .blobs
+            .blobs
+            .keys()
+            .filter(|p| p.starts_with(crate::databases::archive::WAL_DIR))
+            .count();
+        serde_json::json!({"backups": backups, "wal_segments": segments})
+    })))
+}
+
+/// `POST /apps/{app}/pg/backups`: a base backup of the server now.
+async fn pg_capture(
+    State(host): State<AppState>,
+    Path(app): Path<String>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    pg_resource(&host, &app)?;
+    let b = crate::databases::archive::capture(&host).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({
+            "path": b.path,
+            "bytes": b.size,
+            "taken_ms": crate::databases::archive::base_ms(&b.path),
+        })),
+    ))
+}
+
+#[derive(serde::Deserialize)]
+struct PgRestore {
+    /// RFC 3339 (`2026-12-06T12:00:00Z`); none: the last archived commit.
+    #[serde(default)]
+    to: Option<String>,
+}
+
+/// `POST /apps/{app}/pg/restore`: the app's database as it was at `to`.
+async fn pg_restore(
+    State(host): State<AppState>,
+    Path(app): Path<String>,
+    JsonBody(req): JsonBody<PgRestore>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let r = pg_resource(&host, &app)?;
+    let to = match &req.to {
+        None => None,
+        Some(t) => {
+            let ms = crate::databases::archive::parse_rfc3339_ms(t).ok_or_else(|| {
+                ApiError::Invalid(format!(
+                    "{t:?} is not a time in RFC 3339 form (2026-12-06T12:00:00Z, or with an offset: +01:00)"
+                ))
+            })?;
+            if ms > crate::now_ms() {
+                return Err(ApiError::Invalid(format!("{t} is in the future")));
+            }
+            // As Postgres's recovery_target_time reads it: a space for the T, +00 for Z.
+            let mut pg = t.replacen(['T', 't'], " ", 1);
+            if pg.ends_with(['Z', 'z']) {
+                pg.pop();
+                pg.push_str("+00");
+            }
+            Some((pg, ms))
+        }
+    };
+    crate::databases::archive::restore(&host, &r, to.clone()).await?;
+    Ok(Json(serde_json::json!({
+        "app": app,
+        "database": r.name,
+        "to": req.to,
+    })))
 }
 
 async fn providers(

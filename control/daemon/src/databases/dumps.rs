@@ -50,20 +50,22 @@ pub fn client_job(
     Ok((server_app, release, r.env.clone()))
 }
 
-/// A client job placed for `r`, and the API address of the host it runs on.
+/// A one-off job of `app` placed on its way (this host if it runs jobs), and the API
+/// address of the host it runs on.
 async fn start(
     host: &Host,
-    r: &Resource,
+    app: &str,
+    release: String,
+    env: BTreeMap<String, String>,
     args: Vec<String>,
     stdin: bool,
 ) -> ApiResult<(String, String)> {
     let node = host.node()?;
-    let (app, release, env) = node.state.read(|a| client_job(&a.state, r))?;
     let job = crate::jobs::oneoff::place(
         node,
         host.jobs().is_some().then_some(host.id),
         flynn_state::jobs::NewJob {
-            app,
+            app: app.to_string(),
             release,
             proc_type: "run".into(),
             host: 0,
@@ -83,6 +85,54 @@ async fn start(
         .map(|(_, a)| a)
         .ok_or_else(|| ApiError::Unavailable(format!("job {}'s host is not a member", job.id)))?;
     Ok((job.id, addr))
+}
+
+/// Runs `args` in a one-off job of `app` and answers its stdout as a stream that fails
+/// unless the job exits 0.
+pub async fn run_client(
+    host: &Host,
+    app: &str,
+    release: String,
+    env: BTreeMap<String, String>,
+    args: Vec<String>,
+    what: &str,
+) -> ApiResult<impl Stream<Item = io::Result<Bytes>> + Unpin + Send + 'static> {
+    let (id, addr) = start(host, app, release, env, args, false).await?;
+    let secret = host.node()?.secret().to_string();
+    stdout_of(secret, addr, id, what.to_string()).await
+}
+
+/// Runs `args` in a one-off job of `app` with `input` as its stdin, until it exits 0 (else
+/// the error, with the end of its stderr).
+pub async fn run_with_input<S>(
+    host: &Host,
+    app: &str,
+    release: String,
+    env: BTreeMap<String, String>,
+    args: Vec<String>,
+    input: S,
+    what: &str,
+) -> ApiResult<()>
+where
+    S: Stream<Item = io::Result<Bytes>> + Send + Sync + 'static,
+{
+    let (id, addr) = start(host, app, release, env, args, true).await?;
+    let secret = host.node()?.secret().to_string();
+    let send = client()?
+        .put(format!("http://{addr}/host/jobs/{id}/stdin"))
+        .header(flynn_client::SECRET_HEADER, secret.clone())
+        .body(reqwest::Body::wrap_stream(input))
+        .send();
+    let mut out = stdout_of(secret, addr, id, what.to_string()).await?;
+    let (sent, read) = tokio::join!(send, async {
+        while let Some(chunk) = out.next().await {
+            chunk?;
+        }
+        Ok::<(), io::Error>(())
+    });
+    read.map_err(|e| ApiError::Invalid(e.to_string()))?;
+    sent.map_err(|e| ApiError::Unavailable(format!("{what}: sending its input: {e}")))?;
+    Ok(())
 }
 
 fn client() -> ApiResult<reqwest::Client> {
@@ -191,41 +241,20 @@ pub async fn dump(
 ) -> ApiResult<impl Stream<Item = io::Result<Bytes>> + Unpin + Send> {
     let args = flynn_state::db_clients::dump(&r.provider)
         .ok_or_else(|| ApiError::Invalid(format!("{} has no dump client", r.provider)))?;
-    let (id, addr) = start(host, r, args, false).await?;
-    let secret = host.node()?.secret().to_string();
-    stdout_of(
-        secret,
-        addr,
-        id,
-        format!("the dump of {} resource {}", r.provider, r.id),
-    )
-    .await
+    let (app, release, env) = host.node()?.state.read(|a| client_job(&a.state, r))?;
+    let what = format!("the dump of {} resource {}", r.provider, r.id);
+    run_client(host, &app, release, env, args, &what).await
 }
 
 /// Restores the dump in `file` into `r` with the provider's restore client.
 pub async fn restore(host: &Host, r: &Resource, file: &Path) -> ApiResult<()> {
     let args = flynn_state::db_clients::restore(&r.provider)
         .ok_or_else(|| ApiError::Invalid(format!("{} has no restore client", r.provider)))?;
-    let what = format!("restoring {} resource {}", r.provider, r.id);
-    let (id, addr) = start(host, r, args, true).await?;
-    let secret = host.node()?.secret().to_string();
+    let (app, release, env) = host.node()?.state.read(|a| client_job(&a.state, r))?;
     let input = tokio::fs::File::open(file)
         .await
         .map_err(|e| ApiError::Internal(format!("{}: {e}", file.display())))?;
     let body = tokio_util::io::ReaderStream::with_capacity(input, 256 * 1024);
-    let send = client()?
-        .put(format!("http://{addr}/host/jobs/{id}/stdin"))
-        .header(flynn_client::SECRET_HEADER, secret.clone())
-        .body(reqwest::Body::wrap_stream(body))
-        .send();
-    let mut out = stdout_of(secret, addr, id, what.clone()).await?;
-    let (sent, read) = tokio::join!(send, async {
-        while let Some(chunk) = out.next().await {
-            chunk?;
-        }
-        Ok::<(), io::Error>(())
-    });
-    read.map_err(|e| ApiError::Invalid(e.to_string()))?;
-    sent.map_err(|e| ApiError::Unavailable(format!("{what}: sending the dump: {e}")))?;
-    Ok(())
+    let what = format!("restoring {} resource {}", r.provider, r.id);
+    run_with_input(host, &app, release, env, args, body, &what).await
 }

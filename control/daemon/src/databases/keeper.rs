@@ -37,6 +37,11 @@ const SQL_TIMEOUT: Duration = Duration::from_secs(2);
 /// A standby is ready to be promoted once it has flushed what the primary had written this
 /// long after it began waiting for it.
 const SYNC_SETTLE: Duration = Duration::from_secs(1);
+/// How long a standby may go without streaming from a primary that answers before it is
+/// restarted, which rewinds it (`postgres.sh`). A standby that received more of the old
+/// primary's WAL than the promoted one had cannot follow the new timeline on its own; and
+/// while it is the sync, the primary's commits wait for it.
+const RESTREAM_AFTER: Duration = Duration::from_secs(12);
 
 /// Parses an LSN (`16/B374D848`) into a number.
 pub fn parse_lsn(text: &str) -> Option<u64> {
@@ -55,6 +60,8 @@ pub fn server_name(host: u64) -> String {
 
 pub struct Keeper {
     host: u64,
+    /// Where the server's archived WAL goes (`archive.rs`); none: it stays on the volume.
+    blobs: Option<Arc<crate::blobstore::Blobstore>>,
     runner: Arc<JobRunner>,
     volumes: Arc<VolumesComponent>,
     /// The primary job here and when its lease was last renewed (the renewal's send time).
@@ -78,6 +85,8 @@ struct Inner {
     last_report: Option<(DbMember, Instant)>,
     /// The `synchronous_standby_names` last set, and on which job.
     standby_set: Option<(String, String)>,
+    /// Since when the standby here (this job) has not been streaming.
+    not_streaming: Option<(String, Instant)>,
 }
 
 /// What the keeper reads of the state in one pass.
@@ -128,9 +137,15 @@ fn view(s: &ClusterState, host: u64) -> View {
 }
 
 impl Keeper {
-    pub fn new(host: u64, runner: Arc<JobRunner>, volumes: Arc<VolumesComponent>) -> Self {
+    pub fn new(
+        host: u64,
+        runner: Arc<JobRunner>,
+        volumes: Arc<VolumesComponent>,
+        blobs: Option<Arc<crate::blobstore::Blobstore>>,
+    ) -> Self {
         Keeper {
             host,
+            blobs,
             runner,
             volumes,
             lease: Mutex::new(None),
@@ -303,6 +318,16 @@ impl Keeper {
             }
             if let Some(primary) = &v.primary_addr {
                 self.follow(&client, primary, &password, &conninfo).await;
+                if self
+                    .stalled(&mut inner, &job.id, &client, primary, &password)
+                    .await
+                {
+                    tracing::warn!(target: "resources", job = %job.id, primary, "the standby has not streamed from the primary for {} s although the primary answers (its history has diverged): restarting it, which rewinds it", RESTREAM_AFTER.as_secs());
+                    inner.not_streaming = None;
+                    inner.client = None;
+                    self.runner.fence(&job.id);
+                    return;
+                }
             }
         }
         let member = DbMember {
@@ -433,6 +458,35 @@ impl Keeper {
         }
     }
 
+    /// Whether the standby here has gone [`RESTREAM_AFTER`] without streaming while the
+    /// primary answers as a primary (so the fault is the standby's, and a restart mends it).
+    async fn stalled(
+        &self,
+        inner: &mut Inner,
+        job: &str,
+        client: &tokio_postgres::Client,
+        primary: &str,
+        password: &str,
+    ) -> bool {
+        let streaming = sql(client.query_opt("SELECT status FROM pg_stat_wal_receiver", &[]))
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.get::<_, Option<String>>(0).as_deref() == Some("streaming"));
+        if streaming {
+            inner.not_streaming = None;
+            return false;
+        }
+        let since = match &inner.not_streaming {
+            Some((j, since)) if j == job => *since,
+            _ => {
+                inner.not_streaming = Some((job.to_string(), Instant::now()));
+                return false;
+            }
+        };
+        since.elapsed() >= RESTREAM_AFTER && primary_answers(primary, password).await
+    }
+
     /// Writes a starting server's role on its volume, once the shape can say it.
     async fn give_role(&self, inner: &mut Inner, v: &View, job: &Job) {
         if inner.roles_written.contains(&job.id) || v.shape.primary == 0 {
@@ -524,6 +578,35 @@ impl Keeper {
     }
 }
 
+/// Whether the server at `addr` takes a connection and is a primary.
+async fn primary_answers(addr: &str, password: &str) -> bool {
+    let Some((ip, port)) = addr.rsplit_once(':') else {
+        return false;
+    };
+    let Ok(port) = port.parse() else {
+        return false;
+    };
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(ip)
+        .port(port)
+        .user("postgres")
+        .password(password)
+        .dbname("postgres")
+        .application_name("flynn-keeper")
+        .connect_timeout(SQL_TIMEOUT);
+    let Ok(Ok((client, conn))) =
+        tokio::time::timeout(SQL_TIMEOUT, cfg.connect(tokio_postgres::NoTls)).await
+    else {
+        return false;
+    };
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sql(client.query_one("SELECT pg_is_in_recovery()", &[]))
+        .await
+        .is_ok_and(|r| !r.get::<_, bool>(0))
+}
+
 /// Runs one `ALTER SYSTEM` and reloads the configuration (two statements: ALTER SYSTEM
 /// cannot run inside the transaction a multi-statement query makes).
 async fn reconfigure(client: &tokio_postgres::Client, alter: &str) -> Result<(), String> {
@@ -554,6 +637,14 @@ impl Component for Keeper {
         Box::pin(async move {
             tokio::spawn(self.clone().watchdog());
             tokio::spawn(self.clone().renewer(local.clone()));
+            if let Some(blobs) = self.blobs.clone() {
+                tokio::spawn(super::archive::shipper(
+                    local.clone(),
+                    self.host,
+                    self.volumes.clone(),
+                    blobs,
+                ));
+            }
             let mut tick = tokio::time::interval(TICK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {

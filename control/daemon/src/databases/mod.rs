@@ -12,11 +12,12 @@
 //! the app's new env in one state change (`ResourcesCommand::Provision`); if that change is
 //! refused the database is dropped again, so nothing is left half-made.
 
+pub mod archive;
 pub mod dumps;
 pub mod failover;
 pub mod keeper;
 mod mariadb;
-mod postgres;
+pub(crate) mod postgres;
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -284,7 +285,7 @@ fn password_key(p: &Provider) -> &'static str {
     }
 }
 
-fn server_env(host: &Host, app: &str, key: &str) -> ApiResult<String> {
+pub(crate) fn server_env(host: &Host, app: &str, key: &str) -> ApiResult<String> {
     host.node()?.state.read(|a| {
         a.state
             .apps
@@ -491,7 +492,7 @@ fn server_release(image: Image, entry: flynn_state::Layer, spec: &ServerSpec) ->
 
 /// Where `service`'s primary serves (a replicated shape's primary, else the service's
 /// discovery leader), if it has one.
-fn leader(node: &crate::node::Node, service: &str) -> Option<SocketAddr> {
+pub(crate) fn leader(node: &crate::node::Node, service: &str) -> Option<SocketAddr> {
     node.state.read(|a| {
         flynn_state::resources::service_target(&a.state, service)?
             .parse()

@@ -106,3 +106,16 @@ fn db_error(e: &tokio_postgres::Error) -> String {
         .map(|d| d.message().to_string())
         .unwrap_or_else(|| e.to_string())
 }
+
+/// Ends the primary's current WAL segment (`pg_switch_wal`), so the archive gets it;
+/// answers the segment's name.
+pub async fn switch_wal(server: SocketAddr, su_password: &str) -> ApiResult<String> {
+    let client = connect(server, su_password).await?;
+    let row = client
+        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+        .await
+        .map_err(|e| {
+            ApiError::Unavailable(format!("switching the WAL segment: {}", db_error(&e)))
+        })?;
+    Ok(row.get(0))
+}

@@ -28,10 +28,14 @@ done
 find /data -maxdepth 1 -name 'flynn-role.*' ! -name "flynn-role.$FLYNN_JOB_ID" -delete
 set -- $(cat "$role_file")
 role=$1
+# A copy of the primary replaces the data only once it is whole: a primary that cannot be
+# reached leaves this server's data as it was.
 copy_primary() {
-    rm -rf "$data"
-    "$bin/pg_basebackup" --host="$1" --port="$2" --username=postgres --pgdata="$data" \
+    rm -rf "$data.copy"
+    "$bin/pg_basebackup" --host="$1" --port="$2" --username=postgres --pgdata="$data.copy" \
         --wal-method=stream --checkpoint=fast >&2
+    rm -rf "$data"
+    mv "$data.copy" "$data"
 }
 case "$role" in
 primary)
@@ -72,6 +76,10 @@ standby)
     exit 1
     ;;
 esac
+# Every server archives the WAL it has (the primary what it writes, a standby what it
+# receives) into wal-archive/ on its volume; the keeper ships it to the blobstore
+# (databases/archive.rs). A segment is closed at least once a minute.
+mkdir -p /data/wal-archive
 # Settings are the cluster's, rewritten on every start; postgresql.conf only includes them.
 cat >"$data/flynn.conf" <<CONF
 listen_addresses = '*'
@@ -89,6 +97,9 @@ fsync = on
 full_page_writes = on
 wal_log_hints = on
 recovery_target_timeline = 'latest'
+archive_mode = always
+archive_command = 'cp %p /data/wal-archive/%f.part && mv -f /data/wal-archive/%f.part /data/wal-archive/%f'
+archive_timeout = 60
 cluster_name = '$me'
 logging_collector = off
 log_destination = 'stderr'
