@@ -6,10 +6,14 @@
 //!   the cluster's three servers (each commit waits for the sync's flush), and against a
 //!   plain Postgres 15 started here with the same settings and no standby. TPS, and latency
 //!   p50/p99 from pgbench's per-transaction log.
-//! - **Failover** over `--rounds`: a writer commits through `DATABASE_URL`, the primary's
-//!   host is killed, and the time from the kill to the first commit on the new primary is
-//!   read from the rows' own commit timestamps; the host is then started again and rejoins
-//!   before the next round.
+//! - **Failover** over `--rounds`, on three hosts in network namespaces of their own (as the
+//!   multi-host tests run them: a killed host takes its job network with it, where hosts
+//!   sharing loopback would leave it behind): a writer on a surviving host commits through
+//!   the service address, the primary's host is SIGKILLed, and the time from the kill to the
+//!   first commit made by the new primary is read from the rows themselves (each names the
+//!   server that committed it). The host is then started again, and its server rejoins and
+//!   the shape settles before the next round, so each round fails over a cluster that has
+//!   failed over before.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,7 +24,7 @@ use clap::Parser;
 
 #[path = "local_cluster.rs"]
 mod local_cluster;
-use local_cluster::{LocalCluster, API_PORTS};
+use local_cluster::LocalCluster;
 
 #[derive(Parser)]
 struct Opts {
@@ -91,25 +95,6 @@ async fn settled(c: &LocalCluster, within: Duration) -> anyhow::Result<serde_jso
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-/// Which of the three hosts (by index) has node id `id` (each host's `/host/status`).
-async fn index_of(c: &LocalCluster, id: u64) -> anyhow::Result<usize> {
-    for (i, port) in API_PORTS.iter().enumerate() {
-        let status: serde_json::Value = match c
-            .http
-            .get(format!("http://127.0.0.1:{port}/host/status"))
-            .send()
-            .await
-        {
-            Ok(r) => r.json().await.unwrap_or_default(),
-            Err(_) => continue,
-        };
-        if status["node_id"].as_u64() == Some(id) {
-            return Ok(i);
-        }
-    }
-    bail!("host {id} not found")
 }
 
 /// A plain Postgres 15 with the servers' own settings and no standby.
@@ -229,38 +214,6 @@ fn psql(url: &str, sql: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// A writer committing rows through `url` until `stop`, one psql session per burst.
-fn writer(
-    url: String,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(600);
-        while !stop.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
-            let script = "\\set ON_ERROR_STOP 1\n".to_string()
-                + &"INSERT INTO f DEFAULT VALUES;\n".repeat(200);
-            let mut child = match Command::new(format!("{PG_BIN}/psql"))
-                .args([url.as_str(), "-q", "-v", "ON_ERROR_STOP=1"])
-                .env("PGCONNECT_TIMEOUT", "1")
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-            {
-                Ok(c) => c,
-                Err(_) => return,
-            };
-            if let Some(mut stdin) = child.stdin.take() {
-                let _ = std::io::Write::write_all(&mut stdin, script.as_bytes());
-            }
-            let ok = child.wait().is_ok_and(|s| s.success());
-            if !ok {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    })
-}
-
 fn now_s() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -272,7 +225,7 @@ fn now_s() -> f64 {
 async fn main() -> anyhow::Result<()> {
     let opts = Opts::parse();
     let bin_dir = local_cluster::bin_dir(&opts.bin_dir)?;
-    let mut cluster = LocalCluster::start(&bin_dir, true).await?;
+    let cluster = LocalCluster::start(&bin_dir, true).await?;
     let run = async {
         let image = opts.image.to_str().context("image path")?;
         cluster.flynn(&["base-image", "push", "--name", "databases", image])?;
@@ -312,7 +265,13 @@ async fn main() -> anyhow::Result<()> {
                 }
                 for &c in &opts.clients {
                     let (tps, p50, p99) = pgbench(url, c, opts.seconds, &dir, target)?;
-                    let row = Row { target, clients: c, tps, p50_ms: p50, p99_ms: p99 };
+                    let row = Row {
+                        target,
+                        clients: c,
+                        tps,
+                        p50_ms: p50,
+                        p99_ms: p99,
+                    };
                     println!("{}", serde_json::to_string(&row)?);
                     rows.push(row);
                 }
@@ -341,77 +300,193 @@ async fn main() -> anyhow::Result<()> {
             }
         }
 
-        // Failover rounds.
-        psql(&url, "CREATE TABLE IF NOT EXISTS f (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp())")?;
-        let mut times = Vec::new();
-        for round in 0..opts.rounds {
-            let before = settled(&cluster, Duration::from_secs(180)).await?;
-            let primary_id = before["primary"].as_u64().context("primary")?;
-            let generation = before["generation"].as_u64().unwrap_or(0);
-            let primary = index_of(&cluster, primary_id).await?;
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            // A client that rides out a failover bounds its connects and unanswered sends.
-            let bounded = format!("{url}?connect_timeout=3&tcp_user_timeout=3000");
-            let w = writer(bounded.clone(), stop.clone());
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let killed = now_s();
-            cluster.kill(primary);
-            // The three hosts share this network namespace, so the killed one's job-network
-            // table (and its now stale service map) would outlive it here; a real host takes
-            // it down with it.
-            let subnet = before["members"]
-                .as_array()
-                .and_then(|m| m.iter().find(|p| p[0].as_u64() == Some(primary_id)))
-                .and_then(|p| p[1]["addr"].as_str())
-                .and_then(|a| a.split('.').nth(2))
-                .map(str::to_string);
-            if let Some(n) = subnet {
-                let _ = Command::new("nft")
-                    .args(["delete", "table", "inet", &format!("flynn_jobs_{n}")])
-                    .status();
-            }
-            // The API of a surviving host answers from here on.
-            let survivor = (primary + 1) % API_PORTS.len();
-            cluster.url = format!("http://127.0.0.1:{}", API_PORTS[survivor]);
-            let deadline = Instant::now() + Duration::from_secs(90);
-            let took = loop {
-                let q = format!("SELECT extract(epoch FROM min(at)) FROM f WHERE at > to_timestamp({killed})");
-                if let Ok(v) = psql(&bounded, &q) {
-                    if let Ok(first) = v.parse::<f64>() {
-                        break first - killed;
-                    }
-                }
-                if Instant::now() > deadline {
-                    let now = shape(&cluster).await.unwrap_or_default();
-                    bail!("no commit on a new primary within 90 s (round {round}); the shape: {now}");
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            };
-            stop.store(true, std::sync::atomic::Ordering::SeqCst);
-            let _ = w.join();
-            let after = shape(&cluster).await?;
-            println!(
-                "{}",
-                serde_json::json!({"round": round, "failover_s": took, "generation": [generation, after["generation"]]})
-            );
-            times.push(took);
-            cluster.restart(primary)?;
-        }
-        times.sort_by(|a, b| a.total_cmp(b));
-        if !times.is_empty() {
-            println!(
-                "failover (kill to first commit on the new primary), {} rounds: min {:.2} s, median {:.2} s, max {:.2} s",
-                times.len(),
-                times[0],
-                times[times.len() / 2],
-                times[times.len() - 1]
-            );
-        }
         anyhow::Ok(())
     }
     .await;
     if run.is_err() {
         cluster.print_log_tails();
     }
-    run
+    run?;
+    drop(cluster);
+    if opts.rounds > 0 {
+        failover_rounds(&opts, &bin_dir).await?;
+    }
+    Ok(())
+}
+
+/// The postgres shape as host `i` reports it.
+async fn ns_shape(c: &flynn_tests::Cluster, i: usize) -> Option<flynn_model::DbShape> {
+    let providers = c.client(i).providers().await.ok()?;
+    providers.into_iter().find(|p| p.name == "postgres")?.shape
+}
+
+/// Waits for a primary with a caught-up sync and an async, all three reporting.
+async fn ns_settled(c: &flynn_tests::Cluster, i: usize) -> anyhow::Result<flynn_model::DbShape> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Some(sh) = ns_shape(c, i).await {
+            if sh.primary != 0
+                && sh.sync != 0
+                && sh.sync_ready
+                && sh.asyncs.len() == 1
+                && sh.servers().iter().all(|h| sh.members.contains_key(h))
+            {
+                return Ok(sh);
+            }
+            if Instant::now() > deadline {
+                bail!("the shape did not settle within 180 s: {sh:?}");
+            }
+        } else if Instant::now() > deadline {
+            bail!("no postgres shape within 180 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The index of the host whose node id is `id`.
+async fn ns_index(c: &flynn_tests::Cluster, id: u64) -> anyhow::Result<usize> {
+    let addr = c
+        .list(0)
+        .await
+        .into_iter()
+        .find(|e| e.node_id == id)
+        .map(|e| e.addr)
+        .with_context(|| format!("no host {id}"))?;
+    c.hosts
+        .iter()
+        .position(|h| addr.starts_with(&format!("{}:", h.ip)))
+        .with_context(|| format!("no test host at {addr}"))
+}
+
+/// `psql -tAc SQL` on the app's database, from a job of host `i` (`flynn pg psql`).
+fn ns_psql(c: &flynn_tests::Cluster, i: usize, sql: &str) -> anyhow::Result<String> {
+    let out = c.flynn(i, &["-a", "bench", "pg", "psql", "--", "-tAc", sql]);
+    if !out.status.success() {
+        bail!("psql: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// A writer committing rows from jobs of host `i` (`flynn pg psql`, batches of inserts that
+/// stop at the first error) until `stop`. Its sessions bound their connects and unanswered
+/// sends, as a client that rides out a failover must.
+fn ns_writer(
+    c: &flynn_tests::Cluster,
+    i: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let _ = c.flynn(i, &["apps"]); // makes the host's flynnrc once
+    let ns = c.hosts[i].ns.clone();
+    let rc = c.root_path().join(format!("flynnrc{i}"));
+    let flynn = flynn_tests::bin_dir().join("flynn");
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+            let script = "\\set ON_ERROR_STOP 1\n".to_string()
+                + &"INSERT INTO f DEFAULT VALUES;\n".repeat(100);
+            let mut child = match Command::new("ip")
+                .args(["netns", "exec", &ns, "timeout", "60"])
+                .arg(&flynn)
+                .args(["-a", "bench", "pg", "psql", "--", "-q"])
+                .arg("connect_timeout=2 tcp_user_timeout=2000")
+                .env("FLYNNRC", &rc)
+                .env_remove("FLYNN_APP")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+            {
+                Ok(c) => c,
+                Err(_) => return,
+            };
+            if let Some(mut stdin) = child.stdin.take() {
+                let _ = std::io::Write::write_all(&mut stdin, script.as_bytes());
+            }
+            if !child.wait().is_ok_and(|s| s.success()) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    })
+}
+
+async fn failover_rounds(opts: &Opts, bin_dir: &Path) -> anyhow::Result<()> {
+    std::env::set_var("FLYNN_BIN_DIR", bin_dir);
+    let mut c = flynn_tests::Cluster::start(3);
+    c.bootstrap(3);
+    c.wait_leader(0, None).await;
+    c.wait_ready_for_jobs(3).await;
+    let image = opts.image.to_str().context("image path")?;
+    let step = |out: std::process::Output| -> anyhow::Result<String> {
+        if !out.status.success() {
+            bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    step(c.flynn(0, &["base-image", "push", "--name", "databases", image]))?;
+    step(c.flynn(0, &["create", "bench"]))?;
+    step(c.flynn(0, &["-a", "bench", "resource", "add", "postgres"]))?;
+    let first = ns_settled(&c, 0).await?;
+    let any = ns_index(&c, first.sync).await?;
+    ns_psql(
+        &c,
+        any,
+        "CREATE TABLE f (id bigserial PRIMARY KEY, \
+        at timestamptz NOT NULL DEFAULT clock_timestamp(), \
+        srv text NOT NULL DEFAULT current_setting('cluster_name'))",
+    )?;
+    let mut times = Vec::new();
+    // Asked of a host that was not the last one killed (it may still be rejoining).
+    let mut ask = 0;
+    for round in 0..opts.rounds {
+        let before = ns_settled(&c, ask).await?;
+        let primary = ns_index(&c, before.primary).await?;
+        let writer_host = ns_index(&c, before.asyncs[0]).await?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let w = ns_writer(&c, writer_host, stop.clone());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let killed = now_s();
+        c.kill(primary);
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let (took, promoted) = loop {
+            if let Some(sh) = ns_shape(&c, writer_host).await {
+                if sh.generation > before.generation && sh.primary != before.primary {
+                    let q = format!(
+                        "SELECT extract(epoch FROM min(at)) FROM f WHERE srv = 'h{}' AND at > to_timestamp({killed})",
+                        sh.primary
+                    );
+                    if let Ok(v) = ns_psql(&c, writer_host, &q) {
+                        if let Ok(at) = v.parse::<f64>() {
+                            break (at - killed, sh.primary);
+                        }
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                let now = ns_shape(&c, writer_host).await;
+                bail!("no commit on a new primary within 90 s (round {round}); the shape: {now:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = w.join();
+        println!(
+            "{}",
+            serde_json::json!({"round": round, "failover_s": took, "old_primary": before.primary, "new_primary": promoted, "was_sync": promoted == before.sync})
+        );
+        times.push(took);
+        c.start_daemon(primary);
+        c.wait_up(primary);
+        ask = writer_host;
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    if !times.is_empty() {
+        println!(
+            "failover (kill to first commit on the new primary), {} rounds: min {:.2} s, median {:.2} s, max {:.2} s",
+            times.len(),
+            times[0],
+            times[times.len() / 2],
+            times[times.len() - 1]
+        );
+    }
+    Ok(())
 }

@@ -706,10 +706,33 @@ impl Drop for Cluster {
         for h in &self.hosts {
             let _ = sh(&["ip", "link", "del", &h.link]);
             let _ = sh(&["ip", "netns", "del", &h.ns]);
+            remove_job_namespaces(&h.data_dir);
         }
         let _ = sh(&["ip", "link", "del", &self.bridge]);
         for pool in &self.pools {
             destroy_pool(pool);
+        }
+    }
+}
+
+/// Removes the job namespaces a killed host's daemon left (`flynn-ID-*` under /run/netns,
+/// named for its node id; a daemon sweeps its own only when it starts again).
+fn remove_job_namespaces(data_dir: &Path) {
+    let Ok(id) = std::fs::read_to_string(data_dir.join("node_id")) else {
+        return;
+    };
+    let Ok(id) = id.trim().parse::<u64>() else {
+        return;
+    };
+    let prefix = format!("flynn-{:08x}-", id & 0xffff_ffff);
+    for e in std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with(&prefix) {
+            let _ = sh(&["ip", "netns", "del", &name]);
         }
     }
 }
