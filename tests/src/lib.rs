@@ -922,11 +922,22 @@ fn zfs_works() -> bool {
     if sized.is_err() {
         return false;
     }
-    let pool = format!("flprobe{}", std::process::id());
+    // A name of its own each time: a probe pool that zfs-fuse still called busy when it was
+    // destroyed must not make the next probe fail, which would restart zfs-fuse under a
+    // live cluster's pools (leaving their mounts stale).
+    static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let pool = format!("flprobe{}n{n}", std::process::id());
     let file = file.to_string_lossy().into_owned();
     let ok = bounded(&["zpool", "create", "-f", &pool, &file])
         && bounded(&["zfs", "create", "-p", &format!("{pool}/data")]);
-    let _ = bounded(&["zpool", "destroy", "-f", &pool]);
+    // zfs-fuse may call a pool busy for a moment after a dataset was made in it.
+    for _ in 0..25 {
+        if bounded(&["zpool", "destroy", "-f", &pool]) || !bounded(&["zpool", "list", &pool]) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     ok
 }
 
