@@ -433,7 +433,12 @@ async fn t14_crash_loops_back_off_and_memory_limits_kill_only_the_job() {
     settled(&c, "web1", "web1-v1", 1).await;
     // Under a 16 MB limit the new release's job is killed: crashed, out of memory. The old
     // job keeps serving (a deploy never stops old jobs before new ones run).
-    ok(&c.flynn(0, &["-a", "web1", "limit", "set", "web", "memory=16MB"]));
+    // The command waits for the rollout, and its failure names the job and why.
+    let err = failed(&c.flynn(0, &["-a", "web1", "limit", "set", "web", "memory=16MB"]));
+    assert!(
+        err.contains("rollout of web1-v2 failed") && err.contains("out of memory"),
+        "{err}"
+    );
     let oom = crash_of(&c, "web1-v2").await;
     assert_eq!(oom.error.as_deref(), Some("out of memory"), "{oom:?}");
     let r = get(http(&c, 0), &format!("web1.{DOMAIN}"), "/").await;
@@ -452,6 +457,23 @@ async fn t14_crash_loops_back_off_and_memory_limits_kill_only_the_job() {
     );
     let status = c.client(0).formation("web1").await.unwrap();
     assert_eq!(status.release, "web1-v2");
+    // `env set` waits for its rollout too: a release that cannot run fails it, naming the
+    // job; `--detach` returns at once.
+    let out = c.flynn(0, &["-a", "web1", "env", "set", "GREETING=hi"]);
+    let err = failed(&out);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Env updated"));
+    assert!(
+        err.contains("web1-v3") && err.contains("out of memory"),
+        "{err}"
+    );
+    let named = err.split_whitespace().any(|w| w.starts_with("web1-web-"));
+    assert!(named, "names the job: {err}");
+    let detached = std::time::Instant::now();
+    ok(&c.flynn(0, &["-a", "web1", "env", "set", "--detach", "GREETING=bye"]));
+    assert!(
+        detached.elapsed() < Duration::from_secs(5),
+        "--detach does not wait"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -823,7 +845,8 @@ async fn t18_process_limits_are_enforced_and_host_tools_show_jobs() {
     settled(&c, "web1", "web1-v1", 1).await;
     // Under a limit of 10 processes the shell cannot fork its sleepers: the job crashes
     // saying so, and the old release keeps serving.
-    ok(&c.flynn(0, &["-a", "web1", "limit", "set", "web", "procs=10"]));
+    let err = failed(&c.flynn(0, &["-a", "web1", "limit", "set", "web", "procs=10"]));
+    assert!(err.contains("rollout of web1-v2 failed"), "{err}");
     let crashed = crash_of(&c, "web1-v2").await;
     let log = ok(&c.flynn(0, &["-a", "web1", "log", "-j", &crashed.id]));
     assert!(log.contains("can't fork"), "{log}");
@@ -854,6 +877,34 @@ async fn t18_process_limits_are_enforced_and_host_tools_show_jobs() {
     .await;
     let ps = ok(&c.flynn_host(0, &["ps", "-a"]));
     assert!(ps.contains(&id) && ps.contains("done"), "{ps}");
+
+    // CPU is reserved as memory is: a type that fits on no host is not placed, the command
+    // says why and the scheduler's log too, and the job before keeps serving. The limits
+    // not named stay.
+    let err = failed(&c.flynn(0, &["-a", "web1", "limit", "set", "web", "cpu=64cores"]));
+    assert!(
+        err.contains("no live host has room") && err.contains("64000m CPU"),
+        "{err}"
+    );
+    let limits = ok(&c.flynn(0, &["-a", "web1", "limit"]));
+    assert!(
+        limits.contains("cpu=64000m") && limits.contains("procs=100"),
+        "{limits}"
+    );
+    assert!(
+        c.hosts[0].log_text().contains("no live host has room"),
+        "the scheduler says so in its log"
+    );
+    let r = get(http(&c, 0), &format!("web1.{DOMAIN}"), "/").await;
+    assert_eq!(r.status, 200, "the job before still serves");
+    let out = c.flynn(0, &["-a", "web1", "limit", "set", "web", "cpu=250m"]);
+    ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("web 1/1"),
+        "progress shown: {out:?}"
+    );
+    let limits = ok(&c.flynn(0, &["-a", "web1", "limit"]));
+    assert!(limits.contains("cpu=250m"), "{limits}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -19,7 +19,7 @@ pub enum DockerCmd {
     Push {
         image: std::path::PathBuf,
         /// Make the release without waiting for it to run.
-        #[arg(long)]
+        #[arg(long, visible_alias = "detach")]
         no_wait: bool,
     },
 }
@@ -46,15 +46,26 @@ pub enum ReleaseCmd {
     },
     /// Deploy the current image with process types from a JSON file
     /// (`{"processes": {"web": {"args": [...], "ports": true, "volumes": [{"path": "/data"}]}}}`):
-    /// the types it names replace the current release's, the others stay.
-    Update { file: std::path::PathBuf },
+    /// the types it names replace the current release's, the others stay. Waits for it to
+    /// run, printing progress (rolled back if it cannot), unless --detach.
+    Update {
+        file: std::path::PathBuf,
+        /// Make the release without waiting for it to run.
+        #[arg(short = 'd', long)]
+        detach: bool,
+    },
 }
 
 #[derive(Subcommand)]
 pub enum LimitCmd {
-    /// Set limits of a process type: `flynn limit set web memory=256MB cpu=512 max_fd=1024 procs=100`.
+    /// Set limits of a process type, keeping the ones not named:
+    /// `flynn limit set web memory=256MB cpu=500m max_fd=1024 procs=100`. `cpu` is reserved
+    /// in millicores (`500m`, `1500`, `2cores`): the type runs only where that much is free.
     Set {
         proc_type: String,
+        /// Make the release without waiting for it to run.
+        #[arg(short = 'd', long)]
+        detach: bool,
         #[arg(required = true)]
         limits: Vec<String>,
     },
@@ -123,10 +134,7 @@ pub async fn docker_push(
         image,
         processes: None,
     };
-    if !no_wait {
-        eprintln!("deploying to {app}, waiting for its jobs to run...");
-    }
-    let release = client.create_release(app, &req, !no_wait).await?;
+    let release = crate::rollout::deploy(client, app, &req, no_wait).await?;
     println!("Created release {}", release.id);
     Ok(())
 }
@@ -291,10 +299,7 @@ pub async fn deploy_dir(
         image,
         processes: Some(processes),
     };
-    if !no_wait {
-        eprintln!("deploying to {app}, waiting for its jobs to run...");
-    }
-    let release = client.create_release(app, &req, !no_wait).await?;
+    let release = crate::rollout::deploy(client, app, &req, no_wait).await?;
     lap(&mut times.release_ms);
     println!("Created release {}", release.id);
     Ok(times)
@@ -445,7 +450,7 @@ pub async fn release_cmd(
                 .collect();
             print_table(&["ID", "CURRENT", "TYPES", "LAYERS", "CREATED"], &rows);
         }
-        Some(ReleaseCmd::Update { file }) => {
+        Some(ReleaseCmd::Update { file, detach }) => {
             #[derive(serde::Deserialize)]
             #[serde(deny_unknown_fields)]
             struct Update {
@@ -466,7 +471,7 @@ pub async fn release_cmd(
                 image: current.image,
                 processes: Some(processes),
             };
-            let r = client.create_release(app, &req, true).await?;
+            let r = crate::rollout::deploy(client, app, &req, detach).await?;
             println!("deployed {}", r.id);
         }
         Some(ReleaseCmd::Show { json, id }) => {
@@ -681,8 +686,11 @@ pub async fn limit(
                 if let Some(m) = l.memory {
                     parts.push(format!("memory={}MB", m >> 20));
                 }
+                if let Some(c) = l.cpu_millis {
+                    parts.push(format!("cpu={c}m"));
+                }
                 if let Some(c) = l.cpu_shares {
-                    parts.push(format!("cpu={c}"));
+                    parts.push(format!("cpu_shares={c}"));
                 }
                 if let Some(n) = l.max_procs {
                     parts.push(format!("procs={n}"));
@@ -693,8 +701,22 @@ pub async fn limit(
                 println!("{t}: {}", parts.join(" "));
             }
         }
-        Some(LimitCmd::Set { proc_type, limits }) => {
-            let mut l = Limits::default();
+        Some(LimitCmd::Set {
+            proc_type,
+            detach,
+            limits,
+        }) => {
+            // The type's limits now, so the ones not named here stay as they are.
+            let f = client.formation(app).await?;
+            let mut l = if f.release.is_empty() {
+                Limits::default()
+            } else {
+                let r = client.release(&f.release).await?;
+                r.processes
+                    .get(&proc_type)
+                    .map(|p| p.limits.clone())
+                    .unwrap_or_default()
+            };
             for kv in &limits {
                 let (k, v) = kv
                     .split_once('=')
@@ -705,10 +727,13 @@ pub async fn limit(
                 };
                 match k {
                     "memory" => l.memory = Some(parse_bytes(v)?),
-                    "cpu" => l.cpu_shares = Some(num()?),
+                    "cpu" => {
+                        l.cpu_millis = Some(flynn_model::parse_cpu(v).map_err(anyhow::Error::msg)?)
+                    }
+                    "cpu_shares" => l.cpu_shares = Some(num()?),
                     "procs" | "max_procs" => l.max_procs = Some(num()?),
                     "max_fd" => l.max_fd = Some(num()?),
-                    _ => bail!("unknown limit {k:?} (memory, cpu, procs, max_fd)"),
+                    _ => bail!("unknown limit {k:?} (memory, cpu, cpu_shares, procs, max_fd)"),
                 }
             }
             let r = client
@@ -721,6 +746,9 @@ pub async fn limit(
                 )
                 .await?;
             println!("Created release {}", r.id);
+            if !detach {
+                crate::rollout::follow(client, app, &r.id).await?;
+            }
         }
     }
     Ok(())

@@ -11,6 +11,7 @@ mod git;
 mod image;
 mod jobs;
 mod resources;
+mod rollout;
 
 use flynn_cli_util::{print_table, run_main};
 use flynn_client::{ControllerClient, EnvUpdate, RouteRequest};
@@ -94,7 +95,7 @@ enum Cmd {
     /// Deploy a directory with a Procfile, as one layer on the cluster's base image.
     Deploy {
         /// Make the release without waiting for it to run.
-        #[arg(long)]
+        #[arg(long, visible_alias = "detach")]
         no_wait: bool,
         dir: std::path::PathBuf,
     },
@@ -119,7 +120,7 @@ enum Cmd {
     /// Show or change how many jobs of each process type run (`flynn scale web=3`).
     Scale {
         /// Do not wait for the jobs to settle.
-        #[arg(long)]
+        #[arg(long, visible_alias = "detach")]
         no_wait: bool,
         counts: Vec<String>,
     },
@@ -252,17 +253,24 @@ enum EnvCmd {
         proc_type: Option<String>,
         key: String,
     },
-    /// Set variables (KEY=VALUE ...), for one process type with -t.
+    /// Set variables (KEY=VALUE ...), for one process type with -t. Waits for the new
+    /// release to run (printing its progress) unless --detach.
     Set {
         #[arg(short = 't', long = "process-type")]
         proc_type: Option<String>,
+        /// Return once the env is saved, without waiting for the rollout.
+        #[arg(short = 'd', long)]
+        detach: bool,
         #[arg(required = true)]
         pairs: Vec<String>,
     },
-    /// Unset variables, for one process type with -t.
+    /// Unset variables, for one process type with -t. Waits for the rollout unless --detach.
     Unset {
         #[arg(short = 't', long = "process-type")]
         proc_type: Option<String>,
+        /// Return once the env is saved, without waiting for the rollout.
+        #[arg(short = 'd', long)]
+        detach: bool,
         #[arg(required = true)]
         keys: Vec<String>,
     },
@@ -589,23 +597,35 @@ async fn env_cmd(client: &ControllerClient, app: &str, args: EnvArgs) -> anyhow:
                 None => bail!("{key} is not set"),
             }
         }
-        Some(EnvCmd::Set { proc_type, pairs }) => {
+        Some(EnvCmd::Set {
+            proc_type,
+            detach,
+            pairs,
+        }) => {
             let update = EnvUpdate {
                 proc_type: proc_type.or(args.proc_type),
                 set: parse_pairs(&pairs)?,
                 unset: vec![],
             };
+            let before = rollout::current(client, app).await?;
             client.update_env(app, &update).await?;
             println!("Env updated for {app}.");
+            rollout::follow_change(client, app, &before, detach).await?;
         }
-        Some(EnvCmd::Unset { proc_type, keys }) => {
+        Some(EnvCmd::Unset {
+            proc_type,
+            detach,
+            keys,
+        }) => {
             let update = EnvUpdate {
                 proc_type: proc_type.or(args.proc_type),
                 set: BTreeMap::new(),
                 unset: keys,
             };
+            let before = rollout::current(client, app).await?;
             client.update_env(app, &update).await?;
             println!("Env updated for {app}.");
+            rollout::follow_change(client, app, &before, detach).await?;
         }
     }
     Ok(())

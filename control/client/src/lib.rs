@@ -552,6 +552,21 @@ impl ControllerClient {
         self.http.get(&format!("/releases/{}", seg(id))).await
     }
 
+    /// Where a release's rollout stands.
+    pub async fn rollout(
+        &self,
+        app: &str,
+        release: &str,
+    ) -> Result<flynn_model::Rollout, ClientError> {
+        self.http
+            .get(&format!(
+                "/apps/{}/releases/{}/rollout",
+                seg(app),
+                seg(release)
+            ))
+            .await
+    }
+
     pub async fn formation(&self, app: &str) -> Result<flynn_model::Formation, ClientError> {
         self.http
             .get(&format!("/apps/{}/formation", seg(app)))

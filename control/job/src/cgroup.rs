@@ -169,7 +169,11 @@ impl JobCgroup {
                 let _ = self.write("memory", "memory.memsw.limit_in_bytes", &bytes.to_string());
             }
         }
-        if let Some(shares) = limits.cpu_shares {
+        // A reservation weighs as Flynn's did: 1024 shares (one default job) per core.
+        let shares = limits
+            .cpu_shares
+            .or(limits.cpu_millis.map(|m| (m * 1024 / 1000).max(2)));
+        if let Some(shares) = shares {
             if v2 {
                 // The kernel's own mapping of v1 shares (2..262144) onto v2 weights (1..10000).
                 let shares = shares.clamp(2, 262_144);
@@ -290,7 +294,8 @@ mod tests {
         let job = format!("fltest-{}", std::process::id());
         let limits = Limits {
             memory: Some(64 << 20),
-            cpu_shares: Some(512),
+            cpu_millis: Some(500),
+            cpu_shares: None,
             max_procs: Some(20),
             max_fd: None,
         };
@@ -304,6 +309,11 @@ mod tests {
             (64u64 << 20).to_string()
         );
         assert_eq!(read("pids", "pids.max", "pids.max").trim(), "20");
+        // Half a core weighs half a default job: 512 shares (v2: the kernel's mapping).
+        assert_eq!(
+            read("cpu", "cpu.shares", "cpu.weight").trim(),
+            if h.version() == 2 { "20" } else { "512" }
+        );
         assert!(cg.pids().is_empty());
         assert!(!cg.oom_killed());
         cg.remove();

@@ -71,13 +71,41 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
+/// A CPU amount in millicores: `500m`, `1500` (millicores, Flynn's unit), or `0.5` /
+/// `2` with a unit of cores (`2cores`, `0.5core`).
+pub fn parse_cpu(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let bad = || format!("cpu {s:?} is not millicores (500m, 1500) or cores (0.5cores)");
+    let millis = if let Some(n) = t.strip_suffix('m') {
+        n.parse::<u64>().map_err(|_| bad())?
+    } else if let Some(n) = t.strip_suffix("cores").or_else(|| t.strip_suffix("core")) {
+        let cores: f64 = n.trim().parse().map_err(|_| bad())?;
+        if !cores.is_finite() || !(0.0..=1e6).contains(&cores) {
+            return Err(bad());
+        }
+        (cores * 1000.0).round() as u64
+    } else {
+        t.parse::<u64>().map_err(|_| bad())?
+    };
+    if millis == 0 {
+        return Err(format!("cpu {s:?} must be more than nothing"));
+    }
+    Ok(millis)
+}
+
 /// Resource limits of a process type. `None` leaves the host's default.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     /// Bytes of memory (the cgroup's hard limit).
     #[serde(default)]
     pub memory: Option<u64>,
-    /// Relative CPU weight (cgroup v1 `cpu.shares`; v2 `cpu.weight` scaled from it).
+    /// CPU reserved, in millicores (1000 = one core): the scheduler places the job only on
+    /// a host with that much unreserved, and its cgroup's weight is made in proportion
+    /// (Flynn's `cpu` limit), so under contention it gets at least its share.
+    #[serde(default)]
+    pub cpu_millis: Option<u64>,
+    /// Relative CPU weight (cgroup v1 `cpu.shares`; v2 `cpu.weight` scaled from it). Without
+    /// it, the weight follows `cpu_millis`.
     #[serde(default)]
     pub cpu_shares: Option<u64>,
     /// Most processes (and threads) the job may have at once.
@@ -164,6 +192,42 @@ pub struct Formation {
     pub release: String,
     #[serde(default)]
     pub processes: BTreeMap<String, u32>,
+}
+
+/// Where a release's rollout stands (`GET /apps/{app}/releases/{id}/rollout`): what a
+/// deploy command prints while it waits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    pub release: String,
+    pub state: RolloutState,
+    /// Why it failed: the job that crashed or failed, and what it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Why it is not moving, while it deploys: no live host has room for a type's jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+    /// Per process type: jobs of the release running, and how many the formation asks.
+    #[serde(default)]
+    pub processes: BTreeMap<String, TypeRollout>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutState {
+    #[default]
+    Deploying,
+    /// Every type runs its count, or a newer release took over.
+    Done,
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypeRollout {
+    pub running: u32,
+    pub want: u32,
+    /// One job per host, not a count (`want` is 1: at least one).
+    #[serde(default)]
+    pub omni: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -345,6 +409,20 @@ mod tests {
         assert_eq!(parse("256MB").unwrap(), 256 << 20);
         assert_eq!(parse("1g").unwrap(), 1 << 30);
         for bad in ["", "G", "1X", "-5", "99999999999T", "12 parsecs"] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn t11_cpu_reads_as_millicores_or_cores() {
+        let parse = super::parse_cpu;
+        assert_eq!(parse("500m").unwrap(), 500);
+        assert_eq!(parse("1500").unwrap(), 1500);
+        assert_eq!(parse("2cores").unwrap(), 2000);
+        assert_eq!(parse("0.25core").unwrap(), 250);
+        for bad in [
+            "", "m", "0", "0m", "-1", "1.5", "half", "nancores", "-1cores",
+        ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
     }

@@ -43,6 +43,7 @@ pub fn controller_routes() -> Router<AppState> {
         .route("/apps/{app}/releases", get(releases).post(create_release))
         .route("/images/{name}", get(image).put(put_image))
         .route("/releases/{id}", get(release))
+        .route("/apps/{app}/releases/{id}/rollout", get(rollout))
         .route("/apps/{app}/formation", get(formation))
         .route("/apps/{app}/scale", post(scale))
         .route("/apps/{app}/limits", post(set_limits))
@@ -146,6 +147,40 @@ async fn release(
             .get(&id)
             .cloned()
             .ok_or_else(|| ApiError::NotFound(format!("release {id:?}")))
+    })
+    .await?;
+    Ok(Json(r))
+}
+
+/// Where a release's rollout stands; while it deploys, also what keeps a type's jobs from
+/// being placed (the scheduler's own plan over the same state says).
+async fn rollout(
+    State(host): State<AppState>,
+    Path((app, id)): Path<(String, String)>,
+    Query(opts): Query<ReadOpts>,
+) -> ApiResult<Json<flynn_state::Rollout>> {
+    let r = read(host.node()?, &opts, |s| {
+        s.app(&app)?;
+        let release = s
+            .jobs
+            .releases
+            .get(&id)
+            .filter(|r| r.app == app)
+            .ok_or_else(|| ApiError::NotFound(format!("release {id:?} of app {app:?}")))?;
+        let mut r = flynn_state::jobs::rollout(s, release);
+        if r.state == flynn_state::RolloutState::Deploying {
+            let mut no_room = Vec::new();
+            crate::jobs::scheduler::plan_noting(s, crate::now_ms(), &mut no_room);
+            let prefix = format!("{app}/");
+            let mine: Vec<String> = no_room
+                .into_iter()
+                .filter(|w| w.starts_with(&prefix))
+                .collect();
+            if !mine.is_empty() {
+                r.waiting = Some(format!("no live host has room: {}", mine.join("; ")));
+            }
+        }
+        Ok(r)
     })
     .await?;
     Ok(Json(r))

@@ -555,53 +555,40 @@ impl Keeper {
             .as_ref()
             .is_some_and(|(j, c)| j == job && !c.is_closed());
         if !fresh {
-            let (ip, port) = addr.rsplit_once(':').ok_or("no port")?;
-            let mut cfg = tokio_postgres::Config::new();
-            cfg.host(ip)
-                .port(port.parse().map_err(|_| "bad port")?)
-                .user("postgres")
-                .password(password)
-                .dbname("postgres")
-                .application_name("flynn-keeper")
-                .connect_timeout(SQL_TIMEOUT);
-            let (client, conn) =
-                tokio::time::timeout(SQL_TIMEOUT, cfg.connect(tokio_postgres::NoTls))
-                    .await
-                    .map_err(|_| "connect timed out".to_string())?
-                    .map_err(|e| e.to_string())?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            let client = connect(addr, password).await?;
             inner.client = Some((job.to_string(), Arc::new(client)));
         }
         Ok(inner.client.as_ref().expect("just set").1.clone())
     }
 }
 
-/// Whether the server at `addr` takes a connection and is a primary.
-async fn primary_answers(addr: &str, password: &str) -> bool {
-    let Some((ip, port)) = addr.rsplit_once(':') else {
-        return false;
-    };
-    let Ok(port) = port.parse() else {
-        return false;
-    };
+/// A superuser session on the server at `addr` (`IP:PORT`), its connection driven in the
+/// background.
+async fn connect(addr: &str, password: &str) -> Result<tokio_postgres::Client, String> {
+    let (ip, port) = addr.rsplit_once(':').ok_or("no port")?;
     let mut cfg = tokio_postgres::Config::new();
     cfg.host(ip)
-        .port(port)
+        .port(port.parse().map_err(|_| "bad port")?)
         .user("postgres")
         .password(password)
         .dbname("postgres")
         .application_name("flynn-keeper")
         .connect_timeout(SQL_TIMEOUT);
-    let Ok(Ok((client, conn))) =
-        tokio::time::timeout(SQL_TIMEOUT, cfg.connect(tokio_postgres::NoTls)).await
-    else {
-        return false;
-    };
+    let (client, conn) = tokio::time::timeout(SQL_TIMEOUT, cfg.connect(tokio_postgres::NoTls))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
+    Ok(client)
+}
+
+/// Whether the server at `addr` takes a connection and is a primary.
+async fn primary_answers(addr: &str, password: &str) -> bool {
+    let Ok(client) = connect(addr, password).await else {
+        return false;
+    };
     sql(client.query_one("SELECT pg_is_in_recovery()", &[]))
         .await
         .is_ok_and(|r| !r.get::<_, bool>(0))

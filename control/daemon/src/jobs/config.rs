@@ -25,6 +25,11 @@ pub struct JobsArgs {
     /// types' memory limits): a size, or `auto` for the host's total memory.
     #[arg(long, default_value = "auto")]
     pub job_memory: String,
+    /// CPU the scheduler may reserve for jobs on this host (the sum of their process types'
+    /// `cpu` limits): millicores (`1500`, `1500m`), cores (`2cores`), or `auto` for every
+    /// core the host has.
+    #[arg(long, default_value = "auto")]
+    pub job_cpu: String,
 }
 
 #[derive(Debug, Clone)]
@@ -37,6 +42,8 @@ pub struct JobsConfig {
     pub network: String,
     /// Bytes of job memory limits this host takes (see `--job-memory`).
     pub memory: u64,
+    /// Millicores of job CPU reservations this host takes (see `--job-cpu`).
+    pub cpu_millis: u64,
 }
 
 /// The host's total memory, from /proc/meminfo.
@@ -69,8 +76,16 @@ impl JobsArgs {
             size => crate::components::volumes::parse_size(size)
                 .map_err(|e| anyhow::anyhow!("--job-memory: {e}"))?,
         };
+        let cpu_millis = match self.job_cpu.as_str() {
+            "auto" => {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get) as u64
+                    * 1000
+            }
+            cpu => flynn_state::parse_cpu(cpu).map_err(|e| anyhow::anyhow!("--job-cpu: {e}"))?,
+        };
         Ok(Some(JobsConfig {
             memory,
+            cpu_millis,
             log_dir: self.log_dir.clone(),
             log_max_bytes,
             layers_dir: data_dir.join("images").join("layers"),

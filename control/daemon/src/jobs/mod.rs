@@ -55,6 +55,8 @@ use supervise::nix_kill;
 pub const HOST_SERVICE: &str = "flynn-host";
 /// The `flynn-host` instance's meta key for the bytes of job memory it takes.
 pub const MEMORY_META: &str = "memory";
+/// The `flynn-host` instance's meta key for the millicores of job CPU it takes.
+pub const CPU_META: &str = "cpu";
 /// A host not heard from for this long is down: its jobs are started elsewhere.
 pub const HOST_TTL: Duration = Duration::from_secs(10);
 const HOST_HEARTBEAT: Duration = Duration::from_secs(2);

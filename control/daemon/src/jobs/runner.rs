@@ -13,8 +13,8 @@ use flynn_state::{Command, DiscoveryCommand, Job, JobState};
 use super::state::State;
 use super::supervise::Outcome;
 use super::{
-    network, oneoff, JobRunner, RunningJob, HOST_HEARTBEAT, HOST_SERVICE, HOST_TTL, JOB_TTL,
-    MEMORY_META,
+    network, oneoff, JobRunner, RunningJob, CPU_META, HOST_HEARTBEAT, HOST_SERVICE, HOST_TTL,
+    JOB_TTL, MEMORY_META,
 };
 
 impl JobRunner {
@@ -315,7 +315,11 @@ impl JobRunner {
             id: self.instance_id(),
             addr: self.api_addr.clone(),
             // What the scheduler may place here (see `scheduler::room`).
-            meta: [(MEMORY_META.to_string(), self.cfg.memory.to_string())].into(),
+            meta: [
+                (MEMORY_META.to_string(), self.cfg.memory.to_string()),
+                (CPU_META.to_string(), self.cfg.cpu_millis.to_string()),
+            ]
+            .into(),
             ttl_ms: HOST_TTL.as_millis() as u64,
             now_ms: crate::now_ms(),
         }

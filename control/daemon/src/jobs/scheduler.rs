@@ -50,7 +50,7 @@ impl LeaderController for Scheduler {
                 let mut warned = self.warned.lock().expect("warned lock");
                 if warned.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(30)) {
                     *warned = Some(std::time::Instant::now());
-                    tracing::warn!(wanted = %no_room.join("; "), "no live host has room for these jobs (memory limits)");
+                    tracing::warn!(wanted = %no_room.join("; "), "no live host has room for these jobs (memory and CPU limits)");
                 }
             }
             if commands.is_empty() {
@@ -104,28 +104,74 @@ pub fn live_hosts(s: &ClusterState, now: u64) -> BTreeSet<u64> {
         .unwrap_or_default()
 }
 
-/// Bytes of job memory each live host takes (`None`: it did not say; no limit).
-fn capacities(s: &ClusterState, live: &BTreeSet<u64>) -> BTreeMap<u64, Option<u64>> {
+/// What a job reserves on its host, or what a host takes in all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Reservation {
+    /// Bytes of memory.
+    memory: u64,
+    /// Millicores of CPU.
+    cpu: u64,
+}
+
+impl Reservation {
+    /// A process type's: its memory and CPU limits. A type without them reserves nothing
+    /// (like a container without a request: it may use what is free).
+    fn of(limits: &flynn_state::Limits) -> Self {
+        Reservation {
+            memory: limits.memory.unwrap_or(0),
+            cpu: limits.cpu_millis.unwrap_or(0),
+        }
+    }
+
+    fn add(&mut self, other: Reservation) {
+        self.memory = self.memory.saturating_add(other.memory);
+        self.cpu = self.cpu.saturating_add(other.cpu);
+    }
+}
+
+/// What each live host takes: memory and CPU it said it has (`None`: it did not say, so
+/// that resource has no limit there).
+#[derive(Debug, Clone, Copy, Default)]
+struct Capacity {
+    memory: Option<u64>,
+    cpu: Option<u64>,
+}
+
+impl Capacity {
+    fn fits(&self, reserved: Reservation, more: Reservation) -> bool {
+        let within = |cap: Option<u64>, used: u64, need: u64| {
+            need == 0 || cap.is_none_or(|cap| used.saturating_add(need) <= cap)
+        };
+        within(self.memory, reserved.memory, more.memory)
+            && within(self.cpu, reserved.cpu, more.cpu)
+    }
+}
+
+fn capacities(s: &ClusterState, live: &BTreeSet<u64>) -> BTreeMap<u64, Capacity> {
     let svc = s.discovery.services.get(HOST_SERVICE);
     live.iter()
         .map(|h| {
-            let cap = svc
+            let meta = svc
                 .and_then(|svc| svc.instances.get(&flynn_state::host_instance_id(*h)))
-                .and_then(|i| i.meta.get(super::MEMORY_META)?.parse().ok());
+                .map(|i| &i.meta);
+            let read = |key: &str| meta.and_then(|m| m.get(key)?.parse().ok());
+            let cap = Capacity {
+                memory: read(super::MEMORY_META),
+                cpu: read(super::CPU_META),
+            };
             (*h, cap)
         })
         .collect()
 }
 
-/// The memory a job reserves: its process type's limit. A type without one reserves
-/// nothing (like a container without a request: it may use what is free).
-fn reserves(s: &ClusterState, j: &Job) -> u64 {
+/// What a job reserves: its process type's limits.
+fn reserves(s: &ClusterState, j: &Job) -> Reservation {
     s.jobs
         .releases
         .get(&j.release)
         .and_then(|r| r.processes.get(&j.proc_type))
-        .and_then(|p| p.limits.memory)
-        .unwrap_or(0)
+        .map(|p| Reservation::of(&p.limits))
+        .unwrap_or_default()
 }
 
 fn stopping_rank(j: &Job) -> (u8, std::cmp::Reverse<u64>) {
@@ -174,9 +220,9 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
         .collect();
     let mut load: BTreeMap<u64, usize> = live.iter().map(|h| (*h, 0)).collect();
     let capacity = capacities(s, &live);
-    let mut reserved: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut reserved: BTreeMap<u64, Reservation> = BTreeMap::new();
     for j in &active {
-        *reserved.entry(j.host).or_default() += reserves(s, j);
+        reserved.entry(j.host).or_default().add(reserves(s, j));
     }
     let mut type_load: BTreeMap<(&str, &str, u64), usize> = BTreeMap::new();
     for j in &active {
@@ -283,15 +329,17 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                     if now < backoff.last_crash_ms.saturating_add(backoff.delay_ms()) {
                         continue;
                     }
-                    let need = proc.limits.memory.unwrap_or(0);
-                    let room = |h: &u64, reserved: &BTreeMap<u64, u64>| {
-                        capacity.get(h).copied().flatten().is_none_or(|cap| {
-                            reserved.get(h).copied().unwrap_or(0).saturating_add(need) <= cap
-                        })
+                    let need = Reservation::of(&proc.limits);
+                    let room = |h: &u64, reserved: &BTreeMap<u64, Reservation>| {
+                        capacity
+                            .get(h)
+                            .copied()
+                            .unwrap_or_default()
+                            .fits(reserved.get(h).copied().unwrap_or_default(), need)
                     };
                     let mut placed_here: Vec<u64> = Vec::new();
                     for _ in mine.len()..want_now {
-                        // Only hosts with room for the type's memory limit.
+                        // Only hosts with room for the type's memory and CPU.
                         let candidates: Vec<u64> = match only_host {
                             Some(h) => vec![h],
                             None => placeable.iter().copied().collect(),
@@ -320,9 +368,10 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                             )
                         }) else {
                             no_room.push(format!(
-                                "{app}/{ty}: {} more wanted, {} MiB each",
+                                "{app}/{ty}: {} more wanted, {} MiB and {}m CPU each",
                                 want_now - mine.len(),
-                                need >> 20
+                                need.memory >> 20,
+                                need.cpu
                             ));
                             break;
                         };
@@ -332,7 +381,7 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                         placed_here.push(host);
                         *type_load.entry((app, ty, host)).or_default() += 1;
                         *load.entry(host).or_default() += 1;
-                        *reserved.entry(host).or_default() += need;
+                        reserved.entry(host).or_default().add(need);
                         place.push(NewJob {
                             app: app.clone(),
                             release: f.release.clone(),
@@ -462,9 +511,18 @@ mod tests {
 
     /// A host heartbeat, saying how much job memory it takes.
     fn alive_with(s: &mut ClusterState, host: u64, now: u64, memory: Option<u64>) {
-        let meta = memory
-            .map(|m| [(crate::jobs::MEMORY_META.to_string(), m.to_string())].into())
+        let meta: Vec<(&str, u64)> = memory
+            .map(|m| vec![(crate::jobs::MEMORY_META, m)])
             .unwrap_or_default();
+        alive_saying(s, host, now, &meta)
+    }
+
+    /// A host heartbeat saying what it takes (`MEMORY_META`, `CPU_META`).
+    fn alive_saying(s: &mut ClusterState, host: u64, now: u64, meta: &[(&str, u64)]) {
+        let meta = meta
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         s.apply(
             DiscoveryCommand::RegisterInstance {
                 service: HOST_SERVICE.into(),
@@ -672,11 +730,70 @@ mod tests {
                 .all(|c| !matches!(c, Command::Jobs(JobsCommand::PlaceJobs { .. }))),
             "{again:?}"
         );
-        assert_eq!(no_room, ["web1/web: 1 more wanted, 768 MiB each"]);
+        assert_eq!(
+            no_room,
+            ["web1/web: 1 more wanted, 768 MiB and 0m CPU each"]
+        );
         // Host 2 says it has more room: the fourth job goes there.
         alive_with(&mut s, 2, 4, Some(4096 * MIB));
         step(&mut s, 5);
         assert_eq!(running_on(&s), [(1, 1), (2, 3)].into());
+    }
+
+    #[test]
+    fn t14c_jobs_go_only_where_their_cpu_reservation_fits() {
+        use crate::jobs::{CPU_META, MEMORY_META};
+        let mut s = state(&[1, 2]);
+        // Host 1 has two cores, host 2 one (and memory to spare on both).
+        alive_saying(&mut s, 1, 0, &[(CPU_META, 2000), (MEMORY_META, 1 << 30)]);
+        alive_saying(&mut s, 2, 0, &[(CPU_META, 1000), (MEMORY_META, 1 << 30)]);
+        s.apply(
+            JobsCommand::SetLimits {
+                app: "web1".into(),
+                proc_type: "web".into(),
+                limits: flynn_state::Limits {
+                    cpu_millis: Some(750),
+                    ..Default::default()
+                },
+                now_ms: 0,
+            }
+            .into(),
+        )
+        .0
+        .unwrap();
+        scale(&mut s, 4);
+        step(&mut s, 1);
+        step(&mut s, 2);
+        // 750m each: two fit in host 1's 2000m, one in host 2's 1000m; the fourth waits.
+        assert_eq!(running_on(&s), [(1, 2), (2, 1)].into());
+        let mut no_room = Vec::new();
+        let again = plan_noting(&s, 3, &mut no_room);
+        assert!(
+            again
+                .iter()
+                .all(|c| !matches!(c, Command::Jobs(JobsCommand::PlaceJobs { .. }))),
+            "{again:?}"
+        );
+        assert_eq!(
+            no_room,
+            ["web1/web: 1 more wanted, 0 MiB and 750m CPU each"]
+        );
+        // A type that reserves nothing still goes where the cores are all reserved.
+        s.apply(
+            JobsCommand::SetLimits {
+                app: "web1".into(),
+                proc_type: "web".into(),
+                limits: flynn_state::Limits::default(),
+                now_ms: 4,
+            }
+            .into(),
+        )
+        .0
+        .unwrap();
+        step(&mut s, 5);
+        step(&mut s, 6);
+        let placed: usize = running_on(&s).values().sum();
+        assert!(placed >= 4, "{:?}", running_on(&s));
     }
 
     #[test]

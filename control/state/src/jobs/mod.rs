@@ -7,7 +7,7 @@
 //! keeps a bounded history of stopped jobs per app.
 
 mod deploy;
-pub use deploy::{deploy_status, DeployStatus};
+pub use deploy::{deploy_status, rollout, DeployStatus};
 
 use std::collections::BTreeMap;
 
@@ -454,7 +454,10 @@ impl Area for Jobs {
                         "a memory limit under 4MB cannot run anything".into(),
                     ));
                 }
-                if limits.max_procs == Some(0) || limits.cpu_shares == Some(0) {
+                if limits.max_procs == Some(0)
+                    || limits.cpu_shares == Some(0)
+                    || limits.cpu_millis == Some(0)
+                {
                     return Err(StateError::Invalid("limits must be positive".into()));
                 }
                 p.limits = limits;

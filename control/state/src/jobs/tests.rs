@@ -284,8 +284,13 @@ fn t17_the_deploy_verdict_follows_the_release_s_jobs() {
     assert_eq!(deploy_status(&s, &r1), DeployStatus::Deploying);
     let j = place(&mut s, &r1.id, 1);
     assert_eq!(deploy_status(&s, &r1), DeployStatus::Deploying);
+    let web = |s: &crate::ClusterState| crate::jobs::rollout(s, &r1).processes["web"];
+    assert_eq!((web(&s).running, web(&s).want), (0, 1));
     report(&mut s, &j.id, JobState::Running, 2).unwrap();
     assert_eq!(deploy_status(&s, &r1), DeployStatus::Done);
+    let shown = crate::jobs::rollout(&s, &r1);
+    assert_eq!(shown.state, crate::RolloutState::Done);
+    assert_eq!((web(&s).running, web(&s).want), (1, 1));
     // A newer release supersedes it: done as far as the older one's deploy goes.
     ok(&mut s, env_set("web1", None, "GREETING", "hi"));
     assert_eq!(deploy_status(&s, &r1), DeployStatus::Done);
@@ -312,4 +317,7 @@ fn t17_the_deploy_verdict_follows_the_release_s_jobs() {
         }
         other => panic!("{other:?}"),
     }
+    let shown = crate::jobs::rollout(&s, &r2);
+    assert_eq!(shown.state, crate::RolloutState::Failed);
+    assert!(shown.error.is_some_and(|e| e.contains(&j2.id)));
 }
