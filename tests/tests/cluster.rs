@@ -99,6 +99,7 @@ async fn t20_leader_kill_keeps_every_acknowledged_write() {
     let leader = c.wait_leader(0, None).await;
     let other = (leader + 1) % 3;
     let mut acked = write_keys(&c, other, "acked", "before", 40).await;
+    let logged_before: Vec<usize> = c.hosts.iter().map(|h| h.log_text().len()).collect();
     c.kill(leader);
     let new_leader = c.wait_leader(other, Some(leader)).await;
     assert_ne!(new_leader, leader);
@@ -107,6 +108,23 @@ async fn t20_leader_kill_keeps_every_acknowledged_write() {
     let survivor = (0..3).find(|i| *i != leader && *i != other).unwrap();
     acked.extend(write_keys(&c, survivor, "acked", "after2-", 10).await);
     assert_all_present(&c, other, "acked", &acked).await;
+    // Reads confirm leadership with every peer, the dead one too: the leader says once that
+    // it does not answer, not an error per read and per replication retry.
+    for _ in 0..8 {
+        c.client(new_leader).env("acked", None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let since_kill = |c: &Cluster, i: usize| c.hosts[i].log_text()[logged_before[i]..].to_string();
+    let log = since_kill(&c, new_leader);
+    assert!(
+        !log.contains("confirming leadership") && !log.contains("RPCError"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("a Raft peer does not answer").count(),
+        1,
+        "{log}"
+    );
     // The killed host comes back and catches up with everything.
     c.restart(leader);
     eventually(
@@ -118,6 +136,8 @@ async fn t20_leader_kill_keeps_every_acknowledged_write() {
         },
     )
     .await;
+    let back = since_kill(&c, new_leader);
+    assert!(back.contains("a Raft peer answers again"), "{back}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

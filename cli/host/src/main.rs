@@ -1,6 +1,7 @@
 //! `flynn-host`: runs a host and manages the cluster's hosts.
 
 mod debug;
+mod log_filter;
 mod release;
 mod update;
 
@@ -379,10 +380,11 @@ fn main() {
             },
             _ => None,
         };
+        use tracing_subscriber::Layer;
         tracing_subscriber::registry()
             .with(filter)
-            .with(stderr)
-            .with(file)
+            .with(stderr.with_filter(log_filter::QuietOpenraft))
+            .with(file.map(|f| f.with_filter(log_filter::QuietOpenraft)))
             // System apps' lines also go to the host's job log (`flynn -a blobstore log`).
             .with(flynn_daemon::jobs::logs::SystemAppLayer)
             .init();

@@ -28,6 +28,36 @@ pub const PATH_SNAPSHOT: &str = "/raft/snapshot";
 pub struct HttpNetwork {
     client: reqwest::Client,
     secret: String,
+    reachability: Reachability,
+}
+
+/// Whether each peer answered its last RPC, so a peer going down or coming back is logged
+/// once per change, not once per failed request (openraft's own per-request errors are
+/// filtered out of the daemon's log, see `flynn-host`'s `quiet_openraft`).
+#[derive(Clone, Default)]
+pub struct Reachability(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<NodeId, bool>>>);
+
+impl Reachability {
+    /// Notes an RPC's outcome; true when it changed what is known of the peer.
+    pub fn note(&self, peer: NodeId, path: &str, error: Option<&str>) -> bool {
+        let mut known = self.0.lock().expect("reachability lock");
+        let reachable = error.is_none();
+        // Every peer starts reachable: the first failure is a change worth saying.
+        let was = known.insert(peer, reachable).unwrap_or(true);
+        if was == reachable {
+            return false;
+        }
+        match error {
+            Some(e) => tracing::warn!(
+                peer,
+                rpc = path,
+                error = e,
+                "a Raft peer does not answer; retrying quietly until it does"
+            ),
+            None => tracing::info!(peer, rpc = path, "a Raft peer answers again"),
+        }
+        true
+    }
 }
 
 impl HttpNetwork {
@@ -39,7 +69,11 @@ impl HttpNetwork {
             .tcp_nodelay(true)
             .build()
             .expect("http client");
-        HttpNetwork { client, secret }
+        HttpNetwork {
+            client,
+            secret,
+            reachability: Reachability::default(),
+        }
     }
 }
 
@@ -52,6 +86,7 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
             base: format!("http://{}", node.addr),
             client: self.client.clone(),
             secret: self.secret.clone(),
+            reachability: self.reachability.clone(),
         }
     }
 }
@@ -61,6 +96,7 @@ pub struct PeerConnection {
     base: String,
     client: reqwest::Client,
     secret: String,
+    reachability: Reachability,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +105,27 @@ struct TransportError(String);
 
 impl PeerConnection {
     async fn call<Req, Resp, E>(
+        &self,
+        path: &str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let result = self.send(path, req, option).await;
+        // A remote Raft error is an answer: the peer is there.
+        let error = match &result {
+            Err(RPCError::RemoteError(_)) | Ok(_) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        self.reachability.note(self.target, path, error.as_deref());
+        result
+    }
+
+    async fn send<Req, Resp, E>(
         &self,
         path: &str,
         req: &Req,
@@ -136,5 +193,26 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.call(PATH_VOTE, &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Reachability;
+
+    #[test]
+    fn t01_a_peer_s_state_is_told_once_per_change() {
+        let r = Reachability::default();
+        assert!(
+            !r.note(7, "/raft/append", None),
+            "reachable at first: nothing to say"
+        );
+        assert!(r.note(7, "/raft/append", Some("connection refused")));
+        for _ in 0..10 {
+            assert!(!r.note(7, "/raft/append", Some("connection refused")));
+        }
+        assert!(!r.note(8, "/raft/vote", None), "another peer is its own");
+        assert!(r.note(7, "/raft/append", None), "back");
+        assert!(!r.note(7, "/raft/append", None));
     }
 }

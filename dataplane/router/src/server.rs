@@ -86,6 +86,31 @@ impl Router {
         Self::start_inheriting(config, table, &mut Inherited::new())
     }
 
+    /// Binds every listener without accepting on any, and checks what the configuration
+    /// names (the TLS key, the 503 page), so a port in use or a bad file is an error now.
+    /// [`Router::start_inheriting`] with them later serves the connections that queued
+    /// meanwhile: a router that must not answer before it has its routes.
+    pub fn bind(config: &RouterConfig) -> Result<Inherited, RouterError> {
+        if config.http.is_empty() && config.https.is_empty() {
+            return Err(RouterError::Config(
+                "no HTTP or HTTPS listener configured".into(),
+            ));
+        }
+        if let Some(p) = &config.error_503_page {
+            std::fs::read(p).map_err(|e| RouterError::Read(p.clone(), e))?;
+        }
+        if !config.https.is_empty() {
+            crate::tls::default_key(config.tls_cert.as_deref(), config.tls_key.as_deref())?;
+        }
+        let n = config.workers.max(1);
+        let mut bound = Inherited::new();
+        for addr in config.http.iter().chain(&config.https) {
+            let (_, group) = bind_group(*addr, n, &mut Inherited::new())?;
+            bound.insert(*addr, group);
+        }
+        Ok(bound)
+    }
+
     /// [`Router::start`], taking up listening sockets a previous process left (see
     /// [`Inherited`]); those of addresses no longer configured are closed.
     pub fn start_inheriting(

@@ -139,9 +139,9 @@ impl RouterComponent {
 
 pub struct RouterComponent {
     router: Mutex<Option<Router>>,
-    /// After an in-place update: the sockets the previous image handed over, not accepted
-    /// on until the route table is built from the host's state (connections wait in their
-    /// queues instead of meeting an empty table's 404).
+    /// The listening sockets (bound at start, or handed over by the previous image in an
+    /// in-place update), not accepted on until the route table is built from the host's
+    /// state (connections wait in their queues instead of meeting an empty table's 404).
     deferred: Mutex<Option<(RouterConfig, flynn_router::server::Inherited)>>,
     table: Arc<ArcSwap<RouteTable>>,
     http: Vec<SocketAddr>,
@@ -182,59 +182,56 @@ impl RouterComponent {
         };
         match Router::start_inheriting(config, self.table.clone(), &mut inherited) {
             Ok(router) => {
-                tracing::info!("router serving on the sockets taken over, with the routes of this host's state");
+                tracing::info!("router serving, with the routes of this host's state");
                 *self.metrics.lock().expect("metrics lock") = Some(router.metrics().clone());
                 *self.router.lock().expect("router lock") = Some(router);
             }
             Err(e) => {
-                tracing::error!(error = %e, "the router did not start on the sockets taken over")
+                tracing::error!(error = %e, "the router did not start on its sockets")
             }
         }
     }
 
-    /// Binds every listener now: a port in use is a start error of the daemon.
+    /// Binds every listener now (a port in use is a start error of the daemon), and serves
+    /// on them once the route table holds the host's state: until then connections wait
+    /// in the sockets' queues instead of meeting an empty table's 404. After an in-place
+    /// update the sockets are the previous image's.
     pub fn start(config: RouterConfig) -> anyhow::Result<Self> {
         let table = Arc::new(ArcSwap::from_pointee(RouteTable::default()));
-        let inherited = crate::update::inherited_listeners();
+        let mut inherited = crate::update::inherited_listeners();
         if !inherited.is_empty() {
             tracing::info!(
                 addrs = inherited.len(),
                 "taking up the listening sockets of the previous daemon image"
             );
-            let bound = |addrs: &[SocketAddr]| -> Vec<SocketAddr> {
-                addrs
-                    .iter()
-                    .map(|a| {
-                        inherited
-                            .get(a)
-                            .and_then(|ls| ls.first())
-                            .and_then(|l| l.local_addr().ok())
-                            .unwrap_or(*a)
-                    })
-                    .collect()
-            };
-            return Ok(RouterComponent {
-                http: bound(&config.http),
-                https: bound(&config.https),
-                metrics: Mutex::new(None),
-                router: Mutex::new(None),
-                deferred: Mutex::new(Some((config, inherited))),
-                table,
-            });
+        } else {
+            inherited = Router::bind(&config).context("starting the router")?;
         }
-        let router = Router::start(config, table.clone()).context("starting the router")?;
-        for a in &router.http_addrs {
-            tracing::info!(addr = %a, "router http listener");
+        let bound = |addrs: &[SocketAddr]| -> Vec<SocketAddr> {
+            addrs
+                .iter()
+                .map(|a| {
+                    inherited
+                        .get(a)
+                        .and_then(|ls| ls.first())
+                        .and_then(|l| l.local_addr().ok())
+                        .unwrap_or(*a)
+                })
+                .collect()
+        };
+        let (http, https) = (bound(&config.http), bound(&config.https));
+        for a in &http {
+            tracing::info!(addr = %a, "router http listener (serving once it has the routes)");
         }
-        for a in &router.https_addrs {
-            tracing::info!(addr = %a, "router https listener");
+        for a in &https {
+            tracing::info!(addr = %a, "router https listener (serving once it has the routes)");
         }
         Ok(RouterComponent {
-            http: router.http_addrs.clone(),
-            https: router.https_addrs.clone(),
-            metrics: Mutex::new(Some(router.metrics().clone())),
-            router: Mutex::new(Some(router)),
-            deferred: Mutex::new(None),
+            http,
+            https,
+            metrics: Mutex::new(None),
+            router: Mutex::new(None),
+            deferred: Mutex::new(Some((config, inherited))),
             table,
         })
     }
