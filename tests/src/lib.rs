@@ -324,8 +324,14 @@ impl Cluster {
         }
     }
 
-    /// SIGKILLs host `i` and reaps it.
+    /// SIGKILLs host `i`, its daemon and its jobs, as a machine that dies.
     pub fn kill(&mut self, i: usize) {
+        self.kill_daemon(i);
+        kill_jobs(&self.hosts[i].data_dir);
+    }
+
+    /// SIGKILLs host `i`'s daemon alone and reaps it: its service jobs run on.
+    pub fn kill_daemon(&mut self, i: usize) {
         if let Some(mut child) = self.hosts[i].child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -712,6 +718,35 @@ impl Drop for Cluster {
         for pool in &self.pools {
             destroy_pool(pool);
         }
+    }
+}
+
+/// The pids of the job shims a host's daemon started that are still alive (each shim's
+/// `jobs/ID/shim.pid` holds its pid and start time, so a reused pid is not taken for it).
+pub fn live_shims(data_dir: &Path) -> Vec<u32> {
+    let start_time = |pid: u32| -> Option<String> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 2..];
+        rest.split_whitespace().nth(19).map(String::from)
+    };
+    std::fs::read_dir(data_dir.join("jobs"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let text = std::fs::read_to_string(e.path().join("shim.pid")).ok()?;
+            let (pid, started) = text.trim().split_once(' ')?;
+            let pid: u32 = pid.parse().ok()?;
+            (start_time(pid)? == started).then_some(pid)
+        })
+        .collect()
+}
+
+/// SIGKILLs the jobs a host's daemon left running (its shims; each job's processes end
+/// with its shim).
+fn kill_jobs(data_dir: &Path) {
+    for pid in live_shims(data_dir) {
+        let _ = sh(&["kill", "-9", &pid.to_string()]);
     }
 }
 

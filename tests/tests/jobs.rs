@@ -1295,3 +1295,236 @@ async fn t21_builds_run_bin_compile_with_the_ssh_client_key_read_only_and_a_kept
     ok(&c.flynn(0, &["-a", "built", "delete", "-y"]));
     failed(&c.flynn_host(0, &cache));
 }
+
+/// Requests through host `i`'s router until stopped: those that got an answer other than
+/// 200 (always a failure), and transport errors after the router had answered once more
+/// following `back` being set (a router that is back fails nothing).
+struct Load {
+    stop: Arc<AtomicBool>,
+    back: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(u64, Vec<String>)>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, host: String) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let back = Arc::new(AtomicBool::new(true));
+        let task = {
+            let (stop, back) = (stop.clone(), back.clone());
+            tokio::spawn(async move {
+                let deadline = Instant::now() + Duration::from_secs(180);
+                let (mut served, mut failures) = (0u64, Vec::new());
+                let mut answered_since_back = true;
+                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    if !back.load(Ordering::SeqCst) {
+                        answered_since_back = false;
+                    }
+                    // A request in flight when the router was killed is not the router's
+                    // failure once back: only those begun and ended while it is back count.
+                    let counts = |answered: bool| answered && back.load(Ordering::SeqCst);
+                    let attempt = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        tokio::net::TcpStream::connect(addr),
+                    )
+                    .await;
+                    let mut client = match attempt {
+                        Ok(Ok(s)) => flynn_tests::router::Client::from_stream(s),
+                        _ => {
+                            if counts(answered_since_back) {
+                                failures.push("connect failed".to_string());
+                            }
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    };
+                    let req =
+                        format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+                    let written = {
+                        use tokio::io::AsyncWriteExt;
+                        client.stream.write_all(req.as_bytes()).await.is_ok()
+                    };
+                    let answer = if written {
+                        client.read(false).await
+                    } else {
+                        None
+                    };
+                    match answer {
+                        Some(r) if r.status == 200 => {
+                            served += 1;
+                            if back.load(Ordering::SeqCst) {
+                                answered_since_back = true;
+                            }
+                        }
+                        Some(r) => failures.push(format!("{} {}", r.status, r.text())),
+                        None if counts(answered_since_back) => failures.push("no answer".into()),
+                        None => {}
+                    }
+                }
+                (served, failures)
+            })
+        };
+        Load { stop, back, task }
+    }
+
+    async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.unwrap()
+    }
+}
+
+/// Whether process `pid` runs (an orphan that ended may stay a zombie until its new parent
+/// reaps it).
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s[s.rfind(')')? + 2..].starts_with('Z')))
+        .is_some_and(|zombie| !zombie)
+}
+
+/// The `tick N` numbers of a job's log, in order.
+fn ticks(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter_map(|l| l.rsplit_once("tick ")?.1.trim().parse().ok())
+        .collect()
+}
+
+const TICKING: &str =
+    "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.05; done & exec httpd -f -p $PORT -h /www";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t22_jobs_outlive_a_killed_daemon_and_are_taken_up_again() {
+    let mut c = cluster(1).await;
+    ok(&c.flynn(0, &["create", "web1"]));
+    let image = c.busybox_image("v1", Some(TICKING));
+    ok(&c.flynn(
+        0,
+        &["-a", "web1", "docker", "push", image.to_str().unwrap()],
+    ));
+    let job = settled(&c, "web1", "web1-v1", 1).await;
+    let id = running(&job)[0].id.clone();
+    let inspect = |c: &Cluster| -> serde_json::Value {
+        serde_json::from_str(&ok(&c.flynn_host(0, &["inspect", &id]))).unwrap()
+    };
+    let pid = inspect(&c)["pid"].as_u64().unwrap();
+    let load = Load::start(http(&c, 0), format!("web1.{DOMAIN}"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The daemon dies (router and all); the job does not.
+    load.back.store(false, Ordering::SeqCst);
+    c.kill_daemon(0);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(alive(pid), "the job's init outlived its daemon");
+    c.start_daemon(0);
+    c.wait_up(0);
+    load.back.store(true, Ordering::SeqCst);
+    c.wait_leader(0, None).await;
+    // The same job, the same processes, running and served again.
+    eventually(Duration::from_secs(20), "the job taken up", || async {
+        let v = inspect(&c);
+        (v["state"] == "running" && v["pid"].as_u64() == Some(pid)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (served, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    assert!(served > 20, "{served}");
+    let all = jobs(&c, "web1").await;
+    let ids: Vec<&str> = running(&all).iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(ids, [id.as_str()], "nothing restarted or replaced");
+    assert!(
+        !c.hosts[0]
+            .log_text()
+            .contains("its host restarted while it ran"),
+        "not reported lost"
+    );
+    // Every line the job wrote, while its daemon was away too, once and in order.
+    let log = ok(&c.flynn(0, &["-a", "web1", "log", "-j", &id]));
+    let n = ticks(&log);
+    assert!(n.len() > 60, "{} lines", n.len());
+    assert_eq!(n, (1..=n.len() as u64).collect::<Vec<_>>(), "{log}");
+
+    // A taken-up job stops as any other: replaced, and its init gone.
+    ok(&c.flynn_host(0, &["stop", &id]));
+    eventually(
+        Duration::from_secs(20),
+        "the stopped job replaced",
+        || async {
+            let all = jobs(&c, "web1").await;
+            let done = all.iter().any(|j| j.id == id && j.state == JobState::Done);
+            (done && running(&all).len() == 1).then_some(())
+        },
+    )
+    .await;
+    assert!(!alive(pid), "its init ended");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t23_on_three_hosts_a_daemon_restart_fails_nothing_and_a_job_replaced_meanwhile_is_stopped()
+{
+    let mut c = cluster(3).await;
+    ok(&c.flynn(0, &["create", "web1"]));
+    let image = c.busybox_image("v1", Some(TICKING));
+    ok(&c.flynn(
+        0,
+        &["-a", "web1", "docker", "push", image.to_str().unwrap()],
+    ));
+    ok(&c.flynn(0, &["-a", "web1", "scale", "web=3"]));
+    let before = settled(&c, "web1", "web1-v1", 3).await;
+    let mut ids: Vec<String> = running(&before).iter().map(|j| j.id.clone()).collect();
+    ids.sort();
+    // Host 2's daemon is killed and back within the host-down time: the router of host 0
+    // keeps sending to host 2's job, which never stopped.
+    let load = Load::start(http(&c, 0), format!("web1.{DOMAIN}"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.kill_daemon(2);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.start_daemon(2);
+    c.wait_up(2);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (served, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    assert!(served > 20, "{served}");
+    let after = jobs(&c, "web1").await;
+    let mut now: Vec<String> = running(&after).iter().map(|j| j.id.clone()).collect();
+    now.sort();
+    assert_eq!(now, ids, "the same jobs");
+
+    // Away longer than the host-down time: its job is marked failed and replaced. When the
+    // daemon comes back, the old job is stopped, not left beside its replacement.
+    let node2 = c.host_client(2).info().await.unwrap().node_id;
+    let on2 = running(&after)
+        .iter()
+        .find(|j| j.host == node2)
+        .map(|j| j.id.clone())
+        .expect("a job on host 2");
+    let shims = flynn_tests::live_shims(&c.hosts[2].data_dir);
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    c.kill_daemon(2);
+    eventually(Duration::from_secs(30), "the job replaced", || async {
+        let all = jobs(&c, "web1").await;
+        let failed = all
+            .iter()
+            .any(|j| j.id == on2 && j.state == JobState::Failed);
+        (failed && running(&all).len() == 3).then_some(())
+    })
+    .await;
+    c.start_daemon(2);
+    c.wait_up(2);
+    eventually(Duration::from_secs(20), "the old job ended", || async {
+        (!alive(u64::from(shims[0]))).then_some(())
+    })
+    .await;
+    let all = jobs(&c, "web1").await;
+    assert_eq!(running(&all).len(), 3);
+    assert!(all
+        .iter()
+        .any(|j| j.id == on2 && j.state == JobState::Failed));
+}

@@ -82,6 +82,25 @@ impl Hierarchy {
         }
     }
 
+    /// The cgroup(s) a job was given before (by a previous daemon), as they are.
+    pub fn existing(&self, job: &str) -> JobCgroup {
+        JobCgroup {
+            hierarchy: self.clone(),
+            dirs: self.dirs_of(job),
+        }
+    }
+
+    fn dirs_of(&self, job: &str) -> Vec<PathBuf> {
+        match self {
+            Hierarchy::V2 { root } => vec![root.join(PARENT).join(job)],
+            Hierarchy::V1 { memory, cpu, pids } => [memory, cpu, pids]
+                .into_iter()
+                .flatten()
+                .map(|root| root.join(PARENT).join(job))
+                .collect(),
+        }
+    }
+
     /// Makes the job's cgroup(s) with its limits.
     pub fn create(&self, job: &str, limits: &Limits) -> Result<JobCgroup, Error> {
         let dirs = match self {

@@ -6,7 +6,8 @@
 //! into the root (the host's root is then unreachable), sets the hostname and rlimits, and
 //! runs the job's command as its user. Both stages forward signals down and exit with the
 //! command's status, so the daemon supervises one process; when stage 2 ends, the kernel
-//! kills whatever is left in the namespace.
+//! kills whatever is left in the namespace. A service job's stage 1 is also its shim
+//! ([`crate::shim`]): in a session of its own, not ended with the daemon.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -26,6 +27,8 @@ pub const EXIT_NOT_FOUND: i32 = 127;
 pub const EXIT_SETUP: i32 = 125;
 /// Lines the init writes to stderr start with this, so the runner can report them.
 pub const INIT_PREFIX: &str = "flynn-init: ";
+/// The last line a shim's stage 1 writes to the runner: the job runs and the shim serves.
+pub const SHIM_READY: &str = "flynn-init: shim ready";
 
 /// Everything the init needs, written by the runner as JSON.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,6 +59,11 @@ pub struct ContainerSpec {
     /// session of its own (so the terminal's ^C reaches it as SIGINT).
     #[serde(default)]
     pub tty: bool,
+    /// The job's directory, when stage 1 is the job's shim (`crate::shim`): it outlives the
+    /// daemon, reads the job's output itself and serves it on a socket there. Without it
+    /// the job's streams are the runner's own pipes, and the job ends with the runner.
+    #[serde(default)]
+    pub shim: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +112,12 @@ fn signals() -> SigSet {
 /// Waits for `child`, forwarding signals to it and reaping any other child (an init
 /// inherits orphans), then exits with its status.
 fn supervise(child: u32, set: SigSet) -> ! {
+    std::process::exit(wait_child(child, set))
+}
+
+/// Waits for `child`, forwarding signals to it and reaping any other child; its status as
+/// a shell gives it (128 + signal when killed).
+fn wait_child(child: u32, set: SigSet) -> i32 {
     let child = Pid::from_raw(child as i32);
     // A child that ended before the signals were waited for is reaped on the first pass.
     let mut sig = Signal::SIGCHLD;
@@ -115,10 +129,8 @@ fn supervise(child: u32, set: SigSet) -> ! {
         }
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) if pid == child => std::process::exit(code),
-                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == child => {
-                    std::process::exit(128 + sig as i32)
-                }
+                Ok(WaitStatus::Exited(pid, code)) if pid == child => return code,
+                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == child => return 128 + sig as i32,
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(_) => {}
             }
@@ -129,12 +141,32 @@ fn supervise(child: u32, set: SigSet) -> ! {
 
 /// Stage 1: cgroups, namespaces, the root mount; then stage 2.
 pub fn stage1(spec_path: &Path) -> ! {
-    // A job does not outlive its host's daemon (nor stage 2 this process).
-    let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
-    if nix::unistd::getppid() == Pid::from_raw(1) {
-        fail(EXIT_SETUP, "the job runner is gone");
-    }
     let spec = read_spec(spec_path);
+    let shim = match &spec.shim {
+        // A one-off job does not outlive its host's daemon (nor stage 2 this process).
+        None => {
+            let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+            if nix::unistd::getppid() == Pid::from_raw(1) {
+                fail(EXIT_SETUP, "the job runner is gone");
+            }
+            None
+        }
+        // A service job does: out of the daemon's session, so no signal to the daemon's
+        // process group (a terminal's ^C) reaches it; found again by its socket.
+        Some(dir) => {
+            let _ = nix::unistd::setsid();
+            // The OOM killer takes the job's processes, not the shim that holds its output
+            // and status (stage 2 gives its own back to 0, and so the command's).
+            let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
+            let bound = crate::shim::Shim::bind(dir).unwrap_or_else(|e| {
+                fail(
+                    EXIT_SETUP,
+                    format!("the job's control socket in {}: {e}", dir.display()),
+                )
+            });
+            Some(bound)
+        }
+    };
     let pid = std::process::id().to_string();
     for f in &spec.cgroup_procs {
         if let Err(e) = std::fs::write(f, &pid) {
@@ -183,16 +215,65 @@ pub fn stage1(spec_path: &Path) -> ! {
 
     let set = signals();
     let _ = set.thread_block();
+    let mut stage2 = Command::new("/proc/self/exe");
+    stage2.arg("container-init").arg("--stage2").arg(spec_path);
+    if shim.is_some() {
+        use std::process::Stdio;
+        stage2
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // A daemon gone mid-write is an error on that write, not the shim's end (the job's
+        // command starts with SIGPIPE as it should: stage 2 resets it).
+        let _ = ignore_sigpipe();
+    }
     // The next process made is PID 1 of the new PID namespace.
     // Reaped by `supervise` (waitpid), not through the handle.
     #[allow(clippy::zombie_processes)]
-    let child = Command::new("/proc/self/exe")
-        .arg("container-init")
-        .arg("--stage2")
-        .arg(spec_path)
+    let mut child = stage2
         .spawn()
         .unwrap_or_else(|e| fail(EXIT_SETUP, format!("starting stage 2: {e}")));
-    supervise(child.id(), set)
+    let Some(shim) = shim else {
+        supervise(child.id(), set)
+    };
+    let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
+        fail(EXIT_SETUP, "stage 2 has no output pipes")
+    };
+    // Set up: stage 1's own streams were the runner's (its setup errors); from here on the
+    // shim needs nothing of the daemon that started it.
+    eprintln!("{SHIM_READY}");
+    detach_stdio();
+    std::process::exit(shim.run(out, err, child.id(), set))
+}
+
+/// SIGPIPE ignored in this process.
+fn ignore_sigpipe() -> nix::Result<()> {
+    use nix::sys::signal::{signal, SigHandler};
+    // SAFETY: SIG_IGN installs no handler code; nothing else runs signal handlers here.
+    #[allow(unsafe_code)]
+    unsafe {
+        signal(Signal::SIGPIPE, SigHandler::SigIgn).map(|_| ())
+    }
+}
+
+/// Points stdin, stdout and stderr at /dev/null, closing the runner's pipes.
+fn detach_stdio() {
+    use std::os::fd::AsRawFd;
+    let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    else {
+        return;
+    };
+    for fd in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors, which nothing else holds as an owned
+        // handle in this process.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::dup2(null.as_raw_fd(), fd);
+        }
+    }
 }
 
 fn mount_or_fail(src: &str, target: &Path, fstype: &str, flags: MsFlags, data: Option<&str>) {
@@ -295,6 +376,8 @@ fn resolve_user(user: &str) -> Result<(u32, u32), String> {
 /// Stage 2: PID 1 of the job.
 pub fn stage2(spec_path: &Path) -> ! {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
+    // Not the shim's exemption from the OOM killer (a no-op without a shim).
+    let _ = std::fs::write("/proc/self/oom_score_adj", "0");
     let spec = read_spec(spec_path);
     let root = spec.root.clone();
     let hardened = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;

@@ -5,6 +5,7 @@
 pub mod cgroup;
 pub mod init;
 pub mod layer;
+pub mod shim;
 
 use std::path::{Path, PathBuf};
 

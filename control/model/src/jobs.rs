@@ -349,6 +349,10 @@ pub struct LogLine {
     /// `stdout`, `stderr`, or `init` (the container init's own messages).
     pub stream: String,
     pub msg: String,
+    /// Where the line ends in its stream of the job's output (bytes from the job's start):
+    /// a restarted daemon resumes reading a job that outlived it from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub off: Option<u64>,
 }
 
 /// Which lines a log request wants.

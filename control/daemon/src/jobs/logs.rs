@@ -59,7 +59,21 @@ impl Logs {
 
     /// Queues one line of a job's output; never waits.
     pub fn push(&self, app: &str, job: &str, proc_type: &str, stream: &str, msg: String) {
+        self.push_at(app, job, proc_type, stream, msg, None)
+    }
+
+    /// [`Logs::push`], saying where the line ends in its stream (see [`LogLine::off`]).
+    pub fn push_at(
+        &self,
+        app: &str,
+        job: &str,
+        proc_type: &str,
+        stream: &str,
+        msg: String,
+        off: Option<u64>,
+    ) {
         let line = LogLine {
+            off,
             ts: crate::now_ms(),
             host: self.host,
             seq: self.seq.fetch_add(1, Ordering::Relaxed),
@@ -78,6 +92,100 @@ impl Logs {
     /// [`MAX_LOG_LINES`]), oldest first.
     pub fn read(&self, q: &LogQuery) -> Vec<LogLine> {
         read_files(&self.dir, q)
+    }
+
+    /// Where each of `app`'s jobs' streams (stdout, stderr) ends in this host's files: what
+    /// a restarted daemon asks a job's shim for next. Lines the writer had not written when
+    /// the daemon died are not there, so they are read again, not lost.
+    pub fn resume_points(&self, app: &str) -> HashMap<String, [u64; 2]> {
+        let mut ends: HashMap<String, [u64; 2]> = HashMap::new();
+        if flynn_state::validate::app_name(app).is_err() {
+            return ends;
+        }
+        for path in [rotated_of(&self.dir, app), file_of(&self.dir, app)] {
+            let Ok(f) = File::open(&path) else { continue };
+            for raw in BufReader::new(f).lines() {
+                let Ok(raw) = raw else { break };
+                // Only lines that carry an offset are parsed.
+                if !raw.contains("\"off\":") {
+                    continue;
+                }
+                let Ok(line) = serde_json::from_str::<LogLine>(&raw) else {
+                    continue;
+                };
+                let (Some(off), Some(slot)) = (line.off, stream_slot(&line.stream)) else {
+                    continue;
+                };
+                let end = &mut ends.entry(line.job).or_default()[slot];
+                *end = (*end).max(off);
+            }
+        }
+        ends
+    }
+}
+
+/// Which of a job's two output streams a line came from (an init's messages came on
+/// stderr).
+fn stream_slot(stream: &str) -> Option<usize> {
+    match stream {
+        "stdout" => Some(0),
+        "stderr" | "init" => Some(1),
+        _ => None,
+    }
+}
+
+/// Splits one output stream into lines as it arrives: a line ends at a newline, or at
+/// [`MAX_LINE`] bytes (cut there). Each line is handed over with where it ends in the
+/// stream.
+#[derive(Default)]
+pub struct LineSplitter {
+    line: Vec<u8>,
+    /// Where the stream's bytes handed in so far end.
+    end: u64,
+}
+
+impl LineSplitter {
+    /// A splitter for a stream whose bytes before `offset` are already handled.
+    pub fn at(offset: u64) -> Self {
+        LineSplitter {
+            line: Vec::new(),
+            end: offset,
+        }
+    }
+
+    /// Where the bytes handed in so far end.
+    pub fn received(&self) -> u64 {
+        self.end
+    }
+
+    /// Bytes of the stream, which continue where the last ended.
+    pub fn feed(&mut self, mut data: &[u8], mut emit: impl FnMut(&[u8], u64)) {
+        while !data.is_empty() {
+            let take = data.len().min(MAX_LINE - self.line.len());
+            let nl = data[..take].iter().position(|b| *b == b'\n');
+            let used = nl.map_or(take, |i| i + 1);
+            self.line.extend_from_slice(&data[..used]);
+            self.end += used as u64;
+            data = &data[used..];
+            if nl.is_some() || self.line.len() >= MAX_LINE {
+                emit(&self.line, self.end);
+                self.line.clear();
+            }
+        }
+    }
+
+    /// The stream ended: a last line without a newline is a line.
+    pub fn flush(&mut self, mut emit: impl FnMut(&[u8], u64)) {
+        if !self.line.is_empty() {
+            emit(&self.line, self.end);
+            self.line.clear();
+        }
+    }
+
+    /// Bytes of the stream were skipped (lost): what was buffered is handed over as it is.
+    pub fn skip(&mut self, bytes: u64, emit: impl FnMut(&[u8], u64)) {
+        self.flush(emit);
+        self.end += bytes;
     }
 }
 
@@ -273,5 +381,40 @@ mod tests {
             ..LogQuery::default()
         };
         assert!(logs.read(&q).is_empty());
+    }
+
+    #[test]
+    fn t11_lines_split_at_newlines_and_size_with_their_end_offsets() {
+        let mut s = LineSplitter::at(10);
+        let mut got: Vec<(String, u64)> = Vec::new();
+        let mut emit = |l: &[u8], end: u64| got.push((String::from_utf8_lossy(l).into(), end));
+        s.feed(b"ab\ncd", &mut emit);
+        s.feed(b"e\n\n", &mut emit);
+        s.feed(&vec![b'x'; MAX_LINE + 5], &mut emit);
+        s.flush(&mut emit);
+        let ends: Vec<u64> = got.iter().map(|g| g.1).collect();
+        assert_eq!(got[0].0, "ab\n");
+        assert_eq!(got[1].0, "cde\n");
+        assert_eq!(got[2].0, "\n");
+        assert_eq!(ends[..3], [13, 17, 18]);
+        assert_eq!(got[3].0.len(), MAX_LINE);
+        assert_eq!(ends[4], 18 + MAX_LINE as u64 + 5);
+        assert_eq!(s.received(), ends[4]);
+    }
+
+    #[test]
+    fn t12_resume_points_are_where_each_job_s_streams_end_in_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = Logs::open(dir.path().to_path_buf(), 1 << 20, 1).unwrap();
+        logs.push_at("web1", "a", "web", "stdout", "x".into(), Some(5));
+        logs.push_at("web1", "a", "web", "stdout", "y".into(), Some(9));
+        logs.push_at("web1", "a", "web", "init", "cannot".into(), Some(4));
+        logs.push_at("web1", "b", "web", "stderr", "z".into(), Some(3));
+        logs.push("web1", "a", "web", "init", "from the runner".into());
+        wait_written(&logs, 5);
+        let points = logs.resume_points("web1");
+        assert_eq!(points["a"], [9, 4]);
+        assert_eq!(points["b"], [0, 3]);
+        assert!(logs.resume_points("../x").is_empty());
     }
 }

@@ -27,6 +27,7 @@ mod prepare;
 pub mod pty;
 mod runner;
 pub mod scheduler;
+mod shim;
 mod state;
 mod supervise;
 pub mod system_image;
@@ -117,6 +118,9 @@ pub struct JobRunner {
     /// One layer unpacks at a time (two jobs of one image share the work).
     unpack: tokio::sync::Mutex<()>,
     started: AtomicU64,
+    /// Jobs a previous daemon started that still run (or ended and left their spool), not
+    /// yet taken up or ended by a pass over the state.
+    survivors: Mutex<HashMap<String, shim::Survivor>>,
 }
 
 impl JobRunner {
@@ -141,11 +145,19 @@ impl JobRunner {
         };
         let layers = LayerStore::open(cfg.layers_dir.clone())?;
         std::fs::create_dir_all(&cfg.jobs_dir)?;
-        // Job directories left by a daemon that stopped abruptly belong to dead jobs.
-        if let Ok(entries) = std::fs::read_dir(&cfg.jobs_dir) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
+        // Service jobs outlive their daemon: those a previous one left are taken up (or
+        // ended) by the first pass over the state; other directories are dead jobs'.
+        let survivors = shim::survivors(&cfg.jobs_dir);
+        let ports: BTreeSet<u16> = survivors
+            .values()
+            .filter(|s| s.runtime.net.is_none())
+            .filter_map(|s| s.runtime.port)
+            .collect();
+        if !survivors.is_empty() {
+            tracing::info!(
+                jobs = survivors.len(),
+                "jobs a previous daemon started are still here: taking them up"
+            );
         }
         let logs = Arc::new(logs::Logs::open(
             cfg.log_dir.clone(),
@@ -172,10 +184,11 @@ impl JobRunner {
             net: OnceLock::new(),
             net_note: Mutex::new(None),
             running: Mutex::new(HashMap::new()),
-            ports: Mutex::new(BTreeSet::new()),
+            ports: Mutex::new(ports),
             claimed: Mutex::new(HashMap::new()),
             unpack: tokio::sync::Mutex::new(()),
             started: AtomicU64::new(0),
+            survivors: Mutex::new(survivors),
         })
     }
 
@@ -337,27 +350,34 @@ impl Component for JobRunner {
         out
     }
 
-    /// Jobs end with their host's daemon: each is stopped (SIGTERM, then SIGKILL).
+    /// Service jobs outlive their daemon (a restarted one takes them up); one-off jobs and
+    /// builds, whose callers came through it, are stopped (SIGTERM, then SIGKILL).
     fn stop(self: Arc<Self>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            let locals: Vec<Arc<RunningJob>> = self
+            let (locals, staying): (Vec<Arc<RunningJob>>, Vec<Arc<RunningJob>>) = self
                 .running
                 .lock()
                 .expect("jobs lock")
                 .values()
                 .cloned()
-                .collect();
+                .partition(|l| !shim::outlives_daemon(&l.job));
             for l in &locals {
                 nix_kill(l, false);
             }
             let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline && !self.running.lock().expect("jobs lock").is_empty() {
+            let ended = |me: &Self| {
+                let running = me.running.lock().expect("jobs lock");
+                locals.iter().all(|l| !running.contains_key(&l.job.id))
+            };
+            while Instant::now() < deadline && !ended(&self) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             for l in &locals {
                 nix_kill(l, true);
             }
-            if let Some(Some(hn)) = self.net.get() {
+            // The filter stays for jobs that stay (their published ports, service
+            // addresses); the next daemon replaces it whole.
+            if let (Some(Some(hn)), true) = (self.net.get(), staying.is_empty()) {
                 hn.stop();
             }
         })

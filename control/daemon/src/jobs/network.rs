@@ -91,14 +91,15 @@ fn netns_prefix(host: u64) -> String {
     format!("flynn-{:08x}-", host & 0xffff_ffff)
 }
 
-/// Removes what a daemon that died left behind: its jobs' namespaces and their veths (the
-/// jobs died with it). Veths of jobs are `fj*` in this host's network namespace.
-fn sweep(host: u64) {
+/// Removes what a daemon that died left behind: the namespaces and veths of its jobs that
+/// died with it, not those of `kept` (jobs that outlived it). Veths of jobs are `fj*` in
+/// this host's network namespace.
+fn sweep(host: u64, kept: &[JobNet]) {
     let prefix = netns_prefix(host);
     if let Ok(entries) = std::fs::read_dir("/run/netns") {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with(&prefix) {
+            if name.starts_with(&prefix) && !kept.iter().any(|k| k.netns == name) {
                 let _ = sh(&["ip", "netns", "del", &name]);
             }
         }
@@ -106,7 +107,7 @@ fn sweep(host: u64) {
     if let Ok(entries) = std::fs::read_dir("/sys/class/net") {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with("fj") {
+            if name.starts_with("fj") && !kept.iter().any(|k| k.host_veth == name) {
                 let _ = sh(&["ip", "link", "del", &name]);
             }
         }
@@ -118,7 +119,7 @@ pub fn subnet_of(index: u32) -> String {
 }
 
 /// One job's network: its namespace (by name under /run/netns) and address.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct JobNet {
     pub netns: String,
     pub ip: Ipv4Addr,
@@ -146,19 +147,39 @@ pub struct HostNet {
 pub type ServiceMap = BTreeMap<(Ipv4Addr, u16), (Ipv4Addr, u16)>;
 
 impl HostNet {
-    /// Sets up forwarding and the host's filter for subnet `index`.
-    pub fn start(host: u64, index: u32) -> Result<Self, String> {
+    /// Sets up forwarding and the host's filter for subnet `index`, keeping the networks
+    /// of `kept` (jobs that outlived the previous daemon, on this subnet).
+    pub fn start(host: u64, index: u32, kept: &[JobNet]) -> Result<Self, String> {
         if !(1..=254).contains(&index) {
             return Err(format!("subnet index {index} is out of range"));
         }
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
             .map_err(|e| format!("enabling IP forwarding: {e}"))?;
-        sweep(host);
+        let kept: Vec<JobNet> = kept
+            .iter()
+            .filter(|k| k.ip.octets()[..3] == [100, 100, index as u8])
+            .cloned()
+            .collect();
+        sweep(host, &kept);
         let table = format!("flynn_jobs_{index}");
-        // Replaced whole on every start: no rule of a previous run survives.
-        let _ = nft(&format!("delete table inet {table}\n"));
+        // Replaced whole on every start, in one transaction (no rule of a previous run
+        // survives, and jobs still running are never unfiltered): the published ports of
+        // kept jobs go in with it.
+        let published: String = kept
+            .iter()
+            .filter_map(|k| {
+                k.published.map(|port| {
+                    format!(
+                        "add element inet {table} published {{ {} . {port} }}\n",
+                        k.ip
+                    )
+                })
+            })
+            .collect();
         nft(&format!(
-            "table inet {table} {{\n\
+            "table inet {table} {{}}\n\
+             delete table inet {table}\n\
+             table inet {table} {{\n\
                set published {{ type ipv4_addr . inet_service; }}\n\
                map services {{ type ipv4_addr . inet_service : ipv4_addr . inet_service; }}\n\
                chain forward {{\n\
@@ -179,13 +200,15 @@ impl HostNet {
                  type nat hook postrouting priority srcnat; policy accept;\n\
                  ip saddr 100.100.{index}.0/24 ip daddr != {JOB_NETWORK} masquerade\n\
                }}\n\
-             }}\n"
+             }}\n\
+             {published}"
         ))?;
+        let used: BTreeSet<u8> = kept.iter().map(|k| k.ip.octets()[3]).collect();
         Ok(HostNet {
             host,
             index,
             table,
-            used: Mutex::new(BTreeSet::new()),
+            used: Mutex::new(used),
             routes: Mutex::new(BTreeMap::new()),
             services: Mutex::new(ServiceMap::new()),
         })

@@ -160,12 +160,13 @@ impl JobRunner {
             netns: net.as_ref().map(|n| PathBuf::from(n.netns_path())),
             volumes,
             tty: job.tty.is_some(),
+            shim: super::shim::outlives_daemon(job).then(|| dir.dir.clone()),
         };
         let spec_path = dir.write_spec(&spec)?;
         let ip = net
             .as_ref()
             .map_or_else(|| self.ip.clone(), |n| n.ip.to_string());
-        Ok(Prepared {
+        let prepared = Prepared {
             spec_path,
             cgroup,
             port,
@@ -173,7 +174,16 @@ impl JobRunner {
             net,
             health_path: proc.health_path.clone(),
             register: proc.ports && !job.oneoff,
-        })
+            shim: spec.shim.clone(),
+        };
+        if prepared.shim.is_some() {
+            // What a restarted daemon needs to take the job up again.
+            prepared
+                .runtime()
+                .write(&dir.dir)
+                .map_err(|e| JobError::Store(format!("writing the job's runtime: {e}")))?;
+        }
+        Ok(prepared)
     }
 
     /// A layer unpacked on this host, from the blobstore.
@@ -225,4 +235,18 @@ pub(crate) struct Prepared {
     pub(super) net: Option<network::JobNet>,
     pub(super) health_path: Option<String>,
     pub(super) register: bool,
+    /// The job's directory, where its shim serves (a service job: see `shim`).
+    pub(super) shim: Option<PathBuf>,
+}
+
+impl Prepared {
+    pub(super) fn runtime(&self) -> super::shim::Runtime {
+        super::shim::Runtime {
+            port: self.port,
+            ip: self.ip.clone(),
+            net: self.net.clone(),
+            health_path: self.health_path.clone(),
+            register: self.register,
+        }
+    }
 }

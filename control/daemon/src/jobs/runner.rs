@@ -73,7 +73,17 @@ impl JobRunner {
             }
         };
         let host = self.host;
-        match tokio::task::spawn_blocking(move || network::HostNet::start(host, index)).await {
+        // The networks of jobs that outlived the previous daemon are kept as they are.
+        let kept: Vec<network::JobNet> = self
+            .survivors
+            .lock()
+            .expect("survivors lock")
+            .values()
+            .filter(|s| s.pid.is_some())
+            .filter_map(|s| s.runtime.net.clone())
+            .collect();
+        match tokio::task::spawn_blocking(move || network::HostNet::start(host, index, &kept)).await
+        {
             Ok(Ok(hn)) => {
                 tracing::info!(subnet = %hn.subnet(), "jobs get addresses of their own");
                 let _ = self.net.set(Some(hn));
@@ -152,7 +162,26 @@ impl JobRunner {
                 .collect()
         });
         let mut running = self.running.lock().expect("jobs lock");
+        let mut survivors = self.survivors.lock().expect("survivors lock");
         for job in mine {
+            if !running.contains_key(&job.id) {
+                if let Some(s) = survivors.remove(&job.id) {
+                    // Started by the previous daemon and still running (or just ended):
+                    // taken up, not started again nor reported lost.
+                    let l = Arc::new(RunningJob {
+                        job: job.clone(),
+                        pid: AtomicU64::new(s.pid.map_or(0, u64::from)),
+                        stop: tokio::sync::Notify::new(),
+                        stopping: AtomicBool::new(false),
+                        io: None,
+                        stdin: Mutex::new(None),
+                        procs: Mutex::new(Vec::new()),
+                    });
+                    running.insert(job.id.clone(), l.clone());
+                    tokio::spawn(self.clone().take_up(local.clone(), l, s));
+                    continue;
+                }
+            }
             match (job.state, running.get(&job.id)) {
                 (JobState::Pending, None) => {
                     let (io, stdin) = if job.oneoff {
@@ -195,6 +224,15 @@ impl JobRunner {
                 }
                 _ => {}
             }
+        }
+        // Jobs the previous daemon left that the cluster no longer wants here (marked failed
+        // while this host was away, or gone): a replacement may run already, so they end.
+        let unwanted: Vec<(String, super::shim::Survivor)> = survivors.drain().collect();
+        drop(survivors);
+        for (id, s) in unwanted {
+            tracing::warn!(job = %id, "a job the previous daemon ran is no longer wanted here: killing it");
+            let me = self.clone();
+            tokio::spawn(async move { me.end_survivor(&id, s).await });
         }
         // A job this host runs that the cluster has ended without it (marked failed while
         // this host seemed down) may already have a replacement, which may take its data
@@ -272,10 +310,100 @@ impl JobRunner {
                 }
             }
         }
+        self.finish(&local, &l, outcome, slug).await;
+    }
+
+    /// A job that outlived the previous daemon, followed again from where this host's log
+    /// of it ends, to its end.
+    async fn take_up(self: Arc<Self>, local: State, l: Arc<RunningJob>, s: super::shim::Survivor) {
+        let job = &l.job;
+        let cgroup = self
+            .cgroups
+            .as_ref()
+            .map(|h| h.existing(&self.cgroup_name(&job.id)));
+        if let Some(cg) = &cgroup {
+            *l.procs.lock().expect("procs lock") = cg.procs_files();
+        }
+        let logs = self.logs.clone();
+        let app = job.app.clone();
+        let from = tokio::task::spawn_blocking(move || logs.resume_points(&app))
+            .await
+            .unwrap_or_default()
+            .get(&job.id)
+            .copied()
+            .unwrap_or([0, 0]);
+        tracing::info!(job = %job.id, pid = ?s.pid, stdout_from = from[0], stderr_from = from[1], "taking up a job the previous daemon started");
+        let rt = s.runtime;
+        let p = super::prepare::Prepared {
+            spec_path: s.dir.join("spec.json"),
+            cgroup,
+            port: rt.port,
+            ip: rt.ip,
+            net: rt.net,
+            health_path: rt.health_path,
+            register: rt.register,
+            shim: Some(s.dir.clone()),
+        };
+        let init_error = Arc::new(Mutex::new(None));
+        let ended = super::shim::follow(
+            self.logs.clone(),
+            (job.app.clone(), job.id.clone(), job.proc_type.clone()),
+            s.dir,
+            from,
+            init_error.clone(),
+        );
+        let up = job.state == JobState::Running;
+        let started = super::supervise::Started {
+            ended: Box::pin(ended),
+            readers: Vec::new(),
+            init_error,
+            up,
+        };
+        let outcome = self.watch(&local, &l, p, started).await;
+        self.finish(&local, &l, outcome, None).await;
+    }
+
+    /// Ends a job the previous daemon left that is not wanted here: everything in it is
+    /// killed and what it held on this host given back.
+    async fn end_survivor(&self, id: &str, s: super::shim::Survivor) {
+        if let Some(pid) = s.pid {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        if let Some(h) = &self.cgroups {
+            let cg = h.existing(&self.cgroup_name(id));
+            let _ = tokio::task::spawn_blocking(move || cg.remove()).await;
+        }
+        match &s.runtime.net {
+            Some(n) => {
+                if let Some(hn) = self.net.get().and_then(Option::as_ref) {
+                    tokio::task::block_in_place(|| hn.release(n));
+                }
+            }
+            None => {
+                if let Some(port) = s.runtime.port {
+                    self.ports.lock().expect("ports lock").remove(&port);
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&s.dir);
+    }
+
+    /// Reports a job's end, tells an attached caller, and lets it go.
+    async fn finish(
+        &self,
+        local: &State,
+        l: &Arc<RunningJob>,
+        outcome: Outcome,
+        slug: Option<serde_json::Value>,
+    ) {
+        let id = l.job.id.clone();
         // What `flynn run` exits with: the command's status, 126 if it never ran.
         let outcome_exit = outcome.exit_status.unwrap_or(126);
         self.report(
-            &local,
+            local,
             &id,
             outcome.state,
             None,
@@ -289,7 +417,7 @@ impl JobRunner {
         }
         self.running.lock().expect("jobs lock").remove(&id);
         let _ = std::fs::remove_dir_all(self.cfg.jobs_dir.join(&id));
-        self.drop_volumes(&local, &l.job).await;
+        self.drop_volumes(local, &l.job).await;
     }
 
     pub(super) fn register(&self, job: &Job, addr: String) -> DiscoveryCommand {

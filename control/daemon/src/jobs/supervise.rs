@@ -19,6 +19,20 @@ use super::runner::propose_retrying;
 use super::state::State;
 use super::{logs, oneoff, pty, JobRunner, RunningJob, STOP_GRACE, UP_TIMEOUT};
 
+/// How the job's end is learned: its init's exit (a child of this daemon), or its shim's
+/// word.
+type EndFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<i32, String>> + Send>>;
+
+/// A started job, as [`JobRunner::watch`] follows it.
+pub(super) struct Started {
+    pub(super) ended: EndFuture,
+    /// Tasks copying its output; done once the output ended.
+    pub(super) readers: Vec<tokio::task::JoinHandle<()>>,
+    pub(super) init_error: Arc<Mutex<Option<String>>>,
+    /// It is running already (taken up by a restarted daemon): no wait for its port.
+    pub(super) up: bool,
+}
+
 impl JobRunner {
     pub(super) async fn supervise(
         &self,
@@ -26,11 +40,106 @@ impl JobRunner {
         l: &Arc<RunningJob>,
         p: Prepared,
     ) -> Outcome {
-        let job = &l.job;
-        let exe = match std::env::current_exe() {
-            Ok(e) => e,
-            Err(e) => return Outcome::failed(format!("cannot find flynn-host itself: {e}")),
+        let started = match &p.shim {
+            Some(dir) => self.start_with_shim(l, &p, dir.clone()).await,
+            None => self.start_attached(l, &p),
         };
+        match started {
+            Ok(started) => self.watch(local, l, p, started).await,
+            Err(outcome) => {
+                self.release(&p).await;
+                outcome
+            }
+        }
+    }
+
+    /// Starts a service job's init as its shim: the daemon reads its setup errors, then
+    /// takes its output and exit from the shim's socket.
+    async fn start_with_shim(
+        &self,
+        l: &Arc<RunningJob>,
+        p: &Prepared,
+        dir: std::path::PathBuf,
+    ) -> Result<Started, Outcome> {
+        use tokio::io::AsyncBufReadExt;
+        let job = &l.job;
+        let exe = std::env::current_exe()
+            .map_err(|e| Outcome::failed(format!("cannot find flynn-host itself: {e}")))?;
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("container-init")
+            .arg(&p.spec_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Outcome::failed(format!("starting the container: {e}")))?;
+        l.pid
+            .store(child.id().unwrap_or(0) as u64, Ordering::Relaxed);
+        if let Some(cg) = &p.cgroup {
+            *l.procs.lock().expect("procs lock") = cg.procs_files();
+        }
+        let init_error = Arc::new(Mutex::new(None::<String>));
+        // Stage 1's own stderr carries its setup errors, then the word that the shim is up.
+        let mut ready = false;
+        if let Some(stderr) = child.stderr.take() {
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line == flynn_job::init::SHIM_READY {
+                    ready = true;
+                    break;
+                }
+                emit_line(
+                    &self.logs,
+                    (&job.app, &job.id, &job.proc_type),
+                    "stderr",
+                    line.as_bytes(),
+                    None,
+                    Some(&init_error),
+                );
+            }
+        }
+        if !ready {
+            // It failed setting up: its status and what it said.
+            let code = child.wait().await.map(|s| s.code().unwrap_or(-1));
+            l.pid.store(0, Ordering::SeqCst);
+            let init_error = init_error.lock().expect("init error").take();
+            return Err(match code {
+                Ok(code) => Outcome::of(&Ended {
+                    code,
+                    stop_requested: l.stopping.load(Ordering::SeqCst),
+                    oom: false,
+                    init_error,
+                    up: false,
+                    registers: p.register,
+                }),
+                Err(e) => Outcome::failed(format!("waiting for the job: {e}")),
+            });
+        }
+        // The shim is a child of this daemon only until the daemon goes: reaped here.
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+        });
+        let follow = super::shim::follow(
+            self.logs.clone(),
+            (job.app.clone(), job.id.clone(), job.proc_type.clone()),
+            dir,
+            [0, 0],
+            init_error.clone(),
+        );
+        Ok(Started {
+            ended: Box::pin(follow),
+            readers: Vec::new(),
+            init_error,
+            up: false,
+        })
+    }
+
+    /// Starts a one-off or build job's init as this daemon's child, on its pipes or a pty.
+    fn start_attached(&self, l: &Arc<RunningJob>, p: &Prepared) -> Result<Started, Outcome> {
+        let job = &l.job;
+        let exe = std::env::current_exe()
+            .map_err(|e| Outcome::failed(format!("cannot find flynn-host itself: {e}")))?;
         let stdin_rx = l.stdin.lock().expect("stdin lock").take();
         let mut cmd = tokio::process::Command::new(exe);
         cmd.arg("container-init").arg(&p.spec_path);
@@ -46,7 +155,7 @@ impl JobRunner {
                 });
                 match opened {
                     Ok(m) => Some(m),
-                    Err(e) => return Outcome::failed(format!("allocating a terminal: {e}")),
+                    Err(e) => return Err(Outcome::failed(format!("allocating a terminal: {e}"))),
                 }
             }
             None => {
@@ -65,7 +174,7 @@ impl JobRunner {
         drop(cmd);
         let mut child = match spawned {
             Ok(c) => c,
-            Err(e) => return Outcome::failed(format!("starting the container: {e}")),
+            Err(e) => return Err(Outcome::failed(format!("starting the container: {e}"))),
         };
         l.pid
             .store(child.id().unwrap_or(0) as u64, Ordering::Relaxed);
@@ -82,8 +191,11 @@ impl JobRunner {
                     Ok(c) => c,
                     Err(e) => {
                         nix_kill(l, true);
-                        let _ = child.wait().await;
-                        return Outcome::failed(format!("allocating a terminal: {e}"));
+                        // Reaped in the background: this path does not wait.
+                        tokio::spawn(async move {
+                            let _ = child.wait().await;
+                        });
+                        return Err(Outcome::failed(format!("allocating a terminal: {e}")));
                     }
                 };
                 if let Some(io) = &l.io {
@@ -99,7 +211,7 @@ impl JobRunner {
                     Some(init_error.clone()),
                     l.io.clone(),
                 );
-                (Some(sink), [Some(out), None])
+                (Some(sink), vec![out])
             }
             None => {
                 let sink = child
@@ -115,7 +227,7 @@ impl JobRunner {
                         self.pipe(job, "stderr", s, Some(init_error.clone()), l.io.clone())
                     }),
                 ];
-                (sink, readers)
+                (sink, readers.into_iter().flatten().collect())
             }
         };
         if let (Some(mut rx), Some(mut sink)) = (stdin_rx, stdin_sink) {
@@ -130,14 +242,46 @@ impl JobRunner {
                 }
             });
         }
+        let ended = async move {
+            child
+                .wait()
+                .await
+                .map(|s| s.code().unwrap_or(-1))
+                .map_err(|e| format!("waiting for the job: {e}"))
+        };
+        Ok(Started {
+            ended: Box::pin(ended),
+            readers,
+            init_error,
+            up: false,
+        })
+    }
+
+    /// Follows a started job: up once its port answers (then running and registered),
+    /// stopped on request (SIGTERM, then SIGKILL after a grace), cleaned up and its end
+    /// classified once it ends.
+    pub(super) async fn watch(
+        &self,
+        local: &State,
+        l: &Arc<RunningJob>,
+        p: Prepared,
+        started: Started,
+    ) -> Outcome {
+        let job = &l.job;
+        let Started {
+            mut ended,
+            readers,
+            init_error,
+            up: already_up,
+        } = started;
         let started = Instant::now();
         let addr = p.port.map(|port| format!("{}:{port}", p.ip));
 
         // Up: its port answers (or its health path), then it is registered and running.
-        let mut up = false;
+        let mut up = already_up;
         let wait_up = async {
             match p.port {
-                Some(port) if p.register => {
+                Some(port) if p.register && !already_up => {
                     // A job in the host's network is reached on loopback (it may bind
                     // only that); one with its own network at its address.
                     let target = match &p.net {
@@ -151,7 +295,7 @@ impl JobRunner {
         };
         let status = tokio::select! {
             ok = wait_up => { up = ok; None }
-            s = child.wait() => Some(s),
+            s = &mut ended => Some(s),
             _ = l.stop.notified() => None,
         };
         let mut stop_requested = l.stopping.load(Ordering::SeqCst);
@@ -197,7 +341,7 @@ impl JobRunner {
             Some(s) => s,
             None => loop {
                 tokio::select! {
-                    s = child.wait() => break s,
+                    s = &mut ended => break s,
                     _ = l.stop.notified(), if !stop_requested => {
                         stop_requested = true;
                         // Out of discovery already (StopJob); give routers a moment to
@@ -212,10 +356,41 @@ impl JobRunner {
         // for a stop (the cluster may mark it done before this job leaves the runner's table).
         l.pid.store(0, Ordering::SeqCst);
         l.stopping.store(true, Ordering::SeqCst);
-        for r in readers.into_iter().flatten() {
+        for r in readers {
             let _ = tokio::time::timeout(Duration::from_secs(2), r).await;
         }
         let oom = p.cgroup.as_ref().is_some_and(JobCgroup::oom_killed);
+        self.release(&p).await;
+        let code = match status {
+            Ok(code) => code,
+            // Its init went without a status (killed): a stop or the OOM killer says why,
+            // else what was seen.
+            Err(e) if !stop_requested && !oom => {
+                tracing::info!(job = %job.id, error = %e, "job ended without a status");
+                return Outcome {
+                    state: JobState::Crashed,
+                    exit_status: None,
+                    error: Some(e),
+                };
+            }
+            Err(_) => -1,
+        };
+        let init_error = init_error.lock().expect("init error").take();
+        let ran = started.elapsed();
+        tracing::info!(job = %job.id, code, ?ran, oom, "job exited");
+        Outcome::of(&Ended {
+            code,
+            stop_requested,
+            oom,
+            init_error,
+            up,
+            registers: p.register,
+        })
+    }
+
+    /// Gives back what a job held on this host: its cgroup (whatever is left in it is
+    /// killed), its network or host port.
+    async fn release(&self, p: &Prepared) {
         if let Some(c) = &p.cgroup {
             let c = c.clone();
             let _ = tokio::task::spawn_blocking(move || c.remove()).await;
@@ -232,21 +407,6 @@ impl JobRunner {
                 }
             }
         }
-        let code = match status {
-            Ok(s) => s.code().unwrap_or(-1),
-            Err(e) => return Outcome::failed(format!("waiting for the job: {e}")),
-        };
-        let init_error = init_error.lock().expect("init error").take();
-        let ran = started.elapsed();
-        tracing::info!(job = %job.id, code, ?ran, oom, "job exited");
-        Outcome::of(&Ended {
-            code,
-            stop_requested,
-            oom,
-            init_error,
-            up,
-            registers: p.register,
-        })
     }
 
     /// Copies one of the job's output pipes (or its pty) into the host's log, line by line
@@ -269,22 +429,18 @@ impl JobRunner {
             oneoff::STDERR
         };
         tokio::spawn(async move {
-            let emit = |line: &mut Vec<u8>| {
-                let text = String::from_utf8_lossy(line)
-                    .trim_end_matches(['\n', '\r'])
-                    .to_string();
-                line.clear();
-                let (stream, text) = match (&init_error, text.strip_prefix(INIT_PREFIX)) {
-                    (Some(slot), Some(msg)) => {
-                        *slot.lock().expect("init error") = Some(msg.to_string());
-                        ("init", msg.to_string())
-                    }
-                    _ => (stream, text),
-                };
-                logs.push(&app, &id, &ty, stream, text);
+            let emit = |line: &[u8], _end: u64| {
+                emit_line(
+                    &logs,
+                    (&app, &id, &ty),
+                    stream,
+                    line,
+                    None,
+                    init_error.as_ref(),
+                );
             };
             let mut chunk = vec![0u8; 16 * 1024];
-            let mut line: Vec<u8> = Vec::new();
+            let mut lines = logs::LineSplitter::default();
             loop {
                 // A pty's master reads EIO once the job's side is closed: its end.
                 let n = match pipe.read(&mut chunk).await {
@@ -295,23 +451,35 @@ impl JobRunner {
                     io.output(to, bytes::Bytes::copy_from_slice(&chunk[..n]))
                         .await;
                 }
-                let mut rest = &chunk[..n];
-                while !rest.is_empty() {
-                    let take = rest.len().min(logs::MAX_LINE - line.len());
-                    let end = rest[..take].iter().position(|b| *b == b'\n');
-                    let used = end.map_or(take, |i| i + 1);
-                    line.extend_from_slice(&rest[..used]);
-                    rest = &rest[used..];
-                    if end.is_some() || line.len() >= logs::MAX_LINE {
-                        emit(&mut line);
-                    }
-                }
+                lines.feed(&chunk[..n], emit);
             }
-            if !line.is_empty() {
-                emit(&mut line);
-            }
+            lines.flush(emit);
         })
     }
+}
+
+/// One line of a job's output into the host's log (`job` is app, id and type). A line of
+/// the init's own, on stderr, is the init's: kept in `init_error` as what went wrong.
+pub(super) fn emit_line(
+    logs: &logs::Logs,
+    job: (&str, &str, &str),
+    stream: &str,
+    line: &[u8],
+    off: Option<u64>,
+    init_error: Option<&Arc<Mutex<Option<String>>>>,
+) {
+    let text = String::from_utf8_lossy(line)
+        .trim_end_matches(['\n', '\r'])
+        .to_string();
+    let (stream, text) = match (init_error, text.strip_prefix(INIT_PREFIX)) {
+        (Some(slot), Some(msg)) => {
+            *slot.lock().expect("init error") = Some(msg.to_string());
+            ("init", msg.to_string())
+        }
+        _ => (stream, text),
+    };
+    let (app, id, ty) = job;
+    logs.push_at(app, id, ty, stream, text, off);
 }
 
 pub(crate) struct Outcome {
