@@ -1177,6 +1177,20 @@ async fn t06_update_in_place_under_load_fails_no_request_and_loses_no_write() {
         }
         v
     };
+    let running_ids = || async {
+        let mut ids: Vec<String> = c
+            .client(0)
+            .jobs("steady")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|j| j.state == flynn_model::JobState::Running)
+            .map(|j| j.id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let jobs_before = running_ids().await;
 
     // A binary of another version is refused before anything happens.
     let new_bin = c.root_path().join("flynn-host-new");
@@ -1257,6 +1271,8 @@ async fn t06_update_in_place_under_load_fails_no_request_and_loses_no_write() {
         &failed[..failed.len().min(10)]
     );
     assert!(served_ok > 50, "only {served_ok} requests");
+    // The jobs ran on through their hosts' restarts, taken up by the new images.
+    assert_eq!(running_ids().await, jobs_before, "{progress}");
     // Every host restarted on the new image and took its router's sockets up.
     for (i, started) in before.iter().enumerate() {
         let info = c.host_client(i).info().await.unwrap();
@@ -1284,15 +1300,22 @@ async fn t06_update_in_place_under_load_fails_no_request_and_loses_no_write() {
     // Every host's version, and the way back.
     let versions = ok(&c.flynn_host(0, &["version", "--cluster"]));
     assert_eq!(versions.lines().count(), 5, "{versions}");
-    let out = host_update(&c, &["--rollback"]);
+    // Back, moving each host's jobs to the others first this time.
+    let out = host_update(&c, &["--rollback", "--move-jobs"]);
+    let progress = String::from_utf8_lossy(&out.stderr);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("Rolled back 3 host(s)"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        "{progress}"
     );
+    assert!(progress.contains("moving its jobs"), "{progress}");
     for i in 0..3 {
         served(&c, i, "steady").await;
     }
+    let moved = running_ids().await;
+    assert!(
+        moved.iter().all(|id| !jobs_before.contains(id)),
+        "{moved:?} {jobs_before:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -229,6 +229,10 @@ enum Cmd {
         /// Seconds each step (jobs moving, a host coming back) may take.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+        /// Move each host's jobs to other hosts before it restarts, instead of keeping them
+        /// running through its restart (they outlive the daemon and are taken up again).
+        #[arg(long)]
+        move_jobs: bool,
         #[command(flatten)]
         target: Target,
     },
@@ -903,6 +907,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             release_key,
             rollback,
             timeout,
+            move_jobs,
             target,
         } => {
             let dir = HostDir::new(&cli.data_dir);
@@ -936,6 +941,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     version: version.as_deref(),
                     rollback,
                     timeout: Duration::from_secs(timeout),
+                    move_jobs,
                 },
             )
             .await

@@ -1,8 +1,9 @@
 //! `flynn-host update`: updates every host's daemon in place, one host at a time, keeping
-//! quorum. For each host (the leader last): drain its jobs to other hosts, send it the new
-//! binary (it replaces itself, its router's sockets held open across the swap), wait until
-//! it answers on the new image, knows the leader and has caught up, then undrain it. A host
-//! that does not come back stops the rollout there.
+//! quorum. For each host (the leader last): send it the new binary (it replaces itself, its
+//! router's sockets held open across the swap, its service jobs running through it and
+//! taken up by the new image), and wait until it answers on the new image, knows the
+//! leader and has caught up. With `--move-jobs` its jobs are drained to other hosts first
+//! and it is undrained after. A host that does not come back stops the rollout there.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -15,6 +16,8 @@ pub struct Options<'a> {
     pub version: Option<&'a str>,
     pub rollback: bool,
     pub timeout: Duration,
+    /// Drain each host's jobs to others first, instead of keeping them through the restart.
+    pub move_jobs: bool,
 }
 
 fn client(addr: &str, secret: &str) -> HostClient {
@@ -81,6 +84,7 @@ pub async fn run(hosts: Vec<HostEntry>, secret: &str, opts: Options<'_>) -> anyh
     let mut order = hosts.clone();
     order.sort_by_key(|h| (h.leader, h.role == flynn_client::Role::Peer));
     let alone = hosts.len() == 1;
+    let drain = opts.move_jobs && !alone;
     for h in &order {
         let c = client(&h.addr, secret);
         let before = c
@@ -88,9 +92,12 @@ pub async fn run(hosts: Vec<HostEntry>, secret: &str, opts: Options<'_>) -> anyh
             .await
             .context("asking the host before updating it")?;
         let from = before.version.clone();
-        // Jobs move to other hosts first, new ones up before old ones stop.
-        if alone {
-            eprintln!("==> {}: a one-host cluster has nowhere to move its jobs; they restart with the daemon", h.addr);
+        // Jobs move to other hosts first (new ones up before old ones stop), or run on
+        // through the restart.
+        if !drain {
+            if opts.move_jobs {
+                eprintln!("==> {}: a one-host cluster has nowhere to move its jobs; they run on through the restart", h.addr);
+            }
         } else {
             eprintln!("==> {}: moving its jobs to other hosts", h.addr);
             c.drain(&h.addr, true).await?;
@@ -144,7 +151,7 @@ pub async fn run(hosts: Vec<HostEntry>, secret: &str, opts: Options<'_>) -> anyh
                 opts.timeout.as_secs()
             );
         };
-        if !alone {
+        if drain {
             until(opts.timeout, || async {
                 c.drain(&h.addr, false).await.ok()
             })

@@ -360,6 +360,9 @@ impl JobRunner {
             up,
         };
         let outcome = self.watch(&local, &l, p, started).await;
+        if let Some(pid) = s.pid {
+            super::shim::reap_when_ended(pid);
+        }
         self.finish(&local, &l, outcome, None).await;
     }
 

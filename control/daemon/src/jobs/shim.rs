@@ -216,6 +216,23 @@ pub async fn follow(
     }
 }
 
+/// Reaps a taken-up job's shim once it exits, if it is this process's child: an in-place
+/// update execs the daemon under the same pid, so the shims it started are still its
+/// children, and nothing else waits for them. Another's shim is its own parent's to reap
+/// (`ECHILD` here).
+pub fn reap_when_ended(pid: u32) {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    tokio::spawn(async move {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        for _ in 0..200 {
+            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => tokio::time::sleep(Duration::from_millis(100)).await,
+                _ => return,
+            }
+        }
+    });
+}
+
 async fn read_frame(conn: &mut tokio::net::UnixStream) -> std::io::Result<Option<Frame>> {
     let mut h = [0u8; HEADER];
     match conn.read_exact(&mut h).await {
