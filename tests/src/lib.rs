@@ -90,6 +90,9 @@ pub struct Cluster {
     pools: Vec<String>,
     tag: u32,
     bridge: String,
+    /// A second subnet's bridge and the router namespace joining the two
+    /// (`Cluster::split_subnets`).
+    second_subnet: Option<(String, String)>,
     pub hosts: Vec<TestHost>,
     pub key: String,
     pub secret: String,
@@ -134,6 +137,7 @@ impl Cluster {
             pools: Vec::new(),
             tag,
             bridge,
+            second_subnet: None,
             hosts: Vec::new(),
             key: String::new(),
             secret: String::new(),
@@ -173,6 +177,124 @@ impl Cluster {
         self.hosts[i].zfs = true;
         self.pools.push(pool.clone());
         pool
+    }
+
+    /// Puts hosts `moved` on a second subnet (`10.198.TAG.0/24`, its own bridge) joined to
+    /// the first by a router namespace, as two availability zones or a routed data centre
+    /// are: hosts of different subnets reach each other only through the router, never on
+    /// one L2. Before their daemons start.
+    pub fn split_subnets(&mut self, moved: &[usize]) {
+        let tag = self.tag;
+        let bridge2 = format!("flc{tag}");
+        let router = format!("flr{tag}");
+        let _ = sh(&["ip", "link", "del", &bridge2]);
+        let _ = sh(&["ip", "netns", "del", &router]);
+        must(&["ip", "link", "add", &bridge2, "type", "bridge"]);
+        must(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.198.{tag}.254/24"),
+            "dev",
+            &bridge2,
+        ]);
+        must(&["ip", "link", "set", &bridge2, "up"]);
+        must(&["ip", "netns", "add", &router]);
+        for (leg, bridge, net) in [
+            ("a", self.bridge.clone(), "10.199"),
+            ("b", bridge2.clone(), "10.198"),
+        ] {
+            let outside = format!("flr{tag}{leg}");
+            let _ = sh(&["ip", "link", "del", &outside]);
+            must(&[
+                "ip",
+                "link",
+                "add",
+                &outside,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &format!("flr{tag}{leg}i"),
+            ]);
+            must(&[
+                "ip",
+                "link",
+                "set",
+                &format!("flr{tag}{leg}i"),
+                "netns",
+                &router,
+            ]);
+            let inside = format!("eth{leg}");
+            must(&[
+                "ip",
+                "-n",
+                &router,
+                "link",
+                "set",
+                &format!("flr{tag}{leg}i"),
+                "name",
+                &inside,
+            ]);
+            must(&[
+                "ip",
+                "-n",
+                &router,
+                "addr",
+                "add",
+                &format!("{net}.{tag}.250/24"),
+                "dev",
+                &inside,
+            ]);
+            must(&["ip", "-n", &router, "link", "set", &inside, "up"]);
+            must(&["ip", "link", "set", &outside, "master", &bridge]);
+            must(&["ip", "link", "set", &outside, "up"]);
+        }
+        must(&[
+            "ip",
+            "netns",
+            "exec",
+            &router,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
+        for i in 0..self.hosts.len() {
+            let h = &mut self.hosts[i];
+            if moved.contains(&i) {
+                let old = format!("{}/24", h.ip);
+                h.ip = format!("10.198.{tag}.{}", i + 1);
+                must(&["ip", "-n", &h.ns, "addr", "del", &old, "dev", "eth0"]);
+                must(&[
+                    "ip",
+                    "-n",
+                    &h.ns,
+                    "addr",
+                    "add",
+                    &format!("{}/24", h.ip),
+                    "dev",
+                    "eth0",
+                ]);
+                must(&["ip", "link", "set", &h.link, "nomaster"]);
+                must(&["ip", "link", "set", &h.link, "master", &bridge2]);
+            }
+            let gw = if moved.contains(&i) {
+                "10.198"
+            } else {
+                "10.199"
+            };
+            must(&[
+                "ip",
+                "-n",
+                &h.ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("{gw}.{tag}.250"),
+            ]);
+        }
+        self.second_subnet = Some((bridge2, router));
     }
 
     /// A directory for the test's own files, removed with the cluster.
@@ -715,6 +837,13 @@ impl Drop for Cluster {
             remove_job_namespaces(&h.data_dir);
         }
         let _ = sh(&["ip", "link", "del", &self.bridge]);
+        if let Some((bridge2, router)) = &self.second_subnet {
+            let _ = sh(&["ip", "netns", "del", router]);
+            let _ = sh(&["ip", "link", "del", bridge2]);
+            for leg in ["a", "b"] {
+                let _ = sh(&["ip", "link", "del", &format!("flr{}{leg}", self.tag)]);
+            }
+        }
         for pool in &self.pools {
             destroy_pool(pool);
         }

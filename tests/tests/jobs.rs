@@ -1528,3 +1528,93 @@ async fn t23_on_three_hosts_a_daemon_restart_fails_nothing_and_a_job_replaced_me
         .iter()
         .any(|j| j.id == on2 && j.state == JobState::Failed));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t24_jobs_in_two_subnets_reach_each_other_s_published_ports_over_vxlan() {
+    // Hosts 0 and 1 on one subnet, host 2 on another, joined by a router: no L2 between.
+    let mut c = Cluster::create(3);
+    c.split_subnets(&[2]);
+    for i in 0..3 {
+        c.start_daemon(i);
+    }
+    for i in 0..3 {
+        c.wait_up(i);
+    }
+    c.bootstrap_with(3, &["--domain", DOMAIN]);
+    c.wait_leader(0, None).await;
+    c.wait_ready_for_jobs(3).await;
+    // `auto`: a route to the host on this subnet, VXLAN to the one behind the router.
+    let overlay = eventually(Duration::from_secs(20), "the overlay set up", || async {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&c.flynn_host(0, &["components"]))).ok()?;
+        let between = v["jobs"]["network"]["between_hosts"].clone();
+        (between["hosts_by_vxlan"] == 1 && between["hosts_by_route"] == 1).then_some(between)
+    })
+    .await;
+    assert_eq!(overlay["mode"], "auto", "{overlay}");
+
+    ok(&c.flynn(0, &["create", "web1"]));
+    let image = c.busybox_image("v1", None);
+    ok(&c.flynn(
+        0,
+        &["-a", "web1", "docker", "push", image.to_str().unwrap()],
+    ));
+    ok(&c.flynn(0, &["-a", "web1", "scale", "web=3"]));
+    let all = settled(&c, "web1", "web1-v1", 3).await;
+    let node2 = c.host_client(2).info().await.unwrap().node_id;
+    let far = running(&all)
+        .into_iter()
+        .find(|j| j.host == node2)
+        .expect("a job on host 2")
+        .clone();
+    // The router of host 0 sends to every job, the one across the router too.
+    for n in 0..12 {
+        let r = get(http(&c, 0), &format!("web1.{DOMAIN}"), "/").await;
+        assert_eq!(r.status, 200, "request {n}: {}", r.text());
+    }
+    // Jobs reach a job in the other subnet on its published port, both ways...
+    let get_from = |from: usize, addr: &str| {
+        let (ip, port) = addr.split_once(':').unwrap();
+        let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ip} {port}");
+        c.flynn(from, &["-a", "web1", "run", "sh", "-c", &script])
+    };
+    let out = ok(&get_from(0, far.addr.as_deref().unwrap()));
+    assert!(out.contains("hello from busybox v1"), "{out}");
+    for near in running(&all).into_iter().filter(|j| j.host != node2) {
+        let out = ok(&get_from(2, near.addr.as_deref().unwrap()));
+        assert!(out.contains("hello from busybox v1"), "{out}");
+    }
+    // ...and not on a port it did not publish.
+    let hidden = ok(&c.flynn(
+        2,
+        &[
+            "-a", "web1", "run", "-d", "httpd", "-f", "-p", "9000", "-h", "/www",
+        ],
+    ))
+    .trim()
+    .to_string();
+    let hidden_job = eventually(Duration::from_secs(15), "the hidden server", || async {
+        jobs(&c, "web1")
+            .await
+            .into_iter()
+            .find(|j| j.id == hidden && j.state == JobState::Running)
+    })
+    .await;
+    assert_eq!(
+        hidden_job.host, node2,
+        "a one-off job runs where it was asked"
+    );
+    let hidden_ip = hidden_job
+        .addr
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let out = get_from(0, &format!("{hidden_ip}:9000"));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("hello"),
+        "a job reached an unpublished port across the overlay"
+    );
+    ok(&c.flynn(0, &["-a", "web1", "kill", &hidden]));
+}

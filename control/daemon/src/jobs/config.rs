@@ -17,9 +17,13 @@ pub struct JobsArgs {
     /// Ports of this host given as `$PORT` to jobs in the host's network (FIRST-LAST).
     #[arg(long, default_value = "49152-59999")]
     pub job_ports: String,
-    /// Job networking: `routed` (an address of its own per job, on this host's subnet),
-    /// `host` (the host's network), `auto` (routed if this host can, else host, saying so).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "routed", "host"])]
+    /// Job networking: `routed` (an address of its own per job, on this host's subnet,
+    /// other hosts' subnets routed via their addresses: every host on one network),
+    /// `vxlan` (the same addresses, other hosts reached through a VXLAN overlay: hosts in
+    /// different subnets), `host` (the host's network), `auto` (own addresses if this host
+    /// can give them, each other host by route where it is on this host's network and by
+    /// VXLAN where not; else the host's network, saying so).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "routed", "vxlan", "host"])]
     pub job_network: String,
     /// Memory the scheduler may reserve for jobs on this host (the sum of their process
     /// types' memory limits): a size, or `auto` for the host's total memory.

@@ -305,7 +305,11 @@ impl Component for JobRunner {
             "started_total": self.started.load(Ordering::Relaxed),
             "cgroups": self.cgroups.as_ref().map(|h| format!("v{}", h.version())),
             "network": match self.net.get() {
-                Some(Some(hn)) => serde_json::json!({"mode": "routed", "subnet": hn.subnet()}),
+                Some(Some(hn)) => serde_json::json!({
+                    "mode": "routed",
+                    "subnet": hn.subnet(),
+                    "between_hosts": hn.overlay(),
+                }),
                 _ => serde_json::json!({
                     "mode": "host",
                     "why": *self.net_note.lock().expect("net note"),

@@ -6,8 +6,11 @@
 //! routes `100.100.N.K/32` to that veth. So traffic between two jobs, even on one host, is
 //! routed through the host, where an nftables chain lets in only connections to a job's
 //! published port (`$PORT`) and drops new connections to any other port of a job. Other
-//! hosts' subnets are routed via those hosts' addresses (the hosts share a network, as
-//! flannel's host-gw backend assumes). Traffic from a job to anything that is not a job
+//! hosts' subnets are reached one of two ways ([`Overlay`]): routed via those hosts'
+//! addresses (hosts on one network, as flannel's host-gw backend assumes), or through a
+//! VXLAN device (hosts in different subnets, as flannel's vxlan backend does: each host's
+//! VTEP has a MAC made from its subnet index, so no state is exchanged beyond the host
+//! addresses the cluster already holds). Traffic from a job to anything that is not a job
 //! leaves with its host's address (masquerade), so jobs reach networks beyond the cluster
 //! (package mirrors, databases, APIs) that have no route back to job subnets.
 //!
@@ -32,6 +35,57 @@ const SERVICE_NETWORK: &str = "100.100.0.0/24";
 
 /// The port a job with its own address serves on (as Flynn's jobs did).
 pub const JOB_PORT: u16 = 8080;
+
+/// The VXLAN device of a host's job network.
+const VXLAN_DEV: &str = "flynnvx";
+/// The VXLAN network id and UDP port (IANA's) of the job network.
+const VXLAN_ID: u32 = 1;
+const VXLAN_PORT: u16 = 4789;
+/// A VXLAN packet carries 50 bytes of headers: jobs' interfaces leave room for them.
+const VXLAN_MTU: u32 = 1450;
+
+/// How a host reaches other hosts' job subnets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overlay {
+    /// Routes via the other hosts' addresses: every host on one network.
+    HostRoutes,
+    /// Through a VXLAN device to every other host.
+    Vxlan,
+    /// Per host: a route where it is on this host's network, VXLAN where it is not.
+    Auto,
+}
+
+/// How one other host's subnet is reached now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PeerRoute {
+    Via(String),
+    Vxlan(String),
+}
+
+/// The VTEP MAC of the host with subnet `index`: locally administered, unicast, and the
+/// same on every host that computes it.
+fn vtep_mac(index: u32) -> String {
+    format!(
+        "0a:64:64:{:02x}:{:02x}:01",
+        (index >> 8) & 0xff,
+        index & 0xff
+    )
+}
+
+/// The VTEP address of the host with subnet `index` (its subnet's `.0`, unused by jobs).
+fn vtep_ip(index: u32) -> String {
+    format!("100.100.{index}.0")
+}
+
+/// Whether `ip` is on one of this host's networks (reached without a gateway).
+fn on_link(ip: &str) -> bool {
+    Command::new("ip")
+        .args(["-o", "route", "get", ip])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .is_some_and(|o| !String::from_utf8_lossy(&o.stdout).contains(" via "))
+}
 
 fn sh(args: &[&str]) -> Result<(), String> {
     let out = Command::new(args[0])
@@ -114,6 +168,44 @@ fn sweep(host: u64, kept: &[JobNet]) {
     }
 }
 
+/// The host's VTEP: a VXLAN device with the MAC and address other hosts compute for
+/// subnet `index`, sending from `own_ip` (made again if it is there: a restarted daemon
+/// finds its predecessor's, routes and all).
+fn vxlan_device(index: u32, own_ip: &str) -> Result<(), String> {
+    let mac = vtep_mac(index);
+    let shown = Command::new("ip")
+        .args(["-d", "-o", "link", "show", VXLAN_DEV])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default();
+    let same = shown.contains(&format!("vxlan id {VXLAN_ID} "))
+        && shown.contains(&format!("local {own_ip} "))
+        && shown.contains(&mac);
+    if same {
+        // Kept as it is: jobs that outlived the previous daemon talk through it now.
+        return ip_batch(
+            &[],
+            &format!(
+                "addr replace {}/32 dev {VXLAN_DEV}\nlink set {VXLAN_DEV} up\n",
+                vtep_ip(index)
+            ),
+        )
+        .map_err(|e| format!("the VXLAN device: {e}"));
+    }
+    let _ = sh(&["ip", "link", "del", VXLAN_DEV]);
+    ip_batch(
+        &[],
+        &format!(
+            "link add {VXLAN_DEV} type vxlan id {VXLAN_ID} dstport {VXLAN_PORT} local {own_ip} nolearning\n\
+             link set {VXLAN_DEV} address {mac} mtu {VXLAN_MTU}\n\
+             addr add {vtep}/32 dev {VXLAN_DEV}\n\
+             link set {VXLAN_DEV} up\n",
+            vtep = vtep_ip(index),
+        ),
+    )
+    .map_err(|e| format!("making the VXLAN device: {e}"))
+}
+
 pub fn subnet_of(index: u32) -> String {
     format!("100.100.{index}.0/24")
 }
@@ -139,17 +231,27 @@ pub struct HostNet {
     index: u32,
     table: String,
     used: Mutex<BTreeSet<u8>>,
-    routes: Mutex<BTreeMap<u32, String>>,
+    routes: Mutex<BTreeMap<u32, PeerRoute>>,
     services: Mutex<ServiceMap>,
+    overlay: Overlay,
+    /// The VXLAN device is up (with `Overlay::Auto` it may not be: then host routes only).
+    vxlan: bool,
 }
 
 /// Service address → the address of the instance serving it now.
 pub type ServiceMap = BTreeMap<(Ipv4Addr, u16), (Ipv4Addr, u16)>;
 
 impl HostNet {
-    /// Sets up forwarding and the host's filter for subnet `index`, keeping the networks
-    /// of `kept` (jobs that outlived the previous daemon, on this subnet).
-    pub fn start(host: u64, index: u32, kept: &[JobNet]) -> Result<Self, String> {
+    /// Sets up forwarding, the VXLAN device the overlay needs (at `own_ip`), and the host's
+    /// filter for subnet `index`, keeping the networks of `kept` (jobs that outlived the
+    /// previous daemon, on this subnet).
+    pub fn start(
+        host: u64,
+        index: u32,
+        kept: &[JobNet],
+        overlay: Overlay,
+        own_ip: &str,
+    ) -> Result<Self, String> {
         if !(1..=254).contains(&index) {
             return Err(format!("subnet index {index} is out of range"));
         }
@@ -204,6 +306,20 @@ impl HostNet {
              {published}"
         ))?;
         let used: BTreeSet<u8> = kept.iter().map(|k| k.ip.octets()[3]).collect();
+        let vxlan = match overlay {
+            Overlay::HostRoutes => false,
+            Overlay::Vxlan => {
+                vxlan_device(index, own_ip)?;
+                true
+            }
+            Overlay::Auto => match vxlan_device(index, own_ip) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "no VXLAN device: hosts in other subnets cannot reach this host's jobs");
+                    false
+                }
+            },
+        };
         Ok(HostNet {
             host,
             index,
@@ -211,6 +327,29 @@ impl HostNet {
             used: Mutex::new(used),
             routes: Mutex::new(BTreeMap::new()),
             services: Mutex::new(ServiceMap::new()),
+            overlay,
+            vxlan,
+        })
+    }
+
+    /// How other hosts' jobs are reached, as `flynn-host components` says it: the mode,
+    /// and in `auto` how many hosts each way.
+    pub fn overlay(&self) -> serde_json::Value {
+        let routes = self.routes.lock().expect("routes lock");
+        let vxlan = routes
+            .values()
+            .filter(|r| matches!(r, PeerRoute::Vxlan(_)))
+            .count();
+        let mode = match self.overlay {
+            Overlay::HostRoutes => "host-routes",
+            Overlay::Vxlan => "vxlan",
+            Overlay::Auto => "auto",
+        };
+        serde_json::json!({
+            "mode": mode,
+            "vxlan_device": self.vxlan.then_some(VXLAN_DEV),
+            "hosts_by_route": routes.len() - vxlan,
+            "hosts_by_vxlan": vxlan,
         })
     }
 
@@ -218,17 +357,56 @@ impl HostNet {
         subnet_of(self.index)
     }
 
-    /// Routes other hosts' subnets via their addresses (`index → host IP`); hosts sharing
-    /// this host's address (one network namespace) need none.
+    /// Routes other hosts' subnets (`index → host IP`): via their addresses, or through
+    /// the VXLAN device; hosts sharing this host's address (one network namespace) need
+    /// none. Nothing runs for a host whose route is as it was.
     pub fn route_peers(&self, peers: &BTreeMap<u32, String>, own_ip: &str) {
         let mut routes = self.routes.lock().expect("routes lock");
         for (index, ip) in peers {
-            if *index == self.index || ip == own_ip || routes.get(index) == Some(ip) {
+            if *index == self.index || ip == own_ip {
                 continue;
             }
-            match sh(&["ip", "route", "replace", &subnet_of(*index), "via", ip]) {
+            let want = match self.overlay {
+                Overlay::HostRoutes => PeerRoute::Via(ip.clone()),
+                Overlay::Vxlan => PeerRoute::Vxlan(ip.clone()),
+                Overlay::Auto if self.vxlan && !on_link(ip) => PeerRoute::Vxlan(ip.clone()),
+                Overlay::Auto => PeerRoute::Via(ip.clone()),
+            };
+            if routes.get(index) == Some(&want) {
+                continue;
+            }
+            let subnet = subnet_of(*index);
+            let done = match &want {
+                PeerRoute::Via(ip) => sh(&["ip", "route", "replace", &subnet, "via", ip]),
+                PeerRoute::Vxlan(ip) => {
+                    let (vtep, mac) = (vtep_ip(*index), vtep_mac(*index));
+                    ip_batch(
+                        &[],
+                        &format!(
+                            "neigh replace {vtep} lladdr {mac} dev {VXLAN_DEV} nud permanent\n\
+                             route replace {subnet} via {vtep} dev {VXLAN_DEV} onlink\n"
+                        ),
+                    )
+                    .and_then(|()| {
+                        sh(&[
+                            "bridge",
+                            "fdb",
+                            "replace",
+                            &mac,
+                            "dev",
+                            VXLAN_DEV,
+                            "dst",
+                            ip,
+                            "self",
+                            "permanent",
+                        ])
+                    })
+                }
+            };
+            match done {
                 Ok(()) => {
-                    routes.insert(*index, ip.clone());
+                    tracing::info!(subnet = %subnet, route = ?want, "a host's job subnet is reachable");
+                    routes.insert(*index, want);
                 }
                 Err(e) => tracing::warn!(error = %e, "no route to a host's job subnet"),
             }
@@ -299,11 +477,14 @@ impl HostNet {
                  route replace {ip}/32 dev {veth}\n"
             ),
         )?;
+        // Room for VXLAN's headers where jobs may talk across it.
+        let mtu = if self.vxlan { VXLAN_MTU } else { 1500 };
         ip_batch(
             &["-n", ns],
             &format!(
                 "link set lo up\n\
                  addr add {ip}/32 dev eth0\n\
+                 link set eth0 mtu {mtu}\n\
                  link set eth0 up\n\
                  route add {gw} dev eth0\n\
                  route add default via {gw}\n"
@@ -333,8 +514,11 @@ impl HostNet {
         }
     }
 
-    /// Removes the host's filter (daemon stop).
+    /// Removes the host's filter and VXLAN device (daemon stop, no job left).
     pub fn stop(&self) {
         let _ = nft(&format!("delete table inet {}\n", self.table));
+        if self.vxlan {
+            let _ = sh(&["ip", "link", "del", VXLAN_DEV]);
+        }
     }
 }

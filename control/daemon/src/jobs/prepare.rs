@@ -77,7 +77,10 @@ impl JobRunner {
             .get()
             .and_then(Option::as_ref)
             .filter(|_| !proc.host_network);
-        if routed.is_none() && !proc.host_network && self.cfg.network == "routed" {
+        if routed.is_none()
+            && !proc.host_network
+            && matches!(self.cfg.network.as_str(), "routed" | "vxlan")
+        {
             let why = self.net_note.lock().expect("net note").clone();
             return Err(JobError::NoJobNetwork(
                 why.unwrap_or_else(|| "it is not set up yet".into()),

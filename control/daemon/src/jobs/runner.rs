@@ -82,14 +82,22 @@ impl JobRunner {
             .filter(|s| s.pid.is_some())
             .filter_map(|s| s.runtime.net.clone())
             .collect();
-        match tokio::task::spawn_blocking(move || network::HostNet::start(host, index, &kept)).await
-        {
+        let overlay = match self.cfg.network.as_str() {
+            "routed" => network::Overlay::HostRoutes,
+            "vxlan" => network::Overlay::Vxlan,
+            _ => network::Overlay::Auto,
+        };
+        let own_ip = self.ip.clone();
+        let started = tokio::task::spawn_blocking(move || {
+            network::HostNet::start(host, index, &kept, overlay, &own_ip)
+        });
+        match started.await {
             Ok(Ok(hn)) => {
                 tracing::info!(subnet = %hn.subnet(), "jobs get addresses of their own");
                 let _ = self.net.set(Some(hn));
             }
             Ok(Err(why)) => {
-                let level_error = self.cfg.network == "routed";
+                let level_error = self.cfg.network != "auto";
                 if level_error {
                     tracing::error!(error = %why, "jobs cannot have their own network");
                 } else {
