@@ -27,13 +27,30 @@ pub fn old_binary(exe: &Path) -> PathBuf {
 
 /// Runs `binary version`; its output, or why it does not run here.
 pub async fn binary_version(binary: &Path) -> Result<String, ApiError> {
-    let out = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        tokio::process::Command::new(binary).arg("version").output(),
-    )
-    .await
-    .map_err(|_| ApiError::Invalid("the new binary did not answer `version` in 10 s".into()))?
-    .map_err(|e| ApiError::Invalid(format!("the new binary does not run here: {e}")))?;
+    // A binary just written may be "busy" for a moment: a process this daemon forks in
+    // the meantime (a job, `ip`, `nft`) holds a copy of the descriptor it was written
+    // through until its exec closes it, and the kernel refuses to run a file open for
+    // writing (an update under load was refused so, once in 19 runs with a CPU hog).
+    let mut busy = 0;
+    let out = loop {
+        let ran = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tokio::process::Command::new(binary).arg("version").output(),
+        )
+        .await
+        .map_err(|_| ApiError::Invalid("the new binary did not answer `version` in 10 s".into()))?;
+        match ran {
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ETXTBSY as i32) && busy < 40 => {
+                busy += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+            other => {
+                break other.map_err(|e| {
+                    ApiError::Invalid(format!("the new binary does not run here: {e}"))
+                })?
+            }
+        }
+    };
     if !out.status.success() {
         return Err(ApiError::Invalid(format!(
             "the new binary's `version` failed: {}",
