@@ -45,8 +45,9 @@ pub enum Frame {
         offset: u64,
         data: Vec<u8>,
     },
-    /// `bytes` of `stream` before what follows were dropped from the ring unread.
-    Lost { stream: u8, bytes: u64 },
+    /// What the reader had not had of `stream` below offset `upto` was dropped from the
+    /// ring unread.
+    Lost { stream: u8, upto: u64 },
     /// The job ended: its status as a shell gives it (128 + signal when killed).
     Exit { code: i32 },
 }
@@ -59,7 +60,7 @@ impl Frame {
                 offset,
                 data,
             } => (*stream, *offset, data),
-            Frame::Lost { stream, bytes } => (KIND_LOST, *bytes, std::slice::from_ref(stream)),
+            Frame::Lost { stream, upto } => (KIND_LOST, *upto, std::slice::from_ref(stream)),
             Frame::Exit { code } => (KIND_EXIT, *code as u32 as u64, &[]),
         };
         let mut out = Vec::with_capacity(HEADER + data.len());
@@ -87,7 +88,7 @@ impl Frame {
             }),
             KIND_LOST => Some(Frame::Lost {
                 stream: *data.first()?,
-                bytes: word,
+                upto: word,
             }),
             KIND_EXIT => Some(Frame::Exit {
                 code: word as u32 as i32,
@@ -163,7 +164,7 @@ impl Ring {
             if cur[s] < self.dropped_to[s] {
                 frames.push(Frame::Lost {
                     stream,
-                    bytes: self.dropped_to[s] - cur[s],
+                    upto: self.dropped_to[s],
                 });
                 cur[s] = self.dropped_to[s];
             }
@@ -197,11 +198,14 @@ pub struct Shim {
     listener: UnixListener,
 }
 
-/// `PID STARTTIME` of this process, for [`PID_FILE`].
+/// The start time of process `pid`, for [`PID_FILE`]; `None` once it ended (a zombie too).
 fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command (which may hold spaces), from its closing parenthesis.
     let rest = &stat[stat.rfind(')')? + 2..];
+    if rest.starts_with('Z') {
+        return None;
+    }
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
@@ -303,7 +307,9 @@ impl Shim {
             if let Some(s) = &sigfd {
                 while let Ok(Some(info)) = s.read_signal() {
                     let sig = nix::sys::signal::Signal::try_from(info.ssi_signo as i32).ok();
-                    if let Some(sig) = sig.filter(|s| *s != nix::sys::signal::Signal::SIGCHLD) {
+                    // Not once it is reaped: its pid may be another's by then.
+                    let sig = sig.filter(|s| *s != nix::sys::signal::Signal::SIGCHLD);
+                    if let (Some(sig), None) = (sig, ended) {
                         let _ = nix::sys::signal::kill(child, sig);
                     }
                 }
@@ -348,15 +354,25 @@ impl Shim {
             }
             ring.exit = ended.map(|(code, _)| code);
             // A new daemon replaces the one before.
-            while let Ok((stream, _)) = self.listener.accept() {
-                let _ = stream.set_nonblocking(true);
-                conn = Some(Conn {
-                    stream,
-                    input: Vec::new(),
-                    output: Vec::new(),
-                    cursor: None,
-                    exit_sent: false,
-                });
+            loop {
+                match self.listener.accept() {
+                    Ok((stream, _)) => {
+                        let _ = stream.set_nonblocking(true);
+                        conn = Some(Conn {
+                            stream,
+                            input: Vec::new(),
+                            output: Vec::new(),
+                            cursor: None,
+                            exit_sent: false,
+                        });
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        // Out of descriptors, say: not a spin on a listener that stays ready.
+                        std::thread::sleep(Duration::from_millis(10));
+                        break;
+                    }
+                }
             }
             if let Some(c) = conn.as_mut() {
                 if !c.serve(&ring, &mut buf, &mut acked) {
@@ -477,7 +493,7 @@ mod tests {
             },
             Frame::Lost {
                 stream: STDOUT,
-                bytes: 1 << 33,
+                upto: 1 << 33,
             },
             Frame::Exit { code: -1 },
             Frame::Exit { code: 137 },
@@ -521,9 +537,9 @@ mod tests {
         assert!(ring.bytes <= RING_BYTES);
         let (frames, _) = ring.pending([0, 5]);
         match &frames[0] {
-            Frame::Lost { stream, bytes } => {
+            Frame::Lost { stream, upto } => {
                 assert_eq!(*stream, STDOUT);
-                assert_eq!(*bytes, ring.dropped_to[0]);
+                assert_eq!(*upto, ring.dropped_to[0]);
             }
             other => panic!("{other:?}"),
         }

@@ -22,6 +22,8 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub struct Logs {
     dir: PathBuf,
     tx: std::sync::mpsc::SyncSender<LogLine>,
+    /// Lines queued for the writer now.
+    queued: Arc<AtomicU64>,
     host: u64,
     seq: AtomicU64,
     pub dropped: Arc<AtomicU64>,
@@ -34,22 +36,26 @@ impl Logs {
             .map_err(|e| anyhow::anyhow!("creating log dir {}: {e}", dir.display()))?;
         let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let written = Arc::new(AtomicU64::new(0));
+        let queued = Arc::new(AtomicU64::new(0));
         let mut writer = Writer {
             dir: dir.clone(),
             max_bytes,
             files: HashMap::new(),
             written: written.clone(),
         };
+        let in_queue = queued.clone();
         std::thread::Builder::new()
             .name("job-logs".into())
             .spawn(move || {
                 while let Ok(line) = rx.recv() {
+                    in_queue.fetch_sub(1, Ordering::Relaxed);
                     writer.write(&line);
                 }
             })?;
         Ok(Logs {
             dir,
             tx,
+            queued,
             host,
             seq: AtomicU64::new(0),
             dropped: Arc::new(AtomicU64::new(0)),
@@ -83,8 +89,18 @@ impl Logs {
             stream: stream.into(),
             msg,
         };
+        self.queued.fetch_add(1, Ordering::Relaxed);
         if self.tx.try_send(line).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
             self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits while the writer's queue is more than half full: a reader that can hold back
+    /// (a job's shim keeps its output meanwhile) does, rather than have lines dropped.
+    pub async fn room(&self) {
+        while self.queued.load(Ordering::Relaxed) > QUEUE as u64 / 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
 
@@ -182,10 +198,16 @@ impl LineSplitter {
         }
     }
 
-    /// Bytes of the stream were skipped (lost): what was buffered is handed over as it is.
-    pub fn skip(&mut self, bytes: u64, emit: impl FnMut(&[u8], u64)) {
+    /// The stream goes on at `offset` (the bytes before it that were not handed in are
+    /// lost): what was buffered is handed over as it is. How many bytes were lost.
+    pub fn resume_at(&mut self, offset: u64, emit: impl FnMut(&[u8], u64)) -> u64 {
+        if offset <= self.end {
+            return 0;
+        }
         self.flush(emit);
-        self.end += bytes;
+        let lost = offset - self.end;
+        self.end = offset;
+        lost
     }
 }
 

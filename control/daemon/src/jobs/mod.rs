@@ -381,7 +381,9 @@ impl Component for JobRunner {
             }
             // The filter stays for jobs that stay (their published ports, service
             // addresses); the next daemon replaces it whole.
-            if let (Some(Some(hn)), true) = (self.net.get(), staying.is_empty()) {
+            let none_left =
+                staying.is_empty() && self.survivors.lock().expect("survivors lock").is_empty();
+            if let (Some(Some(hn)), true) = (self.net.get(), none_left) {
                 hn.stop();
             }
         })

@@ -79,7 +79,6 @@ impl JobRunner {
             .lock()
             .expect("survivors lock")
             .values()
-            .filter(|s| s.pid.is_some())
             .filter_map(|s| s.runtime.net.clone())
             .collect();
         let overlay = match self.cfg.network.as_str() {
@@ -361,6 +360,10 @@ impl JobRunner {
             init_error.clone(),
         );
         let up = job.state == JobState::Running;
+        // Being stopped when the previous daemon went: its end is a stop's (done).
+        if job.state == JobState::Stopping {
+            l.stopping.store(true, Ordering::SeqCst);
+        }
         let started = super::supervise::Started {
             ended: Box::pin(ended),
             readers: Vec::new(),
@@ -382,6 +385,7 @@ impl JobRunner {
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
+            super::shim::reap_when_ended(pid);
         }
         if let Some(h) = &self.cgroups {
             let cg = h.existing(&self.cgroup_name(id));

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flynn_job::shim::{self, Frame, HEADER, MAX_FRAME, STDERR, STDOUT};
+use flynn_job::shim::{self, Frame, HEADER, MAX_FRAME, STDERR};
 use flynn_state::Job;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -77,6 +77,14 @@ pub fn survivors(jobs_dir: &Path) -> std::collections::HashMap<String, Survivor>
                 found.insert(id, Survivor { dir, runtime, pid });
             }
             _ => {
+                // A shim that cannot be taken up (its runtime unreadable) ends with its
+                // job (stage 2 dies with it) before its directory goes from under it.
+                if let Some(pid) = pid {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }
@@ -98,56 +106,47 @@ pub async fn follow(
         logs::LineSplitter::at(from[1]),
     ];
     let (app, id, ty) = (&job.0, &job.1, &job.2);
+    let lost = |name: &str, bytes: u64| {
+        if bytes > 0 {
+            logs.push(
+                app,
+                id,
+                ty,
+                "init",
+                format!(
+                    "{bytes} bytes of {name} were lost: more than the shim keeps came while this host's daemon was away"
+                ),
+            );
+        }
+    };
     let handle = |frame: Frame, splitters: &mut [logs::LineSplitter; 2]| -> Option<i32> {
-        match frame {
+        let (stream, upto, data) = match frame {
+            Frame::Exit { code } => return Some(code),
+            Frame::Lost { stream, upto } => (stream, upto, None),
             Frame::Output {
                 stream,
                 offset,
                 data,
-            } => {
-                let (slot, name) = if stream == STDERR {
-                    (1, "stderr")
-                } else {
-                    (0, "stdout")
-                };
-                let s = &mut splitters[slot];
-                // Bytes already handled (a spool holds the ring from its start) are skipped.
-                let skip = s.received().saturating_sub(offset) as usize;
-                if skip < data.len() {
-                    let emit = |line: &[u8], end: u64| {
-                        let err = (slot == 1).then_some(&init_error);
-                        super::supervise::emit_line(
-                            &logs,
-                            (app, id, ty),
-                            name,
-                            line,
-                            Some(end),
-                            err,
-                        );
-                    };
-                    s.feed(&data[skip..], emit);
-                }
-                None
-            }
-            Frame::Lost { stream, bytes } => {
-                let slot = usize::from(stream == STDERR);
-                let name = if stream == STDOUT { "stdout" } else { "stderr" };
-                splitters[slot].skip(bytes, |line: &[u8], end: u64| {
-                    super::supervise::emit_line(&logs, (app, id, ty), name, line, Some(end), None)
-                });
-                logs.push(
-                    app,
-                    id,
-                    ty,
-                    "init",
-                    format!(
-                        "{bytes} bytes of {name} were lost: more than the shim keeps came while this host's daemon was away"
-                    ),
-                );
-                None
-            }
-            Frame::Exit { code } => Some(code),
+            } => (stream, offset, Some(data)),
+        };
+        let (slot, name) = if stream == STDERR {
+            (1, "stderr")
+        } else {
+            (0, "stdout")
+        };
+        let err = (slot == 1).then_some(&init_error);
+        let emit = |line: &[u8], end: u64| {
+            super::supervise::emit_line(&logs, (app, id, ty), name, line, Some(end), err)
+        };
+        let s = &mut splitters[slot];
+        // A gap before what follows (bytes dropped from the shim's ring) is said; bytes
+        // already handled (a spool holds the ring from its start) are skipped.
+        lost(name, s.resume_at(upto, emit));
+        if let Some(data) = data {
+            let skip = s.received().saturating_sub(upto).min(data.len() as u64) as usize;
+            s.feed(&data[skip..], emit);
         }
+        None
     };
     let finish = |splitters: &mut [logs::LineSplitter; 2]| {
         for (slot, name) in [(0, "stdout"), (1, "stderr")] {
@@ -172,6 +171,8 @@ pub async fn follow(
                     continue;
                 }
                 loop {
+                    // The log writer's pace: the shim holds the output meanwhile.
+                    logs.room().await;
                     let frame = match read_frame(&mut conn).await {
                         Ok(Some(f)) => f,
                         // The shim went without a word: its spool, or it is gone.
@@ -189,6 +190,7 @@ pub async fn follow(
                 if let Ok(bytes) = tokio::fs::read(&spool).await {
                     let mut r = bytes.as_slice();
                     while let Ok(Some(frame)) = Frame::read_from(&mut r) {
+                        logs.room().await;
                         if let Some(code) = handle(frame, &mut splitters) {
                             finish(&mut splitters);
                             let _ = std::fs::remove_file(&spool);
@@ -249,4 +251,81 @@ async fn read_frame(conn: &mut tokio::net::UnixStream) -> std::io::Result<Option
     Frame::decode(kind, word, data)
         .map(Some)
         .ok_or_else(|| std::io::Error::other(format!("unknown frame kind {kind}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flynn_job::shim::STDOUT;
+
+    /// Follows a spool of `frames` from `from`; the log's lines (stream, text, offset).
+    async fn follow_spool(frames: &[Frame], from: [u64; 2]) -> (i32, Vec<(String, String)>) {
+        let dir = tempfile::tempdir().unwrap();
+        let job_dir = dir.path().join("web1-web-1");
+        std::fs::create_dir_all(&job_dir).unwrap();
+        let bytes: Vec<u8> = frames.iter().flat_map(Frame::encode).collect();
+        std::fs::write(job_dir.join(shim::SPOOL), bytes).unwrap();
+        let logs = Arc::new(logs::Logs::open(dir.path().join("log"), 1 << 20, 1).unwrap());
+        let job = (
+            "web1".to_string(),
+            "web1-web-1".to_string(),
+            "web".to_string(),
+        );
+        let code = follow(logs.clone(), job, job_dir, from, Default::default())
+            .await
+            .unwrap();
+        let q = flynn_state::LogQuery {
+            app: "web1".into(),
+            ..Default::default()
+        };
+        let mut lines = Vec::new();
+        for _ in 0..200 {
+            lines = logs.read(&q);
+            if logs.written.load(std::sync::atomic::Ordering::Relaxed) as usize >= lines.len()
+                && !lines.is_empty()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let got = lines.into_iter().map(|l| (l.stream, l.msg)).collect();
+        (code, got)
+    }
+
+    fn spool_after_drops() -> Vec<Frame> {
+        vec![
+            // The ring dropped stdout below 100; it holds 100..110.
+            Frame::Lost {
+                stream: STDOUT,
+                upto: 100,
+            },
+            Frame::Output {
+                stream: STDOUT,
+                offset: 100,
+                data: b"aaaa\nbbbb\n".to_vec(),
+            },
+            Frame::Exit { code: 3 },
+        ]
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn t01_a_spool_resumes_where_the_log_ends_whatever_the_ring_dropped() {
+        // The log holds stdout to 105 ("aaaa\n"): only "bbbb" is new, nothing was lost.
+        let (code, got) = follow_spool(&spool_after_drops(), [105, 0]).await;
+        assert_eq!(code, 3);
+        assert_eq!(got, [("stdout".to_string(), "bbbb".to_string())]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn t02_bytes_the_ring_dropped_before_the_log_s_end_are_said_lost() {
+        let (_, got) = follow_spool(&spool_after_drops(), [40, 0]).await;
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0].0, "init");
+        assert!(
+            got[0].1.starts_with("60 bytes of stdout were lost"),
+            "{got:?}"
+        );
+        assert_eq!(got[1].1, "aaaa");
+        assert_eq!(got[2].1, "bbbb");
+    }
 }

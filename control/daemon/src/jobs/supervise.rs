@@ -33,6 +33,9 @@ pub(super) struct Started {
     pub(super) up: bool,
 }
 
+/// How long a shim has to set the job up.
+const SHIM_SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl JobRunner {
     pub(super) async fn supervise(
         &self,
@@ -84,19 +87,27 @@ impl JobRunner {
         let mut ready = false;
         if let Some(stderr) = child.stderr.take() {
             let mut lines = tokio::io::BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line == flynn_job::init::SHIM_READY {
-                    ready = true;
-                    break;
+            let setup = async {
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if line == flynn_job::init::SHIM_READY {
+                        return true;
+                    }
+                    emit_line(
+                        &self.logs,
+                        (&job.app, &job.id, &job.proc_type),
+                        "stderr",
+                        line.as_bytes(),
+                        None,
+                        Some(&init_error),
+                    );
                 }
-                emit_line(
-                    &self.logs,
-                    (&job.app, &job.id, &job.proc_type),
-                    "stderr",
-                    line.as_bytes(),
-                    None,
-                    Some(&init_error),
-                );
+                false
+            };
+            // Setting up is mounts and a fork: a stage 1 that has not said it is up by
+            // then is stuck (a hung mount), and is killed.
+            match tokio::time::timeout(SHIM_SETUP_TIMEOUT, setup).await {
+                Ok(said) => ready = said,
+                Err(_) => nix_kill(l, true),
             }
         }
         if !ready {
