@@ -63,9 +63,11 @@ async fn job_host(host: &AppState, app: &str, id: &str) -> ApiResult<Option<Stri
     Ok(Some(addr))
 }
 
-fn streaming_client() -> ApiResult<reqwest::Client> {
+/// A client for another host's streamed answers (a job's output): no overall timeout, a
+/// connection that is refused or unanswered fails within `connect`.
+pub(crate) fn streaming_client(connect: Duration) -> ApiResult<reqwest::Client> {
     reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(2))
+        .connect_timeout(connect)
         .build()
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
@@ -79,7 +81,7 @@ async fn forward(
     body: Option<Body>,
 ) -> ApiResult<axum::response::Response> {
     let secret = host.node()?.secret().to_string();
-    let mut rb = streaming_client()?
+    let mut rb = streaming_client(Duration::from_secs(2))?
         .request(method, format!("http://{addr}{path}"))
         .header(flynn_client::SECRET_HEADER, secret);
     if let Some(b) = body {

@@ -590,17 +590,11 @@ async fn run(
         host.node()?,
         host.jobs().is_some().then_some(host.id),
         flynn_state::jobs::NewJob {
-            app: job_app,
-            release,
-            proc_type: "run".into(),
-            host: 0,
-            oneoff: true,
-            args: req.args,
             // A terminal's input is the session's: it is always passed.
             stdin: req.stdin || req.tty.is_some(),
-            build: None,
             tty: req.tty,
             env,
+            ..flynn_state::jobs::NewJob::one_off(job_app, release, req.args)
         },
     )
     .await?;
@@ -659,22 +653,19 @@ async fn build(
         host.node()?,
         host.jobs().is_some().then_some(host.id),
         flynn_state::jobs::NewJob {
-            app,
-            release,
             proc_type: "build".into(),
-            host: 0,
-            oneoff: true,
-            args: crate::jobs::build::ARGS
-                .iter()
-                .map(|a| a.to_string())
-                .collect(),
-            stdin: false,
             build: Some(flynn_state::Build {
                 image,
                 source: req.source,
             }),
-            tty: None,
-            env: Default::default(),
+            ..flynn_state::jobs::NewJob::one_off(
+                app,
+                release,
+                crate::jobs::build::ARGS
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect(),
+            )
         },
     )
     .await?;

@@ -65,16 +65,9 @@ async fn start(
         node,
         host.jobs().is_some().then_some(host.id),
         flynn_state::jobs::NewJob {
-            app: app.to_string(),
-            release,
-            proc_type: "run".into(),
-            host: 0,
-            oneoff: true,
-            args,
             stdin,
-            build: None,
-            tty: None,
             env,
+            ..flynn_state::jobs::NewJob::one_off(app, release, args)
         },
     )
     .await?;
@@ -136,10 +129,7 @@ where
 }
 
 fn client() -> ApiResult<reqwest::Client> {
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .map_err(|e| ApiError::Internal(e.to_string()))
+    crate::api::attach::streaming_client(Duration::from_secs(5))
 }
 
 /// The job's output stream (`{"stream", "data"}` lines, then `{"exit"}`) as its stdout's

@@ -46,24 +46,17 @@ async fn run_sql(host: &Host, sql: &str) -> ApiResult<()> {
         let job = crate::jobs::oneoff::place(
             node,
             host.jobs().is_some().then_some(host.id),
-            flynn_state::jobs::NewJob {
-                app: APP.into(),
+            flynn_state::jobs::NewJob::one_off(
+                APP,
                 release,
-                proc_type: "run".into(),
-                host: 0,
-                oneoff: true,
-                args: vec![
+                vec![
                     "/bin/sh".into(),
                     "-c".into(),
                     "exec mariadb --connect-timeout=5 -u root -h \"$MYSQL_HOST\" -P \"$MYSQL_PORT\" -e \"$0\""
                         .into(),
                     sql.into(),
                 ],
-                stdin: false,
-                build: None,
-                tty: None,
-                env: Default::default(),
-            },
+            ),
         )
         .await?;
         let status = ended(node, &job.id, deadline).await?;

@@ -258,8 +258,13 @@ mod tests {
     use super::*;
     use flynn_job::shim::STDOUT;
 
-    /// Follows a spool of `frames` from `from`; the log's lines (stream, text, offset).
-    async fn follow_spool(frames: &[Frame], from: [u64; 2]) -> (i32, Vec<(String, String)>) {
+    /// Follows a spool of `frames` from `from`; the log's lines (stream, text) once the
+    /// writer has written `expect` of them.
+    async fn follow_spool(
+        frames: &[Frame],
+        from: [u64; 2],
+        expect: u64,
+    ) -> (i32, Vec<(String, String)>) {
         let dir = tempfile::tempdir().unwrap();
         let job_dir = dir.path().join("web1-web-1");
         std::fs::create_dir_all(&job_dir).unwrap();
@@ -278,17 +283,18 @@ mod tests {
             app: "web1".into(),
             ..Default::default()
         };
-        let mut lines = Vec::new();
-        for _ in 0..200 {
-            lines = logs.read(&q);
-            if logs.written.load(std::sync::atomic::Ordering::Relaxed) as usize >= lines.len()
-                && !lines.is_empty()
-            {
+        // The writer is a thread of its own: lines reach the file a moment later.
+        for _ in 0..400 {
+            if logs.written.load(std::sync::atomic::Ordering::Relaxed) >= expect {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let got = lines.into_iter().map(|l| (l.stream, l.msg)).collect();
+        let got = logs
+            .read(&q)
+            .into_iter()
+            .map(|l| (l.stream, l.msg))
+            .collect();
         (code, got)
     }
 
@@ -311,14 +317,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn t01_a_spool_resumes_where_the_log_ends_whatever_the_ring_dropped() {
         // The log holds stdout to 105 ("aaaa\n"): only "bbbb" is new, nothing was lost.
-        let (code, got) = follow_spool(&spool_after_drops(), [105, 0]).await;
+        let (code, got) = follow_spool(&spool_after_drops(), [105, 0], 1).await;
         assert_eq!(code, 3);
         assert_eq!(got, [("stdout".to_string(), "bbbb".to_string())]);
     }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn t02_bytes_the_ring_dropped_before_the_log_s_end_are_said_lost() {
-        let (_, got) = follow_spool(&spool_after_drops(), [40, 0]).await;
+        let (_, got) = follow_spool(&spool_after_drops(), [40, 0], 3).await;
         assert_eq!(got.len(), 3, "{got:?}");
         assert_eq!(got[0].0, "init");
         assert!(

@@ -129,6 +129,26 @@ pub struct NewJob {
     pub env: BTreeMap<String, String>,
 }
 
+impl NewJob {
+    /// A one-off job (`run`) of `app`'s `release` running `args`, placed by whoever places
+    /// it (host 0 until then), with nothing else set: the base the API's one-off jobs
+    /// (`flynn run`, builds, database clients) are made from.
+    pub fn one_off(app: impl Into<String>, release: String, args: Vec<String>) -> NewJob {
+        NewJob {
+            app: app.into(),
+            release,
+            proc_type: "run".into(),
+            host: 0,
+            oneoff: true,
+            args,
+            stdin: false,
+            build: None,
+            tty: None,
+            env: BTreeMap::new(),
+        }
+    }
+}
+
 /// Recent crashes of one process type (`APP/TYPE`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Backoff {
