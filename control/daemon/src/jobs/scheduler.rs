@@ -11,7 +11,7 @@
 //!   a rolling deploy never drops below the formation's count of running jobs;
 //! - jobs whose app, formation or type is gone are stopped.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use flynn_state::jobs::{JobsCommand, NewJob};
@@ -174,6 +174,14 @@ fn reserves(s: &ClusterState, j: &Job) -> Reservation {
         .unwrap_or_default()
 }
 
+/// One process type's jobs of any release, in id order: those that count, and those
+/// being stopped.
+#[derive(Default)]
+struct TypeJobs<'s> {
+    counted: Vec<&'s Job>,
+    stopping: Vec<&'s Job>,
+}
+
 fn stopping_rank(j: &Job) -> (u8, std::cmp::Reverse<u64>) {
     let rank = match j.state {
         JobState::Pending => 0,
@@ -212,25 +220,34 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
             .collect();
     }
 
-    // Jobs that count: active and not already being stopped.
-    let counted: Vec<&Job> = active
-        .iter()
-        .copied()
-        .filter(|j| j.state != JobState::Stopping && !j.oneoff)
-        .collect();
-    let mut load: BTreeMap<u64, usize> = live.iter().map(|h| (*h, 0)).collect();
+    // One pass over the active jobs builds every index the formations' loop reads, so a
+    // pass is linear in jobs, not jobs × process types (the simulation in
+    // `bench/scheduler` keeps it so at 1,000 hosts and 10,000 jobs).
+    let mut load: HashMap<u64, usize> = live.iter().map(|h| (*h, 0)).collect();
     let capacity = capacities(s, &live);
-    let mut reserved: BTreeMap<u64, Reservation> = BTreeMap::new();
-    for j in &active {
-        reserved.entry(j.host).or_default().add(reserves(s, j));
-    }
-    let mut type_load: BTreeMap<(&str, &str, u64), usize> = BTreeMap::new();
-    for j in &active {
-        *load.entry(j.host).or_default() += 1;
-    }
+    let mut reserved: HashMap<u64, Reservation> = HashMap::new();
     // Spreading a type counts its jobs that stay: those of the release it runs, not ones
     // stopping or about to be replaced.
-    for j in &counted {
+    let mut type_load: HashMap<(&str, &str, u64), usize> = HashMap::new();
+    // Hosts holding a job of a type, in any release (a one-per-host type skips them).
+    let mut held_hosts: HashSet<(&str, &str, u64)> = HashSet::new();
+    let mut by_type: HashMap<(&str, &str), TypeJobs> = HashMap::new();
+    // Jobs that count: active and not already being stopped.
+    let mut counted: Vec<&Job> = Vec::new();
+    for j in &active {
+        reserved.entry(j.host).or_default().add(reserves(s, j));
+        *load.entry(j.host).or_default() += 1;
+        if j.oneoff {
+            continue;
+        }
+        held_hosts.insert((&j.app, &j.proc_type, j.host));
+        let of_type = by_type.entry((&j.app, &j.proc_type)).or_default();
+        if j.state == JobState::Stopping {
+            of_type.stopping.push(j);
+            continue;
+        }
+        of_type.counted.push(j);
+        counted.push(j);
         let current = s
             .jobs
             .formations
@@ -241,20 +258,13 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
         }
     }
 
-    // Hosts holding a job of a type, in any release (a one-per-host type skips them).
-    let held_hosts: std::collections::BTreeSet<(&str, &str, u64)> = active
-        .iter()
-        .filter(|j| !j.oneoff)
-        .map(|j| (j.app.as_str(), j.proc_type.as_str(), j.host))
-        .collect();
-
     // Kept data volumes no active job holds, by app, type and host: a job of that type goes
     // where one waits for it, so it takes its data up again.
-    let active_ids: Vec<&str> = active.iter().map(|j| j.id.as_str()).collect();
-    let mut free_volumes: BTreeMap<(&str, &str, u64), usize> = BTreeMap::new();
+    let is_active = |id: &str| s.jobs.jobs.get(id).is_some_and(|j| j.state.is_active());
+    let mut free_volumes: HashMap<(&str, &str, u64), usize> = HashMap::new();
     for v in s.volumes.volumes.values() {
         if let (Some(app), Some(ty), Some(path)) = (&v.app, &v.proc_type, &v.path) {
-            if v.free_for(app, ty, path, &active_ids) {
+            if v.free_for(app, ty, path, is_active) {
                 *free_volumes.entry((app, ty, v.host)).or_default() += 1;
             }
         }
@@ -262,10 +272,12 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
 
     let mut place: Vec<NewJob> = Vec::new();
     let mut stop: Vec<String> = Vec::new();
-    let mut keep: BTreeSet<&str> = BTreeSet::new();
+    let mut stopping: HashSet<&str> = HashSet::new();
+    let mut keep: HashSet<&str> = HashSet::new();
     // Draining hosts take no new jobs, and their jobs are replaced like old releases'.
     let draining = &s.cluster.draining;
     let placeable: BTreeSet<u64> = live.difference(draining).copied().collect();
+    let none = TypeJobs::default();
 
     for (app, f) in &s.jobs.formations {
         let Some(release) = s.jobs.releases.get(&f.release) else {
@@ -273,51 +285,52 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
         };
         for (ty, proc) in &release.processes {
             let count = f.processes.get(ty).copied().unwrap_or(0) as usize;
-            let of_type = |release_matches: bool| -> Vec<&Job> {
-                counted
-                    .iter()
-                    .copied()
-                    .filter(|j| j.app == *app && j.proc_type == *ty)
-                    .filter(|j| {
-                        (j.release == f.release && !draining.contains(&j.host)) == release_matches
-                    })
-                    .collect()
-            };
-            let mut current = of_type(true);
-            let old = of_type(false);
+            let (app, ty) = (app.as_str(), ty.as_str());
+            let jobs = by_type.get(&(app, ty)).unwrap_or(&none);
+            let (mut current, old): (Vec<&Job>, Vec<&Job>) = jobs
+                .counted
+                .iter()
+                .copied()
+                .partition(|j| j.release == f.release && !draining.contains(&j.host));
             // A type with kept data volumes deploys stop-first: a new job can take an old
             // one's volume up only once that job has ended (started alongside, it would get
             // an empty one). Jobs on draining hosts still go new-before-old: their volumes
             // cannot move with them anyway.
             let stop_first = proc.volumes.iter().any(|v| !v.delete_on_stop);
             let holds = |j: &Job| stop_first && !draining.contains(&j.host);
-            let leaving: Vec<&Job> = active
-                .iter()
-                .copied()
-                .filter(|j| j.app == *app && j.proc_type == *ty && !j.oneoff)
-                .filter(|j| j.state == JobState::Stopping && holds(j))
-                .collect();
+            let leaving: Vec<&Job> = jobs.stopping.iter().copied().filter(|j| holds(j)).collect();
             // Omni types run `count` jobs on every live host; others `count` in all.
             let groups: Vec<(Option<u64>, usize)> = if proc.omni {
                 placeable.iter().map(|h| (Some(*h), count)).collect()
             } else {
                 vec![(None, count)]
             };
+            // An omni type's jobs by host, so each host's group is a lookup.
+            let mut current_on: HashMap<u64, Vec<&Job>> = HashMap::new();
+            let mut held_on: HashMap<u64, usize> = HashMap::new();
+            if proc.omni {
+                for j in &current {
+                    current_on.entry(j.host).or_default().push(j);
+                }
+                for j in old.iter().chain(&leaving).filter(|j| holds(j)) {
+                    *held_on.entry(j.host).or_default() += 1;
+                }
+            }
+            let mut dropped: HashSet<&str> = HashSet::new();
             let mut want_total = 0;
             for (only_host, want) in groups {
                 want_total += want;
-                let mine: Vec<&Job> = current
-                    .iter()
-                    .copied()
-                    .filter(|j| only_host.is_none_or(|h| j.host == h))
-                    .collect();
-                // Slots still held by old or leaving jobs of a stop-first type.
-                let held = old
-                    .iter()
-                    .chain(&leaving)
-                    .filter(|j| holds(j))
-                    .filter(|j| only_host.is_none_or(|h| j.host == h))
-                    .count();
+                let (mine, held): (Vec<&Job>, usize) = match only_host {
+                    Some(h) => (
+                        current_on.get(&h).cloned().unwrap_or_default(),
+                        held_on.get(&h).copied().unwrap_or(0),
+                    ),
+                    // Slots still held by old or leaving jobs of a stop-first type.
+                    None => (
+                        current.clone(),
+                        old.iter().chain(&leaving).filter(|j| holds(j)).count(),
+                    ),
+                };
                 let want_now = want.saturating_sub(held);
                 if mine.len() < want_now {
                     let backoff = s
@@ -330,43 +343,39 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                         continue;
                     }
                     let need = Reservation::of(&proc.limits);
-                    let room = |h: &u64, reserved: &BTreeMap<u64, Reservation>| {
+                    let room = |h: u64, reserved: &HashMap<u64, Reservation>| {
                         capacity
-                            .get(h)
+                            .get(&h)
                             .copied()
                             .unwrap_or_default()
-                            .fits(reserved.get(h).copied().unwrap_or_default(), need)
+                            .fits(reserved.get(&h).copied().unwrap_or_default(), need)
                     };
-                    let mut placed_here: Vec<u64> = Vec::new();
+                    // Where the next job goes: a host with one of the type's free volumes,
+                    // then the fewest jobs of the type, then the fewest jobs.
+                    let rank = |h: u64,
+                                free_volumes: &HashMap<(&str, &str, u64), usize>,
+                                type_load: &HashMap<(&str, &str, u64), usize>,
+                                load: &HashMap<u64, usize>| {
+                        (
+                            free_volumes.get(&(app, ty, h)).copied().unwrap_or(0) == 0,
+                            type_load.get(&(app, ty, h)).copied().unwrap_or(0),
+                            load.get(&h).copied().unwrap_or(0),
+                            h,
+                        )
+                    };
+                    // Only hosts with room for the type's memory and CPU; ordered, so
+                    // each placement takes the first and puts that host back re-ranked.
+                    let mut candidates: BTreeSet<(bool, usize, usize, u64)> = match only_host {
+                        Some(h) => vec![h],
+                        None => placeable.iter().copied().collect(),
+                    }
+                    .into_iter()
+                    .filter(|h| room(*h, &reserved))
+                    .filter(|h| !proc.one_per_host || !held_hosts.contains(&(app, ty, *h)))
+                    .map(|h| rank(h, &free_volumes, &type_load, &load))
+                    .collect();
                     for _ in mine.len()..want_now {
-                        // Only hosts with room for the type's memory and CPU.
-                        let candidates: Vec<u64> = match only_host {
-                            Some(h) => vec![h],
-                            None => placeable.iter().copied().collect(),
-                        }
-                        .into_iter()
-                        .filter(|h| room(h, &reserved))
-                        .filter(|h| {
-                            !proc.one_per_host
-                                || (!held_hosts.contains(&(app.as_str(), ty.as_str(), *h))
-                                    && !placed_here.contains(h))
-                        })
-                        .collect();
-                        let Some(host) = candidates.into_iter().min_by_key(|h| {
-                            (
-                                free_volumes
-                                    .get(&(app.as_str(), ty.as_str(), *h))
-                                    .copied()
-                                    .unwrap_or(0)
-                                    == 0,
-                                type_load
-                                    .get(&(app.as_str(), ty.as_str(), *h))
-                                    .copied()
-                                    .unwrap_or(0),
-                                load.get(h).copied().unwrap_or(0),
-                                *h,
-                            )
-                        }) else {
+                        let Some((_, _, _, host)) = candidates.pop_first() else {
                             no_room.push(format!(
                                 "{app}/{ty}: {} more wanted, {} MiB and {}m CPU each",
                                 want_now - mine.len(),
@@ -375,17 +384,20 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                             ));
                             break;
                         };
-                        if let Some(n) = free_volumes.get_mut(&(app.as_str(), ty.as_str(), host)) {
+                        if let Some(n) = free_volumes.get_mut(&(app, ty, host)) {
                             *n = n.saturating_sub(1);
                         }
-                        placed_here.push(host);
                         *type_load.entry((app, ty, host)).or_default() += 1;
                         *load.entry(host).or_default() += 1;
                         reserved.entry(host).or_default().add(need);
+                        // A one-per-host type has had its one here.
+                        if !proc.one_per_host && room(host, &reserved) {
+                            candidates.insert(rank(host, &free_volumes, &type_load, &load));
+                        }
                         place.push(NewJob {
-                            app: app.clone(),
+                            app: app.to_string(),
                             release: f.release.clone(),
-                            proc_type: ty.clone(),
+                            proc_type: ty.to_string(),
                             host,
                             oneoff: false,
                             args: Vec::new(),
@@ -401,10 +413,12 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                     let n = extra.len() - want;
                     for j in extra.into_iter().take(n) {
                         stop.push(j.id.clone());
-                        current.retain(|c| c.id != j.id);
+                        stopping.insert(&j.id);
+                        dropped.insert(&j.id);
                     }
                 }
             }
+            current.retain(|j| !dropped.contains(j.id.as_str()));
             // Old-release jobs go as new ones come up, never below the count running.
             let running_new = current
                 .iter()
@@ -424,6 +438,7 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
             let n = old.len().saturating_sub(allowed_old);
             for j in &old[..n] {
                 stop.push(j.id.clone());
+                stopping.insert(&j.id);
             }
             for j in current.iter().chain(&old[n..]) {
                 keep.insert(&j.id);
@@ -432,7 +447,7 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
     }
     // Anything else that counts has lost its formation, release or type.
     for j in &counted {
-        if !keep.contains(j.id.as_str()) && !stop.contains(&j.id) {
+        if !keep.contains(j.id.as_str()) && !stopping.contains(j.id.as_str()) {
             stop.push(j.id.clone());
         }
     }

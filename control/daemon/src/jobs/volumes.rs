@@ -68,18 +68,15 @@ impl JobRunner {
         let found = {
             let mut claimed = self.claimed.lock().expect("claimed lock");
             let found = local.read(|s| {
-                let active: Vec<&str> = s
-                    .jobs
-                    .jobs
-                    .values()
-                    .filter(|j| j.state.is_active() && j.id != job.id)
-                    .map(|j| j.id.as_str())
-                    .collect();
+                // Held by another job still active (a lookup, not a scan: hosts hold many).
+                let is_active = |id: &str| {
+                    id != job.id && s.jobs.jobs.get(id).is_some_and(|j| j.state.is_active())
+                };
                 s.volumes
                     .volumes
                     .values()
                     .filter(|v| v.host == self.host && !claimed.contains_key(&v.id))
-                    .find(|v| v.free_for(&job.app, &job.proc_type, path, &active))
+                    .find(|v| v.free_for(&job.app, &job.proc_type, path, is_active))
                     .cloned()
             });
             if let Some(v) = &found {

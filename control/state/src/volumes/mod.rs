@@ -40,12 +40,18 @@ pub struct Volume {
 
 impl Volume {
     /// Whether this is a data volume of `app`'s `proc_type` mounted at `path` that no job
-    /// in `active` holds: one a new job of that type may take up.
-    pub fn free_for(&self, app: &str, proc_type: &str, path: &str, active: &[&str]) -> bool {
+    /// that `is_active` holds: one a new job of that type may take up.
+    pub fn free_for(
+        &self,
+        app: &str,
+        proc_type: &str,
+        path: &str,
+        is_active: impl Fn(&str) -> bool,
+    ) -> bool {
         self.app.as_deref() == Some(app)
             && self.proc_type.as_deref() == Some(proc_type)
             && self.path.as_deref() == Some(path)
-            && self.job.as_deref().is_none_or(|j| !active.contains(&j))
+            && self.job.as_deref().is_none_or(|j| !is_active(j))
     }
 
     pub fn key(host: u64, id: &str) -> String {
