@@ -90,6 +90,21 @@ async fn t10_bootstrap_three_peers() {
         (got == want).then_some(())
     })
     .await;
+    // Those reads (forwarded by the followers) were answered under the leader's lease, not
+    // each after a heartbeat round of its own.
+    let leader = c.wait_leader(0, None).await;
+    let metrics = reqwest::get(format!("{}/metrics", c.hosts[leader].url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let leased: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("flynn_raft_read_index_total{how=\"lease\"} "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no leased reads counted: {metrics}"));
+    assert!(leased > 0, "no read used the lease");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -193,6 +208,16 @@ async fn t40_partitioned_leader_cannot_commit_majority_can() {
         .update_env("split", &set("SIDE", "majority"))
         .await
         .expect("majority write");
+    // A read through the cut-off old leader must not answer without that write: it cannot
+    // confirm its leadership, and its read lease ran out long ago.
+    // (The CLI runs in the host's namespace, so it reaches that host while the link is down.)
+    let out = c.flynn(leader, &["-a", "split", "env"]);
+    assert!(
+        !out.status.success(),
+        "the cut-off leader answered a read: {out:?}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("leader"), "{err}");
     c.heal(leader);
     // After healing every host converges on one history: the majority's.
     for i in 0..3 {

@@ -172,10 +172,12 @@ impl Host {
             .with_context(|| format!("opening the raft store in {}", raft_dir.display()))?;
         let handle = sm.handle();
         let config = Arc::new(flynn_raft::raft_config().validate()?);
-        let raft = Raft::new(self.id, config, HttpNetwork::new(secret.clone()), log, sm)
+        let network = HttpNetwork::new(secret.clone());
+        let lease = network.lease();
+        let raft = Raft::new(self.id, config, network, log, sm)
             .await
             .context("starting raft")?;
-        let node = Node::new(self.id, self.addr.clone(), raft, handle, secret);
+        let node = Node::new(self.id, self.addr.clone(), raft, handle, secret, lease);
         let _ = self.node.set(node.clone());
         crate::metrics::follow_leader(node.raft.clone());
         self.components.follow(&LocalState::new(node.clone()));

@@ -21,6 +21,10 @@ pub static PROPOSALS_FAILED: AtomicU64 = AtomicU64::new(0);
 pub static PROPOSALS_PENDING: AtomicI64 = AtomicI64::new(0);
 pub static PROPOSAL_COMMIT: LazyLock<Histogram> = LazyLock::new(|| Histogram::new(LATENCY));
 pub static LEADER_CHANGES: AtomicU64 = AtomicU64::new(0);
+/// Read indexes this host answered as leader under its lease, without a heartbeat round.
+pub static READS_LEASED: AtomicU64 = AtomicU64::new(0);
+/// Read indexes it answered after confirming its leadership with a heartbeat round.
+pub static READS_CONFIRMED: AtomicU64 = AtomicU64::new(0);
 /// Jobs the scheduler placed (on the leader).
 pub static JOBS_PLACED: AtomicU64 = AtomicU64::new(0);
 /// Process types with jobs wanted that no live host has room for, at the scheduler's last
@@ -120,6 +124,20 @@ pub fn render(out: &mut String) {
         "Leader changes this host has seen.",
         LEADER_CHANGES.load(Ordering::Relaxed),
     );
+    header(
+        out,
+        "flynn_raft_read_index_total",
+        "counter",
+        "Read indexes this host answered as leader: under its lease, or confirmed by a heartbeat round.",
+    );
+    for (how, n) in [("lease", &READS_LEASED), ("heartbeat", &READS_CONFIRMED)] {
+        flynn_metrics::sample(
+            out,
+            "flynn_raft_read_index_total",
+            &[("how", how)],
+            n.load(Ordering::Relaxed),
+        );
+    }
     flynn_raft::metrics::render(out);
     header(
         out,

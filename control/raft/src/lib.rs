@@ -1,6 +1,7 @@
 //! Raft for the cluster state: openraft's type config, the RocksDB log store and state
 //! machine, and the HTTP transport between hosts.
 
+pub mod lease;
 pub mod metrics;
 pub mod network;
 pub mod store;
@@ -34,7 +35,8 @@ pub type RaftMetrics = openraft::RaftMetrics<NodeId, BasicNode>;
 pub const SECRET_HEADER: &str = "x-flynn-cluster-secret";
 
 /// Raft timing used by every host. Failover within a few seconds on a LAN, without elections
-/// triggered by an fsync stall.
+/// triggered by an fsync stall. Followers keep a leader's lease for `election_timeout_max`;
+/// the leader's own read lease ([`lease::LeaderLease::TERM`]) is a third of it.
 pub fn raft_config() -> openraft::Config {
     openraft::Config {
         cluster_name: "flynn".into(),
@@ -47,5 +49,14 @@ pub fn raft_config() -> openraft::Config {
         max_in_snapshot_log_to_keep: 2_000,
         purge_batch_size: 1_000,
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn t01_the_read_lease_is_well_inside_the_followers_promise() {
+        let followers = std::time::Duration::from_millis(super::raft_config().election_timeout_max);
+        assert!(super::lease::LeaderLease::TERM * 3 <= followers);
     }
 }

@@ -17,6 +17,7 @@ use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::lease::LeaderLease;
 use crate::{NodeId, TypeConfig, SECRET_HEADER};
 
 pub const PATH_APPEND: &str = "/raft/append";
@@ -29,6 +30,7 @@ pub struct HttpNetwork {
     client: reqwest::Client,
     secret: String,
     reachability: Reachability,
+    lease: LeaderLease,
 }
 
 /// Whether each peer answered its last RPC, so a peer going down or coming back is logged
@@ -73,7 +75,13 @@ impl HttpNetwork {
             client,
             secret,
             reachability: Reachability::default(),
+            lease: LeaderLease::default(),
         }
+    }
+
+    /// The lease this network's AppendEntries answers keep (shared with every clone).
+    pub fn lease(&self) -> LeaderLease {
+        self.lease.clone()
     }
 }
 
@@ -87,6 +95,7 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
             client: self.client.clone(),
             secret: self.secret.clone(),
             reachability: self.reachability.clone(),
+            lease: self.lease.clone(),
         }
     }
 }
@@ -97,6 +106,7 @@ pub struct PeerConnection {
     client: reqwest::Client,
     secret: String,
     reachability: Reachability,
+    lease: LeaderLease,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +183,14 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(PATH_APPEND, &rpc, &option).await
+        let (sent, vote) = (std::time::Instant::now(), rpc.vote);
+        let resp = self.call(PATH_APPEND, &rpc, &option).await?;
+        // Any answer but a higher vote means the peer took `vote` as its leader's (openraft
+        // checks the vote before the log), and promised not to vote for another for a while.
+        if !matches!(resp, AppendEntriesResponse::HigherVote(_)) {
+            self.lease.accepted(self.target, vote, sent);
+        }
+        Ok(resp)
     }
 
     async fn install_snapshot(
