@@ -30,6 +30,13 @@ struct Opts {
     /// Directory with flynn, flynn-host (default: next to this binary).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Times each case runs, the blobstore and nginx taking turns; the median is reported
+    /// (nginx alone moves by up to 2x between runs here).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Only these operations: get, put, or all.
+    #[arg(long, default_value = "all")]
+    only: String,
 }
 
 const NGINX_PORT: u16 = 18990;
@@ -50,6 +57,12 @@ struct Case {
 struct Result {
     bytes_per_s: f64,
     p99_ms: f64,
+}
+
+/// The round with the median throughput (its p99 with it).
+fn median(mut rounds: Vec<Result>) -> Result {
+    rounds.sort_by(|a, b| a.bytes_per_s.total_cmp(&b.bytes_per_s));
+    rounds.swap_remove(rounds.len() / 2)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -227,11 +240,21 @@ async fn bench(opts: &Opts, cluster: &LocalCluster) -> anyhow::Result<()> {
             }
         }
     }
+    let wanted = |op: Op| match opts.only.as_str() {
+        "get" => op == Op::Get,
+        "put" => op == Op::Put,
+        _ => true,
+    };
+    anyhow::ensure!(opts.rounds > 0, "--rounds must be at least 1");
     let mut rows = Vec::new();
-    for case in &cases {
+    for case in cases.iter().filter(|c| wanted(c.op)) {
         let body = Bytes::from((0..case.size).map(|i| (i % 241) as u8).collect::<Vec<u8>>());
-        let b = measure(&http, &blobstore, case, &body).await?;
-        let n = measure(&http, &nginx, case, &body).await?;
+        let (mut bs, mut ns) = (Vec::new(), Vec::new());
+        for _ in 0..opts.rounds {
+            bs.push(measure(&http, &blobstore, case, &body).await?);
+            ns.push(measure(&http, &nginx, case, &body).await?);
+        }
+        let (b, n) = (median(bs), median(ns));
         let op = if case.op == Op::Get { "GET" } else { "PUT" };
         println!(
             "{}",

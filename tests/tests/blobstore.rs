@@ -46,6 +46,46 @@ async fn body(http: &reqwest::Client, url: String) -> bytes::Bytes {
 }
 
 /// Waits until host `i`'s blobstore answers (it serves once the host is in a cluster).
+/// Every file under host `i`'s blobstore directory (objects and temporary ones).
+fn stored_files(c: &Cluster, i: usize) -> usize {
+    fn count(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| match e.file_type() {
+                        Ok(t) if t.is_dir() => count(&e.path()),
+                        _ => 1,
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    count(&c.hosts[i].data_dir.join("blobstore"))
+}
+
+/// Starts a PUT of `declared` bytes to host `i`, sends `sent` of them, and hangs up.
+async fn put_cut_short(c: &Cluster, i: usize, path: &str, declared: usize, sent: usize) {
+    use tokio::io::AsyncWriteExt;
+    let addr = url(c, i, "")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!("PUT {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {declared}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let piece = vec![7u8; 64 << 10];
+    let mut left = sent;
+    while left > 0 {
+        let n = left.min(piece.len());
+        s.write_all(&piece[..n]).await.unwrap();
+        left -= n;
+    }
+    // Long enough for the pieces to reach the peer's copy, then gone.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(s);
+}
+
 async fn ready(c: &Cluster, i: usize) {
     let http = reqwest::Client::new();
     let u = url(c, i, "/");
@@ -284,6 +324,48 @@ async fn t11_two_copies_survive_a_host_and_a_bad_copy() {
             .then_some(())
     })
     .await;
+    // A PUT cut off mid-body stores nothing on any host: not on the writer, and not on the
+    // peer its second copy was streaming to as it arrived.
+    let files_before: Vec<usize> = (0..3).map(|i| stored_files(&c, i)).collect();
+    put_cut_short(&c, 1, "/cut-short", 4 << 20, 1 << 20).await;
+    let files_after = eventually(Duration::from_secs(10), "temporary files gone", || async {
+        let now: Vec<usize> = (0..3).map(|i| stored_files(&c, i)).collect();
+        (now == files_before).then_some(now)
+    })
+    .await;
+    assert_eq!(files_after, files_before);
+    let r = http.get(url(&c, 0, "/cut-short")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    // A whole PUT is acknowledged with both copies already on disk.
+    let whole = b"both at once\n".repeat(50_000);
+    let r = http
+        .put(url(&c, 1, "/whole"))
+        .body(whole.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let rec: serde_json::Value = r.json().await.unwrap();
+    let hex: String = sha512(&whole).iter().map(|b| format!("{b:02x}")).collect();
+    let holders: Vec<u64> = rec["holders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_u64().unwrap())
+        .collect();
+    assert_eq!(holders.len(), 2, "{rec}");
+    let on_disk = c
+        .hosts
+        .iter()
+        .filter(|h| {
+            h.data_dir
+                .join("blobstore/objects")
+                .join(&hex[..2])
+                .join(&hex)
+                .is_file()
+        })
+        .count();
+    assert!(on_disk >= 2, "acknowledged with {on_disk} copies on disk");
     // Writes through host 0; host 2 dies halfway. Every acknowledged blob stays readable.
     let mut acked = Vec::new();
     for n in 0..16 {

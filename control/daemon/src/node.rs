@@ -325,7 +325,9 @@ impl Node {
                 )))
             }
         };
-        if let Some(index) = index {
+        // Already applied (always, for a read on a leader under its lease): no wait.
+        let applied = self.state.read(|a| a.last_applied.map_or(0, |l| l.index));
+        if let Some(index) = index.filter(|i| *i > applied) {
             self.raft
                 .wait(Some(LEADER_WAIT))
                 .applied_index_at_least(Some(index), "read barrier")

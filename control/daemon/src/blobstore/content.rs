@@ -137,6 +137,89 @@ impl Blobstore {
     }
 }
 
+/// One piece of an upload on its way to a peer; the peer's body ends only at `End`, so an
+/// upload cut short here is cut short there (and the peer keeps nothing).
+enum Piece {
+    Data(bytes::Bytes),
+    End,
+}
+
+impl Blobstore {
+    /// Writes `content` here while the same bytes stream to one peer (`PUT /_objects`), so a
+    /// PUT pays for its two copies at once, not one after the other. Returns the local
+    /// write, and the peer's id with what it stored if it took the whole copy. A peer that
+    /// fails or falls behind never fails the local write: the caller sends a copy after.
+    async fn write_here_and_on_a_peer(
+        self: &Arc<Self>,
+        content: IoStream,
+        expect: Option<&str>,
+    ) -> (
+        Result<store::Written, WriteError>,
+        Option<(u64, store::Written)>,
+    ) {
+        let Some((peer, addr)) = self.peers().into_iter().next() else {
+            return (self.store.write(content, None).await, None);
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel::<Piece>(4);
+        let tee = futures::stream::unfold((content, Some(tx)), |(mut content, tx)| async move {
+            match content.next().await {
+                Some(Ok(chunk)) => {
+                    // A peer that stopped reading only loses its copy.
+                    let tx = match tx {
+                        Some(tx) if tx.send(Piece::Data(chunk.clone())).await.is_ok() => Some(tx),
+                        _ => None,
+                    };
+                    Some((Ok(chunk), (content, tx)))
+                }
+                // Dropping the sender without `End` cuts the peer's body short.
+                Some(Err(e)) => Some((Err(e), (content, None))),
+                None => {
+                    if let Some(tx) = tx {
+                        let _ = tx.send(Piece::End).await;
+                    }
+                    None
+                }
+            }
+        });
+        let body = futures::stream::unfold(Some(rx), |rx| async move {
+            let mut rx = rx?;
+            match rx.recv().await {
+                Some(Piece::Data(chunk)) => Some((Ok(chunk), Some(rx))),
+                Some(Piece::End) => None,
+                None => Some((Err(std::io::Error::other("the upload was cut short")), None)),
+            }
+        });
+        let mut upload = self
+            .peers
+            .put(format!("http://{addr}/_objects"))
+            .header(SECRET_HEADER, self.secret())
+            .body(reqwest::Body::wrap_stream(body));
+        if let Some(want) = expect {
+            // The peer refuses other content too, and keeps nothing of it.
+            upload = upload.header(EXPECT_HEADER, want);
+        }
+        let copy = async {
+            let r = upload.send().await.ok()?;
+            if !r.status().is_success() {
+                tracing::debug!(peer = %addr, status = %r.status(), "streamed copy not taken");
+                return None;
+            }
+            let got: super::http::StoredObject = r.json().await.ok()?;
+            Some((
+                peer,
+                store::Written {
+                    sha512: got.sha512,
+                    size: got.size,
+                },
+            ))
+        };
+        tokio::join!(self.store.write(tee.boxed(), None), copy)
+    }
+}
+
+/// The SHA-512 a streamed copy must have (`PUT /_objects`).
+pub(super) const EXPECT_HEADER: &str = "blobstore-expect";
+
 /// Deletes the file at `path` and everything under it, releasing their objects.
 pub(super) async fn delete(b: &Shared, path: &str) -> ApiResult<Json<serde_json::Value>> {
     let local = b.ready()?;
@@ -181,11 +264,8 @@ impl super::Blobstore {
         let local = self.ready()?;
         let (default, backend) = self.backends.default_backend(local)?;
         let Some(backend) = backend else {
-            let written = self
-                .store
-                .write(content, None)
-                .await
-                .map_err(WriteError::into_api)?;
+            let (written, streamed) = self.write_here_and_on_a_peer(content, expect).await;
+            let written = written.map_err(WriteError::into_api)?;
             if let Some(want) = expect.filter(|w| **w != written.sha512) {
                 if !local.read(|s| s.blobs.references(backends::EMBEDDED, &written.sha512)) {
                     self.store.discard(&written.sha512);
@@ -193,7 +273,12 @@ impl super::Blobstore {
                 return Err(mismatch(&written.sha512, want));
             }
             let mut holders = vec![self.host];
-            match self.replicate(&written.sha512, &[]).await {
+            // The copy streamed alongside, if it arrived whole; else one sent now.
+            let second = match streamed {
+                Some((peer, copy)) if copy == written => Ok(peer),
+                _ => self.replicate(&written.sha512, &[]).await,
+            };
+            match second {
                 Ok(peer) => holders.push(peer),
                 Err(_) if self.peers().is_empty() => {}
                 Err(why) => {

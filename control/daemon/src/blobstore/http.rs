@@ -23,6 +23,7 @@ type Shared = Arc<Blobstore>;
 
 pub fn router(b: Shared) -> Router {
     Router::new()
+        .route("/_objects", axum::routing::put(object_put_streamed))
         .route(
             "/_objects/{sha}",
             get(object_get).put(object_put).delete(object_delete),
@@ -378,6 +379,48 @@ async fn object_put(
             .map_err(WriteError::into_api)?;
     }
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// What a peer stored of a streamed copy.
+#[derive(serde::Serialize, Deserialize)]
+pub(super) struct StoredObject {
+    pub sha512: String,
+    pub size: u64,
+}
+
+/// `PUT /_objects` (cluster secret): a copy streamed while the writer stores its own, so
+/// its digest is known only at the end; `Blobstore-Expect: SHA` refuses other content.
+/// Answers with what was stored. A body cut short stores nothing.
+async fn object_put_streamed(
+    State(b): State<Shared>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<StoredObject>> {
+    if !b.secret_ok(&headers) {
+        return Err(ApiError::Unauthorized(
+            "missing or wrong cluster secret".into(),
+        ));
+    }
+    let expect = match headers.get(super::content::EXPECT_HEADER) {
+        Some(v) => match v.to_str().ok().filter(|s| valid_sha(s)) {
+            Some(s) => Some(s.to_string()),
+            None => {
+                return Err(ApiError::Invalid(
+                    "Blobstore-Expect is not a SHA-512".into(),
+                ))
+            }
+        },
+        None => None,
+    };
+    let written = b
+        .store
+        .write(body.into_data_stream(), expect.as_deref())
+        .await
+        .map_err(WriteError::into_api)?;
+    Ok(Json(StoredObject {
+        sha512: written.sha512,
+        size: written.size,
+    }))
 }
 
 /// `DELETE /_objects/SHA`: drops a local object no file refers to (cluster secret).

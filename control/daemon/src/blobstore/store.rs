@@ -18,10 +18,30 @@ pub const GRACE: std::time::Duration = std::time::Duration::from_secs(600);
 /// Bytes read from disk at a time when serving or copying an object.
 const READ_CHUNK: usize = 1 << 20;
 const WRITE_BUFFER: usize = 1 << 20;
+/// Reads up to this size are made on the async worker, not the blocking pool.
+const INLINE_READ: u64 = 64 << 10;
 
 /// How long a local object that read back whole with its digest is trusted without
 /// hashing it again (while its modification time stays the same).
 pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Up to [`READ_CHUNK`] bytes of `file` from `at`, at most `left`; empty at its end.
+fn read_piece(file: &std::fs::File, at: u64, left: u64) -> std::io::Result<bytes::Bytes> {
+    use std::os::unix::fs::FileExt;
+    let want = left.min(READ_CHUNK as u64) as usize;
+    let mut buf = vec![0u8; want];
+    let mut got = 0;
+    while got < want {
+        match file.read_at(&mut buf[got..], at + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(got);
+    Ok(buf.into())
+}
 
 pub struct ObjectStore {
     root: PathBuf,
@@ -74,7 +94,7 @@ impl WriteError {
 }
 
 /// What writing an object produced.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Written {
     pub sha512: String,
     pub size: u64,
@@ -168,20 +188,56 @@ impl ObjectStore {
         result
     }
 
-    /// `len` bytes of a local object from `start`, read in [`READ_CHUNK`] pieces.
+    /// `len` bytes of a local object from `start` (to its end, if shorter), read in
+    /// [`READ_CHUNK`] pieces. A piece is one trip to the blocking pool (open, then `pread`
+    /// into the piece's buffer, then the next from where it ended): `tokio::fs` would make
+    /// open, seek and each read a trip of their own, which is most of a small GET's time.
     pub async fn read(
         &self,
         sha512: &str,
         start: u64,
         len: u64,
-    ) -> std::io::Result<tokio_util::io::ReaderStream<tokio::io::Take<tokio::fs::File>>> {
-        use tokio::io::{AsyncReadExt, AsyncSeekExt};
-        let mut f = tokio::fs::File::open(self.path(sha512)).await?;
-        f.seek(std::io::SeekFrom::Start(start)).await?;
-        Ok(tokio_util::io::ReaderStream::with_capacity(
-            f.take(len),
-            READ_CHUNK,
-        ))
+    ) -> std::io::Result<super::backends::IoStream> {
+        let path = self.path(sha512);
+        let open_and_read = move || -> std::io::Result<_> {
+            let file = std::fs::File::open(&path)?;
+            let piece = read_piece(&file, start, len)?;
+            Ok((std::sync::Arc::new(file), piece))
+        };
+        // A small object is read right here: handing a few KiB to the blocking pool and
+        // back costs two thread switches, more than the read (from the page cache, as
+        // nginx reads in its event loop). Larger pieces go to the pool.
+        let first = if len <= INLINE_READ {
+            open_and_read()?
+        } else {
+            tokio::task::spawn_blocking(open_and_read)
+                .await
+                .map_err(std::io::Error::other)??
+        };
+        let (file, piece) = first;
+        // Each later piece starts where the one before ended, until `len` or the end.
+        let state = Some((file, start + piece.len() as u64, len - piece.len() as u64));
+        let rest = futures::stream::unfold(state, |state| async move {
+            let (file, at, left) = state?;
+            if left == 0 {
+                return None;
+            }
+            let f = file.clone();
+            let piece = tokio::task::spawn_blocking(move || read_piece(&f, at, left))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+            match piece {
+                Ok(p) if p.is_empty() => None,
+                Ok(p) => {
+                    let next = (file, at + p.len() as u64, left - p.len() as u64);
+                    Some((Ok(p), Some(next)))
+                }
+                Err(e) => Some((Err(e), None)),
+            }
+        });
+        let first = futures::stream::iter((!piece.is_empty()).then_some(Ok(piece)));
+        Ok(first.chain(rest).boxed())
     }
 
     fn mtime(&self, sha512: &str) -> Option<SystemTime> {
