@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use flynn_daemon::jobs::scheduler::plan;
-use flynn_daemon::jobs::{CPU_META, HOST_SERVICE, MEMORY_META};
+use flynn_daemon::jobs::{CPU_META, HOST_SERVICE, JOBS_META, MEMORY_META};
 use flynn_state::jobs::JobsCommand;
 use flynn_state::{
     AppsCommand, ClusterCommand, ClusterState, Command, DiscoveryCommand, Image, ImageConfig,
@@ -58,10 +58,11 @@ fn heartbeat(s: &mut ClusterState, host: u64, now: u64) {
             service: HOST_SERVICE.into(),
             id: flynn_state::host_instance_id(host),
             addr: format!("10.{}.{}.1:1113", host >> 8, host & 255),
-            // Each host takes 64 GiB and 32 cores of jobs.
+            // Each host takes 64 GiB, 32 cores and 253 jobs (its job addresses).
             meta: [
                 (MEMORY_META.to_string(), (64u64 << 30).to_string()),
                 (CPU_META.to_string(), "32000".to_string()),
+                (JOBS_META.to_string(), "253".to_string()),
             ]
             .into(),
             ttl_ms: TTL_MS,

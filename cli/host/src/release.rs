@@ -6,7 +6,7 @@
 //! latest                  the newest version, one line
 //! V/MANIFEST              "flynn-release 1", "version V", then "sha512 HEX NAME" per binary
 //! V/MANIFEST.sig          base64 Ed25519 signature of MANIFEST by the release key
-//! V/flynn-host, V/flynn, V/flynn-blobstore
+//! V/flynn-host, V/flynn, V/flynn-blobstore, V/flynn-init
 //! ```
 //!
 //! Hosts trust a release public key given at install (`install-flynn --release-key`), kept
@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 const MANIFEST_MAGIC: &str = "flynn-release 1";
 /// The binaries a release carries (flynn-host is required; the others when built).
-pub const BINARIES: [&str; 3] = ["flynn-host", "flynn", "flynn-blobstore"];
+pub const BINARIES: [&str; 4] = ["flynn-host", "flynn", "flynn-blobstore", "flynn-init"];
 /// A manifest larger than this is not one.
 const MANIFEST_MAX: usize = 64 * 1024;
 

@@ -23,6 +23,9 @@ use serde::{Deserialize, Serialize};
 
 /// Exit status when the command cannot be started (as a shell's "command not found").
 pub const EXIT_NOT_FOUND: i32 = 127;
+/// This crate's version and a digest of its sources: a `flynn-init` binary that prints
+/// another (`--build`) was built from other init code, and is not used.
+pub const BUILD: &str = env!("FLYNN_JOB_BUILD");
 /// Exit status when the container itself cannot be set up.
 pub const EXIT_SETUP: i32 = 125;
 /// Lines the init writes to stderr start with this, so the runner can report them.

@@ -31,6 +31,7 @@ mod shim;
 mod state;
 mod supervise;
 pub mod system_image;
+pub(crate) mod timeline;
 mod volumes;
 
 pub use config::{JobsArgs, JobsConfig};
@@ -58,6 +59,9 @@ pub const HOST_SERVICE: &str = "flynn-host";
 pub const MEMORY_META: &str = "memory";
 /// The `flynn-host` instance's meta key for the millicores of job CPU it takes.
 pub const CPU_META: &str = "cpu";
+/// The `flynn-host` instance's meta key for how many jobs it holds at once: one job address
+/// each in its job subnet (absent when jobs share the host's network).
+pub const JOBS_META: &str = "jobs";
 /// A host not heard from for this long is down: its jobs are started elsewhere.
 pub const HOST_TTL: Duration = Duration::from_secs(10);
 const HOST_HEARTBEAT: Duration = Duration::from_secs(2);
@@ -80,9 +84,19 @@ pub(crate) struct RunningJob {
     stdin: Mutex<Option<tokio::sync::mpsc::Receiver<bytes::Bytes>>>,
     /// Its cgroup's process lists, once made (a fence kills everything listed).
     procs: Mutex<Vec<std::path::PathBuf>>,
+    /// How long each stage of its start took (a job taken up from a previous daemon has
+    /// none to tell).
+    timeline: Option<timeline::StartTimeline>,
 }
 
 impl RunningJob {
+    /// Notes that a stage of its start ended now.
+    fn mark(&self, stage: &'static str) {
+        if let Some(t) = &self.timeline {
+            t.mark(stage);
+        }
+    }
+
     /// A line from the runner to whoever is attached to a one-off job (its stderr).
     fn tell(&self, msg: &str) {
         if let Some(io) = &self.io {

@@ -32,6 +32,11 @@ const JOB_NETWORK: &str = "100.100.0.0/16";
 
 /// Where service addresses live; no host's job subnet is index 0.
 const SERVICE_NETWORK: &str = "100.100.0.0/24";
+/// Job addresses in a host's /24: `.2` to `.254` (`.1` is the host's bridge).
+const FIRST_ADDRESS: u8 = 2;
+const LAST_ADDRESS: u8 = 254;
+/// How many jobs with addresses of their own one host holds at once.
+pub const ADDRESSES: u64 = (LAST_ADDRESS - FIRST_ADDRESS + 1) as u64;
 
 /// The port a job with its own address serves on (as Flynn's jobs did).
 pub const JOB_PORT: u16 = 8080;
@@ -438,7 +443,7 @@ impl HostNet {
     pub fn create(&self, job: &str, port: Option<u16>) -> Result<JobNet, String> {
         let k = {
             let mut used = self.used.lock().expect("ips lock");
-            let k = (2..=254u8)
+            let k = (FIRST_ADDRESS..=LAST_ADDRESS)
                 .find(|k| !used.contains(k))
                 .ok_or("no free job address on this host")?;
             used.insert(k);

@@ -14,7 +14,7 @@ use super::state::State;
 use super::supervise::Outcome;
 use super::{
     network, oneoff, JobRunner, RunningJob, CPU_META, HOST_HEARTBEAT, HOST_SERVICE, HOST_TTL,
-    JOB_TTL, MEMORY_META,
+    JOBS_META, JOB_TTL, MEMORY_META,
 };
 
 impl JobRunner {
@@ -183,6 +183,7 @@ impl JobRunner {
                         io: None,
                         stdin: Mutex::new(None),
                         procs: Mutex::new(Vec::new()),
+                        timeline: None,
                     });
                     running.insert(job.id.clone(), l.clone());
                     tokio::spawn(self.clone().take_up(local.clone(), l, s));
@@ -207,6 +208,8 @@ impl JobRunner {
                         io,
                         stdin: Mutex::new(stdin),
                         procs: Mutex::new(Vec::new()),
+                        timeline: (!job.oneoff && job.build.is_none())
+                            .then(|| super::timeline::StartTimeline::begin(job.created_ms)),
                     });
                     running.insert(job.id.clone(), l.clone());
                     tokio::spawn(self.clone().run_job(local.clone(), l));
@@ -280,7 +283,10 @@ impl JobRunner {
             });
         }
         let outcome = match self.prepare(&local, &l).await {
-            Ok(prepared) => self.supervise(&local, &l, prepared).await,
+            Ok(prepared) => {
+                l.mark("prepare");
+                self.supervise(&local, &l, prepared).await
+            }
             Err(e) => {
                 let why = e.to_string();
                 tracing::warn!(job = %id, error = %why, "job could not start");
@@ -457,12 +463,17 @@ impl JobRunner {
             service: HOST_SERVICE.into(),
             id: self.instance_id(),
             addr: self.api_addr.clone(),
-            // What the scheduler may place here (see `scheduler::room`).
+            // What the scheduler may place here (see `scheduler::Capacity`).
             meta: [
                 (MEMORY_META.to_string(), self.cfg.memory.to_string()),
                 (CPU_META.to_string(), self.cfg.cpu_millis.to_string()),
             ]
-            .into(),
+            .into_iter()
+            .chain(
+                matches!(self.net.get(), Some(Some(_)))
+                    .then(|| (JOBS_META.to_string(), network::ADDRESSES.to_string())),
+            )
+            .collect(),
             ttl_ms: HOST_TTL.as_millis() as u64,
             now_ms: crate::now_ms(),
         }

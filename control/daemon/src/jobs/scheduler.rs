@@ -111,6 +111,8 @@ struct Reservation {
     memory: u64,
     /// Millicores of CPU.
     cpu: u64,
+    /// Jobs (each takes one of its host's job addresses).
+    jobs: u64,
 }
 
 impl Reservation {
@@ -120,12 +122,14 @@ impl Reservation {
         Reservation {
             memory: limits.memory.unwrap_or(0),
             cpu: limits.cpu_millis.unwrap_or(0),
+            jobs: 1,
         }
     }
 
     fn add(&mut self, other: Reservation) {
         self.memory = self.memory.saturating_add(other.memory);
         self.cpu = self.cpu.saturating_add(other.cpu);
+        self.jobs = self.jobs.saturating_add(other.jobs);
     }
 }
 
@@ -135,6 +139,8 @@ impl Reservation {
 struct Capacity {
     memory: Option<u64>,
     cpu: Option<u64>,
+    /// How many jobs it holds at once (its job addresses; `None` in the host's network).
+    jobs: Option<u64>,
 }
 
 impl Capacity {
@@ -144,6 +150,7 @@ impl Capacity {
         };
         within(self.memory, reserved.memory, more.memory)
             && within(self.cpu, reserved.cpu, more.cpu)
+            && within(self.jobs, reserved.jobs, more.jobs)
     }
 }
 
@@ -158,20 +165,24 @@ fn capacities(s: &ClusterState, live: &BTreeSet<u64>) -> BTreeMap<u64, Capacity>
             let cap = Capacity {
                 memory: read(super::MEMORY_META),
                 cpu: read(super::CPU_META),
+                jobs: read(super::JOBS_META),
             };
             (*h, cap)
         })
         .collect()
 }
 
-/// What a job reserves: its process type's limits.
+/// What a job reserves: its process type's limits, and a place among its host's jobs.
 fn reserves(s: &ClusterState, j: &Job) -> Reservation {
     s.jobs
         .releases
         .get(&j.release)
         .and_then(|r| r.processes.get(&j.proc_type))
         .map(|p| Reservation::of(&p.limits))
-        .unwrap_or_default()
+        .unwrap_or(Reservation {
+            jobs: 1,
+            ..Default::default()
+        })
 }
 
 /// One process type's jobs of any release, in id order: those that count, and those
@@ -377,7 +388,7 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                     for _ in mine.len()..want_now {
                         let Some((_, _, _, host)) = candidates.pop_first() else {
                             no_room.push(format!(
-                                "{app}/{ty}: {} more wanted, {} MiB and {}m CPU each",
+                                "{app}/{ty}: {} more wanted, {} MiB and {}m CPU and a job address each",
                                 want_now - mine.len(),
                                 need.memory >> 20,
                                 need.cpu
@@ -747,12 +758,31 @@ mod tests {
         );
         assert_eq!(
             no_room,
-            ["web1/web: 1 more wanted, 768 MiB and 0m CPU each"]
+            ["web1/web: 1 more wanted, 768 MiB and 0m CPU and a job address each"]
         );
         // Host 2 says it has more room: the fourth job goes there.
         alive_with(&mut s, 2, 4, Some(4096 * MIB));
         step(&mut s, 5);
         assert_eq!(running_on(&s), [(1, 1), (2, 3)].into());
+    }
+
+    #[test]
+    fn t14d_a_host_takes_no_more_jobs_than_it_has_addresses_for() {
+        use crate::jobs::JOBS_META;
+        let mut s = state(&[1, 2]);
+        alive_saying(&mut s, 1, 0, &[(JOBS_META, 2)]);
+        alive_saying(&mut s, 2, 0, &[(JOBS_META, 1)]);
+        scale(&mut s, 5);
+        step(&mut s, 1);
+        step(&mut s, 2);
+        // Three addresses in all: three run, two wait, and none is started to fail.
+        assert_eq!(running_on(&s), [(1, 2), (2, 1)].into());
+        let mut no_room = Vec::new();
+        plan_noting(&s, 3, &mut no_room);
+        assert_eq!(
+            no_room,
+            ["web1/web: 2 more wanted, 0 MiB and 0m CPU and a job address each"]
+        );
     }
 
     #[test]
@@ -791,7 +821,7 @@ mod tests {
         );
         assert_eq!(
             no_room,
-            ["web1/web: 1 more wanted, 0 MiB and 750m CPU each"]
+            ["web1/web: 1 more wanted, 0 MiB and 750m CPU and a job address each"]
         );
         // A type that reserves nothing still goes where the cores are all reserved.
         s.apply(

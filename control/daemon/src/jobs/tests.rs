@@ -94,6 +94,7 @@ fn place(state: &FakeState, release: &str) -> Job {
 
 fn running_job(job: Job) -> RunningJob {
     RunningJob {
+        timeline: None,
         job,
         pid: Default::default(),
         stop: tokio::sync::Notify::new(),
@@ -393,4 +394,43 @@ async fn t07_a_placed_job_that_cannot_start_is_reported_failed_saying_why() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(let_go, "the runner let it go");
+}
+
+/// Writes an executable script, and waits until it can run: a process another test thread
+/// forks meanwhile holds the file open for writing until its own exec ("Text file busy").
+fn script(path: &std::path::Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, body).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for _ in 0..200 {
+        match std::process::Command::new(path).output() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            _ => return,
+        }
+    }
+}
+
+#[test]
+fn t20_flynn_init_is_used_only_when_it_is_this_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = dir.path().join("flynn-init");
+    assert_eq!(super::supervise::separate_init(&candidate), None, "missing");
+    // Another build (or not flynn-init at all) is not used.
+    script(&candidate, "#!/bin/sh\necho 0.0.0-other\n");
+    assert_eq!(
+        super::supervise::separate_init(&candidate),
+        None,
+        "another build"
+    );
+    // The same build is.
+    script(
+        &candidate,
+        &format!("#!/bin/sh\necho {}\n", flynn_job::init::BUILD),
+    );
+    assert_eq!(
+        super::supervise::separate_init(&candidate),
+        Some(candidate.clone())
+    );
 }
