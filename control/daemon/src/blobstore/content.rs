@@ -87,6 +87,16 @@ impl Blobstore {
             .collect()
     }
 
+    /// Whether the peer at `addr` holds the object `sha512`.
+    async fn peer_has(&self, addr: &str, sha512: &str) -> bool {
+        self.peers
+            .head(format!("http://{addr}/_objects/{sha512}"))
+            .header(SECRET_HEADER, self.secret())
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    }
+
     /// Copies a local object to one other host not in `skip`: its id, or why each host
     /// asked did not take it.
     async fn replicate(&self, sha512: &str, skip: &[u64]) -> Result<u64, Vec<String>> {
@@ -97,13 +107,7 @@ impl Blobstore {
             .filter(|(id, _)| !skip.contains(id))
         {
             // Content-addressed: a peer that has the object already is a copy.
-            let has = self
-                .peers
-                .head(format!("http://{addr}/_objects/{sha512}"))
-                .header(SECRET_HEADER, self.secret())
-                .send()
-                .await;
-            if has.is_ok_and(|r| r.status().is_success()) {
+            if self.peer_has(&addr, sha512).await {
                 return Ok(id);
             }
             let object = match self.store.read(sha512, 0, u64::MAX).await {
@@ -160,6 +164,24 @@ impl Blobstore {
         let Some((peer, addr)) = self.peers().into_iter().next() else {
             return (self.store.write(content, None).await, None);
         };
+        // Content named up front that the peer has already (a layer pushed again) is not
+        // sent: its copy is there.
+        if let Some(want) = expect {
+            if self.peer_has(&addr, want).await {
+                let written = self.store.write(content, None).await;
+                let copy = match &written {
+                    Ok(w) if w.sha512 == want => Some((
+                        peer,
+                        store::Written {
+                            sha512: w.sha512.clone(),
+                            size: w.size,
+                        },
+                    )),
+                    _ => None,
+                };
+                return (written, copy);
+            }
+        }
         let (tx, rx) = tokio::sync::mpsc::channel::<Piece>(4);
         let tee = futures::stream::unfold((content, Some(tx)), |(mut content, tx)| async move {
             match content.next().await {
