@@ -92,6 +92,7 @@ impl Blobstore {
         self.peers
             .head(format!("http://{addr}/_objects/{sha512}"))
             .header(SECRET_HEADER, self.secret())
+            .timeout(PEER_STALL)
             .send()
             .await
             .is_ok_and(|r| r.status().is_success())
@@ -186,10 +187,14 @@ impl Blobstore {
         let tee = futures::stream::unfold((content, Some(tx)), |(mut content, tx)| async move {
             match content.next().await {
                 Some(Ok(chunk)) => {
-                    // A peer that stopped reading only loses its copy.
+                    // A peer that stopped reading (or fell this far behind) only loses its
+                    // copy: the sender is dropped without `End`, which cuts its body short.
                     let tx = match tx {
-                        Some(tx) if tx.send(Piece::Data(chunk.clone())).await.is_ok() => Some(tx),
-                        _ => None,
+                        Some(tx) => {
+                            let sent = tx.send_timeout(Piece::Data(chunk.clone()), PEER_STALL);
+                            sent.await.is_ok().then_some(tx)
+                        }
+                        None => None,
                     };
                     Some((Ok(chunk), (content, tx)))
                 }
@@ -220,8 +225,9 @@ impl Blobstore {
             // The peer refuses other content too, and keeps nothing of it.
             upload = upload.header(EXPECT_HEADER, want);
         }
-        let copy = async {
+        let copy = async move {
             let r = upload.send().await.ok()?;
+            // (The answer comes after the peer's own sync; bounded below.)
             if !r.status().is_success() {
                 tracing::debug!(peer = %addr, status = %r.status(), "streamed copy not taken");
                 return None;
@@ -235,9 +241,25 @@ impl Blobstore {
                 },
             ))
         };
-        tokio::join!(self.store.write(tee.boxed(), None), copy)
+        // The peer's copy runs on its own; once the local write is done it has
+        // `PEER_STALL` more to answer, else it is abandoned (and sent again after).
+        let copy = tokio::spawn(copy);
+        let written = self.store.write(tee.boxed(), None).await;
+        let abort = copy.abort_handle();
+        let copy = match tokio::time::timeout(PEER_STALL, copy).await {
+            Ok(Ok(copy)) => copy,
+            _ => {
+                abort.abort();
+                None
+            }
+        };
+        (written, copy)
     }
 }
+
+/// How long a streamed copy may keep the upload waiting for one piece, or keep the PUT
+/// waiting for its answer once the local copy is written.
+const PEER_STALL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The SHA-512 a streamed copy must have (`PUT /_objects`).
 pub(super) const EXPECT_HEADER: &str = "blobstore-expect";

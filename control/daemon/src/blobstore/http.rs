@@ -445,6 +445,7 @@ async fn object_delete(
 async fn object_get(
     State(b): State<Shared>,
     Path(sha): Path<String>,
+    method: Method,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     if !b.secret_ok(&headers) {
@@ -465,6 +466,13 @@ async fn object_get(
         Ok(None) => (0, size),
         Err(()) => return Err(ApiError::Invalid("bad range".into())),
     };
+    // "Do you have it?" (a HEAD) is answered without reading the object.
+    if method == Method::HEAD {
+        return Ok(Response::builder()
+            .header(header::CONTENT_LENGTH, len)
+            .body(Body::empty())
+            .expect("static parts"));
+    }
     let stream = b
         .store
         .read(&sha, start, len)

@@ -25,6 +25,15 @@ const INLINE_READ: u64 = 64 << 10;
 /// hashing it again (while its modification time stays the same).
 pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// Deletes a temporary file when dropped (after a rename, there is nothing to delete).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Up to [`READ_CHUNK`] bytes of `file` from `at`, at most `left`; empty at its end.
 fn read_piece(file: &std::fs::File, at: u64, left: u64) -> std::io::Result<bytes::Bytes> {
     use std::os::unix::fs::FileExt;
@@ -106,6 +115,8 @@ pub fn hex(bytes: &[u8]) -> String {
 
 impl ObjectStore {
     pub fn open(root: PathBuf) -> std::io::Result<Self> {
+        // Nothing is being written before the store opens: what a crash left is garbage.
+        let _ = std::fs::remove_dir_all(root.join("tmp"));
         std::fs::create_dir_all(root.join("tmp"))?;
         Ok(ObjectStore {
             root,
@@ -136,6 +147,9 @@ impl ObjectStore {
             self.root
                 .join("tmp")
                 .join(format!("{}-{}", std::process::id(), rand::random::<u64>()));
+        // Removed however this ends, also when the write is dropped midway (an upload whose
+        // connection went away): only a renamed object stays.
+        let _unless_renamed = RemoveOnDrop(tmp.clone());
         let result = async {
             let file = tokio::fs::File::create(&tmp)
                 .await
@@ -182,9 +196,6 @@ impl ObjectStore {
             Ok(Written { sha512, size })
         }
         .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
         result
     }
 

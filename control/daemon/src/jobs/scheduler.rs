@@ -116,13 +116,14 @@ struct Reservation {
 }
 
 impl Reservation {
-    /// A process type's: its memory and CPU limits. A type without them reserves nothing
-    /// (like a container without a request: it may use what is free).
-    fn of(limits: &flynn_state::Limits) -> Self {
+    /// A process type's: its memory and CPU limits (a type without them reserves nothing,
+    /// like a container without a request: it may use what is free), and a job address
+    /// unless it runs in the host's network.
+    fn of(proc: &flynn_state::ProcessType) -> Self {
         Reservation {
-            memory: limits.memory.unwrap_or(0),
-            cpu: limits.cpu_millis.unwrap_or(0),
-            jobs: 1,
+            memory: proc.limits.memory.unwrap_or(0),
+            cpu: proc.limits.cpu_millis.unwrap_or(0),
+            jobs: u64::from(!proc.host_network),
         }
     }
 
@@ -178,7 +179,7 @@ fn reserves(s: &ClusterState, j: &Job) -> Reservation {
         .releases
         .get(&j.release)
         .and_then(|r| r.processes.get(&j.proc_type))
-        .map(|p| Reservation::of(&p.limits))
+        .map(Reservation::of)
         .unwrap_or(Reservation {
             jobs: 1,
             ..Default::default()
@@ -353,7 +354,7 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                     if now < backoff.last_crash_ms.saturating_add(backoff.delay_ms()) {
                         continue;
                     }
-                    let need = Reservation::of(&proc.limits);
+                    let need = Reservation::of(proc);
                     let room = |h: u64, reserved: &HashMap<u64, Reservation>| {
                         capacity
                             .get(&h)

@@ -599,11 +599,38 @@ fn kill_pid(pid: u64, hard: bool) {
 /// was built from the same init code (it starts in about 1 ms where flynn-host takes 8,
 /// most of it loading RocksDB's C++ library), else this binary's own `container-init`.
 fn init_command() -> Result<tokio::process::Command, Outcome> {
-    static SEPARATE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    use std::os::unix::fs::MetadataExt;
+    /// Which file was checked (device, inode, mtime, size), and what it decided: a binary
+    /// replaced under a running daemon (install-flynn) is checked again.
+    type Checked = (Option<(u64, u64, i64, u64)>, Option<std::path::PathBuf>);
+    static CHECKED: std::sync::Mutex<Option<Checked>> = std::sync::Mutex::new(None);
     let exe = std::env::current_exe()
         .map_err(|e| Outcome::failed(format!("cannot find flynn-host itself: {e}")))?;
-    let separate = SEPARATE.get_or_init(|| separate_init(&exe.with_file_name("flynn-init")));
-    let mut cmd = tokio::process::Command::new(separate.as_ref().unwrap_or(&exe));
+    let candidate = exe.with_file_name("flynn-init");
+    let id = std::fs::metadata(&candidate).ok().map(|m| {
+        (
+            m.dev(),
+            m.ino(),
+            m.mtime_nsec() + m.mtime() * 1_000_000_000,
+            m.size(),
+        )
+    });
+    let separate = {
+        let mut checked = CHECKED.lock().expect("init check lock");
+        match &*checked {
+            Some((seen, chosen)) if *seen == id => chosen.clone(),
+            _ => {
+                let chosen = id.and_then(|_| separate_init(&candidate));
+                *checked = Some((id, chosen.clone()));
+                chosen
+            }
+        }
+    };
+    // This binary itself as the fallback: `/proc/self/exe` still runs after an update
+    // replaced the file (its path then ends in " (deleted)").
+    let mut cmd = tokio::process::Command::new(
+        separate.unwrap_or_else(|| std::path::PathBuf::from("/proc/self/exe")),
+    );
     cmd.arg("container-init");
     Ok(cmd)
 }
