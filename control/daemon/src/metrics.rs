@@ -21,8 +21,6 @@ pub static PROPOSALS_FAILED: AtomicU64 = AtomicU64::new(0);
 pub static PROPOSALS_PENDING: AtomicI64 = AtomicI64::new(0);
 pub static PROPOSAL_COMMIT: LazyLock<Histogram> = LazyLock::new(|| Histogram::new(LATENCY));
 pub static LEADER_CHANGES: AtomicU64 = AtomicU64::new(0);
-/// The Raft term this host is in: each election (won or not) raises it.
-pub static TERM: AtomicU64 = AtomicU64::new(0);
 /// Read indexes this host answered as leader under its lease, without a heartbeat round.
 pub static READS_LEASED: AtomicU64 = AtomicU64::new(0);
 /// Read indexes it answered after confirming its leadership with a heartbeat round.
@@ -126,13 +124,6 @@ pub fn render(out: &mut String) {
         "Leader changes this host has seen.",
         LEADER_CHANGES.load(Ordering::Relaxed),
     );
-    single(
-        out,
-        "flynn_raft_term",
-        "gauge",
-        "The Raft term this host is in (each election raises it).",
-        TERM.load(Ordering::Relaxed),
-    );
     header(
         out,
         "flynn_raft_read_index_total",
@@ -193,11 +184,7 @@ pub fn follow_leader(raft: flynn_raft::Raft) {
         let mut rx = raft.metrics();
         let mut last = rx.borrow().current_leader;
         while rx.changed().await.is_ok() {
-            let (now, term) = {
-                let m = rx.borrow();
-                (m.current_leader, m.current_term)
-            };
-            TERM.store(term, Ordering::Relaxed);
+            let now = rx.borrow().current_leader;
             if now.is_some() && now != last {
                 LEADER_CHANGES.fetch_add(1, Ordering::Relaxed);
             }
