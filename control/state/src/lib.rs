@@ -18,6 +18,7 @@ pub mod git;
 pub mod jobs;
 pub mod resources;
 pub mod routes;
+pub mod sessions;
 pub mod validate;
 pub mod volumes;
 
@@ -33,6 +34,7 @@ pub use git::GitCommand;
 pub use jobs::{build_memory, JobsCommand, BUILD_MEMORY_ENV};
 pub use resources::ResourcesCommand;
 pub use routes::RoutesCommand;
+pub use sessions::SessionsCommand;
 pub use volumes::VolumesCommand;
 
 use area::to_json;
@@ -128,6 +130,7 @@ areas! {
     jobs: Jobs(JobsCommand) => jobs::Jobs,
     git: Git(GitCommand) => git::Git,
     resources: Resources(ResourcesCommand) => resources::Resources,
+    sessions: Sessions(SessionsCommand) => sessions::Sessions,
 }
 
 /// The state's own record: its revision, stored as `meta/revision`.
@@ -310,6 +313,8 @@ impl ClusterState {
             repo.host = 0;
             repo.lock = None;
         }
+        // A session belongs to the cluster that opened it.
+        self.sessions = into.sessions.clone();
         let peers = into
             .apps
             .get("discoverd")
