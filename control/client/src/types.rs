@@ -20,6 +20,11 @@ pub enum ErrorCode {
     /// A write was sent but its fate is not known (the leader went away mid-request).
     UnknownOutcome,
     Timeout,
+    /// Authenticated, but not allowed from where it came (a dashboard request from
+    /// another origin, or without its CSRF token).
+    Forbidden,
+    /// Too many attempts (wrong logins) from one address: wait, then try again.
+    TooManyRequests,
     /// The host's disk is full: nothing was kept, and sending again elsewhere may work.
     InsufficientStorage,
     Internal,
@@ -33,10 +38,12 @@ impl ErrorCode {
         match self {
             ErrorCode::Invalid => 400,
             ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::Timeout => 408,
             ErrorCode::Conflict | ErrorCode::VersionMismatch => 409,
             ErrorCode::TooLarge => 413,
+            ErrorCode::TooManyRequests => 429,
             ErrorCode::Unavailable => 503,
             ErrorCode::UnknownOutcome => 504,
             ErrorCode::InsufficientStorage => 507,
@@ -48,11 +55,13 @@ impl ErrorCode {
     pub fn from_status(status: u16) -> Self {
         match status {
             400 => ErrorCode::Invalid,
-            401 | 403 => ErrorCode::Unauthorized,
+            401 => ErrorCode::Unauthorized,
+            403 => ErrorCode::Forbidden,
             404 => ErrorCode::NotFound,
             408 => ErrorCode::Timeout,
             409 => ErrorCode::Conflict,
             413 => ErrorCode::TooLarge,
+            429 => ErrorCode::TooManyRequests,
             502 | 503 => ErrorCode::Unavailable,
             504 => ErrorCode::UnknownOutcome,
             507 => ErrorCode::InsufficientStorage,

@@ -13,6 +13,10 @@ pub enum ApiError {
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    TooManyRequests(String),
+    #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
@@ -49,6 +53,8 @@ impl ApiError {
         match self {
             ApiError::Invalid(_) => ErrorCode::Invalid,
             ApiError::Unauthorized(_) => ErrorCode::Unauthorized,
+            ApiError::Forbidden(_) => ErrorCode::Forbidden,
+            ApiError::TooManyRequests(_) => ErrorCode::TooManyRequests,
             ApiError::NotFound(_) => ErrorCode::NotFound,
             ApiError::Conflict(_) => ErrorCode::Conflict,
             ApiError::TooLarge(_) => ErrorCode::TooLarge,
@@ -78,6 +84,8 @@ impl ApiError {
         match body.error {
             ErrorCode::Invalid => ApiError::Invalid(m),
             ErrorCode::Unauthorized => ApiError::Unauthorized(m),
+            ErrorCode::Forbidden => ApiError::Forbidden(m),
+            ErrorCode::TooManyRequests => ApiError::TooManyRequests(m),
             ErrorCode::NotFound => ApiError::NotFound(m),
             ErrorCode::Conflict => ApiError::Conflict(m),
             ErrorCode::TooLarge => ApiError::TooLarge(m),

@@ -1,0 +1,390 @@
+// The Flynn dashboard: one page, rendered from the cluster's own API (the same calls the
+// CLI makes), on the dashboard's own origin. The session cookie is HttpOnly; this script
+// holds only the CSRF token, which every change carries.
+"use strict";
+
+let csrf = null;
+let timers = [];
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === null || v === undefined || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "text") el.textContent = v;
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat(Infinity)) {
+    if (c === null || c === undefined) continue;
+    el.append(c instanceof Node ? c : String(c));
+  }
+  return el;
+}
+
+function show(...nodes) {
+  const main = document.getElementById("main");
+  main.replaceChildren(...nodes);
+}
+
+function stopTimers() {
+  timers.forEach(clearInterval);
+  timers = [];
+}
+
+function every(ms, f) {
+  timers.push(setInterval(f, ms));
+}
+
+class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+async function call(method, path, body) {
+  const opts = { method, headers: {}, credentials: "same-origin" };
+  if (method !== "GET") opts.headers["x-csrf-token"] = csrf || "";
+  if (body !== undefined) {
+    opts.headers["content-type"] = "application/json";
+    opts.body = JSON.stringify(body);
+  }
+  const r = await fetch(path, opts);
+  const text = await r.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (_) { data = { message: text }; }
+  if (r.status === 401) {
+    csrf = null;
+    login();
+    throw new ApiError(401, (data && data.message) || "log in again");
+  }
+  if (!r.ok) throw new ApiError(r.status, (data && (data.message || data.error)) || r.statusText);
+  return data;
+}
+
+const api = (path) => call("GET", "/api" + path);
+const change = (method, path, body) => call(method, "/api" + path, body);
+
+function errorLine(e) {
+  return h("p", { class: "error", role: "alert", text: e.message || String(e) });
+}
+
+function ago(ms) {
+  const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+  if (s < 60) return s + " s ago";
+  if (s < 3600) return Math.round(s / 60) + " min ago";
+  if (s < 86400) return Math.round(s / 3600) + " h ago";
+  return Math.round(s / 86400) + " d ago";
+}
+
+// ---- login ----
+
+function login(message) {
+  stopTimers();
+  document.getElementById("nav").hidden = true;
+  const err = h("p", { class: "error", role: "alert", id: "login-error", text: message || "" });
+  const input = h("input", { id: "secret", type: "password", autocomplete: "current-password", required: true, size: 44 });
+  const form = h("form", { class: "login", onsubmit: async (ev) => {
+      ev.preventDefault();
+      err.textContent = "";
+      try {
+        const r = await fetch("/login", {
+          method: "POST",
+          credentials: "same-origin",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ token: input.value }),
+        });
+        const data = await r.json().catch(() => ({}));
+        if (!r.ok) { err.textContent = data.message || ("login refused (" + r.status + ")"); input.select(); return; }
+        csrf = data.csrf;
+        input.value = "";
+        location.hash = "#/apps";
+        route();
+      } catch (e) { err.textContent = String(e); }
+    } },
+    h("h1", { text: "Log in" }),
+    h("p", { class: "muted" }, "With the login token (", h("code", { text: "flynn -a dashboard env get LOGIN_TOKEN" }), ") or a controller key."),
+    h("label", { for: "secret", text: "Login token or controller key" }),
+    input,
+    h("div", { class: "row" }, h("button", { class: "primary", type: "submit", id: "login-submit", text: "Log in" })),
+    err);
+  show(form);
+  input.focus();
+}
+
+async function logout() {
+  try { await call("POST", "/logout"); } catch (_) { /* gone already */ }
+  csrf = null;
+  location.hash = "#/";
+  login("Logged out.");
+}
+
+// ---- apps ----
+
+async function appsPage() {
+  const apps = await api("/apps");
+  const showSystem = location.hash.includes("system");
+  const list = apps.filter((a) => showSystem || !a.system).sort((a, b) => a.name.localeCompare(b.name));
+  show(
+    h("h1", { text: "Apps" }),
+    h("p", {}, h("a", { href: showSystem ? "#/apps" : "#/apps?system", text: showSystem ? "Hide system apps" : "Show system apps" })),
+    list.length === 0 ? h("p", { class: "muted", text: "No apps yet. Deploy one with flynn create and flynn deploy." }) :
+    h("table", { id: "apps" },
+      h("thead", {}, h("tr", {}, h("th", { text: "Name" }), h("th", { text: "Kind" }))),
+      h("tbody", {}, list.map((a) => h("tr", {},
+        h("td", {}, h("a", { href: "#/apps/" + encodeURIComponent(a.name), text: a.name })),
+        h("td", { text: a.system ? "system" : "app" }))))));
+}
+
+function envText(global) {
+  return Object.entries(global || {}).map(([k, v]) => k + "=" + v).join("\n");
+}
+
+function parseEnv(text) {
+  const out = {};
+  for (const raw of text.split("\n")) {
+    const line = raw.trim();
+    if (!line || line.startsWith("#")) continue;
+    const i = line.indexOf("=");
+    if (i <= 0) throw new Error("not KEY=VALUE: " + line);
+    out[line.slice(0, i).trim()] = line.slice(i + 1);
+  }
+  return out;
+}
+
+async function appPage(name) {
+  const enc = encodeURIComponent(name);
+  const [app, formation, jobs, releases, routes, hosts] = await Promise.all([
+    api("/apps/" + enc), api("/apps/" + enc + "/formation"), api("/apps/" + enc + "/jobs"),
+    api("/apps/" + enc + "/releases"), api("/apps/" + enc + "/routes"), api("/hosts"),
+  ]);
+  // Host ids are 64-bit: shown by address, which is what an operator knows them by.
+  const hostName = {};
+  for (const x of hosts) hostName[x.node_id] = x.addr.replace(/:\d+$/, "");
+  const current = releases.find((r) => r.id === formation.release);
+  const types = Object.keys(Object.assign({}, current ? current.processes : {}, formation.processes || {})).sort();
+
+  const jobsBody = h("tbody", { id: "jobs-body" });
+  const renderJobs = (list) => {
+    // Jobs that ended over a minute ago are history, not the app's state.
+    const live = list.filter((j) => !j.ended_ms || Date.now() - j.ended_ms < 60000);
+    jobsBody.replaceChildren(...live.map((j) => h("tr", {},
+      h("td", { class: "mono", text: j.id }), h("td", { text: j.type }), h("td", { class: "mono", text: hostName[j.host] || "host " + j.host }),
+      h("td", { class: "state-" + j.state, text: j.state }), h("td", { class: "mono", text: j.release }))));
+  };
+  renderJobs(jobs);
+  every(1000, async () => { try { renderJobs(await api("/apps/" + enc + "/jobs")); } catch (_) {} });
+
+  const scaleMsg = h("p", { role: "status", id: "scale-status" });
+  const inputs = {};
+  const scaleForm = h("form", { id: "scale", onsubmit: async (ev) => {
+      ev.preventDefault();
+      const processes = {};
+      const changes = [];
+      for (const t of types) {
+        const n = parseInt(inputs[t].value, 10);
+        if (!(n >= 0)) { scaleMsg.textContent = t + ": a count of 0 or more"; return; }
+        const was = (formation.processes || {})[t] || 0;
+        processes[t] = n;
+        if (n !== was) changes.push(t + " " + was + " → " + n);
+      }
+      if (changes.length === 0) { scaleMsg.textContent = "Nothing to change."; return; }
+      if (!(await confirmDialog("Scale " + name + ": " + changes.join(", ") + "?"))) return;
+      try {
+        const f = await change("POST", "/apps/" + enc + "/scale", { processes });
+        formation.processes = f.processes;
+        scaleMsg.className = "ok";
+        scaleMsg.textContent = "Scaled: " + changes.join(", ") + ". Jobs below follow the rollout.";
+      } catch (e) { scaleMsg.className = "error"; scaleMsg.textContent = e.message; }
+    } },
+    types.length === 0 ? h("p", { class: "muted", text: "No release yet." }) :
+    h("div", { class: "row" }, types.map((t) => {
+      inputs[t] = h("input", { id: "scale-" + t, type: "number", min: "0", max: "1000", value: String((formation.processes || {})[t] || 0), size: 4 });
+      return [h("label", { for: "scale-" + t, text: t }), inputs[t]];
+    }), types.length ? h("button", { class: "primary", type: "submit", id: "scale-submit", text: "Scale" }) : null),
+    scaleMsg);
+
+  const envMsg = h("p", { role: "status", id: "env-status" });
+  const envArea = h("textarea", { id: "env", spellcheck: "false" });
+  envArea.value = envText(app.env && app.env.global);
+  const envForm = h("form", { id: "env-form", onsubmit: async (ev) => {
+      ev.preventDefault();
+      try {
+        const want = parseEnv(envArea.value);
+        const had = (app.env && app.env.global) || {};
+        const set = {};
+        for (const [k, v] of Object.entries(want)) if (had[k] !== v) set[k] = v;
+        const unset = Object.keys(had).filter((k) => !(k in want));
+        if (Object.keys(set).length === 0 && unset.length === 0) { envMsg.textContent = "Nothing to change."; return; }
+        const updated = await change("POST", "/apps/" + enc + "/env", { set, unset });
+        app.env = updated.env;
+        const f = await api("/apps/" + enc + "/formation");
+        envMsg.className = "ok";
+        envMsg.textContent = "Saved" + (f.release && f.release !== formation.release ? "; new release " + f.release + " is rolling out." : ".");
+        formation.release = f.release;
+      } catch (e) { envMsg.className = "error"; envMsg.textContent = e.message; }
+    } },
+    h("label", { for: "env", text: "Environment (KEY=VALUE per line)" }), envArea,
+    h("div", { class: "row" }, h("button", { class: "primary", type: "submit", id: "env-submit", text: "Save env" })),
+    envMsg);
+
+  const relMsg = h("p", { role: "status" });
+  const relTable = h("table", { id: "releases" },
+    h("thead", {}, h("tr", {}, ["Release", "Created", "Processes", ""].map((t) => h("th", { text: t })))),
+    h("tbody", {}, releases.slice().reverse().map((r) => h("tr", {},
+      h("td", { class: "mono", text: r.id + (r.id === formation.release ? " (current)" : "") }),
+      h("td", { text: ago(r.created_ms) }),
+      h("td", { text: Object.keys(r.processes || {}).join(", ") }),
+      h("td", {}, r.id === formation.release ? null : h("button", { type: "button", onclick: async () => {
+          if (!(await confirmDialog("Roll " + name + " back to " + r.id + "'s image and processes?"))) return;
+          try {
+            const nr = await change("POST", "/apps/" + enc + "/releases", { image: r.image, processes: r.processes });
+            relMsg.className = "ok"; relMsg.textContent = "Rolling out " + nr.id + " (the image of " + r.id + ").";
+          } catch (e) { relMsg.className = "error"; relMsg.textContent = e.message; }
+        }, text: "Roll back to this" }))))));
+
+  const routeMsg = h("p", { role: "status" });
+  const routeDomain = h("input", { id: "route-domain", placeholder: "www.example.com", size: 30 });
+  const routeForm = h("form", { onsubmit: async (ev) => {
+      ev.preventDefault();
+      try {
+        await change("POST", "/apps/" + enc + "/routes", { type: "http", domain: routeDomain.value.trim() });
+        route();
+      } catch (e) { routeMsg.className = "error"; routeMsg.textContent = e.message; }
+    } },
+    h("label", { for: "route-domain", text: "Add an HTTP route (domain)" }),
+    h("div", { class: "row" }, routeDomain, h("button", { type: "submit", text: "Add route" })), routeMsg);
+  const routesTable = h("table", { id: "routes" },
+    h("thead", {}, h("tr", {}, ["Route", "Service", ""].map((t) => h("th", { text: t })))),
+    h("tbody", {}, routes.map((r) => h("tr", {},
+      h("td", { class: "mono", text: r.type === "tcp" ? "tcp :" + r.port : (r.domain + (r.path || "")) }),
+      h("td", { text: r.service || "" }),
+      h("td", {}, h("button", { type: "button", onclick: async () => {
+          if (!(await confirmDialog("Remove the route " + (r.domain || r.port) + "?"))) return;
+          try { await change("DELETE", "/apps/" + enc + "/routes/" + encodeURIComponent(r.id)); route(); }
+          catch (e) { routeMsg.className = "error"; routeMsg.textContent = e.message; }
+        }, text: "Remove" }))))));
+
+  show(
+    h("h1", {}, "App ", h("span", { class: "mono", id: "app-name", text: name })),
+    h("p", {}, h("a", { href: "#/apps/" + enc + "/logs", text: "Logs" }), " · release ", h("span", { class: "mono", text: formation.release || "none" })),
+    h("h2", { text: "Scale" }), scaleForm,
+    h("h2", { text: "Jobs" }),
+    h("table", { id: "jobs" }, h("thead", {}, h("tr", {}, ["Job", "Type", "Host", "State", "Release"].map((t) => h("th", { text: t })))), jobsBody),
+    h("h2", { text: "Env" }), envForm,
+    h("h2", { text: "Releases" }), relTable, relMsg,
+    h("h2", { text: "Routes" }), routesTable, routeForm);
+}
+
+async function logsPage(name) {
+  const enc = encodeURIComponent(name);
+  const params = new URLSearchParams(location.hash.split("?")[1] || "");
+  const typeIn = h("input", { id: "log-type", value: params.get("type") || "", size: 10 });
+  const jobIn = h("input", { id: "log-job", value: params.get("job") || "", size: 30 });
+  const out = h("div", { class: "log", id: "log", role: "log", "aria-live": "polite" });
+  const seen = new Set();
+  let after = null;
+  const query = () => {
+    const q = new URLSearchParams();
+    if (typeIn.value) q.set("type", typeIn.value);
+    if (jobIn.value) q.set("job", jobIn.value);
+    if (after) q.set("after", after); else q.set("lines", "200");
+    return q.toString();
+  };
+  const poll = async () => {
+    try {
+      const lines = await api("/apps/" + enc + "/log?" + query());
+      const atEnd = out.scrollTop + out.clientHeight >= out.scrollHeight - 4;
+      for (const l of lines) {
+        const key = l.ts + "-" + l.host + "-" + l.seq;
+        if (seen.has(key)) continue;
+        seen.add(key);
+        out.append(new Date(l.ts).toISOString().slice(11, 23) + " " + l.type + "." + l.job.slice(0, 12) + ": " + l.msg + "\n");
+      }
+      if (lines.length) after = (lines[lines.length - 1].ts - 1000) + "-0-0";
+      if (atEnd) out.scrollTop = out.scrollHeight;
+    } catch (_) { /* shown on the next page load */ }
+  };
+  const filter = h("form", { class: "row", onsubmit: (ev) => {
+      ev.preventDefault();
+      const q = new URLSearchParams();
+      if (typeIn.value) q.set("type", typeIn.value);
+      if (jobIn.value) q.set("job", jobIn.value);
+      location.hash = "#/apps/" + enc + "/logs" + (q.toString() ? "?" + q : "");
+    } },
+    h("label", { for: "log-type", text: "Process type" }), typeIn,
+    h("label", { for: "log-job", text: "Job" }), jobIn,
+    h("button", { type: "submit", text: "Filter" }));
+  show(h("h1", {}, "Logs of ", h("a", { href: "#/apps/" + enc, text: name })), filter, out);
+  await poll();
+  every(1000, poll);
+}
+
+// ---- hosts and cluster ----
+
+async function hostsPage() {
+  const hosts = await api("/hosts");
+  show(h("h1", { text: "Hosts" }),
+    h("table", { id: "hosts" },
+      h("thead", {}, h("tr", {}, ["Host", "Address", "Role", "Leader", "Reachable", "Version"].map((t) => h("th", { text: t })))),
+      h("tbody", {}, hosts.map((x) => h("tr", {},
+        h("td", { text: String(x.node_id) }), h("td", { class: "mono", text: x.addr }), h("td", { text: x.role }),
+        h("td", { text: x.leader ? "yes" : "" }), h("td", { class: x.reachable ? "ok" : "error", text: x.reachable ? "yes" : "no" }),
+        h("td", { text: x.version || "" }))))));
+}
+
+async function clusterPage() {
+  const [s, hosts] = await Promise.all([api("/status"), api("/hosts")]);
+  const leader = hosts.find((x) => x.leader);
+  const rows = [["Raft term", s.term], ["Leader", leader ? leader.addr : (s.leader_addr || "none")],
+    ["Applied index", s.last_applied_index], ["State revision", s.revision], ["This host", s.addr + " (" + s.role + ")"], ["Hosts", hosts.length + " (" + hosts.filter((x) => x.reachable).length + " reachable)"], ["Version", s.version]];
+  show(h("h1", { text: "Cluster" }),
+    h("table", { id: "cluster" }, h("tbody", {}, rows.map(([k, v]) => h("tr", {}, h("th", { scope: "row", text: k }), h("td", { text: String(v) }))))));
+}
+
+// ---- plumbing ----
+
+function confirmDialog(question) {
+  return new Promise((resolve) => {
+    const d = h("dialog", { id: "confirm", "aria-labelledby": "confirm-q" },
+      h("p", { id: "confirm-q", text: question }),
+      h("div", { class: "row" },
+        h("button", { class: "primary", type: "button", id: "confirm-yes", onclick: () => { d.close(); d.remove(); resolve(true); }, text: "Yes" }),
+        h("button", { type: "button", id: "confirm-no", onclick: () => { d.close(); d.remove(); resolve(false); }, text: "Cancel" })));
+    d.addEventListener("cancel", () => { d.remove(); resolve(false); });
+    document.body.append(d);
+    d.showModal();
+    d.querySelector("#confirm-yes").focus();
+  });
+}
+
+async function route() {
+  stopTimers();
+  if (!csrf) {
+    try {
+      const r = await fetch("/session", { credentials: "same-origin" });
+      if (!r.ok) return login();
+      csrf = (await r.json()).csrf;
+    } catch (_) { return login(); }
+  }
+  document.getElementById("nav").hidden = false;
+  const path = location.hash.replace(/^#/, "").split("?")[0] || "/apps";
+  const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
+  try {
+    if (parts[0] === "apps" && parts.length === 1) await appsPage();
+    else if (parts[0] === "apps" && parts[2] === "logs") await logsPage(parts[1]);
+    else if (parts[0] === "apps") await appPage(parts[1]);
+    else if (parts[0] === "hosts") await hostsPage();
+    else if (parts[0] === "cluster") await clusterPage();
+    else await appsPage();
+    document.getElementById("main").focus();
+  } catch (e) {
+    if (e.status !== 401) show(errorLine(e));
+  }
+}
+
+window.addEventListener("hashchange", route);
+window.addEventListener("DOMContentLoaded", () => {
+  document.getElementById("logout").addEventListener("click", logout);
+  route();
+});
