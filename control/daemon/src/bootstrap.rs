@@ -226,6 +226,7 @@ pub async fn bootstrap(opts: &BootstrapOptions) -> anyhow::Result<BootstrapOutco
         (Some(d), None) => Some(crate::tls::self_signed(&[
             format!("controller.{d}"),
             format!("git.{d}"),
+            format!("dashboard.{d}"),
         ])?),
         _ => None,
     };
@@ -250,6 +251,12 @@ pub async fn bootstrap(opts: &BootstrapOptions) -> anyhow::Result<BootstrapOutco
             "status".to_string(),
             BTreeMap::from([("AUTH_KEY".to_string(), random_hex(20))]),
         ),
+        // Logs in to the dashboard (`flynn -a dashboard env get LOGIN_TOKEN`) without
+        // handing the browser a controller key.
+        (
+            "dashboard".to_string(),
+            BTreeMap::from([("LOGIN_TOKEN".to_string(), random_hex(20))]),
+        ),
     ]);
     // The initializer goes last, so the others hold the secret before it asks for votes.
     let mut order: Vec<&(String, HostInfo)> = found.iter().collect();
@@ -265,7 +272,7 @@ pub async fn bootstrap(opts: &BootstrapOptions) -> anyhow::Result<BootstrapOutco
             controller_certificate: controller_tls
                 .as_ref()
                 .map(|t| flynn_state::NewCertificate {
-                    domains: ["controller", "git"]
+                    domains: ["controller", "git", "dashboard"]
                         .iter()
                         .map(|n| format!("{n}.{}", domain.as_deref().unwrap_or("")))
                         .collect(),

@@ -175,9 +175,12 @@ async fn state_dump(
     ))
 }
 
-/// Behind a controller key.
+/// Behind a controller key: this host's view of the cluster, and every host (what
+/// `flynn-host list` shows, for the dashboard's hosts page).
 pub fn controller_routes() -> Router<AppState> {
-    Router::new().route("/status", get(status))
+    Router::new()
+        .route("/status", get(status))
+        .route("/hosts", get(list))
 }
 
 async fn info(State(host): State<AppState>) -> Json<HostInfo> {

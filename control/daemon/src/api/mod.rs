@@ -12,6 +12,8 @@
 //!   [`attach`] (a one-off job's stdin, output and terminal size, forwarded to its host),
 //!   [`volumes`], [`backup`] (`/backup`; restore is host to host) and [`export`]
 //!   (export, import), and `/status`.
+//! - [`dashboard`]: every request for `dashboard.$CLUSTER_DOMAIN` (the page, login,
+//!   sessions, and the controller API under `/api` behind a session and a CSRF token).
 //! - [`git`]: `/APP.git/info/refs`, `/APP.git/git-upload-pack|git-receive-pack` (git's
 //!   smart HTTP at `git.$CLUSTER_DOMAIN`, a controller key as the Basic password).
 //!
@@ -25,6 +27,7 @@ pub mod apps;
 pub mod attach;
 pub mod auth;
 pub mod backup;
+pub mod dashboard;
 pub mod export;
 pub mod git;
 pub mod host;
@@ -72,7 +75,31 @@ pub fn router(host: Arc<Host>) -> Router {
             host.clone(),
             auth::require_secret,
         ));
-    let controller = apps::routes()
+    let controller = controller_routes().layer(middleware::from_fn_with_state(
+        host.clone(),
+        auth::require_key,
+    ));
+    let git = git::routes(host.clone());
+    let dashboard = dashboard::router(host.clone(), controller_routes());
+    host::open_routes()
+        .merge(status::open_routes())
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY))
+        .merge(cluster)
+        .merge(controller)
+        .merge(git)
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(middleware::from_fn_with_state(
+            (host.clone(), dashboard),
+            dashboard::dispatch,
+        ))
+        .layer(middleware::from_fn(crate::metrics::api))
+        .with_state(host)
+}
+
+/// The controller API (what the CLI calls), before any check of who calls: behind a
+/// controller key on the API port, behind a session on the dashboard.
+fn controller_routes() -> Router<AppState> {
+    apps::routes()
         .merge(routes::routes())
         .merge(services::routes())
         .merge(watch::routes())
@@ -82,20 +109,6 @@ pub fn router(host: Arc<Host>) -> Router {
         .merge(export::routes())
         .merge(resources::routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY))
-        .layer(middleware::from_fn_with_state(
-            host.clone(),
-            auth::require_key,
-        ));
-    let git = git::routes(host.clone());
-    host::open_routes()
-        .merge(status::open_routes())
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY))
-        .merge(cluster)
-        .merge(controller)
-        .merge(git)
-        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
-        .layer(middleware::from_fn(crate::metrics::api))
-        .with_state(host)
 }
 
 /// JSON body whose rejections are JSON errors too (axum's own answer plain text). The body

@@ -157,8 +157,8 @@ impl Area for Cluster {
     }
 }
 
-/// The controller's HTTPS routes, `controller.$DOMAIN` and `git.$DOMAIN`, with its
-/// certificate.
+/// The controller's HTTPS routes, `controller.$DOMAIN`, `git.$DOMAIN` and
+/// `dashboard.$DOMAIN`, with its certificate.
 fn controller_route(
     s: &mut ClusterState,
     domain: &str,
@@ -169,9 +169,14 @@ fn controller_route(
     let Response::Certificate { certificate } = Routes::apply(s, add_cert, cx)? else {
         unreachable!("AddCertificate answers with the certificate")
     };
-    // The git server (`git push flynn main`) is served by the same hosts' API, with the
-    // same certificate (bootstrap makes it for both names).
-    for (name, app) in [("controller", "controller"), ("git", "gitreceive")] {
+    // The git server (`git push flynn main`) and the dashboard are served by the same
+    // hosts' API, with the same certificate (bootstrap makes it for every name): one
+    // certificate to trust, and the dashboard's calls stay on its own origin.
+    for (name, app) in [
+        ("controller", "controller"),
+        ("git", "gitreceive"),
+        ("dashboard", "dashboard"),
+    ] {
         let mut route = RouteSpec::http(&format!("{name}.{domain}"));
         if let RouteSpec::Http {
             service,
