@@ -7,6 +7,7 @@
 
 pub mod linearizability;
 pub mod router;
+pub mod webdriver;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -662,6 +663,23 @@ impl Cluster {
             assert!(out.status.success(), "cluster add: {out:?}");
         }
         self.run_in(i, "flynn", args, &rc)
+    }
+
+    /// The controller key rotation from Flynn's docs, every step through the CLI on host
+    /// `i`: both keys for the web process, the new one alone, the override dropped. The
+    /// fixture's key is then `new` (the CLI's cluster entries still hold the old one).
+    pub fn rotate_controller_key(&mut self, i: usize, new: &str) {
+        let old = self.key.clone();
+        let both = format!("AUTH_KEY={old},{new}");
+        let alone = format!("AUTH_KEY={new}");
+        for args in [
+            &["-a", "controller", "env", "set", "-t", "web", &both][..],
+            &["-a", "controller", "env", "set", &alone][..],
+            &["-a", "controller", "env", "unset", "-t", "web", "AUTH_KEY"][..],
+        ] {
+            ok(&self.flynn(i, args));
+        }
+        self.key = new.to_string();
     }
 
     /// Runs `flynn-host` inside host `i`'s namespace, on that host's data dir.

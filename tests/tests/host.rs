@@ -95,27 +95,7 @@ async fn t11_router_keeps_following_across_key_rotation_and_restart() {
     // The rotation from Flynn's docs, every step through the CLI.
     let old = c.key.clone();
     let new = "feedfacefeedfacefeedface0123456789abcdef".to_string();
-    ok(&c.flynn(
-        0,
-        &[
-            "-a",
-            "controller",
-            "env",
-            "set",
-            "-t",
-            "web",
-            &format!("AUTH_KEY={old},{new}"),
-        ],
-    ));
-    ok(&c.flynn(
-        0,
-        &["-a", "controller", "env", "set", &format!("AUTH_KEY={new}")],
-    ));
-    ok(&c.flynn(
-        0,
-        &["-a", "controller", "env", "unset", "-t", "web", "AUTH_KEY"],
-    ));
-    c.key = new.clone();
+    c.rotate_controller_key(0, &new);
     // As the docs go on: the CLI's cluster entry moves to the new key.
     ok(&c.flynn(0, &["cluster", "remove", "default"]));
     ok(&c.flynn(

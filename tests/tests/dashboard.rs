@@ -1,0 +1,504 @@
+//! The web dashboard at `dashboard.$CLUSTER_DOMAIN`: its API without a browser (sessions,
+//! CSRF tokens, origins, the login limit, expiry, key rotation), then the page itself in a
+//! real headless chromium through the router, with the controller's certificate pinned.
+//! Needs root; run with `--test-threads=1` like the other cluster cases.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use flynn_tests::webdriver::{self, Browser};
+use flynn_tests::{eventually, ok, Cluster, PORT};
+use reqwest::header::{COOKIE, SET_COOKIE};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const DOMAIN: &str = "dash.test";
+
+fn dashboard_name() -> String {
+    format!("dashboard.{DOMAIN}")
+}
+
+/// A cluster of `n` with the domain, ready for jobs.
+async fn cluster(n: usize) -> Cluster {
+    let mut c = Cluster::start(n);
+    c.bootstrap_with(n, &["--domain", DOMAIN]);
+    c.wait_leader(0, None).await;
+    c.wait_ready_for_jobs(n).await;
+    c
+}
+
+fn login_token(c: &Cluster) -> String {
+    ok(&c.flynn(0, &["-a", "dashboard", "env", "get", "LOGIN_TOKEN"]))
+        .trim()
+        .to_string()
+}
+
+/// Talks to host `i`'s API as `dashboard.$DOMAIN` (no router in between: the API answers
+/// by name), keeping no cookies of its own.
+struct Dash {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Dash {
+    fn new(c: &Cluster, i: usize) -> Dash {
+        let addr: SocketAddr = format!("{}:{PORT}", c.hosts[i].ip).parse().unwrap();
+        Dash {
+            http: reqwest::Client::builder()
+                .no_proxy()
+                .resolve(&dashboard_name(), addr)
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap(),
+            base: format!("http://{}:{PORT}", dashboard_name()),
+        }
+    }
+
+    fn origin(&self) -> String {
+        self.base.clone()
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        cookie: Option<&str>,
+        csrf: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(id) = cookie {
+            req = req.header(COOKIE, format!("flynn_session={id}"));
+        }
+        if let Some(t) = csrf {
+            req = req.header("x-csrf-token", t);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.expect("dashboard request");
+        let (status, headers) = (r.status(), r.headers().clone());
+        let text = r.text().await.unwrap_or_default();
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, headers, v)
+    }
+
+    async fn post(
+        &self,
+        path: &str,
+        cookie: Option<&str>,
+        csrf: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        self.send(reqwest::Method::POST, path, cookie, csrf, body, &[])
+            .await
+    }
+
+    async fn try_login(&self, secret: &str) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let body = json!({ "token": secret });
+        self.post("/login", None, None, Some(body)).await
+    }
+
+    /// Logs in with `secret`; the session id and CSRF token.
+    async fn login(&self, secret: &str) -> (String, String) {
+        let (status, headers, body) = self.try_login(secret).await;
+        assert_eq!(status, StatusCode::OK, "login: {body}");
+        let cookie = headers
+            .get(SET_COOKIE)
+            .and_then(|v| v.to_str().ok())
+            .expect("a session cookie")
+            .to_string();
+        for attr in ["HttpOnly", "Secure", "SameSite=Strict"] {
+            assert!(cookie.contains(attr), "{cookie} lacks {attr}");
+        }
+        let id = cookie
+            .split(';')
+            .next()
+            .and_then(|kv| kv.strip_prefix("flynn_session="))
+            .expect("flynn_session=ID")
+            .to_string();
+        (id, body["csrf"].as_str().expect("csrf").to_string())
+    }
+
+    async fn get(&self, path: &str, cookie: Option<&str>) -> (StatusCode, Value) {
+        let (s, _, v) = self
+            .send(reqwest::Method::GET, path, cookie, None, None, &[])
+            .await;
+        (s, v)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t01_sessions_need_the_cookie_the_csrf_token_and_the_dashboards_origin() {
+    let c = cluster(1).await;
+    let d = Dash::new(&c, 0);
+    let token = login_token(&c);
+    assert_eq!(token.len(), 40, "bootstrap made a login token: {token:?}");
+
+    // The page is there for anyone; the API is not.
+    let page = d
+        .http
+        .get(format!("{}/", d.base))
+        .send()
+        .await
+        .expect("page");
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page
+        .headers()
+        .get("content-security-policy")
+        .is_some_and(|v| v.to_str().unwrap().contains("default-src 'self'")));
+    assert!(page.text().await.unwrap().contains("/assets/app.js"));
+    let (s, body) = d.get("/api/apps", None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(body["error"], "unauthorized", "a JSON error: {body}");
+    // The same paths on the API's own name are the controller API, which wants a key.
+    let plain = reqwest::Client::new()
+        .get(format!("{}/", c.hosts[0].url()))
+        .send()
+        .await
+        .expect("status page");
+    let plain = plain.text().await.unwrap_or_default();
+    assert!(
+        !plain.contains("/assets/app.js"),
+        "only the dashboard's name gets the dashboard: {plain}"
+    );
+
+    // A wrong token is refused; the right one opens a session.
+    let (s, _, body) = d.try_login("nope").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{body}");
+    let (s, _, body) = d.post("/login", None, None, Some(json!({"tok": 1}))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "malformed: {body}");
+    let (id, csrf) = d.login(&token).await;
+    let (s, apps) = d.get("/api/apps", Some(&id)).await;
+    assert_eq!(s, StatusCode::OK, "{apps}");
+    assert!(apps
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["name"] == "dashboard"));
+    let (s, info) = d.get("/session", Some(&id)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(info["csrf"], csrf.as_str());
+    assert_eq!(info["credential"], "token");
+
+    // A change needs the CSRF token, and the right one.
+    let create = |csrf: Option<&str>, name: &str| {
+        let body = json!({ "name": name });
+        let csrf = csrf.map(str::to_string);
+        let d = &d;
+        let id = id.clone();
+        async move {
+            d.post("/api/apps", Some(&id), csrf.as_deref(), Some(body))
+                .await
+        }
+    };
+    let (s, _, body) = create(None, "nocsrf").await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("CSRF"), "{body}");
+    let (s, _, body) = create(Some(&"0".repeat(64)), "badcsrf").await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    let (s, _, body) = create(Some(&csrf), "fromdash").await;
+    assert!(s.is_success(), "{s} {body}");
+    let names = ok(&c.flynn(0, &["apps"]));
+    assert!(names.contains("fromdash") && !names.contains("nocsrf") && !names.contains("badcsrf"));
+
+    // A request that says it comes from another origin is refused, cookie or not.
+    for headers in [
+        vec![("origin", "https://evil.test")],
+        vec![("sec-fetch-site", "cross-site")],
+    ] {
+        let (s, _, body) = d
+            .send(
+                reqwest::Method::GET,
+                "/api/apps",
+                Some(&id),
+                None,
+                None,
+                &headers,
+            )
+            .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{headers:?}: {body}");
+        let (s, _, _) = d
+            .send(
+                reqwest::Method::POST,
+                "/api/apps",
+                Some(&id),
+                Some(&csrf),
+                Some(json!({"name": "evil"})),
+                &headers,
+            )
+            .await;
+        assert_eq!(s, StatusCode::FORBIDDEN);
+    }
+    let own = d.origin();
+    let (s, _, _) = d
+        .send(
+            reqwest::Method::GET,
+            "/api/apps",
+            Some(&id),
+            None,
+            None,
+            &[("origin", own.as_str()), ("sec-fetch-site", "same-origin")],
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "its own origin passes");
+
+    // Logout needs the token too, then ends the session.
+    let (s, _, _) = d.post("/logout", Some(&id), None, None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, headers, _) = d.post("/logout", Some(&id), Some(&csrf), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(headers[SET_COOKIE].to_str().unwrap().contains("Max-Age=0"));
+    let (s, _) = d.get("/api/apps", Some(&id)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "logged out");
+
+    // Five wrong logins in a minute (one above): the address waits, even with the right
+    // token.
+    for _ in 0..4 {
+        let (s, _, _) = d.try_login("wrong").await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    }
+    let (s, headers, body) = d.try_login(&token).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    let wait: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&wait), "Retry-After {wait}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t02_sessions_expire_and_rotating_the_key_ends_the_ones_it_opened() {
+    let mut c = cluster(1).await;
+    let d = Dash::new(&c, 0);
+    let token = login_token(&c);
+    ok(&c.flynn(0, &["-a", "dashboard", "env", "set", "SESSION_TTL=10s"]));
+    let (short, _) = d.login(&token).await;
+    assert_eq!(d.get("/api/apps", Some(&short)).await.0, StatusCode::OK);
+    ok(&c.flynn(0, &["-a", "dashboard", "env", "unset", "SESSION_TTL"]));
+    let (by_token, _) = d.login(&token).await;
+    let old = c.key.clone();
+    let (by_key, _) = d.login(&old).await;
+    assert_eq!(
+        d.get("/session", Some(&by_key)).await.1["credential"],
+        "key"
+    );
+    eventually(
+        Duration::from_secs(15),
+        "the short session expired",
+        || async {
+            (d.get("/api/apps", Some(&short)).await.0 == StatusCode::UNAUTHORIZED).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(d.get("/api/apps", Some(&by_token)).await.0, StatusCode::OK);
+
+    // The documented rotation: both keys (the session lives on meanwhile), the new one
+    // alone, the override dropped.
+    let new = "feedfacefeedfacefeedfacefeedfacefeedface";
+    let both = format!("AUTH_KEY={old},{new}");
+    ok(&c.flynn(0, &["-a", "controller", "env", "set", "-t", "web", &both]));
+    assert_eq!(
+        d.get("/api/apps", Some(&by_key)).await.0,
+        StatusCode::OK,
+        "both keys accepted: the session lives on"
+    );
+    c.rotate_controller_key(0, new);
+    assert_eq!(
+        d.get("/api/apps", Some(&by_key)).await.0,
+        StatusCode::UNAUTHORIZED,
+        "the session opened with the rotated-out key ended"
+    );
+    assert_eq!(
+        d.get("/api/apps", Some(&by_token)).await.0,
+        StatusCode::OK,
+        "a session opened with the login token is not the key's"
+    );
+    let (by_new, _) = d.login(new).await;
+    assert_eq!(d.get("/api/apps", Some(&by_new)).await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t03_a_session_opened_through_one_host_holds_on_every_host_at_once() {
+    let c = cluster(3).await;
+    let token = login_token(&c);
+    let hosts: Vec<Dash> = (0..3).map(|i| Dash::new(&c, i)).collect();
+    for round in 0..5 {
+        let (id, csrf) = hosts[round % 3].login(&token).await;
+        // At once, on every host: one that has not applied the session yet asks the leader.
+        for (i, d) in hosts.iter().enumerate() {
+            let (s, body) = d.get("/api/apps", Some(&id)).await;
+            assert_eq!(s, StatusCode::OK, "round {round}, host {i}: {body}");
+        }
+        let (s, _, _) = hosts[(round + 1) % 3]
+            .post("/logout", Some(&id), Some(&csrf), None)
+            .await;
+        assert_eq!(s, StatusCode::OK);
+        for d in &hosts {
+            eventually(Duration::from_secs(5), "logged out everywhere", || async {
+                (d.get("/api/apps", Some(&id)).await.0 == StatusCode::UNAUTHORIZED).then_some(())
+            })
+            .await;
+        }
+    }
+}
+
+fn screenshot_dir() -> PathBuf {
+    let dir = std::env::var_os("FLYNN_TEST_SCREENSHOTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/dashboard-screenshots")
+        });
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t10_the_page_in_a_real_browser_through_the_router() {
+    assert!(
+        webdriver::available(),
+        "chromium and chromedriver are needed (script/test installs them)"
+    );
+    let mut c = cluster(1).await;
+    let token = login_token(&c);
+    let certs = c.client(0).certificates().await.expect("certificates");
+    let cert = certs
+        .iter()
+        .find(|x| x.domains.contains(&dashboard_name()))
+        .expect("the controller's certificate names the dashboard");
+    let pin = webdriver::spki_pin(&cert.cert_pem);
+    // An app that writes a line every second and serves HTTP.
+    ok(&c.flynn(0, &["create", "web"]));
+    let image = c.busybox_image(
+        "web",
+        Some("i=0; while true; do i=$((i+1)); echo tick $i; sleep 1; done & exec httpd -f -p $PORT -h /www"),
+    );
+    ok(&c.flynn(0, &["-a", "web", "docker", "push", image.to_str().unwrap()]));
+
+    let b = Browser::start(
+        &[(dashboard_name().as_str(), c.hosts[0].ip.as_str())],
+        &pin,
+        &screenshot_dir(),
+    )
+    .await;
+    let url = format!("https://{}/", dashboard_name());
+    b.goto(&url).await;
+    b.wait_for("#secret", Duration::from_secs(20)).await;
+    b.screenshot("01-login").await;
+
+    // A wrong token is refused on the page.
+    b.fill("#secret", "not-the-token").await;
+    b.click("#login-submit").await;
+    let said = b
+        .wait_text("#login-error", Duration::from_secs(10), |t| !t.is_empty())
+        .await;
+    assert!(said.contains("wrong"), "{said}");
+
+    // The right one shows the apps.
+    b.fill("#secret", &token).await;
+    b.click("#login-submit").await;
+    b.wait_text("#apps", Duration::from_secs(10), |t| t.contains("web"))
+        .await;
+    b.screenshot("02-apps").await;
+    let cookie_visible = b.eval("return document.cookie").await;
+    assert_eq!(cookie_visible, "", "the session cookie is HttpOnly");
+
+    // The app: its job running, then scaled to 2 (after the confirmation).
+    b.goto(&format!("{url}#/apps/web")).await;
+    b.wait_text("#jobs-body", Duration::from_secs(20), |t| {
+        t.matches("running").count() == 1
+    })
+    .await;
+    b.fill("#scale-web", "2").await;
+    b.click("#scale-submit").await;
+    let q = b
+        .wait_text("#confirm-q", Duration::from_secs(5), |t| !t.is_empty())
+        .await;
+    assert!(q.contains("web 1 → 2"), "{q}");
+    b.click("#confirm-yes").await;
+    b.wait_text("#jobs-body", Duration::from_secs(30), |t| {
+        t.matches("running").count() == 2
+    })
+    .await;
+    b.screenshot("03-app-scaled").await;
+    let jobs = c.client(0).jobs("web").await.expect("jobs");
+    let running = jobs
+        .iter()
+        .filter(|j| j.state == flynn_model::JobState::Running)
+        .count();
+    assert_eq!(running, 2, "the cluster runs what the page shows");
+
+    // Env: a new variable saved makes a new release.
+    let before = c
+        .client(0)
+        .formation("web")
+        .await
+        .expect("formation")
+        .release;
+    b.eval(
+        "const e = document.getElementById('env'); e.value = e.value + '\\nGREETING=hello'; return 1;",
+    )
+    .await;
+    b.click("#env-submit").await;
+    let said = b
+        .wait_text("#env-status", Duration::from_secs(20), |t| {
+            t.contains("new release")
+        })
+        .await;
+    let after = c
+        .client(0)
+        .formation("web")
+        .await
+        .expect("formation")
+        .release;
+    assert_ne!(before, after, "{said}");
+    assert!(said.contains(&after), "{said} names {after}");
+    let env = ok(&c.flynn(0, &["-a", "web", "env", "get", "GREETING"]));
+    assert_eq!(env.trim(), "hello");
+    b.screenshot("04-env-saved").await;
+
+    // Logs follow what the app writes.
+    b.goto(&format!("{url}#/apps/web/logs")).await;
+    let first = b
+        .wait_text("#log", Duration::from_secs(20), |t| t.contains("tick"))
+        .await;
+    let n = first.matches("tick").count();
+    b.wait_text("#log", Duration::from_secs(20), |t| {
+        t.matches("tick").count() > n + 1
+    })
+    .await;
+    b.screenshot("05-logs").await;
+
+    // Hosts and cluster pages read the same API.
+    b.goto(&format!("{url}#/hosts")).await;
+    b.wait_text("#hosts", Duration::from_secs(10), |t| t.contains("peer"))
+        .await;
+    b.screenshot("06-hosts").await;
+    b.goto(&format!("{url}#/cluster")).await;
+    b.wait_text("#cluster", Duration::from_secs(10), |t| {
+        t.contains("Raft term")
+    })
+    .await;
+    b.screenshot("07-cluster").await;
+
+    // Log out: back to the login form, and the API refuses the old session.
+    b.click("#logout").await;
+    b.wait_for("#secret", Duration::from_secs(10)).await;
+    let status = b
+        .eval("return fetch('/api/apps').then(r => r.status)")
+        .await;
+    assert_eq!(status, 401, "logged out");
+
+    // Log in with the controller key, rotate it out: the page is back at the login.
+    b.fill("#secret", &c.key).await;
+    b.click("#login-submit").await;
+    b.wait_text("#apps", Duration::from_secs(10), |t| t.contains("web"))
+        .await;
+    c.rotate_controller_key(0, "0ddba11c0ffee0ddba11c0ffee0ddba11c0ffee0");
+    b.goto(&format!("{url}#/apps")).await;
+    b.eval("location.reload(); return 1;").await;
+    b.wait_for("#secret", Duration::from_secs(10)).await;
+    b.screenshot("08-after-key-rotation").await;
+}
