@@ -14,10 +14,13 @@ use crate::Error;
 pub enum Hierarchy {
     /// The unified hierarchy with the memory controller: one directory per job.
     V2 { root: PathBuf },
-    /// Per-controller hierarchies; a controller not mounted is not limited.
+    /// Per-controller hierarchies; a controller not mounted is not limited. `cpuacct` (CPU
+    /// time, for the metrics) is often mounted with `cpu` (`cpu,cpuacct`): then both name
+    /// the same directory.
     V1 {
         memory: Option<PathBuf>,
         cpu: Option<PathBuf>,
+        cpuacct: Option<PathBuf>,
         pids: Option<PathBuf>,
     },
 }
@@ -37,7 +40,7 @@ impl Hierarchy {
     }
 
     fn from_mountinfo(text: &str, controllers: impl Fn(&Path) -> String) -> Self {
-        let (mut memory, mut cpu, mut pids) = (None, None, None);
+        let (mut memory, mut cpu, mut cpuacct, mut pids) = (None, None, None, None);
         for line in text.lines() {
             let fields: Vec<&str> = line.split(' ').collect();
             let Some(sep) = fields.iter().position(|f| *f == "-") else {
@@ -65,6 +68,9 @@ impl Hierarchy {
                     if has("cpu") {
                         cpu.get_or_insert(mount_point.clone());
                     }
+                    if has("cpuacct") {
+                        cpuacct.get_or_insert(mount_point.clone());
+                    }
                     if has("pids") {
                         pids.get_or_insert(mount_point);
                     }
@@ -72,7 +78,12 @@ impl Hierarchy {
                 _ => {}
             }
         }
-        Hierarchy::V1 { memory, cpu, pids }
+        Hierarchy::V1 {
+            memory,
+            cpu,
+            cpuacct,
+            pids,
+        }
     }
 
     pub fn version(&self) -> u8 {
@@ -86,18 +97,50 @@ impl Hierarchy {
     pub fn existing(&self, job: &str) -> JobCgroup {
         JobCgroup {
             hierarchy: self.clone(),
+            job: job.to_string(),
             dirs: self.dirs_of(job),
         }
     }
 
+    /// A job's directories: one per mounted hierarchy (controllers mounted together share
+    /// one).
     fn dirs_of(&self, job: &str) -> Vec<PathBuf> {
         match self {
             Hierarchy::V2 { root } => vec![root.join(PARENT).join(job)],
-            Hierarchy::V1 { memory, cpu, pids } => [memory, cpu, pids]
-                .into_iter()
-                .flatten()
-                .map(|root| root.join(PARENT).join(job))
-                .collect(),
+            Hierarchy::V1 {
+                memory,
+                cpu,
+                cpuacct,
+                pids,
+            } => {
+                let mut dirs: Vec<PathBuf> = Vec::new();
+                for root in [memory, cpu, cpuacct, pids].into_iter().flatten() {
+                    let dir = root.join(PARENT).join(job);
+                    if !dirs.contains(&dir) {
+                        dirs.push(dir);
+                    }
+                }
+                dirs
+            }
+        }
+    }
+
+    /// The root of the hierarchy that holds `controller`.
+    fn root_of(&self, controller: &str) -> Option<&PathBuf> {
+        match self {
+            Hierarchy::V2 { root } => Some(root),
+            Hierarchy::V1 {
+                memory,
+                cpu,
+                cpuacct,
+                pids,
+            } => match controller {
+                "memory" => memory.as_ref(),
+                "cpu" => cpu.as_ref(),
+                "cpuacct" => cpuacct.as_ref(),
+                "pids" => pids.as_ref(),
+                _ => None,
+            },
         }
     }
 
@@ -112,17 +155,14 @@ impl Hierarchy {
                 enable_v2(&parent)?;
                 vec![parent.join(job)]
             }
-            Hierarchy::V1 { memory, cpu, pids } => [memory, cpu, pids]
-                .into_iter()
-                .flatten()
-                .map(|root| root.join(PARENT).join(job))
-                .collect(),
+            Hierarchy::V1 { .. } => self.dirs_of(job),
         };
         for d in &dirs {
             mkdir(d)?;
         }
         let cg = JobCgroup {
             hierarchy: self.clone(),
+            job: job.to_string(),
             dirs,
         };
         cg.limit(job, limits)?;
@@ -149,7 +189,18 @@ fn enable_v2(dir: &Path) -> Result<(), Error> {
 #[derive(Debug, Clone)]
 pub struct JobCgroup {
     hierarchy: Hierarchy,
+    job: String,
     dirs: Vec<PathBuf>,
+}
+
+/// What a job uses, as its cgroups count it; `None` where this host does not count it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    /// Memory in use less the page cache the kernel may drop (the working set, as
+    /// Kubernetes and Docker report it).
+    pub memory_bytes: Option<u64>,
+    /// CPU time used since the job started.
+    pub cpu_seconds: Option<f64>,
 }
 
 impl JobCgroup {
@@ -158,13 +209,61 @@ impl JobCgroup {
         self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
     }
 
-    fn dir_of(&self, controller: &str) -> Option<&PathBuf> {
+    fn dir_of(&self, controller: &str) -> Option<PathBuf> {
         match &self.hierarchy {
-            Hierarchy::V2 { .. } => self.dirs.first(),
+            Hierarchy::V2 { .. } => self.dirs.first().cloned(),
             Hierarchy::V1 { .. } => self
-                .dirs
-                .iter()
-                .find(|d| d.iter().any(|c| c.to_str() == Some(controller))),
+                .hierarchy
+                .root_of(controller)
+                .map(|root| root.join(PARENT).join(&self.job)),
+        }
+    }
+
+    fn read(&self, controller: &str, file: &str) -> Option<String> {
+        fs::read_to_string(self.dir_of(controller)?.join(file)).ok()
+    }
+
+    /// The job's memory working set and CPU time now.
+    pub fn usage(&self) -> Usage {
+        let stat = |text: &str, key: &str| {
+            text.lines().find_map(|l| {
+                l.strip_prefix(key)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+        };
+        let v2 = matches!(self.hierarchy, Hierarchy::V2 { .. });
+        let (current, inactive_key, cpu) = if v2 {
+            let cpu = self
+                .read("cpu", "cpu.stat")
+                .and_then(|t| stat(&t, "usage_usec"))
+                .map(|us| us as f64 / 1e6);
+            (self.read("memory", "memory.current"), "inactive_file", cpu)
+        } else {
+            let cpu = self
+                .read("cpuacct", "cpuacct.usage")
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .map(|ns| ns as f64 / 1e9);
+            (
+                self.read("memory", "memory.usage_in_bytes"),
+                "total_inactive_file",
+                cpu,
+            )
+        };
+        let memory = current
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .map(|used| {
+                let inactive = self
+                    .read("memory", "memory.stat")
+                    .and_then(|t| stat(&t, inactive_key))
+                    .unwrap_or(0);
+                used.saturating_sub(inactive)
+            });
+        Usage {
+            memory_bytes: memory,
+            cpu_seconds: cpu,
         }
     }
 
@@ -282,6 +381,7 @@ mod tests {
     const HYBRID: &str = "\
 30 25 0:26 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
 31 25 0:27 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+34 25 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
 32 25 0:28 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
 33 25 0:29 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw";
 
@@ -294,6 +394,7 @@ mod tests {
             Hierarchy::V1 {
                 memory: Some("/sys/fs/cgroup/memory".into()),
                 cpu: Some("/sys/fs/cgroup/cpu".into()),
+                cpuacct: Some("/sys/fs/cgroup/cpuacct".into()),
                 pids: Some("/sys/fs/cgroup/pids".into()),
             }
         );
@@ -305,6 +406,29 @@ mod tests {
                 root: "/sys/fs/cgroup".into()
             }
         );
+    }
+
+    #[test]
+    fn t12_controllers_mounted_together_share_one_directory() {
+        let text = "\
+30 25 0:26 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory
+31 25 0:27 / /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct";
+        let h = Hierarchy::from_mountinfo(text, |_| String::new());
+        let cg = h.existing("j1");
+        assert_eq!(
+            cg.dirs,
+            vec![
+                PathBuf::from("/sys/fs/cgroup/memory/flynn/j1"),
+                PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/flynn/j1"),
+            ]
+        );
+        assert_eq!(
+            cg.dir_of("cpu"),
+            Some(PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/flynn/j1")),
+            "cpu.shares goes to the co-mounted directory"
+        );
+        assert_eq!(cg.dir_of("cpuacct"), cg.dir_of("cpu"));
+        assert_eq!(cg.dir_of("pids"), None, "not mounted: not limited");
     }
 
     #[test]
@@ -335,6 +459,38 @@ mod tests {
         );
         assert!(cg.pids().is_empty());
         assert!(!cg.oom_killed());
+        // A process that joins is counted: it touches 8 MiB and spins a little.
+        let procs = cg.procs_files();
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "for f in {}; do echo $$ > $f; done; \
+                 head -c 8388608 /dev/zero | tr '\\0' x > /dev/shm/{job}; \
+                 i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; sleep 5",
+                procs
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ))
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let used = loop {
+            let u = cg.usage();
+            if u.memory_bytes.unwrap_or(0) >= 8 << 20 && u.cpu_seconds.unwrap_or(0.0) > 0.01 {
+                break u;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "usage never counted: {u:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert!(used.memory_bytes.unwrap() < 64 << 20, "{used:?}");
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = fs::remove_file(format!("/dev/shm/{job}"));
         cg.remove();
         assert!(cg.dirs.iter().all(|d| !d.exists()));
     }
