@@ -278,6 +278,25 @@ impl Host {
                 st.blocks() * unit,
             );
         }
+        // The host's load, beside its size: what the dashboard's host charts show.
+        if let Ok(text) = std::fs::read_to_string("/proc/loadavg") {
+            if let Some(load1) = text.split_whitespace().next() {
+                flynn_metrics::single(
+                    &mut out,
+                    "flynn_host_load1",
+                    "gauge",
+                    "The host's load average over one minute (/proc/loadavg).",
+                    load1,
+                );
+            }
+        }
+        flynn_metrics::single(
+            &mut out,
+            "flynn_host_cpus",
+            "gauge",
+            "CPUs this host's processes may run on.",
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        );
         let mut gauge = |name: &str, help: &str, value: u64| {
             flynn_metrics::single(&mut out, name, "gauge", help, value);
         };
@@ -366,6 +385,9 @@ impl Host {
             "Apps in the cluster.",
             apps,
         );
+        if let Some(jobs) = &self.jobs {
+            jobs.render_usage(&mut out);
+        }
         crate::metrics::render(&mut out);
         out + &firewall
     }

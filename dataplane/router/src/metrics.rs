@@ -17,8 +17,9 @@ pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 #[derive(Debug, Clone, Default)]
 pub struct WorkerStats {
-    /// Route id ("" for requests no route matched) → counts by status class 1xx..5xx.
-    pub requests: FastMap<String, [u64; 5]>,
+    /// Route id ("" for requests no route matched) → counts by status class 1xx..5xx and
+    /// latency.
+    pub requests: FastMap<String, RouteStats>,
     pub latency: [u64; LATENCY_BUCKETS.len() + 1],
     pub latency_sum: f64,
     pub latency_count: u64,
@@ -38,22 +39,29 @@ pub struct WorkerStats {
     pub uring_buffers_exhausted: u64,
 }
 
+/// One route's requests: by status class, and their latency (per app p99 on the dashboard).
+#[derive(Debug, Clone, Default)]
+pub struct RouteStats {
+    pub classes: [u64; 5],
+    pub latency: [u64; LATENCY_BUCKETS.len() + 1],
+    pub latency_sum: f64,
+}
+
 impl WorkerStats {
     pub fn request(&mut self, route: &str, status: u16, elapsed: Duration) {
         let class = (status / 100).clamp(1, 5) as usize - 1;
-        match self.requests.get_mut(route) {
-            Some(c) => c[class] += 1,
-            None => {
-                let mut c = [0; 5];
-                c[class] = 1;
-                self.requests.insert(route.to_string(), c);
-            }
-        }
         let secs = elapsed.as_secs_f64();
         let bucket = LATENCY_BUCKETS
             .iter()
             .position(|b| secs <= *b)
             .unwrap_or(LATENCY_BUCKETS.len());
+        let r = match self.requests.get_mut(route) {
+            Some(r) => r,
+            None => self.requests.entry(route.to_string()).or_default(),
+        };
+        r.classes[class] += 1;
+        r.latency[bucket] += 1;
+        r.latency_sum += secs;
         self.latency[bucket] += 1;
         self.latency_sum += secs;
         self.latency_count += 1;
@@ -63,8 +71,12 @@ impl WorkerStats {
         for (route, c) in &o.requests {
             let mine = self.requests.entry(route.clone()).or_default();
             for i in 0..5 {
-                mine[i] += c[i];
+                mine.classes[i] += c.classes[i];
             }
+            for i in 0..mine.latency.len() {
+                mine.latency[i] += c.latency[i];
+            }
+            mine.latency_sum += c.latency_sum;
         }
         for i in 0..self.latency.len() {
             self.latency[i] += o.latency[i];
@@ -134,9 +146,9 @@ impl Metrics {
             "Requests answered, by route and status class.",
         );
         let mut routes: Vec<_> = t.requests.iter().collect();
-        routes.sort();
-        for (route, c) in routes {
-            for (i, n) in c.iter().enumerate() {
+        routes.sort_by(|a, b| a.0.cmp(b.0));
+        for (route, c) in &routes {
+            for (i, n) in c.classes.iter().enumerate() {
                 let class = format!("{}xx", i + 1);
                 sample(
                     &mut o,
@@ -181,6 +193,43 @@ impl Metrics {
             &[],
             t.latency_count,
         );
+        header(
+            &mut o,
+            "flynn_router_route_request_duration_seconds",
+            "histogram",
+            "Time from a request's head to the end of its response, by route.",
+        );
+        for (route, c) in &routes {
+            let mut cumulative = 0;
+            for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
+                cumulative += c.latency[i];
+                sample(
+                    &mut o,
+                    "flynn_router_route_request_duration_seconds_bucket",
+                    &[("route", route), ("le", &b.to_string())],
+                    cumulative,
+                );
+            }
+            cumulative += c.latency[LATENCY_BUCKETS.len()];
+            sample(
+                &mut o,
+                "flynn_router_route_request_duration_seconds_bucket",
+                &[("route", route), ("le", "+Inf")],
+                cumulative,
+            );
+            sample(
+                &mut o,
+                "flynn_router_route_request_duration_seconds_sum",
+                &[("route", route)],
+                c.latency_sum,
+            );
+            sample(
+                &mut o,
+                "flynn_router_route_request_duration_seconds_count",
+                &[("route", route)],
+                cumulative,
+            );
+        }
         let counters = [
             (
                 "flynn_router_bytes_received_total",

@@ -239,6 +239,62 @@ impl JobRunner {
         flynn_state::host_instance_id(self.host)
     }
 
+    /// Each running job's memory working set and CPU time, from its cgroups, as
+    /// Prometheus text (`flynn_job_memory_bytes`, `flynn_job_cpu_seconds_total`, labelled by
+    /// app, process type and job): what the dashboard's charts and any scraper read.
+    pub fn render_usage(&self, out: &mut String) {
+        let Some(h) = &self.cgroups else {
+            return;
+        };
+        let jobs: Vec<Job> = self
+            .running
+            .lock()
+            .expect("jobs lock")
+            .values()
+            .map(|l| l.job.clone())
+            .collect();
+        let usage: Vec<(Job, flynn_job::cgroup::Usage)> = jobs
+            .into_iter()
+            .map(|j| {
+                let u = h.existing(&self.cgroup_name(&j.id)).usage();
+                (j, u)
+            })
+            .collect();
+        let labels = |j: &Job| {
+            [
+                ("app", j.app.clone()),
+                ("type", j.proc_type.clone()),
+                ("job", j.id.clone()),
+            ]
+        };
+        flynn_metrics::header(
+            out,
+            "flynn_job_memory_bytes",
+            "gauge",
+            "A running job's memory in use, less the page cache the kernel may drop.",
+        );
+        for (j, u) in &usage {
+            if let Some(m) = u.memory_bytes {
+                let l = labels(j);
+                let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                flynn_metrics::sample(out, "flynn_job_memory_bytes", &l, m);
+            }
+        }
+        flynn_metrics::header(
+            out,
+            "flynn_job_cpu_seconds_total",
+            "counter",
+            "CPU time a running job has used since it started.",
+        );
+        for (j, u) in &usage {
+            if let Some(c) = u.cpu_seconds {
+                let l = labels(j);
+                let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                flynn_metrics::sample(out, "flynn_job_cpu_seconds_total", &l, format!("{c:.3}"));
+            }
+        }
+    }
+
     /// The jobs this host runs now (for `flynn-host ps`).
     pub fn local_jobs(&self) -> Vec<(Job, u64)> {
         self.running
