@@ -181,6 +181,13 @@ async fn t01_sessions_need_the_cookie_the_csrf_token_and_the_dashboards_origin()
         .unwrap()
         .iter()
         .any(|a| a["name"] == "dashboard"));
+    let (s, _) = d.get("/charts", None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "charts need a session");
+    let (s, charts) = d.get("/charts", Some(&id)).await;
+    assert_eq!(s, StatusCode::OK, "{charts}");
+    let host = &charts["hosts"][0];
+    assert_eq!(host["answered"], true, "{charts}");
+    assert!(host["load1"].as_f64().is_some() && host["cpus"].as_f64() >= Some(1.0));
     let (s, info) = d.get("/session", Some(&id)).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(info["csrf"], csrf.as_str());
@@ -429,6 +436,41 @@ async fn t10_the_page_in_a_real_browser_through_the_router() {
         .filter(|j| j.state == flynn_model::JobState::Running)
         .count();
     assert_eq!(running, 2, "the cluster runs what the page shows");
+
+    // The live charts: requests through the router show as requests/s and a p99, the
+    // jobs' memory and CPU from their cgroups.
+    let router: SocketAddr = format!("{}:80", c.hosts[0].ip).parse().unwrap();
+    let load = tokio::spawn(async move {
+        for _ in 0..400 {
+            let r = flynn_tests::router::get(router, &format!("web.{DOMAIN}"), "/").await;
+            assert_eq!(r.status, 200);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let rps = b
+        .wait_text("#chart-rps-value", Duration::from_secs(15), |t| {
+            t.parse::<f64>().is_ok_and(|v| v > 1.0)
+        })
+        .await;
+    let p99 = b
+        .wait_text("#chart-p99-value", Duration::from_secs(10), |t| {
+            t.ends_with(" ms")
+        })
+        .await;
+    let memory = b
+        .wait_text("#chart-memory-value", Duration::from_secs(10), |t| {
+            t.strip_suffix(" MiB")
+                .and_then(|v| v.parse::<f64>().ok())
+                .is_some_and(|v| v > 0.0)
+        })
+        .await;
+    b.wait_text("#chart-cpu-value", Duration::from_secs(10), |t| {
+        t.ends_with('%')
+    })
+    .await;
+    b.screenshot("03b-app-charts").await;
+    load.await.expect("load through the router");
+    eprintln!("charts: {rps} requests/s, p99 {p99}, memory {memory}");
 
     // Env: a new variable saved makes a new release.
     let before = c

@@ -77,6 +77,110 @@ function ago(ms) {
   return Math.round(s / 86400) + " d ago";
 }
 
+// ---- live charts ----
+
+const SVG = "http://www.w3.org/2000/svg";
+const POINTS = 60;
+
+function fmt(v) {
+  if (v >= 100) return v.toFixed(0);
+  if (v >= 10) return v.toFixed(1);
+  return v.toFixed(2);
+}
+
+// A small line chart of the last POINTS values, with the latest one written beside it.
+function sparkline(label, unit, id) {
+  const points = [];
+  const value = h("span", { class: "chart-value", id: id + "-value", text: "–" });
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("width", "180");
+  svg.setAttribute("height", "48");
+  svg.setAttribute("viewBox", "0 0 180 48");
+  svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", label);
+  const line = document.createElementNS(SVG, "polyline");
+  line.setAttribute("fill", "none");
+  line.setAttribute("stroke", "#0550ae");
+  line.setAttribute("stroke-width", "1.5");
+  svg.append(line);
+  const el = h("figure", { class: "chart", id }, h("figcaption", {}, label + ": ", value), svg);
+  return {
+    el,
+    push(v) {
+      points.push(v);
+      if (points.length > POINTS) points.shift();
+      const known = points.filter((p) => p !== null);
+      const max = Math.max(1e-9, ...known);
+      line.setAttribute("points", points
+        .map((p, i) => (p === null ? null : (i * 3) + "," + (46 - (p / max) * 44).toFixed(1)))
+        .filter((p) => p !== null).join(" "));
+      value.textContent = v === null ? "–" : fmt(v) + (unit ? " " + unit : "");
+      svg.setAttribute("aria-label", label + ": " + value.textContent);
+    },
+  };
+}
+
+// The 99th percentile (upper bound of its bucket, in ms) of the requests between two
+// cumulative histograms; null when there were none.
+function p99(before, after) {
+  if (!after || !after.length) return null;
+  const at = (bs, i) => (bs && bs[i] ? bs[i][1] : 0);
+  const total = at(after, after.length - 1) - at(before, after.length - 1);
+  if (total <= 0) return null;
+  for (let i = 0; i < after.length; i++) {
+    if (at(after, i) - at(before, i) >= 0.99 * total) {
+      return after[i][0] === null ? 5000 : after[i][0] * 1000;
+    }
+  }
+  return null;
+}
+
+// Asks /charts every two seconds and hands each answer with the one before to `draw`.
+function followCharts(draw) {
+  let prev = null;
+  const tick = async () => {
+    try {
+      const now = await call("GET", "/charts");
+      draw(now, prev);
+      prev = now;
+    } catch (_) { /* a missed sample leaves a gap */ }
+  };
+  tick();
+  every(2000, tick);
+}
+
+function appCharts(name) {
+  const rps = sparkline("Requests/s", "", "chart-rps");
+  const lat = sparkline("p99", "ms", "chart-p99");
+  const mem = sparkline("Memory", "MiB", "chart-memory");
+  const cpu = sparkline("CPU", "%", "chart-cpu");
+  followCharts((now, prev) => {
+    const a = now.apps[name] || {};
+    const b = prev && prev.apps[name];
+    const dt = prev ? (now.time_ms - prev.time_ms) / 1000 : 0;
+    rps.push(b && dt > 0 ? Math.max(0, (a.requests || 0) - (b.requests || 0)) / dt : null);
+    lat.push(b ? p99(b.latency, a.latency) : null);
+    mem.push(a.memory_bytes !== undefined ? a.memory_bytes / 1048576 : null);
+    cpu.push(b && dt > 0 ? Math.max(0, (a.cpu_seconds || 0) - (b.cpu_seconds || 0)) / dt * 100 : null);
+  });
+  return h("div", { class: "charts" }, rps.el, lat.el, mem.el, cpu.el);
+}
+
+function hostCharts() {
+  const box = h("div", { class: "charts", id: "host-charts" });
+  const charts = {};
+  followCharts((now) => {
+    for (const x of now.hosts) {
+      if (!charts[x.addr]) {
+        charts[x.addr] = sparkline("Load " + x.addr.replace(/:\d+$/, "") + (x.cpus ? " (" + x.cpus + " CPUs)" : ""), "", "load-" + Object.keys(charts).length);
+        box.append(charts[x.addr].el);
+      }
+      charts[x.addr].push(x.answered ? x.load1 : null);
+    }
+  });
+  return box;
+}
+
 // ---- login ----
 
 function login(message) {
@@ -268,6 +372,7 @@ async function appPage(name) {
   show(
     h("h1", {}, "App ", h("span", { class: "mono", id: "app-name", text: name })),
     h("p", {}, h("a", { href: "#/apps/" + enc + "/logs", text: "Logs" }), " · release ", h("span", { class: "mono", text: formation.release || "none" })),
+    h("h2", { text: "Now" }), appCharts(name),
     h("h2", { text: "Scale" }), scaleForm,
     h("h2", { text: "Jobs" }),
     h("table", { id: "jobs" }, h("thead", {}, h("tr", {}, ["Job", "Type", "Host", "State", "Release"].map((t) => h("th", { text: t })))), jobsBody),
@@ -339,7 +444,8 @@ async function clusterPage() {
   const rows = [["Raft term", s.term], ["Leader", leader ? leader.addr : (s.leader_addr || "none")],
     ["Applied index", s.last_applied_index], ["State revision", s.revision], ["This host", s.addr + " (" + s.role + ")"], ["Hosts", hosts.length + " (" + hosts.filter((x) => x.reachable).length + " reachable)"], ["Version", s.version]];
   show(h("h1", { text: "Cluster" }),
-    h("table", { id: "cluster" }, h("tbody", {}, rows.map(([k, v]) => h("tr", {}, h("th", { scope: "row", text: k }), h("td", { text: String(v) }))))));
+    h("table", { id: "cluster" }, h("tbody", {}, rows.map(([k, v]) => h("tr", {}, h("th", { scope: "row", text: k }), h("td", { text: String(v) }))))),
+    h("h2", { text: "Host load" }), hostCharts());
 }
 
 // ---- plumbing ----

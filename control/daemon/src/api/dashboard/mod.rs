@@ -7,6 +7,7 @@
 //!   traded for a session cookie (the key never reaches the page); five wrong ones from an
 //!   address in a minute make it wait ([`flynn_dashboard::limiter`]).
 //! - `GET /session`: the session's CSRF token and expiry; `POST /logout` ends it.
+//! - `GET /charts`: the live charts' figures, from every host's `/metrics` ([`charts`]).
 //! - `/api/*`: the controller API the CLI uses, with the session instead of a key. Every
 //!   change needs the CSRF token, and a request from another origin is refused.
 //!
@@ -30,6 +31,8 @@ use flynn_state::sessions::{Credential, Session, SessionsCommand};
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 
+mod charts;
+
 use super::{AppState, JsonBody};
 use crate::error::{ApiError, ApiResult};
 use crate::host::Host;
@@ -51,6 +54,9 @@ pub fn router(host: Arc<Host>, controller: Router<AppState>) -> Router {
         .route("/logout", post(logout))
         .route("/session", get(current))
         .nest("/api", api)
+        .merge(Router::new().route("/charts", get(charts::charts)).layer(
+            middleware::from_fn_with_state(host.clone(), require_session),
+        ))
         .fallback(|| async { ApiError::NotFound("no such dashboard path".into()) })
         .layer(middleware::from_fn(same_origin_only))
         .with_state(host)
