@@ -211,6 +211,18 @@ impl Browser {
         .await;
     }
 
+    /// Chooses the local file `path` in the file input `css`.
+    pub async fn choose_file(&self, css: &str, path: &Path) {
+        let id = self.wait_for(css, Duration::from_secs(10)).await;
+        let text = path.to_str().expect("a UTF-8 path");
+        self.cmd(
+            reqwest::Method::POST,
+            &format!("/element/{id}/value"),
+            Some(json!({ "text": text })),
+        )
+        .await;
+    }
+
     /// The visible text of `css` (empty when there is no such element).
     pub async fn text(&self, css: &str) -> String {
         let js = format!(

@@ -376,13 +376,11 @@ async fn t10_the_page_in_a_real_browser_through_the_router() {
         .find(|x| x.domains.contains(&dashboard_name()))
         .expect("the controller's certificate names the dashboard");
     let pin = webdriver::spki_pin(&cert.cert_pem);
-    // An app that writes a line every second and serves HTTP.
-    ok(&c.flynn(0, &["create", "web"]));
+    // An image whose web process writes a line every second and serves HTTP.
     let image = c.busybox_image(
         "web",
         Some("i=0; while true; do i=$((i+1)); echo tick $i; sleep 1; done & exec httpd -f -p $PORT -h /www"),
     );
-    ok(&c.flynn(0, &["-a", "web", "docker", "push", image.to_str().unwrap()]));
 
     let b = Browser::start(
         &[(dashboard_name().as_str(), c.hosts[0].ip.as_str())],
@@ -403,14 +401,74 @@ async fn t10_the_page_in_a_real_browser_through_the_router() {
         .await;
     assert!(said.contains("wrong"), "{said}");
 
-    // The right one shows the apps.
+    // The right one shows the apps (none yet).
     b.fill("#secret", &token).await;
     b.click("#login-submit").await;
-    b.wait_text("#apps", Duration::from_secs(10), |t| t.contains("web"))
+    b.wait_text("#apps", Duration::from_secs(10), |t| t.contains("No apps"))
         .await;
-    b.screenshot("02-apps").await;
     let cookie_visible = b.eval("return document.cookie").await;
     assert_eq!(cookie_visible, "", "the session cookie is HttpOnly");
+
+    // An app made on the page, an image archive deployed to it from the browser: its
+    // layers uploaded, the release made, the rollout followed until the job runs.
+    b.fill("#new-app", "web").await;
+    b.click("#create-submit").await;
+    b.choose_file("#deploy-file", &image).await;
+    b.click("#deploy-submit").await;
+    let said = b
+        .wait_text("#deploy-status", Duration::from_secs(60), |t| {
+            t.starts_with("Deployed") || t.contains("fail") || t.contains("corrupt")
+        })
+        .await;
+    assert!(said.starts_with("Deployed web-v1"), "{said}");
+    b.wait_text("#jobs-body", Duration::from_secs(20), |t| {
+        t.matches("running").count() == 1
+    })
+    .await;
+    b.screenshot("02-app-deployed").await;
+    let served = flynn_tests::router::get(
+        format!("{}:80", c.hosts[0].ip).parse().unwrap(),
+        &format!("web.{DOMAIN}"),
+        "/",
+    )
+    .await;
+    assert!(
+        served.text().contains("hello from busybox web"),
+        "{}",
+        served.text()
+    );
+    // The same archive again: every layer is in the cluster already.
+    b.choose_file("#deploy-file", &image).await;
+    b.click("#deploy-submit").await;
+    b.wait_text("#deploy-status", Duration::from_secs(60), |t| {
+        t.starts_with("Deployed web-v2")
+    })
+    .await;
+    // Something that is not an image archive is refused on the page, and nothing deploys.
+    let junk = c.root_path().join("notes.tar");
+    std::fs::write(&junk, "these are notes, not an image\n".repeat(100)).unwrap();
+    b.choose_file("#deploy-file", &junk).await;
+    b.click("#deploy-submit").await;
+    let said = b
+        .wait_text("#deploy-status", Duration::from_secs(20), |t| {
+            t.contains("archive")
+        })
+        .await;
+    assert!(
+        said.contains("is not a tar archive (expected a docker save or OCI image archive)"),
+        "{said}"
+    );
+    let release = c
+        .client(0)
+        .formation("web")
+        .await
+        .expect("formation")
+        .release;
+    assert_eq!(release, "web-v2", "nothing deployed");
+    b.goto(&format!("{url}#/apps")).await;
+    b.wait_text("#apps", Duration::from_secs(10), |t| t.contains("web"))
+        .await;
+    b.screenshot("02b-apps").await;
 
     // The app: its job running, then scaled to 2 (after the confirmation).
     b.goto(&format!("{url}#/apps/web")).await;

@@ -181,6 +181,192 @@ function hostCharts() {
   return box;
 }
 
+// ---- deploying an image archive from the browser ----
+//
+// The archive (`docker save` or an OCI layout, tarred) is read in place with File.slice:
+// its tar headers are indexed, its manifest and config read, and each layer hashed
+// (SHA-256 checked against the digest the archive names it by, SHA-512 as the cluster
+// stores it), then uploaded unless the cluster has it, then a release made and its rollout
+// followed: the same calls `flynn docker push` makes.
+
+async function readText(file, at, size) {
+  return new TextDecoder().decode(await file.slice(at, at + size).arrayBuffer());
+}
+
+function octal(bytes) {
+  const t = new TextDecoder().decode(bytes).replace(/\0.*$/s, "").trim();
+  return t ? parseInt(t, 8) : 0;
+}
+
+function cstr(bytes) {
+  const i = bytes.indexOf(0);
+  return new TextDecoder().decode(i < 0 ? bytes : bytes.subarray(0, i));
+}
+
+function cleanName(n) {
+  return n.replace(/^\.\//, "").replace(/\/+$/, "");
+}
+
+// Name → {at, size} of every file, and name → target of every symlink.
+async function indexTar(file) {
+  const entries = {}, links = {};
+  let at = 0, longName = null;
+  while (at + 512 <= file.size) {
+    const head = new Uint8Array(await file.slice(at, at + 512).arrayBuffer());
+    if (head.every((b) => b === 0)) break;
+    // A tar header carries the sum of its own bytes (its checksum field read as spaces).
+    const sum = head.reduce((n, b, i) => n + (i >= 148 && i < 156 ? 32 : b), 0);
+    const size = octal(head.subarray(124, 136));
+    if (sum !== octal(head.subarray(148, 156)) || !(size >= 0)) {
+      throw new Error(file.name + " is not a tar archive (expected a docker save or OCI image archive)");
+    }
+    const type = String.fromCharCode(head[156] || 48);
+    let name = cstr(head.subarray(0, 100));
+    const prefix = cstr(head.subarray(345, 500));
+    if (prefix && new TextDecoder().decode(head.subarray(257, 262)) === "ustar") name = prefix + "/" + name;
+    if (longName !== null) { name = longName; longName = null; }
+    const data = at + 512;
+    if (type === "L") {
+      longName = (await readText(file, data, size)).replace(/\0+$/, "");
+    } else if (type === "x") {
+      const pax = await readText(file, data, size);
+      const m = pax.match(/\d+ path=([^\n]*)\n/);
+      if (m) longName = m[1];
+    } else if (type === "2") {
+      links[cleanName(name)] = cstr(head.subarray(157, 257));
+    } else if (type === "0" || type === "\0" || type === "7") {
+      entries[cleanName(name)] = { at: data, size };
+    }
+    at = data + Math.ceil(size / 512) * 512;
+  }
+  return { entries, links };
+}
+
+function resolveEntry(tar, name) {
+  for (let i = 0; i < 8; i++) {
+    if (tar.entries[name]) return tar.entries[name];
+    const target = tar.links[name];
+    if (target === undefined) return null;
+    const base = target.startsWith("/") ? [] : name.split("/").slice(0, -1);
+    for (const part of target.split("/")) {
+      if (part === "..") base.pop(); else if (part && part !== ".") base.push(part);
+    }
+    name = base.join("/");
+  }
+  return null;
+}
+
+async function tarJson(file, tar, name) {
+  const e = resolveEntry(tar, name);
+  if (!e) throw new Error(name + " is missing from the archive");
+  if (e.size > 16 << 20) throw new Error(name + " is too large to be a manifest");
+  try { return JSON.parse(await readText(file, e.at, e.size)); }
+  catch (_) { throw new Error(name + " is not valid JSON"); }
+}
+
+// The layers (bottom first, each {name, sha256}) and the run config of an image archive.
+async function parseImage(file, tar) {
+  const blob = (d) => {
+    if (!/^sha256:[0-9a-f]{64}$/.test(d.digest || "")) throw new Error("unsupported digest " + d.digest);
+    return "blobs/sha256/" + d.digest.slice(7);
+  };
+  const inName = (n) => { const m = n.match(/^blobs\/sha256\/([0-9a-f]{64})$/); return m ? m[1] : null; };
+  let configName, layerNames = [], layerDigests = [];
+  if (resolveEntry(tar, "manifest.json")) {
+    const manifest = await tarJson(file, tar, "manifest.json");
+    if (!Array.isArray(manifest) || !manifest[0]) throw new Error("manifest.json lists no image");
+    configName = manifest[0].Config;
+    layerNames = manifest[0].Layers || [];
+  } else if (resolveEntry(tar, "index.json")) {
+    let desc = ((await tarJson(file, tar, "index.json")).manifests || [])[0];
+    for (let i = 0; desc && (desc.mediaType || "").includes("index") && i < 4; i++) {
+      desc = ((await tarJson(file, tar, blob(desc))).manifests || [])[0];
+    }
+    if (!desc) throw new Error("index.json lists no manifest");
+    const manifest = await tarJson(file, tar, blob(desc));
+    configName = blob(manifest.config);
+    layerNames = (manifest.layers || []).map(blob);
+  } else {
+    throw new Error("not a docker save or OCI image archive (no manifest.json or index.json)");
+  }
+  const config = await tarJson(file, tar, configName);
+  const diffIds = (config.rootfs && config.rootfs.diff_ids) || [];
+  layerDigests = layerNames.map((n, i) => inName(n) || (diffIds[i] || "").replace(/^sha256:/, "") || null);
+  const c = config.config || {};
+  return {
+    layers: layerNames.map((name, i) => ({ name, sha256: layerDigests[i] })),
+    config: { entrypoint: c.Entrypoint || [], cmd: c.Cmd || [], env: c.Env || [], working_dir: c.WorkingDir || "", user: c.User || "" },
+  };
+}
+
+const hexOf = (buf) => Array.from(new Uint8Array(buf), (b) => b.toString(16).padStart(2, "0")).join("");
+
+function putLayer(sha512, blob, onProgress) {
+  return new Promise((resolve, reject) => {
+    const x = new XMLHttpRequest();
+    x.open("PUT", "/api/layers/" + sha512);
+    x.setRequestHeader("x-csrf-token", csrf || "");
+    x.upload.onprogress = (e) => onProgress(e.loaded);
+    x.onload = () => {
+      if (x.status === 401) { login(); reject(new Error("log in again")); }
+      else if (x.status >= 200 && x.status < 300) resolve();
+      else {
+        let m = x.statusText;
+        try { m = JSON.parse(x.responseText).message || m; } catch (_) {}
+        reject(new Error("uploading a layer: " + m));
+      }
+    };
+    x.onerror = () => reject(new Error("uploading a layer: the connection failed"));
+    x.send(blob);
+  });
+}
+
+async function deployArchive(app, file, say, bar) {
+  const enc = encodeURIComponent(app);
+  say("Reading " + file.name + "…");
+  const tar = await indexTar(file);
+  const image = await parseImage(file, tar);
+  const total = image.layers.reduce((n, l) => n + (resolveEntry(tar, l.name) || { size: 0 }).size, 0);
+  let done = 0;
+  bar.max = Math.max(1, total);
+  const layers = [];
+  for (const [i, l] of image.layers.entries()) {
+    const e = resolveEntry(tar, l.name);
+    if (!e) throw new Error("layer " + l.name + " is missing from the archive");
+    const label = "layer " + (i + 1) + "/" + image.layers.length;
+    say(label + ": checking (" + (e.size / 1048576).toFixed(1) + " MB)…");
+    const bytes = await file.slice(e.at, e.at + e.size).arrayBuffer();
+    if (l.sha256 && hexOf(await crypto.subtle.digest("SHA-256", bytes)) !== l.sha256) {
+      throw new Error(label + " is corrupt: its SHA-256 is not the one the image names");
+    }
+    const sha512 = hexOf(await crypto.subtle.digest("SHA-512", bytes));
+    const head = new Uint8Array(bytes.slice(0, 4));
+    const compression = head[0] === 0x1f && head[1] === 0x8b ? "gzip"
+      : head[0] === 0x28 && head[1] === 0xb5 && head[2] === 0x2f && head[3] === 0xfd ? "zstd" : "none";
+    const has = await fetch("/api/layers/" + sha512, { method: "HEAD", credentials: "same-origin" });
+    if (has.ok) {
+      say(label + ": already in the cluster");
+    } else {
+      say(label + ": uploading…");
+      await putLayer(sha512, file.slice(e.at, e.at + e.size), (n) => { bar.value = done + n; });
+    }
+    done += e.size;
+    bar.value = done;
+    layers.push({ sha512, size: e.size, compression });
+  }
+  say("Creating the release…");
+  const release = await change("POST", "/apps/" + enc + "/releases", { image: { layers, config: image.config } });
+  for (let i = 0; i < 240; i++) {
+    const r = await api("/apps/" + enc + "/releases/" + encodeURIComponent(release.id) + "/rollout");
+    const types = Object.entries(r.processes || {}).map(([t, p]) => t + " " + p.running + "/" + p.want + " running").join(", ");
+    if (r.state === "done") { say("Deployed " + release.id + (types ? ": " + types : "") + "."); return release; }
+    if (r.state === "failed") throw new Error(release.id + " failed: " + (r.error || "its jobs did not start"));
+    say("Deploying " + release.id + (types ? ": " + types : "") + (r.waiting ? " (" + r.waiting + ")" : "") + "…");
+    await new Promise((ok) => setTimeout(ok, 1000));
+  }
+  throw new Error(release.id + " is still rolling out; see its jobs below");
+}
+
 // ---- login ----
 
 function login(message) {
@@ -229,10 +415,22 @@ async function appsPage() {
   const apps = await api("/apps");
   const showSystem = location.hash.includes("system");
   const list = apps.filter((a) => showSystem || !a.system).sort((a, b) => a.name.localeCompare(b.name));
+  const newName = h("input", { id: "new-app", size: 24, pattern: "[a-z0-9][a-z0-9-]*", required: true });
+  const createMsg = h("p", { role: "status", id: "create-status" });
+  const createForm = h("form", { id: "create-app", onsubmit: async (ev) => {
+      ev.preventDefault();
+      try {
+        const a = await change("POST", "/apps", { name: newName.value.trim() });
+        location.hash = "#/apps/" + encodeURIComponent(a.name);
+      } catch (e) { createMsg.className = "error"; createMsg.textContent = e.message; }
+    } },
+    h("label", { for: "new-app", text: "New app" }),
+    h("div", { class: "row" }, newName, h("button", { type: "submit", id: "create-submit", text: "Create" })), createMsg);
   show(
     h("h1", { text: "Apps" }),
+    createForm,
     h("p", {}, h("a", { href: showSystem ? "#/apps" : "#/apps?system", text: showSystem ? "Hide system apps" : "Show system apps" })),
-    list.length === 0 ? h("p", { class: "muted", text: "No apps yet. Deploy one with flynn create and flynn deploy." }) :
+    list.length === 0 ? h("p", { class: "muted", id: "apps", text: "No apps yet: create one above, then deploy an image to it." }) :
     h("table", { id: "apps" },
       h("thead", {}, h("tr", {}, h("th", { text: "Name" }), h("th", { text: "Kind" }))),
       h("tbody", {}, list.map((a) => h("tr", {},
@@ -308,6 +506,28 @@ async function appPage(name) {
     }), types.length ? h("button", { class: "primary", type: "submit", id: "scale-submit", text: "Scale" }) : null),
     scaleMsg);
 
+  const deployMsg = h("p", { role: "status", id: "deploy-status" });
+  const deployBar = h("progress", { id: "deploy-progress", value: "0", max: "1", hidden: true });
+  const deployFile = h("input", { id: "deploy-file", type: "file", accept: ".tar,application/x-tar" });
+  const deployForm = h("form", { id: "deploy", onsubmit: async (ev) => {
+      ev.preventDefault();
+      const file = deployFile.files[0];
+      if (!file) { deployMsg.className = "error"; deployMsg.textContent = "Choose an image archive first."; return; }
+      deployBar.hidden = false;
+      deployMsg.className = "";
+      try {
+        await deployArchive(name, file, (t) => { deployMsg.textContent = t; }, deployBar);
+        // The page again, with the new release, its types to scale and its jobs.
+        const said = deployMsg.textContent;
+        await route();
+        const m = document.getElementById("deploy-status");
+        if (m) { m.className = "ok"; m.textContent = said; }
+      } catch (e) { deployMsg.className = "error"; deployMsg.textContent = e.message; }
+    } },
+    h("label", { for: "deploy-file", text: "Image archive (docker save or OCI, .tar)" }),
+    h("div", { class: "row" }, deployFile, h("button", { class: "primary", type: "submit", id: "deploy-submit", text: "Deploy" })),
+    deployBar, deployMsg);
+
   const envMsg = h("p", { role: "status", id: "env-status" });
   const envArea = h("textarea", { id: "env", spellcheck: "false" });
   envArea.value = envText(app.env && app.env.global);
@@ -373,6 +593,7 @@ async function appPage(name) {
     h("h1", {}, "App ", h("span", { class: "mono", id: "app-name", text: name })),
     h("p", {}, h("a", { href: "#/apps/" + enc + "/logs", text: "Logs" }), " · release ", h("span", { class: "mono", text: formation.release || "none" })),
     h("h2", { text: "Now" }), appCharts(name),
+    h("h2", { text: "Deploy" }), deployForm,
     h("h2", { text: "Scale" }), scaleForm,
     h("h2", { text: "Jobs" }),
     h("table", { id: "jobs" }, h("thead", {}, h("tr", {}, ["Job", "Type", "Host", "State", "Release"].map((t) => h("th", { text: t })))), jobsBody),
