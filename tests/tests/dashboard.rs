@@ -575,6 +575,11 @@ async fn t10_the_page_in_a_real_browser_through_the_router() {
     b.goto(&format!("{url}#/hosts")).await;
     b.wait_text("#hosts", Duration::from_secs(10), |t| t.contains("peer"))
         .await;
+    let page = b.text("main").await;
+    assert!(
+        page.contains("router") && page.contains("jobs") && page.contains("web-web"),
+        "each host's components and jobs: {page}"
+    );
     b.screenshot("06-hosts").await;
     b.goto(&format!("{url}#/cluster")).await;
     b.wait_text("#cluster", Duration::from_secs(10), |t| {

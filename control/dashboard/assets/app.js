@@ -648,23 +648,52 @@ async function logsPage(name) {
 
 // ---- hosts and cluster ----
 
+function componentState(v) {
+  if (v && typeof v === "object") {
+    if (v.enabled === false) return "off";
+    for (const k of ["state", "status", "backend", "mode"]) if (typeof v[k] === "string") return v[k];
+  }
+  return "on";
+}
+
 async function hostsPage() {
-  const hosts = await api("/hosts");
+  const hosts = await api("/hosts/details");
   show(h("h1", { text: "Hosts" }),
     h("table", { id: "hosts" },
-      h("thead", {}, h("tr", {}, ["Host", "Address", "Role", "Leader", "Reachable", "Version"].map((t) => h("th", { text: t })))),
+      h("thead", {}, h("tr", {}, ["Host", "Role", "Leader", "Reachable", "Version", "Jobs", "Volumes"].map((t) => h("th", { text: t })))),
       h("tbody", {}, hosts.map((x) => h("tr", {},
-        h("td", { text: String(x.node_id) }), h("td", { class: "mono", text: x.addr }), h("td", { text: x.role }),
+        h("td", { class: "mono", text: x.addr }), h("td", { text: x.role }),
         h("td", { text: x.leader ? "yes" : "" }), h("td", { class: x.reachable ? "ok" : "error", text: x.reachable ? "yes" : "no" }),
-        h("td", { text: x.version || "" }))))));
+        h("td", { text: x.version || "" }), h("td", { text: String(x.jobs.length) }), h("td", { text: String(x.volumes.length) }))))),
+    ...hosts.map((x, i) => h("section", { "aria-labelledby": "host-" + i },
+      h("h2", { id: "host-" + i }, "Host ", h("span", { class: "mono", text: x.addr }), " (" + x.role + ")"),
+      h("p", { class: "components" }, "Components: ", x.components === null ? h("span", { class: "error", text: "no answer" }) :
+        Object.entries(x.components).map(([name, v], j) => [j ? ", " : "", h("span", { class: "mono", text: name }), " " + componentState(v)])),
+      x.jobs.length === 0 ? h("p", { class: "muted", text: "No jobs." }) :
+      h("table", { class: "host-jobs" },
+        h("thead", {}, h("tr", {}, ["Job", "App", "Type", "State"].map((t) => h("th", { text: t })))),
+        h("tbody", {}, x.jobs.map(([id, app, type, state]) => h("tr", {},
+          h("td", { class: "mono", text: id }), h("td", {}, h("a", { href: "#/apps/" + encodeURIComponent(app), text: app })),
+          h("td", { text: type }), h("td", { class: "state-" + state, text: state }))))),
+      x.volumes.length === 0 ? null :
+      h("table", { class: "host-volumes" },
+        h("thead", {}, h("tr", {}, ["Volume", "App", "Provider", "Size"].map((t) => h("th", { text: t })))),
+        h("tbody", {}, x.volumes.map(([id, app, provider, size]) => h("tr", {},
+          h("td", { class: "mono", text: id }), h("td", { text: app || "" }), h("td", { text: provider }),
+          h("td", { text: size ? (size / 1048576).toFixed(0) + " MiB" : "" }))))))));
 }
 
 async function clusterPage() {
-  const [s, hosts] = await Promise.all([api("/status"), api("/hosts")]);
+  const [s, hosts, page] = await Promise.all([api("/status"), api("/hosts"), api("/status/page")]);
   const leader = hosts.find((x) => x.leader);
-  const rows = [["Raft term", s.term], ["Leader", leader ? leader.addr : (s.leader_addr || "none")],
-    ["Applied index", s.last_applied_index], ["State revision", s.revision], ["This host", s.addr + " (" + s.role + ")"], ["Hosts", hosts.length + " (" + hosts.filter((x) => x.reachable).length + " reachable)"], ["Version", s.version]];
+  const verdict = page.data || {};
+  const detail = Object.entries(verdict.detail || {});
+  const failing = detail.filter(([, v]) => v && v.status !== "healthy" && !(v.detail && v.detail.optional));
+  const rows = [["Raft term", s.term], ["Commit index (applied here)", s.last_applied_index === null ? "none" : s.last_applied_index], ["Leader", leader ? leader.addr : (s.leader_addr || "none")],
+    ["State revision", s.revision], ["This host", s.addr + " (" + s.role + ")"], ["Hosts", hosts.length + " (" + hosts.filter((x) => x.reachable).length + " reachable)"], ["Version", s.version]];
   show(h("h1", { text: "Cluster" }),
+    h("p", { id: "verdict", class: verdict.status === "healthy" ? "ok" : "error",
+      text: "Status: " + (verdict.status || "unknown") + (failing.length ? " (" + failing.map(([k]) => k).join(", ") + ")" : "") }),
     h("table", { id: "cluster" }, h("tbody", {}, rows.map(([k, v]) => h("tr", {}, h("th", { scope: "row", text: k }), h("td", { text: String(v) }))))),
     h("h2", { text: "Host load" }), hostCharts());
 }

@@ -181,6 +181,85 @@ pub fn controller_routes() -> Router<AppState> {
     Router::new()
         .route("/status", get(status))
         .route("/hosts", get(list))
+        .route("/hosts/details", get(details))
+}
+
+/// One host with what it runs: `GET /hosts/details` (the dashboard's hosts page).
+#[derive(serde::Serialize)]
+struct HostDetails {
+    #[serde(flatten)]
+    entry: HostEntry,
+    /// The node id as text: JavaScript's numbers cannot hold 64 bits.
+    id: String,
+    /// Its components and their status, as `flynn-host components` shows them; null when
+    /// it did not answer within 1.5 s.
+    components: Option<serde_json::Value>,
+    /// Its jobs that have not ended: `[id, app, type, state]`.
+    jobs: Vec<[String; 4]>,
+    /// Its volumes: `[id, app, provider, size in bytes]`.
+    volumes: Vec<(String, Option<String>, String, Option<u64>)>,
+}
+
+async fn details(State(host): State<AppState>) -> ApiResult<Json<Vec<HostDetails>>> {
+    let node = host.node()?;
+    let entries = node.list_hosts().await;
+    let secret = node.secret().to_string();
+    let asks = entries.into_iter().map(|entry| {
+        let (host, secret) = (host.clone(), secret.clone());
+        let own = entry.node_id == node.id;
+        async move {
+            let components = if own {
+                Some(host.components().status())
+            } else {
+                let c = flynn_client::HostClient::new(
+                    &format!("http://{}", entry.addr),
+                    Some(&secret),
+                    std::time::Duration::from_millis(1500),
+                );
+                c.components().await.ok()
+            };
+            (entry, components)
+        }
+    });
+    let answers = futures::future::join_all(asks).await;
+    let out = node.state.read(|a| {
+        answers
+            .into_iter()
+            .map(|(entry, components)| {
+                let id = entry.node_id;
+                let jobs = a
+                    .state
+                    .jobs
+                    .jobs
+                    .values()
+                    .filter(|j| j.host == id && j.ended_ms.is_none())
+                    .map(|j| {
+                        let state = serde_json::to_value(j.state)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                            .unwrap_or_default();
+                        [j.id.clone(), j.app.clone(), j.proc_type.clone(), state]
+                    })
+                    .collect();
+                let volumes = a
+                    .state
+                    .volumes
+                    .volumes
+                    .values()
+                    .filter(|v| v.host == id)
+                    .map(|v| (v.id.clone(), v.app.clone(), v.provider.clone(), v.size))
+                    .collect();
+                HostDetails {
+                    id: id.to_string(),
+                    entry,
+                    components,
+                    jobs,
+                    volumes,
+                }
+            })
+            .collect()
+    });
+    Ok(Json(out))
 }
 
 async fn info(State(host): State<AppState>) -> Json<HostInfo> {

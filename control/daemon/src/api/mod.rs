@@ -108,6 +108,7 @@ fn controller_routes() -> Router<AppState> {
         .merge(backup::controller_routes())
         .merge(export::routes())
         .merge(resources::routes())
+        .merge(status::controller_routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY))
 }
 

@@ -30,7 +30,7 @@ use flynn_state::JobState;
 use serde_json::json;
 
 use super::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiResult};
 use crate::host::Host;
 use crate::version;
 
@@ -60,6 +60,11 @@ pub fn open_routes() -> Router<AppState> {
 
 pub fn secret_routes() -> Router<AppState> {
     Router::new().route("/host/health", get(host_health))
+}
+
+/// Behind a controller key: the page's verdict as JSON (`GET /status/page`).
+pub fn controller_routes() -> Router<AppState> {
+    Router::new().route("/status/page", get(verdict))
 }
 
 async fn host_health(State(host): State<AppState>) -> Json<HostHealth> {
@@ -150,6 +155,25 @@ async fn page(
         }
     }
 
+    let (healthy, body) = report(&host, &node).await;
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    (code, Json(body)).into_response()
+}
+
+/// The status page's verdict behind a controller key (the dashboard's cluster page): the
+/// same body, always with 200, so a client can tell an unhealthy cluster from an error.
+async fn verdict(State(host): State<AppState>) -> ApiResult<Json<serde_json::Value>> {
+    let node = host.node()?.clone();
+    Ok(Json(report(&host, &node).await.1))
+}
+
+/// Asks every host and Raft: whether the cluster is healthy, and the page's body.
+async fn report(host: &AppState, node: &crate::node::Node) -> (bool, serde_json::Value) {
+    let members = node.members();
     let mut detail: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     let mut healthy = true;
     let mut core = |name: String, h: ComponentHealth| {
@@ -252,13 +276,8 @@ async fn page(
     }
 
     let status = if healthy { "healthy" } else { "unhealthy" };
-    let code = if healthy {
-        StatusCode::OK
-    } else {
-        StatusCode::INTERNAL_SERVER_ERROR
-    };
     let body = json!({"data": {"status": status, "version": version(), "detail": detail}});
-    (code, Json(body)).into_response()
+    (healthy, body)
 }
 
 /// The address a request came from, as far as a host can know it: the connection's peer,
