@@ -200,6 +200,10 @@ pub(crate) fn update_env(
     let mut updated = s.app(app)?.clone();
     updated.env = env;
     s.apps.insert(updated.clone(), cx);
+    if app == "controller" || app == "dashboard" {
+        // A key rotated out or a new login token ends the sessions opened with the old.
+        crate::sessions::drop_revoked(s, cx);
+    }
     // As in Flynn, a changed env is a new release, deployed.
     crate::jobs::redeploy_with_env(s, app, now_ms, cx);
     Ok(Response::App { app: updated })

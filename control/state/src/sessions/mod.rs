@@ -8,7 +8,9 @@
 //! changes. Logging out deletes the record on every host at once.
 //!
 //! Opening a session also drops the expired ones, so the table never grows past the
-//! sessions alive plus one.
+//! sessions alive plus one. A change of the controller's keys or the login token drops, in
+//! the same step, every session whose credential is no longer accepted: putting an old key
+//! back does not bring its sessions back.
 
 use std::collections::BTreeMap;
 
@@ -18,6 +20,9 @@ use crate::area::{Area, Cx, Records, Table};
 use crate::{ApplyResult, ClusterState, Response, StateError};
 
 pub const TABLE: Table = Table("session/");
+
+/// The dashboard app's env key of its login token.
+pub const TOKEN_ENV: &str = "LOGIN_TOKEN";
 
 /// Longest a session may last.
 pub const MAX_SESSION_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
@@ -63,6 +68,47 @@ impl Sessions {
     /// The session with this id hash, if it is alive at `now_ms`.
     pub fn live(&self, id_hash: &str, now_ms: u64) -> Option<&Session> {
         self.sessions.get(id_hash).filter(|s| s.expires_ms > now_ms)
+    }
+}
+
+/// A credential's fingerprint, as a session records it: hex SHA-256 with a prefix of its
+/// own (so it is no other hash of the same secret).
+pub fn fingerprint(credential: &str) -> String {
+    let d = ring::digest::digest(
+        &ring::digest::SHA256,
+        &[b"flynn-credential:".as_slice(), credential.as_bytes()].concat(),
+    );
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Credential {
+    /// Whether the cluster still accepts what this session was opened with.
+    pub fn accepted(&self, s: &ClusterState) -> bool {
+        match self {
+            Credential::Key { fingerprint: f } => {
+                s.controller_keys().iter().any(|k| fingerprint(k) == *f)
+            }
+            Credential::Token { fingerprint: f } => s
+                .apps
+                .get("dashboard")
+                .and_then(|a| a.env.global.get(TOKEN_ENV))
+                .is_some_and(|t| !t.is_empty() && fingerprint(t) == *f),
+        }
+    }
+}
+
+/// Drops every session whose credential the cluster no longer accepts.
+pub(crate) fn drop_revoked(s: &mut ClusterState, cx: &mut Cx) {
+    let revoked: Vec<String> = s
+        .sessions
+        .sessions
+        .values()
+        .filter(|x| !x.credential.accepted(s))
+        .map(|x| x.id_hash.clone())
+        .collect();
+    for id in revoked {
+        s.sessions.sessions.remove(&id);
+        cx.touch(TABLE, &id);
     }
 }
 

@@ -100,3 +100,59 @@ fn t13_a_restored_backup_brings_no_session() {
     let restored = old.clone().restored_onto(&fresh);
     assert!(restored.sessions.sessions.is_empty());
 }
+
+#[test]
+fn t14_rotating_a_key_or_the_token_drops_the_sessions_opened_with_it() {
+    use crate::sessions::fingerprint;
+    let mut s = booted();
+    ok(&mut s, env_set("dashboard", None, "LOGIN_TOKEN", "tok-1"));
+    let mut by_key = session(1, 1_000, 60_000);
+    by_key.credential = Credential::Key {
+        fingerprint: fingerprint(KEY),
+    };
+    let mut by_token = session(2, 1_000, 60_000);
+    by_token.credential = Credential::Token {
+        fingerprint: fingerprint("tok-1"),
+    };
+    for session in [by_key, by_token] {
+        ok(
+            &mut s,
+            SessionsCommand::Open {
+                session,
+                now_ms: 1_000,
+            },
+        );
+    }
+    let new = "feedfacefeedfacefeed";
+    ok(
+        &mut s,
+        env_set("controller", None, "AUTH_KEY", &format!("{KEY},{new}")),
+    );
+    assert_eq!(
+        s.sessions.sessions.len(),
+        2,
+        "both keys: the key's session lives"
+    );
+    ok(&mut s, env_set("controller", None, "AUTH_KEY", new));
+    assert!(
+        !s.sessions.sessions.contains_key(&hex(1)),
+        "rotated out: ended"
+    );
+    assert!(
+        s.sessions.sessions.contains_key(&hex(2)),
+        "the token's is not the key's"
+    );
+    ok(
+        &mut s,
+        env_set("controller", None, "AUTH_KEY", &format!("{KEY},{new}")),
+    );
+    assert!(
+        !s.sessions.sessions.contains_key(&hex(1)),
+        "putting the old key back does not bring its session back"
+    );
+    ok(&mut s, env_set("dashboard", None, "LOGIN_TOKEN", "tok-2"));
+    assert!(
+        s.sessions.sessions.is_empty(),
+        "a new token ends the token's sessions"
+    );
+}
