@@ -10,16 +10,16 @@ use std::time::Duration;
 
 use ring::digest::{digest, SHA256};
 
-/// The session cookie's name.
-pub const COOKIE: &str = "flynn_session";
+/// The session cookie's name. `__Host-`: the browser takes it only with `Secure`,
+/// `Path=/` and no `Domain`, so an app at `APP.$CLUSTER_DOMAIN` cannot set one the
+/// dashboard would read.
+pub const COOKIE: &str = "__Host-flynn_session";
 /// The header state-changing requests carry the CSRF token in.
 pub const CSRF_HEADER: &str = "x-csrf-token";
 /// How long a session lasts unless the dashboard app's `SESSION_TTL` says otherwise.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(12 * 3600);
 /// The dashboard app's env key for the session length (`30m`, `12h`, `7d`).
 pub const TTL_ENV: &str = "SESSION_TTL";
-/// The dashboard app's env key for its login token.
-pub const TOKEN_ENV: &str = "LOGIN_TOKEN";
 
 fn sha256_hex(parts: &[&[u8]]) -> String {
     let joined: Vec<u8> = parts.concat();
@@ -46,22 +46,18 @@ pub fn csrf_token(id: &str) -> String {
     sha256_hex(&[b"flynn-csrf:", id.as_bytes()])
 }
 
-/// A credential's fingerprint, as a session records it.
-pub fn fingerprint(credential: &str) -> String {
-    sha256_hex(&[b"flynn-credential:", credential.as_bytes()])
-}
-
 /// Whether two secrets are equal, in time that does not depend on where they differ.
 pub fn same_secret(a: &str, b: &str) -> bool {
     bool::from(subtle::ConstantTimeEq::ct_eq(a.as_bytes(), b.as_bytes()))
 }
 
-/// The session id in a `Cookie` header, if it holds a well-formed one.
-pub fn id_from_cookies(header: &str) -> Option<&str> {
+/// Every well-formed session id in a `Cookie` header (a browser may send more than one
+/// cookie of a name; the caller tries each, a few at most).
+pub fn ids_from_cookies(header: &str) -> impl Iterator<Item = &str> {
     header
         .split(';')
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .filter(|(name, _)| *name == COOKIE)
         .map(|(_, value)| value.trim())
         .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
 }
@@ -117,7 +113,8 @@ pub fn same_origin(host: &str, origin: Option<&str>, fetch_site: Option<&str>) -
         Some(o) => {
             let o = o.trim().to_ascii_lowercase();
             let host = host.trim().to_ascii_lowercase();
-            o == format!("https://{host}") || o == format!("http://{host}")
+            // The dashboard is served over HTTPS only (the router redirects plain HTTP).
+            o == format!("https://{host}")
         }
     }
 }
@@ -138,17 +135,23 @@ mod tests {
             csrf_token(&a),
             "the token is not the stored hash"
         );
-        assert_ne!(id_hash(&a), fingerprint(&a));
         assert_eq!(id_hash(&a).len(), 64);
     }
 
     #[test]
     fn t02_the_cookie_is_found_among_others_and_malformed_ones_are_not() {
         let id = new_id();
-        let header = format!("theme=dark; {COOKIE}={id}; other=1");
-        assert_eq!(id_from_cookies(&header), Some(id.as_str()));
-        assert_eq!(id_from_cookies("flynn_session=short"), None);
-        assert_eq!(id_from_cookies("nothing=here"), None);
+        let other = new_id();
+        let header = format!(
+            "theme=dark; {COOKIE}={id}; flynn_session={other}; {COOKIE}=short; {COOKIE}={other}"
+        );
+        let found: Vec<&str> = ids_from_cookies(&header).collect();
+        assert_eq!(
+            found,
+            vec![id.as_str(), other.as_str()],
+            "only well-formed ids of the cookie"
+        );
+        assert_eq!(ids_from_cookies("nothing=here").count(), 0);
         let set = set_cookie(&id, Duration::from_secs(60));
         for attr in [
             "HttpOnly",
@@ -196,6 +199,10 @@ mod tests {
             Some("https://Dashboard.example.test:8443"),
             None
         ));
+        assert!(
+            !same_origin(host, Some("http://dashboard.example.test"), None),
+            "https only"
+        );
         assert!(!same_origin(host, Some("https://evil.test"), None));
         assert!(!same_origin(host, Some("null"), None));
         assert!(!same_origin(host, None, Some("cross-site")));

@@ -28,11 +28,26 @@ pub async fn require_secret(State(host): State<Arc<Host>>, req: Request, next: N
     next.run(req).await
 }
 
+/// The node, if this host may serve the controller API now: not while a quorum-loss
+/// recovery may still overwrite what it accepts, nor before it has the cluster's state.
+/// Every way in (a key, a dashboard session) passes here first.
+pub fn serving_node(host: &Host) -> Result<&crate::node::Node, ApiError> {
+    let node = host.node()?;
+    if host.is_recovering() {
+        return Err(ApiError::Unavailable(
+            "quorum-loss recovery in progress; retry shortly".into(),
+        ));
+    }
+    if !node.state.read(|a| a.state.bootstrapped()) {
+        // A host still joining knows no key yet: that is not the client's fault.
+        return Err(ApiError::Unavailable(
+            "this host has not caught up with the cluster yet; retry shortly".into(),
+        ));
+    }
+    Ok(node)
+}
+
 pub async fn require_key(State(host): State<Arc<Host>>, req: Request, next: Next) -> Response {
-    let node = match host.node() {
-        Ok(n) => n,
-        Err(e) => return e.into_response(),
-    };
     if host.is_recovering() {
         return ApiError::Unavailable("quorum-loss recovery in progress; retry shortly".into())
             .into_response();
@@ -40,16 +55,11 @@ pub async fn require_key(State(host): State<Arc<Host>>, req: Request, next: Next
     let Some(given) = presented_key(req.headers()) else {
         return ApiError::Unauthorized("a controller key is required".into()).into_response();
     };
-    let (bootstrapped, keys) = node
-        .state
-        .read(|a| (a.state.bootstrapped(), a.state.controller_keys()));
-    if !bootstrapped {
-        // A host still joining knows no key yet: that is not the client's fault.
-        return ApiError::Unavailable(
-            "this host has not caught up with the cluster yet; retry shortly".into(),
-        )
-        .into_response();
-    }
+    let node = match serving_node(&host) {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
+    };
+    let keys = node.state.read(|a| a.state.controller_keys());
     // Check every key so the time taken does not say which one came close.
     let mut ok = subtle::Choice::from(0);
     for k in &keys {
