@@ -667,7 +667,7 @@ impl Cluster {
 
     /// The controller key rotation from Flynn's docs, every step through the CLI on host
     /// `i`: both keys for the web process, the new one alone, the override dropped. The
-    /// fixture's key is then `new` (the CLI's cluster entries still hold the old one).
+    /// fixture's key is then `new`, and the CLI's cluster entries are made again with it.
     pub fn rotate_controller_key(&mut self, i: usize, new: &str) {
         let old = self.key.clone();
         let both = format!("AUTH_KEY={old},{new}");
@@ -680,6 +680,9 @@ impl Cluster {
             ok(&self.flynn(i, args));
         }
         self.key = new.to_string();
+        for h in 0..self.hosts.len() {
+            let _ = std::fs::remove_file(self.root.path().join(format!("flynnrc{h}")));
+        }
     }
 
     /// Runs `flynn-host` inside host `i`'s namespace, on that host's data dir.

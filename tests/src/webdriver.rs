@@ -44,34 +44,48 @@ impl Browser {
     /// and trusts only the certificate whose public key has SHA-256 `spki_pin` (base64) beside
     /// the system's.
     pub async fn start(resolve: &[(&str, &str)], spki_pin: &str, shots: &Path) -> Browser {
-        let port = free_port();
-        let driver = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .arg("--allowed-ips=127.0.0.1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start chromedriver");
-        let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(60))
             .build()
             .expect("client");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let ready = http
-                .get(format!("{base}/status"))
-                .send()
-                .await
-                .ok()
-                .filter(|r| r.status().is_success());
-            if ready.is_some() {
+        // The port is free when picked and may be taken before chromedriver binds it: a
+        // driver that exits at once is started again on another port.
+        let mut started = None;
+        for _ in 0..3 {
+            let port = free_port();
+            let mut driver = Command::new("chromedriver")
+                .arg(format!("--port={port}"))
+                .arg("--allowed-ips=127.0.0.1")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start chromedriver");
+            let base = format!("http://127.0.0.1:{port}");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let ready = loop {
+                if driver.try_wait().ok().flatten().is_some() {
+                    break false;
+                }
+                let up = http
+                    .get(format!("{base}/status"))
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status().is_success());
+                if up.is_some() {
+                    break true;
+                }
+                assert!(Instant::now() < deadline, "chromedriver did not start");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            if ready {
+                started = Some((driver, base));
                 break;
             }
-            assert!(Instant::now() < deadline, "chromedriver did not start");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = driver.wait();
         }
+        let (driver, base) = started.expect("chromedriver exited at start three times");
         let profile = tempfile::tempdir().expect("profile dir");
         let rules = resolve
             .iter()

@@ -55,8 +55,9 @@ impl Dash {
         }
     }
 
+    /// The dashboard's own origin, as a browser names it (HTTPS through the router).
     fn origin(&self) -> String {
-        self.base.clone()
+        self.base.replacen("http://", "https://", 1)
     }
 
     async fn send(
@@ -70,7 +71,7 @@ impl Dash {
     ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(id) = cookie {
-            req = req.header(COOKIE, format!("flynn_session={id}"));
+            req = req.header(COOKIE, format!("__Host-flynn_session={id}"));
         }
         if let Some(t) = csrf {
             req = req.header("x-csrf-token", t);
@@ -119,8 +120,8 @@ impl Dash {
         let id = cookie
             .split(';')
             .next()
-            .and_then(|kv| kv.strip_prefix("flynn_session="))
-            .expect("flynn_session=ID")
+            .and_then(|kv| kv.strip_prefix("__Host-flynn_session="))
+            .expect("__Host-flynn_session=ID")
             .to_string();
         (id, body["csrf"].as_str().expect("csrf").to_string())
     }
@@ -168,9 +169,8 @@ async fn t01_sessions_need_the_cookie_the_csrf_token_and_the_dashboards_origin()
         "only the dashboard's name gets the dashboard: {plain}"
     );
 
-    // A wrong token is refused; the right one opens a session.
-    let (s, _, body) = d.try_login("nope").await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED, "{body}");
+    // A malformed login is refused; the right token opens a session (wrong ones: at the
+    // end, where they lock this address out).
     let (s, _, body) = d.post("/login", None, None, Some(json!({"tok": 1}))).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "malformed: {body}");
     let (id, csrf) = d.login(&token).await;
@@ -181,6 +181,57 @@ async fn t01_sessions_need_the_cookie_the_csrf_token_and_the_dashboards_origin()
         .unwrap()
         .iter()
         .any(|a| a["name"] == "dashboard"));
+    // The browser never gets a key or the token, and a session cannot make itself one.
+    let (s, env) = d.get("/api/apps/controller/env", Some(&id)).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(env["AUTH_KEY"], "(hidden)", "{env}");
+    let (_, env) = d.get("/api/apps/dashboard/env", Some(&id)).await;
+    assert_eq!(env["LOGIN_TOKEN"], "(hidden)", "{env}");
+    let (_, apps_text) = d.get("/api/apps", Some(&id)).await;
+    let apps_text = apps_text.to_string();
+    assert!(!apps_text.contains(&c.key) && !apps_text.contains(&token));
+    let set_key = json!({"set": {"AUTH_KEY": format!("{},{}", c.key, "a".repeat(40))}});
+    let (s, _, body) = d
+        .post(
+            "/api/apps/controller/env",
+            Some(&id),
+            Some(&csrf),
+            Some(set_key),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    let unset = json!({"unset": ["LOGIN_TOKEN"]});
+    let (s, _, _) = d
+        .post(
+            "/api/apps/dashboard/env",
+            Some(&id),
+            Some(&csrf),
+            Some(unset),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(login_token(&c), token, "nothing changed");
+    for path in ["/api/backup", "/api/apps/dashboard/export"] {
+        assert_eq!(
+            d.get(path, Some(&id)).await.0,
+            StatusCode::FORBIDDEN,
+            "{path}"
+        );
+    }
+    // Only the controller API is under /api: no host-to-host or host-admin endpoint.
+    for path in [
+        "/api/host/state",
+        "/api/host/list",
+        "/host/list",
+        "/raft/vote",
+    ] {
+        assert_eq!(
+            d.get(path, Some(&id)).await.0,
+            StatusCode::NOT_FOUND,
+            "{path}"
+        );
+    }
+
     let (s, _) = d.get("/charts", None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "charts need a session");
     let (s, charts) = d.get("/charts", Some(&id)).await;
@@ -264,11 +315,11 @@ async fn t01_sessions_need_the_cookie_the_csrf_token_and_the_dashboards_origin()
     let (s, _) = d.get("/api/apps", Some(&id)).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "logged out");
 
-    // Five wrong logins in a minute (one above): the address waits, even with the right
-    // token.
-    for _ in 0..4 {
-        let (s, _, _) = d.try_login("wrong").await;
-        assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Five wrong logins in a row: each refused, then the address waits, even with the
+    // right token.
+    for _ in 0..5 {
+        let (s, _, body) = d.try_login("wrong").await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{body}");
     }
     let (s, headers, body) = d.try_login(&token).await;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{body}");
@@ -325,6 +376,13 @@ async fn t02_sessions_expire_and_rotating_the_key_ends_the_ones_it_opened() {
     );
     let (by_new, _) = d.login(new).await;
     assert_eq!(d.get("/api/apps", Some(&by_new)).await.0, StatusCode::OK);
+
+    // A shorter session length ends the sessions already older than it.
+    ok(&c.flynn(0, &["-a", "dashboard", "env", "set", "SESSION_TTL=10s"]));
+    eventually(Duration::from_secs(5), "the old session ended", || async {
+        (d.get("/api/apps", Some(&by_token)).await.0 == StatusCode::UNAUTHORIZED).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -421,6 +479,10 @@ async fn t10_the_page_in_a_real_browser_through_the_router() {
         })
         .await;
     assert!(said.starts_with("Deployed web-v1"), "{said}");
+    assert!(
+        !said.contains(" 0 uploaded"),
+        "the first deploy uploads: {said}"
+    );
     b.wait_text("#jobs-body", Duration::from_secs(20), |t| {
         t.matches("running").count() == 1
     })
@@ -440,10 +502,12 @@ async fn t10_the_page_in_a_real_browser_through_the_router() {
     // The same archive again: every layer is in the cluster already.
     b.choose_file("#deploy-file", &image).await;
     b.click("#deploy-submit").await;
-    b.wait_text("#deploy-status", Duration::from_secs(60), |t| {
-        t.starts_with("Deployed web-v2")
-    })
-    .await;
+    let said = b
+        .wait_text("#deploy-status", Duration::from_secs(60), |t| {
+            t.starts_with("Deployed web-v2")
+        })
+        .await;
+    assert!(said.ends_with(" 0 uploaded)."), "{said}");
     // Something that is not an image archive is refused on the page, and nothing deploys.
     let junk = c.root_path().join("notes.tar");
     std::fs::write(&junk, "these are notes, not an image\n".repeat(100)).unwrap();

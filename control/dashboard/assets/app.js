@@ -106,7 +106,7 @@ function sparkline(label, unit, id) {
   const el = h("figure", { class: "chart", id }, h("figcaption", {}, label + ": ", value), svg);
   return {
     el,
-    push(v) {
+    push(v, text) {
       points.push(v);
       if (points.length > POINTS) points.shift();
       const known = points.filter((p) => p !== null);
@@ -114,39 +114,56 @@ function sparkline(label, unit, id) {
       line.setAttribute("points", points
         .map((p, i) => (p === null ? null : (i * 3) + "," + (46 - (p / max) * 44).toFixed(1)))
         .filter((p) => p !== null).join(" "));
-      value.textContent = v === null ? "–" : fmt(v) + (unit ? " " + unit : "");
+      value.textContent = text || (v === null ? "–" : fmt(v) + (unit ? " " + unit : ""));
       svg.setAttribute("aria-label", label + ": " + value.textContent);
     },
   };
 }
 
-// The 99th percentile (upper bound of its bucket, in ms) of the requests between two
-// cumulative histograms; null when there were none.
-function p99(before, after) {
-  if (!after || !after.length) return null;
-  const at = (bs, i) => (bs && bs[i] ? bs[i][1] : 0);
-  const total = at(after, after.length - 1) - at(before, after.length - 1);
-  if (total <= 0) return null;
-  for (let i = 0; i < after.length; i++) {
-    if (at(after, i) - at(before, i) >= 0.99 * total) {
-      return after[i][0] === null ? 5000 : after[i][0] * 1000;
-    }
-  }
-  return null;
-}
-
 // Asks /charts every two seconds and hands each answer with the one before to `draw`.
 function followCharts(draw) {
-  let prev = null;
+  let prev = null, prevAt = 0;
   const tick = async () => {
     try {
       const now = await call("GET", "/charts");
-      draw(now, prev);
+      // Rates over this browser's clock: successive answers may come from different hosts.
+      const at = performance.now();
+      draw(now, prev, prev ? (at - prevAt) / 1000 : 0);
       prev = now;
+      prevAt = at;
     } catch (_) { /* a missed sample leaves a gap */ }
   };
   tick();
   every(2000, tick);
+}
+
+// Sums, over the hosts in both samples, what grew on each: a host that missed a sample
+// (or restarted, its counters back at zero) adds nothing rather than its whole history.
+function grown(now, prev, pick) {
+  let sum = 0;
+  for (const x of now.hosts) {
+    const before = prev.hosts.find((p) => p.addr === x.addr);
+    if (!x.answered || !before || !before.answered) continue;
+    const d = pick(x) - pick(before);
+    if (d > 0) sum += d;
+  }
+  return sum;
+}
+
+// Latency buckets grown over the hosts in both samples, merged by bound: [[bound, n]].
+function grownBuckets(now, prev, app) {
+  const merged = new Map();
+  for (const x of now.hosts) {
+    const before = prev.hosts.find((p) => p.addr === x.addr);
+    if (!x.answered || !before || !before.answered) continue;
+    const a = (x.apps[app] || {}).latency || [];
+    const b = new Map(((before.apps[app] || {}).latency || []).map(([le, n]) => [le, n]));
+    for (const [le, n] of a) {
+      const d = n - (b.get(le) || 0);
+      if (d > 0) merged.set(le, (merged.get(le) || 0) + d);
+    }
+  }
+  return [...merged.entries()].sort((x, y) => (x[0] === null ? Infinity : x[0]) - (y[0] === null ? Infinity : y[0]));
 }
 
 function appCharts(name) {
@@ -154,14 +171,34 @@ function appCharts(name) {
   const lat = sparkline("p99", "ms", "chart-p99");
   const mem = sparkline("Memory", "MiB", "chart-memory");
   const cpu = sparkline("CPU", "%", "chart-cpu");
-  followCharts((now, prev) => {
-    const a = now.apps[name] || {};
-    const b = prev && prev.apps[name];
-    const dt = prev ? (now.time_ms - prev.time_ms) / 1000 : 0;
-    rps.push(b && dt > 0 ? Math.max(0, (a.requests || 0) - (b.requests || 0)) / dt : null);
-    lat.push(b ? p99(b.latency, a.latency) : null);
-    mem.push(a.memory_bytes !== undefined ? a.memory_bytes / 1048576 : null);
-    cpu.push(b && dt > 0 ? Math.max(0, (a.cpu_seconds || 0) - (b.cpu_seconds || 0)) / dt * 100 : null);
+  followCharts((now, prev, dt) => {
+    const app = (x) => x.apps[name] || {};
+    let memory = 0, seen = false;
+    for (const x of now.hosts) {
+      if (x.answered && app(x).memory_bytes !== undefined) { memory += app(x).memory_bytes; seen = true; }
+    }
+    mem.push(seen ? memory / 1048576 : null);
+    if (!prev || dt <= 0) { rps.push(null); lat.push(null); cpu.push(null); return; }
+    rps.push(grown(now, prev, (x) => app(x).requests || 0) / dt);
+    const cpuGrown = now.hosts.reduce((sum, x) => {
+      const before = prev.hosts.find((p) => p.addr === x.addr);
+      if (!x.answered || !before || !before.answered) return sum;
+      // Per job: one that ended leaves the sum, one that started joins it.
+      const was = app(before).cpu || {};
+      return sum + Object.entries(app(x).cpu || {}).reduce((s, [job, c]) => s + (job in was && c > was[job] ? c - was[job] : 0), 0);
+    }, 0);
+    cpu.push(cpuGrown / dt * 100);
+    const buckets = grownBuckets(now, prev, name);
+    const total = buckets.reduce((n, [, c]) => n + c, 0);
+    if (total === 0) { lat.push(null); return; }
+    let cumulative = 0;
+    for (const [le, c] of buckets) {
+      cumulative += c;
+      if (cumulative >= 0.99 * total) {
+        if (le === null) lat.push(5000, "over 5000 ms"); else lat.push(le * 1000);
+        return;
+      }
+    }
   });
   return h("div", { class: "charts" }, rps.el, lat.el, mem.el, cpu.el);
 }
@@ -327,7 +364,7 @@ async function deployArchive(app, file, say, bar) {
   const tar = await indexTar(file);
   const image = await parseImage(file, tar);
   const total = image.layers.reduce((n, l) => n + (resolveEntry(tar, l.name) || { size: 0 }).size, 0);
-  let done = 0;
+  let done = 0, uploaded = 0;
   bar.max = Math.max(1, total);
   const layers = [];
   for (const [i, l] of image.layers.entries()) {
@@ -349,6 +386,7 @@ async function deployArchive(app, file, say, bar) {
     } else {
       say(label + ": uploading…");
       await putLayer(sha512, file.slice(e.at, e.at + e.size), (n) => { bar.value = done + n; });
+      uploaded += 1;
     }
     done += e.size;
     bar.value = done;
@@ -359,7 +397,10 @@ async function deployArchive(app, file, say, bar) {
   for (let i = 0; i < 240; i++) {
     const r = await api("/apps/" + enc + "/releases/" + encodeURIComponent(release.id) + "/rollout");
     const types = Object.entries(r.processes || {}).map(([t, p]) => t + " " + p.running + "/" + p.want + " running").join(", ");
-    if (r.state === "done") { say("Deployed " + release.id + (types ? ": " + types : "") + "."); return release; }
+    if (r.state === "done") {
+      say("Deployed " + release.id + (types ? ": " + types : "") + " (" + layers.length + " layers, " + uploaded + " uploaded).");
+      return release;
+    }
     if (r.state === "failed") throw new Error(release.id + " failed: " + (r.error || "its jobs did not start"));
     say("Deploying " + release.id + (types ? ": " + types : "") + (r.waiting ? " (" + r.waiting + ")" : "") + "…");
     await new Promise((ok) => setTimeout(ok, 1000));

@@ -17,8 +17,9 @@ pub struct Sample {
     pub route_latency: BTreeMap<String, Vec<(f64, f64)>>,
     /// App → memory in use by its jobs on this host.
     pub app_memory_bytes: BTreeMap<String, f64>,
-    /// App → CPU seconds its running jobs on this host have used.
-    pub app_cpu_seconds: BTreeMap<String, f64>,
+    /// App → job → CPU seconds that running job has used (per job, so a job that ends or
+    /// starts between two samples does not read as a drop or a burst).
+    pub app_cpu_seconds: BTreeMap<String, BTreeMap<String, f64>>,
     pub load1: Option<f64>,
     pub cpus: Option<f64>,
 }
@@ -121,8 +122,11 @@ impl Sample {
                     }
                 }
                 "flynn_job_cpu_seconds_total" => {
-                    if let Some(app) = label(&labels, "app") {
-                        *s.app_cpu_seconds.entry(app.to_string()).or_default() += value;
+                    if let (Some(app), Some(job)) = (label(&labels, "app"), label(&labels, "job")) {
+                        s.app_cpu_seconds
+                            .entry(app.to_string())
+                            .or_default()
+                            .insert(job.to_string(), value);
                     }
                 }
                 "flynn_host_load1" => s.load1 = Some(value),
@@ -169,7 +173,7 @@ flynn_host_cpus 2
         );
         assert_eq!(s.app_memory_bytes["web"], 3.0 * 1048576.0);
         assert_eq!(s.app_memory_bytes["we\"ird"], 5.0, "escaped label values");
-        assert_eq!(s.app_cpu_seconds["web"], 1.5);
+        assert_eq!(s.app_cpu_seconds["web"]["web-web-1"], 1.5);
         assert_eq!(s.load1, Some(0.25));
         assert_eq!(s.cpus, Some(2.0));
     }

@@ -60,8 +60,12 @@ impl WorkerStats {
             None => self.requests.entry(route.to_string()).or_default(),
         };
         r.classes[class] += 1;
-        r.latency[bucket] += 1;
-        r.latency_sum += secs;
+        // An upgraded connection (101: WebSocket) lasts as long as its client keeps it:
+        // not a response time, so not in the route's latency.
+        if status != 101 {
+            r.latency[bucket] += 1;
+            r.latency_sum += secs;
+        }
         self.latency[bucket] += 1;
         self.latency_sum += secs;
         self.latency_count += 1;
@@ -357,5 +361,54 @@ impl Metrics {
             self.table_revision.load(Ordering::Relaxed),
         );
         o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn t01_each_route_has_its_own_latency_and_upgrades_stay_out_of_it() {
+        let m = Metrics::new(2);
+        let mut a = WorkerStats::default();
+        a.request("r1", 200, Duration::from_micros(300));
+        a.request("r1", 503, Duration::from_millis(30));
+        a.request("r1", 101, Duration::from_secs(600));
+        let mut b = WorkerStats::default();
+        b.request("r1", 200, Duration::from_millis(2));
+        b.request("r2", 404, Duration::from_millis(7));
+        m.publish(0, &a);
+        m.publish(1, &b);
+        let text = m.render();
+        let line = |prefix: &str| {
+            text.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix} in {text}"))
+                .rsplit_once(' ')
+                .map(|(_, v)| v.to_string())
+                .unwrap()
+        };
+        let bucket = "flynn_router_route_request_duration_seconds_bucket";
+        assert_eq!(
+            line(&format!("{bucket}{{route=\"r1\",le=\"0.0005\"}}")),
+            "1"
+        );
+        assert_eq!(
+            line(&format!("{bucket}{{route=\"r1\",le=\"0.0025\"}}")),
+            "2"
+        );
+        assert_eq!(
+            line(&format!("{bucket}{{route=\"r1\",le=\"+Inf\"}}")),
+            "3",
+            "not the 101"
+        );
+        assert_eq!(line(&format!("{bucket}{{route=\"r2\",le=\"0.01\"}}")), "1");
+        assert_eq!(
+            line("flynn_router_requests_total{route=\"r1\",class=\"1xx\"}"),
+            "1",
+            "the upgrade is still a request"
+        );
+        assert_eq!(line("flynn_router_request_duration_seconds_count"), "5");
     }
 }

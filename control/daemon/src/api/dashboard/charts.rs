@@ -18,14 +18,18 @@ const ASK_LIMIT: Duration = Duration::from_millis(1500);
 
 #[derive(Serialize, Default)]
 pub(super) struct AppFigures {
-    /// Requests the routers answered for the app's routes so far.
+    /// Requests the host's router answered for the app's routes so far.
     requests: f64,
     /// Cumulative latency buckets over those routes: `[upper bound s (null: +Inf), count]`.
     latency: Vec<(f64, f64)>,
+    /// Memory in use by the app's jobs on the host.
     memory_bytes: f64,
-    cpu_seconds: f64,
+    /// Job → CPU seconds it has used.
+    cpu: BTreeMap<String, f64>,
 }
 
+/// One host's figures: the page takes differences per host, so a host that misses a
+/// sample or restarts never reads as a burst.
 #[derive(Serialize)]
 pub(super) struct HostFigures {
     addr: String,
@@ -33,12 +37,12 @@ pub(super) struct HostFigures {
     answered: bool,
     load1: Option<f64>,
     cpus: Option<f64>,
+    apps: BTreeMap<String, AppFigures>,
 }
 
 #[derive(Serialize)]
 pub(super) struct Charts {
     time_ms: u64,
-    apps: BTreeMap<String, AppFigures>,
     hosts: Vec<HostFigures>,
 }
 
@@ -51,6 +55,39 @@ fn client() -> &'static reqwest::Client {
             .build()
             .unwrap_or_default()
     })
+}
+
+/// One host's sample, per app.
+fn per_app(s: &Sample, route_app: &BTreeMap<String, String>) -> BTreeMap<String, AppFigures> {
+    let mut apps: BTreeMap<String, AppFigures> = BTreeMap::new();
+    for (route, n) in &s.route_requests {
+        if let Some(app) = route_app.get(route) {
+            apps.entry(app.clone()).or_default().requests += n;
+        }
+    }
+    for (route, buckets) in &s.route_latency {
+        let Some(app) = route_app.get(route) else {
+            continue;
+        };
+        let figures = apps.entry(app.clone()).or_default();
+        for (le, n) in buckets {
+            match figures.latency.iter_mut().find(|(b, _)| b == le) {
+                Some((_, total)) => *total += n,
+                None => figures.latency.push((*le, *n)),
+            }
+        }
+        figures.latency.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    for (app, m) in &s.app_memory_bytes {
+        apps.entry(app.clone()).or_default().memory_bytes += m;
+    }
+    for (app, jobs) in &s.app_cpu_seconds {
+        apps.entry(app.clone())
+            .or_default()
+            .cpu
+            .extend(jobs.iter().map(|(j, c)| (j.clone(), *c)));
+    }
+    apps
 }
 
 pub(super) async fn charts(State(host): State<AppState>) -> ApiResult<Json<Charts>> {
@@ -80,52 +117,27 @@ pub(super) async fn charts(State(host): State<AppState>) -> ApiResult<Json<Chart
             .map(|r| (r.id().to_string(), r.app().to_string()))
             .collect()
     });
-    let mut apps: BTreeMap<String, AppFigures> = BTreeMap::new();
-    let mut hosts = Vec::new();
-    for (addr, sample) in samples {
-        let Some(s) = sample else {
-            hosts.push(HostFigures {
+    let hosts = samples
+        .into_iter()
+        .map(|(addr, sample)| match sample {
+            Some(s) => HostFigures {
+                addr,
+                answered: true,
+                load1: s.load1,
+                cpus: s.cpus,
+                apps: per_app(&s, &route_app),
+            },
+            None => HostFigures {
                 addr,
                 answered: false,
                 load1: None,
                 cpus: None,
-            });
-            continue;
-        };
-        for (route, n) in &s.route_requests {
-            if let Some(app) = route_app.get(route) {
-                apps.entry(app.clone()).or_default().requests += n;
-            }
-        }
-        for (route, buckets) in &s.route_latency {
-            let Some(app) = route_app.get(route) else {
-                continue;
-            };
-            let figures = apps.entry(app.clone()).or_default();
-            for (le, n) in buckets {
-                match figures.latency.iter_mut().find(|(b, _)| b == le) {
-                    Some((_, total)) => *total += n,
-                    None => figures.latency.push((*le, *n)),
-                }
-            }
-            figures.latency.sort_by(|a, b| a.0.total_cmp(&b.0));
-        }
-        for (app, m) in &s.app_memory_bytes {
-            apps.entry(app.clone()).or_default().memory_bytes += m;
-        }
-        for (app, c) in &s.app_cpu_seconds {
-            apps.entry(app.clone()).or_default().cpu_seconds += c;
-        }
-        hosts.push(HostFigures {
-            addr,
-            answered: true,
-            load1: s.load1,
-            cpus: s.cpus,
-        });
-    }
+                apps: BTreeMap::new(),
+            },
+        })
+        .collect();
     Ok(Json(Charts {
         time_ms: crate::now_ms(),
-        apps,
         hosts,
     }))
 }
