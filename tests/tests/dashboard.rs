@@ -671,3 +671,134 @@ async fn t10_the_page_in_a_real_browser_through_the_router() {
     b.wait_for("#secret", Duration::from_secs(10)).await;
     b.screenshot("08-after-key-rotation").await;
 }
+
+/// Fills a textarea in one step (typing a PEM key by key is slow and gains nothing).
+async fn set_value(b: &Browser, css: &str, text: &str) {
+    let js = format!(
+        "document.querySelector({}).value = {}; return 1;",
+        serde_json::to_string(css).unwrap(),
+        serde_json::to_string(text).unwrap()
+    );
+    b.eval(&js).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t11_routes_certificates_and_databases_from_the_page() {
+    let image = std::env::var("FLYNN_TEST_DATABASES").expect(
+        "FLYNN_TEST_DATABASES names the database image (script/test makes it with script/base-image OUT --databases)",
+    );
+    let c = cluster(1).await;
+    ok(&c.flynn(0, &["base-image", "push", "--name", "databases", &image]));
+    let token = login_token(&c);
+    let certs = c.client(0).certificates().await.expect("certificates");
+    let pin = webdriver::spki_pin(
+        &certs
+            .iter()
+            .find(|x| x.domains.contains(&dashboard_name()))
+            .expect("the dashboard's certificate")
+            .cert_pem,
+    );
+    ok(&c.flynn(0, &["create", "web"]));
+    let app_image = c.busybox_image("web", None);
+    ok(&c.flynn(
+        0,
+        &["-a", "web", "docker", "push", app_image.to_str().unwrap()],
+    ));
+
+    let b = Browser::start(
+        &[(dashboard_name().as_str(), c.hosts[0].ip.as_str())],
+        &pin,
+        &screenshot_dir(),
+    )
+    .await;
+    let url = format!("https://{}/", dashboard_name());
+    b.goto(&url).await;
+    b.fill("#secret", &token).await;
+    b.click("#login-submit").await;
+    b.wait_text("#apps", Duration::from_secs(10), |t| t.contains("web"))
+        .await;
+    b.goto(&format!("{url}#/apps/web")).await;
+    b.wait_text("#routes", Duration::from_secs(10), |t| {
+        t.contains(&format!("web.{DOMAIN}"))
+    })
+    .await;
+
+    // A TCP route on a port the router picks.
+    b.click("#route-tcp-submit").await;
+    let said = b
+        .wait_text("#route-status", Duration::from_secs(10), |t| !t.is_empty())
+        .await;
+    assert!(said.starts_with("Added TCP port "), "{said}");
+    let port: u16 = said
+        .trim_start_matches("Added TCP port ")
+        .trim_end_matches('.')
+        .parse()
+        .unwrap();
+    assert!((3000..=3500).contains(&port), "{said}");
+
+    // An HTTP route with its own certificate, plain HTTP redirected.
+    let secure = format!("secure.{DOMAIN}");
+    let cert = rcgen::generate_simple_self_signed(vec![secure.clone()]).unwrap();
+    b.fill("#route-domain", &secure).await;
+    set_value(&b, "#route-cert", &cert.cert.pem()).await;
+    set_value(&b, "#route-key", &cert.signing_key.serialize_pem()).await;
+    b.click("#route-https").await;
+    b.click("#route-http-submit").await;
+    b.wait_text("#route-status", Duration::from_secs(10), |t| {
+        t.contains("with its certificate")
+    })
+    .await;
+    let routes = b.text("#routes").await;
+    assert!(
+        routes.contains(&format!("tcp :{port}"))
+            && routes.contains(&format!("certificate for {secure}, HTTP redirected")),
+        "{routes}"
+    );
+    let listed = c.client(0).certificates().await.expect("certificates");
+    let added = listed
+        .iter()
+        .find(|x| x.domains == vec![secure.clone()])
+        .expect("the certificate is in the cluster");
+    assert!(added.cert_pem.contains("BEGIN CERTIFICATE"));
+    // Through the router: plain HTTP to the new name is sent to HTTPS.
+    let router: SocketAddr = format!("{}:80", c.hosts[0].ip).parse().unwrap();
+    let r = flynn_tests::router::get(router, &secure, "/").await;
+    assert!(matches!(r.status, 301 | 302 | 307 | 308), "{}", r.status);
+    b.screenshot("09-routes").await;
+
+    // The TCP route removed from the page (after the confirmation).
+    b.click(&format!(
+        "#routes button[aria-label='Remove the route {port}']"
+    ))
+    .await;
+    let q = b
+        .wait_text("#confirm-q", Duration::from_secs(5), |t| !t.is_empty())
+        .await;
+    assert!(q.contains(&format!("tcp :{port}")), "{q}");
+    b.click("#confirm-yes").await;
+    b.wait_text("#routes", Duration::from_secs(10), |t| {
+        !t.contains(&format!("tcp :{port}"))
+    })
+    .await;
+
+    // A database from the page: provisioned, listed with the env it gave the app.
+    b.wait_for("#provider option[value=redis]", Duration::from_secs(5))
+        .await;
+    b.eval("document.getElementById('provider').value = 'redis'; return 1;")
+        .await;
+    b.click("#resource-submit").await;
+    let said = b
+        .wait_text("#resource-status", Duration::from_secs(90), |t| {
+            t.starts_with("Added") || t.contains("rror") || t.contains("fail")
+        })
+        .await;
+    assert!(said.starts_with("Added redis "), "{said}");
+    let listed = b.text("#resources").await;
+    assert!(
+        listed.contains("redis") && listed.contains("REDIS_URL"),
+        "{listed}"
+    );
+    let env = ok(&c.flynn(0, &["-a", "web", "env", "get", "REDIS_URL"]));
+    assert!(env.starts_with("redis://"), "{env}");
+    b.screenshot("10-databases").await;
+}

@@ -65,6 +65,13 @@ async function call(method, path, body) {
 const api = (path) => call("GET", "/api" + path);
 const change = (method, path, body) => call(method, "/api" + path, body);
 
+// Writes a form's status line, found by id: the page may have been drawn again since the
+// form was sent.
+function tell(id, cls, text) {
+  const m = document.getElementById(id);
+  if (m) { m.className = cls; m.textContent = text; }
+}
+
 function errorLine(e) {
   return h("p", { class: "error", role: "alert", text: e.message || String(e) });
 }
@@ -497,9 +504,10 @@ function parseEnv(text) {
 
 async function appPage(name) {
   const enc = encodeURIComponent(name);
-  const [app, formation, jobs, releases, routes, hosts] = await Promise.all([
+  const [app, formation, jobs, releases, routes, hosts, certs, resources, providers] = await Promise.all([
     api("/apps/" + enc), api("/apps/" + enc + "/formation"), api("/apps/" + enc + "/jobs"),
     api("/apps/" + enc + "/releases"), api("/apps/" + enc + "/routes"), api("/hosts"),
+    api("/certificates"), api("/apps/" + enc + "/resources"), api("/providers"),
   ]);
   // Host ids are 64-bit: shown by address, which is what an operator knows them by.
   const hostName = {};
@@ -561,8 +569,7 @@ async function appPage(name) {
         // The page again, with the new release, its types to scale and its jobs.
         const said = deployMsg.textContent;
         await route();
-        const m = document.getElementById("deploy-status");
-        if (m) { m.className = "ok"; m.textContent = said; }
+        tell("deploy-status", "ok", said);
       } catch (e) { deployMsg.className = "error"; deployMsg.textContent = e.message; }
     } },
     h("label", { for: "deploy-file", text: "Image archive (docker save or OCI, .tar)" }),
@@ -608,27 +615,86 @@ async function appPage(name) {
           } catch (e) { relMsg.className = "error"; relMsg.textContent = e.message; }
         }, text: "Roll back to this" }))))));
 
-  const routeMsg = h("p", { role: "status" });
+  const routeMsg = h("p", { role: "status", id: "route-status" });
+  const certName = (id) => { const c = certs.find((x) => x.id === id); return c ? c.domains.join(", ") : id; };
   const routeDomain = h("input", { id: "route-domain", placeholder: "www.example.com", size: 30 });
-  const routeForm = h("form", { onsubmit: async (ev) => {
+  const routeHttps = h("input", { id: "route-https", type: "checkbox" });
+  const certPem = h("textarea", { id: "route-cert", class: "pem", spellcheck: "false", placeholder: "-----BEGIN CERTIFICATE-----" });
+  const keyPem = h("textarea", { id: "route-key", class: "pem", spellcheck: "false", placeholder: "-----BEGIN PRIVATE KEY-----" });
+  const httpForm = h("form", { id: "route-http", onsubmit: async (ev) => {
+      ev.preventDefault();
+      const domain = routeDomain.value.trim();
+      try {
+        let certificate = null;
+        if (certPem.value.trim() || keyPem.value.trim()) {
+          // The certificate goes in first; the route then names it.
+          const c = await change("POST", "/certificates", { domains: [domain], cert_pem: certPem.value, key_pem: keyPem.value });
+          certificate = c.id;
+        }
+        await change("POST", "/apps/" + enc + "/routes", { type: "http", domain, certificate, https_redirect: routeHttps.checked });
+        await route();
+        tell("route-status", "ok", "Added " + domain + (certificate ? " with its certificate." : "."));
+      } catch (e) { tell("route-status", "error", e.message); }
+    } },
+    h("label", { for: "route-domain", text: "Add an HTTP route: domain" }), routeDomain,
+    h("label", { for: "route-cert", text: "Its certificate (PEM, optional)" }), certPem,
+    h("label", { for: "route-key", text: "The certificate's private key (PEM)" }), keyPem,
+    h("div", { class: "row" }, routeHttps, h("label", { for: "route-https", text: "Redirect plain HTTP to HTTPS" })),
+    h("div", { class: "row" }, h("button", { type: "submit", id: "route-http-submit", text: "Add HTTP route" })));
+  const tcpPort = h("input", { id: "route-port", type: "number", min: "1", max: "65535", size: 6, placeholder: "any" });
+  const tcpForm = h("form", { id: "route-tcp", onsubmit: async (ev) => {
       ev.preventDefault();
       try {
-        await change("POST", "/apps/" + enc + "/routes", { type: "http", domain: routeDomain.value.trim() });
-        route();
-      } catch (e) { routeMsg.className = "error"; routeMsg.textContent = e.message; }
+        const r = await change("POST", "/apps/" + enc + "/routes", { type: "tcp", port: tcpPort.value ? parseInt(tcpPort.value, 10) : null });
+        await route();
+        tell("route-status", "ok", "Added TCP port " + r.port + ".");
+      } catch (e) { tell("route-status", "error", e.message); }
     } },
-    h("label", { for: "route-domain", text: "Add an HTTP route (domain)" }),
-    h("div", { class: "row" }, routeDomain, h("button", { type: "submit", text: "Add route" })), routeMsg);
+    h("label", { for: "route-port", text: "Add a TCP route: port (empty: the router picks one)" }),
+    h("div", { class: "row" }, tcpPort, h("button", { type: "submit", id: "route-tcp-submit", text: "Add TCP route" })));
   const routesTable = h("table", { id: "routes" },
-    h("thead", {}, h("tr", {}, ["Route", "Service", ""].map((t) => h("th", { text: t })))),
+    h("thead", {}, h("tr", {}, ["Route", "Service", "TLS", ""].map((t) => h("th", { text: t })))),
     h("tbody", {}, routes.map((r) => h("tr", {},
       h("td", { class: "mono", text: r.type === "tcp" ? "tcp :" + r.port : (r.domain + (r.path || "")) }),
       h("td", { text: r.service || "" }),
-      h("td", {}, h("button", { type: "button", onclick: async () => {
-          if (!(await confirmDialog("Remove the route " + (r.domain || r.port) + "?"))) return;
-          try { await change("DELETE", "/apps/" + enc + "/routes/" + encodeURIComponent(r.id)); route(); }
-          catch (e) { routeMsg.className = "error"; routeMsg.textContent = e.message; }
+      h("td", { text: r.certificate ? "certificate for " + certName(r.certificate) + (r.https_redirect ? ", HTTP redirected" : "") : "" }),
+      h("td", {}, h("button", { type: "button", "aria-label": "Remove the route " + (r.domain || r.port), onclick: async () => {
+          if (!(await confirmDialog("Remove the route " + (r.type === "tcp" ? "tcp :" + r.port : r.domain) + "?"))) return;
+          try {
+            await change("DELETE", "/apps/" + enc + "/routes/" + encodeURIComponent(r.id));
+            // A certificate no other route serves goes with its route.
+            if (r.certificate && !routes.some((o) => o.id !== r.id && o.certificate === r.certificate)) {
+              await change("DELETE", "/certificates/" + encodeURIComponent(r.certificate)).catch(() => {});
+            }
+            route();
+          } catch (e) { routeMsg.className = "error"; routeMsg.textContent = e.message; }
         }, text: "Remove" }))))));
+
+  const resMsg = h("p", { role: "status", id: "resource-status" });
+  const providerSelect = h("select", { id: "provider" }, providers.map((p) => h("option", { value: p.name, text: p.name })));
+  const resForm = h("form", { id: "resource-add", onsubmit: async (ev) => {
+      ev.preventDefault();
+      const provider = providerSelect.value;
+      resMsg.className = ""; resMsg.textContent = "Provisioning " + provider + "…";
+      try {
+        const r = await change("POST", "/providers/" + encodeURIComponent(provider) + "/resources", { app: name });
+        await route();
+        tell("resource-status", "ok", "Added " + provider + " " + r.id + (r.release ? "; " + r.release + " rolls out with its env." : "."));
+      } catch (e) { tell("resource-status", "error", e.message); }
+    } },
+    h("label", { for: "provider", text: "Add a database" }),
+    h("div", { class: "row" }, providerSelect, h("button", { type: "submit", id: "resource-submit", text: "Add" })), resMsg);
+  const resTable = resources.length === 0 ? h("p", { class: "muted", id: "resources", text: "No databases." }) :
+    h("table", { id: "resources" },
+      h("thead", {}, h("tr", {}, ["Resource", "Provider", "Env", ""].map((t) => h("th", { text: t })))),
+      h("tbody", {}, resources.map((r) => h("tr", {},
+        h("td", { class: "mono", text: r.id }), h("td", { text: r.provider }),
+        h("td", { class: "mono", text: Object.keys(r.env || {}).join(" ") }),
+        h("td", {}, h("button", { type: "button", "aria-label": "Remove " + r.id, onclick: async () => {
+            if (!(await confirmDialog("Remove " + r.provider + " " + r.id + " and its data?"))) return;
+            try { await change("DELETE", "/resources/" + encodeURIComponent(r.id)); route(); }
+            catch (e) { resMsg.className = "error"; resMsg.textContent = e.message; }
+          }, text: "Remove" }))))));
 
   show(
     h("h1", {}, "App ", h("span", { class: "mono", id: "app-name", text: name })),
@@ -640,7 +706,8 @@ async function appPage(name) {
     h("table", { id: "jobs" }, h("thead", {}, h("tr", {}, ["Job", "Type", "Host", "State", "Release"].map((t) => h("th", { text: t })))), jobsBody),
     h("h2", { text: "Env" }), envForm,
     h("h2", { text: "Releases" }), relTable, relMsg,
-    h("h2", { text: "Routes" }), routesTable, routeForm);
+    h("h2", { text: "Routes" }), routesTable, routeMsg, httpForm, tcpForm,
+    h("h2", { text: "Databases" }), resTable, resForm);
 }
 
 async function logsPage(name) {

@@ -5,7 +5,9 @@
 //!   `(hidden)`, wherever they appear (`AUTH_KEY`, other apps' `CONTROLLER_KEY`);
 //! - the controller's `AUTH_KEY` and the dashboard's `LOGIN_TOKEN` are not set or unset
 //!   from a session (403: rotate them with the CLI);
-//! - a cluster backup and an app export (which carry the keys) are not downloaded.
+//! - a cluster backup and an app export (which carry the keys) are not downloaded;
+//! - certificates' private keys (`key_pem`) read as `(hidden)`: a session may add a
+//!   certificate with its key, never read one back.
 
 use std::sync::Arc;
 
@@ -117,6 +119,13 @@ async fn redact(host: &Host, answer: Response) -> Response {
     };
     let mut text = String::from_utf8_lossy(&bytes).into_owned();
     let mut changed = false;
+    if text.contains("\"key_pem\"") {
+        if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&text) {
+            hide_private_keys(&mut v);
+            text = v.to_string();
+            changed = true;
+        }
+    }
     // Keys are at least 16 characters (validated): nothing short is ever replaced.
     for s in secrets.iter().filter(|s| s.len() >= 16) {
         if text.contains(s.as_str()) {
@@ -129,4 +138,21 @@ async fn redact(host: &Host, answer: Response) -> Response {
     }
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, Body::from(text))
+}
+
+/// Replaces every `key_pem` value in a JSON document.
+fn hide_private_keys(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, inner) in map.iter_mut() {
+                if k == "key_pem" {
+                    *inner = serde_json::Value::String(HIDDEN.into());
+                } else {
+                    hide_private_keys(inner);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(hide_private_keys),
+        _ => {}
+    }
 }
