@@ -52,6 +52,22 @@ pub fn env_pair(key: &str, value: &str) -> Result<(), StateError> {
 
 /// A controller key list must hold at least one key, and keys must be long enough to resist
 /// guessing.
+/// The dashboard's login token: 16 to 256 characters a URL and JSON carry as they are, so
+/// it is long enough to guess at no rate and is found (and hidden) wherever it appears.
+pub fn login_token(token: &str) -> Result<(), StateError> {
+    let ok = (16..=256).contains(&token.len())
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._~+/=-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "LOGIN_TOKEN is 16 to 256 letters, digits and ._~+/=- (try: openssl rand -hex 20)",
+        ))
+    }
+}
+
 pub fn auth_keys(keys: &str) -> Result<(), StateError> {
     let keys: Vec<&str> = keys
         .split(',')

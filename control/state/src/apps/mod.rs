@@ -181,6 +181,11 @@ pub(crate) fn update_env(
             }
         }
     }
+    if app == "dashboard" {
+        if let Some(token) = env.global.get(crate::sessions::TOKEN_ENV) {
+            validate::login_token(token)?;
+        }
+    }
     if app == "blobstore" {
         // A blobstore configuration that cannot work is refused, the env left as it was.
         crate::blobs::config::backends(&env.global)?;

@@ -182,12 +182,17 @@ fn controller_route(
             service,
             certificate: cert,
             https_redirect,
+            response_timeout_ms,
             ..
         } = &mut route
         {
             *service = Some(CONTROLLER_SERVICE.into());
             *cert = Some(certificate.id.clone());
             *https_redirect = true;
+            // Some calls answer when their work is done: a deploy that waits for its
+            // jobs, a database provisioned, a build. The router's default (60 s) would cut
+            // them off mid-way.
+            *response_timeout_ms = Some(CONTROLLER_RESPONSE_TIMEOUT_MS);
         }
         let add_route = RoutesCommand::AddRoute {
             app: app.into(),
@@ -197,6 +202,9 @@ fn controller_route(
     }
     Ok(())
 }
+
+/// How long the controller API may take to start an answer through the routers.
+pub const CONTROLLER_RESPONSE_TIMEOUT_MS: u64 = 10 * 60 * 1000;
 
 /// How long a host may take to start answering the status page through the routers.
 pub const STATUS_RESPONSE_TIMEOUT_MS: u64 = 1500;

@@ -144,6 +144,12 @@ impl Area for Sessions {
                 if s.sessions.sessions.contains_key(&session.id_hash) {
                     return Err(StateError::Conflict("that session exists already".into()));
                 }
+                // Checked by the host against its own state, which may lag: the log decides.
+                if !session.credential.accepted(s) {
+                    return Err(StateError::Conflict(
+                        "that credential is no longer accepted".into(),
+                    ));
+                }
                 let expired: Vec<String> = s
                     .sessions
                     .sessions

@@ -8,8 +8,8 @@ fn hex(n: u64) -> String {
 fn session(n: u64, created_ms: u64, ttl_ms: u64) -> Session {
     Session {
         id_hash: hex(n),
-        credential: Credential::Token {
-            fingerprint: hex(7),
+        credential: Credential::Key {
+            fingerprint: crate::sessions::fingerprint(KEY),
         },
         created_ms,
         expires_ms: created_ms + ttl_ms,
@@ -105,14 +105,17 @@ fn t13_a_restored_backup_brings_no_session() {
 fn t14_rotating_a_key_or_the_token_drops_the_sessions_opened_with_it() {
     use crate::sessions::fingerprint;
     let mut s = booted();
-    ok(&mut s, env_set("dashboard", None, "LOGIN_TOKEN", "tok-1"));
+    ok(
+        &mut s,
+        env_set("dashboard", None, "LOGIN_TOKEN", "token-one-0123456789"),
+    );
     let mut by_key = session(1, 1_000, 60_000);
     by_key.credential = Credential::Key {
         fingerprint: fingerprint(KEY),
     };
     let mut by_token = session(2, 1_000, 60_000);
     by_token.credential = Credential::Token {
-        fingerprint: fingerprint("tok-1"),
+        fingerprint: fingerprint("token-one-0123456789"),
     };
     for session in [by_key, by_token] {
         ok(
@@ -150,9 +153,30 @@ fn t14_rotating_a_key_or_the_token_drops_the_sessions_opened_with_it() {
         !s.sessions.sessions.contains_key(&hex(1)),
         "putting the old key back does not bring its session back"
     );
-    ok(&mut s, env_set("dashboard", None, "LOGIN_TOKEN", "tok-2"));
+    ok(
+        &mut s,
+        env_set("dashboard", None, "LOGIN_TOKEN", "token-two-0123456789"),
+    );
     assert!(
         s.sessions.sessions.is_empty(),
         "a new token ends the token's sessions"
     );
+}
+
+#[test]
+fn t15_a_session_of_a_credential_no_longer_accepted_is_refused_and_tokens_are_checked() {
+    let mut s = booted();
+    let mut stale = session(1, 1_000, 60_000);
+    stale.credential = Credential::Key {
+        fingerprint: crate::sessions::fingerprint("an-old-key-rotated-out"),
+    };
+    let cmd = SessionsCommand::Open {
+        session: stale,
+        now_ms: 1_000,
+    };
+    assert!(matches!(apply(&mut s, cmd).0, Err(StateError::Conflict(_))));
+    for bad in ["short", "has space in it 0123", "quote\"0123456789abcdef"] {
+        let r = apply(&mut s, env_set("dashboard", None, "LOGIN_TOKEN", bad)).0;
+        assert!(matches!(r, Err(StateError::Invalid(_))), "{bad:?}");
+    }
 }
