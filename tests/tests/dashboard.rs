@@ -262,6 +262,21 @@ async fn t01_sessions_need_the_cookie_the_csrf_token_and_the_dashboards_origin()
     assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
     let (s, _, body) = create(Some(&csrf), "fromdash").await;
     assert!(s.is_success(), "{s} {body}");
+    // No route of the page's apps may stand in front of the controller.
+    for spec in [
+        json!({"type": "http", "domain": format!("controller.{DOMAIN}"), "path": "/apps/"}),
+        json!({"type": "http", "domain": "x.example.com", "service": "controller"}),
+    ] {
+        let (s, _, body) = d
+            .post(
+                "/api/apps/fromdash/routes",
+                Some(&id),
+                Some(&csrf),
+                Some(spec),
+            )
+            .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    }
     let names = ok(&c.flynn(0, &["apps"]));
     assert!(names.contains("fromdash") && !names.contains("nocsrf") && !names.contains("badcsrf"));
 

@@ -157,7 +157,8 @@ function grown(now, prev, pick) {
   return sum;
 }
 
-// Latency buckets grown over the hosts in both samples, merged by bound: [[bound, n]].
+// Cumulative latency buckets grown over the hosts in both samples, merged by bound:
+// [[bound, n]], the last bound null (+Inf).
 function grownBuckets(now, prev, app) {
   const merged = new Map();
   for (const x of now.hosts) {
@@ -195,17 +196,12 @@ function appCharts(name) {
       return sum + Object.entries(app(x).cpu || {}).reduce((s, [job, c]) => s + (job in was && c > was[job] ? c - was[job] : 0), 0);
     }, 0);
     cpu.push(cpuGrown / dt * 100);
+    // The buckets are cumulative: the last (+Inf) holds every request.
     const buckets = grownBuckets(now, prev, name);
-    const total = buckets.reduce((n, [, c]) => n + c, 0);
+    const total = buckets.length ? buckets[buckets.length - 1][1] : 0;
     if (total === 0) { lat.push(null); return; }
-    let cumulative = 0;
-    for (const [le, c] of buckets) {
-      cumulative += c;
-      if (cumulative >= 0.99 * total) {
-        if (le === null) lat.push(5000, "over 5000 ms"); else lat.push(le * 1000);
-        return;
-      }
-    }
+    const hit = buckets.find(([, n]) => n >= 0.99 * total);
+    if (!hit || hit[0] === null) lat.push(5000, "over 5000 ms"); else lat.push(hit[0] * 1000);
   });
   return h("div", { class: "charts" }, rps.el, lat.el, mem.el, cpu.el);
 }
@@ -253,7 +249,8 @@ function cleanName(n) {
 
 // Name → {at, size} of every file, and name → target of every symlink.
 async function indexTar(file) {
-  const entries = {}, links = {};
+  // No prototype: an entry named "constructor" is an entry like any other.
+  const entries = Object.create(null), links = Object.create(null);
   let at = 0, longName = null;
   while (at + 512 <= file.size) {
     const head = new Uint8Array(await file.slice(at, at + 512).arrayBuffer());
@@ -270,6 +267,9 @@ async function indexTar(file) {
     if (prefix && new TextDecoder().decode(head.subarray(257, 262)) === "ustar") name = prefix + "/" + name;
     if (longName !== null) { name = longName; longName = null; }
     const data = at + 512;
+    if ((type === "L" || type === "x") && size > 1 << 20) {
+      throw new Error(file.name + " has a tar header of " + size + " bytes: not an image archive");
+    }
     if (type === "L") {
       longName = (await readText(file, data, size)).replace(/\0+$/, "");
     } else if (type === "x") {
@@ -377,6 +377,8 @@ async function deployArchive(app, file, say, bar) {
   for (const [i, l] of image.layers.entries()) {
     const e = resolveEntry(tar, l.name);
     if (!e) throw new Error("layer " + l.name + " is missing from the archive");
+    // Hashed whole in memory (WebCrypto does not stream): larger layers go with the CLI.
+    if (e.size > 1 << 30) throw new Error("layer " + (l.name) + " is over 1 GiB: deploy this image with flynn docker push");
     const label = "layer " + (i + 1) + "/" + image.layers.length;
     say(label + ": checking (" + (e.size / 1048576).toFixed(1) + " MB)…");
     const bytes = await file.slice(e.at, e.at + e.size).arrayBuffer();

@@ -55,6 +55,21 @@ impl LoginLimiter {
         })
     }
 
+    /// Takes back the failure counted at `at` for `addr` (a login counted as wrong before
+    /// it was checked, then found right).
+    pub fn forgive(&self, addr: IpAddr, at: Instant) {
+        let addr = key(addr);
+        let mut map = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(times) = map.get_mut(&addr) {
+            if let Some(i) = times.iter().rposition(|t| *t == at) {
+                times.remove(i);
+            }
+            if times.is_empty() {
+                map.remove(&addr);
+            }
+        }
+    }
+
     /// Counts a wrong login from `addr`.
     pub fn failed(&self, addr: IpAddr, now: Instant) {
         let addr = key(addr);
@@ -118,6 +133,12 @@ mod tests {
             "five within the window again"
         );
         assert_eq!(l.wait(a, t0 + Duration::from_secs(200)), None);
+        let t1 = t0 + Duration::from_secs(300);
+        for i in 0..5 {
+            l.failed(a, t1 + Duration::from_millis(i));
+            l.forgive(a, t1 + Duration::from_millis(i));
+        }
+        assert_eq!(l.wait(a, t1), None, "right logins forgiven leave nothing");
     }
 
     #[test]

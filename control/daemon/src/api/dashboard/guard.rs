@@ -1,114 +1,248 @@
-//! What a dashboard session may not do with the controller API, so the browser never holds
-//! the controller key (nor the login token) and a session cannot make itself one:
+//! What a dashboard session may do with the controller API. A session is an operator at
+//! the page, not a holder of the controller key: it must never read a key, the login token
+//! or a certificate's private key, nor make itself a key, nor run code that sees one. So,
+//! after routing (axum's matched route and its percent-decoded parameters, never the raw
+//! path):
 //!
-//! - every JSON answer has each current controller key and the login token replaced by
-//!   `(hidden)`, wherever they appear (`AUTH_KEY`, other apps' `CONTROLLER_KEY`);
-//! - the controller's `AUTH_KEY` and the dashboard's `LOGIN_TOKEN` are not set or unset
-//!   from a session (403: rotate them with the CLI);
-//! - a cluster backup and an app export (which carry the keys) are not downloaded;
-//! - certificates' private keys (`key_pem`) read as `(hidden)`: a session may add a
-//!   certificate with its key, never read one back.
+//! - only the calls the page makes are allowed ([`ALLOWED`]); anything else (watch
+//!   streams, job output and stdin, one-off jobs, services, volumes, backups, exports) is
+//!   403 with a pointer to the CLI;
+//! - system apps, and any app whose env holds a controller key or the login token, are
+//!   read-only: no env change, release, scale or route from a session;
+//! - a route may not take a name or a certificate a system app's route uses, nor name a
+//!   service (it routes to its own app's), so a session cannot put itself in front of the
+//!   controller, git or the dashboard;
+//! - every answer has each current controller key and the login token replaced by
+//!   `(hidden)`, and certificates' `key_pem` hidden.
 
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::{MatchedPath, RawPathParams, Request, State};
 use axum::http::{header, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use axum::RequestPartsExt;
 use flynn_state::sessions::TOKEN_ENV;
+use flynn_state::{ClusterState, SYSTEM_APPS};
 
 use crate::error::ApiError;
 use crate::host::Host;
 
-/// Largest JSON answer the guard reads to redact (the API's own answers are far smaller).
+/// Largest answer the guard reads to redact (the API's own answers are far smaller).
 const MAX_ANSWER: usize = 64 << 20;
 /// What a secret reads as on the dashboard.
 const HIDDEN: &str = "(hidden)";
 
-/// The env variables a session may not change, per app.
-const KEPT: &[(&str, &str)] = &[("controller", "AUTH_KEY"), ("dashboard", TOKEN_ENV)];
+/// The calls the page makes: `(method, route)`. Every one answers JSON.
+const ALLOWED: &[(Method, &str)] = &[
+    (Method::GET, "/apps"),
+    (Method::POST, "/apps"),
+    (Method::GET, "/apps/{app}"),
+    (Method::GET, "/apps/{app}/env"),
+    (Method::POST, "/apps/{app}/env"),
+    (Method::GET, "/apps/{app}/formation"),
+    (Method::POST, "/apps/{app}/scale"),
+    (Method::GET, "/apps/{app}/jobs"),
+    (Method::GET, "/apps/{app}/log"),
+    (Method::GET, "/apps/{app}/releases"),
+    (Method::POST, "/apps/{app}/releases"),
+    (Method::GET, "/apps/{app}/releases/{id}/rollout"),
+    (Method::GET, "/apps/{app}/routes"),
+    (Method::POST, "/apps/{app}/routes"),
+    (Method::DELETE, "/apps/{app}/routes/{id}"),
+    (Method::GET, "/apps/{app}/resources"),
+    (Method::GET, "/layers/{sha}"),
+    (Method::HEAD, "/layers/{sha}"),
+    (Method::PUT, "/layers/{sha}"),
+    (Method::GET, "/certificates"),
+    (Method::POST, "/certificates"),
+    (Method::DELETE, "/certificates/{id}"),
+    (Method::GET, "/providers"),
+    (Method::POST, "/providers/{provider}/resources"),
+    (Method::DELETE, "/resources/{id}"),
+    (Method::GET, "/hosts"),
+    (Method::GET, "/hosts/details"),
+    (Method::GET, "/status"),
+    (Method::GET, "/status/page"),
+];
+
+fn refused(why: String) -> Response {
+    ApiError::Forbidden(why).into_response()
+}
+
+/// Each current controller key and the login token.
+fn secrets(s: &ClusterState) -> Vec<String> {
+    let mut v = s.controller_keys();
+    if let Some(t) = s
+        .apps
+        .get(super::APP)
+        .and_then(|d| d.env.global.get(TOKEN_ENV))
+    {
+        v.push(t.clone());
+    }
+    v.retain(|x| !x.is_empty());
+    v
+}
+
+/// Why `app` is read-only to a session, if it is.
+fn read_only(s: &ClusterState, app: &str) -> Option<String> {
+    if SYSTEM_APPS.contains(&app) {
+        return Some(format!(
+            "{app} is a system app: change it with the CLI (flynn -a {app} ...)"
+        ));
+    }
+    let secrets = secrets(s);
+    let app_env = s.apps.get(app)?;
+    let holds = std::iter::once(&app_env.env.global)
+        .chain(app_env.env.types.values())
+        .flat_map(|m| m.values())
+        .any(|v| secrets.iter().any(|k| v.contains(k.as_str())));
+    holds.then(|| {
+        format!("{app}'s env holds a controller key or the login token: change it with the CLI")
+    })
+}
 
 pub(super) async fn guard(State(host): State<Arc<Host>>, req: Request, next: Next) -> Response {
-    let path = req.uri().path().to_string();
-    let refused = |why: &str| ApiError::Forbidden(why.to_string()).into_response();
-    if req.method() == Method::GET
-        && (path == "/backup" || (path.starts_with("/apps/") && path.ends_with("/export")))
+    let (mut parts, body) = req.into_parts();
+    let route = parts
+        .extensions
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_string())
+        .unwrap_or_default();
+    let route = route.strip_prefix("/api").unwrap_or(&route).to_string();
+    if !ALLOWED
+        .iter()
+        .any(|(m, r)| *m == parts.method && *r == route)
     {
-        return refused(
-            "backups and exports carry the controller keys: take them with the CLI (flynn cluster backup, flynn export)",
-        );
+        return refused(format!(
+            "{} {route} is not available from the dashboard: use the CLI with a controller key",
+            parts.method
+        ));
     }
-    let req = if req.method() == Method::POST && path.ends_with("/env") {
-        match kept_env_change(&path, req).await {
-            Ok(req) => req,
-            Err(r) => return r,
-        }
-    } else {
-        req
+    let params: Vec<(String, String)> = match parts.extract::<RawPathParams>().await {
+        Ok(p) => p
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        Err(e) => return e.into_response(),
     };
-    let answer = next.run(req).await;
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let Ok(node) = host.node() else {
+        return ApiError::Unavailable("this host is not in a cluster".into()).into_response();
+    };
+    let changes = !matches!(parts.method, Method::GET | Method::HEAD);
+    let mut body = body;
+    if changes {
+        if let Some(app) = param("app") {
+            if let Some(why) = node.state.read(|a| read_only(&a.state, &app)) {
+                return refused(why);
+            }
+        }
+        if route == "/apps/{app}/routes" {
+            match own_route(node, body).await {
+                Ok(b) => body = b,
+                Err(r) => return r,
+            }
+        }
+        if route == "/providers/{provider}/resources" {
+            match provisioned_app(node, body).await {
+                Ok(b) => body = b,
+                Err(r) => return r,
+            }
+        }
+        if route == "/certificates/{id}" {
+            let id = param("id").unwrap_or_default();
+            if node.state.read(|a| system_certificate(&a.state, &id)) {
+                return refused("that certificate serves a system app's route".into());
+            }
+        }
+    }
+    let answer = next.run(Request::from_parts(parts, body)).await;
     redact(&host, answer).await
 }
 
-/// Refuses an env change of a kept variable; hands the request on otherwise.
-async fn kept_env_change(path: &str, req: Request) -> Result<Request, Response> {
-    let app = path
-        .strip_prefix("/apps/")
-        .and_then(|p| p.strip_suffix("/env"))
-        .unwrap_or_default()
-        .to_string();
-    let kept: Vec<&str> = KEPT
-        .iter()
-        .filter(|(a, _)| *a == app)
-        .map(|(_, k)| *k)
-        .collect();
-    if kept.is_empty() {
-        return Ok(req);
-    }
-    let (parts, body) = req.into_parts();
+/// Whether a system app's route serves certificate `id`.
+fn system_certificate(s: &ClusterState, id: &str) -> bool {
+    s.routes.routes.values().any(|r| match r {
+        flynn_state::Route::Http(h) => {
+            SYSTEM_APPS.contains(&h.app.as_str()) && h.certificate.as_deref() == Some(id)
+        }
+        flynn_state::Route::Tcp(_) => false,
+    })
+}
+
+/// A new route must route to its own app, on a name and with a certificate no system
+/// app's route uses.
+async fn own_route(node: &crate::node::Node, body: Body) -> Result<Body, Response> {
     let bytes = axum::body::to_bytes(body, crate::api::MAX_API_BODY)
         .await
         .map_err(|e| ApiError::Invalid(format!("cannot read request body: {e}")).into_response())?;
-    let update: flynn_client::EnvUpdate = serde_json::from_slice(&bytes)
+    let spec: flynn_state::RouteSpec = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::Invalid(format!("malformed JSON body: {e}")).into_response())?;
-    if let Some(k) = kept
-        .iter()
-        .find(|k| update.set.contains_key(**k) || update.unset.iter().any(|u| u == *k))
-    {
-        return Err(ApiError::Forbidden(format!(
-            "{app}'s {k} is changed with the CLI (flynn -a {app} env set {k}=...), not from the dashboard"
-        ))
-        .into_response());
+    let (service, domain, certificate) = match &spec {
+        flynn_state::RouteSpec::Http {
+            service,
+            domain,
+            certificate,
+            ..
+        } => (service, Some(domain.as_str()), certificate.as_deref()),
+        flynn_state::RouteSpec::Tcp { service, .. } => (service, None, None),
+    };
+    if service.is_some() {
+        return Err(refused(
+            "a route from the dashboard goes to its app's own service: name a service with the CLI"
+                .into(),
+        ));
     }
-    Ok(Request::from_parts(parts, Body::from(bytes)))
+    let taken = node.state.read(|a| {
+        let by_system = |d: &str| {
+            a.state.routes.routes.values().any(|r| match r {
+                flynn_state::Route::Http(h) => {
+                    SYSTEM_APPS.contains(&h.app.as_str()) && h.domain.eq_ignore_ascii_case(d)
+                }
+                flynn_state::Route::Tcp(_) => false,
+            })
+        };
+        domain.is_some_and(by_system)
+            || certificate.is_some_and(|c| system_certificate(&a.state, c))
+    });
+    if taken {
+        return Err(refused(
+            "that name or certificate serves a system app: change its routes with the CLI".into(),
+        ));
+    }
+    Ok(Body::from(bytes))
 }
 
-/// Replaces every current controller key and the login token in a JSON answer.
-async fn redact(host: &Host, answer: Response) -> Response {
-    let json = answer
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|t| t.starts_with("application/json"));
-    if !json {
-        return answer;
+/// A database is provisioned only for an app a session may change (its env gains the
+/// database's).
+async fn provisioned_app(node: &crate::node::Node, body: Body) -> Result<Body, Response> {
+    let bytes = axum::body::to_bytes(body, crate::api::MAX_API_BODY)
+        .await
+        .map_err(|e| ApiError::Invalid(format!("cannot read request body: {e}")).into_response())?;
+    let req: flynn_client::ProvisionRequest = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::Invalid(format!("malformed JSON body: {e}")).into_response())?;
+    for app in req.app.iter().chain(req.apps.iter()) {
+        if let Some(why) = node.state.read(|a| read_only(&a.state, app)) {
+            return Err(refused(why));
+        }
     }
+    Ok(Body::from(bytes))
+}
+
+/// Replaces every current controller key and the login token in an answer, and hides
+/// certificates' private keys.
+async fn redact(host: &Host, answer: Response) -> Response {
     let Ok(node) = host.node() else {
         return answer;
     };
-    let secrets: Vec<String> = node.state.read(|a| {
-        let mut v = a.state.controller_keys();
-        if let Some(t) = a
-            .state
-            .apps
-            .get(super::APP)
-            .and_then(|d| d.env.global.get(TOKEN_ENV))
-        {
-            v.push(t.clone());
-        }
-        v
-    });
+    let secrets = node.state.read(|a| secrets(&a.state));
     let (mut parts, body) = answer.into_parts();
     let bytes: Bytes = match axum::body::to_bytes(body, MAX_ANSWER).await {
         Ok(b) => b,
@@ -126,11 +260,15 @@ async fn redact(host: &Host, answer: Response) -> Response {
             changed = true;
         }
     }
-    // Keys are at least 16 characters (validated): nothing short is ever replaced.
-    for s in secrets.iter().filter(|s| s.len() >= 16) {
-        if text.contains(s.as_str()) {
-            text = text.replace(s.as_str(), HIDDEN);
-            changed = true;
+    for s in &secrets {
+        // As the secret appears in JSON text (escaped), and as it is.
+        let escaped = serde_json::to_string(s).unwrap_or_default();
+        let escaped = escaped.trim_matches('"');
+        for form in [s.as_str(), escaped] {
+            if !form.is_empty() && text.contains(form) {
+                text = text.replace(form, HIDDEN);
+                changed = true;
+            }
         }
     }
     if !changed {

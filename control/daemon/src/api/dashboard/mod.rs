@@ -40,9 +40,9 @@ const APP: &str = "dashboard";
 /// The dashboard's router: the page, login and logout, and the controller API under `/api`
 /// (`controller` is the controller API's routes without their key check).
 pub fn router(host: Arc<Host>, controller: Router<AppState>) -> Router {
-    // The guard runs after the session check: it sees only requests of a live session.
+    // The session is checked before routing; the guard runs after it, on the matched route.
     let api = controller
-        .layer(middleware::from_fn_with_state(host.clone(), guard::guard))
+        .route_layer(middleware::from_fn_with_state(host.clone(), guard::guard))
         .layer(middleware::from_fn_with_state(
             host.clone(),
             session::require_session,

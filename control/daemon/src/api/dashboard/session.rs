@@ -65,17 +65,22 @@ fn login_limiter() -> &'static LoginLimiter {
 
 /// A read barrier shared by every request that waits for one: a request that misses a
 /// session (or a credential) asks the leader only if no barrier has started since it
-/// arrived, so made-up cookies cost the leader at most one read index at a time.
+/// arrived, so made-up cookies cost the leader at most one read index at a time. The
+/// outcome is shared too: when the leader cannot be reached, the requests queued behind
+/// the failed barrier fail with it instead of each waiting out another.
 async fn caught_up(node: &Node, arrived: Instant) -> ApiResult<()> {
-    static LAST: tokio::sync::Mutex<Option<Instant>> = tokio::sync::Mutex::const_new(None);
+    type Outcome = (Instant, Result<(), String>);
+    static LAST: tokio::sync::Mutex<Option<Outcome>> = tokio::sync::Mutex::const_new(None);
     let mut last = LAST.lock().await;
-    if last.is_some_and(|started| started >= arrived) {
-        return Ok(());
+    if let Some((started, outcome)) = last.as_ref() {
+        if *started >= arrived {
+            return outcome.clone().map_err(ApiError::Unavailable);
+        }
     }
     let started = Instant::now();
-    node.read_barrier().await?;
-    *last = Some(started);
-    Ok(())
+    let outcome = node.read_barrier().await.map_err(|e| e.to_string());
+    *last = Some((started, outcome.clone()));
+    outcome.map_err(ApiError::Unavailable)
 }
 
 /// The session length: the dashboard app's `SESSION_TTL`, else the default.
@@ -157,6 +162,9 @@ async fn try_login(
         return Err((e, Some(wait)));
     }
     let node = crate::api::auth::serving_node(host).map_err(|e| (e, None))?;
+    // Counted as wrong until it proves right, so a burst of tries at once from one address
+    // is bounded as tries one after another are.
+    limiter.failed(addr, arrived);
     let given = req.token.trim();
     let mut found = node.state.read(|a| credential_of(&a.state, given));
     if found.is_none() {
@@ -166,13 +174,13 @@ async fn try_login(
         found = node.state.read(|a| credential_of(&a.state, given));
     }
     let Some(credential) = found else {
-        limiter.failed(addr, Instant::now());
         tracing::info!(target: "flynn_daemon::dashboard", %addr, "wrong dashboard login");
         return Err((
             ApiError::Unauthorized("wrong login token or controller key".into()),
             None,
         ));
     };
+    limiter.forgive(addr, arrived);
     let ttl = node.state.read(|a| session_ttl(&a.state));
     let id = session::new_id();
     let now = crate::now_ms();
