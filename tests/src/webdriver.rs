@@ -135,7 +135,12 @@ impl Browser {
         }
     }
 
-    async fn cmd(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    async fn try_cmd(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, String> {
         let url = format!("{}/session/{}{path}", self.base, self.session);
         let mut req = self.http.request(method.clone(), &url);
         if let Some(b) = body {
@@ -144,11 +149,32 @@ impl Browser {
         let r = req
             .send()
             .await
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+            .map_err(|e| format!("{method} {path}: {e}"))?;
         let status = r.status();
         let v: Value = r.json().await.unwrap_or(Value::Null);
-        assert!(status.is_success(), "{method} {path}: {status} {v}");
-        v["value"].clone()
+        if !status.is_success() {
+            return Err(format!(
+                "{method} {path}: {status} {}",
+                v["value"]["message"]
+            ));
+        }
+        Ok(v["value"].clone())
+    }
+
+    async fn cmd(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        self.try_cmd(method, path, body)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Runs `path` on the element `css` selects; a failure names the element.
+    async fn on_element(&self, css: &str, path: &str, body: Value) {
+        let id = self.wait_for(css, Duration::from_secs(10)).await;
+        let path = format!("/element/{id}/{path}");
+        if let Err(e) = self.try_cmd(reqwest::Method::POST, &path, Some(body)).await {
+            let shot = self.screenshot("failed").await;
+            panic!("{css}: {e} (see {})", shot.display());
+        }
     }
 
     pub async fn goto(&self, url: &str) {
@@ -199,42 +225,19 @@ impl Browser {
     }
 
     pub async fn click(&self, css: &str) {
-        let id = self.wait_for(css, Duration::from_secs(10)).await;
-        self.cmd(
-            reqwest::Method::POST,
-            &format!("/element/{id}/click"),
-            Some(json!({})),
-        )
-        .await;
+        self.on_element(css, "click", json!({})).await;
     }
 
     /// Replaces what the input `css` holds with `text` (typed, as a user would).
     pub async fn fill(&self, css: &str, text: &str) {
-        let id = self.wait_for(css, Duration::from_secs(10)).await;
-        self.cmd(
-            reqwest::Method::POST,
-            &format!("/element/{id}/clear"),
-            Some(json!({})),
-        )
-        .await;
-        self.cmd(
-            reqwest::Method::POST,
-            &format!("/element/{id}/value"),
-            Some(json!({"text": text})),
-        )
-        .await;
+        self.on_element(css, "clear", json!({})).await;
+        self.on_element(css, "value", json!({ "text": text })).await;
     }
 
     /// Chooses the local file `path` in the file input `css`.
     pub async fn choose_file(&self, css: &str, path: &Path) {
-        let id = self.wait_for(css, Duration::from_secs(10)).await;
         let text = path.to_str().expect("a UTF-8 path");
-        self.cmd(
-            reqwest::Method::POST,
-            &format!("/element/{id}/value"),
-            Some(json!({ "text": text })),
-        )
-        .await;
+        self.on_element(css, "value", json!({ "text": text })).await;
     }
 
     /// The visible text of `css` (empty when there is no such element).

@@ -54,8 +54,11 @@ async function call(method, path, body) {
   let data = null;
   try { data = text ? JSON.parse(text) : null; } catch (_) { data = { message: text }; }
   if (r.status === 401) {
-    csrf = null;
-    login();
+    // The login form once: polls still in flight when the session ends also get 401.
+    if (csrf !== null) {
+      csrf = null;
+      login("The session has ended: log in again.");
+    }
     throw new ApiError(401, (data && data.message) || "log in again");
   }
   if (!r.ok) throw new ApiError(r.status, (data && (data.message || data.error)) || r.statusText);
@@ -352,7 +355,10 @@ function putLayer(sha512, blob, onProgress) {
     x.setRequestHeader("x-csrf-token", csrf || "");
     x.upload.onprogress = (e) => onProgress(e.loaded);
     x.onload = () => {
-      if (x.status === 401) { login(); reject(new Error("log in again")); }
+      if (x.status === 401) {
+        if (csrf !== null) { csrf = null; login("The session has ended: log in again."); }
+        reject(new Error("log in again"));
+      }
       else if (x.status >= 200 && x.status < 300) resolve();
       else {
         let m = x.statusText;
@@ -438,8 +444,8 @@ function login(message) {
         if (!r.ok) { err.textContent = data.message || ("login refused (" + r.status + ")"); input.select(); return; }
         csrf = data.csrf;
         input.value = "";
-        location.hash = "#/apps";
-        route();
+        // One render: a changed hash renders through its event, an unchanged one here.
+        if (location.hash !== "#/apps") location.hash = "#/apps"; else route();
       } catch (e) { err.textContent = String(e); }
     } },
     h("h1", { text: "Log in" }),
@@ -453,9 +459,13 @@ function login(message) {
 }
 
 async function logout() {
-  try { await call("POST", "/logout"); } catch (_) { /* gone already */ }
+  stopTimers();
+  const token = csrf;
+  // Logged out from here on: a poll that comes back with 401 meanwhile draws nothing.
   csrf = null;
-  location.hash = "#/";
+  try {
+    await fetch("/logout", { method: "POST", credentials: "same-origin", headers: { "x-csrf-token": token || "" } });
+  } catch (_) { /* gone already */ }
   login("Logged out.");
 }
 
@@ -824,7 +834,24 @@ function confirmDialog(question) {
   });
 }
 
+// One page render at a time: a hash change during one renders again once it ends, so an
+// older render never lands over a newer one.
+let routing = false, routeAgain = false;
+
 async function route() {
+  if (routing) { routeAgain = true; return; }
+  routing = true;
+  try {
+    do {
+      routeAgain = false;
+      await renderRoute();
+    } while (routeAgain);
+  } finally {
+    routing = false;
+  }
+}
+
+async function renderRoute() {
   stopTimers();
   if (!csrf) {
     try {

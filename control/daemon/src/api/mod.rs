@@ -27,6 +27,7 @@ pub mod apps;
 pub mod attach;
 pub mod auth;
 pub mod backup;
+pub mod body;
 pub mod dashboard;
 pub mod export;
 pub mod git;
@@ -41,25 +42,18 @@ pub mod volumes;
 pub mod watch;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
-use axum::http::StatusCode;
 use axum::{middleware, Router};
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::error::{ApiError, ApiResult};
 use crate::host::Host;
 use crate::node::Node;
 
-/// Largest request body the controller API accepts.
-pub const MAX_API_BODY: usize = 1024 * 1024;
 /// Raft traffic carries log batches and snapshot chunks.
 const MAX_RAFT_BODY: usize = 64 * 1024 * 1024;
-/// Longest a request body may take to arrive, whole.
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub use body::{JsonBody, BODY_TIMEOUT, MAX_API_BODY};
 
 pub type AppState = Arc<Host>;
 
@@ -110,38 +104,6 @@ fn controller_routes() -> Router<AppState> {
         .merge(resources::routes())
         .merge(status::controller_routes())
         .layer(axum::extract::DefaultBodyLimit::max(MAX_API_BODY))
-}
-
-/// JSON body whose rejections are JSON errors too (axum's own answer plain text). The body
-/// must arrive whole within [`BODY_TIMEOUT`].
-pub struct JsonBody<T>(pub T);
-
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let read = Bytes::from_request(req, state);
-        let bytes = tokio::time::timeout(BODY_TIMEOUT, read)
-            .await
-            .map_err(|_| {
-                ApiError::Timeout(format!(
-                    "the request body did not arrive within {}s",
-                    BODY_TIMEOUT.as_secs()
-                ))
-            })?
-            .map_err(|e| {
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::TooLarge(format!(
-                        "request body is over the {MAX_API_BODY} byte limit"
-                    ))
-                } else {
-                    ApiError::Invalid(format!("cannot read request body: {e}"))
-                }
-            })?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| ApiError::Invalid(format!("malformed JSON body: {e}")))
-    }
 }
 
 #[derive(Deserialize, Default)]

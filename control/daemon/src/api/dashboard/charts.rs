@@ -10,8 +10,8 @@ use axum::Json;
 use flynn_dashboard::charts::Sample;
 use serde::Serialize;
 
-use super::super::AppState;
 use crate::error::ApiResult;
+use crate::host::Host;
 
 /// Longest one host's metrics may take; a host slower than this is shown as silent.
 const ASK_LIMIT: Duration = Duration::from_millis(1500);
@@ -90,7 +90,7 @@ fn per_app(s: &Sample, route_app: &BTreeMap<String, String>) -> BTreeMap<String,
     apps
 }
 
-pub(super) async fn charts(State(host): State<AppState>) -> ApiResult<Json<Charts>> {
+pub(super) async fn charts(State(host): State<std::sync::Arc<Host>>) -> ApiResult<Json<Charts>> {
     let node = host.node()?;
     let own = node.id;
     let asks = node.members().into_iter().map(|(id, addr)| {

@@ -180,7 +180,7 @@ fn system_certificate(s: &ClusterState, id: &str) -> bool {
 /// A new route must route to its own app, on a name and with a certificate no system
 /// app's route uses.
 async fn own_route(node: &crate::node::Node, body: Body) -> Result<Body, Response> {
-    let bytes = axum::body::to_bytes(body, crate::api::MAX_API_BODY)
+    let bytes = axum::body::to_bytes(body, crate::api::body::MAX_API_BODY)
         .await
         .map_err(|e| ApiError::Invalid(format!("cannot read request body: {e}")).into_response())?;
     let spec: flynn_state::RouteSpec = serde_json::from_slice(&bytes)
@@ -223,7 +223,7 @@ async fn own_route(node: &crate::node::Node, body: Body) -> Result<Body, Respons
 /// A database is provisioned only for an app a session may change (its env gains the
 /// database's).
 async fn provisioned_app(node: &crate::node::Node, body: Body) -> Result<Body, Response> {
-    let bytes = axum::body::to_bytes(body, crate::api::MAX_API_BODY)
+    let bytes = axum::body::to_bytes(body, crate::api::body::MAX_API_BODY)
         .await
         .map_err(|e| ApiError::Invalid(format!("cannot read request body: {e}")).into_response())?;
     let req: flynn_client::ProvisionRequest = serde_json::from_slice(&bytes)

@@ -15,7 +15,7 @@ use flynn_state::sessions::{fingerprint, Credential, Session, SessionsCommand, T
 use serde::{Deserialize, Serialize};
 
 use super::APP;
-use crate::api::{AppState, JsonBody};
+use crate::api::body::JsonBody;
 use crate::error::{ApiError, ApiResult};
 use crate::host::Host;
 use crate::node::Node;
@@ -119,7 +119,7 @@ fn credential_of(s: &flynn_state::ClusterState, given: &str) -> Option<Credentia
 }
 
 pub(super) async fn login(
-    State(host): State<AppState>,
+    State(host): State<Arc<Host>>,
     peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     JsonBody(req): JsonBody<LoginRequest>,
@@ -291,7 +291,7 @@ pub(super) async fn require_session(
 }
 
 pub(super) async fn current(
-    State(host): State<AppState>,
+    State(host): State<Arc<Host>>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let c = check_session(&host, &headers).await?;
@@ -308,7 +308,7 @@ pub(super) async fn current(
 }
 
 pub(super) async fn logout(
-    State(host): State<AppState>,
+    State(host): State<Arc<Host>>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     let c = check_session(&host, &headers).await?;
