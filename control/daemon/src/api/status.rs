@@ -118,11 +118,7 @@ async fn page(
         Ok(n) => n.clone(),
         Err(e) => return e.into_response(),
     };
-    let members = node.members();
-    let member_ips: Vec<IpAddr> = members
-        .iter()
-        .filter_map(|(_, a)| a.parse::<SocketAddr>().ok().map(|s| s.ip()))
-        .collect();
+    let member_ips = member_ips(&node);
     let Some(axum::Extension(ConnectInfo(peer))) = peer else {
         return ApiError::Internal("the connection's peer address is unknown".into())
             .into_response();
@@ -278,6 +274,14 @@ async fn report(host: &AppState, node: &crate::node::Node) -> (bool, serde_json:
     let status = if healthy { "healthy" } else { "unhealthy" };
     let body = json!({"data": {"status": status, "version": version(), "detail": detail}});
     (healthy, body)
+}
+
+/// The cluster hosts' addresses: where a router may forward a request from.
+pub fn member_ips(node: &crate::node::Node) -> Vec<IpAddr> {
+    node.members()
+        .iter()
+        .filter_map(|(_, a)| a.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .collect()
 }
 
 /// The address a request came from, as far as a host can know it: the connection's peer,

@@ -260,13 +260,13 @@ impl JobRunner {
                 (j, u)
             })
             .collect();
-        let labels = |j: &Job| {
+        fn labels(j: &Job) -> [(&'static str, &str); 3] {
             [
-                ("app", j.app.clone()),
-                ("type", j.proc_type.clone()),
-                ("job", j.id.clone()),
+                ("app", j.app.as_str()),
+                ("type", j.proc_type.as_str()),
+                ("job", j.id.as_str()),
             ]
-        };
+        }
         flynn_metrics::header(
             out,
             "flynn_job_memory_bytes",
@@ -275,9 +275,7 @@ impl JobRunner {
         );
         for (j, u) in &usage {
             if let Some(m) = u.memory_bytes {
-                let l = labels(j);
-                let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                flynn_metrics::sample(out, "flynn_job_memory_bytes", &l, m);
+                flynn_metrics::sample(out, "flynn_job_memory_bytes", &labels(j), m);
             }
         }
         flynn_metrics::header(
@@ -288,9 +286,8 @@ impl JobRunner {
         );
         for (j, u) in &usage {
             if let Some(c) = u.cpu_seconds {
-                let l = labels(j);
-                let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
-                flynn_metrics::sample(out, "flynn_job_cpu_seconds_total", &l, format!("{c:.3}"));
+                let v = format!("{c:.3}");
+                flynn_metrics::sample(out, "flynn_job_cpu_seconds_total", &labels(j), v);
             }
         }
     }

@@ -167,24 +167,34 @@ pub(super) async fn guard(State(host): State<Arc<Host>>, req: Request, next: Nex
     redact(&host, answer).await
 }
 
-/// Whether a system app's route serves certificate `id`.
-fn system_certificate(s: &ClusterState, id: &str) -> bool {
+/// Whether some system app's HTTP route is `like`.
+fn system_route(s: &ClusterState, like: impl Fn(&flynn_state::HttpRoute) -> bool) -> bool {
     s.routes.routes.values().any(|r| match r {
-        flynn_state::Route::Http(h) => {
-            SYSTEM_APPS.contains(&h.app.as_str()) && h.certificate.as_deref() == Some(id)
-        }
+        flynn_state::Route::Http(h) => SYSTEM_APPS.contains(&h.app.as_str()) && like(h),
         flynn_state::Route::Tcp(_) => false,
     })
+}
+
+/// Whether a system app's route serves certificate `id`.
+fn system_certificate(s: &ClusterState, id: &str) -> bool {
+    system_route(s, |h| h.certificate.as_deref() == Some(id))
+}
+
+/// A request body read whole (within the API's limit) and parsed, with its bytes to hand
+/// on to the handler.
+async fn read_json<T: serde::de::DeserializeOwned>(body: Body) -> Result<(T, Bytes), Response> {
+    let bytes = axum::body::to_bytes(body, crate::api::body::MAX_API_BODY)
+        .await
+        .map_err(|e| ApiError::Invalid(format!("cannot read request body: {e}")).into_response())?;
+    let value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::Invalid(format!("malformed JSON body: {e}")).into_response())?;
+    Ok((value, bytes))
 }
 
 /// A new route must route to its own app, on a name and with a certificate no system
 /// app's route uses.
 async fn own_route(node: &crate::node::Node, body: Body) -> Result<Body, Response> {
-    let bytes = axum::body::to_bytes(body, crate::api::body::MAX_API_BODY)
-        .await
-        .map_err(|e| ApiError::Invalid(format!("cannot read request body: {e}")).into_response())?;
-    let spec: flynn_state::RouteSpec = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::Invalid(format!("malformed JSON body: {e}")).into_response())?;
+    let (spec, bytes): (flynn_state::RouteSpec, _) = read_json(body).await?;
     let (service, domain, certificate) = match &spec {
         flynn_state::RouteSpec::Http {
             service,
@@ -201,15 +211,7 @@ async fn own_route(node: &crate::node::Node, body: Body) -> Result<Body, Respons
         ));
     }
     let taken = node.state.read(|a| {
-        let by_system = |d: &str| {
-            a.state.routes.routes.values().any(|r| match r {
-                flynn_state::Route::Http(h) => {
-                    SYSTEM_APPS.contains(&h.app.as_str()) && h.domain.eq_ignore_ascii_case(d)
-                }
-                flynn_state::Route::Tcp(_) => false,
-            })
-        };
-        domain.is_some_and(by_system)
+        domain.is_some_and(|d| system_route(&a.state, |h| h.domain.eq_ignore_ascii_case(d)))
             || certificate.is_some_and(|c| system_certificate(&a.state, c))
     });
     if taken {
@@ -223,11 +225,7 @@ async fn own_route(node: &crate::node::Node, body: Body) -> Result<Body, Respons
 /// A database is provisioned only for an app a session may change (its env gains the
 /// database's).
 async fn provisioned_app(node: &crate::node::Node, body: Body) -> Result<Body, Response> {
-    let bytes = axum::body::to_bytes(body, crate::api::body::MAX_API_BODY)
-        .await
-        .map_err(|e| ApiError::Invalid(format!("cannot read request body: {e}")).into_response())?;
-    let req: flynn_client::ProvisionRequest = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::Invalid(format!("malformed JSON body: {e}")).into_response())?;
+    let (req, bytes): (flynn_client::ProvisionRequest, _) = read_json(body).await?;
     for app in req.app.iter().chain(req.apps.iter()) {
         if let Some(why) = node.state.read(|a| read_only(&a.state, app)) {
             return Err(refused(why));

@@ -45,14 +45,9 @@ fn client_addr(host: &Host, peer: Option<SocketAddr>, headers: &HeaderMap) -> Ip
     let Some(peer) = peer else {
         return IpAddr::from([0, 0, 0, 0]);
     };
-    let routers: Vec<IpAddr> = host
+    let routers = host
         .node()
-        .map(|n| {
-            n.members()
-                .iter()
-                .filter_map(|(_, a)| a.parse::<SocketAddr>().ok().map(|s| s.ip()))
-                .collect()
-        })
+        .map(|n| crate::api::status::member_ips(n))
         .unwrap_or_default();
     crate::api::status::client_ip(peer.ip(), headers, &routers)
 }
