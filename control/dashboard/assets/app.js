@@ -413,8 +413,10 @@ async function deployArchive(app, file, say, bar) {
     const r = await api("/apps/" + enc + "/releases/" + encodeURIComponent(release.id) + "/rollout");
     const types = Object.entries(r.processes || {}).map(([t, p]) => t + " " + p.running + "/" + p.want + " running").join(", ");
     if (r.state === "done") {
-      say("Deployed " + release.id + (types ? ": " + types : "") + " (" + layers.length + " layers, " + uploaded + " uploaded).");
-      return release;
+      // The form says "Deployed" once the page is drawn again with the release, not
+      // before: a "Deployed" on the page about to be replaced would be read too early.
+      say("Rolled out " + release.id + "; showing it…");
+      return "Deployed " + release.id + (types ? ": " + types : "") + " (" + layers.length + " layers, " + uploaded + " uploaded).";
     }
     if (r.state === "failed") throw new Error(release.id + " failed: " + (r.error || "its jobs did not start"));
     say("Deploying " + release.id + (types ? ": " + types : "") + (r.waiting ? " (" + r.waiting + ")" : "") + "…");
@@ -577,9 +579,8 @@ async function appPage(name) {
       deployBar.hidden = false;
       deployMsg.className = "";
       try {
-        await deployArchive(name, file, (t) => { deployMsg.textContent = t; }, deployBar);
+        const said = await deployArchive(name, file, (t) => { deployMsg.textContent = t; }, deployBar);
         // The page again, with the new release, its types to scale and its jobs.
-        const said = deployMsg.textContent;
         await route();
         tell("deploy-status", "ok", said);
       } catch (e) { deployMsg.className = "error"; deployMsg.textContent = e.message; }
@@ -835,20 +836,23 @@ function confirmDialog(question) {
 }
 
 // One page render at a time: a hash change during one renders again once it ends, so an
-// older render never lands over a newer one.
-let routing = false, routeAgain = false;
+// older render never lands over a newer one. Every caller's promise settles once the page
+// it asked for is drawn, so what it writes next lands on that page.
+let routing = null, routeAgain = false;
 
-async function route() {
-  if (routing) { routeAgain = true; return; }
-  routing = true;
-  try {
-    do {
-      routeAgain = false;
-      await renderRoute();
-    } while (routeAgain);
-  } finally {
-    routing = false;
-  }
+function route() {
+  if (routing) { routeAgain = true; return routing; }
+  routing = (async () => {
+    try {
+      do {
+        routeAgain = false;
+        await renderRoute();
+      } while (routeAgain);
+    } finally {
+      routing = null;
+    }
+  })();
+  return routing;
 }
 
 async function renderRoute() {
