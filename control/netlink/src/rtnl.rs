@@ -1,0 +1,188 @@
+//! rtnetlink: links, IPv4 addresses and routes in one network namespace.
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use crate::message::{Message, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST};
+use crate::socket::Socket;
+use crate::{Error, Result};
+
+const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
+const RTM_GETLINK: u16 = 18;
+const RTM_NEWADDR: u16 = 20;
+const RTM_NEWROUTE: u16 = 24;
+
+const IFLA_IFNAME: u16 = 3;
+const IFLA_MTU: u16 = 4;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_NET_NS_FD: u16 = 28;
+const IFLA_INFO_KIND: u16 = 1;
+const IFLA_INFO_DATA: u16 = 2;
+const VETH_INFO_PEER: u16 = 1;
+const IFF_UP: u32 = 1;
+
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+const RTA_GATEWAY: u16 = 5;
+const RT_TABLE_MAIN: u8 = 254;
+const RTPROT_BOOT: u8 = 3;
+const RT_SCOPE_UNIVERSE: u8 = 0;
+const RT_SCOPE_LINK: u8 = 253;
+const RTN_UNICAST: u8 = 1;
+
+/// `struct ifinfomsg`: family, type, index, flags and the flags to change.
+fn ifinfomsg(index: u32, flags: u32, change: u32) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[0] = libc::AF_UNSPEC as u8;
+    b[4..8].copy_from_slice(&index.to_ne_bytes());
+    b[8..12].copy_from_slice(&flags.to_ne_bytes());
+    b[12..16].copy_from_slice(&change.to_ne_bytes());
+    b
+}
+
+/// The other end of a veth pair: its name and MTU in the namespace `netns` (an open
+/// `/run/netns/...` or `/proc/.../ns/net`). It starts down, as the host's end does: the
+/// kernel refuses to bring a veth up before its pair is joined (`ENOTCONN`).
+pub struct VethPeer<'a> {
+    pub name: &'a str,
+    pub netns: BorrowedFd<'a>,
+    pub mtu: u32,
+}
+
+/// An IPv4 route in the main table: `dst/prefix` out of link `dev`, through `gateway`
+/// or (without one) on the link itself.
+pub struct Ipv4Route {
+    pub dst: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<Ipv4Addr>,
+    pub dev: u32,
+}
+
+/// rtnetlink in the network namespace its socket was opened in.
+pub struct Rtnl {
+    socket: Socket,
+}
+
+impl Rtnl {
+    /// rtnetlink in the calling thread's network namespace.
+    pub fn open() -> Result<Self> {
+        Ok(Rtnl {
+            socket: Socket::open(libc::NETLINK_ROUTE, "route")?,
+        })
+    }
+
+    /// The index of the link `name`.
+    pub fn link_index(&mut self, name: &str) -> Result<u32> {
+        let mut m = Message::new(RTM_GETLINK, NLM_F_REQUEST);
+        m.bytes(&ifinfomsg(0, 0, 0)).attr_str(IFLA_IFNAME, name);
+        let seq = self.socket.next_seq();
+        let step = format!("finding link {name}");
+        let index =
+            self.socket
+                .send_and_wait(&m.finish(seq), seq..=seq, &step, |kind, payload| {
+                    (kind == RTM_NEWLINK)
+                        .then(|| payload.get(4..8))
+                        .flatten()
+                        .map(|b| u32::from_ne_bytes(b.try_into().expect("4 bytes")))
+                })?;
+        index.ok_or_else(|| Error::new(step, std::io::Error::from_raw_os_error(libc::ENODEV)))
+    }
+
+    /// Makes the veth pair `name` (here) and `peer` (in its namespace), both down.
+    pub fn add_veth(&mut self, name: &str, peer: &VethPeer<'_>) -> Result<()> {
+        let mut m = Message::new(
+            RTM_NEWLINK,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        );
+        m.bytes(&ifinfomsg(0, 0, 0))
+            .attr_str(IFLA_IFNAME, name)
+            .begin(IFLA_LINKINFO)
+            .attr_str(IFLA_INFO_KIND, "veth")
+            .begin(IFLA_INFO_DATA)
+            .begin(VETH_INFO_PEER)
+            .bytes(&ifinfomsg(0, 0, 0))
+            .attr_str(IFLA_IFNAME, peer.name)
+            .attr_u32(IFLA_NET_NS_FD, peer.netns.as_raw_fd() as u32)
+            .attr_u32(IFLA_MTU, peer.mtu)
+            .end()
+            .end()
+            .end();
+        self.socket
+            .request(m, &format!("making veth {name} (peer {})", peer.name))
+    }
+
+    /// Sets link `index` up or down, and its MTU if given.
+    pub fn set_link(&mut self, index: u32, up: bool, mtu: Option<u32>) -> Result<()> {
+        let mut m = Message::new(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK);
+        m.bytes(&ifinfomsg(index, if up { IFF_UP } else { 0 }, IFF_UP));
+        if let Some(mtu) = mtu {
+            m.attr_u32(IFLA_MTU, mtu);
+        }
+        self.socket
+            .request(m, &format!("setting link {index} up={up} mtu={mtu:?}"))
+    }
+
+    /// Deletes the link `name` (and, for a veth, its peer wherever it is).
+    pub fn delete_link(&mut self, name: &str) -> Result<()> {
+        let mut m = Message::new(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK);
+        m.bytes(&ifinfomsg(0, 0, 0)).attr_str(IFLA_IFNAME, name);
+        self.socket.request(m, &format!("deleting link {name}"))
+    }
+
+    /// Adds `addr/prefix` to link `index`.
+    pub fn add_address(&mut self, index: u32, addr: Ipv4Addr, prefix: u8) -> Result<()> {
+        let mut m = Message::new(
+            RTM_NEWADDR,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        );
+        let mut hdr = [0u8; 8];
+        hdr[0] = libc::AF_INET as u8;
+        hdr[1] = prefix;
+        hdr[3] = RT_SCOPE_UNIVERSE;
+        hdr[4..8].copy_from_slice(&index.to_ne_bytes());
+        m.bytes(&hdr)
+            .attr(IFA_LOCAL, &addr.octets())
+            .attr(IFA_ADDRESS, &addr.octets());
+        self.socket
+            .request(m, &format!("adding {addr}/{prefix} to link {index}"))
+    }
+
+    /// Adds `route`, or replaces the route to the same destination.
+    pub fn replace_route(&mut self, route: &Ipv4Route) -> Result<()> {
+        let mut m = Message::new(
+            RTM_NEWROUTE,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        );
+        let scope = if route.gateway.is_some() {
+            RT_SCOPE_UNIVERSE
+        } else {
+            RT_SCOPE_LINK
+        };
+        let mut hdr = [0u8; 12];
+        hdr[0] = libc::AF_INET as u8;
+        hdr[1] = route.prefix;
+        hdr[4] = RT_TABLE_MAIN;
+        hdr[5] = RTPROT_BOOT;
+        hdr[6] = scope;
+        hdr[7] = RTN_UNICAST;
+        m.bytes(&hdr);
+        if route.prefix > 0 {
+            m.attr(RTA_DST, &route.dst.octets());
+        }
+        if let Some(gw) = route.gateway {
+            m.attr(RTA_GATEWAY, &gw.octets());
+        }
+        m.attr_u32(RTA_OIF, route.dev);
+        self.socket.request(
+            m,
+            &format!(
+                "routing {}/{} via {:?} on link {}",
+                route.dst, route.prefix, route.gateway, route.dev
+            ),
+        )
+    }
+}
