@@ -12,7 +12,9 @@ const RTM_DELLINK: u16 = 17;
 const RTM_GETLINK: u16 = 18;
 const RTM_NEWADDR: u16 = 20;
 const RTM_NEWROUTE: u16 = 24;
+const RTM_NEWNEIGH: u16 = 28;
 
+const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
 const IFLA_LINKINFO: u16 = 18;
@@ -24,6 +26,10 @@ const IFF_UP: u32 = 1;
 
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
+
+const NDA_DST: u16 = 1;
+const NDA_LLADDR: u16 = 2;
+const NUD_PERMANENT: u16 = 0x80;
 
 const RTA_DST: u16 = 1;
 const RTA_OIF: u16 = 4;
@@ -51,6 +57,8 @@ pub struct VethPeer<'a> {
     pub name: &'a str,
     pub netns: BorrowedFd<'a>,
     pub mtu: u32,
+    /// Its MAC address (the kernel picks a random one without).
+    pub mac: Option<[u8; 6]>,
 }
 
 /// An IPv4 route in the main table: `dst/prefix` out of link `dev`, through `gateway`
@@ -92,25 +100,34 @@ impl Rtnl {
         index.ok_or_else(|| Error::new(step, std::io::Error::from_raw_os_error(libc::ENODEV)))
     }
 
-    /// Makes the veth pair `name` (here) and `peer` (in its namespace), both down.
-    pub fn add_veth(&mut self, name: &str, peer: &VethPeer<'_>) -> Result<()> {
+    /// Makes the veth pair `name` (here, with `mac` if given) and `peer` (in its
+    /// namespace), both down.
+    pub fn add_veth(
+        &mut self,
+        name: &str,
+        mac: Option<[u8; 6]>,
+        peer: &VethPeer<'_>,
+    ) -> Result<()> {
         let mut m = Message::new(
             RTM_NEWLINK,
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
         );
-        m.bytes(&ifinfomsg(0, 0, 0))
-            .attr_str(IFLA_IFNAME, name)
-            .begin(IFLA_LINKINFO)
+        m.bytes(&ifinfomsg(0, 0, 0)).attr_str(IFLA_IFNAME, name);
+        if let Some(mac) = mac {
+            m.attr(IFLA_ADDRESS, &mac);
+        }
+        m.begin(IFLA_LINKINFO)
             .attr_str(IFLA_INFO_KIND, "veth")
             .begin(IFLA_INFO_DATA)
             .begin(VETH_INFO_PEER)
             .bytes(&ifinfomsg(0, 0, 0))
             .attr_str(IFLA_IFNAME, peer.name)
             .attr_u32(IFLA_NET_NS_FD, peer.netns.as_raw_fd() as u32)
-            .attr_u32(IFLA_MTU, peer.mtu)
-            .end()
-            .end()
-            .end();
+            .attr_u32(IFLA_MTU, peer.mtu);
+        if let Some(mac) = peer.mac {
+            m.attr(IFLA_ADDRESS, &mac);
+        }
+        m.end().end().end();
         self.socket
             .request(m, &format!("making veth {name} (peer {})", peer.name))
     }
@@ -149,6 +166,25 @@ impl Rtnl {
             .attr(IFA_ADDRESS, &addr.octets());
         self.socket
             .request(m, &format!("adding {addr}/{prefix} to link {index}"))
+    }
+
+    /// Says, for good, that `addr` on link `index` is at `mac` (a permanent neighbour
+    /// entry, replacing any other): no ARP for it, and no entry of the kernel's ARP
+    /// table that counts toward its limits (`gc_thresh3`, shared by every namespace).
+    pub fn set_neighbour(&mut self, index: u32, addr: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
+        let mut m = Message::new(
+            RTM_NEWNEIGH,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        );
+        let mut hdr = [0u8; 12];
+        hdr[0] = libc::AF_INET as u8;
+        hdr[4..8].copy_from_slice(&index.to_ne_bytes());
+        hdr[8..10].copy_from_slice(&NUD_PERMANENT.to_ne_bytes());
+        m.bytes(&hdr)
+            .attr(NDA_DST, &addr.octets())
+            .attr(NDA_LLADDR, &mac);
+        self.socket
+            .request(m, &format!("setting the neighbour {addr} on link {index}"))
     }
 
     /// Adds `route`, or replaces the route to the same destination.

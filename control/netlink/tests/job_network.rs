@@ -43,6 +43,9 @@ fn run_in(netns: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+const JOB_MAC: [u8; 6] = [0x0a, 0x58, 100, 100, 7, 2];
+const HOST_MAC: [u8; 6] = [0x0a, 0x59, 100, 100, 7, 2];
+
 #[test]
 fn a_job_namespace_joined_to_its_host_by_a_veth_carries_tcp() {
     let pid = std::process::id();
@@ -68,12 +71,18 @@ fn a_job_namespace_joined_to_its_host_by_a_veth_carries_tcp() {
         name: "eth0",
         netns: job.fd(),
         mtu: 1450,
+        mac: Some(JOB_MAC),
     };
-    host.rtnl().add_veth("fjtest0", &peer).expect("veth");
-    let again = host.rtnl().add_veth("fjtest0", &peer).unwrap_err();
+    host.rtnl()
+        .add_veth("fjtest0", Some(HOST_MAC), &peer)
+        .expect("veth");
+    let again = host.rtnl().add_veth("fjtest0", None, &peer).unwrap_err();
     assert!(again.is_exists(), "{again}");
     let veth = host.rtnl().link_index("fjtest0").expect("veth index");
     host.rtnl().add_address(veth, gw, 32).expect("host address");
+    host.rtnl()
+        .set_neighbour(veth, ip, JOB_MAC)
+        .expect("the job as a neighbour");
     host.rtnl().set_link(veth, true, None).expect("veth up");
     host.rtnl()
         .replace_route(&Ipv4Route {
@@ -88,6 +97,9 @@ fn a_job_namespace_joined_to_its_host_by_a_veth_carries_tcp() {
     job.rtnl().set_link(lo, true, None).expect("lo up");
     let eth0 = job.rtnl().link_index("eth0").expect("eth0");
     job.rtnl().add_address(eth0, ip, 32).expect("job address");
+    job.rtnl()
+        .set_neighbour(eth0, gw, HOST_MAC)
+        .expect("the gateway as a neighbour");
     job.rtnl().set_link(eth0, true, None).expect("eth0 up");
     job.rtnl()
         .replace_route(&Ipv4Route {
@@ -128,6 +140,19 @@ fn a_job_namespace_joined_to_its_host_by_a_veth_carries_tcp() {
     assert!(
         routes.contains("100.100.7.2 dev fjtest0 scope link"),
         "{routes}"
+    );
+    let links = run_in(&host_path, &["ip", "-o", "link", "show", "fjtest0"]);
+    assert!(links.contains("link/ether 0a:59:64:64:07:02"), "{links}");
+    // Each side knows the other for good: no ARP, no entry the kernel may evict.
+    let neigh = run_in(&job_path, &["ip", "neigh", "show", "dev", "eth0"]);
+    assert!(
+        neigh.contains("100.100.7.1 lladdr 0a:59:64:64:07:02 PERMANENT"),
+        "{neigh}"
+    );
+    let neigh = run_in(&host_path, &["ip", "neigh", "show", "dev", "fjtest0"]);
+    assert!(
+        neigh.contains("100.100.7.2 lladdr 0a:58:64:64:07:02 PERMANENT"),
+        "{neigh}"
     );
 
     // A real connection from the job to a server on the host side of the veth.

@@ -219,6 +219,13 @@ fn vxlan_device(index: u32, own_ip: &str) -> Result<(), String> {
     .map_err(|e| format!("making the VXLAN device: {e}"))
 }
 
+/// The MACs of a job's veth pair, made from its address: the job's end, then the host's
+/// (locally administered, unicast, unique while addresses are).
+fn job_macs(ip: Ipv4Addr) -> ([u8; 6], [u8; 6]) {
+    let [a, b, c, d] = ip.octets();
+    ([0x0a, 0x58, a, b, c, d], [0x0a, 0x59, a, b, c, d])
+}
+
 pub fn subnet_of(index: u32) -> String {
     format!("100.100.{index}.0/24")
 }
@@ -491,14 +498,22 @@ impl HostNet {
         let mut ns = Netns::create(path).map_err(e)?;
         // Room for VXLAN's headers where jobs may talk across it.
         let mtu = if self.vxlan { VXLAN_MTU } else { 1500 };
+        // Both ends' MACs follow from the job's address, so each side's one neighbour is
+        // written as permanent: no ARP before a job's first packet, and none of the
+        // kernel's ARP table (one for every namespace: 1,024 entries by default, two per
+        // job) filled by jobs, which past ~500 jobs on a machine dropped new flows.
+        let (job_mac, host_mac) = job_macs(n.ip);
         let peer = VethPeer {
             name: "eth0",
             netns: ns.fd(),
             mtu,
+            mac: Some(job_mac),
         };
-        host.add_veth(&n.host_veth, &peer).map_err(e)?;
+        host.add_veth(&n.host_veth, Some(host_mac), &peer)
+            .map_err(e)?;
         let veth = host.link_index(&n.host_veth).map_err(e)?;
         host.add_address(veth, gw, 32).map_err(e)?;
+        host.set_neighbour(veth, n.ip, job_mac).map_err(e)?;
         host.set_link(veth, true, None).map_err(e)?;
         let on_link = |dst, dev| Ipv4Route {
             dst,
@@ -512,6 +527,7 @@ impl HostNet {
         inside.set_link(lo, true, None).map_err(e)?;
         let eth0 = inside.link_index("eth0").map_err(e)?;
         inside.add_address(eth0, n.ip, 32).map_err(e)?;
+        inside.set_neighbour(eth0, gw, host_mac).map_err(e)?;
         inside.set_link(eth0, true, None).map_err(e)?;
         inside.replace_route(&on_link(gw, eth0)).map_err(e)?;
         inside
