@@ -22,7 +22,7 @@ mod sys;
 
 pub use netns::{delete_netns, Netns};
 pub use nftables::{concat_key, Nftables, NFPROTO_INET};
-pub use rtnl::{Ipv4Route, Rtnl, VethPeer};
+pub use rtnl::{Ipv4Route, Rtnl, VethEnd};
 
 use std::io;
 

@@ -22,6 +22,8 @@ pub fn align4(n: usize) -> usize {
 pub struct Message {
     buf: Vec<u8>,
     nests: Vec<usize>,
+    /// An attribute past netlink's 64 KiB: `finish` refuses the message.
+    too_long: bool,
 }
 
 impl Message {
@@ -35,6 +37,7 @@ impl Message {
         Message {
             buf,
             nests: Vec::new(),
+            too_long: false,
         }
     }
 
@@ -46,7 +49,7 @@ impl Message {
     }
 
     pub fn attr(&mut self, kind: u16, value: &[u8]) -> &mut Self {
-        let len = (NLA_HDRLEN + value.len()) as u16;
+        let len = self.attr_len(NLA_HDRLEN + value.len());
         self.buf.extend_from_slice(&len.to_ne_bytes());
         self.buf.extend_from_slice(&kind.to_ne_bytes());
         self.buf.extend_from_slice(value);
@@ -77,22 +80,38 @@ impl Message {
 
     pub fn end(&mut self) -> &mut Self {
         let at = self.nests.pop().expect("a nested attribute to end");
-        let len = (self.buf.len() - at) as u16;
+        let len = self.attr_len(self.buf.len() - at);
         self.buf[at..at + 2].copy_from_slice(&len.to_ne_bytes());
         self
+    }
+
+    /// An attribute's length as its header holds it (16 bits).
+    fn attr_len(&mut self, len: usize) -> u16 {
+        u16::try_from(len).unwrap_or_else(|_| {
+            self.too_long = true;
+            0
+        })
+    }
+
+    /// Adds `flags` to the header's.
+    pub fn add_flags(&mut self, flags: u16) {
+        let had = u16::from_ne_bytes(self.buf[6..8].try_into().expect("2 bytes"));
+        self.buf[6..8].copy_from_slice(&(had | flags).to_ne_bytes());
     }
 
     fn pad(&mut self) {
         self.buf.resize(align4(self.buf.len()), 0);
     }
 
-    /// The message's bytes, numbered `seq`.
-    pub fn finish(mut self, seq: u32) -> Vec<u8> {
+    /// The message's bytes, numbered `seq`; `None` if an attribute outgrew 64 KiB.
+    pub fn finish(mut self, seq: u32) -> Option<Vec<u8>> {
         assert!(self.nests.is_empty(), "a nested attribute left open");
-        let len = self.buf.len() as u32;
+        let len = u32::try_from(self.buf.len())
+            .ok()
+            .filter(|_| !self.too_long)?;
         self.buf[0..4].copy_from_slice(&len.to_ne_bytes());
         self.buf[8..12].copy_from_slice(&seq.to_ne_bytes());
-        self.buf
+        Some(self.buf)
     }
 }
 
@@ -152,7 +171,7 @@ mod tests {
             .attr_str(1, "veth")
             .attr_u32(7, 42)
             .end();
-        let buf = m.finish(9);
+        let buf = m.finish(9).expect("a small message");
         assert_eq!(buf.len() % 4, 0);
         let msgs = parse(&buf);
         assert_eq!(msgs.len(), 1);
@@ -167,8 +186,22 @@ mod tests {
     }
 
     #[test]
+    fn an_attribute_past_64_kib_is_refused_not_wrapped() {
+        let mut m = Message::new(16, 0);
+        m.begin(3).attr(1, &vec![0u8; 70_000]).end();
+        assert!(m.finish(1).is_none());
+        let mut m = Message::new(16, 0);
+        m.begin(3);
+        for _ in 0..20 {
+            m.attr(1, &[0u8; 4000]);
+        }
+        m.end();
+        assert!(m.finish(1).is_none(), "a nest past 64 KiB");
+    }
+
+    #[test]
     fn truncated_input_yields_what_is_whole() {
-        let buf = Message::new(2, 0).finish(1);
+        let buf = Message::new(2, 0).finish(1).expect("a small message");
         assert_eq!(parse(&buf[..10]).len(), 0);
         let mut two = buf.clone();
         two.extend_from_slice(&buf[..8]);

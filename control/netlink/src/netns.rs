@@ -34,22 +34,27 @@ impl Netns {
             .open(path)
             .map_err(|e| Error::new(step("making the namespace file"), e))?;
         let made = std::thread::scope(|s| {
-            s.spawn(|| -> Result<(OwnedFd, Rtnl)> {
-                let own = Path::new("/proc/thread-self/ns/net");
-                sys::unshare_net().map_err(|e| Error::new("unsharing the network", e))?;
-                sys::mount(own, path, None, libc::MS_BIND)
-                    .map_err(|e| Error::new(step("bind-mounting the namespace on"), e))?;
-                let fd = std::fs::File::open(own)
-                    .map_err(|e| Error::new(step("opening the namespace"), e))?;
-                Ok((fd.into(), Rtnl::open()?))
-            })
-            .join()
-            .unwrap_or_else(|_| {
-                Err(Error::new(
-                    step("making the namespace"),
-                    io::Error::other("its thread panicked"),
-                ))
-            })
+            let thread = std::thread::Builder::new()
+                .name("netns".into())
+                .spawn_scoped(s, || -> Result<(OwnedFd, Rtnl)> {
+                    let own = Path::new("/proc/thread-self/ns/net");
+                    sys::unshare_net().map_err(|e| Error::new("unsharing the network", e))?;
+                    sys::mount(own, path, None, libc::MS_BIND)
+                        .map_err(|e| Error::new(step("bind-mounting the namespace on"), e))?;
+                    let fd = std::fs::File::open(own)
+                        .map_err(|e| Error::new(step("opening the namespace"), e))?;
+                    Ok((fd.into(), Rtnl::open()?))
+                });
+            match thread {
+                Ok(t) => t.join().unwrap_or_else(|_| {
+                    Err(Error::new(
+                        step("making the namespace"),
+                        io::Error::other("its thread panicked"),
+                    ))
+                }),
+                // A thread limit reached: an error for this job, not a panic.
+                Err(e) => Err(Error::new(step("starting the thread that makes"), e)),
+            }
         });
         match made {
             Ok((fd, rtnl)) => Ok(Netns {
@@ -94,7 +99,22 @@ pub fn delete_netns(path: &Path) -> Result<()> {
 /// Makes `dir` a shared mount (a bind mount of itself first if it is no mount point), as
 /// `ip netns add` does: a namespace mounted there later then shows in mount namespaces
 /// copied before it was made.
+///
+/// Done once per directory and process, under a lock: with `MS_REC` it walks every
+/// namespace mounted there, and two first calls at once could each bind-mount the
+/// directory, hiding the namespaces mounted on the lower one.
 fn share_mounts_under(dir: &Path) -> io::Result<()> {
+    static SHARED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+    if shared.iter().any(|d| d == dir) {
+        return Ok(());
+    }
+    make_shared(dir)?;
+    shared.push(dir.to_path_buf());
+    Ok(())
+}
+
+fn make_shared(dir: &Path) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let shared = libc::MS_SHARED | libc::MS_REC;
     match sys::mount(Path::new("none"), dir, None, shared) {

@@ -109,15 +109,15 @@ impl Nftables {
         m.end();
         let mut end = Message::new(NFNL_MSG_BATCH_END, NLM_F_REQUEST);
         end.bytes(&nfgenmsg(libc::AF_UNSPEC as u8, NFNL_SUBSYS_NFTABLES));
-        let mut batch = begin.finish(begin_seq);
-        batch.extend(m.finish(seq));
-        batch.extend(end.finish(end_seq));
         let what = if verb == NFT_MSG_NEWSETELEM {
             "adding"
         } else {
             "deleting"
         };
         let step = format!("{what} {} element(s) of set {table} {set}", keys.len());
+        let mut batch = Socket::bytes(begin, begin_seq, &step)?;
+        batch.extend(Socket::bytes(m, seq, &step)?);
+        batch.extend(Socket::bytes(end, end_seq, &step)?);
         self.socket
             .send_and_wait(&batch, begin_seq..=seq, &step, |_, _| None::<()>)
             .map(drop)

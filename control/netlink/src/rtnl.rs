@@ -50,15 +50,13 @@ fn ifinfomsg(index: u32, flags: u32, change: u32) -> [u8; 16] {
     b
 }
 
-/// The other end of a veth pair: its name and MTU in the namespace `netns` (an open
-/// `/run/netns/...` or `/proc/.../ns/net`). It starts down, as the host's end does: the
-/// kernel refuses to bring a veth up before its pair is joined (`ENOTCONN`).
-pub struct VethPeer<'a> {
+/// One end of a veth pair: its name, MAC (the kernel picks a random one without) and MTU.
+/// Both ends need the same MTU: a veth drops, without a word, a frame longer than the
+/// receiving end's.
+pub struct VethEnd<'a> {
     pub name: &'a str,
-    pub netns: BorrowedFd<'a>,
-    pub mtu: u32,
-    /// Its MAC address (the kernel picks a random one without).
     pub mac: Option<[u8; 6]>,
+    pub mtu: u32,
 }
 
 /// An IPv4 route in the main table: `dst/prefix` out of link `dev`, through `gateway`
@@ -89,47 +87,52 @@ impl Rtnl {
         m.bytes(&ifinfomsg(0, 0, 0)).attr_str(IFLA_IFNAME, name);
         let seq = self.socket.next_seq();
         let step = format!("finding link {name}");
-        let index =
-            self.socket
-                .send_and_wait(&m.finish(seq), seq..=seq, &step, |kind, payload| {
-                    (kind == RTM_NEWLINK)
-                        .then(|| payload.get(4..8))
-                        .flatten()
-                        .map(|b| u32::from_ne_bytes(b.try_into().expect("4 bytes")))
-                })?;
+        let bytes = Socket::bytes(m, seq, &step)?;
+        let index = self
+            .socket
+            .send_and_wait(&bytes, seq..=seq, &step, |kind, payload| {
+                (kind == RTM_NEWLINK)
+                    .then(|| payload.get(4..8))
+                    .flatten()
+                    .map(|b| u32::from_ne_bytes(b.try_into().expect("4 bytes")))
+            })?;
         index.ok_or_else(|| Error::new(step, std::io::Error::from_raw_os_error(libc::ENODEV)))
     }
 
-    /// Makes the veth pair `name` (here, with `mac` if given) and `peer` (in its
-    /// namespace), both down.
+    /// Makes a veth pair: `here` in this namespace, `peer` in the namespace `peer_netns`
+    /// (an open `/run/netns/...` or `/proc/.../ns/net`). Both start down: the kernel
+    /// refuses to bring a veth up before its pair is joined (`ENOTCONN`).
     pub fn add_veth(
         &mut self,
-        name: &str,
-        mac: Option<[u8; 6]>,
-        peer: &VethPeer<'_>,
+        here: &VethEnd<'_>,
+        peer: &VethEnd<'_>,
+        peer_netns: BorrowedFd<'_>,
     ) -> Result<()> {
         let mut m = Message::new(
             RTM_NEWLINK,
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
         );
-        m.bytes(&ifinfomsg(0, 0, 0)).attr_str(IFLA_IFNAME, name);
-        if let Some(mac) = mac {
-            m.attr(IFLA_ADDRESS, &mac);
-        }
+        let end = |m: &mut Message, end: &VethEnd<'_>| {
+            m.attr_str(IFLA_IFNAME, end.name)
+                .attr_u32(IFLA_MTU, end.mtu);
+            if let Some(mac) = end.mac {
+                m.attr(IFLA_ADDRESS, &mac);
+            }
+        };
+        m.bytes(&ifinfomsg(0, 0, 0));
+        end(&mut m, here);
         m.begin(IFLA_LINKINFO)
             .attr_str(IFLA_INFO_KIND, "veth")
             .begin(IFLA_INFO_DATA)
             .begin(VETH_INFO_PEER)
             .bytes(&ifinfomsg(0, 0, 0))
-            .attr_str(IFLA_IFNAME, peer.name)
-            .attr_u32(IFLA_NET_NS_FD, peer.netns.as_raw_fd() as u32)
-            .attr_u32(IFLA_MTU, peer.mtu);
-        if let Some(mac) = peer.mac {
-            m.attr(IFLA_ADDRESS, &mac);
-        }
+            .attr_u32(IFLA_NET_NS_FD, peer_netns.as_raw_fd() as u32);
+        end(&mut m, peer);
         m.end().end().end();
-        self.socket
-            .request(m, &format!("making veth {name} (peer {})", peer.name))
+        self.socket.request(
+            m,
+            &format!("making veth {} (peer {})", here.name, peer.name),
+        )
     }
 
     /// Sets link `index` up or down, and its MTU if given.

@@ -3,8 +3,10 @@
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 
-use crate::message::{self, Message, NLMSG_DONE, NLMSG_ERROR};
+use crate::message::{self, Message, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK};
 use crate::{sys, Error, Result};
+
+const RECEIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct Socket {
     fd: OwnedFd,
@@ -15,8 +17,11 @@ pub struct Socket {
 impl Socket {
     /// A socket of `protocol` in the calling thread's network namespace.
     pub fn open(protocol: libc::c_int, what: &str) -> Result<Self> {
-        let fd = sys::netlink_socket(protocol)
-            .map_err(|e| Error::new(format!("opening a {what} netlink socket"), e))?;
+        let step = format!("opening a {what} netlink socket");
+        let fd = sys::netlink_socket(protocol).map_err(|e| Error::new(&step, e))?;
+        // The kernel answers every request at once; a wait this long means something is
+        // wrong, and a job's start fails with it rather than hanging a worker.
+        sys::set_receive_timeout(fd.as_fd(), RECEIVE_TIMEOUT).map_err(|e| Error::new(&step, e))?;
         Ok(Socket {
             fd,
             seq: 0,
@@ -29,10 +34,24 @@ impl Socket {
         self.seq
     }
 
-    /// Sends `m` (with `NLM_F_ACK`) and waits for its acknowledgement.
-    pub fn request(&mut self, m: Message, step: &str) -> Result<()> {
+    /// `m`'s bytes numbered `seq`, or the error of a message netlink cannot carry.
+    pub fn bytes(m: Message, seq: u32, step: &str) -> Result<Vec<u8>> {
+        m.finish(seq).ok_or_else(|| {
+            Error::new(
+                step,
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a netlink attribute over 64 KiB",
+                ),
+            )
+        })
+    }
+
+    /// Sends `m` (asking for an acknowledgement) and waits for it.
+    pub fn request(&mut self, mut m: Message, step: &str) -> Result<()> {
+        m.add_flags(NLM_F_ACK);
         let seq = self.next_seq();
-        let bytes = m.finish(seq);
+        let bytes = Self::bytes(m, seq, step)?;
         self.send_and_wait(&bytes, seq..=seq, step, |_, _| None::<()>)
             .map(drop)
     }
@@ -55,6 +74,16 @@ impl Socket {
                 return Err(Error::new(
                     step,
                     io::Error::new(io::ErrorKind::UnexpectedEof, "netlink closed"),
+                ));
+            }
+            if n > self.buf.len() {
+                // Cut short: the answer waited for may be in what was lost.
+                return Err(Error::new(
+                    step,
+                    io::Error::other(format!(
+                        "a netlink answer of {n} bytes, over {}",
+                        self.buf.len()
+                    )),
                 ));
             }
             for m in message::parse(&self.buf[..n]) {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flynn_netlink::{concat_key, delete_netns, Ipv4Route, Netns, Nftables, VethPeer, NFPROTO_INET};
+use flynn_netlink::{concat_key, delete_netns, Ipv4Route, Netns, Nftables, VethEnd, NFPROTO_INET};
 
 /// Namespaces and tables this test made, removed however it ends.
 struct Cleanup {
@@ -67,16 +67,18 @@ fn a_job_namespace_joined_to_its_host_by_a_veth_carries_tcp() {
     assert!(run_in(&job_path, &["ip", "-o", "link"]).contains("lo"));
 
     let (gw, ip) = (Ipv4Addr::new(100, 100, 7, 1), Ipv4Addr::new(100, 100, 7, 2));
-    let peer = VethPeer {
-        name: "eth0",
-        netns: job.fd(),
+    let here = VethEnd {
+        name: "fjtest0",
+        mac: Some(HOST_MAC),
         mtu: 1450,
-        mac: Some(JOB_MAC),
     };
-    host.rtnl()
-        .add_veth("fjtest0", Some(HOST_MAC), &peer)
-        .expect("veth");
-    let again = host.rtnl().add_veth("fjtest0", None, &peer).unwrap_err();
+    let peer = VethEnd {
+        name: "eth0",
+        mac: Some(JOB_MAC),
+        mtu: 1450,
+    };
+    host.rtnl().add_veth(&here, &peer, job.fd()).expect("veth");
+    let again = host.rtnl().add_veth(&here, &peer, job.fd()).unwrap_err();
     assert!(again.is_exists(), "{again}");
     let veth = host.rtnl().link_index("fjtest0").expect("veth index");
     host.rtnl().add_address(veth, gw, 32).expect("host address");
@@ -143,6 +145,7 @@ fn a_job_namespace_joined_to_its_host_by_a_veth_carries_tcp() {
     );
     let links = run_in(&host_path, &["ip", "-o", "link", "show", "fjtest0"]);
     assert!(links.contains("link/ether 0a:59:64:64:07:02"), "{links}");
+    assert!(links.contains("mtu 1450"), "both ends' MTU: {links}");
     // Each side knows the other for good: no ARP, no entry the kernel may evict.
     let neigh = run_in(&job_path, &["ip", "neigh", "show", "dev", "eth0"]);
     assert!(

@@ -32,7 +32,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
 
-use flynn_netlink::{concat_key, delete_netns, Ipv4Route, Netns, Nftables, Rtnl, VethPeer};
+use flynn_netlink::{concat_key, delete_netns, Ipv4Route, Netns, Nftables, Rtnl, VethEnd};
 
 /// Every host's job subnet lies in this range; traffic between jobs keeps its addresses.
 const JOB_NETWORK: &str = "100.100.0.0/16";
@@ -158,27 +158,33 @@ fn netns_prefix(host: u64) -> String {
 }
 
 /// Removes what a daemon that died left behind: the namespaces and veths of its jobs that
-/// died with it, not those of `kept` (jobs that outlived it). Veths of jobs are `fj*` in
-/// this host's network namespace.
+/// died with it, not those of `kept` (jobs that outlived it). A job's veth is named by its
+/// namespace's tag, so only this host's are touched: hosts sharing one network namespace
+/// (the bench's, on one machine) each have jobs' veths there.
 fn sweep(host: u64, kept: &[JobNet]) {
     let prefix = netns_prefix(host);
-    if let Ok(entries) = std::fs::read_dir("/run/netns") {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with(&prefix) && !kept.iter().any(|k| k.netns == name) {
-                let _ = delete_netns(&e.path());
-            }
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    let mut rtnl = Rtnl::open().ok();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(tag) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        if kept.iter().any(|k| k.netns == name) {
+            continue;
         }
-    }
-    let Ok(mut rtnl) = Rtnl::open() else { return };
-    if let Ok(entries) = std::fs::read_dir("/sys/class/net") {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with("fj") && !kept.iter().any(|k| k.host_veth == name) {
-                let _ = rtnl.delete_link(&name);
-            }
+        if let Some(rtnl) = rtnl.as_mut() {
+            let _ = rtnl.delete_link(&host_veth(tag));
         }
+        let _ = delete_netns(&e.path());
     }
+}
+
+/// The host's end of the veth of the job whose namespace has `tag`.
+fn host_veth(tag: &str) -> String {
+    format!("fj{}", tag.get(..12).unwrap_or(tag))
 }
 
 /// The host's VTEP: a VXLAN device with the MAC and address other hosts compute for
@@ -470,7 +476,7 @@ impl HostNet {
         let net = JobNet {
             netns: format!("{}{tag}", netns_prefix(self.host)),
             ip: Ipv4Addr::new(100, 100, self.index as u8, k),
-            host_veth: format!("fj{}", &tag[..12]),
+            host_veth: host_veth(&tag),
             published: port,
         };
         if let Err(e) = self.configure(&net) {
@@ -503,14 +509,17 @@ impl HostNet {
         // kernel's ARP table (one for every namespace: 1,024 entries by default, two per
         // job) filled by jobs, which past ~500 jobs on a machine dropped new flows.
         let (job_mac, host_mac) = job_macs(n.ip);
-        let peer = VethPeer {
-            name: "eth0",
-            netns: ns.fd(),
+        let here = VethEnd {
+            name: &n.host_veth,
+            mac: Some(host_mac),
             mtu,
-            mac: Some(job_mac),
         };
-        host.add_veth(&n.host_veth, Some(host_mac), &peer)
-            .map_err(e)?;
+        let peer = VethEnd {
+            name: "eth0",
+            mac: Some(job_mac),
+            mtu,
+        };
+        host.add_veth(&here, &peer, ns.fd()).map_err(e)?;
         let veth = host.link_index(&n.host_veth).map_err(e)?;
         host.add_address(veth, gw, 32).map_err(e)?;
         host.set_neighbour(veth, n.ip, job_mac).map_err(e)?;
