@@ -1344,7 +1344,7 @@ impl Load {
                         client.stream.write_all(req.as_bytes()).await.is_ok()
                     };
                     let answer = if written {
-                        client.read(false).await
+                        client.read_or_cut(false).await
                     } else {
                         None
                     };
