@@ -30,7 +30,7 @@ impl Netns {
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0)
+            .mode(0o000)
             .open(path)
             .map_err(|e| Error::new(step("making the namespace file"), e))?;
         let made = std::thread::scope(|s| {
