@@ -811,6 +811,18 @@ async fn t17_jobs_reach_published_ports_only_and_the_outside_through_their_host(
     let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 3 {hidden_ip} 9000");
     let direct = c.run_cmd_in(on, &["sh", "-c", &script]);
     assert!(String::from_utf8_lossy(&direct.stdout).contains("hello from busybox v1"));
+    // The host knows the job's MAC (made from its address) for good: no ARP, and no entry
+    // in the kernel's ARP table, which every namespace shares and which ~500 jobs filled.
+    let octets: std::net::Ipv4Addr = hidden_ip.parse().unwrap();
+    let mac = octets
+        .octets()
+        .iter()
+        .fold("0a:58".to_string(), |m, o| format!("{m}:{o:02x}"));
+    let neigh = ok(&c.run_cmd_in(on, &["ip", "neigh", "show", &hidden_ip]));
+    assert!(
+        neigh.contains(&format!("lladdr {mac} PERMANENT")),
+        "the host's neighbour entry for {hidden_ip}: {neigh}"
+    );
     ok(&c.flynn(0, &["-a", "web1", "kill", &hidden]));
     // Jobs reach a network beyond the cluster (here the test's own address, which has no
     // route to job subnets) through their host's address.
