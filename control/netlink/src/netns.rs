@@ -11,7 +11,6 @@ use crate::{sys, Error, Result};
 /// A new network namespace, held by a bind mount at its path (so it outlives every
 /// process in it, until [`delete_netns`]), with rtnetlink inside it.
 pub struct Netns {
-    path: PathBuf,
     fd: OwnedFd,
     rtnl: Rtnl,
 }
@@ -57,20 +56,12 @@ impl Netns {
             }
         });
         match made {
-            Ok((fd, rtnl)) => Ok(Netns {
-                path: path.to_path_buf(),
-                fd,
-                rtnl,
-            }),
+            Ok((fd, rtnl)) => Ok(Netns { fd, rtnl }),
             Err(e) => {
                 let _ = delete_netns(path);
                 Err(e)
             }
         }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// The namespace itself, as an open file (for a veth's peer, or `setns`).

@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use crate::message::{Message, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST};
+use crate::message::{Message, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST};
 use crate::socket::Socket;
 use crate::{Error, Result};
 
@@ -108,10 +108,7 @@ impl Rtnl {
         peer: &VethEnd<'_>,
         peer_netns: BorrowedFd<'_>,
     ) -> Result<()> {
-        let mut m = Message::new(
-            RTM_NEWLINK,
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-        );
+        let mut m = Message::new(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL);
         let end = |m: &mut Message, end: &VethEnd<'_>| {
             m.attr_str(IFLA_IFNAME, end.name)
                 .attr_u32(IFLA_MTU, end.mtu);
@@ -137,7 +134,7 @@ impl Rtnl {
 
     /// Sets link `index` up or down, and its MTU if given.
     pub fn set_link(&mut self, index: u32, up: bool, mtu: Option<u32>) -> Result<()> {
-        let mut m = Message::new(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK);
+        let mut m = Message::new(RTM_NEWLINK, NLM_F_REQUEST);
         m.bytes(&ifinfomsg(index, if up { IFF_UP } else { 0 }, IFF_UP));
         if let Some(mtu) = mtu {
             m.attr_u32(IFLA_MTU, mtu);
@@ -148,17 +145,14 @@ impl Rtnl {
 
     /// Deletes the link `name` (and, for a veth, its peer wherever it is).
     pub fn delete_link(&mut self, name: &str) -> Result<()> {
-        let mut m = Message::new(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK);
+        let mut m = Message::new(RTM_DELLINK, NLM_F_REQUEST);
         m.bytes(&ifinfomsg(0, 0, 0)).attr_str(IFLA_IFNAME, name);
         self.socket.request(m, &format!("deleting link {name}"))
     }
 
     /// Adds `addr/prefix` to link `index`.
     pub fn add_address(&mut self, index: u32, addr: Ipv4Addr, prefix: u8) -> Result<()> {
-        let mut m = Message::new(
-            RTM_NEWADDR,
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-        );
+        let mut m = Message::new(RTM_NEWADDR, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL);
         let mut hdr = [0u8; 8];
         hdr[0] = libc::AF_INET as u8;
         hdr[1] = prefix;
@@ -175,10 +169,7 @@ impl Rtnl {
     /// entry, replacing any other): no ARP for it, and no entry of the kernel's ARP
     /// table that counts toward its limits (`gc_thresh3`, shared by every namespace).
     pub fn set_neighbour(&mut self, index: u32, addr: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
-        let mut m = Message::new(
-            RTM_NEWNEIGH,
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
-        );
+        let mut m = Message::new(RTM_NEWNEIGH, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE);
         let mut hdr = [0u8; 12];
         hdr[0] = libc::AF_INET as u8;
         hdr[4..8].copy_from_slice(&index.to_ne_bytes());
@@ -192,10 +183,7 @@ impl Rtnl {
 
     /// Adds `route`, or replaces the route to the same destination.
     pub fn replace_route(&mut self, route: &Ipv4Route) -> Result<()> {
-        let mut m = Message::new(
-            RTM_NEWROUTE,
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
-        );
+        let mut m = Message::new(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE);
         let scope = if route.gateway.is_some() {
             RT_SCOPE_UNIVERSE
         } else {
