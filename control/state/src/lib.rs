@@ -153,6 +153,7 @@ pub enum Response {
     Job { job: Job },
     Jobs { jobs: Vec<Job> },
     Subnet { index: u32 },
+    Subnets { indexes: Vec<u32> },
     Expired { count: usize },
     Batch { results: Vec<ApplyResult> },
     GitRepo { repo: git::Repo },
@@ -302,6 +303,7 @@ impl ClusterState {
         self.jobs.jobs = into.jobs.jobs.clone();
         self.jobs.backoff = into.jobs.backoff.clone();
         self.jobs.subnets = into.jobs.subnets.clone();
+        self.jobs.extra_subnets = into.jobs.extra_subnets.clone();
         let mut blobs = into.blobs.blobs.clone();
         for (path, file) in std::mem::take(&mut self.blobs.blobs) {
             blobs.entry(path).or_insert(file);

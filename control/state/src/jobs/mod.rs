@@ -24,12 +24,16 @@ pub const FORMATIONS: Table = Table("formation/");
 pub const JOBS: Table = Table("job/");
 pub const BACKOFF: Table = Table("backoff/");
 pub const SUBNETS: Table = Table("subnet/");
+pub const EXTRA_SUBNETS: Table = Table("extra-subnet/");
 pub const IMAGES: Table = Table("image/");
 
 /// Stopped jobs a host keeps per app; older ones are forgotten.
 pub const HISTORY_PER_APP_HOST: usize = 25;
 /// Most jobs of one process type a formation may ask for.
 pub const MAX_SCALE: i64 = 1000;
+/// Most job subnets (of 253 addresses each) one host holds: its first and the extra ones
+/// it claims as it fills. With 254 in all, a cluster of up to 63 hosts never runs short.
+pub const MAX_SUBNETS_PER_HOST: usize = 4;
 /// A job that ran this long before crashing resets its type's crash count.
 pub const CRASH_RESET_MS: u64 = 30_000;
 
@@ -82,6 +86,12 @@ pub enum JobsCommand {
     PutImage { name: String, image: Image },
     /// A host asks for its job subnet (`100.100.N.0/24`); it keeps the one it has.
     ClaimSubnet { host: u64 },
+    /// A host that is filling up asks for one more subnet: granted when it holds exactly
+    /// `have` (its first included), so a retried claim gets what the first one got and no
+    /// more. At most [`MAX_SUBNETS_PER_HOST`].
+    ClaimExtraSubnet { host: u64, have: u32 },
+    /// A host gives back an extra subnet none of its jobs has an address on.
+    ReleaseExtraSubnet { host: u64, index: u32 },
 }
 
 /// gitreceive's setting of build jobs' memory limit (Flynn's name for it).
@@ -183,9 +193,37 @@ pub struct Jobs {
     /// Job subnet index (`100.100.N.0/24`) of each host, by host id.
     #[serde(default)]
     pub subnets: BTreeMap<String, u32>,
+    /// The extra job subnets a host claimed beyond its first, by host id.
+    #[serde(default)]
+    pub extra_subnets: BTreeMap<String, Vec<u32>>,
 }
 
 impl Jobs {
+    /// A host's job subnets: its first, then the extra ones in the order it claimed them.
+    pub fn host_subnets(&self, host: u64) -> Vec<u32> {
+        let key = host.to_string();
+        self.subnets
+            .get(&key)
+            .into_iter()
+            .chain(self.extra_subnets.get(&key).into_iter().flatten())
+            .copied()
+            .collect()
+    }
+
+    /// The lowest subnet index no host holds (0 is the service addresses', 255 is left
+    /// out as a broadcast-looking range).
+    fn free_subnet(&self) -> Result<u32, StateError> {
+        let taken: std::collections::BTreeSet<u32> = self
+            .subnets
+            .values()
+            .chain(self.extra_subnets.values().flatten())
+            .copied()
+            .collect();
+        (1..=254u32)
+            .find(|i| !taken.contains(i))
+            .ok_or_else(|| StateError::Conflict("every job subnet (254) is taken".into()))
+    }
+
     /// The release an app's formation runs, if it has one.
     pub fn current_release(&self, app: &str) -> Option<&Release> {
         self.formations
@@ -609,14 +647,55 @@ impl Area for Jobs {
                 if let Some(index) = s.jobs.subnets.get(&key) {
                     return Ok(Response::Subnet { index: *index });
                 }
-                let taken: std::collections::BTreeSet<u32> =
-                    s.jobs.subnets.values().copied().collect();
-                let index = (1..=254u32).find(|i| !taken.contains(i)).ok_or_else(|| {
-                    StateError::Conflict("every job subnet (254) is taken".into())
-                })?;
+                let index = s.jobs.free_subnet()?;
                 s.jobs.subnets.insert(key.clone(), index);
                 cx.touch(SUBNETS, &key);
                 Ok(Response::Subnet { index })
+            }
+            JobsCommand::ClaimExtraSubnet { host, have } => {
+                let key = host.to_string();
+                if !s.jobs.subnets.contains_key(&key) {
+                    return Err(StateError::Invalid(
+                        "a host claims its first job subnet before any other".into(),
+                    ));
+                }
+                let held = s.jobs.host_subnets(host);
+                if held.len() != have as usize {
+                    return Ok(Response::Subnets { indexes: held });
+                }
+                if held.len() >= MAX_SUBNETS_PER_HOST {
+                    return Err(StateError::Conflict(format!(
+                        "a host holds at most {MAX_SUBNETS_PER_HOST} job subnets"
+                    )));
+                }
+                let index = s.jobs.free_subnet()?;
+                s.jobs
+                    .extra_subnets
+                    .entry(key.clone())
+                    .or_default()
+                    .push(index);
+                cx.touch(EXTRA_SUBNETS, &key);
+                Ok(Response::Subnets {
+                    indexes: s.jobs.host_subnets(host),
+                })
+            }
+            JobsCommand::ReleaseExtraSubnet { host, index } => {
+                let key = host.to_string();
+                if s.jobs.subnets.get(&key) == Some(&index) {
+                    return Err(StateError::Invalid(
+                        "a host keeps its first job subnet".into(),
+                    ));
+                }
+                if let Some(extra) = s.jobs.extra_subnets.get_mut(&key) {
+                    extra.retain(|i| *i != index);
+                    if extra.is_empty() {
+                        s.jobs.extra_subnets.remove(&key);
+                    }
+                    cx.touch(EXTRA_SUBNETS, &key);
+                }
+                Ok(Response::Subnets {
+                    indexes: s.jobs.host_subnets(host),
+                })
             }
             JobsCommand::HostDown { host, now_ms } => {
                 let ids: Vec<String> = s
@@ -650,6 +729,7 @@ impl Area for Jobs {
             (JOBS, &self.jobs),
             (BACKOFF, &self.backoff),
             (SUBNETS, &self.subnets),
+            (EXTRA_SUBNETS, &self.extra_subnets),
             (IMAGES, &self.images),
         ]
     }
@@ -661,6 +741,7 @@ impl Area for Jobs {
             (JOBS, &mut self.jobs),
             (BACKOFF, &mut self.backoff),
             (SUBNETS, &mut self.subnets),
+            (EXTRA_SUBNETS, &mut self.extra_subnets),
             (IMAGES, &mut self.images),
         ]
     }

@@ -321,3 +321,69 @@ fn t17_the_deploy_verdict_follows_the_release_s_jobs() {
     assert_eq!(shown.state, crate::RolloutState::Failed);
     assert!(shown.error.is_some_and(|e| e.contains(&j2.id)));
 }
+
+fn subnets(r: Response) -> Vec<u32> {
+    match r {
+        Response::Subnets { indexes } => indexes,
+        Response::Subnet { index } => vec![index],
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn t40_a_filling_host_claims_extra_subnets_and_gives_them_back() {
+    use crate::jobs::MAX_SUBNETS_PER_HOST;
+    let mut s = booted();
+    let claim = |s: &mut ClusterState, host| subnets(ok(s, JobsCommand::ClaimSubnet { host }).0);
+    let extra = |host, have| JobsCommand::ClaimExtraSubnet { host, have };
+    // An extra subnet comes only after the first.
+    assert!(apply(&mut s, extra(1, 1)).0.is_err());
+    assert_eq!(claim(&mut s, 1), [1]);
+    assert_eq!(claim(&mut s, 2), [2]);
+    assert_eq!(claim(&mut s, 1), [1], "a host keeps its first subnet");
+    assert_eq!(subnets(ok(&mut s, extra(1, 1)).0), [1, 3]);
+    // A retried claim gets what the first got, and no more.
+    assert_eq!(subnets(ok(&mut s, extra(1, 1)).0), [1, 3]);
+    assert_eq!(s.jobs.host_subnets(1), [1, 3]);
+    // Taken subnets are never handed out twice, first or extra.
+    assert_eq!(claim(&mut s, 3), [4]);
+    assert_eq!(subnets(ok(&mut s, extra(1, 2)).0), [1, 3, 5]);
+    assert_eq!(subnets(ok(&mut s, extra(1, 3)).0), [1, 3, 5, 6]);
+    let before = s.clone();
+    let (r, _) = apply(&mut s, extra(1, MAX_SUBNETS_PER_HOST as u32));
+    assert!(
+        matches!(r, Err(StateError::Conflict(ref m)) if m.contains("at most")),
+        "{r:?}"
+    );
+    assert_eq!(s, before);
+    // Records round-trip with the extras.
+    let mut loaded = ClusterState::default();
+    for (k, v) in s.records() {
+        loaded.load_record(&k, &v).unwrap();
+    }
+    s.take_dirty();
+    assert_eq!(loaded, s);
+    // Given back: the index is free for the next claim; the first subnet is kept.
+    let release = |host, index| JobsCommand::ReleaseExtraSubnet { host, index };
+    assert_eq!(subnets(ok(&mut s, release(1, 3)).0), [1, 5, 6]);
+    assert_eq!(
+        subnets(ok(&mut s, release(1, 3)).0),
+        [1, 5, 6],
+        "idempotent"
+    );
+    assert!(apply(&mut s, release(1, 1)).0.is_err());
+    assert_eq!(subnets(ok(&mut s, extra(2, 1)).0), [2, 3]);
+    ok(&mut s, release(1, 5));
+    ok(&mut s, release(1, 6));
+    assert_eq!(s.jobs.host_subnets(1), [1]);
+    assert!(!s.jobs.extra_subnets.contains_key("1"));
+    // Every index taken: a clear refusal.
+    for host in 10..=260 {
+        let _ = apply(&mut s, JobsCommand::ClaimSubnet { host });
+    }
+    let (r, _) = apply(&mut s, extra(1, 1));
+    assert!(
+        matches!(r, Err(StateError::Conflict(ref m)) if m.contains("254")),
+        "{r:?}"
+    );
+}
