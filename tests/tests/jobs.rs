@@ -45,6 +45,21 @@ async fn cluster(n: usize) -> Cluster {
     c
 }
 
+/// Starts the daemons of a cluster made with `Cluster::create` (set up as a test needs),
+/// every host a peer, and waits until every host runs jobs.
+async fn boot(c: &mut Cluster) {
+    let n = c.hosts.len();
+    for i in 0..n {
+        c.start_daemon(i);
+    }
+    for i in 0..n {
+        c.wait_up(i);
+    }
+    c.bootstrap_with(n, &["--domain", DOMAIN]);
+    c.wait_leader(0, None).await;
+    c.wait_ready_for_jobs(n).await;
+}
+
 /// The index of the host with this node id.
 async fn host_index(c: &Cluster, node_id: u64) -> usize {
     for i in 0..c.hosts.len() {
@@ -1546,15 +1561,7 @@ async fn t24_jobs_in_two_subnets_reach_each_other_s_published_ports_over_vxlan()
     // Hosts 0 and 1 on one subnet, host 2 on another, joined by a router: no L2 between.
     let mut c = Cluster::create(3);
     c.split_subnets(&[2]);
-    for i in 0..3 {
-        c.start_daemon(i);
-    }
-    for i in 0..3 {
-        c.wait_up(i);
-    }
-    c.bootstrap_with(3, &["--domain", DOMAIN]);
-    c.wait_leader(0, None).await;
-    c.wait_ready_for_jobs(3).await;
+    boot(&mut c).await;
     // `auto`: a route to the host on this subnet, VXLAN to the one behind the router.
     let overlay = eventually(Duration::from_secs(20), "the overlay set up", || async {
         let v: serde_json::Value =
@@ -1629,4 +1636,132 @@ async fn t24_jobs_in_two_subnets_reach_each_other_s_published_ports_over_vxlan()
         "a job reached an unpublished port across the overlay"
     );
     ok(&c.flynn(0, &["-a", "web1", "kill", &hidden]));
+}
+
+/// Host `i`'s job network as `flynn-host components` says it.
+fn job_network(c: &Cluster, i: usize) -> serde_json::Value {
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&c.flynn_host(i, &["components"]))).unwrap();
+    v["jobs"]["network"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t25_a_host_past_one_subnet_claims_another_keeps_it_across_a_restart_and_gives_it_back() {
+    // Host 1 holds two 32 MB jobs: nearly all of 300 go to host 0, past one subnet's 253.
+    // Host 1 reaches host 0's subnets over VXLAN: an extra subnet goes through the VTEP of
+    // the first (routes via an address, the other way, are the same as for a first one).
+    let mut c = Cluster::create(2);
+    c.hosts[1].args = ["--job-memory", "64MB", "--job-network", "vxlan"]
+        .map(String::from)
+        .to_vec();
+    boot(&mut c).await;
+    let first = job_network(&c, 0);
+    assert_eq!(first["subnets"].as_array().unwrap().len(), 1, "{first}");
+    assert_eq!(first["capacity"], 253, "{first}");
+
+    ok(&c.flynn(0, &["create", "web1"]));
+    let image = c.busybox_image("v1", None);
+    ok(&c.flynn(
+        0,
+        &["-a", "web1", "docker", "push", image.to_str().unwrap()],
+    ));
+    ok(&c.flynn(0, &["-a", "web1", "limit", "set", "web", "memory=32MB"]));
+    ok(&c.flynn(0, &["-a", "web1", "scale", "web=300"]));
+    let release = c.client(0).formation("web1").await.unwrap().release;
+    let all = eventually(Duration::from_secs(240), "300 jobs running", || async {
+        let all = jobs(&c, "web1").await;
+        (running(&all).len() == 300).then_some(all)
+    })
+    .await;
+    assert!(
+        all.iter().all(|j| j.state != JobState::Failed),
+        "no job failed for want of an address: {:?}",
+        all.iter().find(|j| j.state == JobState::Failed)
+    );
+    let net = job_network(&c, 0);
+    let subnets: Vec<String> = net["subnets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(subnets.len(), 2, "{net}");
+    assert_eq!(net["capacity"], 506, "{net}");
+    assert_eq!(net["subnet"], first["subnet"], "the first subnet is kept");
+    // A job on the extra subnet, reached from the other host (its route to that subnet)
+    // and through its router.
+    let extra_prefix = subnets
+        .iter()
+        .find(|s| **s != first["subnet"])
+        .unwrap()
+        .trim_end_matches("0/24")
+        .to_string();
+    let far = running(&all)
+        .into_iter()
+        .find(|j| {
+            j.addr
+                .as_deref()
+                .is_some_and(|a| a.starts_with(&extra_prefix))
+        })
+        .expect("a job on the extra subnet")
+        .clone();
+    let far_addr = far.addr.clone().unwrap();
+    let fetch = |c: &Cluster| {
+        let (ip, port) = far_addr.split_once(':').unwrap();
+        let script =
+            format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 10 busybox nc -w 3 {ip} {port}");
+        c.run_cmd_in(1, &["sh", "-c", &script])
+    };
+    // Host 1 routes the new subnet once the claim reaches it (it may lag the burst).
+    let since = Instant::now();
+    eventually(
+        Duration::from_secs(30),
+        "host 1 reaching the extra subnet",
+        || async {
+            let out = fetch(&c);
+            String::from_utf8_lossy(&out.stdout)
+                .contains("hello from busybox v1")
+                .then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "host 1 reached the extra subnet after {:?}",
+        since.elapsed()
+    );
+    for n in 0..10 {
+        let r = get(http(&c, 1), &format!("web1.{DOMAIN}"), "/").await;
+        assert_eq!(r.status, 200, "request {n}: {}", r.text());
+    }
+
+    // A restarted daemon takes both subnets up again, jobs on the extra one and all.
+    c.kill_daemon(0);
+    c.start_daemon(0);
+    c.wait_up(0);
+    c.wait_leader(0, None).await;
+    let again = eventually(Duration::from_secs(30), "the job network again", || async {
+        let net = job_network(&c, 0);
+        (net["mode"] == "routed").then_some(net)
+    })
+    .await;
+    assert_eq!(again["subnets"], net["subnets"], "{again}");
+    assert!(ok(&fetch(&c)).contains("hello from busybox v1"));
+    settled(&c, "web1", &release, 300).await;
+
+    // Scaled away, the extra subnet is given back (the first kept), and the cluster can
+    // hand it to another host.
+    ok(&c.flynn(0, &["-a", "web1", "scale", "web=0"]));
+    let back = eventually(
+        Duration::from_secs(120),
+        "the extra subnet given back",
+        || async {
+            let net = job_network(&c, 0);
+            (net["subnets"].as_array().map(Vec::len) == Some(1)).then_some(net)
+        },
+    )
+    .await;
+    assert_eq!(back["subnet"], first["subnet"], "{back}");
+    assert_eq!(back["capacity"], 253, "{back}");
+    ok(&c.flynn(0, &["-a", "web1", "scale", "web=1"]));
+    settled(&c, "web1", &release, 1).await;
 }

@@ -17,6 +17,7 @@
 //! What the runner reads of the state and proposes goes through [`RunnerState`], so the
 //! phases are tested without a cluster.
 
+mod addresses;
 pub mod build;
 mod config;
 mod error;
@@ -29,6 +30,7 @@ mod runner;
 pub mod scheduler;
 mod shim;
 mod state;
+mod subnets;
 mod supervise;
 pub mod system_image;
 pub(crate) mod timeline;
@@ -60,7 +62,7 @@ pub const MEMORY_META: &str = "memory";
 /// The `flynn-host` instance's meta key for the millicores of job CPU it takes.
 pub const CPU_META: &str = "cpu";
 /// The `flynn-host` instance's meta key for how many jobs it holds at once: one job address
-/// each in its job subnet (absent when jobs share the host's network).
+/// each in its job subnets (absent when jobs share the host's network).
 pub const JOBS_META: &str = "jobs";
 /// A host not heard from for this long is down: its jobs are started elsewhere.
 pub const HOST_TTL: Duration = Duration::from_secs(10);
@@ -124,6 +126,11 @@ pub struct JobRunner {
     net: OnceLock<Option<network::HostNet>>,
     /// Why jobs use the host's network, if they do.
     net_note: Mutex<Option<String>>,
+    /// Claims and give-backs of extra job subnets.
+    subnet_fit: subnets::Fitting,
+    /// One registration of this host in flight at a time, so the capacity it says last is
+    /// the one it has now.
+    registering: tokio::sync::Mutex<()>,
     running: Mutex<HashMap<String, Arc<RunningJob>>>,
     ports: Mutex<BTreeSet<u16>>,
     /// Data volumes taken up by jobs starting on this host (volume → job), so two jobs
@@ -197,6 +204,8 @@ impl JobRunner {
             attachments: oneoff::Attachments::default(),
             net: OnceLock::new(),
             net_note: Mutex::new(None),
+            subnet_fit: subnets::Fitting::default(),
+            registering: tokio::sync::Mutex::new(()),
             running: Mutex::new(HashMap::new()),
             ports: Mutex::new(ports),
             claimed: Mutex::new(HashMap::new()),
@@ -375,6 +384,8 @@ impl Component for JobRunner {
                 Some(Some(hn)) => serde_json::json!({
                     "mode": "routed",
                     "subnet": hn.subnet(),
+                    "subnets": hn.indexes().into_iter().map(network::subnet_of).collect::<Vec<_>>(),
+                    "capacity": hn.capacity(),
                     "between_hosts": hn.overlay(),
                 }),
                 _ => serde_json::json!({

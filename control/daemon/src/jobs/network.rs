@@ -1,5 +1,7 @@
-//! Job networking: every job gets its own network namespace and address on its host's
-//! subnet (`100.100.N.0/24`, N claimed in the cluster state), routed between hosts.
+//! Job networking: every job gets its own network namespace and address on one of its
+//! host's subnets (`100.100.N.0/24`, N claimed in the cluster state), routed between hosts.
+//! A host starts with one subnet (253 jobs) and claims extra ones as it fills (up to
+//! `MAX_SUBNETS_PER_HOST`), giving back an extra one when no job has an address on it.
 //!
 //! Each job's namespace is joined to the host by a point-to-point veth (no bridge): the
 //! job has `100.100.N.K/32` with the host side as its gateway (`100.100.N.1`), and the host
@@ -32,6 +34,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
 
+use super::addresses::{index_of, JobAddresses};
 use flynn_netlink::{concat_key, delete_netns, Ipv4Route, Netns, Nftables, Rtnl, VethEnd};
 
 /// Every host's job subnet lies in this range; traffic between jobs keeps its addresses.
@@ -39,11 +42,6 @@ const JOB_NETWORK: &str = "100.100.0.0/16";
 
 /// Where service addresses live; no host's job subnet is index 0.
 const SERVICE_NETWORK: &str = "100.100.0.0/24";
-/// Job addresses in a host's /24: `.2` to `.254` (`.1` is the host's bridge).
-const FIRST_ADDRESS: u8 = 2;
-const LAST_ADDRESS: u8 = 254;
-/// How many jobs with addresses of their own one host holds at once.
-pub const ADDRESSES: u64 = (LAST_ADDRESS - FIRST_ADDRESS + 1) as u64;
 
 /// The port a job with its own address serves on (as Flynn's jobs did).
 pub const JOB_PORT: u16 = 8080;
@@ -71,7 +69,18 @@ pub enum Overlay {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum PeerRoute {
     Via(String),
-    Vxlan(String),
+    /// Through the VTEP of that host's first subnet, at its address.
+    Vxlan {
+        ip: String,
+        vtep: u32,
+    },
+}
+
+/// Another host's subnet: its address and its first subnet's index (its VTEP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub ip: String,
+    pub vtep: u32,
 }
 
 /// The VTEP MAC of the host with subnet `index`: locally administered, unicast, and the
@@ -236,6 +245,15 @@ pub fn subnet_of(index: u32) -> String {
     format!("100.100.{index}.0/24")
 }
 
+/// The filter table's set of this host's subnets, as nft writes its elements.
+fn subnet_elements(indexes: impl IntoIterator<Item = u32>) -> String {
+    indexes
+        .into_iter()
+        .map(subnet_of)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// One job's network: its namespace (by name under /run/netns) and address.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct JobNet {
@@ -254,9 +272,11 @@ impl JobNet {
 /// This host's job network.
 pub struct HostNet {
     host: u64,
+    /// The first subnet's index: the VTEP's address and MAC, and the filter table's name.
     index: u32,
     table: String,
-    used: Mutex<BTreeSet<u8>>,
+    /// The host's subnets and the addresses its jobs hold.
+    addresses: Mutex<JobAddresses>,
     routes: Mutex<BTreeMap<u32, PeerRoute>>,
     services: Mutex<ServiceMap>,
     overlay: Overlay,
@@ -269,23 +289,27 @@ pub type ServiceMap = BTreeMap<(Ipv4Addr, u16), (Ipv4Addr, u16)>;
 
 impl HostNet {
     /// Sets up forwarding, the VXLAN device the overlay needs (at `own_ip`), and the host's
-    /// filter for subnet `index`, keeping the networks of `kept` (jobs that outlived the
-    /// previous daemon, on this subnet).
+    /// filter for its first subnet `index` and its `extra` ones, keeping the networks of
+    /// `kept` (jobs that outlived the previous daemon, on these subnets).
     pub fn start(
         host: u64,
         index: u32,
+        extra: &[u32],
         kept: &[JobNet],
         overlay: Overlay,
         own_ip: &str,
     ) -> Result<Self, String> {
-        if !(1..=254).contains(&index) {
-            return Err(format!("subnet index {index} is out of range"));
+        for i in std::iter::once(index).chain(extra.iter().copied()) {
+            if !(1..=254).contains(&i) {
+                return Err(format!("subnet index {i} is out of range"));
+            }
         }
+        let mut addresses = JobAddresses::new(index, extra);
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
             .map_err(|e| format!("enabling IP forwarding: {e}"))?;
         let kept: Vec<JobNet> = kept
             .iter()
-            .filter(|k| k.ip.octets()[..3] == [100, 100, index as u8])
+            .filter(|k| index_of(k.ip).is_some_and(|i| addresses.holds(i)))
             .cloned()
             .collect();
         sweep(host, &kept);
@@ -310,11 +334,12 @@ impl HostNet {
              table inet {table} {{\n\
                set published {{ type ipv4_addr . inet_service; }}\n\
                map services {{ type ipv4_addr . inet_service : ipv4_addr . inet_service; }}\n\
+               set subnets {{ type ipv4_addr; flags interval; elements = {{ {elements} }}; }}\n\
                chain forward {{\n\
                  type filter hook forward priority 0; policy accept;\n\
                  ct state established,related accept\n\
                  ip daddr . tcp dport @published accept\n\
-                 ip daddr 100.100.{index}.0/24 ct state new drop\n\
+                 ip daddr @subnets ct state new drop\n\
                }}\n\
                chain prerouting {{\n\
                  type nat hook prerouting priority dstnat; policy accept;\n\
@@ -326,12 +351,15 @@ impl HostNet {
                }}\n\
                chain postrouting {{\n\
                  type nat hook postrouting priority srcnat; policy accept;\n\
-                 ip saddr 100.100.{index}.0/24 ip daddr != {JOB_NETWORK} masquerade\n\
+                 ip saddr @subnets ip daddr != {JOB_NETWORK} masquerade\n\
                }}\n\
              }}\n\
-             {published}"
+             {published}",
+            elements = subnet_elements(addresses.indexes()),
         ))?;
-        let used: BTreeSet<u8> = kept.iter().map(|k| k.ip.octets()[3]).collect();
+        for k in &kept {
+            addresses.mark(k.ip);
+        }
         let vxlan = match overlay {
             Overlay::HostRoutes => false,
             Overlay::Vxlan => {
@@ -350,7 +378,7 @@ impl HostNet {
             host,
             index,
             table,
-            used: Mutex::new(used),
+            addresses: Mutex::new(addresses),
             routes: Mutex::new(BTreeMap::new()),
             services: Mutex::new(ServiceMap::new()),
             overlay,
@@ -361,11 +389,14 @@ impl HostNet {
     /// How other hosts' jobs are reached, as `flynn-host components` says it: the mode,
     /// and in `auto` how many hosts each way.
     pub fn overlay(&self) -> serde_json::Value {
-        let routes = self.routes.lock().expect("routes lock");
-        let vxlan = routes
-            .values()
-            .filter(|r| matches!(r, PeerRoute::Vxlan(_)))
-            .count();
+        // Routes are per subnet; a host with extra subnets counts once.
+        let (mut by_route, mut by_vxlan) = (BTreeSet::new(), BTreeSet::new());
+        for route in self.routes.lock().expect("routes lock").values() {
+            match route {
+                PeerRoute::Via(ip) => by_route.insert(ip.clone()),
+                PeerRoute::Vxlan { ip, .. } => by_vxlan.insert(ip.clone()),
+            };
+        }
         let mode = match self.overlay {
             Overlay::HostRoutes => "host-routes",
             Overlay::Vxlan => "vxlan",
@@ -374,28 +405,104 @@ impl HostNet {
         serde_json::json!({
             "mode": mode,
             "vxlan_device": self.vxlan.then_some(VXLAN_DEV),
-            "hosts_by_route": routes.len() - vxlan,
-            "hosts_by_vxlan": vxlan,
+            "hosts_by_route": by_route.len(),
+            "hosts_by_vxlan": by_vxlan.len(),
         })
     }
 
+    /// The host's first subnet.
     pub fn subnet(&self) -> String {
         subnet_of(self.index)
     }
 
-    /// Routes other hosts' subnets (`index → host IP`): via their addresses, or through
-    /// the VXLAN device; hosts sharing this host's address (one network namespace) need
-    /// none. Nothing runs for a host whose route is as it was.
-    pub fn route_peers(&self, peers: &BTreeMap<u32, String>, own_ip: &str) {
+    fn addresses(&self) -> std::sync::MutexGuard<'_, JobAddresses> {
+        self.addresses.lock().expect("addresses lock")
+    }
+
+    /// The host's subnets' indexes, lowest first.
+    pub fn indexes(&self) -> Vec<u32> {
+        self.addresses().indexes()
+    }
+
+    /// How many jobs with addresses of their own the host says it holds (a subnet on its
+    /// way back does not count).
+    pub fn capacity(&self) -> u64 {
+        self.addresses().capacity()
+    }
+
+    /// Takes up the subnets among `indexes` the host does not have yet (claimed in the
+    /// state just now): filtered as its own, and no longer routed elsewhere (a subnet
+    /// given back by another host may still be routed to it here).
+    pub fn add_subnets(&self, indexes: &[u32]) -> Result<(), String> {
+        for &index in indexes {
+            if !(1..=254).contains(&index) {
+                return Err(format!("subnet index {index} is out of range"));
+            }
+            if self.addresses().holds(index) {
+                // Perhaps leaving: it stays.
+                self.addresses().add(index);
+                continue;
+            }
+            let subnet = subnet_of(index);
+            nft(&format!(
+                "add element inet {} subnets {{ {subnet} }}\n",
+                self.table
+            ))?;
+            self.routes.lock().expect("routes lock").remove(&index);
+            // No route is the usual case: nothing to tell.
+            let _ = sh(&["ip", "route", "del", &subnet]);
+            self.addresses().add(index);
+            tracing::info!(subnet = %subnet, "this host's jobs have another subnet");
+        }
+        Ok(())
+    }
+
+    /// Starts giving back an extra subnet no job has an address on: left out of the
+    /// capacity from now on, used only when the others are full. Which one, if any.
+    pub fn start_leaving(&self) -> Option<u32> {
+        self.addresses().start_leaving()
+    }
+
+    /// Keeps the subnet that was leaving.
+    pub fn stay(&self) {
+        self.addresses().stay();
+    }
+
+    /// Drops the leaving subnet if no job took an address on it meanwhile (no job gets
+    /// one on it from now on); which one, if it was dropped.
+    pub fn finish_leaving(&self) -> Option<u32> {
+        let index = self.addresses().finish_leaving()?;
+        let subnet = subnet_of(index);
+        if let Err(e) = nft(&format!(
+            "delete element inet {} subnets {{ {subnet} }}\n",
+            self.table
+        )) {
+            tracing::warn!(error = %e, "a given-back subnet is still filtered");
+        }
+        tracing::info!(subnet = %subnet, "this host gives back a subnet no job uses");
+        Some(index)
+    }
+
+    /// Routes other hosts' subnets: via their addresses, or through the VXLAN device to
+    /// their VTEP; hosts sharing this host's address (one network namespace) need none.
+    /// Nothing runs for a subnet whose route is as it was.
+    pub fn route_peers(&self, peers: &BTreeMap<u32, Peer>, own_ip: &str) {
+        let own = self.indexes();
         let mut routes = self.routes.lock().expect("routes lock");
-        for (index, ip) in peers {
-            if *index == self.index || ip == own_ip {
+        for (index, Peer { ip, vtep }) in peers {
+            if own.contains(index) || ip == own_ip {
                 continue;
             }
             let want = match self.overlay {
                 Overlay::HostRoutes => PeerRoute::Via(ip.clone()),
-                Overlay::Vxlan => PeerRoute::Vxlan(ip.clone()),
-                Overlay::Auto if self.vxlan && !on_link(ip) => PeerRoute::Vxlan(ip.clone()),
+                Overlay::Vxlan => PeerRoute::Vxlan {
+                    ip: ip.clone(),
+                    vtep: *vtep,
+                },
+                Overlay::Auto if self.vxlan && !on_link(ip) => PeerRoute::Vxlan {
+                    ip: ip.clone(),
+                    vtep: *vtep,
+                },
                 Overlay::Auto => PeerRoute::Via(ip.clone()),
             };
             if routes.get(index) == Some(&want) {
@@ -404,8 +511,8 @@ impl HostNet {
             let subnet = subnet_of(*index);
             let done = match &want {
                 PeerRoute::Via(ip) => sh(&["ip", "route", "replace", &subnet, "via", ip]),
-                PeerRoute::Vxlan(ip) => {
-                    let (vtep, mac) = (vtep_ip(*index), vtep_mac(*index));
+                PeerRoute::Vxlan { ip, vtep } => {
+                    let (vtep, mac) = (vtep_ip(*vtep), vtep_mac(*vtep));
                     ip_batch(
                         &[],
                         &format!(
@@ -462,20 +569,16 @@ impl HostNet {
 
     /// A namespace with an address for a job, published on `port` if it serves one.
     pub fn create(&self, job: &str, port: Option<u16>) -> Result<JobNet, String> {
-        let k = {
-            let mut used = self.used.lock().expect("ips lock");
-            let k = (FIRST_ADDRESS..=LAST_ADDRESS)
-                .find(|k| !used.contains(k))
-                .ok_or("no free job address on this host")?;
-            used.insert(k);
-            k
-        };
+        let ip = self
+            .addresses()
+            .take()
+            .ok_or("no free job address on this host")?;
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (self.host, job).hash(&mut h);
         let tag = format!("{:012x}", h.finish() & 0xffff_ffff_ffff);
         let net = JobNet {
             netns: format!("{}{tag}", netns_prefix(self.host)),
-            ip: Ipv4Addr::new(100, 100, self.index as u8, k),
+            ip,
             host_veth: host_veth(&tag),
             published: port,
         };
@@ -493,7 +596,9 @@ impl HostNet {
 
     /// Makes the job's namespace and joins it to the host, each step one netlink request.
     fn configure(&self, n: &JobNet) -> Result<(), String> {
-        let gw = Ipv4Addr::new(100, 100, self.index as u8, 1);
+        // The gateway of the job's own subnet.
+        let [a, b, c, _] = n.ip.octets();
+        let gw = Ipv4Addr::new(a, b, c, 1);
         let path = n.netns_path();
         let path = Path::new(&path);
         let e = |e: flynn_netlink::Error| e.to_string();
@@ -579,9 +684,7 @@ impl HostNet {
         // The veth's route goes with it.
         let _ = Rtnl::open().and_then(|mut r| r.delete_link(&n.host_veth));
         let _ = delete_netns(Path::new(&n.netns_path()));
-        if let Some(k) = n.ip.octets().get(3) {
-            self.used.lock().expect("ips lock").remove(k);
-        }
+        self.addresses().give(n.ip);
     }
 
     /// Removes the host's filter and VXLAN device (daemon stop, no job left).

@@ -2,7 +2,6 @@
 //! from placement to cleanup (prepare, supervise, report), keep this host and its jobs
 //! registered, and set up the host's job network.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -73,6 +72,14 @@ impl JobRunner {
             }
         };
         let host = self.host;
+        // Extra subnets it claimed before (a restarted daemon), with jobs on them or not.
+        let extra: Vec<u32> = local.read(|s| {
+            s.jobs
+                .extra_subnets
+                .get(&host.to_string())
+                .cloned()
+                .unwrap_or_default()
+        });
         // The networks of jobs that outlived the previous daemon are kept as they are.
         let kept: Vec<network::JobNet> = self
             .survivors
@@ -88,7 +95,7 @@ impl JobRunner {
         };
         let own_ip = self.ip.clone();
         let started = tokio::task::spawn_blocking(move || {
-            network::HostNet::start(host, index, &kept, overlay, &own_ip)
+            network::HostNet::start(host, index, &extra, &kept, overlay, &own_ip)
         });
         match started.await {
             Ok(Ok(hn)) => {
@@ -110,30 +117,6 @@ impl JobRunner {
                 let _ = self.net.set(None);
             }
         }
-    }
-
-    /// Routes to the other hosts' job subnets.
-    pub(super) fn route_subnets(&self, local: &State) {
-        let Some(hn) = self.net.get().and_then(Option::as_ref) else {
-            return;
-        };
-        let members: BTreeMap<u64, String> = local
-            .members()
-            .into_iter()
-            .filter_map(|(id, addr)| Some((id, addr.rsplit_once(':')?.0.to_string())))
-            .collect();
-        let peers: BTreeMap<u32, String> = local.read(|s| {
-            s.jobs
-                .subnets
-                .iter()
-                .filter_map(|(host, index)| {
-                    let ip = members.get(&host.parse().ok()?)?;
-                    Some((*index, ip.clone()))
-                })
-                .collect()
-        });
-        // `ip` runs here: off the async workers' hands.
-        tokio::task::block_in_place(|| hn.route_peers(&peers, &self.ip));
     }
 
     /// Points the service addresses (databases' stable addresses) at their primaries (a
@@ -168,6 +151,7 @@ impl JobRunner {
                 .cloned()
                 .collect()
         });
+        self.fit_subnets(local, mine.len());
         let mut running = self.running.lock().expect("jobs lock");
         let mut survivors = self.survivors.lock().expect("survivors lock");
         for job in mine {
@@ -457,27 +441,46 @@ impl JobRunner {
         }
     }
 
-    /// Keeps this host, and its jobs' instances, registered.
-    pub(super) async fn heartbeat(&self, local: &State, tick: u64) {
-        let mut commands: Vec<Command> = vec![DiscoveryCommand::RegisterInstance {
+    /// This host's registration in service `flynn-host`, with what the scheduler may place
+    /// here (see `scheduler::Capacity`).
+    fn host_registration(&self) -> Command {
+        let jobs = self
+            .net
+            .get()
+            .and_then(Option::as_ref)
+            .map(|hn| (JOBS_META.to_string(), hn.capacity().to_string()));
+        DiscoveryCommand::RegisterInstance {
             service: HOST_SERVICE.into(),
             id: self.instance_id(),
             addr: self.api_addr.clone(),
-            // What the scheduler may place here (see `scheduler::Capacity`).
             meta: [
                 (MEMORY_META.to_string(), self.cfg.memory.to_string()),
                 (CPU_META.to_string(), self.cfg.cpu_millis.to_string()),
             ]
             .into_iter()
-            .chain(
-                matches!(self.net.get(), Some(Some(_)))
-                    .then(|| (JOBS_META.to_string(), network::ADDRESSES.to_string())),
-            )
+            .chain(jobs)
             .collect(),
             ttl_ms: HOST_TTL.as_millis() as u64,
             now_ms: crate::now_ms(),
         }
-        .into()];
+        .into()
+    }
+
+    /// Says this host's capacity now, not at the next heartbeat (its subnets changed).
+    pub(super) async fn announce_capacity(&self, local: &State) {
+        let _one = self.registering.lock().await;
+        let registration = self.host_registration();
+        match tokio::time::timeout(HOST_HEARTBEAT, local.propose(registration)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "host capacity not applied"),
+            Err(_) => tracing::debug!("host capacity timed out"),
+        }
+    }
+
+    /// Keeps this host, and its jobs' instances, registered.
+    pub(super) async fn heartbeat(&self, local: &State, tick: u64) {
+        let _one = self.registering.lock().await;
+        let mut commands: Vec<Command> = vec![self.host_registration()];
         if tick.is_multiple_of(5) {
             let now = crate::now_ms();
             let instances: Vec<(String, String)> = local.read(|s| {
