@@ -1748,8 +1748,14 @@ async fn t25_a_host_past_one_subnet_claims_another_keeps_it_across_a_restart_and
     assert!(ok(&fetch(&c)).contains("hello from busybox v1"));
     settled(&c, "web1", &release, 300).await;
 
-    // Scaled away, the extra subnet is given back (the first kept), and the cluster can
-    // hand it to another host.
+    // Host 1 routes the extra subnet (over VXLAN, through host 0's first VTEP).
+    let extra_subnet = format!("{extra_prefix}0/24");
+    let routed = |c: &Cluster| ok(&c.run_cmd_in(1, &["ip", "route", "show", &extra_subnet]));
+    let route = routed(&c);
+    assert!(route.contains("dev flynnvx"), "{route}");
+
+    // Scaled away, the extra subnet is given back (the first kept): the cluster no longer
+    // lists it, so host 1 stops routing it.
     ok(&c.flynn(0, &["-a", "web1", "scale", "web=0"]));
     let back = eventually(
         Duration::from_secs(120),
@@ -1762,6 +1768,12 @@ async fn t25_a_host_past_one_subnet_claims_another_keeps_it_across_a_restart_and
     .await;
     assert_eq!(back["subnet"], first["subnet"], "{back}");
     assert_eq!(back["capacity"], 253, "{back}");
+    eventually(
+        Duration::from_secs(30),
+        "host 1 no longer routing the given-back subnet",
+        || async { routed(&c).trim().is_empty().then_some(()) },
+    )
+    .await;
     ok(&c.flynn(0, &["-a", "web1", "scale", "web=1"]));
     settled(&c, "web1", &release, 1).await;
 }

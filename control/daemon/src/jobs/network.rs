@@ -448,10 +448,12 @@ impl HostNet {
                 "add element inet {} subnets {{ {subnet} }}\n",
                 self.table
             ))?;
-            self.routes.lock().expect("routes lock").remove(&index);
+            let mut routes = self.routes.lock().expect("routes lock");
+            routes.remove(&index);
             // No route is the usual case: nothing to tell.
             let _ = sh(&["ip", "route", "del", &subnet]);
             self.addresses().add(index);
+            drop(routes);
             tracing::info!(subnet = %subnet, "this host's jobs have another subnet");
         }
         Ok(())
@@ -487,8 +489,26 @@ impl HostNet {
     /// their VTEP; hosts sharing this host's address (one network namespace) need none.
     /// Nothing runs for a subnet whose route is as it was.
     pub fn route_peers(&self, peers: &BTreeMap<u32, Peer>, own_ip: &str) {
-        let own = self.indexes();
+        // The routes lock first, as `add_subnets` takes it: a subnet this host claims
+        // meanwhile is never routed away again.
         let mut routes = self.routes.lock().expect("routes lock");
+        let own = self.indexes();
+        // Subnets given back (and not claimed by anyone since) are no longer routed.
+        let gone: Vec<u32> = routes
+            .keys()
+            .copied()
+            .filter(|i| !peers.contains_key(i))
+            .collect();
+        for index in gone {
+            let subnet = subnet_of(index);
+            match sh(&["ip", "route", "del", &subnet]) {
+                Ok(()) => {
+                    tracing::info!(subnet = %subnet, "a given-back job subnet is no longer routed")
+                }
+                Err(e) => tracing::debug!(error = %e, "no route to remove"),
+            }
+            routes.remove(&index);
+        }
         for (index, Peer { ip, vtep }) in peers {
             if own.contains(index) || ip == own_ip {
                 continue;

@@ -51,10 +51,17 @@ impl JobRunner {
                 return;
             }
         }
-        let index = loop {
-            let claim = JobsCommand::ClaimSubnet { host: self.host };
+        let host = self.host;
+        // The first subnet, and any extra ones it claimed before (a restarted daemon), with
+        // jobs on them or not: from the cluster's answer, not a local state that may lag.
+        let (index, extra) = loop {
+            let claim = JobsCommand::ClaimSubnet { host };
             match local.propose(claim.into()).await {
-                Ok(flynn_state::Response::Subnet { index }) => break index,
+                Ok(flynn_state::Response::Subnets { indexes }) if !indexes.is_empty() => {
+                    break (indexes[0], indexes[1..].to_vec())
+                }
+                // A leader from before extra subnets (a rolling update) says only the first.
+                Ok(flynn_state::Response::Subnet { index }) => break (index, Vec::new()),
                 Ok(other) => {
                     tracing::error!(?other, "unexpected answer to a subnet claim");
                     return;
@@ -71,15 +78,6 @@ impl JobRunner {
                 }
             }
         };
-        let host = self.host;
-        // Extra subnets it claimed before (a restarted daemon), with jobs on them or not.
-        let extra: Vec<u32> = local.read(|s| {
-            s.jobs
-                .extra_subnets
-                .get(&host.to_string())
-                .cloned()
-                .unwrap_or_default()
-        });
         // The networks of jobs that outlived the previous daemon are kept as they are.
         let kept: Vec<network::JobNet> = self
             .survivors
@@ -151,7 +149,7 @@ impl JobRunner {
                 .cloned()
                 .collect()
         });
-        self.fit_subnets(local, mine.len());
+        self.fit_subnets(local);
         let mut running = self.running.lock().expect("jobs lock");
         let mut survivors = self.survivors.lock().expect("survivors lock");
         for job in mine {
@@ -466,15 +464,38 @@ impl JobRunner {
         .into()
     }
 
-    /// Says this host's capacity now, not at the next heartbeat (its subnets changed).
-    pub(super) async fn announce_capacity(&self, local: &State) {
+    /// Says this host's capacity now, not at the next heartbeat (its subnets changed);
+    /// whether the cluster applied it.
+    pub(super) async fn announce_capacity(&self, local: &State) -> bool {
         let _one = self.registering.lock().await;
         let registration = self.host_registration();
         match tokio::time::timeout(HOST_HEARTBEAT, local.propose(registration)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "host capacity not applied"),
-            Err(_) => tracing::debug!("host capacity timed out"),
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "host capacity not applied");
+                false
+            }
+            Err(_) => {
+                tracing::debug!("host capacity timed out");
+                false
+            }
         }
+    }
+
+    /// The capacity the state says this host has (its registration's `JOBS_META`).
+    pub(super) fn said_capacity(&self, local: &State) -> Option<u64> {
+        let id = self.instance_id();
+        local.read(|s| {
+            s.discovery
+                .services
+                .get(HOST_SERVICE)?
+                .instances
+                .get(&id)?
+                .meta
+                .get(JOBS_META)?
+                .parse()
+                .ok()
+        })
     }
 
     /// Keeps this host, and its jobs' instances, registered.

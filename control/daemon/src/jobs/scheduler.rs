@@ -174,6 +174,17 @@ fn capacities(s: &ClusterState, live: &BTreeSet<u64>) -> BTreeMap<u64, Capacity>
 }
 
 /// What a job reserves: its process type's limits, and a place among its host's jobs.
+/// The active jobs on `host` that take a job address there, as the scheduler counts them
+/// against the host's `JOBS_META`.
+pub(super) fn addressed_jobs(s: &ClusterState, host: u64) -> u64 {
+    s.jobs
+        .jobs
+        .values()
+        .filter(|j| j.host == host && j.state.is_active())
+        .map(|j| reserves(s, j).jobs)
+        .sum()
+}
+
 fn reserves(s: &ClusterState, j: &Job) -> Reservation {
     s.jobs
         .releases

@@ -61,13 +61,14 @@ fn fit(placed: u64, held: usize) -> Option<Fit> {
 }
 
 impl JobRunner {
-    /// Claims or gives back a subnet if the `placed` active jobs here call for it; the
-    /// change runs in a task of its own.
-    pub(super) fn fit_subnets(self: &Arc<Self>, local: &State, placed: usize) {
+    /// Claims or gives back a subnet if the jobs placed here call for it (counted as the
+    /// scheduler counts them against the host's capacity); the change runs in a task of
+    /// its own.
+    pub(super) fn fit_subnets(self: &Arc<Self>, local: &State) {
         let Some(hn) = self.net.get().and_then(Option::as_ref) else {
             return;
         };
-        let Some(want) = fit(placed as u64, hn.indexes().len()) else {
+        let Some(want) = fit(self.placed_here(local), hn.indexes().len()) else {
             return;
         };
         let paused = self
@@ -146,10 +147,13 @@ impl JobRunner {
             // Every extra subnet has jobs: one is given back when it empties.
             return false;
         }
-        self.announce_capacity(local).await;
-        tokio::time::sleep(SETTLE).await;
-        let placed = self.placed_here(local) as u64;
-        if placed + 2 * HEADROOM > hn.capacity() {
+        // Dropped only once the state says the lower capacity (a heartbeat that timed out
+        // may still land after the announcement, with the higher one).
+        let heard = self.announce_capacity(local).await && {
+            tokio::time::sleep(SETTLE).await;
+            self.said_capacity(local) == Some(hn.capacity())
+        };
+        if !heard || self.placed_here(local) + 2 * HEADROOM > hn.capacity() {
             hn.stay();
             return true;
         }
@@ -164,15 +168,9 @@ impl JobRunner {
         true
     }
 
-    /// The active jobs the state places on this host.
-    fn placed_here(&self, local: &State) -> usize {
-        local.read(|s| {
-            s.jobs
-                .jobs
-                .values()
-                .filter(|j| j.host == self.host && j.state.is_active())
-                .count()
-        })
+    /// The active jobs placed on this host that take an address here.
+    fn placed_here(&self, local: &State) -> u64 {
+        local.read(|s| super::scheduler::addressed_jobs(s, self.host))
     }
 
     /// Routes to the other hosts' job subnets, first and extra.

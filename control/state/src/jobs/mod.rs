@@ -84,7 +84,9 @@ pub enum JobsCommand {
     HostDown { host: u64, now_ms: u64 },
     /// Records a named image of the cluster (`base`: what `flynn deploy DIR` builds on).
     PutImage { name: String, image: Image },
-    /// A host asks for its job subnet (`100.100.N.0/24`); it keeps the one it has.
+    /// A host asks for its job subnet (`100.100.N.0/24`); it keeps the one it has. The
+    /// answer lists every subnet it holds, the first first (a restarted daemon takes up
+    /// its extra ones from it, not from a local state that may lag).
     ClaimSubnet { host: u64 },
     /// A host that is filling up asks for one more subnet: granted when it holds exactly
     /// `have` (its first included), so a retried claim gets what the first one got and no
@@ -644,13 +646,14 @@ impl Area for Jobs {
             }
             JobsCommand::ClaimSubnet { host } => {
                 let key = host.to_string();
-                if let Some(index) = s.jobs.subnets.get(&key) {
-                    return Ok(Response::Subnet { index: *index });
+                if !s.jobs.subnets.contains_key(&key) {
+                    let index = s.jobs.free_subnet()?;
+                    s.jobs.subnets.insert(key.clone(), index);
+                    cx.touch(SUBNETS, &key);
                 }
-                let index = s.jobs.free_subnet()?;
-                s.jobs.subnets.insert(key.clone(), index);
-                cx.touch(SUBNETS, &key);
-                Ok(Response::Subnet { index })
+                Ok(Response::Subnets {
+                    indexes: s.jobs.host_subnets(host),
+                })
             }
             JobsCommand::ClaimExtraSubnet { host, have } => {
                 let key = host.to_string();

@@ -349,6 +349,8 @@ fn t40_a_filling_host_claims_extra_subnets_and_gives_them_back() {
     assert_eq!(claim(&mut s, 3), [4]);
     assert_eq!(subnets(ok(&mut s, extra(1, 2)).0), [1, 3, 5]);
     assert_eq!(subnets(ok(&mut s, extra(1, 3)).0), [1, 3, 5, 6]);
+    // A restarted daemon's claim of its first subnet hears of its extra ones too.
+    assert_eq!(claim(&mut s, 1), [1, 3, 5, 6]);
     let before = s.clone();
     let (r, _) = apply(&mut s, extra(1, MAX_SUBNETS_PER_HOST as u32));
     assert!(
