@@ -511,6 +511,11 @@ impl HostNet {
         }
         for (index, Peer { ip, vtep }) in peers {
             if own.contains(index) || ip == own_ip {
+                // Reached without a route of this host's (its own, or a host sharing its
+                // namespace): one left from before would point elsewhere.
+                if routes.remove(index).is_some() {
+                    let _ = sh(&["ip", "route", "del", &subnet_of(*index)]);
+                }
                 continue;
             }
             let want = match self.overlay {

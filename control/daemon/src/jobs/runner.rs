@@ -64,6 +64,9 @@ impl JobRunner {
                 Ok(flynn_state::Response::Subnet { index }) => break (index, Vec::new()),
                 Ok(other) => {
                     tracing::error!(?other, "unexpected answer to a subnet claim");
+                    *self.net_note.lock().expect("net note") =
+                        Some(format!("unexpected answer to a subnet claim: {other:?}"));
+                    let _ = self.net.set(None);
                     return;
                 }
                 Err(e) if e.is_refusal() => {

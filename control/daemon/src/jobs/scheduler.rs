@@ -173,7 +173,6 @@ fn capacities(s: &ClusterState, live: &BTreeSet<u64>) -> BTreeMap<u64, Capacity>
         .collect()
 }
 
-/// What a job reserves: its process type's limits, and a place among its host's jobs.
 /// The active jobs on `host` that take a job address there, as the scheduler counts them
 /// against the host's `JOBS_META`.
 pub(super) fn addressed_jobs(s: &ClusterState, host: u64) -> u64 {
@@ -185,6 +184,7 @@ pub(super) fn addressed_jobs(s: &ClusterState, host: u64) -> u64 {
         .sum()
 }
 
+/// What a job reserves: its process type's limits, and a place among its host's jobs.
 fn reserves(s: &ClusterState, j: &Job) -> Reservation {
     s.jobs
         .releases

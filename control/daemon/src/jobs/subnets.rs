@@ -32,8 +32,9 @@ const RETRY_AFTER_ERROR: Duration = Duration::from_secs(5);
 const RETRY_AFTER_REFUSAL: Duration = Duration::from_secs(60);
 /// How long a subnet being given back waits, left out of the capacity the host says,
 /// before it is dropped: longer than a scheduler pass computed before it heard takes to
-/// land.
+/// land. Then the state must show the lower capacity, within `HEARD_WITHIN`.
 const SETTLE: Duration = Duration::from_secs(2);
+const HEARD_WITHIN: Duration = Duration::from_secs(3);
 
 /// One change of the host's subnets at a time, and a pause after a failed claim.
 #[derive(Default)]
@@ -151,7 +152,17 @@ impl JobRunner {
         // may still land after the announcement, with the higher one).
         let heard = self.announce_capacity(local).await && {
             tokio::time::sleep(SETTLE).await;
-            self.said_capacity(local) == Some(hn.capacity())
+            // This host's copy of the state may lag the commit a little.
+            let deadline = tokio::time::Instant::now() + HEARD_WITHIN;
+            loop {
+                if self.said_capacity(local) == Some(hn.capacity()) {
+                    break true;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         };
         if !heard || self.placed_here(local) + 2 * HEADROOM > hn.capacity() {
             hn.stay();
