@@ -76,6 +76,16 @@ enum PeerRoute {
     },
 }
 
+impl PeerRoute {
+    /// Whether it goes to the host at `ip` (through its VTEP `vtep`, over VXLAN).
+    fn reaches(&self, ip: &str, vtep: u32) -> bool {
+        match self {
+            PeerRoute::Via(via) => via == ip,
+            PeerRoute::Vxlan { ip: to, vtep: v } => to == ip && *v == vtep,
+        }
+    }
+}
+
 /// Another host's subnet: its address and its first subnet's index (its VTEP).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
@@ -516,6 +526,13 @@ impl HostNet {
                 if routes.remove(index).is_some() {
                     let _ = sh(&["ip", "route", "del", &subnet_of(*index)]);
                 }
+                continue;
+            }
+            // In `auto`, a subnet still routed to the same host keeps its way: asking the
+            // kernel again ran `ip route get` for every peer subnet on every pass.
+            if self.overlay == Overlay::Auto
+                && routes.get(index).is_some_and(|r| r.reaches(ip, *vtep))
+            {
                 continue;
             }
             let want = match self.overlay {
