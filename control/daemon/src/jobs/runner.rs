@@ -408,6 +408,10 @@ impl JobRunner {
         let id = l.job.id.clone();
         // What `flynn run` exits with: the command's status, 126 if it never ran.
         let outcome_exit = outcome.exit_status.unwrap_or(126);
+        // Its kept volumes are free for the next job before the end is reported: once it
+        // lands, a stop-first deploy starts that job here at once, and a claim still held
+        // would send it to a new, empty volume.
+        self.release_volume_claims(&id);
         self.report(
             local,
             &id,

@@ -115,13 +115,19 @@ impl JobRunner {
         }))
     }
 
-    /// Deletes the job's data volumes that ask to go with it; the others stay, recorded
-    /// with the job as owner.
-    pub(super) async fn drop_volumes(&self, local: &State, job: &Job) {
+    /// Lets the volumes job `id` took up be taken up by another job (its processes ended;
+    /// until its end lands in the state, the state itself keeps others off them).
+    pub(super) fn release_volume_claims(&self, id: &str) {
         self.claimed
             .lock()
             .expect("claimed lock")
-            .retain(|_, j| *j != job.id);
+            .retain(|_, j| j != id);
+    }
+
+    /// Deletes the job's data volumes that ask to go with it; the others stay, recorded
+    /// with the job as owner.
+    pub(super) async fn drop_volumes(&self, local: &State, job: &Job) {
+        self.release_volume_claims(&job.id);
         let proc = local.read(|s| {
             s.jobs
                 .releases
