@@ -255,6 +255,15 @@ pub fn subnet_of(index: u32) -> String {
     format!("100.100.{index}.0/24")
 }
 
+/// A host's subnet index is 1 to 254 (0 holds the service addresses).
+fn check_index(index: u32) -> Result<(), String> {
+    if (1..=254).contains(&index) {
+        Ok(())
+    } else {
+        Err(format!("subnet index {index} is out of range"))
+    }
+}
+
 /// The filter table's set of this host's subnets, as nft writes its elements.
 fn subnet_elements(indexes: impl IntoIterator<Item = u32>) -> String {
     indexes
@@ -310,9 +319,7 @@ impl HostNet {
         own_ip: &str,
     ) -> Result<Self, String> {
         for i in std::iter::once(index).chain(extra.iter().copied()) {
-            if !(1..=254).contains(&i) {
-                return Err(format!("subnet index {i} is out of range"));
-            }
+            check_index(i)?;
         }
         let mut addresses = JobAddresses::new(index, extra);
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
@@ -445,13 +452,14 @@ impl HostNet {
     /// given back by another host may still be routed to it here).
     pub fn add_subnets(&self, indexes: &[u32]) -> Result<(), String> {
         for &index in indexes {
-            if !(1..=254).contains(&index) {
-                return Err(format!("subnet index {index} is out of range"));
-            }
-            if self.addresses().holds(index) {
-                // Perhaps leaving: it stays.
-                self.addresses().add(index);
-                continue;
+            check_index(index)?;
+            {
+                let mut addresses = self.addresses();
+                if addresses.holds(index) {
+                    // Perhaps leaving: it stays.
+                    addresses.add(index);
+                    continue;
+                }
             }
             let subnet = subnet_of(index);
             nft(&format!(
@@ -503,31 +511,29 @@ impl HostNet {
         // meanwhile is never routed away again.
         let mut routes = self.routes.lock().expect("routes lock");
         let own = self.indexes();
-        // Subnets given back (and not claimed by anyone since) are no longer routed.
+        // Reached without a route of this host's: its own subnets, and those of a host
+        // sharing its address (one network namespace).
+        let unrouted = |index: &u32, p: &Peer| own.contains(index) || p.ip == own_ip;
+        // Routes no longer wanted: subnets given back (and not claimed by anyone since),
+        // or now reached without one (a route left from before would point elsewhere).
         let gone: Vec<u32> = routes
             .keys()
             .copied()
-            .filter(|i| !peers.contains_key(i))
+            .filter(|i| peers.get(i).is_none_or(|p| unrouted(i, p)))
             .collect();
         for index in gone {
             let subnet = subnet_of(index);
             match sh(&["ip", "route", "del", &subnet]) {
-                Ok(()) => {
-                    tracing::info!(subnet = %subnet, "a given-back job subnet is no longer routed")
-                }
+                Ok(()) => tracing::info!(subnet = %subnet, "a job subnet is no longer routed"),
                 Err(e) => tracing::debug!(error = %e, "no route to remove"),
             }
             routes.remove(&index);
         }
-        for (index, Peer { ip, vtep }) in peers {
-            if own.contains(index) || ip == own_ip {
-                // Reached without a route of this host's (its own, or a host sharing its
-                // namespace): one left from before would point elsewhere.
-                if routes.remove(index).is_some() {
-                    let _ = sh(&["ip", "route", "del", &subnet_of(*index)]);
-                }
+        for (index, peer) in peers {
+            if unrouted(index, peer) {
                 continue;
             }
+            let Peer { ip, vtep } = peer;
             // In `auto`, a subnet still routed to the same host keeps its way: asking the
             // kernel again ran `ip route get` for every peer subnet on every pass.
             if self.overlay == Overlay::Auto

@@ -139,7 +139,8 @@ impl JobRunner {
 
     /// Gives back an extra subnet no job has an address on, if there is one: left out of
     /// the capacity the host says first, then dropped once the scheduler has heard, if the
-    /// jobs placed here by then leave room; whether the host's capacity changed.
+    /// jobs placed here by then leave room; whether its capacity now differs from what it
+    /// said last (the subnet stayed after all).
     async fn give_back_subnet(&self, local: &State) -> bool {
         let Some(hn) = self.net.get().and_then(Option::as_ref) else {
             return false;
@@ -169,14 +170,16 @@ impl JobRunner {
             return true;
         }
         // Dropped only if still empty: a job may have taken an address on it meanwhile.
-        if let Some(index) = tokio::task::block_in_place(|| hn.finish_leaving()) {
-            let cmd = JobsCommand::ReleaseExtraSubnet {
-                host: self.host,
-                index,
-            };
-            propose_retrying(local, cmd.into()).await;
-        }
-        true
+        let Some(index) = tokio::task::block_in_place(|| hn.finish_leaving()) else {
+            return true;
+        };
+        let cmd = JobsCommand::ReleaseExtraSubnet {
+            host: self.host,
+            index,
+        };
+        propose_retrying(local, cmd.into()).await;
+        // The lower capacity is the one said already.
+        false
     }
 
     /// The active jobs placed on this host that take an address here.
