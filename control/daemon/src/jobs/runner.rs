@@ -144,15 +144,23 @@ impl JobRunner {
     pub(super) fn reconcile(self: &Arc<Self>, local: &State) {
         self.route_subnets(local);
         self.route_services(local);
-        let mine: Vec<Job> = local.read(|s| {
-            s.jobs
+        // One pass over the jobs: this host's, and how many of them take an address here
+        // (as the scheduler counts them against its capacity).
+        let (mine, addressed): (Vec<Job>, u64) = local.read(|s| {
+            let mine: Vec<Job> = s
+                .jobs
                 .jobs
                 .values()
                 .filter(|j| j.host == self.host && j.state.is_active())
                 .cloned()
-                .collect()
+                .collect();
+            let addressed = mine
+                .iter()
+                .map(|j| super::scheduler::takes_address(s, j))
+                .sum();
+            (mine, addressed)
         });
-        self.fit_subnets(local);
+        self.fit_subnets(local, addressed);
         let mut running = self.running.lock().expect("jobs lock");
         let mut survivors = self.survivors.lock().expect("survivors lock");
         for job in mine {

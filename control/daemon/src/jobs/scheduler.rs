@@ -180,8 +180,13 @@ pub(super) fn addressed_jobs(s: &ClusterState, host: u64) -> u64 {
         .jobs
         .values()
         .filter(|j| j.host == host && j.state.is_active())
-        .map(|j| reserves(s, j).jobs)
+        .map(|j| takes_address(s, j))
         .sum()
+}
+
+/// 1 if the active job `j` takes a job address on its host, as [`addressed_jobs`] counts.
+pub(super) fn takes_address(s: &ClusterState, j: &Job) -> u64 {
+    reserves(s, j).jobs
 }
 
 /// What a job reserves: its process type's limits, and a place among its host's jobs.

@@ -62,14 +62,14 @@ fn fit(placed: u64, held: usize) -> Option<Fit> {
 }
 
 impl JobRunner {
-    /// Claims or gives back a subnet if the jobs placed here call for it (counted as the
-    /// scheduler counts them against the host's capacity); the change runs in a task of
-    /// its own.
-    pub(super) fn fit_subnets(self: &Arc<Self>, local: &State) {
+    /// Claims or gives back a subnet if the `addressed` jobs placed here (counted as the
+    /// scheduler counts them against the host's capacity) call for it; the change runs in
+    /// a task of its own.
+    pub(super) fn fit_subnets(self: &Arc<Self>, local: &State, addressed: u64) {
         let Some(hn) = self.net.get().and_then(Option::as_ref) else {
             return;
         };
-        let Some(want) = fit(self.placed_here(local), hn.indexes().len()) else {
+        let Some(want) = fit(addressed, hn.indexes().len()) else {
             return;
         };
         let paused = self
