@@ -140,6 +140,7 @@ fn hosts_react(s: &mut ClusterState, now: u64) {
                 exit_status: None,
                 error: None,
                 now_ms: now,
+                fault: Default::default(),
             },
         );
     }

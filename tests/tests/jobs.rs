@@ -1777,3 +1777,88 @@ async fn t25_a_host_past_one_subnet_claims_another_keeps_it_across_a_restart_and
     ok(&c.flynn(0, &["-a", "web1", "scale", "web=1"]));
     settled(&c, "web1", &release, 1).await;
 }
+
+/// `GET /hosts/details` of the cluster, by node id.
+async fn host_details(c: &Cluster) -> BTreeMap<u64, serde_json::Value> {
+    let v: Vec<serde_json::Value> = reqwest::Client::new()
+        .get(format!("{}/hosts/details", c.hosts[0].url()))
+        .bearer_auth(&c.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v.into_iter()
+        .map(|h| (h["id"].as_str().unwrap().parse().unwrap(), h))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn t26_a_host_that_cannot_start_jobs_is_passed_over_and_says_why() {
+    // Host 1 runs jobs in its own network with one port to give: past its first job, a job
+    // placed there cannot start. That is the host's trouble, not the app's: its jobs go to
+    // host 0, and the host is shown failing.
+    let mut c = Cluster::create(2);
+    c.hosts[1].args = ["--job-network", "host", "--job-ports", "50100-50100"]
+        .map(String::from)
+        .to_vec();
+    boot(&mut c).await;
+    let far = c.host_client(1).info().await.unwrap().node_id;
+    ok(&c.flynn(0, &["create", "web1"]));
+    let image = c.busybox_image("v1", None);
+    ok(&c.flynn(
+        0,
+        &["-a", "web1", "docker", "push", image.to_str().unwrap()],
+    ));
+    ok(&c.flynn(0, &["-a", "web1", "scale", "web=8"]));
+    let started = Instant::now();
+    let all = eventually(Duration::from_secs(60), "8 jobs running", || async {
+        let all = jobs(&c, "web1").await;
+        (running(&all).len() == 8).then_some(all)
+    })
+    .await;
+    let failed: Vec<&Job> = all.iter().filter(|j| j.state == JobState::Failed).collect();
+    assert!(
+        !failed.is_empty(),
+        "some job was placed on host 1 and failed"
+    );
+    for j in &failed {
+        assert_eq!(j.host, far, "only host 1 fails: {j:?}");
+        assert!(
+            j.error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("no free port"),
+            "{j:?}"
+        );
+    }
+    let on_far = running(&all).iter().filter(|j| j.host == far).count();
+    assert!(on_far <= 1, "{on_far} running on a host with one port");
+    // Host 1's one job may have come up after its failures, which clears its record. Four
+    // more jobs: spread by type, they go to host 1 first, where none can start now.
+    ok(&c.flynn(0, &["-a", "web1", "scale", "web=12"]));
+    let all = eventually(Duration::from_secs(60), "12 jobs running", || async {
+        let all = jobs(&c, "web1").await;
+        (running(&all).len() == 12).then_some(all)
+    })
+    .await;
+    let on_far = running(&all).iter().filter(|j| j.host == far).count();
+    assert!(on_far <= 1, "{on_far} running on a host with one port");
+    // A generous bound that catches the app being backed off for the host's failures (1 s
+    // after the fourth, doubling with each), not a timing goal.
+    assert!(
+        started.elapsed() < Duration::from_secs(40),
+        "{:?} to run 8 jobs, then 12",
+        started.elapsed()
+    );
+    let details = host_details(&c).await;
+    let faults = &details[&far]["start_failures"];
+    assert!(faults["count"].as_u64().unwrap() >= 1, "{faults}");
+    assert!(
+        faults["paused_until_ms"].as_u64() > faults["last_ms"].as_u64(),
+        "{faults}"
+    );
+    let near = c.host_client(0).info().await.unwrap().node_id;
+    assert!(details[&near]["start_failures"].is_null(), "{details:?}");
+}

@@ -302,6 +302,7 @@ impl ClusterState {
         self.resources.shapes.clear();
         self.jobs.jobs = into.jobs.jobs.clone();
         self.jobs.backoff = into.jobs.backoff.clone();
+        self.jobs.host_faults = into.jobs.host_faults.clone();
         self.jobs.subnets = into.jobs.subnets.clone();
         self.jobs.extra_subnets = into.jobs.extra_subnets.clone();
         let mut blobs = into.blobs.blobs.clone();

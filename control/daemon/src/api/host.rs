@@ -198,6 +198,17 @@ struct HostDetails {
     jobs: Vec<[String; 4]>,
     /// Its volumes: `[id, app, provider, size in bytes]`.
     volumes: Vec<(String, Option<String>, String, Option<u64>)>,
+    /// Jobs it failed to start since one last came up there (its own trouble: no free
+    /// address or port, cgroups, disk); null when none.
+    start_failures: Option<StartFailures>,
+}
+
+#[derive(serde::Serialize)]
+struct StartFailures {
+    count: u32,
+    last_ms: u64,
+    /// Until when the scheduler places no new jobs there.
+    paused_until_ms: u64,
 }
 
 async fn details(State(host): State<AppState>) -> ApiResult<Json<Vec<HostDetails>>> {
@@ -249,12 +260,23 @@ async fn details(State(host): State<AppState>) -> ApiResult<Json<Vec<HostDetails
                     .filter(|v| v.host == id)
                     .map(|v| (v.id.clone(), v.app.clone(), v.provider.clone(), v.size))
                     .collect();
+                let start_failures =
+                    a.state
+                        .jobs
+                        .host_faults
+                        .get(&id.to_string())
+                        .map(|f| StartFailures {
+                            count: f.crashes,
+                            last_ms: f.last_crash_ms,
+                            paused_until_ms: f.last_crash_ms.saturating_add(f.host_delay_ms()),
+                        });
                 HostDetails {
                     id: id.to_string(),
                     entry,
                     components,
                     jobs,
                     volumes,
+                    start_failures,
                 }
             })
             .collect()

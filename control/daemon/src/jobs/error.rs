@@ -1,6 +1,8 @@
 //! One error for everything that keeps a job from running. Its text is what the job's
 //! record says, and what a caller attached to a one-off job or build is told.
 
+use flynn_state::jobs::JobFault;
+
 /// Why a job could not be prepared, or its build kept.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -47,4 +49,71 @@ pub enum JobError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Dir(#[from] flynn_job::Error),
+}
+
+impl JobError {
+    /// Whom the job's failure counts against. The host's own trouble (its network, cgroups,
+    /// job directory) pauses placement on that host instead of backing the app off. Whatever
+    /// the release itself could cause (its layers, volumes, builds) stays the app's: put on
+    /// the host, a broken release would take every host out of placement, for every app.
+    pub fn fault(&self) -> JobFault {
+        match self {
+            JobError::ReleaseGone(_) | JobError::RecordVolume { .. } => JobFault::Neither,
+            JobError::NoBlobstore(_)
+            | JobError::Cgroup(_)
+            | JobError::NoJobNetwork(_)
+            | JobError::Network(_)
+            | JobError::NoPort
+            | JobError::TakeUpVolume { .. }
+            | JobError::Io(_)
+            | JobError::Dir(_) => JobFault::Host,
+            JobError::FetchLayer { .. }
+            | JobError::UnpackLayer { .. }
+            | JobError::Volume { .. }
+            | JobError::Build(_)
+            | JobError::StoreSlug(_)
+            | JobError::Store(_) => JobFault::App,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn t01_the_host_s_own_trouble_is_the_host_s_and_the_release_s_the_app_s() {
+        let host = [
+            JobError::Network("no free job address on this host".into()),
+            JobError::NoPort,
+            JobError::Cgroup("mkdir: no space left on device".into()),
+            JobError::NoJobNetwork("no job subnet".into()),
+        ];
+        for e in &host {
+            assert_eq!(e.fault(), JobFault::Host, "{e}");
+        }
+        // A broken release fails on every host: put on the hosts, it would stop placement
+        // for every app.
+        let app = [
+            JobError::FetchLayer {
+                layer: "sha512-ab".into(),
+                why: "not found".into(),
+            },
+            JobError::UnpackLayer {
+                layer: "sha512-ab".into(),
+                why: "not a tar".into(),
+            },
+            JobError::Volume {
+                path: "/data".into(),
+                why: "size over the pool's".into(),
+            },
+        ];
+        for e in &app {
+            assert_eq!(e.fault(), JobFault::App, "{e}");
+        }
+        assert_eq!(
+            JobError::ReleaseGone("r1".into()).fault(),
+            JobFault::Neither
+        );
+    }
 }

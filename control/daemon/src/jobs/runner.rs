@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flynn_state::jobs::JobsCommand;
+use flynn_state::jobs::{JobFault, JobsCommand};
 use flynn_state::{Command, DiscoveryCommand, Job, JobState};
 
 use super::state::State;
@@ -17,6 +17,8 @@ use super::{
 };
 
 impl JobRunner {
+    /// Reports a job's state; `fault` says whom a failure counts against.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn report(
         &self,
         local: &State,
@@ -25,6 +27,7 @@ impl JobRunner {
         addr: Option<String>,
         exit_status: Option<i32>,
         error: Option<String>,
+        fault: JobFault,
     ) {
         let cmd = JobsCommand::UpdateJob {
             id: id.into(),
@@ -33,6 +36,7 @@ impl JobRunner {
             exit_status,
             error,
             now_ms: crate::now_ms(),
+            fault,
         };
         propose_retrying(local, cmd.into()).await;
     }
@@ -222,7 +226,9 @@ impl JobRunner {
                     let me = self.clone();
                     let local = local.clone();
                     tokio::spawn(async move {
-                        me.report(&local, &job.id, next, None, None, why).await;
+                        // Not the app's doing, nor a fault of the host's: no one's.
+                        me.report(&local, &job.id, next, None, None, why, JobFault::Neither)
+                            .await;
                     });
                 }
                 _ => {}
@@ -271,8 +277,16 @@ impl JobRunner {
         {
             let (me, local, id) = (self.clone(), local.clone(), id.clone());
             tokio::spawn(async move {
-                me.report(&local, &id, JobState::Starting, None, None, None)
-                    .await
+                me.report(
+                    &local,
+                    &id,
+                    JobState::Starting,
+                    None,
+                    None,
+                    None,
+                    JobFault::App,
+                )
+                .await
             });
         }
         let outcome = match self.prepare(&local, &l).await {
@@ -286,7 +300,7 @@ impl JobRunner {
                 self.logs
                     .push(&l.job.app, &id, &l.job.proc_type, "init", why.clone());
                 l.tell(&why);
-                Outcome::failed(why)
+                Outcome::not_prepared(&e)
             }
         };
         // A build that succeeded leaves its slug; one that cannot be stored failed.
@@ -312,6 +326,7 @@ impl JobRunner {
                         state: JobState::Failed,
                         exit_status: Some(1),
                         error: Some(why),
+                        fault: JobFault::App,
                     };
                 }
             }
@@ -427,6 +442,7 @@ impl JobRunner {
             None,
             outcome.exit_status,
             outcome.error,
+            outcome.fault,
         )
         .await;
         if let Some(io) = &l.io {

@@ -5,7 +5,9 @@
 //!   discovery), so the next pass places replacements on live hosts;
 //! - a process type with fewer jobs of the formation's release than asked gets new ones,
 //!   each on the live host with the fewest jobs of that type (then the fewest jobs), unless
-//!   the type is backing off after repeated crashes;
+//!   the type is backing off after repeated crashes; a host that failed to start jobs (no
+//!   free address, its cgroups or disk) takes no new ones for a while (500 ms, doubling,
+//!   at most 30 s), and the other hosts take them;
 //! - extra jobs are stopped, the ones not yet running and the newest first;
 //! - jobs of an older release are stopped only as jobs of the new release are running, so
 //!   a rolling deploy never drops below the formation's count of running jobs;
@@ -303,8 +305,20 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
     let mut stopping: HashSet<&str> = HashSet::new();
     let mut keep: HashSet<&str> = HashSet::new();
     // Draining hosts take no new jobs, and their jobs are replaced like old releases'.
+    // Hosts that just failed to start jobs take none for a while either; their jobs stay.
     let draining = &s.cluster.draining;
-    let placeable: BTreeSet<u64> = live.difference(draining).copied().collect();
+    let paused = |h: &u64| {
+        s.jobs
+            .host_faults
+            .get(&h.to_string())
+            .is_some_and(|f| f.host_paused(now))
+    };
+    let placeable: BTreeSet<u64> = live
+        .difference(draining)
+        .filter(|h| !paused(h))
+        .copied()
+        .collect();
+    let paused_hosts = live.iter().filter(|h| paused(h)).count();
     let none = TypeJobs::default();
 
     for (app, f) in &s.jobs.formations {
@@ -404,8 +418,15 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                     .collect();
                     for _ in mine.len()..want_now {
                         let Some((_, _, _, host)) = candidates.pop_first() else {
+                            let paused = match paused_hosts {
+                                0 => String::new(),
+                                n => format!(
+                                    " ({n} host(s) take no new jobs for up to {} s after failing to start some)",
+                                    flynn_state::jobs::HOST_FAULT_MAX_DELAY_MS / 1000
+                                ),
+                            };
                             no_room.push(format!(
-                                "{app}/{ty}: {} more wanted, {} MiB and {}m CPU and a job address each",
+                                "{app}/{ty}: {} more wanted, {} MiB and {}m CPU and a job address each{paused}",
                                 want_now - mine.len(),
                                 need.memory >> 20,
                                 need.cpu
@@ -608,6 +629,7 @@ mod tests {
                     exit_status: None,
                     error: None,
                     now_ms: now,
+                    fault: Default::default(),
                 }
                 .into(),
             )
@@ -729,6 +751,7 @@ mod tests {
                         exit_status: Some(1),
                         error: None,
                         now_ms: now,
+                        fault: Default::default(),
                     }
                     .into(),
                 )
@@ -738,6 +761,84 @@ mod tests {
         }
         // Ten passes 100 ms apart: the first four restarts are immediate, then it waits.
         assert!((4..=5).contains(&placed), "placed {placed}");
+    }
+
+    /// Every active job on `host` failed as the host's fault (say, no free address there).
+    fn host_failed_all(s: &mut ClusterState, host: u64, now: u64) {
+        let ids: Vec<String> = s
+            .jobs
+            .jobs
+            .values()
+            .filter(|j| j.host == host && j.state.is_active())
+            .map(|j| j.id.clone())
+            .collect();
+        for id in ids {
+            let fail = JobsCommand::UpdateJob {
+                id,
+                state: JobState::Failed,
+                addr: None,
+                exit_status: None,
+                error: Some("no free job address on this host".into()),
+                now_ms: now,
+                fault: flynn_state::jobs::JobFault::Host,
+            };
+            s.apply(fail.into()).0.unwrap();
+        }
+    }
+
+    fn placed_on(plan: &[Command]) -> BTreeMap<u64, usize> {
+        let mut on = BTreeMap::new();
+        for c in plan {
+            if let Command::Jobs(JobsCommand::PlaceJobs { jobs, .. }) = c {
+                for j in jobs {
+                    *on.entry(j.host).or_default() += 1;
+                }
+            }
+        }
+        on
+    }
+
+    #[test]
+    fn t18_a_host_that_fails_to_start_jobs_is_passed_over_not_the_app() {
+        let mut s = state(&[1, 2]);
+        scale(&mut s, 4);
+        let first = plan(&s, 1_000);
+        assert_eq!(placed_on(&first), [(1, 2), (2, 2)].into());
+        for c in first {
+            s.apply(c).0.unwrap();
+        }
+        // Host 1 cannot start its two: they go to host 2 at once, the app not backed off.
+        host_failed_all(&mut s, 1, 1_000);
+        let again = plan(&s, 1_001);
+        assert_eq!(placed_on(&again), [(2, 2)].into());
+        for c in again {
+            s.apply(c).0.unwrap();
+        }
+        // Host 2 fails too: nothing is placed until a pause ends, and "no room" says why.
+        host_failed_all(&mut s, 2, 1_002);
+        let mut no_room = Vec::new();
+        let none = plan_noting(&s, 1_003, &mut no_room);
+        assert_eq!(placed_on(&none), BTreeMap::new());
+        assert!(
+            no_room.len() == 1 && no_room[0].contains("2 host(s) take no new jobs"),
+            "{no_room:?}"
+        );
+        // Host 1's two failures pause it 1 s; host 2's four, 4 s.
+        assert_eq!(placed_on(&plan(&s, 1_999)), BTreeMap::new());
+        let later = plan(&s, 2_000);
+        assert_eq!(placed_on(&later), [(1, 4)].into());
+        // A job that comes up on a host clears its record; host 2 stays paused.
+        for c in later {
+            s.apply(c).0.unwrap();
+        }
+        step(&mut s, 2_001);
+        assert_eq!(
+            s.jobs.host_faults.keys().collect::<Vec<_>>(),
+            ["2"],
+            "{:?}",
+            s.jobs.host_faults
+        );
+        assert!(!s.jobs.backoff.contains_key("web1/web"));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use flynn_job::cgroup::JobCgroup;
 use flynn_job::init::{EXIT_NOT_FOUND, EXIT_SETUP, INIT_PREFIX};
-use flynn_state::jobs::JobsCommand;
+use flynn_state::jobs::{JobFault, JobsCommand};
 use flynn_state::{Command, Job, JobState};
 use tokio::io::AsyncRead;
 
@@ -316,6 +316,7 @@ impl JobRunner {
                     exit_status: None,
                     error: None,
                     now_ms: crate::now_ms(),
+                    fault: Default::default(),
                 }
                 .into()];
                 if p.register {
@@ -383,6 +384,7 @@ impl JobRunner {
                     state: JobState::Crashed,
                     exit_status: None,
                     error: Some(e),
+                    fault: JobFault::App,
                 };
             }
             Err(_) => -1,
@@ -498,14 +500,27 @@ pub(crate) struct Outcome {
     pub(super) state: JobState,
     pub(super) exit_status: Option<i32>,
     pub(super) error: Option<String>,
+    /// Whom a failure counts against.
+    pub(super) fault: JobFault,
 }
 
 impl Outcome {
+    /// The host could not start or follow the job (a process it could not spawn or wait
+    /// for, a terminal it could not open).
     pub(super) fn failed(why: String) -> Self {
         Outcome {
             state: JobState::Failed,
             exit_status: None,
             error: Some(why),
+            fault: JobFault::Host,
+        }
+    }
+
+    /// The job could not be prepared: whom that counts against depends on why.
+    pub(super) fn not_prepared(e: &super::error::JobError) -> Self {
+        Outcome {
+            fault: e.fault(),
+            ..Outcome::failed(e.to_string())
         }
     }
 }
@@ -533,6 +548,7 @@ impl Outcome {
                 state: JobState::Done,
                 exit_status: Some(e.code),
                 error: None,
+                fault: JobFault::App,
             };
         }
         if e.oom {
@@ -540,6 +556,7 @@ impl Outcome {
                 state: JobState::Crashed,
                 exit_status: Some(e.code),
                 error: Some("out of memory".into()),
+                fault: JobFault::App,
             };
         }
         if let (Some(why), true) = (
@@ -550,6 +567,7 @@ impl Outcome {
                 state: JobState::Failed,
                 exit_status: Some(e.code),
                 error: Some(why),
+                fault: JobFault::App,
             };
         }
         if !e.up && status_ok(e.code) && e.registers {
@@ -557,6 +575,7 @@ impl Outcome {
                 state: JobState::Crashed,
                 exit_status: Some(e.code),
                 error: Some("exited before its port answered".into()),
+                fault: JobFault::App,
             };
         }
         match e.code {
@@ -564,16 +583,19 @@ impl Outcome {
                 state: JobState::Done,
                 exit_status: Some(0),
                 error: None,
+                fault: JobFault::App,
             },
             c if c > 128 => Outcome {
                 state: JobState::Crashed,
                 exit_status: Some(c),
                 error: Some(format!("killed by signal {}", c - 128)),
+                fault: JobFault::App,
             },
             c => Outcome {
                 state: JobState::Crashed,
                 exit_status: Some(c),
                 error: Some(format!("exited with status {c}")),
+                fault: JobFault::App,
             },
         }
     }

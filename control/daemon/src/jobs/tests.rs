@@ -164,8 +164,16 @@ async fn t02_reports_land_through_a_leader_change_and_stop_at_a_refusal() {
     // Two proposals fail as if no leader were there; the report lands on the third.
     fake.unavailable
         .store(2, std::sync::atomic::Ordering::SeqCst);
-    r.report(&state, &job.id, JobState::Starting, None, None, None)
-        .await;
+    r.report(
+        &state,
+        &job.id,
+        JobState::Starting,
+        None,
+        None,
+        None,
+        flynn_state::jobs::JobFault::App,
+    )
+    .await;
     assert_eq!(
         state.read(|s| s.jobs.jobs[&job.id].state),
         JobState::Starting
@@ -181,6 +189,7 @@ async fn t02_reports_land_through_a_leader_change_and_stop_at_a_refusal() {
             exit_status: None,
             error: None,
             now_ms: 3,
+            fault: Default::default(),
         }
         .into(),
     )

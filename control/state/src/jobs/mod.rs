@@ -3,8 +3,10 @@
 //! A release is immutable: a new image, new limits or a changed env make a new one, and the
 //! formation moves to it (a deploy). The scheduler (a leader controller) places jobs on hosts
 //! to match the formation; each host starts the jobs placed on it and reports their states
-//! back. Crashes are counted per process type so the scheduler can back off, and each host
-//! keeps a bounded history of stopped jobs per app.
+//! back. Crashes are counted per process type so the scheduler can back off; a host that
+//! could not start jobs (its network, cgroups or disk) is counted apart, and the scheduler
+//! places nothing new there for a while. Each host keeps a bounded history of stopped jobs
+//! per app.
 
 mod deploy;
 pub use deploy::{deploy_status, rollout, DeployStatus};
@@ -23,6 +25,7 @@ pub const RELEASES: Table = Table("release/");
 pub const FORMATIONS: Table = Table("formation/");
 pub const JOBS: Table = Table("job/");
 pub const BACKOFF: Table = Table("backoff/");
+pub const HOST_FAULTS: Table = Table("host-fault/");
 pub const SUBNETS: Table = Table("subnet/");
 pub const EXTRA_SUBNETS: Table = Table("extra-subnet/");
 pub const IMAGES: Table = Table("image/");
@@ -77,6 +80,9 @@ pub enum JobsCommand {
         #[serde(default)]
         error: Option<String>,
         now_ms: u64,
+        /// Whom a failure counts against; the app unless the host says otherwise.
+        #[serde(default, skip_serializing_if = "JobFault::is_app")]
+        fault: JobFault,
     },
     /// Asks a job's host to stop it.
     StopJob { id: String },
@@ -177,7 +183,26 @@ impl Backoff {
             n => (1000u64 << (n - 4).min(12)).min(300_000),
         }
     }
+
+    /// How long after a host's last failure to start a job it takes no new jobs: 500 ms,
+    /// doubling with each failure since a job last came up there, at most 30 s. Shorter than
+    /// an app's: the other hosts take the jobs meanwhile, and on a one-host cluster every
+    /// job waits for it.
+    pub fn host_delay_ms(&self) -> u64 {
+        match self.crashes {
+            0 => 0,
+            n => (500u64 << (n - 1).min(6)).min(HOST_FAULT_MAX_DELAY_MS),
+        }
+    }
+
+    /// Whether, at `now_ms`, a host with these failures takes new jobs.
+    pub fn host_paused(&self, now_ms: u64) -> bool {
+        now_ms < self.last_crash_ms.saturating_add(self.host_delay_ms())
+    }
 }
+
+/// The longest a host that keeps failing to start jobs is left out of placement.
+pub const HOST_FAULT_MAX_DELAY_MS: u64 = 30_000;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Jobs {
@@ -189,6 +214,10 @@ pub struct Jobs {
     pub jobs: BTreeMap<String, Job>,
     #[serde(default)]
     pub backoff: BTreeMap<String, Backoff>,
+    /// Recent failures of each host to start jobs (its own trouble, not the apps'), by host
+    /// id: `crashes` counts them since a job last came up there.
+    #[serde(default)]
+    pub host_faults: BTreeMap<String, Backoff>,
     /// Named images of the cluster (`base`).
     #[serde(default)]
     pub images: BTreeMap<String, Image>,
@@ -589,6 +618,7 @@ impl Area for Jobs {
                 exit_status,
                 error,
                 now_ms,
+                fault,
             } => {
                 let report = Report {
                     state,
@@ -596,7 +626,7 @@ impl Area for Jobs {
                     exit_status,
                     error,
                     now_ms,
-                    app_fault: true,
+                    fault,
                 };
                 update_job(s, &id, report, cx)
             }
@@ -716,7 +746,7 @@ impl Area for Jobs {
                         error: Some(format!("host {host} stopped answering")),
                         now_ms,
                         // Not the app's fault: no backoff for its replacement.
-                        app_fault: false,
+                        fault: JobFault::Neither,
                     };
                     update_job(s, id, report, cx)?;
                 }
@@ -731,6 +761,7 @@ impl Area for Jobs {
             (FORMATIONS, &self.formations),
             (JOBS, &self.jobs),
             (BACKOFF, &self.backoff),
+            (HOST_FAULTS, &self.host_faults),
             (SUBNETS, &self.subnets),
             (EXTRA_SUBNETS, &self.extra_subnets),
             (IMAGES, &self.images),
@@ -743,6 +774,7 @@ impl Area for Jobs {
             (FORMATIONS, &mut self.formations),
             (JOBS, &mut self.jobs),
             (BACKOFF, &mut self.backoff),
+            (HOST_FAULTS, &mut self.host_faults),
             (SUBNETS, &mut self.subnets),
             (EXTRA_SUBNETS, &mut self.extra_subnets),
             (IMAGES, &mut self.images),
@@ -757,8 +789,27 @@ struct Report {
     exit_status: Option<i32>,
     error: Option<String>,
     now_ms: u64,
-    /// Whether a failure counts towards the type's crash backoff.
-    app_fault: bool,
+    /// Whom a failure counts against.
+    fault: JobFault,
+}
+
+/// Whom a job's failure counts against.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobFault {
+    /// The app's crash backoff: a crash, or a failure of the job itself.
+    #[default]
+    App,
+    /// The host's: it could not start the job (its network, cgroups or disk).
+    Host,
+    /// No one's: the host lost the job (went down, or restarted before starting it).
+    Neither,
+}
+
+impl JobFault {
+    fn is_app(&self) -> bool {
+        *self == JobFault::App
+    }
 }
 
 fn update_job(s: &mut ClusterState, id: &str, report: Report, cx: &mut Cx) -> ApplyResult {
@@ -768,7 +819,7 @@ fn update_job(s: &mut ClusterState, id: &str, report: Report, cx: &mut Cx) -> Ap
         exit_status,
         error,
         now_ms,
-        app_fault,
+        fault,
     } = report;
     let job = s
         .jobs
@@ -798,7 +849,8 @@ fn update_job(s: &mut ClusterState, id: &str, report: Report, cx: &mut Cx) -> Ap
     if addr.is_some() {
         job.addr = addr;
     }
-    if state == JobState::Running && job.started_ms.is_none() {
+    let came_up = state == JobState::Running && job.started_ms.is_none();
+    if came_up {
         job.started_ms = Some(now_ms);
     }
     if !state.is_active() {
@@ -808,6 +860,11 @@ fn update_job(s: &mut ClusterState, id: &str, report: Report, cx: &mut Cx) -> Ap
     }
     let job = job.clone();
     cx.touch(JOBS, id);
+    // A job came up on its host: the host works again.
+    let host = job.host.to_string();
+    if came_up && s.jobs.host_faults.remove(&host).is_some() {
+        cx.touch(HOST_FAULTS, &host);
+    }
     if !state.is_active() {
         // It leaves discovery with its end, whoever noticed it.
         if let Some(svc) = s.discovery.services.get(&job.service()) {
@@ -815,11 +872,15 @@ fn update_job(s: &mut ClusterState, id: &str, report: Report, cx: &mut Cx) -> Ap
                 crate::discovery::remove_instance(s, &job.service(), &job.id, cx);
             }
         }
-        if matches!(state, JobState::Crashed | JobState::Failed)
-            && !job.oneoff
-            && app_fault
-            && before != JobState::Stopping
-        {
+        let failed = matches!(state, JobState::Crashed | JobState::Failed);
+        if failed && fault == JobFault::Host {
+            let key = job.host.to_string();
+            let f = s.jobs.host_faults.entry(key.clone()).or_default();
+            f.crashes = f.crashes.saturating_add(1);
+            f.last_crash_ms = now_ms;
+            cx.touch(HOST_FAULTS, &key);
+        }
+        if failed && !job.oneoff && fault == JobFault::App && before != JobState::Stopping {
             let key = format!("{}/{}", job.app, job.proc_type);
             let b = s.jobs.backoff.entry(key.clone()).or_default();
             let ran_long = job

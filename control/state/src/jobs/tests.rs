@@ -50,6 +50,7 @@ fn report(s: &mut ClusterState, id: &str, state: JobState, now_ms: u64) -> Apply
             exit_status: None,
             error: None,
             now_ms,
+            fault: Default::default(),
         },
     )
     .0
@@ -306,6 +307,7 @@ fn t17_the_deploy_verdict_follows_the_release_s_jobs() {
             exit_status: Some(3),
             error: Some("exited with status 3".into()),
             now_ms: 3,
+            fault: Default::default(),
         },
     )
     .0
@@ -388,4 +390,91 @@ fn t40_a_filling_host_claims_extra_subnets_and_gives_them_back() {
         matches!(r, Err(StateError::Conflict(ref m)) if m.contains("254")),
         "{r:?}"
     );
+}
+
+fn host_failed(s: &mut ClusterState, id: &str, now_ms: u64) {
+    apply(
+        s,
+        JobsCommand::UpdateJob {
+            id: id.into(),
+            state: JobState::Failed,
+            addr: None,
+            exit_status: None,
+            error: Some("no free job address on this host".into()),
+            now_ms,
+            fault: crate::jobs::JobFault::Host,
+        },
+    )
+    .0
+    .unwrap();
+}
+
+#[test]
+fn t41_a_host_that_cannot_start_jobs_is_paused_and_the_app_is_not_backed_off() {
+    let (mut s, r1) = deployed("web1");
+    // A burst of jobs the host had no address for: the app keeps no crash record.
+    for i in 0..10u64 {
+        let job = place(&mut s, &r1.id, 7);
+        host_failed(&mut s, &job.id, 1_000 + i);
+    }
+    assert!(
+        !s.jobs.backoff.contains_key("web1/web"),
+        "the host's trouble backed the app off: {:?}",
+        s.jobs.backoff
+    );
+    let f = s.jobs.host_faults["7"];
+    assert_eq!((f.crashes, f.last_crash_ms), (10, 1_009));
+    assert!(f.host_paused(1_009 + 29_999), "paused after ten in a row");
+    assert!(!f.host_paused(1_009 + 30_000), "never longer than 30 s");
+    // One failure pauses a host briefly; each more one doubles it.
+    let one = crate::jobs::Backoff {
+        crashes: 1,
+        last_crash_ms: 0,
+    };
+    assert_eq!(one.host_delay_ms(), 500);
+    assert_eq!(
+        crate::jobs::Backoff { crashes: 2, ..one }.host_delay_ms(),
+        1_000
+    );
+    // Another host, and the app's own crashes, are their own records.
+    let other = place(&mut s, &r1.id, 8);
+    report(&mut s, &other.id, JobState::Running, 2_000).unwrap();
+    report(&mut s, &other.id, JobState::Crashed, 2_001).unwrap();
+    assert_eq!(s.jobs.backoff["web1/web"].crashes, 1);
+    assert!(!s.jobs.host_faults.contains_key("8"));
+    // A job that comes up on the host clears its record.
+    let job = place(&mut s, &r1.id, 7);
+    report(&mut s, &job.id, JobState::Running, 3_000).unwrap();
+    assert!(!s.jobs.host_faults.contains_key("7"));
+    // The record is kept with the rest of the state.
+    let job = place(&mut s, &r1.id, 7);
+    host_failed(&mut s, &job.id, 4_000);
+    let mut loaded = ClusterState::default();
+    for (k, v) in s.records() {
+        loaded.load_record(&k, &v).unwrap();
+    }
+    assert_eq!(loaded.jobs.host_faults, s.jobs.host_faults);
+    assert_eq!(loaded.jobs.host_faults["7"].crashes, 1);
+}
+
+#[test]
+fn t42_a_report_without_a_fault_reads_as_before() {
+    // Entries logged before `fault` existed decode as the app's fault, and an app's
+    // report is written exactly as before (older hosts read it the same).
+    let old = r#"{"op":"update_job","id":"j1","state":"failed","now_ms":5}"#;
+    match serde_json::from_str::<JobsCommand>(old).unwrap() {
+        JobsCommand::UpdateJob { fault, .. } => assert_eq!(fault, crate::jobs::JobFault::App),
+        other => panic!("{other:?}"),
+    }
+    let report = JobsCommand::UpdateJob {
+        id: "j1".into(),
+        state: JobState::Failed,
+        addr: None,
+        exit_status: None,
+        error: None,
+        now_ms: 5,
+        fault: Default::default(),
+    };
+    let text = serde_json::to_string(&report).unwrap();
+    assert!(!text.contains("fault"), "{text}");
 }

@@ -90,6 +90,7 @@ fn start(s: &mut ClusterState, release: &str, host: u64, now: u64) {
             exit_status: None,
             error: None,
             now_ms: now,
+            fault: Default::default(),
         },
     );
     // Its keeper reports it.
@@ -152,6 +153,7 @@ fn end_job_on(s: &mut ClusterState, host: u64) {
             exit_status: None,
             error: Some("host down".into()),
             now_ms: 100,
+            fault: Default::default(),
         },
     );
 }
