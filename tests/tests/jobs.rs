@@ -1855,10 +1855,8 @@ async fn t26_a_host_that_cannot_start_jobs_is_passed_over_and_says_why() {
     let details = host_details(&c).await;
     let faults = &details[&far]["start_failures"];
     assert!(faults["count"].as_u64().unwrap() >= 1, "{faults}");
-    assert!(
-        faults["paused_until_ms"].as_u64() > faults["last_ms"].as_u64(),
-        "{faults}"
-    );
+    let pause = faults["paused_until_ms"].as_u64().unwrap() - faults["last_ms"].as_u64().unwrap();
+    assert!((500..=30_000).contains(&pause), "{faults}");
     let near = c.host_client(0).info().await.unwrap().node_id;
     assert!(details[&near]["start_failures"].is_null(), "{details:?}");
 }

@@ -275,16 +275,29 @@ impl JobCgroup {
         fs::write(&path, value).map_err(|e| Error::io(&path, e))
     }
 
+    /// Writes one of the job's limits; the kernel refusing it is [`Error::Limit`].
+    fn write_limit(&self, controller: &str, file: &str, value: &str) -> Result<(), Error> {
+        self.write(controller, file, value).map_err(|e| match e {
+            Error::Io { path, source } => Error::Limit {
+                path,
+                value: value.to_string(),
+                source,
+            },
+            e => e,
+        })
+    }
+
     fn limit(&self, _job: &str, limits: &Limits) -> Result<(), Error> {
         let v2 = matches!(self.hierarchy, Hierarchy::V2 { .. });
         if let Some(bytes) = limits.memory {
             if v2 {
-                self.write("memory", "memory.max", &bytes.to_string())?;
+                self.write_limit("memory", "memory.max", &bytes.to_string())?;
                 // No swap either, so the limit is the limit.
-                let _ = self.write("memory", "memory.swap.max", "0");
+                let _ = self.write_limit("memory", "memory.swap.max", "0");
             } else {
-                self.write("memory", "memory.limit_in_bytes", &bytes.to_string())?;
-                let _ = self.write("memory", "memory.memsw.limit_in_bytes", &bytes.to_string());
+                self.write_limit("memory", "memory.limit_in_bytes", &bytes.to_string())?;
+                let _ =
+                    self.write_limit("memory", "memory.memsw.limit_in_bytes", &bytes.to_string());
             }
         }
         // A reservation weighs as Flynn's did: 1024 shares (one default job) per core.
@@ -296,13 +309,13 @@ impl JobCgroup {
                 // The kernel's own mapping of v1 shares (2..262144) onto v2 weights (1..10000).
                 let shares = shares.clamp(2, 262_144);
                 let weight = 1 + ((shares - 2) * 9999) / 262_142;
-                self.write("cpu", "cpu.weight", &weight.to_string())?;
+                self.write_limit("cpu", "cpu.weight", &weight.to_string())?;
             } else {
-                self.write("cpu", "cpu.shares", &shares.to_string())?;
+                self.write_limit("cpu", "cpu.shares", &shares.to_string())?;
             }
         }
         if let Some(n) = limits.max_procs {
-            self.write("pids", "pids.max", &n.to_string())?;
+            self.write_limit("pids", "pids.max", &n.to_string())?;
         }
         Ok(())
     }
@@ -493,5 +506,28 @@ mod tests {
         let _ = fs::remove_file(format!("/dev/shm/{job}"));
         cg.remove();
         assert!(cg.dirs.iter().all(|d| !d.exists()));
+    }
+
+    #[test]
+    fn t13_a_limit_the_kernel_refuses_is_the_limit_s_error() {
+        let h = Hierarchy::detect().unwrap();
+        let job = format!("fltest-limit-{}", std::process::id());
+        // Over the kernel's pid maximum (4,194,304): pids.max says EINVAL.
+        let limits = Limits {
+            max_procs: Some(5_000_000),
+            ..Limits::default()
+        };
+        let result = h.create(&job, &limits);
+        let cleanup = h.existing(&job);
+        match result {
+            Err(Error::Limit { path, value, .. }) => {
+                assert!(path.ends_with("pids.max"), "{}", path.display());
+                assert_eq!(value, "5000000");
+            }
+            // A host without the pids controller limits nothing.
+            Ok(cg) if cg.dir_of("pids").is_none() => {}
+            other => panic!("{other:?}"),
+        }
+        cleanup.remove();
     }
 }

@@ -18,6 +18,14 @@ pub enum Error {
     },
     #[error("{0}")]
     Layer(String),
+    /// The kernel refused one of the job's own limits (say, a `pids.max` over its
+    /// maximum): the release's doing, not the host's.
+    #[error("limit {value} in {}: {source}", path.display())]
+    Limit {
+        path: PathBuf,
+        value: String,
+        source: std::io::Error,
+    },
 }
 
 impl Error {

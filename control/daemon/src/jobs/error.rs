@@ -18,6 +18,9 @@ pub enum JobError {
     UnpackLayer { layer: String, why: String },
     #[error("cgroup: {0}")]
     Cgroup(String),
+    /// The kernel refused one of the process type's limits.
+    #[error("the process type's limits: {0}")]
+    Limits(String),
     /// `--job-network routed` and the host's job network is not there.
     #[error("this host cannot give jobs their own network: {0}")]
     NoJobNetwork(String),
@@ -58,18 +61,22 @@ impl JobError {
     /// the host, a broken release would take every host out of placement, for every app.
     pub fn fault(&self) -> JobFault {
         match self {
-            JobError::ReleaseGone(_) | JobError::RecordVolume { .. } => JobFault::Neither,
+            JobError::ReleaseGone(_) => JobFault::Neither,
             JobError::NoBlobstore(_)
             | JobError::Cgroup(_)
             | JobError::NoJobNetwork(_)
             | JobError::Network(_)
             | JobError::NoPort
-            | JobError::TakeUpVolume { .. }
             | JobError::Io(_)
             | JobError::Dir(_) => JobFault::Host,
+            // A volume recorded or taken up through the cluster state is a failed write
+            // to it: the app's backoff keeps that from spinning.
             JobError::FetchLayer { .. }
             | JobError::UnpackLayer { .. }
+            | JobError::Limits(_)
             | JobError::Volume { .. }
+            | JobError::RecordVolume { .. }
+            | JobError::TakeUpVolume { .. }
             | JobError::Build(_)
             | JobError::StoreSlug(_)
             | JobError::Store(_) => JobFault::App,
@@ -88,6 +95,8 @@ mod tests {
             JobError::NoPort,
             JobError::Cgroup("mkdir: no space left on device".into()),
             JobError::NoJobNetwork("no job subnet".into()),
+            JobError::NoBlobstore(""),
+            JobError::Io(std::io::Error::other("job directory")),
         ];
         for e in &host {
             assert_eq!(e.fault(), JobFault::Host, "{e}");
@@ -106,6 +115,12 @@ mod tests {
             JobError::Volume {
                 path: "/data".into(),
                 why: "size over the pool's".into(),
+            },
+            JobError::Limits("pids.max 5000000: invalid argument".into()),
+            JobError::TakeUpVolume {
+                id: "v1".into(),
+                path: "/data".into(),
+                why: "no leader".into(),
             },
         ];
         for e in &app {

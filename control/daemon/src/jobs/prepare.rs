@@ -66,10 +66,12 @@ impl JobRunner {
             None => Vec::new(),
         };
         let cgroup = match &self.cgroups {
-            Some(h) => Some(
-                h.create(&self.cgroup_name(&job.id), &proc.limits)
-                    .map_err(|e| JobError::Cgroup(e.to_string()))?,
-            ),
+            Some(h) => Some(h.create(&self.cgroup_name(&job.id), &proc.limits).map_err(
+                |e| match e {
+                    flynn_job::Error::Limit { .. } => JobError::Limits(e.to_string()),
+                    e => JobError::Cgroup(e.to_string()),
+                },
+            )?),
             None => None,
         };
         let routed = self

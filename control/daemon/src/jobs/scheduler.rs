@@ -305,20 +305,20 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
     let mut stopping: HashSet<&str> = HashSet::new();
     let mut keep: HashSet<&str> = HashSet::new();
     // Draining hosts take no new jobs, and their jobs are replaced like old releases'.
-    // Hosts that just failed to start jobs take none for a while either; their jobs stay.
     let draining = &s.cluster.draining;
-    let paused = |h: &u64| {
-        s.jobs
-            .host_faults
-            .get(&h.to_string())
-            .is_some_and(|f| f.host_paused(now))
-    };
-    let placeable: BTreeSet<u64> = live
-        .difference(draining)
-        .filter(|h| !paused(h))
+    let placeable: BTreeSet<u64> = live.difference(draining).copied().collect();
+    // Hosts that just failed to start jobs take none for a while either, but their jobs
+    // count and stay as any others do.
+    let paused: HashSet<u64> = live
+        .iter()
         .copied()
+        .filter(|h| {
+            s.jobs
+                .host_faults
+                .get(&h.to_string())
+                .is_some_and(|f| f.host_paused(now))
+        })
         .collect();
-    let paused_hosts = live.iter().filter(|h| paused(h)).count();
     let none = TypeJobs::default();
 
     for (app, f) in &s.jobs.formations {
@@ -412,13 +412,24 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                         None => placeable.iter().copied().collect(),
                     }
                     .into_iter()
+                    .filter(|h| !paused.contains(h))
                     .filter(|h| room(*h, &reserved))
                     .filter(|h| !proc.one_per_host || !held_hosts.contains(&(app, ty, *h)))
                     .map(|h| rank(h, &free_volumes, &type_load, &load))
                     .collect();
-                    for _ in mine.len()..want_now {
+                    // A kept volume of the type on a paused host waits there for its job:
+                    // placed elsewhere, that job would start on a new, empty volume.
+                    let waiting: usize = match only_host {
+                        // An omni type's group is one host: paused, it gets nothing anyway.
+                        Some(_) => 0,
+                        None => paused
+                            .iter()
+                            .filter_map(|h| free_volumes.get(&(app, ty, *h)))
+                            .sum(),
+                    };
+                    for _ in mine.len()..want_now.saturating_sub(waiting) {
                         let Some((_, _, _, host)) = candidates.pop_first() else {
-                            let paused = match paused_hosts {
+                            let why = match paused.len() {
                                 0 => String::new(),
                                 n => format!(
                                     " ({n} host(s) take no new jobs for up to {} s after failing to start some)",
@@ -426,7 +437,7 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                                 ),
                             };
                             no_room.push(format!(
-                                "{app}/{ty}: {} more wanted, {} MiB and {}m CPU and a job address each{paused}",
+                                "{app}/{ty}: {} more wanted, {} MiB and {}m CPU and a job address each{why}",
                                 want_now - mine.len(),
                                 need.memory >> 20,
                                 need.cpu
@@ -842,6 +853,61 @@ mod tests {
     }
 
     #[test]
+    fn t19_an_omni_type_s_job_on_a_paused_host_counts_through_a_deploy() {
+        let mut s = state(&[1, 2, 3]);
+        let web = flynn_state::ProcessType {
+            omni: true,
+            ..Default::default()
+        };
+        let image = s.jobs.current_release("web1").unwrap().image.clone();
+        let release = NewRelease {
+            image,
+            processes: Some([("web".to_string(), web)].into()),
+        };
+        let create = JobsCommand::CreateRelease {
+            app: "web1".into(),
+            release,
+            now_ms: 1,
+        };
+        s.apply(create.into()).0.unwrap();
+        scale(&mut s, 1);
+        step(&mut s, 2);
+        assert_eq!(running_on(&s), [(1, 1), (2, 1), (3, 1)].into());
+        // Host 1 failed to start jobs a moment ago: it is paused for 30 s.
+        let fault = flynn_state::jobs::Backoff {
+            crashes: 7,
+            last_crash_ms: 3,
+        };
+        s.jobs.host_faults.insert("1".into(), fault);
+        let new = redeploy(&mut s, 3);
+        // The new release's jobs go to hosts 2 and 3; no old job stops before they run.
+        let first = plan(&s, 4);
+        assert_eq!(placed_on(&first), [(2, 1), (3, 1)].into());
+        assert!(
+            !first
+                .iter()
+                .any(|c| matches!(c, Command::Jobs(JobsCommand::StopJob { .. }))),
+            "{first:?}"
+        );
+        step(&mut s, 4);
+        step(&mut s, 5);
+        // Three still run (old jobs go one for one as new ones run, as in any omni deploy),
+        // and none of the new release on host 1 until its pause ends.
+        assert_eq!(running_jobs(&s).len(), 3);
+        assert!(!running_jobs(&s)
+            .iter()
+            .any(|j| j.host == 1 && j.release == new));
+        // Then it gets the new one, and the old one goes.
+        for h in [1, 2, 3] {
+            alive(&mut s, h, 30_000);
+        }
+        step(&mut s, 30_004);
+        step(&mut s, 30_005);
+        assert!(running_jobs(&s).iter().all(|j| j.release == new));
+        assert_eq!(running_on(&s), [(1, 1), (2, 1), (3, 1)].into());
+    }
+
+    #[test]
     fn t14_jobs_go_only_where_their_memory_limit_fits() {
         const MIB: u64 = 1 << 20;
         let mut s = state(&[1, 2]);
@@ -1034,6 +1100,44 @@ mod tests {
         scale(&mut s, 2);
         step(&mut s, 2);
         assert_eq!(running_on(&s).get(&3), Some(&1));
+    }
+
+    #[test]
+    fn t20_a_kept_volume_on_a_paused_host_waits_for_its_host() {
+        let mut s = state(&[1, 2, 3]);
+        let volume = flynn_state::volumes::Volume {
+            id: "web-v0".into(),
+            host: 3,
+            provider: "zfs".into(),
+            size: None,
+            app: Some("web1".into()),
+            job: Some("gone".into()),
+            proc_type: Some("web".into()),
+            path: Some("/data".into()),
+            snapshots: Vec::new(),
+            created_ms: 1,
+        };
+        s.apply(flynn_state::VolumesCommand::PutVolume { volume }.into())
+            .0
+            .unwrap();
+        // Host 3 failed to start a job a moment ago (another app's, say).
+        let fault = flynn_state::jobs::Backoff {
+            crashes: 1,
+            last_crash_ms: 10,
+        };
+        s.jobs.host_faults.insert("3".into(), fault);
+        scale(&mut s, 2);
+        // One job goes elsewhere; the one whose data waits on host 3 is not placed on an
+        // empty volume somewhere else.
+        let paused = plan(&s, 11);
+        assert_eq!(placed_on(&paused).values().sum::<usize>(), 1, "{paused:?}");
+        assert!(!placed_on(&paused).contains_key(&3));
+        for c in paused {
+            s.apply(c).0.unwrap();
+        }
+        // Once the pause ends, it goes to its volume.
+        let after = plan(&s, 10 + 500);
+        assert_eq!(placed_on(&after), [(3, 1)].into());
     }
 
     #[test]

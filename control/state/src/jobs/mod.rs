@@ -37,6 +37,9 @@ pub const MAX_SCALE: i64 = 1000;
 /// Most job subnets (of 253 addresses each) one host holds: its first and the extra ones
 /// it claims as it fills. With 254 in all, a cluster of up to 63 hosts never runs short.
 pub const MAX_SUBNETS_PER_HOST: usize = 4;
+/// The most processes a job may be limited to: Linux's pid maximum (`PID_MAX_LIMIT`), past
+/// which `pids.max` is refused.
+pub const MAX_PROCS_LIMIT: u64 = 4 << 20;
 /// A job that ran this long before crashing resets its type's crash count.
 pub const CRASH_RESET_MS: u64 = 30_000;
 
@@ -185,7 +188,8 @@ impl Backoff {
     }
 
     /// How long after a host's last failure to start a job it takes no new jobs: 500 ms,
-    /// doubling with each failure since a job last came up there, at most 30 s. Shorter than
+    /// doubling with each failure since a job last came up there (or since a minute
+    /// without one), at most 30 s. Shorter than
     /// an app's: the other hosts take the jobs meanwhile, and on a one-host cluster every
     /// job waits for it.
     pub fn host_delay_ms(&self) -> u64 {
@@ -203,6 +207,8 @@ impl Backoff {
 
 /// The longest a host that keeps failing to start jobs is left out of placement.
 pub const HOST_FAULT_MAX_DELAY_MS: u64 = 30_000;
+/// A host failure this long after the one before starts the count again.
+pub const HOST_FAULT_FORGET_MS: u64 = 60_000;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Jobs {
@@ -549,6 +555,11 @@ impl Area for Jobs {
                 {
                     return Err(StateError::Invalid("limits must be positive".into()));
                 }
+                if limits.max_procs.is_some_and(|n| n > MAX_PROCS_LIMIT) {
+                    return Err(StateError::Invalid(format!(
+                        "a process limit over {MAX_PROCS_LIMIT} (the kernel's most) cannot be set"
+                    )));
+                }
                 p.limits = limits;
                 release.created_ms = now_ms;
                 let release = s.jobs.deploy(release, cx);
@@ -876,6 +887,10 @@ fn update_job(s: &mut ClusterState, id: &str, report: Report, cx: &mut Cx) -> Ap
         if failed && fault == JobFault::Host {
             let key = job.host.to_string();
             let f = s.jobs.host_faults.entry(key.clone()).or_default();
+            // An old run of failures says little about a host now.
+            if now_ms.saturating_sub(f.last_crash_ms) >= HOST_FAULT_FORGET_MS {
+                f.crashes = 0;
+            }
             f.crashes = f.crashes.saturating_add(1);
             f.last_crash_ms = now_ms;
             cx.touch(HOST_FAULTS, &key);

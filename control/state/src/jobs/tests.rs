@@ -455,6 +455,27 @@ fn t41_a_host_that_cannot_start_jobs_is_paused_and_the_app_is_not_backed_off() {
     }
     assert_eq!(loaded.jobs.host_faults, s.jobs.host_faults);
     assert_eq!(loaded.jobs.host_faults["7"].crashes, 1);
+    // A failure a minute after the last starts the count again.
+    let job = place(&mut s, &r1.id, 7);
+    host_failed(&mut s, &job.id, 4_500);
+    assert_eq!(s.jobs.host_faults["7"].crashes, 2);
+    let job = place(&mut s, &r1.id, 7);
+    host_failed(&mut s, &job.id, 4_500 + crate::jobs::HOST_FAULT_FORGET_MS);
+    assert_eq!(s.jobs.host_faults["7"].crashes, 1);
+    // A lost job counts against no one.
+    let job = place(&mut s, &r1.id, 9);
+    let lost = JobsCommand::UpdateJob {
+        id: job.id.clone(),
+        state: JobState::Failed,
+        addr: None,
+        exit_status: None,
+        error: Some("its host restarted while it ran".into()),
+        now_ms: 5_000,
+        fault: crate::jobs::JobFault::Neither,
+    };
+    ok(&mut s, lost);
+    assert!(!s.jobs.host_faults.contains_key("9"));
+    assert_eq!(s.jobs.backoff["web1/web"].crashes, 1, "unchanged");
 }
 
 #[test]
@@ -466,15 +487,69 @@ fn t42_a_report_without_a_fault_reads_as_before() {
         JobsCommand::UpdateJob { fault, .. } => assert_eq!(fault, crate::jobs::JobFault::App),
         other => panic!("{other:?}"),
     }
-    let report = JobsCommand::UpdateJob {
+    let failed = |fault| JobsCommand::UpdateJob {
         id: "j1".into(),
         state: JobState::Failed,
         addr: None,
         exit_status: None,
         error: None,
         now_ms: 5,
-        fault: Default::default(),
+        fault,
     };
-    let text = serde_json::to_string(&report).unwrap();
+    let text = serde_json::to_string(&failed(crate::jobs::JobFault::App)).unwrap();
     assert!(!text.contains("fault"), "{text}");
+    // A host's fault goes through the log (a `Command`) and back as it was.
+    let host = Command::from(failed(crate::jobs::JobFault::Host));
+    let text = serde_json::to_string(&host).unwrap();
+    assert!(text.contains(r#""fault":"host""#), "{text}");
+    assert_eq!(serde_json::from_str::<Command>(&text).unwrap(), host);
+}
+
+#[test]
+fn t43_limits_the_kernel_would_refuse_are_refused_up_front() {
+    let (mut s, _) = deployed("web1");
+    let set = |limits: Limits| JobsCommand::SetLimits {
+        app: "web1".into(),
+        proc_type: "web".into(),
+        limits,
+        now_ms: 2,
+    };
+    let before = s.clone();
+    for (limits, why) in [
+        (
+            Limits {
+                max_procs: Some(crate::jobs::MAX_PROCS_LIMIT + 1),
+                ..Limits::default()
+            },
+            "the kernel's most",
+        ),
+        (
+            Limits {
+                max_procs: Some(0),
+                ..Limits::default()
+            },
+            "positive",
+        ),
+        (
+            Limits {
+                memory: Some(1 << 20),
+                ..Limits::default()
+            },
+            "under 4MB",
+        ),
+    ] {
+        let (r, _) = apply(&mut s, set(limits));
+        assert!(
+            matches!(&r, Err(StateError::Invalid(m)) if m.contains(why)),
+            "{r:?}"
+        );
+        assert_eq!(s, before, "a refused limit changes nothing");
+    }
+    let most = Limits {
+        max_procs: Some(crate::jobs::MAX_PROCS_LIMIT),
+        ..Limits::default()
+    };
+    ok(&mut s, set(most));
+    let web = &s.jobs.current_release("web1").unwrap().processes["web"];
+    assert_eq!(web.limits.max_procs, Some(crate::jobs::MAX_PROCS_LIMIT));
 }
