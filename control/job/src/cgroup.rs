@@ -275,16 +275,26 @@ impl JobCgroup {
         fs::write(&path, value).map_err(|e| Error::io(&path, e))
     }
 
-    /// Writes one of the job's limits; the kernel refusing it is [`Error::Limit`].
+    /// Writes one of the job's limits. The kernel refusing the value (EINVAL, ERANGE) is
+    /// [`Error::Limit`]. A limit file that is not there is a controller this host does not
+    /// give a job (on v2, one not delegated): not limited, as an unmounted v1 controller.
+    /// Anything else stays the host's [`Error::Io`].
     fn write_limit(&self, controller: &str, file: &str, value: &str) -> Result<(), Error> {
-        self.write(controller, file, value).map_err(|e| match e {
-            Error::Io { path, source } => Error::Limit {
-                path,
-                value: value.to_string(),
-                source,
-            },
-            e => e,
-        })
+        match self.write(controller, file, value) {
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(())
+            }
+            Err(Error::Io { path, source })
+                if matches!(source.raw_os_error(), Some(libc::EINVAL | libc::ERANGE)) =>
+            {
+                Err(Error::Limit {
+                    path,
+                    value: value.to_string(),
+                    source,
+                })
+            }
+            other => other,
+        }
     }
 
     fn limit(&self, _job: &str, limits: &Limits) -> Result<(), Error> {
@@ -520,12 +530,20 @@ mod tests {
         let result = h.create(&job, &limits);
         let cleanup = h.existing(&job);
         match result {
-            Err(Error::Limit { path, value, .. }) => {
+            Err(Error::Limit {
+                path,
+                value,
+                source,
+            }) => {
                 assert!(path.ends_with("pids.max"), "{}", path.display());
                 assert_eq!(value, "5000000");
+                assert_eq!(source.raw_os_error(), Some(libc::EINVAL));
             }
             // A host without the pids controller limits nothing.
-            Ok(cg) if cg.dir_of("pids").is_none() => {}
+            Ok(cg)
+                if cg
+                    .dir_of("pids")
+                    .is_none_or(|d| !d.join("pids.max").exists()) => {}
             other => panic!("{other:?}"),
         }
         cleanup.remove();

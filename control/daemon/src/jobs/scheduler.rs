@@ -289,12 +289,24 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
     }
 
     // Kept data volumes no active job holds, by app, type and host: a job of that type goes
-    // where one waits for it, so it takes its data up again.
+    // where one waits for it, so it takes its data up again. Counted in jobs: only volumes
+    // at the first kept path the type's current release declares (a job takes one at each).
     let is_active = |id: &str| s.jobs.jobs.get(id).is_some_and(|j| j.state.is_active());
+    let first_kept_path = |app: &str, ty: &str| {
+        s.jobs
+            .current_release(app)?
+            .processes
+            .get(ty)?
+            .volumes
+            .iter()
+            .find(|v| !v.delete_on_stop)
+            .map(|v| v.path.clone())
+    };
     let mut free_volumes: HashMap<(&str, &str, u64), usize> = HashMap::new();
     for v in s.volumes.volumes.values() {
         if let (Some(app), Some(ty), Some(path)) = (&v.app, &v.proc_type, &v.path) {
-            if v.free_for(app, ty, path, is_active) {
+            let declared = first_kept_path(app, ty).is_some_and(|p| p == *path);
+            if declared && v.free_for(app, ty, path, is_active) {
                 *free_volumes.entry((app, ty, v.host)).or_default() += 1;
             }
         }
@@ -374,6 +386,10 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                     ),
                 };
                 let want_now = want.saturating_sub(held);
+                // A paused host's own group (an omni type) waits for it, quietly.
+                if only_host.is_some_and(|h| paused.contains(&h)) {
+                    continue;
+                }
                 if mine.len() < want_now {
                     let backoff = s
                         .jobs
@@ -417,19 +433,27 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                     .filter(|h| !proc.one_per_host || !held_hosts.contains(&(app, ty, *h)))
                     .map(|h| rank(h, &free_volumes, &type_load, &load))
                     .collect();
-                    // A kept volume of the type on a paused host waits there for its job:
-                    // placed elsewhere, that job would start on a new, empty volume.
-                    let waiting: usize = match only_host {
-                        // An omni type's group is one host: paused, it gets nothing anyway.
-                        Some(_) => 0,
-                        None => paused
-                            .iter()
-                            .filter_map(|h| free_volumes.get(&(app, ty, *h)))
-                            .sum(),
+                    // A job whose kept volume waits on a paused host (one that could take it)
+                    // waits for that host: placed elsewhere, it would start on a new, empty
+                    // volume. Jobs go to volumes on hosts not paused first.
+                    let free_on = |h: &u64| free_volumes.get(&(app, ty, *h)).copied().unwrap_or(0);
+                    let could_take = |h: &u64| {
+                        placeable.contains(h)
+                            && room(*h, &reserved)
+                            && !(proc.one_per_host && held_hosts.contains(&(app, ty, *h)))
                     };
-                    for _ in mine.len()..want_now.saturating_sub(waiting) {
+                    let on_paused: usize =
+                        paused.iter().filter(|h| could_take(h)).map(free_on).sum();
+                    let elsewhere: usize = placeable
+                        .iter()
+                        .filter(|h| !paused.contains(h))
+                        .map(free_on)
+                        .sum();
+                    let wanted = want_now - mine.len();
+                    let waiting = on_paused.min(wanted.saturating_sub(elsewhere));
+                    for _ in mine.len()..want_now - waiting {
                         let Some((_, _, _, host)) = candidates.pop_first() else {
-                            let why = match paused.len() {
+                            let why = match paused.iter().filter(|h| placeable.contains(h)).count() {
                                 0 => String::new(),
                                 n => format!(
                                     " ({n} host(s) take no new jobs for up to {} s after failing to start some)",
@@ -438,7 +462,7 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                             };
                             no_room.push(format!(
                                 "{app}/{ty}: {} more wanted, {} MiB and {}m CPU and a job address each{why}",
-                                want_now - mine.len(),
+                                want_now - waiting - mine.len(),
                                 need.memory >> 20,
                                 need.cpu
                             ));
@@ -1064,13 +1088,10 @@ mod tests {
         assert_eq!(running_on(&s), [(1, 1), (2, 1), (3, 1)].into());
     }
 
-    #[test]
-    fn t15_a_job_goes_where_a_kept_data_volume_of_its_type_waits() {
-        let mut s = state(&[1, 2, 3]);
-        // Host 3 holds a volume web1/web left (a restored backup, an earlier job).
-        // A volume of another type on host 2 does not draw it.
-        let volume = |ty: &str, host: u64| flynn_state::volumes::Volume {
-            id: format!("{ty}-v0"),
+    /// A volume of web1 at /data that job `gone` left on `host`.
+    fn left_volume(id: &str, ty: &str, host: u64) -> flynn_state::volumes::Volume {
+        flynn_state::volumes::Volume {
+            id: id.into(),
             host,
             provider: "zfs".into(),
             size: None,
@@ -1080,7 +1101,38 @@ mod tests {
             path: Some("/data".into()),
             snapshots: Vec::new(),
             created_ms: 1,
+        }
+    }
+
+    /// A release of web1 whose web type keeps its data at /data.
+    fn keeps_data(s: &mut ClusterState) {
+        let web = flynn_state::ProcessType {
+            ports: true,
+            volumes: vec![flynn_state::VolumeReq {
+                path: "/data".into(),
+                delete_on_stop: false,
+            }],
+            ..Default::default()
         };
+        let image = s.jobs.current_release("web1").unwrap().image.clone();
+        let create = JobsCommand::CreateRelease {
+            app: "web1".into(),
+            release: NewRelease {
+                image,
+                processes: Some([("web".to_string(), web)].into()),
+            },
+            now_ms: 1,
+        };
+        s.apply(create.into()).0.unwrap();
+    }
+
+    #[test]
+    fn t15_a_job_goes_where_a_kept_data_volume_of_its_type_waits() {
+        let mut s = state(&[1, 2, 3]);
+        keeps_data(&mut s);
+        // Host 3 holds a volume web1/web left (a restored backup, an earlier job).
+        // A volume of another type on host 2 does not draw it.
+        let volume = |ty: &str, host: u64| left_volume(&format!("{ty}-v0"), ty, host);
         for v in [volume("web", 3), volume("worker", 2)] {
             s.apply(flynn_state::VolumesCommand::PutVolume { volume: v }.into())
                 .0
@@ -1102,30 +1154,32 @@ mod tests {
         assert_eq!(running_on(&s).get(&3), Some(&1));
     }
 
-    #[test]
-    fn t20_a_kept_volume_on_a_paused_host_waits_for_its_host() {
-        let mut s = state(&[1, 2, 3]);
-        let volume = flynn_state::volumes::Volume {
-            id: "web-v0".into(),
-            host: 3,
-            provider: "zfs".into(),
-            size: None,
-            app: Some("web1".into()),
-            job: Some("gone".into()),
-            proc_type: Some("web".into()),
-            path: Some("/data".into()),
-            snapshots: Vec::new(),
-            created_ms: 1,
-        };
-        s.apply(flynn_state::VolumesCommand::PutVolume { volume }.into())
-            .0
-            .unwrap();
-        // Host 3 failed to start a job a moment ago (another app's, say).
+    /// A web volume left on each of `hosts`.
+    fn volumes_left_on(s: &mut ClusterState, hosts: &[u64]) {
+        for h in hosts {
+            let volume = left_volume(&format!("web-v{h}"), "web", *h);
+            s.apply(flynn_state::VolumesCommand::PutVolume { volume }.into())
+                .0
+                .unwrap();
+        }
+    }
+
+    /// `host` failed to start a job at 10 ms: paused until 510 ms.
+    fn paused_at_10(s: &mut ClusterState, host: u64) {
         let fault = flynn_state::jobs::Backoff {
             crashes: 1,
             last_crash_ms: 10,
         };
-        s.jobs.host_faults.insert("3".into(), fault);
+        s.jobs.host_faults.insert(host.to_string(), fault);
+    }
+
+    #[test]
+    fn t20_a_kept_volume_on_a_paused_host_waits_for_its_host() {
+        let mut s = state(&[1, 2, 3]);
+        keeps_data(&mut s);
+        volumes_left_on(&mut s, &[3]);
+        // Host 3 failed to start a job a moment ago (another app's, say).
+        paused_at_10(&mut s, 3);
         scale(&mut s, 2);
         // One job goes elsewhere; the one whose data waits on host 3 is not placed on an
         // empty volume somewhere else.
@@ -1138,6 +1192,17 @@ mod tests {
         // Once the pause ends, it goes to its volume.
         let after = plan(&s, 10 + 500);
         assert_eq!(placed_on(&after), [(3, 1)].into());
+    }
+
+    #[test]
+    fn t21_a_job_takes_a_waiting_volume_on_a_host_not_paused_first() {
+        let mut s = state(&[1, 2, 3]);
+        keeps_data(&mut s);
+        volumes_left_on(&mut s, &[2, 3]);
+        paused_at_10(&mut s, 3);
+        // One job wanted, and a volume waits on host 2 too: it goes there now.
+        scale(&mut s, 1);
+        assert_eq!(placed_on(&plan(&s, 11)), [(2, 1)].into());
     }
 
     #[test]
@@ -1185,28 +1250,7 @@ mod tests {
     #[test]
     fn t17_a_type_with_kept_volumes_deploys_stop_first_one_at_a_time() {
         let mut s = state(&[1, 2]);
-        let web = flynn_state::ProcessType {
-            ports: true,
-            volumes: vec![flynn_state::VolumeReq {
-                path: "/data".into(),
-                delete_on_stop: false,
-            }],
-            ..Default::default()
-        };
-        let image = s.jobs.current_release("web1").unwrap().image.clone();
-        s.apply(
-            JobsCommand::CreateRelease {
-                app: "web1".into(),
-                release: NewRelease {
-                    image,
-                    processes: Some([("web".to_string(), web)].into()),
-                },
-                now_ms: 1,
-            }
-            .into(),
-        )
-        .0
-        .unwrap();
+        keeps_data(&mut s);
         scale(&mut s, 2);
         step(&mut s, 2);
         assert_eq!(running_on(&s), [(1, 1), (2, 1)].into());

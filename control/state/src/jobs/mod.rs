@@ -367,6 +367,11 @@ fn check_release(r: &Release) -> Result<(), StateError> {
     }
     for (name, p) in &r.processes {
         validate::proc_type(name)?;
+        if p.limits.max_procs.is_some_and(|n| n > MAX_PROCS_LIMIT) {
+            return Err(StateError::Invalid(format!(
+                "process type {name:?}: a process limit over {MAX_PROCS_LIMIT} (the kernel's most) cannot be set"
+            )));
+        }
         let mut paths = std::collections::BTreeSet::new();
         for v in &p.volumes {
             let bad = !v.path.starts_with('/')

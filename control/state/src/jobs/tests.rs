@@ -545,6 +545,30 @@ fn t43_limits_the_kernel_would_refuse_are_refused_up_front() {
         );
         assert_eq!(s, before, "a refused limit changes nothing");
     }
+    // A release made with its process types is held to the same.
+    let image = s.jobs.current_release("web1").unwrap().image.clone();
+    let web = ProcessType {
+        limits: Limits {
+            max_procs: Some(crate::jobs::MAX_PROCS_LIMIT + 1),
+            ..Limits::default()
+        },
+        ..ProcessType::default()
+    };
+    let (r, _) = apply(
+        &mut s,
+        JobsCommand::CreateRelease {
+            app: "web1".into(),
+            release: NewRelease {
+                image,
+                processes: Some([("web".to_string(), web)].into()),
+            },
+            now_ms: 2,
+        },
+    );
+    assert!(
+        matches!(&r, Err(StateError::Invalid(m)) if m.contains("the kernel's most")),
+        "{r:?}"
+    );
     let most = Limits {
         max_procs: Some(crate::jobs::MAX_PROCS_LIMIT),
         ..Limits::default()
