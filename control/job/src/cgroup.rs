@@ -276,14 +276,18 @@ impl JobCgroup {
     }
 
     /// Writes one of the job's limits. The kernel refusing the value (EINVAL, ERANGE) is
-    /// [`Error::Limit`]. A limit file that is not there is a controller this host does not
-    /// give a job (on v2, one not delegated): not limited, as an unmounted v1 controller.
-    /// Anything else stays the host's [`Error::Io`].
+    /// [`Error::Limit`]. A limit file missing from the job's cgroup directory is a controller
+    /// this host does not give a job (on v2, one not delegated): not limited, as with an
+    /// unmounted v1 controller. Anything else, the directory itself gone included, stays the
+    /// host's [`Error::Io`].
     fn write_limit(&self, controller: &str, file: &str, value: &str) -> Result<(), Error> {
+        let Some(dir) = self.dir_of(controller) else {
+            return Ok(());
+        };
+        if dir.is_dir() && !dir.join(file).exists() {
+            return Ok(());
+        }
         match self.write(controller, file, value) {
-            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                Ok(())
-            }
             Err(Error::Io { path, source })
                 if matches!(source.raw_os_error(), Some(libc::EINVAL | libc::ERANGE)) =>
             {
@@ -547,5 +551,22 @@ mod tests {
             other => panic!("{other:?}"),
         }
         cleanup.remove();
+    }
+
+    #[test]
+    fn t14_a_limit_file_the_host_does_not_give_limits_nothing_but_a_lost_cgroup_fails() {
+        let h = Hierarchy::detect().unwrap();
+        let job = format!("fltest-nofile-{}", std::process::id());
+        let cg = h.create(&job, &Limits::default()).unwrap();
+        // A controller file this host does not have (on v2, one not delegated).
+        assert!(cg
+            .write_limit("memory", "memory.no-such-limit", "1")
+            .is_ok());
+        // The job's own cgroup gone: the host's trouble, said as such.
+        cg.remove();
+        match cg.write_limit("memory", "memory.no-such-limit", "1") {
+            Err(Error::Io { .. }) => {}
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -289,27 +289,32 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
     }
 
     // Kept data volumes no active job holds, by app, type and host: a job of that type goes
-    // where one waits for it, so it takes its data up again. Counted in jobs: only volumes
-    // at the first kept path the type's current release declares (a job takes one at each).
+    // where one waits for it, so it takes its data up again. Counted in jobs: a job that
+    // left one at each kept path, so a host's count is its most at any kept path the type's
+    // current release declares (a path it no longer declares is never taken up).
     let is_active = |id: &str| s.jobs.jobs.get(id).is_some_and(|j| j.state.is_active());
-    let first_kept_path = |app: &str, ty: &str| {
+    let kept = |app: &str, ty: &str, path: &str| {
         s.jobs
-            .current_release(app)?
-            .processes
-            .get(ty)?
-            .volumes
-            .iter()
-            .find(|v| !v.delete_on_stop)
-            .map(|v| v.path.clone())
+            .current_release(app)
+            .and_then(|r| r.processes.get(ty))
+            .is_some_and(|p| {
+                p.volumes
+                    .iter()
+                    .any(|v| !v.delete_on_stop && v.path == path)
+            })
     };
-    let mut free_volumes: HashMap<(&str, &str, u64), usize> = HashMap::new();
+    let mut free_at: HashMap<(&str, &str, u64, &str), usize> = HashMap::new();
     for v in s.volumes.volumes.values() {
         if let (Some(app), Some(ty), Some(path)) = (&v.app, &v.proc_type, &v.path) {
-            let declared = first_kept_path(app, ty).is_some_and(|p| p == *path);
-            if declared && v.free_for(app, ty, path, is_active) {
-                *free_volumes.entry((app, ty, v.host)).or_default() += 1;
+            if kept(app, ty, path) && v.free_for(app, ty, path, is_active) {
+                *free_at.entry((app, ty, v.host, path)).or_default() += 1;
             }
         }
+    }
+    let mut free_volumes: HashMap<(&str, &str, u64), usize> = HashMap::new();
+    for ((app, ty, host, _), n) in free_at {
+        let most = free_volumes.entry((app, ty, host)).or_default();
+        *most = (*most).max(n);
     }
 
     let mut place: Vec<NewJob> = Vec::new();
@@ -446,7 +451,7 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                         paused.iter().filter(|h| could_take(h)).map(free_on).sum();
                     let elsewhere: usize = placeable
                         .iter()
-                        .filter(|h| !paused.contains(h))
+                        .filter(|h| !paused.contains(h) && could_take(h))
                         .map(free_on)
                         .sum();
                     let wanted = want_now - mine.len();
@@ -1106,12 +1111,20 @@ mod tests {
 
     /// A release of web1 whose web type keeps its data at /data.
     fn keeps_data(s: &mut ClusterState) {
+        keeps(s, &["/data"]);
+    }
+
+    /// A release of web1 whose web type keeps its data at each of `paths`.
+    fn keeps(s: &mut ClusterState, paths: &[&str]) {
         let web = flynn_state::ProcessType {
             ports: true,
-            volumes: vec![flynn_state::VolumeReq {
-                path: "/data".into(),
-                delete_on_stop: false,
-            }],
+            volumes: paths
+                .iter()
+                .map(|p| flynn_state::VolumeReq {
+                    path: p.to_string(),
+                    delete_on_stop: false,
+                })
+                .collect(),
             ..Default::default()
         };
         let image = s.jobs.current_release("web1").unwrap().image.clone();
@@ -1203,6 +1216,41 @@ mod tests {
         // One job wanted, and a volume waits on host 2 too: it goes there now.
         scale(&mut s, 1);
         assert_eq!(placed_on(&plan(&s, 11)), [(2, 1)].into());
+    }
+
+    #[test]
+    fn t22_a_volume_on_a_host_that_cannot_take_the_job_does_not_end_the_wait() {
+        let mut s = state(&[1, 2, 3]);
+        keeps_data(&mut s);
+        volumes_left_on(&mut s, &[2, 3]);
+        paused_at_10(&mut s, 3);
+        // 64 MiB jobs; host 2 takes 32 MiB of jobs.
+        const MIB: u64 = 1 << 20;
+        let limits = JobsCommand::SetLimits {
+            app: "web1".into(),
+            proc_type: "web".into(),
+            limits: flynn_state::Limits {
+                memory: Some(64 * MIB),
+                ..Default::default()
+            },
+            now_ms: 1,
+        };
+        s.apply(limits.into()).0.unwrap();
+        alive_with(&mut s, 2, 0, Some(32 * MIB));
+        // Host 2 has no room, host 3 is paused: the job waits for its data on host 3,
+        // and does not start on host 1 with an empty volume.
+        scale(&mut s, 1);
+        assert_eq!(placed_on(&plan(&s, 11)), BTreeMap::new());
+        assert_eq!(placed_on(&plan(&s, 510)), [(3, 1)].into());
+    }
+
+    #[test]
+    fn t23_a_release_that_adds_a_kept_path_still_draws_a_job_to_its_old_data() {
+        let mut s = state(&[1, 2, 3]);
+        keeps(&mut s, &["/cache", "/data"]);
+        volumes_left_on(&mut s, &[3]);
+        scale(&mut s, 1);
+        assert_eq!(placed_on(&plan(&s, 11)), [(3, 1)].into());
     }
 
     #[test]
