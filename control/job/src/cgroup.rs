@@ -285,6 +285,12 @@ impl JobCgroup {
             return Ok(());
         };
         if dir.is_dir() && !dir.join(file).exists() {
+            tracing::warn!(
+                cgroup = %dir.display(),
+                file,
+                value,
+                "this host gives jobs no such limit (a cgroup controller not enabled): not limited"
+            );
             return Ok(());
         }
         match self.write(controller, file, value) {

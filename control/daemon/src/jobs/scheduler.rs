@@ -440,24 +440,26 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                     .collect();
                     // A job whose kept volume waits on a paused host (one that could take it)
                     // waits for that host: placed elsewhere, it would start on a new, empty
-                    // volume. Jobs go to volumes on hosts not paused first.
-                    let free_on = |h: &u64| free_volumes.get(&(app, ty, *h)).copied().unwrap_or(0);
+                    // volume. Hosts where a volume waits come first among the candidates; a
+                    // job goes where none does only if more are wanted than volumes wait on
+                    // paused hosts. (An omni type's group is one host, not paused.)
                     let could_take = |h: &u64| {
                         placeable.contains(h)
                             && room(*h, &reserved)
                             && !(proc.one_per_host && held_hosts.contains(&(app, ty, *h)))
                     };
-                    let on_paused: usize =
-                        paused.iter().filter(|h| could_take(h)).map(free_on).sum();
-                    let elsewhere: usize = placeable
-                        .iter()
-                        .filter(|h| !paused.contains(h) && could_take(h))
-                        .map(free_on)
-                        .sum();
-                    let wanted = want_now - mine.len();
-                    let waiting = on_paused.min(wanted.saturating_sub(elsewhere));
-                    for _ in mine.len()..want_now - waiting {
-                        let Some((_, _, _, host)) = candidates.pop_first() else {
+                    let on_paused: usize = match only_host {
+                        Some(_) => 0,
+                        None => paused
+                            .iter()
+                            .filter(|h| could_take(h))
+                            .filter_map(|h| free_volumes.get(&(app, ty, *h)))
+                            .sum(),
+                    };
+                    // How many may still go where no volume waits, once one would.
+                    let mut bare_left: Option<usize> = None;
+                    for placing in mine.len()..want_now {
+                        let Some((no_volume, _, _, host)) = candidates.pop_first() else {
                             let why = match paused.iter().filter(|h| placeable.contains(h)).count() {
                                 0 => String::new(),
                                 n => format!(
@@ -467,12 +469,21 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                             };
                             no_room.push(format!(
                                 "{app}/{ty}: {} more wanted, {} MiB and {}m CPU and a job address each{why}",
-                                want_now - waiting - mine.len(),
+                                want_now - mine.len(),
                                 need.memory >> 20,
                                 need.cpu
                             ));
                             break;
                         };
+                        if no_volume && on_paused > 0 {
+                            let left = bare_left
+                                .get_or_insert((want_now - placing).saturating_sub(on_paused));
+                            if *left == 0 {
+                                // The rest wait for their data on a paused host.
+                                break;
+                            }
+                            *left -= 1;
+                        }
                         if let Some(n) = free_volumes.get_mut(&(app, ty, host)) {
                             *n = n.saturating_sub(1);
                         }
@@ -1218,13 +1229,8 @@ mod tests {
         assert_eq!(placed_on(&plan(&s, 11)), [(2, 1)].into());
     }
 
-    #[test]
-    fn t22_a_volume_on_a_host_that_cannot_take_the_job_does_not_end_the_wait() {
-        let mut s = state(&[1, 2, 3]);
-        keeps_data(&mut s);
-        volumes_left_on(&mut s, &[2, 3]);
-        paused_at_10(&mut s, 3);
-        // 64 MiB jobs; host 2 takes 32 MiB of jobs.
+    /// web1's web jobs take 64 MiB each; host 2 takes `mib` MiB of jobs.
+    fn host_2_takes_mib(s: &mut ClusterState, mib: u64) {
         const MIB: u64 = 1 << 20;
         let limits = JobsCommand::SetLimits {
             app: "web1".into(),
@@ -1236,12 +1242,41 @@ mod tests {
             now_ms: 1,
         };
         s.apply(limits.into()).0.unwrap();
-        alive_with(&mut s, 2, 0, Some(32 * MIB));
+        alive_with(s, 2, 0, Some(mib * MIB));
+    }
+
+    #[test]
+    fn t22_a_volume_on_a_host_that_cannot_take_the_job_does_not_end_the_wait() {
+        let mut s = state(&[1, 2, 3]);
+        keeps_data(&mut s);
+        volumes_left_on(&mut s, &[2, 3]);
+        paused_at_10(&mut s, 3);
+        // 64 MiB jobs; host 2 takes 32 MiB of jobs.
+        host_2_takes_mib(&mut s, 32);
         // Host 2 has no room, host 3 is paused: the job waits for its data on host 3,
         // and does not start on host 1 with an empty volume.
         scale(&mut s, 1);
         assert_eq!(placed_on(&plan(&s, 11)), BTreeMap::new());
         assert_eq!(placed_on(&plan(&s, 510)), [(3, 1)].into());
+    }
+
+    #[test]
+    fn t24_volumes_elsewhere_count_only_as_far_as_their_host_has_room() {
+        let mut s = state(&[1, 2, 3]);
+        keeps_data(&mut s);
+        // Two jobs left their data on host 2, one on host 3, which is paused.
+        for (id, host) in [("a", 2), ("b", 2), ("c", 3)] {
+            let volume = left_volume(id, "web", host);
+            s.apply(flynn_state::VolumesCommand::PutVolume { volume }.into())
+                .0
+                .unwrap();
+        }
+        paused_at_10(&mut s, 3);
+        // 64 MiB jobs; host 2 takes one.
+        host_2_takes_mib(&mut s, 100);
+        // Two wanted: one to host 2; the other waits for host 3, not host 1's empty disk.
+        scale(&mut s, 2);
+        assert_eq!(placed_on(&plan(&s, 11)), [(2, 1)].into());
     }
 
     #[test]
