@@ -267,14 +267,6 @@ impl JobCgroup {
         }
     }
 
-    fn write(&self, controller: &str, file: &str, value: &str) -> Result<(), Error> {
-        let Some(dir) = self.dir_of(controller) else {
-            return Ok(());
-        };
-        let path = dir.join(file);
-        fs::write(&path, value).map_err(|e| Error::io(&path, e))
-    }
-
     /// Writes one of the job's limits. The kernel refusing the value (EINVAL, ERANGE) is
     /// [`Error::Limit`]. A limit file missing from the job's cgroup directory is a controller
     /// this host does not give a job (on v2, one not delegated): not limited, as with an
@@ -284,7 +276,8 @@ impl JobCgroup {
         let Some(dir) = self.dir_of(controller) else {
             return Ok(());
         };
-        if dir.is_dir() && !dir.join(file).exists() {
+        let path = dir.join(file);
+        if dir.is_dir() && !path.exists() {
             tracing::warn!(
                 cgroup = %dir.display(),
                 file,
@@ -293,18 +286,17 @@ impl JobCgroup {
             );
             return Ok(());
         }
-        match self.write(controller, file, value) {
-            Err(Error::Io { path, source })
-                if matches!(source.raw_os_error(), Some(libc::EINVAL | libc::ERANGE)) =>
-            {
-                Err(Error::Limit {
+        fs::write(&path, value).map_err(|source| {
+            if matches!(source.raw_os_error(), Some(libc::EINVAL | libc::ERANGE)) {
+                Error::Limit {
                     path,
                     value: value.to_string(),
                     source,
-                })
+                }
+            } else {
+                Error::io(&path, source)
             }
-            other => other,
-        }
+        })
     }
 
     fn limit(&self, _job: &str, limits: &Limits) -> Result<(), Error> {

@@ -268,7 +268,7 @@ async fn details(State(host): State<AppState>) -> ApiResult<Json<Vec<HostDetails
                         .map(|f| StartFailures {
                             count: f.crashes,
                             last_ms: f.last_crash_ms,
-                            paused_until_ms: f.last_crash_ms.saturating_add(f.host_delay_ms()),
+                            paused_until_ms: f.host_paused_until(),
                         });
                 HostDetails {
                     id: id.to_string(),

@@ -266,13 +266,10 @@ pub async fn place(
         let live = crate::jobs::scheduler::live_hosts(s, now);
         let target = match here.filter(|h| live.contains(h)) {
             Some(h) => Some(h),
-            None => live.iter().copied().min_by_key(|h| {
-                s.jobs
-                    .jobs
-                    .values()
-                    .filter(|j| j.host == *h && j.state.is_active())
-                    .count()
-            }),
+            None => live
+                .iter()
+                .copied()
+                .min_by_key(|h| s.jobs.active_on(*h).count()),
         };
         target.ok_or_else(|| crate::error::ApiError::Unavailable("no host can run jobs now".into()))
     })?;

@@ -151,13 +151,7 @@ impl JobRunner {
         // One pass over the jobs: this host's, and how many of them take an address here
         // (as the scheduler counts them against its capacity).
         let (mine, addressed): (Vec<Job>, u64) = local.read(|s| {
-            let mine: Vec<Job> = s
-                .jobs
-                .jobs
-                .values()
-                .filter(|j| j.host == self.host && j.state.is_active())
-                .cloned()
-                .collect();
+            let mine: Vec<Job> = s.jobs.active_on(self.host).cloned().collect();
             let addressed = mine
                 .iter()
                 .map(|j| super::scheduler::takes_address(s, j))

@@ -178,12 +178,7 @@ fn capacities(s: &ClusterState, live: &BTreeSet<u64>) -> BTreeMap<u64, Capacity>
 /// The active jobs on `host` that take a job address there, as the scheduler counts them
 /// against the host's `JOBS_META`.
 pub(super) fn addressed_jobs(s: &ClusterState, host: u64) -> u64 {
-    s.jobs
-        .jobs
-        .values()
-        .filter(|j| j.host == host && j.state.is_active())
-        .map(|j| takes_address(s, j))
-        .sum()
+    s.jobs.active_on(host).map(|j| takes_address(s, j)).sum()
 }
 
 /// 1 if the active job `j` takes a job address on its host, as [`addressed_jobs`] counts.
@@ -426,16 +421,21 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                             h,
                         )
                     };
-                    // Only hosts with room for the type's memory and CPU; ordered, so
-                    // each placement takes the first and puts that host back re-ranked.
+                    // A host that could take a job of the type now, pause aside: placeable,
+                    // with room for its memory and CPU, and not holding a one-per-host type.
+                    let could_take = |h: &u64| {
+                        placeable.contains(h)
+                            && room(*h, &reserved)
+                            && !(proc.one_per_host && held_hosts.contains(&(app, ty, *h)))
+                    };
+                    // Those not paused; ordered, so each placement takes the first and puts
+                    // that host back re-ranked.
                     let mut candidates: BTreeSet<(bool, usize, usize, u64)> = match only_host {
                         Some(h) => vec![h],
                         None => placeable.iter().copied().collect(),
                     }
                     .into_iter()
-                    .filter(|h| !paused.contains(h))
-                    .filter(|h| room(*h, &reserved))
-                    .filter(|h| !proc.one_per_host || !held_hosts.contains(&(app, ty, *h)))
+                    .filter(|h| !paused.contains(h) && could_take(h))
                     .map(|h| rank(h, &free_volumes, &type_load, &load))
                     .collect();
                     // A job whose kept volume waits on a paused host (one that could take it)
@@ -443,11 +443,6 @@ pub fn plan_noting(s: &ClusterState, now: u64, no_room: &mut Vec<String>) -> Vec
                     // volume. Hosts where a volume waits come first among the candidates; a
                     // job goes where none does only if more are wanted than volumes wait on
                     // paused hosts. (An omni type's group is one host, not paused.)
-                    let could_take = |h: &u64| {
-                        placeable.contains(h)
-                            && room(*h, &reserved)
-                            && !(proc.one_per_host && held_hosts.contains(&(app, ty, *h)))
-                    };
                     let on_paused: usize = match only_host {
                         Some(_) => 0,
                         None => paused
@@ -816,13 +811,7 @@ mod tests {
 
     /// Every active job on `host` failed as the host's fault (say, no free address there).
     fn host_failed_all(s: &mut ClusterState, host: u64, now: u64) {
-        let ids: Vec<String> = s
-            .jobs
-            .jobs
-            .values()
-            .filter(|j| j.host == host && j.state.is_active())
-            .map(|j| j.id.clone())
-            .collect();
+        let ids: Vec<String> = s.jobs.active_on(host).map(|j| j.id.clone()).collect();
         for id in ids {
             let fail = JobsCommand::UpdateJob {
                 id,

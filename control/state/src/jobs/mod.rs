@@ -199,9 +199,14 @@ impl Backoff {
         }
     }
 
-    /// Whether, at `now_ms`, a host with these failures takes new jobs.
+    /// Until when a host with these failures takes no new jobs.
+    pub fn host_paused_until(&self) -> u64 {
+        self.last_crash_ms.saturating_add(self.host_delay_ms())
+    }
+
+    /// Whether, at `now_ms`, a host with these failures takes no new jobs.
     pub fn host_paused(&self, now_ms: u64) -> bool {
-        now_ms < self.last_crash_ms.saturating_add(self.host_delay_ms())
+        now_ms < self.host_paused_until()
     }
 }
 
@@ -270,6 +275,13 @@ impl Jobs {
 
     pub fn app_jobs<'a>(&'a self, app: &'a str) -> impl Iterator<Item = &'a Job> + 'a {
         self.jobs.values().filter(move |j| j.app == app)
+    }
+
+    /// The jobs placed on `host` that have not ended.
+    pub fn active_on(&self, host: u64) -> impl Iterator<Item = &Job> + '_ {
+        self.jobs
+            .values()
+            .filter(move |j| j.host == host && j.state.is_active())
     }
 
     fn next_version(&self, app: &str) -> u64 {
@@ -747,13 +759,7 @@ impl Area for Jobs {
                 })
             }
             JobsCommand::HostDown { host, now_ms } => {
-                let ids: Vec<String> = s
-                    .jobs
-                    .jobs
-                    .values()
-                    .filter(|j| j.host == host && j.state.is_active())
-                    .map(|j| j.id.clone())
-                    .collect();
+                let ids: Vec<String> = s.jobs.active_on(host).map(|j| j.id.clone()).collect();
                 for id in &ids {
                     let report = Report {
                         state: JobState::Failed,

@@ -136,14 +136,7 @@ fn step(s: &mut ClusterState, lapsed: bool) -> (u64, u64, Vec<u64>) {
 }
 
 fn end_job_on(s: &mut ClusterState, host: u64) {
-    let id = s
-        .jobs
-        .jobs
-        .values()
-        .find(|j| j.host == host && j.state.is_active())
-        .unwrap()
-        .id
-        .clone();
+    let id = s.jobs.active_on(host).next().unwrap().id.clone();
     apply(
         s,
         JobsCommand::UpdateJob {
