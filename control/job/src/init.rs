@@ -49,6 +49,7 @@ pub struct ContainerSpec {
     pub cwd: String,
     /// `uid[:gid]` or a user name in the image; empty: `nobody` (65534).
     pub user: String,
+    /// Files to join the job's cgroups by ([`crate::cgroup::join`]).
     pub cgroup_procs: Vec<PathBuf>,
     #[serde(default)]
     pub max_fd: Option<u64>,
@@ -170,11 +171,9 @@ pub fn stage1(spec_path: &Path) -> ! {
             Some(bound)
         }
     };
-    let pid = std::process::id().to_string();
-    for f in &spec.cgroup_procs {
-        if let Err(e) = std::fs::write(f, &pid) {
-            fail(EXIT_SETUP, format!("joining cgroup {}: {e}", f.display()));
-        }
+    // Still one thread here, as `join` needs.
+    if let Err(e) = crate::cgroup::join(&spec.cgroup_procs) {
+        fail(EXIT_SETUP, format!("joining the job's cgroup: {e}"));
     }
     if let Some(ns) = &spec.netns {
         let f = std::fs::File::open(ns)
