@@ -193,13 +193,11 @@ fn enable_v2(dir: &Path) -> Result<(), Error> {
 /// (measured on Linux 6.18; a kernel that takes it anyway is no slower), and a
 /// single-threaded process (a job's init before it starts anything) is its one thread, so
 /// it moves whole: 0.35 ms for three hierarchies. A process with more threads moves whole
-/// through `cgroup.procs`, as v2 always does (it has no such file for a domain cgroup).
+/// through `cgroup.procs`, as v2 always does (it refuses to move one thread alone between
+/// domain cgroups).
 pub fn join(files: &[PathBuf]) -> Result<(), Error> {
     let pid = std::process::id().to_string();
-    let one_thread = fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-        s.lines()
-            .any(|l| l.split_whitespace().eq(["Threads:", "1"]))
-    });
+    let one_thread = fs::read_to_string("/proc/self/status").is_ok_and(|s| one_thread(&s));
     for f in files {
         let (file, who) = if f.file_name().is_some_and(|n| n == "tasks") {
             if one_thread {
@@ -213,6 +211,13 @@ pub fn join(files: &[PathBuf]) -> Result<(), Error> {
         fs::write(&file, who).map_err(|e| Error::io(&file, e))?;
     }
     Ok(())
+}
+
+/// Whether `/proc/PID/status` text says the process has one thread.
+fn one_thread(status: &str) -> bool {
+    status
+        .lines()
+        .any(|l| l.split_whitespace().eq(["Threads:", "1"]))
 }
 
 /// One job's cgroup directories (one on v2; one per mounted controller on v1).
@@ -609,34 +614,62 @@ mod tests {
         }
     }
 
+    /// A forked child (see [`fork_and_join`]) and its cgroup: both gone when dropped,
+    /// whether the test passed or not.
+    struct Joined {
+        pid: i32,
+        cg: JobCgroup,
+    }
+
+    impl Drop for Joined {
+        fn drop(&mut self) {
+            self.cg.remove();
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None);
+        }
+    }
+
     /// Forks a child that starts `threads - 1` more threads and then joins `cg` with
-    /// [`join`], and says (through its exit status) whether that worked. The child only
-    /// makes system calls and allocates (glibc's allocator is usable after a fork).
+    /// [`join`]: on success it waits to be killed; on failure it says why on stderr and
+    /// exits 1 at once. The child only makes system calls and allocates (glibc's allocator
+    /// is usable after a fork).
     #[allow(unsafe_code)]
-    fn fork_and_join(cg: &JobCgroup, threads: usize) -> i32 {
+    fn fork_and_join(cg: JobCgroup, threads: usize) -> Joined {
         let files = cg.join_files();
         // SAFETY: the child calls nothing that could hold a lock the parent's other threads
         // held at the fork, other than the allocator, which glibc resets in the child.
         match unsafe { libc::fork() } {
+            -1 => panic!("fork: {}", std::io::Error::last_os_error()),
             0 => {
                 for _ in 1..threads {
                     std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_secs(30)));
                 }
-                let code = if join(&files).is_ok() { 0 } else { 1 };
-                std::thread::sleep(std::time::Duration::from_secs(30));
+                let code = match join(&files) {
+                    Ok(()) => {
+                        std::thread::sleep(std::time::Duration::from_secs(30));
+                        0
+                    }
+                    Err(e) => {
+                        eprintln!("join: {e}");
+                        1
+                    }
+                };
                 // SAFETY: ends the forked child without running the parent's exit handlers.
                 unsafe { libc::_exit(code) }
             }
-            pid => pid,
+            pid => Joined { pid, cg },
         }
     }
 
     /// Whether every thread of `pid` is in `job`'s cgroup in every hierarchy it uses.
     fn all_threads_in(pid: i32, job: &str, hierarchies: usize) -> bool {
-        let tasks: Vec<_> = fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .map(|t| t.unwrap().path())
-            .collect();
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        let tasks: Vec<_> = tasks.filter_map(|t| Some(t.ok()?.path())).collect();
         !tasks.is_empty()
             && tasks.iter().all(|t| {
                 let text = fs::read_to_string(t.join("cgroup")).unwrap_or_default();
@@ -653,24 +686,49 @@ mod tests {
         for threads in [1, 3] {
             let job = format!("fltest-join{threads}-{}", std::process::id());
             let cg = h.create(&job, &Limits::default()).unwrap();
-            let pid = fork_and_join(&cg, threads);
+            let hierarchies = cg.dirs.len();
+            let child = fork_and_join(cg, threads);
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while !(cg.pids() == vec![pid] && all_threads_in(pid, &job, cg.dirs.len())) {
+            while !(child.cg.pids() == vec![child.pid]
+                && all_threads_in(child.pid, &job, hierarchies))
+            {
+                let ended = nix::sys::wait::waitpid(
+                    nix::unistd::Pid::from_raw(child.pid),
+                    Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                );
+                assert!(
+                    matches!(ended, Ok(nix::sys::wait::WaitStatus::StillAlive)),
+                    "{threads} thread(s): the child ended: {ended:?} (its stderr says why)"
+                );
                 assert!(
                     std::time::Instant::now() < deadline,
                     "{threads} thread(s): pids {:?}; {}",
-                    cg.pids(),
-                    fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default()
+                    child.cg.pids(),
+                    fs::read_to_string(format!("/proc/{}/cgroup", child.pid)).unwrap_or_default()
                 );
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             assert_eq!(
-                fs::read_dir(format!("/proc/{pid}/task")).unwrap().count(),
+                fs::read_dir(format!("/proc/{}/task", child.pid))
+                    .unwrap()
+                    .count(),
                 threads
             );
-            cg.remove();
-            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
-            assert!(cg.dirs.iter().all(|d| !d.exists()));
+            let dirs = child.cg.dirs.clone();
+            drop(child);
+            assert!(dirs.iter().all(|d| !d.exists()));
         }
+    }
+
+    #[test]
+    fn t16_the_thread_count_is_read_from_proc_status() {
+        let status = |n: &str| format!("Name:\tflynn-init\nTgid:\t7\nThreads:\t{n}\nSigQ:\t0/1\n");
+        assert!(one_thread(&status("1")));
+        assert!(!one_thread(&status("2")));
+        assert!(!one_thread(&status("12")));
+        assert!(!one_thread("Name:\tx\n"), "no count: not known to be one");
+        // This test binary runs tests on threads of their own.
+        let ours = fs::read_to_string("/proc/self/status").unwrap();
+        assert!(!one_thread(&ours), "{ours}");
     }
 }

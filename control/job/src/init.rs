@@ -49,8 +49,10 @@ pub struct ContainerSpec {
     pub cwd: String,
     /// `uid[:gid]` or a user name in the image; empty: `nobody` (65534).
     pub user: String,
-    /// Files to join the job's cgroups by ([`crate::cgroup::join`]).
-    pub cgroup_procs: Vec<PathBuf>,
+    /// Files to join the job's cgroups by ([`crate::cgroup::join`]). Named as it was when
+    /// these were always `cgroup.procs` files.
+    #[serde(rename = "cgroup_procs")]
+    pub cgroup_join: Vec<PathBuf>,
     #[serde(default)]
     pub max_fd: Option<u64>,
     /// A network namespace to join (`/run/netns/NAME`); none: the host's network.
@@ -172,7 +174,7 @@ pub fn stage1(spec_path: &Path) -> ! {
         }
     };
     // Still one thread here, as `join` needs.
-    if let Err(e) = crate::cgroup::join(&spec.cgroup_procs) {
+    if let Err(e) = crate::cgroup::join(&spec.cgroup_join) {
         fail(EXIT_SETUP, format!("joining the job's cgroup: {e}"));
     }
     if let Some(ns) = &spec.netns {

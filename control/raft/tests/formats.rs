@@ -4,7 +4,7 @@
 //! update hosts of two builds exchange RPCs. So a dependency upgrade (openraft 0.10 changes
 //! most of these types) must read what the fixtures under `tests/formats/` hold and write it
 //! back the same. Each case decodes its fixture with today's types and encodes it again; a
-//! difference names the record. `FLYNN_WRITE_FIXTURES=1` rewrites the fixtures (only for a
+//! difference names the record. `FLYNN_WRITE_FIXTURES=1` (only `1`) rewrites the fixtures (only for a
 //! deliberate format change, which then needs a migration of its own).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -12,14 +12,14 @@ use std::path::PathBuf;
 
 use flynn_raft::{NodeId, TypeConfig};
 use flynn_state::{AppsCommand, Command};
-use openraft::error::{Fatal, RaftError};
+use openraft::error::{Fatal, InstallSnapshotError, RaftError, SnapshotMismatch};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
 use openraft::{
-    BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, Membership, SnapshotMeta,
-    StoredMembership, Vote,
+    AnyError, BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, Membership, SnapshotMeta,
+    SnapshotSegmentId, StorageIOError, StoredMembership, Vote,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -38,7 +38,7 @@ fn fixture(name: &str) -> PathBuf {
 fn frozen<T: Serialize + DeserializeOwned + std::fmt::Debug>(name: &str, value: &T) {
     let path = fixture(name);
     let ours = serde_json::to_value(value).expect("encode");
-    if std::env::var_os("FLYNN_WRITE_FIXTURES").is_some() {
+    if std::env::var("FLYNN_WRITE_FIXTURES").as_deref() == Ok("1") {
         let text = serde_json::to_string_pretty(&ours).expect("pretty");
         std::fs::write(&path, text + "\n").expect("write fixture");
     }
@@ -142,6 +142,17 @@ fn t02_what_hosts_send_each_other() {
         &Ok(AppendEntriesResponse::HigherVote(Vote::new(5, C))),
     );
     frozen::<AppendReply>("rpc-append-stopped", &Err(RaftError::Fatal(Fatal::Stopped)));
+    frozen::<AppendReply>(
+        "rpc-append-panicked",
+        &Err(RaftError::Fatal(Fatal::Panicked)),
+    );
+    frozen::<AppendReply>(
+        "rpc-append-storage-error",
+        &Err(RaftError::Fatal(Fatal::StorageError(
+            StorageIOError::write_logs(AnyError::error("No space left on device (os error 28)"))
+                .into(),
+        ))),
+    );
 
     frozen(
         "rpc-vote-request",
@@ -171,6 +182,20 @@ fn t02_what_hosts_send_each_other() {
         InstallSnapshotResponse<NodeId>,
         RaftError<NodeId, openraft::error::InstallSnapshotError>,
     >;
+    // The leader starts the transfer again from 0 on this answer.
+    let segment = |offset| SnapshotSegmentId {
+        id: snapshot_meta().snapshot_id,
+        offset,
+    };
+    frozen::<SnapshotReply>(
+        "rpc-snapshot-mismatch",
+        &Err(RaftError::APIError(InstallSnapshotError::SnapshotMismatch(
+            SnapshotMismatch {
+                expect: segment(0),
+                got: segment(1_048_576),
+            },
+        ))),
+    );
     frozen::<SnapshotReply>(
         "rpc-snapshot-response",
         &Ok(InstallSnapshotResponse {

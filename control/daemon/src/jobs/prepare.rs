@@ -160,7 +160,7 @@ impl JobRunner {
                 config.working_dir.clone()
             },
             user: config.user.clone(),
-            cgroup_procs: cgroup.as_ref().map(|c| c.join_files()).unwrap_or_default(),
+            cgroup_join: cgroup.as_ref().map(|c| c.join_files()).unwrap_or_default(),
             max_fd: proc.limits.max_fd,
             netns: net.as_ref().map(|n| PathBuf::from(n.netns_path())),
             volumes,
