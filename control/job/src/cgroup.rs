@@ -546,6 +546,13 @@ mod tests {
             ))
             .spawn()
             .unwrap();
+        // Whatever happens below, what the child wrote and the cgroup go (removing it kills
+        // what is in it; a child that never joined ends by itself within 5 s).
+        let (shm, left) = (format!("/dev/shm/{job}"), cg.clone());
+        let _cleanup = OnDrop(move || {
+            let _ = fs::remove_file(&shm);
+            left.remove();
+        });
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let used = loop {
             let u = cg.usage();
@@ -564,6 +571,15 @@ mod tests {
         let _ = fs::remove_file(format!("/dev/shm/{job}"));
         cg.remove();
         assert!(cg.dirs.iter().all(|d| !d.exists()));
+    }
+
+    /// Runs its closure when dropped: a test's cleanup, on failure too.
+    struct OnDrop<F: FnMut()>(F);
+
+    impl<F: FnMut()> Drop for OnDrop<F> {
+        fn drop(&mut self) {
+            (self.0)()
+        }
     }
 
     #[test]
