@@ -173,7 +173,7 @@ pub fn stage1(spec_path: &Path) -> ! {
             Some(bound)
         }
     };
-    // Still one thread here, as `join` needs.
+    // Still one thread here (`unshare` below needs it too), so `join` moves it the fast way.
     if let Err(e) = crate::cgroup::join(&spec.cgroup_join) {
         fail(EXIT_SETUP, format!("joining the job's cgroup: {e}"));
     }

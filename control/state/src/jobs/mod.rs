@@ -371,6 +371,16 @@ fn release_for(s: &ClusterState, app: &str, new: NewRelease, now_ms: u64) -> Rel
     }
 }
 
+/// A process limit the kernel would refuse (`pids.max` over its pid maximum), said why.
+fn check_procs_limit(limits: &Limits) -> Result<(), String> {
+    match limits.max_procs {
+        Some(n) if n > MAX_PROCS_LIMIT => Err(format!(
+            "a process limit over {MAX_PROCS_LIMIT} (the kernel's most) cannot be set"
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn check_release(r: &Release) -> Result<(), StateError> {
     if r.processes.is_empty() {
         return Err(StateError::Invalid(
@@ -379,11 +389,8 @@ fn check_release(r: &Release) -> Result<(), StateError> {
     }
     for (name, p) in &r.processes {
         validate::proc_type(name)?;
-        if p.limits.max_procs.is_some_and(|n| n > MAX_PROCS_LIMIT) {
-            return Err(StateError::Invalid(format!(
-                "process type {name:?}: a process limit over {MAX_PROCS_LIMIT} (the kernel's most) cannot be set"
-            )));
-        }
+        check_procs_limit(&p.limits)
+            .map_err(|why| StateError::Invalid(format!("process type {name:?}: {why}")))?;
         let mut paths = std::collections::BTreeSet::new();
         for v in &p.volumes {
             let bad = !v.path.starts_with('/')
@@ -572,11 +579,7 @@ impl Area for Jobs {
                 {
                     return Err(StateError::Invalid("limits must be positive".into()));
                 }
-                if limits.max_procs.is_some_and(|n| n > MAX_PROCS_LIMIT) {
-                    return Err(StateError::Invalid(format!(
-                        "a process limit over {MAX_PROCS_LIMIT} (the kernel's most) cannot be set"
-                    )));
-                }
+                check_procs_limit(&limits).map_err(StateError::Invalid)?;
                 p.limits = limits;
                 release.created_ms = now_ms;
                 let release = s.jobs.deploy(release, cx);
