@@ -55,6 +55,16 @@ fn must(args: &[&str]) {
     );
 }
 
+/// Brings up a link of the test's own (root) namespace without IPv6 addresses. The kernel
+/// would give it a link-local address a second or two later, after duplicate address
+/// detection; nothing here uses one, and a browser the test drives takes that late address
+/// for a network change and aborts the page it is loading (chromium's
+/// `ERR_NETWORK_CHANGED`, seen in dashboard t10).
+fn up_without_ipv6(dev: &str) {
+    must(&["ip", "link", "set", dev, "addrgenmode", "none"]);
+    must(&["ip", "link", "set", dev, "up"]);
+}
+
 pub struct TestHost {
     pub ns: String,
     pub ip: String,
@@ -133,7 +143,7 @@ impl Cluster {
             "dev",
             &bridge,
         ]);
-        must(&["ip", "link", "set", &bridge, "up"]);
+        up_without_ipv6(&bridge);
         let mut c = Cluster {
             pools: Vec::new(),
             tag,
@@ -199,7 +209,7 @@ impl Cluster {
             "dev",
             &bridge2,
         ]);
-        must(&["ip", "link", "set", &bridge2, "up"]);
+        up_without_ipv6(&bridge2);
         must(&["ip", "netns", "add", &router]);
         for (leg, bridge, net) in [
             ("a", self.bridge.clone(), "10.199"),
@@ -249,7 +259,7 @@ impl Cluster {
             ]);
             must(&["ip", "-n", &router, "link", "set", &inside, "up"]);
             must(&["ip", "link", "set", &outside, "master", &bridge]);
-            must(&["ip", "link", "set", &outside, "up"]);
+            up_without_ipv6(&outside);
         }
         must(&[
             "ip",
@@ -359,7 +369,7 @@ impl Cluster {
         must(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
         must(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         must(&["ip", "link", "set", &link, "master", &self.bridge]);
-        must(&["ip", "link", "set", &link, "up"]);
+        up_without_ipv6(&link);
         let data_dir = self.root.path().join(format!("host{i}"));
         std::fs::create_dir_all(&data_dir).expect("data dir");
         self.hosts.push(TestHost {
