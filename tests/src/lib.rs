@@ -862,6 +862,11 @@ impl Drop for Cluster {
         if std::thread::panicking() {
             eprintln!("{}", self.dump_logs());
         }
+        // The daemons' and jobs' logs and the volumes stay for a look, when asked for.
+        if std::env::var_os("FLYNN_TEST_KEEP").is_some() {
+            self.root.disable_cleanup(true);
+            eprintln!("kept: {}", self.root.path().display());
+        }
         for h in &self.hosts {
             let _ = sh(&["ip", "link", "del", &h.link]);
             let _ = sh(&["ip", "netns", "del", &h.ns]);

@@ -596,6 +596,37 @@ async fn settled(c: &Cluster, i: usize, asyncs: usize) -> flynn_model::DbShape {
     .await
 }
 
+/// Whether the server on host `standby` streams WAL from the shape's primary, as the
+/// primary itself says (`pg_stat_replication`, asked as the superuser from test host `i`).
+/// A server that is in recovery but cannot follow the primary's timeline is not.
+fn streams_from(c: &Cluster, i: usize, sh: &flynn_model::DbShape, standby: u64) -> bool {
+    let Some(primary) = sh.members.get(&sh.primary) else {
+        return false;
+    };
+    let (ip, port) = primary.addr.rsplit_once(':').expect("IP:PORT");
+    let su = env_get(c, "postgres", "PGPASSWORD");
+    let conn = format!(
+        "host={ip} port={port} user=postgres password={su} dbname=postgres connect_timeout=2"
+    );
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &c.hosts[i].ns,
+            "timeout",
+            "5",
+            "psql",
+            &conn,
+            "-tAc",
+            "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'",
+        ])
+        .output()
+        .expect("psql");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|name| name.trim() == format!("h{standby}"))
+}
+
 /// The index of the test host whose node id is `id`.
 async fn index_of(c: &Cluster, id: u64) -> usize {
     let entries = c.list(0).await;
@@ -811,11 +842,14 @@ async fn t03_the_primary_s_host_dies_under_load_and_no_acknowledged_commit_is_lo
                     "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
                 ],
             );
-            // The resource's user sees only its own sessions there; ask the shape instead.
+            // The resource's user sees only its own sessions there; ask as the superuser.
             let _ = out;
             let sh = shape(&c, survivor).await?;
             let m = sh.members.get(&before.primary)?;
-            (m.in_recovery && sh.servers().contains(&before.primary) && m.lsn > 0).then_some(())
+            (m.in_recovery
+                && sh.servers().contains(&before.primary)
+                && streams_from(&c, survivor, &sh, before.primary))
+            .then_some(())
         },
     )
     .await;
@@ -1000,8 +1034,9 @@ async fn t05_an_isolated_primary_fences_itself_before_another_is_promoted() {
             let m = sh.members.get(&before.primary)?;
             (sh.primary == after.primary
                 && m.in_recovery
-                && m.job != before.members[&before.primary].job)
-                .then_some(())
+                && m.job != before.members[&before.primary].job
+                && streams_from(&c, survivor, &sh, before.primary))
+            .then_some(())
         },
     )
     .await;

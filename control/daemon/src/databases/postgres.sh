@@ -60,6 +60,13 @@ standby)
         # primary's timeline; a copy of the primary when the rewind cannot be done.
         rm -f "$data/standby.signal" "$data/postmaster.pid"
         "$bin/postgres" --single -D "$data" postgres </dev/null >/dev/null 2>&1 || true
+        # pg_rewind reads the primary's timeline from its control file, which a freshly
+        # promoted primary updates only at its first checkpoint after promotion (a spread
+        # one, minutes away). Until then pg_rewind finds "no rewind required", and this
+        # server, its WAL past the fork, cannot follow the new timeline. So the primary
+        # checkpoints first.
+        "$bin/psql" "host=$host port=$port user=postgres dbname=postgres connect_timeout=10" \
+            -qAtc CHECKPOINT >&2 || echo "flynn-postgres: the primary did not checkpoint" >&2
         if ! "$bin/pg_rewind" --target-pgdata="$data" \
             --source-server="host=$host port=$port user=postgres dbname=postgres" >&2; then
             echo "flynn-postgres: pg_rewind failed; copying the primary instead" >&2
