@@ -61,12 +61,23 @@ standby)
         rm -f "$data/standby.signal" "$data/postmaster.pid"
         "$bin/postgres" --single -D "$data" postgres </dev/null >/dev/null 2>&1 || true
         # pg_rewind reads the primary's timeline from its control file, which a freshly
-        # promoted primary updates only at its first checkpoint after promotion (a spread
-        # one, minutes away). Until then pg_rewind finds "no rewind required", and this
-        # server, its WAL past the fork, cannot follow the new timeline. So the primary
-        # checkpoints first.
-        "$bin/psql" "host=$host port=$port user=postgres dbname=postgres connect_timeout=10" \
-            -qAtc CHECKPOINT >&2 || echo "flynn-postgres: the primary did not checkpoint" >&2
+        # promoted primary updates only at its first checkpoint after promotion (begun at
+        # promotion, spread over minutes). Until then pg_rewind finds "no rewind required",
+        # and this server, its WAL past the fork, cannot follow the new timeline. So the
+        # primary must be out of recovery (the role may name it a moment before its keeper
+        # promotes it), then checkpoint. Each step is bounded: a primary that stalls holds
+        # this start up for a few minutes at most, then it fails and is tried again.
+        src="host=$host port=$port user=postgres dbname=postgres connect_timeout=10"
+        give_up=$(($(date +%s) + 60))
+        until [ "$(timeout 15 "$bin/psql" -XqAt "$src" -c 'SELECT pg_is_in_recovery()' 2>/dev/null)" = f ]; do
+            if [ "$(date +%s)" -gt "$give_up" ]; then
+                echo "flynn-postgres: the primary at $host:$port is not serving as a primary after 60 s" >&2
+                exit 1
+            fi
+            sleep 1
+        done
+        timeout 120 "$bin/psql" -XqAt "$src" -c CHECKPOINT >&2 ||
+            echo "flynn-postgres: the primary did not checkpoint" >&2
         if ! "$bin/pg_rewind" --target-pgdata="$data" \
             --source-server="host=$host port=$port user=postgres dbname=postgres" >&2; then
             echo "flynn-postgres: pg_rewind failed; copying the primary instead" >&2
