@@ -20,11 +20,13 @@ impl Visit for Message {
     }
 }
 
-/// openraft's per-request lines about an RPC to a peer that failed.
+/// openraft's per-request lines about an RPC to a peer that failed (openraft 0.10's
+/// replication, and `openraft-legacy`'s chunked snapshot sender).
 fn per_request_noise(target: &str, message: &str) -> bool {
-    (target.starts_with("openraft::replication") && message == "RPCError")
-        || (target.starts_with("openraft::core")
-            && message == "timeout while confirming leadership for read request")
+    (target.starts_with("openraft::replication")
+        && message.starts_with("ReplicationCore recv RPCError"))
+        || (target.starts_with("openraft_legacy")
+            && message.starts_with("failed to send InstallSnapshot RPC"))
 }
 
 impl<S> Filter<S> for QuietOpenraft {
@@ -49,16 +51,22 @@ mod tests {
 
     #[test]
     fn t01_only_per_request_rpc_failures_are_left_out() {
-        assert!(per_request_noise("openraft::replication", "RPCError"));
         assert!(per_request_noise(
-            "openraft::core::raft_core",
-            "timeout while confirming leadership for read request"
+            "openraft::replication",
+            "ReplicationCore recv RPCError: Unreachable node 3: connection refused, when:(stream-replication); sending error to RaftCore"
+        ));
+        assert!(per_request_noise(
+            "openraft_legacy::network_v1::sender",
+            "failed to send InstallSnapshot RPC: timeout"
         ));
         // A storage error while replicating is still said.
         assert!(!per_request_noise(
-            "openraft::replication",
+            "openraft::replication::stream_state",
             "error replication to target=3"
         ));
-        assert!(!per_request_noise("flynn_daemon::host", "RPCError"));
+        assert!(!per_request_noise(
+            "flynn_daemon::host",
+            "ReplicationCore recv RPCError"
+        ));
     }
 }

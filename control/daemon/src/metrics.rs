@@ -180,11 +180,12 @@ pub fn render(out: &mut String) {
 
 /// Counts leader changes as this host sees them.
 pub fn follow_leader(raft: flynn_raft::Raft) {
+    use flynn_raft::openraft::async_runtime::WatchReceiver;
     tokio::spawn(async move {
         let mut rx = raft.metrics();
-        let mut last = rx.borrow().current_leader;
+        let mut last = rx.borrow_watched().current_leader;
         while rx.changed().await.is_ok() {
-            let now = rx.borrow().current_leader;
+            let now = rx.borrow_watched().current_leader;
             if now.is_some() && now != last {
                 LEADER_CHANGES.fetch_add(1, Ordering::Relaxed);
             }

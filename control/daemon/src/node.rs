@@ -11,9 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flynn_client::{ErrorBody, HostClient, HostEntry, JoinRequest, Role, SECRET_HEADER};
+use flynn_raft::openraft::async_runtime::WatchReceiver;
 use flynn_raft::openraft::error::{
-    ChangeMembershipError, CheckIsLeaderError, ClientWriteError, RaftError,
+    ChangeMembershipError, ClientWriteError, LinearizableReadError, RaftError,
 };
+use flynn_raft::openraft::raft::ReadPolicy;
 use flynn_raft::openraft::{BasicNode, ChangeMembers, ServerState};
 use flynn_raft::store::StateHandle;
 use flynn_raft::{NodeId, Raft};
@@ -264,18 +266,18 @@ impl Node {
     }
 
     pub fn metrics(&self) -> flynn_raft::RaftMetrics {
-        self.raft.metrics().borrow().clone()
+        self.raft.metrics().borrow_watched().clone()
     }
 
     pub fn is_leader(&self) -> bool {
         let m = self.raft.metrics();
-        let m = m.borrow();
+        let m = m.borrow_watched();
         m.state == ServerState::Leader && m.current_leader == Some(self.id)
     }
 
     pub fn role(&self) -> Role {
         let m = self.raft.metrics();
-        let m = m.borrow();
+        let m = m.borrow_watched();
         let membership = m.membership_config.membership();
         if membership.voter_ids().any(|v| v == self.id) {
             Role::Peer
@@ -289,7 +291,7 @@ impl Node {
     /// The leader's id and host API address, as this host last heard.
     pub fn leader(&self) -> Option<(NodeId, String)> {
         let m = self.raft.metrics();
-        let m = m.borrow();
+        let m = m.borrow_watched();
         let id = m.current_leader?;
         let node = m.membership_config.membership().get_node(&id)?;
         Some((id, node.addr.clone()))
@@ -347,7 +349,7 @@ impl Node {
     fn leased_read_index(&self) -> Option<u64> {
         let (vote, voter_sets) = {
             let m = self.raft.metrics();
-            let m = m.borrow();
+            let m = m.borrow_watched();
             if m.current_leader != Some(self.id) {
                 return None;
             }
@@ -489,13 +491,13 @@ impl Node {
                     return Ok(LeaderReply::ReadIndex { index: Some(index) });
                 }
                 crate::metrics::READS_CONFIRMED.fetch_add(1, Ordering::Relaxed);
-                let read = tokio::time::timeout(COMMIT_WAIT, self.raft.get_read_log_id());
-                match read.await {
+                let read = self.raft.get_read_log_id(ReadPolicy::ReadIndex);
+                match tokio::time::timeout(COMMIT_WAIT, read).await {
                     Err(_) => Err(Attempt::Retry("leadership not confirmed in time".into())),
                     Ok(Ok((read_log_id, _))) => Ok(LeaderReply::ReadIndex {
-                        index: read_log_id.map(|l| l.index),
+                        index: Some(read_log_id.index()),
                     }),
-                    Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_)))) => {
+                    Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_)))) => {
                         Err(Attempt::Retry("not the leader".into()))
                     }
                     Ok(Err(e)) => Err(Attempt::Retry(e.to_string())),
@@ -677,7 +679,7 @@ impl Node {
 fn membership_result(
     r: Result<
         flynn_raft::openraft::raft::ClientWriteResponse<flynn_raft::TypeConfig>,
-        RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>,
+        RaftError<flynn_raft::TypeConfig, ClientWriteError<flynn_raft::TypeConfig>>,
     >,
 ) -> Result<LeaderReply, Attempt> {
     match r {

@@ -13,12 +13,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use openraft::Vote;
+use openraft::vote::RaftLeaderId;
 
-use crate::NodeId;
+use crate::{NodeId, Vote};
 
 /// Per peer: the vote of the newest AppendEntries it accepted, and when it was sent.
-type Accepted = HashMap<NodeId, (Vote<NodeId>, Instant)>;
+type Accepted = HashMap<NodeId, (Vote, Instant)>;
 
 /// What this host's peers accepted of its leadership, shared by the network's connections.
 #[derive(Clone, Default)]
@@ -29,7 +29,7 @@ impl LeaderLease {
     pub const TERM: Duration = Duration::from_millis(500);
 
     /// `peer` accepted `vote`'s leadership in a request sent at `sent`.
-    pub fn accepted(&self, peer: NodeId, vote: Vote<NodeId>, sent: Instant) {
+    pub fn accepted(&self, peer: NodeId, vote: Vote, sent: Instant) {
         let mut acks = self.0.lock().expect("lease lock");
         let newer = acks
             .get(&peer)
@@ -45,11 +45,11 @@ impl LeaderLease {
     pub fn held(
         &self,
         me: NodeId,
-        vote: &Vote<NodeId>,
+        vote: &Vote,
         voter_sets: &[BTreeSet<NodeId>],
         now: Instant,
     ) -> bool {
-        if !vote.is_committed() || vote.leader_id().voted_for() != Some(me) {
+        if !vote.is_committed() || *vote.leader_id().node_id() != me {
             return false;
         }
         let acks = self.0.lock().expect("lease lock");
@@ -70,10 +70,8 @@ impl LeaderLease {
 mod tests {
     use super::*;
 
-    fn leading(term: u64, id: NodeId) -> Vote<NodeId> {
-        let mut v = Vote::new(term, id);
-        v.commit();
-        v
+    fn leading(term: u64, id: NodeId) -> Vote {
+        Vote::new_committed(term, id)
     }
 
     #[test]

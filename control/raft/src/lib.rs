@@ -6,30 +6,32 @@ pub mod metrics;
 pub mod network;
 pub mod store;
 
-use std::io::Cursor;
-
 pub use openraft;
+use openraft::type_config::alias;
 use openraft::BasicNode;
+pub use openraft_legacy;
 
 use flynn_state::{ApplyResult, Command};
 
 openraft::declare_raft_types!(
-    /// Raft types of the flynn control plane.
+    /// Raft types of the flynn control plane. Term, leader id, vote and entry are openraft's
+    /// defaults, which read and write what 0.9 kept on disk and sent (`tests/formats.rs`).
     pub TypeConfig:
         D = Command,
         R = ApplyResult,
         NodeId = NodeId,
         Node = BasicNode,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
-        AsyncRuntime = openraft::TokioRuntime,
 );
 
 pub type NodeId = u64;
-pub type Raft = openraft::Raft<TypeConfig>;
-pub type LogId = openraft::LogId<NodeId>;
+pub type Raft = openraft::Raft<TypeConfig, store::StateMachine>;
+pub type LogId = alias::LogIdOf<TypeConfig>;
+pub type Vote = alias::VoteOf<TypeConfig>;
+pub type Entry = alias::EntryOf<TypeConfig>;
 pub type Membership = openraft::Membership<NodeId, BasicNode>;
-pub type RaftMetrics = openraft::RaftMetrics<NodeId, BasicNode>;
+pub type StoredMembership = alias::StoredMembershipOf<TypeConfig>;
+pub type SnapshotMeta = alias::SnapshotMetaOf<TypeConfig>;
+pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
 
 /// Header that carries the cluster secret on every host-to-host request.
 pub const SECRET_HEADER: &str = "x-flynn-cluster-secret";
@@ -37,7 +39,16 @@ pub const SECRET_HEADER: &str = "x-flynn-cluster-secret";
 /// Raft timing used by every host. Failover within a few seconds on a LAN, without elections
 /// triggered by an fsync stall. Followers keep a leader's lease for `election_timeout_max`;
 /// the leader's own read lease ([`lease::LeaderLease::TERM`]) is a third of it.
+///
+/// A snapshot is taken every 20,000 entries; 2,000 entries are kept behind it for peers that
+/// lag a little, and the log is purged 1,000 entries at a time. `FLYNN_RAFT_SNAPSHOT_LOGS=N`
+/// scales the three from `N` (the tests use it to make a lagging peer need a snapshot).
 pub fn raft_config() -> openraft::Config {
+    let snapshot_logs = std::env::var("FLYNN_RAFT_SNAPSHOT_LOGS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|n| *n >= 10)
+        .unwrap_or(20_000);
     openraft::Config {
         cluster_name: "flynn".into(),
         heartbeat_interval: 150,
@@ -45,9 +56,9 @@ pub fn raft_config() -> openraft::Config {
         election_timeout_max: 1500,
         install_snapshot_timeout: 10_000,
         max_payload_entries: 512,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
-        max_in_snapshot_log_to_keep: 2_000,
-        purge_batch_size: 1_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_logs),
+        max_in_snapshot_log_to_keep: snapshot_logs / 10,
+        purge_batch_size: (snapshot_logs / 20).max(1),
         ..Default::default()
     }
 }

@@ -12,6 +12,8 @@ pub static SNAPSHOT_SAVE: LazyLock<Histogram> = LazyLock::new(|| Histogram::new(
 pub static SNAPSHOT_BYTES: AtomicU64 = AtomicU64::new(0);
 /// Log entries appended to this host's log.
 pub static APPENDED: AtomicU64 = AtomicU64::new(0);
+/// Snapshots installed from a leader (this host's log was behind what the leader kept).
+pub static SNAPSHOTS_INSTALLED: AtomicU64 = AtomicU64::new(0);
 
 pub fn render(out: &mut String) {
     header(
@@ -48,5 +50,12 @@ pub fn render(out: &mut String) {
         "counter",
         "Log entries appended to this host's Raft log.",
         APPENDED.load(Ordering::Relaxed),
+    );
+    single(
+        out,
+        "flynn_raft_snapshots_installed_total",
+        "counter",
+        "Snapshots installed from a leader, for a log behind what the leader kept.",
+        SNAPSHOTS_INSTALLED.load(Ordering::Relaxed),
     );
 }

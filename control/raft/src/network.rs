@@ -3,17 +3,16 @@
 //! The server side lives with the daemon's HTTP router; it answers each path below with the
 //! JSON of `Result<Response, RaftError>`, so remote Raft errors arrive typed.
 
+use std::io::Cursor;
 use std::time::Duration;
 
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
-};
+use openraft::error::{NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
 use openraft::BasicNode;
+use openraft_legacy::network_v1::{
+    Adapter, InstallSnapshotError, InstallSnapshotRequest, InstallSnapshotResponse, RaftNetwork,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -85,18 +84,22 @@ impl HttpNetwork {
     }
 }
 
-impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
-    type Network = PeerConnection;
+/// openraft 0.10 talks to a peer through its v2 network; the adapter keeps 0.9's RPCs (a
+/// snapshot sent in chunks), which hosts of either build answer during a rolling update.
+pub type PeerNetwork = Adapter<TypeConfig, PeerConnection, Cursor<Vec<u8>>>;
 
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
-        PeerConnection {
+impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
+    type Network = PeerNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerNetwork {
+        Adapter::new(PeerConnection {
             target,
             base: format!("http://{}", node.addr),
             client: self.client.clone(),
             secret: self.secret.clone(),
             reachability: self.reachability.clone(),
             lease: self.lease.clone(),
-        }
+        })
     }
 }
 
@@ -119,7 +122,7 @@ impl PeerConnection {
         path: &str,
         req: &Req,
         option: &RPCOption,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    ) -> Result<Resp, RPCError<TypeConfig, RaftError<TypeConfig, E>>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -140,7 +143,7 @@ impl PeerConnection {
         path: &str,
         req: &Req,
         option: &RPCOption,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    ) -> Result<Resp, RPCError<TypeConfig, RaftError<TypeConfig, E>>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -169,7 +172,7 @@ impl PeerConnection {
                 format!("peer {} answered {status}: {body}", self.target),
             ))));
         }
-        let result: Result<Resp, RaftError<NodeId, E>> = resp
+        let result: Result<Resp, RaftError<TypeConfig, E>> = resp
             .json()
             .await
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
@@ -182,7 +185,8 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig, RaftError<TypeConfig>>>
+    {
         let (sent, vote) = (std::time::Instant::now(), rpc.vote);
         let resp = self.call(PATH_APPEND, &rpc, &option).await?;
         // Any answer but a higher vote means the peer took `vote` as its leader's (openraft
@@ -198,17 +202,17 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+        InstallSnapshotResponse<TypeConfig>,
+        RPCError<TypeConfig, RaftError<TypeConfig, InstallSnapshotError>>,
     > {
         self.call(PATH_SNAPSHOT, &rpc, &option).await
     }
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<NodeId>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig, RaftError<TypeConfig>>> {
         self.call(PATH_VOTE, &rpc, &option).await
     }
 }

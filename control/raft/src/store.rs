@@ -7,9 +7,6 @@
 //! next synced write (log append, vote, purge) persists them, and a lost tail is re-applied
 //! from the log on restart (the committed index is saved too).
 
-// openraft's storage traits fix the error type (StorageError, ~224 bytes); helpers share it.
-#![allow(clippy::result_large_err)]
-
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -18,20 +15,22 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, RwLock};
 
-use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
-use openraft::{
-    AnyError, BasicNode, Entry, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader,
-    RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+use futures::{Stream, TryStreamExt};
+use openraft::storage::{
+    EntryResponder, IOFlushed, LogState, RaftLogReader, RaftLogStorage, RaftSnapshotBuilder,
+    RaftStateMachine, Snapshot,
 };
+use openraft::{BasicNode, EntryPayload, OptionalSend};
+use openraft_legacy::network_v1::SnapshotReceiverFactory;
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use flynn_state::{ClusterState, Event};
 
-use crate::{LogId, NodeId, TypeConfig};
+use crate::{Entry, LogId, NodeId, SnapshotMeta, StoredMembership, TypeConfig, Vote};
 
-type StorageResult<T> = Result<T, StorageError<NodeId>>;
+type StorageResult<T> = Result<T, std::io::Error>;
 
 const CF_LOG: &str = "log";
 const CF_META: &str = "meta";
@@ -47,20 +46,13 @@ const SM_MEMBERSHIP: &[u8] = b"~membership";
 /// How many recent events a watcher can resume from; older revisions get a full resync.
 const EVENT_HISTORY: usize = 16_384;
 
-fn io_err(
-    subject: ErrorSubject<NodeId>,
-    verb: ErrorVerb,
-    e: impl std::error::Error + 'static,
-) -> StorageError<NodeId> {
-    StorageIOError::new(subject, verb, AnyError::new(&e)).into()
-}
-
-fn store_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<NodeId> {
-    io_err(ErrorSubject::Store, verb, e)
+/// A storage error that says what was being done (openraft 0.10 takes `io::Error`).
+fn io_err(what: &str, e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("{what}: {e}"))
 }
 
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> StorageResult<T> {
-    serde_json::from_slice(bytes).map_err(|e| store_err(ErrorVerb::Read, e))
+    serde_json::from_slice(bytes).map_err(|e| io_err("decoding a stored record", e))
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -79,7 +71,8 @@ pub fn open(dir: &Path) -> StorageResult<(LogStore, StateMachine)> {
     let cfs = [CF_LOG, CF_META, CF_SM]
         .into_iter()
         .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
-    let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| store_err(ErrorVerb::Read, e))?;
+    let db =
+        DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| io_err("opening the store", e))?;
     let db = Arc::new(db);
     let log = LogStore::new(db.clone());
     let sm = StateMachine::load(db)?;
@@ -111,7 +104,7 @@ pub struct LogStore {
 /// database could be closed on that thread while the process exits around it (a crash in
 /// RocksDB's teardown at exit).
 struct Flusher {
-    tx: Option<mpsc::Sender<LogFlushed<TypeConfig>>>,
+    tx: Option<mpsc::Sender<IOFlushed<TypeConfig>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -126,7 +119,7 @@ impl Drop for Flusher {
 
 impl LogStore {
     fn new(db: Arc<DB>) -> Self {
-        let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
+        let (tx, rx) = mpsc::channel::<IOFlushed<TypeConfig>>();
         let flush_db = db.clone();
         let thread = std::thread::Builder::new()
             .name("raft-wal-sync".into())
@@ -139,7 +132,7 @@ impl LogStore {
                     let result = flush_db.flush_wal(true).map_err(std::io::Error::other);
                     crate::metrics::WAL_FSYNC.observe_duration(started.elapsed());
                     for cb in batch {
-                        cb.log_io_completed(
+                        cb.io_completed(
                             result
                                 .as_ref()
                                 .map(|_| ())
@@ -161,7 +154,7 @@ impl LogStore {
     fn meta_get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StorageResult<Option<T>> {
         self.db
             .get_cf(cf(&self.db, CF_META), key)
-            .map_err(|e| store_err(ErrorVerb::Read, e))?
+            .map_err(|e| io_err("reading raft metadata", e))?
             .map(|b| decode(&b))
             .transpose()
     }
@@ -170,8 +163,8 @@ impl LogStore {
         let mut it = self.db.iterator_cf(cf(&self.db, CF_LOG), IteratorMode::End);
         match it.next() {
             None => Ok(None),
-            Some(Err(e)) => Err(io_err(ErrorSubject::Logs, ErrorVerb::Read, e)),
-            Some(Ok((_, v))) => Ok(Some(decode::<Entry<TypeConfig>>(&v)?.log_id)),
+            Some(Err(e)) => Err(io_err("reading the log", e)),
+            Some(Ok((_, v))) => Ok(Some(decode::<Entry>(&v)?.log_id)),
         }
     }
 }
@@ -180,7 +173,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
-    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+    ) -> StorageResult<Vec<Entry>> {
         use std::ops::Bound;
         let start = match range.start_bound() {
             Bound::Included(i) => *i,
@@ -193,7 +186,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             IteratorMode::From(&index_key(start), Direction::Forward),
         );
         for item in it {
-            let (k, v) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            let (k, v) = item.map_err(|e| io_err("reading the log", e))?;
             let index = u64::from_be_bytes(k.as_ref().try_into().expect("8-byte log keys"));
             if !range.contains(&index) {
                 break;
@@ -201,6 +194,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
             out.push(decode(&v)?);
         }
         Ok(out)
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote>> {
+        self.meta_get(KEY_VOTE)
     }
 }
 
@@ -220,29 +217,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.clone()
     }
 
-    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+    async fn save_vote(&mut self, vote: &Vote) -> StorageResult<()> {
         self.db
             .put_cf_opt(cf(&self.db, CF_META), KEY_VOTE, encode(vote), &synced())
-            .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))
-    }
-
-    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
-        self.meta_get(KEY_VOTE)
+            .map_err(|e| io_err("saving the vote", e))
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> StorageResult<()> {
         self.db
             .put_cf(cf(&self.db, CF_META), KEY_COMMITTED, encode(&committed))
-            .map_err(|e| store_err(ErrorVerb::Write, e))
+            .map_err(|e| io_err("saving the committed index", e))
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId>> {
         Ok(self.meta_get::<Option<LogId>>(KEY_COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> StorageResult<()>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let mut batch = WriteBatch::default();
@@ -255,28 +248,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         crate::metrics::APPENDED.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         self.db
             .write(batch)
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+            .map_err(|e| io_err("appending to the log", e))?;
         // Readable now; durable once the flusher's fsync completes.
         let sent = match &self.flusher.tx {
             Some(tx) => tx.send(callback).map_err(|mpsc::SendError(cb)| cb),
             None => Err(callback),
         };
         if let Err(cb) = sent {
-            cb.log_io_completed(Err(std::io::Error::other("wal sync thread is gone")));
+            cb.io_completed(Err(std::io::Error::other("wal sync thread is gone")));
         }
         Ok(())
     }
 
-    async fn truncate(&mut self, log_id: LogId) -> StorageResult<()> {
+    /// Removes every entry after `last_log_id` (all of them for `None`).
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> StorageResult<()> {
+        let from = last_log_id.map_or(0, |l| l.index + 1);
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(
-            cf(&self.db, CF_LOG),
-            index_key(log_id.index),
-            index_key(u64::MAX),
-        );
+        batch.delete_range_cf(cf(&self.db, CF_LOG), index_key(from), index_key(u64::MAX));
         self.db
             .write_opt(batch, &synced())
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+            .map_err(|e| io_err("truncating the log", e))
     }
 
     async fn purge(&mut self, log_id: LogId) -> StorageResult<()> {
@@ -289,7 +280,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         );
         self.db
             .write_opt(batch, &synced())
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
+            .map_err(|e| io_err("purging the log", e))
     }
 }
 
@@ -307,7 +298,7 @@ pub enum WatchItem {
 pub struct Applied {
     pub state: ClusterState,
     pub last_applied: Option<LogId>,
-    pub membership: StoredMembership<NodeId, BasicNode>,
+    pub membership: StoredMembership,
     /// Recent events, oldest first, for watchers resuming from a revision.
     pub recent: VecDeque<Event>,
     /// `recent` holds every event after this revision.
@@ -369,7 +360,8 @@ pub struct StateMachine {
 
 #[derive(Serialize, Deserialize)]
 struct SnapshotBlob {
-    meta: SnapshotMeta<NodeId, BasicNode>,
+    /// With an id, as 0.9 kept it: a host of an older build reads this blob unchanged.
+    meta: openraft_legacy::network_v1::SnapshotMeta<TypeConfig>,
     state: ClusterState,
 }
 
@@ -379,16 +371,15 @@ impl StateMachine {
         let mut last_applied = None;
         let mut membership = StoredMembership::default();
         for item in db.iterator_cf(cf(&db, CF_SM), IteratorMode::Start) {
-            let (k, v) =
-                item.map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
+            let (k, v) = item.map_err(|e| io_err("reading the state", e))?;
             match k.as_ref() {
                 SM_APPLIED => last_applied = decode(&v)?,
                 SM_MEMBERSHIP => membership = decode(&v)?,
                 key => {
                     let key = std::str::from_utf8(key).unwrap_or_default();
-                    state.load_record(key, &v).map_err(|e| {
-                        store_err(ErrorVerb::Read, BadRecord(format!("{key}: {e}")))
-                    })?;
+                    state
+                        .load_record(key, &v)
+                        .map_err(|e| io_err(&format!("bad state record {key}"), e))?;
                 }
             }
         }
@@ -426,28 +417,27 @@ impl StateMachine {
         batch.put_cf(sm, SM_MEMBERSHIP, encode(&applied.membership));
         self.db
             .write_opt(batch, &synced())
-            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))
+            .map_err(|e| io_err("writing the state", e))
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("bad state record {0}")]
-struct BadRecord(String);
-
 impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = Cursor<Vec<u8>>;
     type SnapshotBuilder = SnapshotBuilder;
 
-    async fn applied_state(
-        &mut self,
-    ) -> StorageResult<(Option<LogId>, StoredMembership<NodeId, BasicNode>)> {
+    async fn applied_state(&mut self) -> StorageResult<(Option<LogId>, StoredMembership)> {
         Ok(self.handle.read(|a| (a.last_applied, a.membership.clone())))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<flynn_state::ApplyResult>>
+    async fn apply<Strm>(&mut self, entries: Strm) -> StorageResult<()>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
-        I::IntoIter: OptionalSend,
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, std::io::Error>>
+            + Unpin
+            + OptionalSend,
     {
+        // The batch is applied under one lock and one write; each caller is answered once
+        // all of it is applied and readable, as 0.9's returned results were.
+        let entries: Vec<EntryResponder<TypeConfig>> = entries.try_collect().await?;
         let started = std::time::Instant::now();
         let mut results = Vec::new();
         let mut new_events = Vec::new();
@@ -455,21 +445,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let batch = {
             let mut guard = self.handle.inner.write().expect("state lock poisoned");
             let applied = &mut *guard;
-            for entry in entries {
+            for (entry, responder) in entries {
                 applied.last_applied = Some(entry.log_id);
-                match entry.payload {
-                    EntryPayload::Blank => results.push(Ok(flynn_state::Response::Done)),
+                let result = match entry.payload {
+                    EntryPayload::Blank => Ok(flynn_state::Response::Done),
                     EntryPayload::Normal(cmd) => {
                         let replaces = flynn_state::ClusterState::replaces_all(&cmd);
                         let (result, events) = applied.state.apply(cmd);
                         replaced |= replaces && result.is_ok();
                         new_events.extend(events);
-                        results.push(result);
+                        result
                     }
                     EntryPayload::Membership(m) => {
                         applied.membership = StoredMembership::new(Some(entry.log_id), m);
-                        results.push(Ok(flynn_state::Response::Done));
+                        Ok(flynn_state::Response::Done)
                     }
+                };
+                if let Some(responder) = responder {
+                    results.push((responder, result));
                 }
             }
             let sm = cf(&self.db, CF_SM);
@@ -500,7 +493,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         self.db
             .write(batch)
-            .map_err(|e| io_err(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+            .map_err(|e| io_err("writing the applied state", e))?;
         for e in new_events {
             // No subscribers is fine: the history buffer above still has it.
             let _ = self.handle.events.send(WatchItem::Event(e));
@@ -510,7 +503,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         crate::metrics::APPLY.observe_duration(started.elapsed());
         self.handle.notify_applied();
-        Ok(results)
+        for (responder, result) in results {
+            responder.send(result);
+        }
+        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -520,25 +516,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
-    }
-
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        meta: &SnapshotMeta,
+        snapshot: Cursor<Vec<u8>>,
     ) -> StorageResult<()> {
         let data = snapshot.into_inner();
         crate::metrics::SNAPSHOT_BYTES
             .store(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        let blob: SnapshotBlob = serde_json::from_slice(&data).map_err(|e| {
-            io_err(
-                ErrorSubject::Snapshot(Some(meta.signature())),
-                ErrorVerb::Read,
-                e,
-            )
-        })?;
+        let blob: SnapshotBlob = serde_json::from_slice(&data)
+            .map_err(|e| io_err(&format!("reading snapshot {:?}", meta.signature()), e))?;
         {
             let mut guard = self.handle.inner.write().expect("state lock poisoned");
             guard.state = blob.state;
@@ -551,31 +538,39 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         self.db
             .put_cf_opt(cf(&self.db, CF_META), KEY_SNAPSHOT, data, &synced())
-            .map_err(|e| {
-                io_err(
-                    ErrorSubject::Snapshot(Some(meta.signature())),
-                    ErrorVerb::Write,
-                    e,
-                )
-            })?;
+            .map_err(|e| io_err(&format!("saving snapshot {:?}", meta.signature()), e))?;
+        crate::metrics::SNAPSHOTS_INSTALLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _ = self.handle.events.send(WatchItem::Reset);
         self.handle.notify_applied();
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<CurrentSnapshot>> {
         let Some(data) = self
             .db
             .get_cf(cf(&self.db, CF_META), KEY_SNAPSHOT)
-            .map_err(|e| io_err(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?
+            .map_err(|e| io_err("reading the snapshot", e))?
         else {
             return Ok(None);
         };
         let blob: SnapshotBlob = decode(&data)?;
         Ok(Some(Snapshot {
-            meta: blob.meta,
-            snapshot: Box::new(Cursor::new(data)),
+            meta: blob.meta.into_meta(),
+            snapshot: Cursor::new(data),
         }))
+    }
+}
+
+/// A snapshot as openraft hands it around: its meta and its bytes.
+type CurrentSnapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
+
+/// A host of an older build sends a snapshot in chunks (openraft 0.9's InstallSnapshot);
+/// they are gathered here, then installed whole.
+impl SnapshotReceiverFactory<TypeConfig> for StateMachine {
+    type SnapshotReceiver = Cursor<Vec<u8>>;
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Cursor<Vec<u8>>> {
+        Ok(Cursor::new(Vec::new()))
     }
 }
 
@@ -585,39 +580,35 @@ pub struct SnapshotBuilder {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn build_snapshot(&mut self) -> StorageResult<CurrentSnapshot> {
         let started = std::time::Instant::now();
         let (state, last_applied, membership) = self
             .handle
             .read(|a| (a.state.clone(), a.last_applied, a.membership.clone()));
-        let snapshot_id = match last_applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, state.revision),
-            None => format!("none-{}", state.revision),
-        };
         let meta = SnapshotMeta {
             last_log_id: last_applied,
             last_membership: membership,
-            snapshot_id,
+        };
+        let revision = state.revision;
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{revision}", l.leader_id, l.index),
+            None => format!("none-{revision}"),
         };
         let data = encode(&SnapshotBlob {
-            meta: meta.clone(),
+            meta: openraft_legacy::network_v1::SnapshotMeta::new(meta.clone(), snapshot_id),
             state,
         });
         self.db
             .put_cf_opt(cf(&self.db, CF_META), KEY_SNAPSHOT, &data, &synced())
-            .map_err(|e| {
-                io_err(
-                    ErrorSubject::Snapshot(Some(meta.signature())),
-                    ErrorVerb::Write,
-                    e,
-                )
-            })?;
+            .map_err(|e| io_err(&format!("saving snapshot {:?}", meta.signature()), e))?;
         crate::metrics::SNAPSHOT_SAVE.observe_duration(started.elapsed());
         crate::metrics::SNAPSHOT_BYTES
             .store(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Cursor::new(data),
         })
     }
 }

@@ -71,6 +71,18 @@ macro_rules! areas {
             Batch { commands: Vec<Command> },
         }
 
+        /// What a log line says of a command: its area, or how many a batch holds.
+        impl std::fmt::Display for Command {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                match self {
+                    $( Command::$variant(_) => f.write_str(stringify!($variant)), )*
+                    Command::Restore { .. } => f.write_str("Restore"),
+                    Command::RestoreBackup { .. } => f.write_str("RestoreBackup"),
+                    Command::Batch { commands } => write!(f, "Batch of {}", commands.len()),
+                }
+            }
+        }
+
         $( impl From<$cmd> for Command {
             fn from(c: $cmd) -> Self {
                 Command::$variant(c)

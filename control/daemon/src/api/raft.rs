@@ -3,7 +3,8 @@
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
-use flynn_raft::openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use flynn_raft::openraft::raft::{AppendEntriesRequest, VoteRequest};
+use flynn_raft::openraft_legacy::network_v1::{ChunkedSnapshotReceiver, InstallSnapshotRequest};
 use flynn_raft::TypeConfig;
 
 use super::{AppState, JsonBody};
@@ -27,7 +28,7 @@ async fn append(
 
 async fn vote(
     State(host): State<AppState>,
-    JsonBody(req): JsonBody<VoteRequest<u64>>,
+    JsonBody(req): JsonBody<VoteRequest<TypeConfig>>,
 ) -> ApiResult<Json<impl serde::Serialize>> {
     Ok(Json(host.node()?.raft.vote(req).await))
 }
