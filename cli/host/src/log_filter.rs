@@ -20,13 +20,18 @@ impl Visit for Message {
     }
 }
 
-/// openraft's per-request lines about an RPC to a peer that failed (openraft 0.10's
-/// replication, and `openraft-legacy`'s chunked snapshot sender).
+/// openraft's per-request lines about an RPC to a peer that failed: 0.10's replication and
+/// heartbeat errors, and `openraft-legacy`'s snapshot chunk sender. They are warnings, which
+/// the daemon's default `openraft=error` drops already; this keeps them out when an operator
+/// raises openraft's level to look at something else.
 fn per_request_noise(target: &str, message: &str) -> bool {
     (target.starts_with("openraft::replication")
         && message.starts_with("ReplicationCore recv RPCError"))
+        || (target.starts_with("openraft::core::heartbeat")
+            && message.contains("failed to send a heartbeat"))
         || (target.starts_with("openraft_legacy")
-            && message.starts_with("failed to send InstallSnapshot RPC"))
+            && (message.starts_with("failed to send InstallSnapshot RPC")
+                || message.starts_with("timeout sending InstallSnapshot RPC")))
 }
 
 impl<S> Filter<S> for QuietOpenraft {
@@ -58,6 +63,10 @@ mod tests {
         assert!(per_request_noise(
             "openraft_legacy::network_v1::sender",
             "failed to send InstallSnapshot RPC: timeout"
+        ));
+        assert!(per_request_noise(
+            "openraft::core::heartbeat::worker",
+            "HeartbeatWorker(id=1, target=3) failed to send a heartbeat: Err(Unreachable)"
         ));
         // A storage error while replicating is still said.
         assert!(!per_request_noise(

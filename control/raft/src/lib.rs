@@ -43,12 +43,18 @@ pub const SECRET_HEADER: &str = "x-flynn-cluster-secret";
 /// A snapshot is taken every 20,000 entries; 2,000 entries are kept behind it for peers that
 /// lag a little, and the log is purged 1,000 entries at a time. `FLYNN_RAFT_SNAPSHOT_LOGS=N`
 /// scales the three from `N` (the tests use it to make a lagging peer need a snapshot).
+/// A snapshot goes to a peer in chunks of 3 MiB, or `FLYNN_RAFT_SNAPSHOT_CHUNK` bytes.
 pub fn raft_config() -> openraft::Config {
     let snapshot_logs = std::env::var("FLYNN_RAFT_SNAPSHOT_LOGS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .filter(|n| *n >= 10)
         .unwrap_or(20_000);
+    let snapshot_chunk = std::env::var("FLYNN_RAFT_SNAPSHOT_CHUNK")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|n| *n >= 1024)
+        .unwrap_or(3 << 20);
     openraft::Config {
         cluster_name: "flynn".into(),
         heartbeat_interval: 150,
@@ -59,6 +65,7 @@ pub fn raft_config() -> openraft::Config {
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_logs),
         max_in_snapshot_log_to_keep: snapshot_logs / 10,
         purge_batch_size: (snapshot_logs / 20).max(1),
+        snapshot_max_chunk_size: snapshot_chunk,
         ..Default::default()
     }
 }

@@ -12,7 +12,8 @@ pub static SNAPSHOT_SAVE: LazyLock<Histogram> = LazyLock::new(|| Histogram::new(
 pub static SNAPSHOT_BYTES: AtomicU64 = AtomicU64::new(0);
 /// Log entries appended to this host's log.
 pub static APPENDED: AtomicU64 = AtomicU64::new(0);
-/// Snapshots installed from a leader (this host's log was behind what the leader kept).
+/// Snapshots installed into the state machine: from a leader, for a log behind what it kept
+/// (or, at a start, this host's own when its state was behind it).
 pub static SNAPSHOTS_INSTALLED: AtomicU64 = AtomicU64::new(0);
 
 pub fn render(out: &mut String) {
@@ -55,7 +56,7 @@ pub fn render(out: &mut String) {
         out,
         "flynn_raft_snapshots_installed_total",
         "counter",
-        "Snapshots installed from a leader, for a log behind what the leader kept.",
+        "Snapshots installed into the state machine, mostly from a leader for a log behind what it kept.",
         SNAPSHOTS_INSTALLED.load(Ordering::Relaxed),
     );
 }

@@ -23,6 +23,9 @@ pub const PATH_APPEND: &str = "/raft/append";
 pub const PATH_VOTE: &str = "/raft/vote";
 pub const PATH_SNAPSHOT: &str = "/raft/snapshot";
 
+/// The pause before a peer that did not answer is tried again.
+const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(500);
+
 /// Builds one connection handle per peer; they share a pooled HTTP client.
 #[derive(Clone)]
 pub struct HttpNetwork {
@@ -205,7 +208,23 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         InstallSnapshotResponse<TypeConfig>,
         RPCError<TypeConfig, RaftError<TypeConfig, InstallSnapshotError>>,
     > {
-        self.call(PATH_SNAPSHOT, &rpc, &option).await
+        let result = self.call(PATH_SNAPSHOT, &rpc, &option).await;
+        // openraft-legacy's sender retries a failed chunk after 1 ms, without end, until
+        // the core gives up on the transfer: a peer restarting mid-transfer would be asked
+        // a thousand times a second. A failure here waits as a refused connection does.
+        if matches!(
+            result,
+            Err(RPCError::Unreachable(_) | RPCError::Network(_) | RPCError::Timeout(_))
+        ) {
+            tokio::time::sleep(UNREACHABLE_BACKOFF).await;
+        }
+        result
+    }
+
+    /// How long replication waits before trying an unreachable peer again (openraft 0.9's
+    /// pause; the legacy trait's default is 200 ms).
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(UNREACHABLE_BACKOFF))
     }
 
     async fn vote(
