@@ -780,6 +780,8 @@ async fn t03_the_primary_s_host_dies_under_load_and_no_acknowledged_commit_is_lo
     let mut c = cluster(3, &["web"]).await;
     ok(&c.flynn(0, &["-a", "web", "resource", "add", "postgres"]));
     let before = settled(&c, 0, 1).await;
+    // Read while every host is up: the CLI goes through host 0, which may be the one killed.
+    let su = env_get(&c, "postgres", "PGPASSWORD");
     let list = ok(&c.flynn(0, &["-a", "web", "resource"]));
     assert!(
         list.contains("3 servers") && list.contains("caught up"),
@@ -826,7 +828,6 @@ async fn t03_the_primary_s_host_dies_under_load_and_no_acknowledged_commit_is_lo
 
     // The old primary's host comes back: its server rejoins as a standby by itself.
     c.start_daemon(primary);
-    let su = env_get(&c, "postgres", "PGPASSWORD");
     eventually(
         Duration::from_secs(120),
         "the old primary streaming as a standby",
