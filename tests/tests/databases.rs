@@ -604,27 +604,33 @@ fn streams_from(c: &Cluster, i: usize, su: &str, sh: &flynn_model::DbShape, stan
     let Some(primary) = sh.members.get(&sh.primary) else {
         return false;
     };
-    let (ip, port) = primary.addr.rsplit_once(':').expect("IP:PORT");
-    let conn = format!(
-        "host={ip} port={port} user=postgres password={su} dbname=postgres connect_timeout=2"
-    );
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &c.hosts[i].ns,
-            "timeout",
-            "5",
-            "psql",
-            &conn,
-            "-tAc",
-            "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'",
-        ])
-        .output()
-        .expect("psql");
+    let sql = "SELECT application_name FROM pg_stat_replication WHERE state = 'streaming'";
+    let out = superuser_psql(&c.hosts[i].ns, &primary.addr, su, 2, 5, sql);
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .any(|name| name.trim() == format!("h{standby}"))
+}
+
+/// `psql -tAc SQL` as the superuser (password `su`) on the server at `addr` (IP:PORT), run in
+/// network namespace `ns`; connecting is bounded by `connect_s`, the whole run by `total_s`.
+fn superuser_psql(
+    ns: &str,
+    addr: &str,
+    su: &str,
+    connect_s: u32,
+    total_s: u32,
+    sql: &str,
+) -> std::process::Output {
+    let (ip, port) = addr.rsplit_once(':').expect("IP:PORT");
+    let conn = format!(
+        "host={ip} port={port} user=postgres password={su} dbname=postgres \
+         connect_timeout={connect_s}"
+    );
+    std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "timeout", &total_s.to_string()])
+        .args(["psql", &conn, "-tAc", sql])
+        .output()
+        .expect("psql")
 }
 
 /// The index of the test host whose node id is `id`.
@@ -917,7 +923,6 @@ async fn t05_an_isolated_primary_fences_itself_before_another_is_promoted() {
     let primary = index_of(&c, before.primary).await;
     let survivor = index_of(&c, before.asyncs[0]).await;
     let old_addr = before.members[&before.primary].addr.clone();
-    let (ip, port) = old_addr.rsplit_once(':').unwrap();
     let su = env_get(&c, "postgres", "PGPASSWORD");
     let writer = Writer::start(&c, survivor, "web", 1);
     eventually(Duration::from_secs(30), "the writer committing", || async {
@@ -930,22 +935,14 @@ async fn t05_an_isolated_primary_fences_itself_before_another_is_promoted() {
     let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
     let prober = {
         let (stop, accepted) = (stop.clone(), accepted.clone());
-        let ns = c.hosts[primary].ns.clone();
-        let conn = format!(
-            "host={ip} port={port} user=postgres password={su} dbname=postgres connect_timeout=1"
-        );
+        let (ns, old_addr, su) = (c.hosts[primary].ns.clone(), old_addr.clone(), su.clone());
         std::thread::spawn(move || {
             let deadline = std::time::Instant::now() + Duration::from_secs(90);
             while !stop.load(std::sync::atomic::Ordering::SeqCst)
                 && std::time::Instant::now() < deadline
             {
                 let at = now_s();
-                let out = std::process::Command::new("ip")
-                    .args([
-                        "netns", "exec", &ns, "timeout", "3", "psql", &conn, "-tAc", "SELECT 1",
-                    ])
-                    .output()
-                    .expect("psql");
+                let out = superuser_psql(&ns, &old_addr, &su, 1, 3, "SELECT 1");
                 if out.status.success() {
                     accepted.lock().unwrap().push(at);
                 }

@@ -32,6 +32,8 @@ pub type Membership = openraft::Membership<NodeId, BasicNode>;
 pub type StoredMembership = alias::StoredMembershipOf<TypeConfig>;
 pub type SnapshotMeta = alias::SnapshotMetaOf<TypeConfig>;
 pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
+/// A snapshot's bytes, whole in memory: as built, stored, sent in chunks and received.
+pub type SnapshotData = std::io::Cursor<Vec<u8>>;
 
 /// Header that carries the cluster secret on every host-to-host request.
 pub const SECRET_HEADER: &str = "x-flynn-cluster-secret";
@@ -45,16 +47,8 @@ pub const SECRET_HEADER: &str = "x-flynn-cluster-secret";
 /// scales the three from `N` (the tests use it to make a lagging peer need a snapshot).
 /// A snapshot goes to a peer in chunks of 3 MiB, or `FLYNN_RAFT_SNAPSHOT_CHUNK` bytes.
 pub fn raft_config() -> openraft::Config {
-    let snapshot_logs = std::env::var("FLYNN_RAFT_SNAPSHOT_LOGS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|n| *n >= 10)
-        .unwrap_or(20_000);
-    let snapshot_chunk = std::env::var("FLYNN_RAFT_SNAPSHOT_CHUNK")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .filter(|n| *n >= 1024)
-        .unwrap_or(3 << 20);
+    let snapshot_logs = env_u64("FLYNN_RAFT_SNAPSHOT_LOGS", 10, 20_000);
+    let snapshot_chunk = env_u64("FLYNN_RAFT_SNAPSHOT_CHUNK", 1024, 3 << 20);
     openraft::Config {
         cluster_name: "flynn".into(),
         heartbeat_interval: 150,
@@ -68,6 +62,15 @@ pub fn raft_config() -> openraft::Config {
         snapshot_max_chunk_size: snapshot_chunk,
         ..Default::default()
     }
+}
+
+/// `name`'s value when it is a number of at least `min`; otherwise `default`.
+fn env_u64(name: &str, min: u64, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|n| *n >= min)
+        .unwrap_or(default)
 }
 
 #[cfg(test)]

@@ -3,7 +3,6 @@
 //! The server side lives with the daemon's HTTP router; it answers each path below with the
 //! JSON of `Result<Response, RaftError>`, so remote Raft errors arrive typed.
 
-use std::io::Cursor;
 use std::time::Duration;
 
 use openraft::error::{NetworkError, RPCError, RaftError, RemoteError, Unreachable};
@@ -17,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::lease::LeaderLease;
-use crate::{NodeId, TypeConfig, SECRET_HEADER};
+use crate::{NodeId, SnapshotData, TypeConfig, SECRET_HEADER};
 
 pub const PATH_APPEND: &str = "/raft/append";
 pub const PATH_VOTE: &str = "/raft/vote";
@@ -89,7 +88,7 @@ impl HttpNetwork {
 
 /// openraft 0.10 talks to a peer through its v2 network; the adapter keeps 0.9's RPCs (a
 /// snapshot sent in chunks), which hosts of either build answer during a rolling update.
-pub type PeerNetwork = Adapter<TypeConfig, PeerConnection, Cursor<Vec<u8>>>;
+pub type PeerNetwork = Adapter<TypeConfig, PeerConnection, SnapshotData>;
 
 impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
     type Network = PeerNetwork;

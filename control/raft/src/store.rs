@@ -28,7 +28,7 @@ use tokio::sync::broadcast;
 
 use flynn_state::{ClusterState, Event};
 
-use crate::{Entry, LogId, NodeId, SnapshotMeta, StoredMembership, TypeConfig, Vote};
+use crate::{Entry, LogId, NodeId, SnapshotData, SnapshotMeta, StoredMembership, TypeConfig, Vote};
 
 type StorageResult<T> = Result<T, std::io::Error>;
 
@@ -422,7 +422,7 @@ impl StateMachine {
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> StorageResult<(Option<LogId>, StoredMembership)> {
@@ -519,7 +519,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Cursor<Vec<u8>>,
+        snapshot: SnapshotData,
     ) -> StorageResult<()> {
         let data = snapshot.into_inner();
         crate::metrics::SNAPSHOT_BYTES
@@ -562,14 +562,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 }
 
 /// A snapshot as openraft hands it around: its meta and its bytes.
-type CurrentSnapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, Cursor<Vec<u8>>>;
+type CurrentSnapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotData>;
 
 /// A host of an older build sends a snapshot in chunks (openraft 0.9's InstallSnapshot);
 /// they are gathered here, then installed whole.
 impl SnapshotReceiverFactory<TypeConfig> for StateMachine {
-    type SnapshotReceiver = Cursor<Vec<u8>>;
+    type SnapshotReceiver = SnapshotData;
 
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Cursor<Vec<u8>>> {
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<SnapshotData> {
         Ok(Cursor::new(Vec::new()))
     }
 }
@@ -580,7 +580,7 @@ pub struct SnapshotBuilder {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> StorageResult<CurrentSnapshot> {
         let started = std::time::Instant::now();
