@@ -6,7 +6,12 @@
 //! over several rounds; medians are reported. Clients spread their requests over all three
 //! members of each system, so both pay for forwarding to the leader.
 //!
+//! Beside what a client sees (writes/s, p50, p99), each case reports the CPU the three
+//! servers spent per write (utime + stime of their processes over the case).
+//!
 //! Output: one JSON line per case, then a markdown table.
+
+mod proc_cpu;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -67,6 +72,8 @@ struct Target {
     system: System,
     urls: Vec<String>,
     key: String,
+    /// The servers' processes, for CPU per write.
+    pids: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -74,6 +81,8 @@ struct Figures {
     writes_per_sec: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// The three servers' CPU time per acknowledged write, in milliseconds.
+    cpu_ms_per_write: f64,
     errors: usize,
 }
 
@@ -95,6 +104,7 @@ async fn wait_http(url: &str, timeout: Duration) -> anyhow::Result<()> {
 
 async fn start_flynn(bin: &Path, dir: &Path, procs: &mut Procs) -> anyhow::Result<Target> {
     let ports = [12001, 12002, 12003];
+    let first = procs.0.len();
     for (i, port) in ports.iter().enumerate() {
         let data = dir.join(format!("flynn{i}"));
         let log = std::fs::File::create(dir.join(format!("flynn{i}.log")))?;
@@ -154,6 +164,7 @@ async fn start_flynn(bin: &Path, dir: &Path, procs: &mut Procs) -> anyhow::Resul
         system: System::Flynn,
         urls,
         key,
+        pids: procs.0[first..].iter().map(Child::id).collect(),
     })
 }
 
@@ -172,6 +183,7 @@ async fn start_etcd(dir: &Path, procs: &mut Procs) -> anyhow::Result<Target> {
         .iter()
         .map(|(n, _, p)| format!("{n}=http://127.0.0.1:{p}"))
         .collect();
+    let first = procs.0.len();
     for (name, client, peer) in &members {
         let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
         procs.0.push(
@@ -216,6 +228,7 @@ async fn start_etcd(dir: &Path, procs: &mut Procs) -> anyhow::Result<Target> {
         system: System::Etcd,
         urls,
         key: String::new(),
+        pids: procs.0[first..].iter().map(Child::id).collect(),
     })
 }
 
@@ -288,6 +301,7 @@ async fn run_case(t: &Arc<Target>, clients: usize, seconds: u64, max_requests: u
         .build()
         .expect("client");
     let value = "v".repeat(100);
+    let cpu_before = proc_cpu::cpu_seconds(&t.pids);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let per_client = max_requests / clients;
     let tasks: Vec<_> = (0..clients)
@@ -320,6 +334,7 @@ async fn run_case(t: &Arc<Target>, clients: usize, seconds: u64, max_requests: u
         errors += e;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = proc_cpu::cpu_seconds(&t.pids) - cpu_before;
     lat.sort();
     let pct = |p: f64| {
         lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
@@ -329,6 +344,7 @@ async fn run_case(t: &Arc<Target>, clients: usize, seconds: u64, max_requests: u
         writes_per_sec: lat.len() as f64 / elapsed,
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
+        cpu_ms_per_write: cpu * 1000.0 / lat.len().max(1) as f64,
         errors,
     }
 }
@@ -343,6 +359,7 @@ fn median_figures(runs: &[Figures]) -> Figures {
         writes_per_sec: median(runs.iter().map(|f| f.writes_per_sec).collect()),
         p50_ms: median(runs.iter().map(|f| f.p50_ms).collect()),
         p99_ms: median(runs.iter().map(|f| f.p99_ms).collect()),
+        cpu_ms_per_write: median(runs.iter().map(|f| f.cpu_ms_per_write).collect()),
         errors: runs.iter().map(|f| f.errors).sum(),
     }
 }
@@ -399,11 +416,11 @@ async fn main() -> anyhow::Result<()> {
         rows.push((clients, f, e));
     }
     println!();
-    println!("| clients | flynn writes/s | etcd writes/s | ratio | flynn p50 ms | etcd p50 ms | flynn p99 ms | etcd p99 ms | p99 ratio |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| clients | flynn writes/s | etcd writes/s | ratio | flynn p50 ms | etcd p50 ms | flynn p99 ms | etcd p99 ms | p99 ratio | flynn CPU ms/write | etcd CPU ms/write |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (c, f, e) in rows {
         println!(
-            "| {c} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            "| {c} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} |",
             f.writes_per_sec,
             e.writes_per_sec,
             f.writes_per_sec / e.writes_per_sec,
@@ -411,7 +428,9 @@ async fn main() -> anyhow::Result<()> {
             e.p50_ms,
             f.p99_ms,
             e.p99_ms,
-            f.p99_ms / e.p99_ms
+            f.p99_ms / e.p99_ms,
+            f.cpu_ms_per_write,
+            e.cpu_ms_per_write
         );
     }
     Ok(())

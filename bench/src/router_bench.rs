@@ -15,6 +15,8 @@
 //!   where proxies differ. A proxy that sleeps between requests also spends few CPU-seconds,
 //!   which is why it is never read alone.
 
+mod proc_cpu;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -838,22 +840,6 @@ fn start_all(args: &Args, d: &Path) -> anyhow::Result<Procs> {
     Ok(procs)
 }
 
-/// utime + stime of every process of a system, in seconds.
-fn cpu_seconds(pids: &[u32]) -> f64 {
-    let tick = 100.0; // USER_HZ on Linux
-    pids.iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
-        .map(|s| {
-            // Fields after the command's closing paren; utime and stime are 14 and 15.
-            let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ut: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-            let st: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-            (ut + st) / tick
-        })
-        .sum()
-}
-
 fn run_pinned(cmd: &str, args: &[String]) -> anyhow::Result<String> {
     let out = Command::new("taskset")
         .args(["-c", "1", cmd])
@@ -880,7 +866,7 @@ fn measure(
     d: &Path,
 ) -> anyhow::Result<Sample> {
     let pids = &procs.pids[&s];
-    let cpu0 = cpu_seconds(pids);
+    let cpu0 = proc_cpu::cpu_seconds(pids);
     let t0 = Instant::now();
     let (work, p50, p99) = match case {
         Case::TcpThroughput => {
@@ -939,7 +925,7 @@ fn measure(
         }
     };
     let seconds = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pids) - cpu0;
+    let cpu = proc_cpu::cpu_seconds(pids) - cpu0;
     Ok(Sample {
         work,
         seconds,
