@@ -70,6 +70,8 @@ enum ProposeOutcome {
     NotLeader(String),
     /// Appended, but whether it committed is not known.
     Unknown(String),
+    /// Never reached Raft: the batching task is gone.
+    NotProposed(String),
 }
 
 /// Most commands one log entry carries.
@@ -77,14 +79,52 @@ const MAX_BATCH: usize = 512;
 /// Batches proposed at once; more only queue behind them (and so batch better).
 const BATCHES_IN_FLIGHT: usize = 2;
 
-/// Proposes queued commands in batches: everything that arrived while earlier batches were
-/// in flight goes into one log entry. openraft 0.9 appends each client write separately and
-/// waits for its fsync inside the Raft core, so without this every write would pay a
-/// serialized fsync on the leader.
-fn spawn_proposer(raft: Raft) -> tokio::sync::mpsc::Sender<Proposal> {
+/// Proposes commands in batches: everything that arrived while earlier batches were in
+/// flight goes into one log entry, so a burst pays one append and one fsync per batch.
+///
+/// A command that finds nothing queued and a batch slot free is proposed by its caller,
+/// as a batch of one: a lone write skips the hand-offs to the batching task and back.
+struct Proposer {
+    queue: tokio::sync::mpsc::Sender<Proposal>,
+    permits: Arc<tokio::sync::Semaphore>,
+    raft: Raft,
+}
+
+impl Proposer {
+    fn new(raft: Raft) -> Self {
+        let permits = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+        let queue = spawn_batcher(raft.clone(), permits.clone());
+        Proposer {
+            queue,
+            permits,
+            raft,
+        }
+    }
+
+    /// Proposes `command` and says what became of it.
+    async fn propose(&self, command: Command) -> ProposeOutcome {
+        if self.queue.capacity() == self.queue.max_capacity() {
+            if let Ok(_slot) = self.permits.clone().try_acquire_owned() {
+                let mut outcomes = propose_batch(&self.raft, vec![command]).await;
+                return outcomes.pop().expect("one outcome per command");
+            }
+        }
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        if self.queue.send(Proposal { command, reply }).await.is_err() {
+            return ProposeOutcome::NotProposed("the proposer stopped".into());
+        }
+        outcome
+            .await
+            .unwrap_or_else(|_| ProposeOutcome::Unknown("the proposer dropped the write".into()))
+    }
+}
+
+fn spawn_batcher(
+    raft: Raft,
+    permits: Arc<tokio::sync::Semaphore>,
+) -> tokio::sync::mpsc::Sender<Proposal> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Proposal>(8192);
     tokio::spawn(async move {
-        let permits = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
         while let Some(first) = rx.recv().await {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return;
@@ -99,7 +139,15 @@ fn spawn_proposer(raft: Raft) -> tokio::sync::mpsc::Sender<Proposal> {
             let raft = raft.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                propose_batch(&raft, batch).await;
+                let (commands, replies): (Vec<Command>, Vec<_>) =
+                    batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+                for (reply, outcome) in replies
+                    .into_iter()
+                    .zip(propose_batch(&raft, commands).await)
+                {
+                    // A caller that gave up has nothing to hear.
+                    let _ = reply.send(outcome);
+                }
             });
         }
     });
@@ -143,9 +191,9 @@ fn unsplice(results: Vec<ApplyResult>, spans: &[(usize, bool)]) -> Vec<ApplyResu
         .collect()
 }
 
-async fn propose_batch(raft: &Raft, batch: Vec<Proposal>) {
-    let (commands, replies): (Vec<Command>, Vec<_>) =
-        batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+/// Proposes `commands` as one log entry; each command's outcome, in order.
+async fn propose_batch(raft: &Raft, commands: Vec<Command>) -> Vec<ProposeOutcome> {
+    let count = commands.len();
     let single = commands.len() == 1;
     let (entry, spans) = if single {
         (
@@ -168,23 +216,20 @@ async fn propose_batch(raft: &Raft, batch: Vec<Proposal>) {
                 }
                 other => {
                     let why = format!("unexpected batch result {other:?}");
-                    replies
-                        .iter()
+                    (0..count)
                         .map(|_| ProposeOutcome::Unknown(why.clone()))
                         .collect()
                 }
             },
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                 let why = format!("not the leader (leader: {:?})", f.leader_id);
-                replies
-                    .iter()
+                (0..count)
                     .map(|_| ProposeOutcome::NotLeader(why.clone()))
                     .collect()
             }
             Ok(Err(e)) => {
                 let why = e.to_string();
-                replies
-                    .iter()
+                (0..count)
                     .map(|_| ProposeOutcome::Unknown(why.clone()))
                     .collect()
             }
@@ -193,16 +238,12 @@ async fn propose_batch(raft: &Raft, batch: Vec<Proposal>) {
                     "not committed within {}s; the write may still be applied",
                     COMMIT_WAIT.as_secs()
                 );
-                replies
-                    .iter()
+                (0..count)
                     .map(|_| ProposeOutcome::Unknown(why.clone()))
                     .collect()
             }
         };
-    for (reply, outcome) in replies.into_iter().zip(outcomes) {
-        // A caller that gave up has nothing to hear.
-        let _ = reply.send(outcome);
-    }
+    outcomes
 }
 
 pub struct Node {
@@ -212,7 +253,7 @@ pub struct Node {
     pub state: StateHandle,
     secret: String,
     peers: reqwest::Client,
-    proposer: tokio::sync::mpsc::Sender<Proposal>,
+    proposer: Proposer,
     /// When a quorum last accepted this host as leader: reads skip a heartbeat round.
     lease: flynn_raft::lease::LeaderLease,
 }
@@ -242,7 +283,7 @@ impl Node {
             .tcp_nodelay(true)
             .build()
             .expect("http client");
-        let proposer = spawn_proposer(raft.clone());
+        let proposer = Proposer::new(raft.clone());
         Arc::new(Node {
             id,
             addr,
@@ -452,36 +493,23 @@ impl Node {
     async fn run_as_leader(&self, op: LeaderOp) -> Result<LeaderReply, Attempt> {
         match op {
             LeaderOp::Propose { command } => {
-                let (reply, outcome) = tokio::sync::oneshot::channel();
                 let pending = crate::metrics::PendingProposal::start();
-                if self
-                    .proposer
-                    .send(Proposal { command, reply })
-                    .await
-                    .is_err()
-                {
-                    return Err(Attempt::Failed(ApiError::Internal(
-                        "proposer stopped".into(),
-                    )));
-                }
-                match outcome.await {
-                    Ok(ProposeOutcome::Applied(result)) => {
+                match self.proposer.propose(command).await {
+                    ProposeOutcome::Applied(result) => {
                         pending.committed(result.is_err());
                         Ok(LeaderReply::Applied { result })
                     }
-                    Ok(ProposeOutcome::NotLeader(why)) => {
+                    ProposeOutcome::NotLeader(why) => {
                         crate::metrics::proposal_failed();
                         Err(Attempt::Retry(why))
                     }
-                    Ok(ProposeOutcome::Unknown(why)) => {
+                    ProposeOutcome::Unknown(why) => {
                         crate::metrics::proposal_failed();
                         Err(Attempt::Failed(ApiError::UnknownOutcome(why)))
                     }
-                    Err(_) => {
+                    ProposeOutcome::NotProposed(why) => {
                         crate::metrics::proposal_failed();
-                        Err(Attempt::Failed(ApiError::UnknownOutcome(
-                            "the proposer dropped the write".into(),
-                        )))
+                        Err(Attempt::Failed(ApiError::Internal(why)))
                     }
                 }
             }
