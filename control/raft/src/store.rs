@@ -5,7 +5,9 @@
 //! for every append queued since its last sync (group commit). Votes are written with a
 //! synced write. State machine writes are not synced themselves: the WAL is sequential, so the
 //! next synced write (log append, vote, purge) persists them, and a lost tail is re-applied
-//! from the log on restart (the committed index is saved too).
+//! from the log on restart. The committed index rides in the apply batch that follows it
+//! (one write per commit, not two), and an apply batch is written before its state is
+//! readable: a restart never shows a reader less than was shown before it.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
@@ -74,8 +76,9 @@ pub fn open(dir: &Path) -> StorageResult<(LogStore, StateMachine)> {
     let db =
         DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| io_err("opening the store", e))?;
     let db = Arc::new(db);
-    let log = LogStore::new(db.clone());
-    let sm = StateMachine::load(db)?;
+    let committed = CommittedCell::default();
+    let log = LogStore::new(db.clone(), committed.clone());
+    let sm = StateMachine::load(db, committed)?;
     Ok((log, sm))
 }
 
@@ -97,7 +100,12 @@ fn synced() -> rocksdb::WriteOptions {
 pub struct LogStore {
     db: Arc<DB>,
     flusher: Arc<Flusher>,
+    committed: CommittedCell,
 }
+
+/// The last committed log id openraft reported, shared by the log store (which is told) and
+/// the state machine (whose next apply batch writes it).
+type CommittedCell = Arc<std::sync::Mutex<Option<LogId>>>;
 
 /// The WAL-sync thread. When the last log store goes, the thread is stopped and joined,
 /// so its handle on the database is released before the caller goes on: otherwise the
@@ -118,7 +126,7 @@ impl Drop for Flusher {
 }
 
 impl LogStore {
-    fn new(db: Arc<DB>) -> Self {
+    fn new(db: Arc<DB>, committed: CommittedCell) -> Self {
         let (tx, rx) = mpsc::channel::<IOFlushed<TypeConfig>>();
         let flush_db = db.clone();
         let thread = std::thread::Builder::new()
@@ -148,6 +156,7 @@ impl LogStore {
                 tx: Some(tx),
                 thread: Some(thread),
             }),
+            committed,
         }
     }
 
@@ -223,13 +232,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| io_err("saving the vote", e))
     }
 
+    /// Kept for the next apply batch, which follows every commit: a separate write here
+    /// cost each host a WAL write per commit, on the way from a quorum's ack to the apply.
     async fn save_committed(&mut self, committed: Option<LogId>) -> StorageResult<()> {
-        self.db
-            .put_cf(cf(&self.db, CF_META), KEY_COMMITTED, encode(&committed))
-            .map_err(|e| io_err("saving the committed index", e))
+        *self.committed.lock().expect("committed lock") = committed;
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId>> {
+        if let Some(c) = *self.committed.lock().expect("committed lock") {
+            return Ok(Some(c));
+        }
         Ok(self.meta_get::<Option<LogId>>(KEY_COMMITTED)?.flatten())
     }
 
@@ -356,6 +369,7 @@ impl StateHandle {
 pub struct StateMachine {
     db: Arc<DB>,
     handle: StateHandle,
+    committed: CommittedCell,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -366,7 +380,7 @@ struct SnapshotBlob {
 }
 
 impl StateMachine {
-    fn load(db: Arc<DB>) -> StorageResult<Self> {
+    fn load(db: Arc<DB>, committed: CommittedCell) -> StorageResult<Self> {
         let mut state = ClusterState::default();
         let mut last_applied = None;
         let mut membership = StoredMembership::default();
@@ -398,6 +412,7 @@ impl StateMachine {
                 events,
                 applied: Arc::new(tokio::sync::watch::channel(0).0),
             },
+            committed,
         })
     }
 
@@ -435,14 +450,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             + Unpin
             + OptionalSend,
     {
-        // The batch is applied under one lock and one write; each caller is answered once
+        // The batch is applied under one lock and one write, made before the lock is let go
+        // (so nothing is read that a restart could take back); each caller is answered once
         // all of it is applied and readable, as 0.9's returned results were.
         let entries: Vec<EntryResponder<TypeConfig>> = entries.try_collect().await?;
         let started = std::time::Instant::now();
         let mut results = Vec::new();
         let mut new_events = Vec::new();
         let mut replaced = false;
-        let batch = {
+        {
             let mut guard = self.handle.inner.write().expect("state lock poisoned");
             let applied = &mut *guard;
             for (entry, responder) in entries {
@@ -476,6 +492,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             batch.put_cf(sm, SM_APPLIED, encode(&applied.last_applied));
             batch.put_cf(sm, SM_MEMBERSHIP, encode(&applied.membership));
+            let committed = *self.committed.lock().expect("committed lock");
+            if committed.is_some() {
+                batch.put_cf(cf(&self.db, CF_META), KEY_COMMITTED, encode(&committed));
+            }
             if replaced {
                 // The events before it describe a state that is gone: watchers resync.
                 applied.recent.clear();
@@ -489,11 +509,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 applied.recent.push_back(e.clone());
             }
-            batch
-        };
-        self.db
-            .write(batch)
-            .map_err(|e| io_err("writing the applied state", e))?;
+            self.db
+                .write(batch)
+                .map_err(|e| io_err("writing the applied state", e))?;
+        }
         for e in new_events {
             // No subscribers is fine: the history buffer above still has it.
             let _ = self.handle.events.send(WatchItem::Event(e));
