@@ -7,7 +7,9 @@
 //! next synced write (log append, vote, purge) persists them, and a lost tail is re-applied
 //! from the log on restart. The committed index rides in the apply batch that follows it
 //! (one write per commit, not two), and an apply batch is written before its state is
-//! readable: a restart never shows a reader less than was shown before it.
+//! readable: a restart after a process crash never shows a reader less than it saw. (A power
+//! loss can still take an unsynced tail of applied state, as it always could; the host
+//! restarts behind and catches up. Reads through a read barrier never see that.)
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;

@@ -60,8 +60,8 @@ async fn t01_the_committed_index_and_the_applied_state_survive_a_restart() {
     let apps = sm.handle().read(|a| a.state.apps.len());
     assert_eq!(apps, 2);
 
-    // Committed ahead of what was applied: until an apply writes it, a restart reads the
-    // last one written, which never runs ahead of the state.
+    // A committed id no apply batch has written yet is not read back after a restart: the
+    // restart reads the one the last apply batch wrote.
     log.append(vec![create_app(3, "db")], IOFlushed::noop())
         .await
         .expect("append");
