@@ -93,17 +93,7 @@ async fn t10_bootstrap_three_peers() {
     // Those reads (forwarded by the followers) were answered under the leader's lease, not
     // each after a heartbeat round of its own.
     let leader = c.wait_leader(0, None).await;
-    let metrics = reqwest::get(format!("{}/metrics", c.hosts[leader].url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let leased: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("flynn_raft_read_index_total{how=\"lease\"} "))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no leased reads counted: {metrics}"));
+    let leased = counter(&c, leader, "flynn_raft_read_index_total{how=\"lease\"}").await;
     assert!(leased > 0, "no read used the lease");
 }
 

@@ -82,8 +82,9 @@ const BATCHES_IN_FLIGHT: usize = 2;
 /// Proposes commands in batches: everything that arrived while earlier batches were in
 /// flight goes into one log entry, so a burst pays one append and one fsync per batch.
 ///
-/// A command that finds nothing queued and a batch slot free is proposed by its caller,
-/// as a batch of one: a lone write skips the hand-offs to the batching task and back.
+/// A command that finds nothing queued and a batch slot free is proposed by its caller, by
+/// itself: a lone write skips the queue, the batching task, the per-batch task and the
+/// oneshot back.
 struct Proposer {
     queue: tokio::sync::mpsc::Sender<Proposal>,
     permits: Arc<tokio::sync::Semaphore>,
@@ -194,7 +195,7 @@ fn unsplice(results: Vec<ApplyResult>, spans: &[(usize, bool)]) -> Vec<ApplyResu
 /// Proposes `commands` as one log entry; each command's outcome, in order.
 async fn propose_batch(raft: &Raft, commands: Vec<Command>) -> Vec<ProposeOutcome> {
     let count = commands.len();
-    let single = commands.len() == 1;
+    let single = count == 1;
     let (entry, spans) = if single {
         (
             commands.into_iter().next().expect("one command"),
