@@ -21,6 +21,8 @@ use crate::error::{ApiError, ApiResult};
 
 type Shared = Arc<Blobstore>;
 
+/// The API. Plain GETs of files on connections that start with one are answered before it
+/// (`direct.rs`, with [`answer`] and [`source`]): a layer added here does not see them.
 pub fn router(b: Shared) -> Router {
     Router::new()
         .route("/_objects", axum::routing::put(object_put_streamed))
@@ -84,15 +86,24 @@ async fn file(State(b): State<Shared>, Path(path): Path<String>, req: Request) -
         ),
     };
     let resp = result.unwrap_or_else(IntoResponse::into_response);
-    let backend = resp
-        .headers()
+    record(&b, name, resp.status(), resp.headers(), started);
+    resp
+}
+
+/// Counts a request in the metrics, by the backend its answer names, as its head is sent.
+pub(super) fn record(
+    b: &Blobstore,
+    method: &'static str,
+    status: StatusCode,
+    headers: &HeaderMap,
+    started: std::time::Instant,
+) {
+    let backend = headers
         .get("blobstore-backend")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("none")
-        .to_string();
-    let error = resp.status().is_client_error() || resp.status().is_server_error();
-    b.metrics.request(name, &backend, started.elapsed(), error);
-    resp
+        .unwrap_or("none");
+    let error = status.is_client_error() || status.is_server_error();
+    b.metrics.request(method, backend, started.elapsed(), error);
 }
 
 async fn write(b: &Shared, path: &str, req: Request) -> ApiResult<Response> {
@@ -198,7 +209,22 @@ fn parse_range(h: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, ()> {
     Ok(Some((start, end)))
 }
 
-async fn read(b: &Shared, path: &str, headers: &HeaderMap, head: bool) -> ApiResult<Response> {
+/// A GET's answer before its body is read.
+pub(super) enum Answer {
+    /// Complete as it is (304, 416).
+    Complete(Response),
+    /// The head of a 200 or 206, and the bytes its body holds.
+    Content {
+        head: axum::http::response::Builder,
+        file: BlobFile,
+        range: Option<(u64, u64)>,
+        len: u64,
+    },
+}
+
+/// What a GET of `path` with these headers answers: through the read barrier, with the
+/// ETag, Range and If-None-Match handled.
+pub(super) async fn answer(b: &Shared, path: &str, headers: &HeaderMap) -> ApiResult<Answer> {
     let local = b.ready()?;
     check_path(path)?;
     local.node().read_barrier().await?;
@@ -221,20 +247,23 @@ async fn read(b: &Shared, path: &str, headers: &HeaderMap, head: bool) -> ApiRes
                 .unwrap_or("application/octet-stream"),
         );
     if matches {
-        return Ok(resp
-            .status(StatusCode::NOT_MODIFIED)
-            .body(Body::empty())
-            .expect("static parts"));
+        return Ok(Answer::Complete(
+            resp.status(StatusCode::NOT_MODIFIED)
+                .body(Body::empty())
+                .expect("static parts"),
+        ));
     }
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let range = match parse_range(range, file.size) {
         Ok(r) => r,
         Err(()) => {
-            return Ok(Response::builder()
-                .status(StatusCode::RANGE_NOT_SATISFIABLE)
-                .header(header::CONTENT_RANGE, format!("bytes */{}", file.size))
-                .body(Body::empty())
-                .expect("static parts"))
+            return Ok(Answer::Complete(
+                Response::builder()
+                    .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                    .header(header::CONTENT_RANGE, format!("bytes */{}", file.size))
+                    .body(Body::empty())
+                    .expect("static parts"),
+            ))
         }
     };
     let len = match range {
@@ -248,17 +277,63 @@ async fn read(b: &Shared, path: &str, headers: &HeaderMap, head: bool) -> ApiRes
         None => file.size,
     };
     resp = resp.header(header::CONTENT_LENGTH, len);
+    Ok(Answer::Content {
+        head: resp,
+        file,
+        range,
+        len,
+    })
+}
+
+async fn read(b: &Shared, path: &str, headers: &HeaderMap, head: bool) -> ApiResult<Response> {
+    let (resp, file, range, len) = match answer(b, path, headers).await? {
+        Answer::Complete(done) => return Ok(done),
+        Answer::Content {
+            head,
+            file,
+            range,
+            len,
+        } => (head, file, range, len),
+    };
     if head {
         return Ok(resp.body(Body::empty()).expect("static parts"));
     }
+    let body = match source(b, &file, range, len).await? {
+        Source::Redirect(found) => return Ok(found),
+        Source::Trusted => Body::from_stream(open(b, &file, range).await?),
+        Source::Stream(stream) => Body::from_stream(stream),
+    };
+    Ok(resp.body(body).expect("static parts"))
+}
+
+/// Where the body of a GET's 200 or 206 comes from.
+pub(super) enum Source {
+    /// An external backend's presigned URL: the answer is this 302 instead.
+    Redirect(Response),
+    /// This host's copy, read without hashing: a range, or a copy checked lately.
+    Trusted,
+    /// The bytes as they come: from a holder, a backend, or this host's copy hashed on its
+    /// way out.
+    Stream(IoStream),
+}
+
+/// The body of `len` bytes of `file` (its `range`), counted as served.
+pub(super) async fn source(
+    b: &Shared,
+    file: &BlobFile,
+    range: Option<(u64, u64)>,
+    len: u64,
+) -> ApiResult<Source> {
     b.metrics.bytes_out(&file.backend, len);
-    if let Some(url) = redirect(b, &file).await {
-        return Ok(Response::builder()
-            .status(StatusCode::FOUND)
-            .header(header::LOCATION, url)
-            .header(header::ETAG, &tag)
-            .body(Body::empty())
-            .expect("static parts"));
+    if let Some(url) = redirect(b, file).await {
+        return Ok(Source::Redirect(
+            Response::builder()
+                .status(StatusCode::FOUND)
+                .header(header::LOCATION, url)
+                .header(header::ETAG, etag(&file.sha512))
+                .body(Body::empty())
+                .expect("static parts"),
+        ));
     }
     let here = b.store.has(&file.sha512);
     // A holder without its copy (dropped as bad, or lost) gets it back from another holder.
@@ -271,15 +346,17 @@ async fn read(b: &Shared, path: &str, headers: &HeaderMap, head: bool) -> ApiRes
             }
         });
     }
-    let stream = open(b, &file, range).await?;
     let local = here && file.backend == backends::EMBEDDED;
     // A local copy checked recently (and unchanged since) is not hashed on every read.
-    let body = if range.is_none() && !(local && b.store.recently_checked(&file.sha512)) {
-        Body::from_stream(verified(b.clone(), stream, file.sha512.clone(), local))
+    if local && (range.is_some() || b.store.recently_checked(&file.sha512)) {
+        return Ok(Source::Trusted);
+    }
+    let stream = open(b, file, range).await?;
+    Ok(Source::Stream(if range.is_none() {
+        verified(b.clone(), stream, file.sha512.clone(), local).boxed()
     } else {
-        Body::from_stream(stream)
-    };
-    Ok(resp.body(body).expect("static parts"))
+        stream
+    }))
 }
 
 /// Where a backend configured with `redirect=true` lets clients read an object directly: a
