@@ -768,3 +768,329 @@ async fn t12_external_backends_env_set_and_migrate() {
     let r = http.get(url(&c, 1, "/new/pgmain")).send().await.unwrap();
     assert_eq!(r.status(), 404);
 }
+
+/// One HTTP/1.1 connection read by hand: responses in order, pipelined or not.
+struct RawConn {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+/// A response: status, headers (names lowercase) and body.
+struct RawResponse {
+    line: String,
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl RawResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every header but `date` (which changes), sorted.
+    fn stable_headers(&self) -> Vec<(String, String)> {
+        let mut h: Vec<_> = self
+            .headers
+            .iter()
+            .filter(|(n, _)| n != "date")
+            .cloned()
+            .collect();
+        h.sort();
+        h
+    }
+}
+
+impl RawConn {
+    async fn open(c: &Cluster, i: usize) -> RawConn {
+        let addr = format!("{}:5001", c.hosts[i].ip);
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        RawConn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, requests: &str) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(requests.as_bytes()).await.unwrap();
+    }
+
+    /// Reads more; false at the end of the connection.
+    async fn fill(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut piece = vec![0u8; 256 << 10];
+        let read = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut piece));
+        let n = read.await.expect("a response within 10 s").unwrap();
+        self.buf.extend_from_slice(&piece[..n]);
+        n > 0
+    }
+
+    /// The next response (`head_only`: the answer to a HEAD, or a 304, has no body).
+    async fn response(&mut self, head_only: bool) -> RawResponse {
+        let end = loop {
+            if let Some(at) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            assert!(
+                self.fill().await,
+                "connection closed before a response head"
+            );
+        };
+        let head = String::from_utf8(self.buf[..end].to_vec()).unwrap();
+        self.buf.drain(..end);
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap();
+        assert!(status_line.starts_with("HTTP/1."), "{status_line}");
+        let status = status_line[9..12].parse().unwrap();
+        let headers: Vec<(String, String)> = lines
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (n, v) = l.split_once(':').unwrap();
+                (n.trim().to_ascii_lowercase(), v.trim().to_string())
+            })
+            .collect();
+        let mut r = RawResponse {
+            line: status_line.to_string(),
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        let len: usize = if head_only {
+            0
+        } else {
+            r.header("content-length")
+                .expect("a content-length")
+                .parse()
+                .unwrap()
+        };
+        while self.buf.len() < len {
+            assert!(self.fill().await, "connection closed mid-body");
+        }
+        r.body = self.buf.drain(..len).collect();
+        r
+    }
+
+    /// Whether the server closed the connection (after everything it sent was read).
+    async fn closed(&mut self) -> bool {
+        self.buf.is_empty() && !self.fill().await
+    }
+}
+
+/// A counter without labels from host `i`'s metrics.
+async fn counter(c: &Cluster, i: usize, name: &str) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", c.hosts[i].url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Bytes the blobstore on host `i` has sent with sendfile.
+async fn sent_uncopied(c: &Cluster, i: usize) -> u64 {
+    counter(c, i, "flynn_blobstore_sendfile_bytes_total").await
+}
+
+/// GETs the blobstore on host `i` answered before its API.
+async fn answered_directly(c: &Cluster, i: usize) -> u64 {
+    counter(c, i, "flynn_blobstore_direct_gets_total").await
+}
+
+/// GETs of objects this host holds are answered before hyper, their bodies sent from the
+/// page cache with sendfile: byte for byte, pipelined, ranged, with the API's own errors
+/// and headers, keep-alive, `Connection: close`. A piece the page cache does not hold is
+/// read and written instead. The first request the fast path does not take (a PUT,
+/// HTTP/1.0) hands the connection to the API, which answers it and what follows.
+#[tokio::test(flavor = "multi_thread")]
+async fn t13_local_gets_are_sent_from_the_page_cache() {
+    let mut c = Cluster::start(1);
+    c.bootstrap(1);
+    c.wait_leader(0, None).await;
+    ready(&c, 0).await;
+    let http = reqwest::Client::new();
+    let big: Vec<u8> = (0..(3 << 20) + 123).map(|i| (i % 251) as u8).collect();
+    let r = http
+        .put(url(&c, 0, "/d/big"))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .put(url(&c, 0, "/d/small"))
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let before = sent_uncopied(&c, 0).await;
+    let mut conn = RawConn::open(&c, 0).await;
+    // Two requests in one write: answered in order.
+    conn.send(
+        "GET /d/big HTTP/1.1\r\nHost: b\r\n\r\nGET /d/big HTTP/1.1\r\nHost: b\r\nRange: bytes=1048570-2097160\r\n\r\n",
+    )
+    .await;
+    let whole = conn.response(false).await;
+    assert_eq!(whole.status, 200);
+    assert!(whole.body == big, "the whole object, byte for byte");
+    assert_eq!(whole.header("etag"), Some(etag(&big).as_str()));
+    assert!(whole.header("date").is_some());
+    let part = conn.response(false).await;
+    assert_eq!(part.status, 206);
+    assert_eq!(
+        part.header("content-range"),
+        Some(format!("bytes 1048570-2097160/{}", big.len()).as_str())
+    );
+    assert!(
+        part.body == big[1048570..=2097160],
+        "the range, byte for byte"
+    );
+    let sent = sent_uncopied(&c, 0).await - before;
+    assert_eq!(
+        sent,
+        (big.len() + part.body.len()) as u64,
+        "both bodies went from the page cache"
+    );
+    // Errors and conditional answers on the same connection, which stays open.
+    conn.send("GET /d/missing HTTP/1.1\r\nHost: b\r\n\r\n")
+        .await;
+    let missing = conn.response(false).await;
+    assert_eq!(missing.status, 404);
+    let error: serde_json::Value = serde_json::from_slice(&missing.body).unwrap();
+    assert_eq!(error["error"], "not_found", "{error}");
+    let tag = etag(&big);
+    conn.send(&format!(
+        "GET /d/big HTTP/1.1\r\nHost: b\r\nIf-None-Match: {tag}\r\n\r\nGET /d/big HTTP/1.1\r\nHost: b\r\nRange: bytes=99999999-\r\n\r\n"
+    ))
+    .await;
+    let same = conn.response(true).await;
+    assert_eq!(same.status, 304);
+    assert_eq!(same.header("content-length"), None);
+    let past = conn.response(false).await;
+    assert_eq!(past.status, 416);
+    assert_eq!(
+        past.header("content-range"),
+        Some(format!("bytes */{}", big.len()).as_str())
+    );
+    still_direct(&c, &mut conn, "after the errors").await;
+
+    // Not in the page cache: read and written, still whole, and not counted as sendfile.
+    let hex: String = sha512(&big).iter().map(|b| format!("{b:02x}")).collect();
+    let object = c.hosts[0]
+        .data_dir
+        .join("blobstore/objects")
+        .join(&hex[..2])
+        .join(&hex);
+    {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(&object).unwrap();
+        f.sync_all().unwrap();
+        #[allow(unsafe_code)]
+        // SAFETY: an open descriptor; advice only.
+        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0);
+    }
+    let before = sent_uncopied(&c, 0).await;
+    conn.send("GET /d/big HTTP/1.1\r\nHost: b\r\n\r\n").await;
+    let uncached = conn.response(false).await;
+    assert!(uncached.body == big, "read from disk, byte for byte");
+    assert!(
+        sent_uncopied(&c, 0).await - before < big.len() as u64,
+        "pieces the page cache did not hold were read, not sent with sendfile"
+    );
+    still_direct(&c, &mut conn, "after a read from disk").await;
+
+    // A copy changed on disk since it was checked is hashed on its way out, as through the
+    // API; once it reads back good, it is sent from the page cache again.
+    std::fs::File::options()
+        .write(true)
+        .open(&object)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .unwrap();
+    let before = sent_uncopied(&c, 0).await;
+    conn.send("GET /d/big HTTP/1.1\r\nHost: b\r\n\r\n").await;
+    assert!(
+        conn.response(false).await.body == big,
+        "hashed, byte for byte"
+    );
+    assert_eq!(
+        sent_uncopied(&c, 0).await,
+        before,
+        "hashed, so read and written"
+    );
+    conn.send("GET /d/big HTTP/1.1\r\nHost: b\r\n\r\n").await;
+    assert!(conn.response(false).await.body == big);
+    assert_eq!(
+        sent_uncopied(&c, 0).await - before,
+        big.len() as u64,
+        "checked again, so trusted again"
+    );
+
+    // A PUT hands the connection to the API, which answers it and the GET after it with
+    // the same head as the fast path's.
+    conn.send("PUT /d/other HTTP/1.1\r\nHost: b\r\nContent-Length: 2\r\n\r\nhi")
+        .await;
+    assert_eq!(conn.response(false).await.status, 200);
+    let before = answered_directly(&c, 0).await;
+    conn.send("GET /d/big HTTP/1.1\r\nHost: b\r\n\r\n").await;
+    let through_api = conn.response(false).await;
+    assert!(through_api.body == big);
+    assert_eq!(
+        answered_directly(&c, 0).await,
+        before,
+        "answered by the API"
+    );
+    assert_eq!(through_api.stable_headers(), whole.stable_headers());
+
+    // `Connection: close` is honoured; HTTP/1.0 is the API's.
+    let mut conn = RawConn::open(&c, 0).await;
+    let before = answered_directly(&c, 0).await;
+    conn.send("GET /d/small HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n")
+        .await;
+    let small = conn.response(false).await;
+    assert_eq!((small.status, small.body.as_slice()), (200, &b"hello"[..]));
+    assert_eq!(small.header("connection"), Some("close"));
+    assert!(conn.closed().await, "closed after the answer");
+    assert_eq!(answered_directly(&c, 0).await - before, 1);
+    let mut conn = RawConn::open(&c, 0).await;
+    conn.send("GET /d/small HTTP/1.0\r\n\r\n").await;
+    let old = conn.response(false).await;
+    assert_eq!((old.status, old.body.as_slice()), (200, &b"hello"[..]));
+    assert!(
+        old.line.starts_with("HTTP/1.0 "),
+        "hyper's answer: {}",
+        old.line
+    );
+    assert_eq!(
+        answered_directly(&c, 0).await - before,
+        1,
+        "HTTP/1.0 is the API's"
+    );
+}
+
+/// A GET of the 5-byte `/d/small` on `conn` (small: read and written with its head),
+/// answered before the API, so the connection is still the fast path's.
+async fn still_direct(c: &Cluster, conn: &mut RawConn, when: &str) {
+    let (before, sent_before) = (answered_directly(c, 0).await, sent_uncopied(c, 0).await);
+    conn.send("GET /d/small HTTP/1.1\r\nHost: b\r\n\r\n").await;
+    let small = conn.response(false).await;
+    assert_eq!((small.status, small.body.as_slice()), (200, &b"hello"[..]));
+    assert_eq!(answered_directly(c, 0).await - before, 1, "{when}");
+    assert_eq!(
+        sent_uncopied(c, 0).await,
+        sent_before,
+        "small: not sent with sendfile"
+    );
+}

@@ -26,6 +26,10 @@ struct PerBackend {
     errors: BTreeMap<String, u64>,
     bytes_in: BTreeMap<String, u64>,
     bytes_out: BTreeMap<String, u64>,
+    /// Bytes of local objects the kernel sent from the page cache (`sendfile`).
+    sent_uncopied: u64,
+    /// GETs answered before the API (`direct.rs`).
+    answered_directly: u64,
 }
 
 #[derive(Default)]
@@ -70,6 +74,14 @@ impl Metrics {
             .or_default() += n;
     }
 
+    pub fn answered_directly(&self) {
+        self.inner.lock().expect("metrics lock").answered_directly += 1;
+    }
+
+    pub fn sent_uncopied(&self, n: u64) {
+        self.inner.lock().expect("metrics lock").sent_uncopied += n;
+    }
+
     pub fn render(&self) -> String {
         let m = self.inner.lock().expect("metrics lock");
         let mut out = String::new();
@@ -97,6 +109,16 @@ impl Metrics {
                 );
             }
         }
+        let _ = writeln!(
+            out,
+            "# HELP flynn_blobstore_sendfile_bytes_total Bytes of local objects sent from the page cache without a copy (sendfile).\n# TYPE flynn_blobstore_sendfile_bytes_total counter\nflynn_blobstore_sendfile_bytes_total {}",
+            m.sent_uncopied
+        );
+        let _ = writeln!(
+            out,
+            "# HELP flynn_blobstore_direct_gets_total GETs answered on the connection before the API (sendfile for local copies).\n# TYPE flynn_blobstore_direct_gets_total counter\nflynn_blobstore_direct_gets_total {}",
+            m.answered_directly
+        );
         out.push_str("# HELP flynn_blobstore_request_seconds Time from a request to its response head.\n# TYPE flynn_blobstore_request_seconds histogram\n");
         for ((method, backend), h) in &m.latency {
             let labels = format!("method=\"{method}\",backend=\"{backend}\"");

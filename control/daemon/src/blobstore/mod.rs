@@ -8,6 +8,7 @@
 
 pub mod backends;
 mod content;
+mod direct;
 mod http;
 mod metrics;
 mod migrate;
@@ -98,9 +99,12 @@ impl Blobstore {
             metrics: metrics::Metrics::default(),
         });
         let app = http::router(me.clone());
-        let task = tokio::spawn(crate::serve::serve(
+        // Local objects are sent with sendfile before hyper sees the connection.
+        let front: Arc<dyn crate::serve::Front> = me.clone();
+        let task = tokio::spawn(crate::serve::serve_with(
             listener,
             app,
+            Some(front),
             futures::future::pending::<()>(),
         ));
         *me.server.lock().expect("server lock") = Some(task);

@@ -95,7 +95,7 @@ fn read_piece(
 }
 
 /// A piece read on the async worker when the page cache has it, else on the blocking pool.
-async fn read_piece_soon(
+pub(super) async fn read_piece_soon(
     file: std::sync::Arc<std::fs::File>,
     at: u64,
     left: u64,
