@@ -19,6 +19,7 @@ use clap::Parser;
 
 #[path = "local_cluster.rs"]
 mod local_cluster;
+mod proc_cpu;
 use local_cluster::{LocalCluster, BLOBSTORE_PORTS};
 
 #[derive(Parser)]
@@ -56,7 +57,10 @@ struct Case {
 
 struct Result {
     bytes_per_s: f64,
+    p50_ms: f64,
     p99_ms: f64,
+    /// The servers' CPU time per GB moved, in seconds.
+    cpu_s_per_gb: f64,
 }
 
 /// The round with the median throughput (its p99 with it).
@@ -78,9 +82,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 async fn measure(
     http: &reqwest::Client,
     base: &str,
+    servers: &[u32],
     case: &Case,
     body: &Bytes,
 ) -> anyhow::Result<Result> {
+    let cpu_before = proc_cpu::cpu_seconds(servers);
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -130,10 +136,14 @@ async fn measure(
         all.extend(t.await??);
     }
     let secs = start.elapsed().as_secs_f64();
+    let cpu = proc_cpu::cpu_seconds(servers) - cpu_before;
     all.sort_by(f64::total_cmp);
+    let bytes = (case.requests * case.size) as f64;
     Ok(Result {
-        bytes_per_s: (case.requests * case.size) as f64 / secs,
+        bytes_per_s: bytes / secs,
+        p50_ms: percentile(&all, 0.5),
         p99_ms: percentile(&all, 0.99),
+        cpu_s_per_gb: cpu / (bytes / 1e9),
     })
 }
 
@@ -175,6 +185,15 @@ fn start_nginx(dir: &std::path::Path) -> anyhow::Result<local_cluster::Procs> {
     Ok(local_cluster::Procs(vec![child]))
 }
 
+/// `pid` and its children (nginx's workers).
+fn with_children(pid: u32) -> Vec<u32> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    std::iter::once(pid)
+        .chain(children.split_whitespace().filter_map(|c| c.parse().ok()))
+        .collect()
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let opts = Opts::parse();
@@ -188,8 +207,14 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn bench(opts: &Opts, cluster: &LocalCluster) -> anyhow::Result<()> {
-    let _nginx = start_nginx(cluster.dir.path())?;
+    let nginx_procs = start_nginx(cluster.dir.path())?;
     let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()?;
+    // Readers keep connections of their own, as hosts pulling layers do: the blobstore
+    // sends local objects with sendfile on connections that start with a GET, and one that
+    // starts with a PUT stays with its API (see ARCHITECTURE.md). nginx sees the same.
+    let readers = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()?;
     let blobstore = format!("http://127.0.0.1:{}", BLOBSTORE_PORTS[0]);
@@ -202,6 +227,9 @@ async fn bench(opts: &Opts, cluster: &LocalCluster) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The servers whose CPU time is counted: the three daemons; nginx's master and workers.
+    let daemons = cluster.pids();
+    let nginx_pids = with_children(nginx_procs.0[0].id());
     let count = |n: usize| ((n as f64 * opts.load).ceil() as usize).max(1);
     let mut cases = Vec::new();
     for (size, get_n, put_n) in [
@@ -251,8 +279,9 @@ async fn bench(opts: &Opts, cluster: &LocalCluster) -> anyhow::Result<()> {
         let body = Bytes::from((0..case.size).map(|i| (i % 241) as u8).collect::<Vec<u8>>());
         let (mut bs, mut ns) = (Vec::new(), Vec::new());
         for _ in 0..opts.rounds {
-            bs.push(measure(&http, &blobstore, case, &body).await?);
-            ns.push(measure(&http, &nginx, case, &body).await?);
+            let client = if case.op == Op::Get { &readers } else { &http };
+            bs.push(measure(client, &blobstore, &daemons, case, &body).await?);
+            ns.push(measure(client, &nginx, &nginx_pids, case, &body).await?);
         }
         let (b, n) = (median(bs), median(ns));
         let op = if case.op == Op::Get { "GET" } else { "PUT" };
@@ -260,24 +289,30 @@ async fn bench(opts: &Opts, cluster: &LocalCluster) -> anyhow::Result<()> {
             "{}",
             serde_json::json!({"case": format!("{op} {}", size_name(case.size)), "clients": case.clients,
                 "requests": case.requests, "blobstore_bytes_per_s": b.bytes_per_s, "nginx_bytes_per_s": n.bytes_per_s,
-                "ratio": b.bytes_per_s / n.bytes_per_s, "blobstore_p99_ms": b.p99_ms, "nginx_p99_ms": n.p99_ms})
+                "ratio": b.bytes_per_s / n.bytes_per_s, "blobstore_p50_ms": b.p50_ms, "nginx_p50_ms": n.p50_ms,
+                "blobstore_p99_ms": b.p99_ms, "nginx_p99_ms": n.p99_ms,
+                "blobstore_cpu_s_per_gb": b.cpu_s_per_gb, "nginx_cpu_s_per_gb": n.cpu_s_per_gb})
         );
         rows.push((op, case.size, case.clients, b, n));
     }
     println!();
     println!(
-        "| case | clients | blobstore | nginx | blobstore / nginx | p99 ms blobstore / nginx |"
+        "| case | clients | blobstore | nginx | blobstore / nginx | p50 ms blobstore / nginx | p99 ms blobstore / nginx | server CPU s/GB blobstore / nginx |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for (op, size, clients, b, n) in rows {
         println!(
-            "| {op} {} | {clients} | {} | {} | {:.2}x | {:.1} / {:.1} |",
+            "| {op} {} | {clients} | {} | {} | {:.2}x | {:.2} / {:.2} | {:.1} / {:.1} | {:.3} / {:.3} |",
             size_name(size),
             human(b.bytes_per_s),
             human(n.bytes_per_s),
             b.bytes_per_s / n.bytes_per_s,
+            b.p50_ms,
+            n.p50_ms,
             b.p99_ms,
-            n.p99_ms
+            n.p99_ms,
+            b.cpu_s_per_gb,
+            n.cpu_s_per_gb
         );
     }
     Ok(())
