@@ -152,12 +152,12 @@ impl LocalCluster {
         })
     }
 
-    /// The last lines of every host's log, on stderr (a failed run's evidence).
     /// The daemons' process ids.
     pub fn pids(&self) -> Vec<u32> {
         self.procs.0.iter().map(Child::id).collect()
     }
 
+    /// The last lines of every host's log, on stderr (a failed run's evidence).
     pub fn print_log_tails(&self) {
         for i in 0..API_PORTS.len() {
             let log = std::fs::read_to_string(self.dir.path().join(format!("host{i}.log")))

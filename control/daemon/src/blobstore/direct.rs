@@ -15,11 +15,13 @@
 //! with a PUT stays with the API, and so do the hosts' own object transfers
 //! (`/_objects`, on connections that also carry PUTs).
 //!
-//! `sendfile` cannot skip pages the page cache lacks: it would wait on the disk on an async
-//! worker. So each window is looked up first (`cachestat(2)`, Linux 6.5, and its last page
-//! read with `RWF_NOWAIT`, since pages still being read in count as cached); a window not
-//! all there is read as the API reads it, on the blocking pool, and written. Kernels
-//! without `cachestat` always take that path.
+//! `sendfile` reads what the page cache lacks from the disk, on the async worker. So before
+//! each call the window it would send is looked up (`cachestat(2)`, Linux 6.5, and its last
+//! page read with `RWF_NOWAIT`, since pages still being read in count as cached); a window
+//! not all there is read as the API reads it, on the blocking pool, and written. It can
+//! still wait now and then: a page in the middle of a window still being read in, or one
+//! dropped between the look and the send. Kernels without `cachestat`, or where a seccomp
+//! filter refuses it, always copy.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -213,12 +215,15 @@ async fn handle(b: &Arc<Blobstore>, stream: &TcpStream, get: &Get) -> Served {
             }
             Err(e) => Err(e),
         },
-        body => match send_all(stream, &head, libc::MSG_MORE).await {
+        // `MSG_MORE` only where the body follows at once: a held-back head waits for the
+        // kernel's 200 ms timer when nothing does (an empty or slow stream).
+        Body::Object(object) => match send_all(stream, &head, libc::MSG_MORE).await {
             Err(e) => Err(e),
-            Ok(()) => match body {
-                Body::Object(object) => send_object(b, stream, object, start, len).await,
-                Body::Pieces(pieces) => send_pieces(stream, pieces, len).await,
-            },
+            Ok(()) => send_object(b, stream, object, start, len).await,
+        },
+        Body::Pieces(pieces) => match send_all(stream, &head, 0).await {
+            Err(e) => Err(e),
+            Ok(()) => send_pieces(stream, pieces, len).await,
         },
     };
     match sent {
@@ -357,14 +362,19 @@ async fn send_all(stream: &TcpStream, mut bytes: &[u8], flags: libc::c_int) -> s
                 }
                 Ok(n as usize)
             })
-            .await?;
-        bytes = &bytes[n..];
+            .await;
+        match n {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
 
 /// Sends `len` bytes of `object` from `at`: what the page cache holds with `sendfile`, the
-/// rest read on the blocking pool and written.
+/// rest read on the blocking pool and written. The cache is asked again before every
+/// `sendfile`, also after waiting for the socket, since pages may be dropped meanwhile.
 async fn send_object(
     b: &Blobstore,
     stream: &TcpStream,
@@ -375,37 +385,33 @@ async fn send_object(
     let (sock, fd) = (stream.as_raw_fd(), object.as_raw_fd());
     while left > 0 {
         let window = left.min(WINDOW);
-        if cached(fd, at, window) {
-            let mut sent = 0;
-            while sent < window {
-                let n = stream
-                    .async_io(Interest::WRITABLE, || {
-                        sendfile(sock, fd, at + sent, (window - sent) as usize)
-                    })
-                    .await?;
-                if n == 0 {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the object is shorter than its record",
-                    ));
+        let sent = stream
+            .async_io(Interest::WRITABLE, || {
+                if !cached(fd, at, window) {
+                    return Ok(None);
                 }
-                sent += n as u64;
+                sendfile(sock, fd, at, window as usize).map(Some)
+            })
+            .await?;
+        let n = match sent {
+            Some(n) => {
+                b.metrics.sent_uncopied(n as u64);
+                n as u64
             }
-            b.metrics.sent_uncopied(window);
-            at += window;
-            left -= window;
-        } else {
-            let piece = super::store::read_piece_soon(object.clone(), at, window).await?;
-            if piece.is_empty() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the object is shorter than its record",
-                ));
+            None => {
+                let piece = super::store::read_piece_soon(object.clone(), at, window).await?;
+                send_all(stream, &piece, 0).await?;
+                piece.len() as u64
             }
-            send_all(stream, &piece, 0).await?;
-            at += piece.len() as u64;
-            left -= piece.len() as u64;
+        };
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the object is shorter than its record",
+            ));
         }
+        at += n;
+        left -= n;
     }
     Ok(())
 }
@@ -474,7 +480,9 @@ fn cached(fd: RawFd, at: u64, len: u64) -> bool {
         )
     };
     if rc != 0 {
-        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+        // Not in this kernel, or refused by a seccomp filter: copy from now on.
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        if matches!(errno, Some(libc::ENOSYS | libc::EPERM)) {
             MISSING.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         return false;
