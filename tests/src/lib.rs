@@ -87,6 +87,26 @@ impl TestHost {
         format!("http://{}:{PORT}", self.ip)
     }
 
+    /// The daemon's `/metrics` (Prometheus text).
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.url()))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// One sample of `/metrics`, named with its labels as written there
+    /// (`flynn_raft_read_index_total{how="lease"}`).
+    pub async fn counter(&self, name: &str) -> u64 {
+        let text = self.metrics_text().await;
+        let prefix = format!("{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }

@@ -739,12 +739,7 @@ async fn t12_external_backends_env_set_and_migrate() {
         }
     }
     // Metrics per backend: requests, bytes and latency histograms, in valid Prometheus text.
-    let metrics = reqwest::get(format!("{}/metrics", c.hosts[1].url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = c.hosts[1].metrics_text().await;
     for backend in ["embedded", "pgmain", "s3main", "gcsmain", "azuremain"] {
         let served =
             format!("flynn_blobstore_bytes_total{{direction=\"out\",backend=\"{backend}\"}}");
@@ -880,30 +875,18 @@ impl RawConn {
     }
 }
 
-/// A counter without labels from host `i`'s metrics.
-async fn counter(c: &Cluster, i: usize, name: &str) -> u64 {
-    let text = reqwest::get(format!("{}/metrics", c.hosts[i].url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let prefix = format!("{name} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
-        .parse()
-        .unwrap()
-}
-
 /// Bytes the blobstore on host `i` has sent with sendfile.
 async fn sent_uncopied(c: &Cluster, i: usize) -> u64 {
-    counter(c, i, "flynn_blobstore_sendfile_bytes_total").await
+    c.hosts[i]
+        .counter("flynn_blobstore_sendfile_bytes_total")
+        .await
 }
 
 /// GETs the blobstore on host `i` answered before its API.
 async fn answered_directly(c: &Cluster, i: usize) -> u64 {
-    counter(c, i, "flynn_blobstore_direct_gets_total").await
+    c.hosts[i]
+        .counter("flynn_blobstore_direct_gets_total")
+        .await
 }
 
 /// GETs of objects this host holds are answered before hyper, their bodies sent from the
@@ -933,6 +916,19 @@ async fn t13_local_gets_are_sent_from_the_page_cache() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    let hex: String = sha512(&big).iter().map(|b| format!("{b:02x}")).collect();
+    let object = c.hosts[0]
+        .data_dir
+        .join("blobstore/objects")
+        .join(&hex[..2])
+        .join(&hex);
+    // Where the kernel cannot say what the page cache holds (before Linux 6.5, a seccomp
+    // filter, a filesystem without a page cache of its own), the daemon copies instead of
+    // using sendfile: bodies are checked, counts of sendfile bytes are not.
+    let can_tell = page_cache_holds(&object) == Some(true);
+    if !can_tell {
+        eprintln!("cachestat cannot see the fresh object here: sendfile counts not checked");
+    }
 
     let before = sent_uncopied(&c, 0).await;
     let mut conn = RawConn::open(&c, 0).await;
@@ -957,11 +953,13 @@ async fn t13_local_gets_are_sent_from_the_page_cache() {
         "the range, byte for byte"
     );
     let sent = sent_uncopied(&c, 0).await - before;
-    assert_eq!(
-        sent,
-        (big.len() + part.body.len()) as u64,
-        "both bodies went from the page cache"
-    );
+    if can_tell {
+        assert_eq!(
+            sent,
+            (big.len() + part.body.len()) as u64,
+            "both bodies went from the page cache"
+        );
+    }
     // Errors and conditional answers on the same connection, which stays open.
     conn.send("GET /d/missing HTTP/1.1\r\nHost: b\r\n\r\n")
         .await;
@@ -986,12 +984,6 @@ async fn t13_local_gets_are_sent_from_the_page_cache() {
     still_direct(&c, &mut conn, "after the errors").await;
 
     // Not in the page cache: read and written, still whole, and not counted as sendfile.
-    let hex: String = sha512(&big).iter().map(|b| format!("{b:02x}")).collect();
-    let object = c.hosts[0]
-        .data_dir
-        .join("blobstore/objects")
-        .join(&hex[..2])
-        .join(&hex);
     {
         use std::os::fd::AsRawFd;
         let f = std::fs::File::open(&object).unwrap();
@@ -1001,14 +993,21 @@ async fn t13_local_gets_are_sent_from_the_page_cache() {
         let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         assert_eq!(rc, 0);
     }
+    // (tmpfs keeps its pages whatever the advice.)
+    let dropped = can_tell && page_cache_holds(&object) == Some(false);
+    if can_tell && !dropped {
+        eprintln!("the page cache kept the object: its read from disk is not checked here");
+    }
     let before = sent_uncopied(&c, 0).await;
     conn.send("GET /d/big HTTP/1.1\r\nHost: b\r\n\r\n").await;
     let uncached = conn.response(false).await;
     assert!(uncached.body == big, "read from disk, byte for byte");
-    assert!(
-        sent_uncopied(&c, 0).await - before < big.len() as u64,
-        "pieces the page cache did not hold were read, not sent with sendfile"
-    );
+    if dropped {
+        assert!(
+            sent_uncopied(&c, 0).await - before < big.len() as u64,
+            "pieces the page cache did not hold were read, not sent with sendfile"
+        );
+    }
     still_direct(&c, &mut conn, "after a read from disk").await;
 
     // A copy changed on disk since it was checked is hashed on its way out, as through the
@@ -1032,11 +1031,13 @@ async fn t13_local_gets_are_sent_from_the_page_cache() {
     );
     conn.send("GET /d/big HTTP/1.1\r\nHost: b\r\n\r\n").await;
     assert!(conn.response(false).await.body == big);
-    assert_eq!(
-        sent_uncopied(&c, 0).await - before,
-        big.len() as u64,
-        "checked again, so trusted again"
-    );
+    if can_tell {
+        assert_eq!(
+            sent_uncopied(&c, 0).await - before,
+            big.len() as u64,
+            "checked again, so trusted again"
+        );
+    }
 
     // A PUT hands the connection to the API, which answers it and the GET after it with
     // the same head as the fast path's.
@@ -1078,6 +1079,22 @@ async fn t13_local_gets_are_sent_from_the_page_cache() {
         1,
         "HTTP/1.0 is the API's"
     );
+}
+
+/// Whether the page cache holds all of the file at `path` (`cachestat(2)`; `None` where the
+/// kernel cannot say).
+fn page_cache_holds(path: &std::path::Path) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).ok()?;
+    let pages = f.metadata().ok()?.len().div_ceil(4096);
+    // struct cachestat_range { off, len } (len 0: to the end); struct cachestat's first
+    // field is nr_cache, four more follow.
+    let range = [0u64, 0u64];
+    let mut stat = [0u64; 5];
+    #[allow(unsafe_code)]
+    // SAFETY: both arrays are laid out as the kernel's structs and outlive the call.
+    let rc = unsafe { libc::syscall(451, f.as_raw_fd(), range.as_ptr(), stat.as_mut_ptr(), 0u32) };
+    (rc == 0).then_some(stat[0] >= pages)
 }
 
 /// A GET of the 5-byte `/d/small` on `conn` (small: read and written with its head),

@@ -93,7 +93,9 @@ async fn t10_bootstrap_three_peers() {
     // Those reads (forwarded by the followers) were answered under the leader's lease, not
     // each after a heartbeat round of its own.
     let leader = c.wait_leader(0, None).await;
-    let leased = counter(&c, leader, "flynn_raft_read_index_total{how=\"lease\"}").await;
+    let leased = c.hosts[leader]
+        .counter("flynn_raft_read_index_total{how=\"lease\"}")
+        .await;
     assert!(leased > 0, "no read used the lease");
 }
 
@@ -145,19 +147,6 @@ async fn t20_leader_kill_keeps_every_acknowledged_write() {
     assert!(back.contains("a Raft peer answers again"), "{back}");
 }
 
-/// A counter from host `i`'s `/metrics`.
-async fn counter(c: &Cluster, i: usize, name: &str) -> u64 {
-    let text = reqwest::get(format!("{}/metrics", c.hosts[i].url()))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-}
-
 /// A peer that was down while the others compacted their logs past what it holds catches up
 /// from a snapshot the leader sends in several chunks (0.9's InstallSnapshot RPC, through
 /// `openraft-legacy`), then follows the log again.
@@ -189,10 +178,15 @@ async fn t22_a_peer_behind_the_compacted_log_catches_up_from_a_snapshot() {
     })
     .await;
     assert!(
-        counter(&c, behind, "flynn_raft_snapshots_installed_total").await >= 1,
+        c.hosts[behind]
+            .counter("flynn_raft_snapshots_installed_total")
+            .await
+            >= 1,
         "caught up without a snapshot: the log was not compacted past it"
     );
-    let size = counter(&c, behind, "flynn_raft_snapshot_size_bytes").await;
+    let size = c.hosts[behind]
+        .counter("flynn_raft_snapshot_size_bytes")
+        .await;
     assert!(
         size > 4 * 1024,
         "a snapshot of {size} bytes is not several chunks"

@@ -69,12 +69,7 @@ async fn t10_router_in_every_daemon_serves_a_route_added_through_flynn() {
         listed.contains("\"router\"") && listed.contains("controller-registration"),
         "{listed}"
     );
-    let metrics = reqwest::get(format!("{}/metrics", c.hosts[2].url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = c.hosts[2].metrics_text().await;
     assert!(metrics.contains("flynn_router_requests_total"), "{metrics}");
 }
 

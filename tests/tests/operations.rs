@@ -1024,12 +1024,7 @@ async fn t05_metrics_pass_promtool_and_every_dashboard_query_returns_data() {
 
     // Every target's exposition passes promtool's checks.
     for h in &c.hosts {
-        let text = reqwest::get(format!("{}/metrics", h.url()))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = h.metrics_text().await;
         for must in [
             "flynn_raft_wal_fsync_duration_seconds_bucket",
             "flynn_raft_proposal_commit_duration_seconds_count",
