@@ -170,7 +170,21 @@ async fn t22_a_peer_behind_the_compacted_log_catches_up_from_a_snapshot() {
     let behind = (leader + 1) % 3;
     c.client(leader).create_app("snap").await.unwrap();
     c.kill(behind);
+    // The stopped peer holds no entry the leader does not.
+    let held = c.hosts[leader].counter("flynn_raft_last_log_index").await;
     let mut acked = write_keys(&c, leader, "snap", "k", 200).await;
+    // The leader purges only while no replication holds the entries in flight, and the one
+    // to the stopped peer holds them between its failed sends: the purge comes with the
+    // next failure, maybe after the writes.
+    eventually(
+        Duration::from_secs(30),
+        "the log purged past the stopped peer",
+        || async {
+            let purged = c.hosts[leader].counter("flynn_raft_purged_index").await;
+            (purged > held).then_some(())
+        },
+    )
+    .await;
     c.restart(behind);
     eventually(Duration::from_secs(30), "the peer caught up", || async {
         let env = c.client(behind).env_stale("snap").await.ok()?;

@@ -332,6 +332,11 @@ impl Host {
             m.last_applied.map_or(0, |l| l.index),
         );
         gauge(
+            "flynn_raft_purged_index",
+            "index of the last entry purged from the log: a peer behind it catches up from a snapshot",
+            m.purged.map_or(0, |l| l.index),
+        );
+        gauge(
             "flynn_raft_voters",
             "voting peers in the membership",
             membership.voter_ids().count() as u64,
