@@ -97,6 +97,16 @@ async fn t10_bootstrap_three_peers() {
         .counter("flynn_raft_read_index_total{how=\"lease\"}")
         .await;
     assert!(leased > 0, "no read used the lease");
+    // Replication went over the peers' streams, none of it as HTTP requests.
+    let host = &c.hosts[leader];
+    let streamed = host
+        .counter("flynn_raft_peer_rpcs_total{transport=\"stream\"}")
+        .await;
+    let requests = host
+        .counter("flynn_raft_peer_rpcs_total{transport=\"http\"}")
+        .await;
+    assert!(streamed > 0, "nothing went over a stream");
+    assert_eq!(requests, 0, "RPCs sent as HTTP requests");
 }
 
 #[tokio::test(flavor = "multi_thread")]

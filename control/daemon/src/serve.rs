@@ -155,8 +155,9 @@ pub async fn serve_with(
                     async move { tower::Service::call(&mut app, req.map(axum::body::Body::new)).await }
                 },
             ));
+            // Upgrades: host-to-host Raft streams (`flynn_raft::stream`).
             let conn = builder
-                .serve_connection(TokioIo::new(io), service)
+                .serve_connection_with_upgrades(TokioIo::new(io), service)
                 .into_owned();
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(error = %e, "api connection ended");

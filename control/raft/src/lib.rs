@@ -1,10 +1,11 @@
 //! Raft for the cluster state: openraft's type config, the RocksDB log store and state
-//! machine, and the HTTP transport between hosts.
+//! machine, and the transport between hosts (a stream per peer, HTTP beside it).
 
 pub mod lease;
 pub mod metrics;
 pub mod network;
 pub mod store;
+pub mod stream;
 
 pub use openraft;
 use openraft::type_config::alias;

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::LazyLock;
 
-use flynn_metrics::{header, single, Histogram, LATENCY, SLOW};
+use flynn_metrics::{header, sample, single, Histogram, LATENCY, SLOW};
 
 pub static WAL_FSYNC: LazyLock<Histogram> = LazyLock::new(|| Histogram::new(LATENCY));
 pub static APPLY: LazyLock<Histogram> = LazyLock::new(|| Histogram::new(LATENCY));
@@ -15,6 +15,9 @@ pub static APPENDED: AtomicU64 = AtomicU64::new(0);
 /// Snapshots installed into the state machine: from a leader, for a log behind what it kept
 /// (or, at a start, this host's own when its state was behind it).
 pub static SNAPSHOTS_INSTALLED: AtomicU64 = AtomicU64::new(0);
+/// RPCs sent to peers over their stream, and as HTTP requests.
+pub static PEER_RPCS_STREAM: AtomicU64 = AtomicU64::new(0);
+pub static PEER_RPCS_HTTP: AtomicU64 = AtomicU64::new(0);
 
 pub fn render(out: &mut String) {
     header(
@@ -59,4 +62,19 @@ pub fn render(out: &mut String) {
         "Snapshots installed into the state machine, mostly from a leader for a log behind what it kept.",
         SNAPSHOTS_INSTALLED.load(Ordering::Relaxed),
     );
+    let rpcs = "flynn_raft_peer_rpcs_total";
+    header(
+        out,
+        rpcs,
+        "counter",
+        "Raft RPCs this host sent to peers, by transport: the lasting stream, or an HTTP request (snapshot chunks, peers without the stream).",
+    );
+    for (transport, n) in [("stream", &PEER_RPCS_STREAM), ("http", &PEER_RPCS_HTTP)] {
+        sample(
+            out,
+            rpcs,
+            &[("transport", transport)],
+            n.load(Ordering::Relaxed),
+        );
+    }
 }

@@ -1,9 +1,13 @@
-//! Raft RPCs between hosts: JSON over HTTP, authenticated by the cluster secret.
+//! Raft RPCs between hosts: JSON, authenticated by the cluster secret.
 //!
-//! The server side lives with the daemon's HTTP router; it answers each path below with the
-//! JSON of `Result<Response, RaftError>`, so remote Raft errors arrive typed.
+//! AppendEntries and Vote go over a lasting stream per peer connection ([`crate::stream`]);
+//! snapshot chunks, and every RPC to a peer that does not offer the stream (an older
+//! build), go as HTTP requests. The server side lives with the daemon's HTTP router; it
+//! answers each path below with the JSON of `Result<Response, RaftError>`, so remote Raft
+//! errors arrive typed.
 
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use openraft::error::{NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
@@ -16,6 +20,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::lease::LeaderLease;
+use crate::stream::{self, Kind, OpenError, PeerStream};
 use crate::{NodeId, SnapshotData, TypeConfig, SECRET_HEADER};
 
 pub const PATH_APPEND: &str = "/raft/append";
@@ -24,6 +29,11 @@ pub const PATH_SNAPSHOT: &str = "/raft/snapshot";
 
 /// The pause before a peer that did not answer is tried again.
 const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(500);
+/// How long a peer that did not offer the stream is spoken to over HTTP before it is asked
+/// again (it may have been updated in place meanwhile).
+const HTTP_ONLY_FOR: Duration = Duration::from_secs(60);
+/// As the HTTP client's.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Builds one connection handle per peer; they share a pooled HTTP client.
 #[derive(Clone)]
@@ -66,7 +76,7 @@ impl Reachability {
 impl HttpNetwork {
     pub fn new(secret: String) -> Self {
         let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(500))
+            .connect_timeout(CONNECT_TIMEOUT)
             // Under the API's 10 s idle close, so a pooled connection is never one being closed.
             .pool_idle_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
@@ -96,41 +106,71 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerNetwork {
         Adapter::new(PeerConnection {
             target,
+            addr: node.addr.clone(),
             base: format!("http://{}", node.addr),
             client: self.client.clone(),
             secret: self.secret.clone(),
             reachability: self.reachability.clone(),
             lease: self.lease.clone(),
+            stream: None,
+            http_only_until: None,
         })
     }
 }
 
 pub struct PeerConnection {
     target: NodeId,
+    /// `host:port`, for the stream.
+    addr: String,
+    /// `http://host:port`, for requests.
     base: String,
     client: reqwest::Client,
     secret: String,
     reachability: Reachability,
     lease: LeaderLease,
+    /// The open stream, if one is: opened at the first RPC, dropped at any failure.
+    stream: Option<PeerStream>,
+    /// Set when the peer answered the upgrade with 404: HTTP only until then.
+    http_only_until: Option<Instant>,
 }
+
+type RpcResult<Resp, E> = Result<Resp, RPCError<TypeConfig, RaftError<TypeConfig, E>>>;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct TransportError(String);
 
 impl PeerConnection {
+    /// One RPC: over the stream for `kind`s, else (snapshot chunks, and peers without the
+    /// stream) as a request to `path`.
     async fn call<Req, Resp, E>(
-        &self,
+        &mut self,
+        kind: Option<Kind>,
         path: &str,
         req: &Req,
         option: &RPCOption,
-    ) -> Result<Resp, RPCError<TypeConfig, RaftError<TypeConfig, E>>>
+    ) -> RpcResult<Resp, E>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let result = self.send(path, req, option).await;
+        let streamed = match kind {
+            Some(kind) if self.http_only_until.is_none_or(|t| Instant::now() >= t) => {
+                self.send_on_stream(kind, req, option).await
+            }
+            _ => None,
+        };
+        let result = match streamed {
+            Some(r) => {
+                crate::metrics::PEER_RPCS_STREAM.fetch_add(1, Ordering::Relaxed);
+                r
+            }
+            None => {
+                crate::metrics::PEER_RPCS_HTTP.fetch_add(1, Ordering::Relaxed);
+                self.send(path, req, option).await
+            }
+        };
         // A remote Raft error is an answer: the peer is there.
         let error = match &result {
             Err(RPCError::RemoteError(_)) | Ok(_) => None,
@@ -140,12 +180,84 @@ impl PeerConnection {
         result
     }
 
+    /// The RPC over the stream, opened first if need be; `None` when the peer does not
+    /// offer one (it is then asked again after [`HTTP_ONLY_FOR`]).
+    async fn send_on_stream<Req, Resp, E>(
+        &mut self,
+        kind: Kind,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Option<RpcResult<Resp, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let frame = stream::request_frame(kind, req);
+        let ttl = option.hard_ttl();
+        let answer = match tokio::time::timeout(ttl, self.exchange(&frame)).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(OpenError::NotOffered)) => {
+                self.http_only_until = Some(Instant::now() + HTTP_ONLY_FOR);
+                return None;
+            }
+            Ok(Err(e)) => {
+                self.stream = None;
+                return Some(Err(match e {
+                    // Refused or timed out: openraft backs off from unreachable peers.
+                    OpenError::Connect(e) => RPCError::Unreachable(Unreachable::new(&e)),
+                    e => RPCError::Network(NetworkError::new(&e)),
+                }));
+            }
+            Err(elapsed) => {
+                // An answer may still come: the stream is out of step, so it goes.
+                self.stream = None;
+                return Some(Err(RPCError::Unreachable(Unreachable::new(&elapsed))));
+            }
+        };
+        let result: Result<Resp, RaftError<TypeConfig, E>> = match serde_json::from_slice(&answer) {
+            Ok(r) => r,
+            Err(e) => {
+                self.stream = None;
+                return Some(Err(RPCError::Network(NetworkError::new(&e))));
+            }
+        };
+        Some(result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))))
+    }
+
+    /// Sends `frame` and reads its answer, on the open stream or a new one. A stream that
+    /// had carried requests and fails before answering is opened again once: the peer may
+    /// have closed it while idle, or restarted. (AppendEntries and Vote may be repeated.)
+    async fn exchange(&mut self, frame: &[u8]) -> Result<Vec<u8>, OpenError> {
+        for _ in 0..2 {
+            let stream = match &mut self.stream {
+                Some(s) => s,
+                None => self
+                    .stream
+                    .insert(PeerStream::open(&self.addr, &self.secret, CONNECT_TIMEOUT).await?),
+            };
+            let served_before = stream.answered_before();
+            match stream.call(frame).await {
+                Ok(answer) => return Ok(answer),
+                Err(e) => {
+                    self.stream = None;
+                    if !served_before {
+                        return Err(OpenError::Io(e));
+                    }
+                }
+            }
+        }
+        Err(OpenError::Io(std::io::Error::other(
+            "the stream failed twice",
+        )))
+    }
+
     async fn send<Req, Resp, E>(
         &self,
         path: &str,
         req: &Req,
         option: &RPCOption,
-    ) -> Result<Resp, RPCError<TypeConfig, RaftError<TypeConfig, E>>>
+    ) -> RpcResult<Resp, E>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
@@ -190,7 +302,9 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig, RaftError<TypeConfig>>>
     {
         let (sent, vote) = (std::time::Instant::now(), rpc.vote);
-        let resp = self.call(PATH_APPEND, &rpc, &option).await?;
+        let resp = self
+            .call(Some(Kind::Append), PATH_APPEND, &rpc, &option)
+            .await?;
         // Any answer but a higher vote means the peer took `vote` as its leader's (openraft
         // checks the vote before the log), and promised not to vote for another for a while.
         if !matches!(resp, AppendEntriesResponse::HigherVote(_)) {
@@ -207,7 +321,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         InstallSnapshotResponse<TypeConfig>,
         RPCError<TypeConfig, RaftError<TypeConfig, InstallSnapshotError>>,
     > {
-        let result = self.call(PATH_SNAPSHOT, &rpc, &option).await;
+        let result = self.call(None, PATH_SNAPSHOT, &rpc, &option).await;
         // openraft-legacy's sender retries a failed chunk after 1 ms, without end, until
         // the core gives up on the transfer: a peer restarting mid-transfer would be asked
         // a thousand times a second. A failure here waits as a refused connection does.
@@ -231,13 +345,199 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig, RaftError<TypeConfig>>> {
-        self.call(PATH_VOTE, &rpc, &option).await
+        self.call(Some(Kind::Vote), PATH_VOTE, &rpc, &option).await
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Reachability;
+    use std::sync::{Arc, Mutex};
+
+    use openraft::network::RPCOption;
+    use openraft::raft::{VoteRequest, VoteResponse};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::{HttpNetwork, PeerConnection, RaftNetwork, Reachability, RpcResult, PATH_VOTE};
+    use crate::stream::{Kind, PATH_STREAM, PROTOCOL};
+    use crate::{TypeConfig, SECRET_HEADER};
+
+    /// What a fake peer saw: one line per request head (`GET /raft/stream`, `POST
+    /// /raft/vote`), or `frame K` per stream request of kind K.
+    type Seen = Arc<Mutex<Vec<String>>>;
+
+    /// How the fake peer treats the stream.
+    #[derive(Clone, Copy)]
+    enum Peer {
+        /// An older build: 404 for the upgrade, HTTP routes only.
+        NoStream,
+        /// Answers one request per stream, then closes it (as an idle close would).
+        OneAnswerPerStream,
+        /// Takes the upgrade and the request, then closes without answering.
+        CutsBeforeAnswering,
+    }
+
+    fn vote_answer() -> Vec<u8> {
+        let vote = crate::Vote::new(4, 2);
+        let ok: Result<VoteResponse<TypeConfig>, openraft::error::RaftError<TypeConfig>> =
+            Ok(VoteResponse::new(vote, None, true));
+        serde_json::to_vec(&ok).unwrap()
+    }
+
+    async fn read_head(s: &mut TcpStream) -> Option<String> {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            if s.read(&mut b).await.ok()? == 0 {
+                return None;
+            }
+            head.push(b[0]);
+        }
+        Some(String::from_utf8(head).unwrap())
+    }
+
+    async fn fake_peer(behaviour: Peer) -> (String, Seen) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = Seen::default();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let log = log.clone();
+                tokio::spawn(async move {
+                    while let Some(head) = read_head(&mut s).await {
+                        let line = head.lines().next().unwrap().to_string();
+                        assert!(head.contains(&format!("{SECRET_HEADER}: s3cret")), "{head}");
+                        log.lock().unwrap().push(line.replace(" HTTP/1.1", ""));
+                        if line.starts_with(&format!("GET {PATH_STREAM} ")) {
+                            if let Peer::NoStream = behaviour {
+                                let body = br#"{"error":"no such endpoint"}"#;
+                                let ans = format!(
+                                    "HTTP/1.1 404 Not Found\r\ncontent-length: {}\r\n\r\n",
+                                    body.len()
+                                );
+                                s.write_all(ans.as_bytes()).await.unwrap();
+                                s.write_all(body).await.unwrap();
+                                continue;
+                            }
+                            assert!(head.contains(&format!("upgrade: {PROTOCOL}")), "{head}");
+                            s.write_all(format!("HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {PROTOCOL}\r\n\r\n").as_bytes()).await.unwrap();
+                            let mut len = [0u8; 4];
+                            s.read_exact(&mut len).await.unwrap();
+                            let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+                            s.read_exact(&mut frame).await.unwrap();
+                            serde_json::from_slice::<VoteRequest<TypeConfig>>(&frame[1..]).unwrap();
+                            log.lock().unwrap().push(format!("frame {}", frame[0]));
+                            if let Peer::OneAnswerPerStream = behaviour {
+                                let answer = vote_answer();
+                                s.write_all(&(answer.len() as u32).to_be_bytes())
+                                    .await
+                                    .unwrap();
+                                s.write_all(&answer).await.unwrap();
+                            }
+                            return; // the stream is closed
+                        }
+                        assert!(line.starts_with(&format!("POST {PATH_VOTE} ")), "{line}");
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .unwrap()
+                            .trim()
+                            .parse()
+                            .unwrap();
+                        let mut body = vec![0u8; length];
+                        s.read_exact(&mut body).await.unwrap();
+                        serde_json::from_slice::<VoteRequest<TypeConfig>>(&body).unwrap();
+                        let answer = vote_answer();
+                        let ans = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", answer.len());
+                        s.write_all(ans.as_bytes()).await.unwrap();
+                        s.write_all(&answer).await.unwrap();
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    fn connection(addr: &str) -> PeerConnection {
+        let net = HttpNetwork::new("s3cret".into());
+        PeerConnection {
+            target: 2,
+            addr: addr.to_string(),
+            base: format!("http://{addr}"),
+            client: net.client.clone(),
+            secret: net.secret.clone(),
+            reachability: net.reachability.clone(),
+            lease: net.lease.clone(),
+            stream: None,
+            http_only_until: None,
+        }
+    }
+
+    async fn vote(
+        c: &mut PeerConnection,
+    ) -> RpcResult<VoteResponse<TypeConfig>, openraft::error::Infallible> {
+        let req = VoteRequest::<TypeConfig>::new(crate::Vote::new(4, 1), None);
+        c.vote(req, RPCOption::new(std::time::Duration::from_secs(5)))
+            .await
+    }
+
+    fn seen(s: &Seen) -> Vec<String> {
+        s.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn t02_a_peer_without_the_stream_is_spoken_to_over_http() {
+        let (addr, log) = fake_peer(Peer::NoStream).await;
+        let mut c = connection(&addr);
+        for _ in 0..3 {
+            assert!(vote(&mut c).await.expect("answered over HTTP").vote_granted);
+        }
+        assert_eq!(
+            seen(&log),
+            [
+                format!("GET {PATH_STREAM}"),
+                format!("POST {PATH_VOTE}"),
+                format!("POST {PATH_VOTE}"),
+                format!("POST {PATH_VOTE}"),
+            ],
+            "asked once for the stream, then HTTP until the minute is up"
+        );
+    }
+
+    #[tokio::test]
+    async fn t03_a_stream_closed_between_requests_is_opened_again() {
+        let (addr, log) = fake_peer(Peer::OneAnswerPerStream).await;
+        let mut c = connection(&addr);
+        for _ in 0..3 {
+            let answer = vote(&mut c).await.expect("answered over the stream");
+            assert!(answer.vote_granted);
+        }
+        let vote = format!("frame {}", Kind::Vote as u8);
+        let open = format!("GET {PATH_STREAM}");
+        let (open, vote) = (open.as_str(), vote.as_str());
+        assert_eq!(seen(&log), [open, vote, open, vote, open, vote]);
+    }
+
+    #[tokio::test]
+    async fn t04_a_new_stream_cut_before_its_answer_is_an_error_not_a_retry() {
+        let (addr, log) = fake_peer(Peer::CutsBeforeAnswering).await;
+        let mut c = connection(&addr);
+        let err = vote(&mut c).await.expect_err("no answer came");
+        assert!(
+            matches!(err, openraft::error::RPCError::Network(_)),
+            "{err:?}"
+        );
+        assert_eq!(
+            seen(&log),
+            [
+                format!("GET {PATH_STREAM}"),
+                format!("frame {}", Kind::Vote as u8)
+            ]
+        );
+        assert!(c.stream.is_none(), "the broken stream was dropped");
+    }
 
     #[test]
     fn t01_a_peer_s_state_is_told_once_per_change() {
