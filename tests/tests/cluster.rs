@@ -107,6 +107,13 @@ async fn t10_bootstrap_three_peers() {
         .await;
     assert!(streamed > 0, "nothing went over a stream");
     assert_eq!(requests, 0, "RPCs sent as HTTP requests");
+    // Followers synced their appends as they wrote them.
+    for (i, h) in c.hosts.iter().enumerate() {
+        if i != leader {
+            let inline = h.counter("flynn_raft_wal_inline_syncs_total").await;
+            assert!(inline > 0, "host {i} synced no append inline");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

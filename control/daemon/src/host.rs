@@ -170,6 +170,7 @@ impl Host {
         let raft_dir = self.dir.raft_dir();
         let (log, sm) = store::open(&raft_dir)
             .with_context(|| format!("opening the raft store in {}", raft_dir.display()))?;
+        let log = log.for_node(self.id);
         let handle = sm.handle();
         let config = Arc::new(flynn_raft::raft_config().validate()?);
         let network = HttpNetwork::new(secret.clone());

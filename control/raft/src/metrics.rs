@@ -15,6 +15,8 @@ pub static APPENDED: AtomicU64 = AtomicU64::new(0);
 /// Snapshots installed into the state machine: from a leader, for a log behind what it kept
 /// (or, at a start, this host's own when its state was behind it).
 pub static SNAPSHOTS_INSTALLED: AtomicU64 = AtomicU64::new(0);
+/// Appends synced inline, as a follower's are (the rest go to the WAL-sync thread).
+pub static WAL_FSYNC_INLINE: AtomicU64 = AtomicU64::new(0);
 /// RPCs sent to peers over their stream, and as HTTP requests.
 pub static PEER_RPCS_STREAM: AtomicU64 = AtomicU64::new(0);
 pub static PEER_RPCS_HTTP: AtomicU64 = AtomicU64::new(0);
@@ -24,7 +26,7 @@ pub fn render(out: &mut String) {
         out,
         "flynn_raft_wal_fsync_duration_seconds",
         "histogram",
-        "Latency of the Raft WAL fsyncs (one per group of appends).",
+        "Latency of the Raft WAL fsyncs: one per group of this host's own appends as leader, one per append (with its write) as follower.",
     );
     WAL_FSYNC.render(out, "flynn_raft_wal_fsync_duration_seconds", &[]);
     header(
@@ -61,6 +63,13 @@ pub fn render(out: &mut String) {
         "counter",
         "Snapshots installed into the state machine, mostly from a leader for a log behind what it kept.",
         SNAPSHOTS_INSTALLED.load(Ordering::Relaxed),
+    );
+    single(
+        out,
+        "flynn_raft_wal_inline_syncs_total",
+        "counter",
+        "Log appends synced as they were written (a follower's), not on the WAL-sync thread.",
+        WAL_FSYNC_INLINE.load(Ordering::Relaxed),
     );
     let rpcs = "flynn_raft_peer_rpcs_total";
     header(

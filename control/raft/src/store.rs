@@ -1,8 +1,13 @@
 //! RocksDB-backed Raft log and state machine, sharing one database (and so one WAL).
 //!
 //! Durability: a log append is readable as soon as `append` returns and is acknowledged to
-//! openraft only after a WAL fsync. Appends are grouped: a flusher thread syncs the WAL once
-//! for every append queued since its last sync (group commit). Votes are written with a
+//! openraft only after a WAL fsync. The leader's own appends are grouped: a flusher thread
+//! syncs the WAL once for every append queued since its last sync (group commit), while
+//! openraft replicates them. A follower's append (entries of another host's term) is
+//! written with a synced write in `append` itself: it answers its leader only once that is
+//! done anyway, and the hand-off to the flusher and back cost it a thread wake-up each way.
+//! The last appended entries stay in memory too ([`RECENT_ENTRIES`]), so replication reads
+//! them without a RocksDB iterator and a decode per follower. Votes are written with a
 //! synced write. State machine writes are not synced themselves: the WAL is sequential, so the
 //! next synced write (log append, vote, purge) persists them, and a lost tail is re-applied
 //! from the log on restart. The committed index rides in the apply batch that follows it
@@ -103,6 +108,96 @@ pub struct LogStore {
     db: Arc<DB>,
     flusher: Arc<Flusher>,
     committed: CommittedCell,
+    /// This host's node id, once known ([`LogStore::for_node`]): entries of another host's
+    /// term are synced inline.
+    own_id: Option<NodeId>,
+    recent: Arc<std::sync::Mutex<RecentEntries>>,
+}
+
+/// How many of the last appended entries are kept in memory, and their most bytes (as
+/// stored): enough for replication to followers that keep up, small beside the state.
+pub const RECENT_ENTRIES: usize = 1024;
+const RECENT_BYTES: usize = 8 << 20;
+
+/// The log's tail, in memory: consecutive entries ending at the last one appended.
+#[derive(Default)]
+struct RecentEntries {
+    entries: VecDeque<(Entry, usize)>,
+    bytes: usize,
+}
+
+impl RecentEntries {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.log_id.index)
+    }
+
+    fn push(&mut self, entry: Entry, size: usize) {
+        let index = entry.log_id.index;
+        // openraft truncates what an append replaces first; whatever comes, the tail stays
+        // consecutive.
+        self.keep_below(index);
+        if self
+            .entries
+            .back()
+            .is_some_and(|(last, _)| last.log_id.index + 1 != index)
+        {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        self.entries.push_back((entry, size));
+        self.bytes += size;
+        while self.entries.len() > RECENT_ENTRIES || self.bytes > RECENT_BYTES {
+            let (_, size) = self.entries.pop_front().expect("not empty");
+            self.bytes -= size;
+        }
+    }
+
+    /// Drops the entries at `index` and after.
+    fn keep_below(&mut self, index: u64) {
+        while self
+            .entries
+            .back()
+            .is_some_and(|(e, _)| e.log_id.index >= index)
+        {
+            let (_, size) = self.entries.pop_back().expect("not empty");
+            self.bytes -= size;
+        }
+    }
+
+    /// Drops the entries at `index` and before.
+    fn keep_above(&mut self, index: u64) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|(e, _)| e.log_id.index <= index)
+        {
+            let (_, size) = self.entries.pop_front().expect("not empty");
+            self.bytes -= size;
+        }
+    }
+
+    /// `start..=end` (`None`: to the last), if all of it is here.
+    fn get(&self, start: u64, end: Option<u64>) -> Option<Vec<Entry>> {
+        let first = self.first_index()?;
+        let last = self.entries.back()?.0.log_id.index;
+        let end = end.unwrap_or(last);
+        if start < first || end > last {
+            return None;
+        }
+        if start > end {
+            return Some(Vec::new());
+        }
+        let from = (start - first) as usize;
+        let count = (end - start + 1) as usize;
+        Some(
+            self.entries
+                .iter()
+                .skip(from)
+                .take(count)
+                .map(|(e, _)| e.clone())
+                .collect(),
+        )
+    }
 }
 
 /// The last committed log id openraft reported, shared by the log store (which is told) and
@@ -159,7 +254,15 @@ impl LogStore {
                 thread: Some(thread),
             }),
             committed,
+            own_id: None,
+            recent: Arc::default(),
         }
+    }
+
+    /// Tells the store which node it belongs to, so a follower's appends are synced inline.
+    pub fn for_node(mut self, id: NodeId) -> Self {
+        self.own_id = Some(id);
+        self
     }
 
     fn meta_get<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> StorageResult<Option<T>> {
@@ -191,6 +294,20 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => i + 1,
             Bound::Unbounded => 0,
         };
+        let end = match range.end_bound() {
+            Bound::Included(i) => Some(*i),
+            Bound::Excluded(0) => return Ok(Vec::new()),
+            Bound::Excluded(i) => Some(i - 1),
+            Bound::Unbounded => None,
+        };
+        if let Some(entries) = self
+            .recent
+            .lock()
+            .expect("recent entries lock")
+            .get(start, end)
+        {
+            return Ok(entries);
+        }
         let mut out = Vec::new();
         let it = self.db.iterator_cf(
             cf(&self.db, CF_LOG),
@@ -255,15 +372,41 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = WriteBatch::default();
         let log = cf(&self.db, CF_LOG);
-        let mut n = 0;
+        let mut appended = Vec::new();
         for entry in entries {
-            batch.put_cf(log, index_key(entry.log_id.index), encode(&entry));
-            n += 1;
+            let bytes = encode(&entry);
+            batch.put_cf(log, index_key(entry.log_id.index), &bytes);
+            appended.push((entry, bytes.len()));
         }
+        let n = appended.len() as u64;
         crate::metrics::APPENDED.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        self.db
-            .write(batch)
-            .map_err(|e| io_err("appending to the log", e))?;
+        // Entries of another host's term: this host follows, and answers its leader only
+        // once they are durable, so they are synced here, with no thread to wake and wait on.
+        let following = match (self.own_id, appended.last()) {
+            (Some(me), Some((last, _))) => last.log_id.leader_id.node_id != me,
+            _ => false,
+        };
+        let started = std::time::Instant::now();
+        let written = if following {
+            self.db.write_opt(batch, &synced())
+        } else {
+            self.db.write(batch)
+        };
+        written.map_err(|e| io_err("appending to the log", e))?;
+        if following {
+            crate::metrics::WAL_FSYNC.observe_duration(started.elapsed());
+        }
+        {
+            let mut recent = self.recent.lock().expect("recent entries lock");
+            for (entry, size) in appended {
+                recent.push(entry, size);
+            }
+        }
+        if following {
+            crate::metrics::WAL_FSYNC_INLINE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            callback.io_completed(Ok(()));
+            return Ok(());
+        }
         // Readable now; durable once the flusher's fsync completes.
         let sent = match &self.flusher.tx {
             Some(tx) => tx.send(callback).map_err(|mpsc::SendError(cb)| cb),
@@ -278,6 +421,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// Removes every entry after `last_log_id` (all of them for `None`).
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> StorageResult<()> {
         let from = last_log_id.map_or(0, |l| l.index + 1);
+        self.recent
+            .lock()
+            .expect("recent entries lock")
+            .keep_below(from);
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(cf(&self.db, CF_LOG), index_key(from), index_key(u64::MAX));
         self.db
@@ -286,6 +433,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> StorageResult<()> {
+        self.recent
+            .lock()
+            .expect("recent entries lock")
+            .keep_above(log_id.index);
         let mut batch = WriteBatch::default();
         batch.put_cf(cf(&self.db, CF_META), KEY_LAST_PURGED, encode(&log_id));
         batch.delete_range_cf(
@@ -649,4 +800,100 @@ pub fn read_applied_state(
                 .collect(),
         )
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::impls::leader_id_adv::LeaderId;
+    use openraft::EntryPayload;
+
+    use super::{RecentEntries, RECENT_BYTES, RECENT_ENTRIES};
+    use crate::{Entry, LogId};
+
+    fn entry(term: u64, index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(LeaderId { term, node_id: 1 }, index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn indexes(got: Option<Vec<Entry>>) -> Option<Vec<(u64, u64)>> {
+        got.map(|v| {
+            v.iter()
+                .map(|e| (e.log_id.leader_id.term, e.log_id.index))
+                .collect()
+        })
+    }
+
+    #[test]
+    fn t01_the_tail_answers_only_what_it_holds_whole() {
+        let mut r = RecentEntries::default();
+        assert_eq!(indexes(r.get(1, None)), None, "empty: the database answers");
+        for i in 5..=9 {
+            r.push(entry(1, i), 10);
+        }
+        assert_eq!(
+            indexes(r.get(6, Some(8))),
+            Some(vec![(1, 6), (1, 7), (1, 8)])
+        );
+        assert_eq!(indexes(r.get(8, None)), Some(vec![(1, 8), (1, 9)]));
+        assert_eq!(
+            indexes(r.get(10, None)),
+            Some(vec![]),
+            "past the end: nothing"
+        );
+        assert_eq!(indexes(r.get(4, Some(6))), None, "starts before the tail");
+        assert_eq!(indexes(r.get(8, Some(10))), None, "ends after the log");
+    }
+
+    #[test]
+    fn t02_a_truncation_and_a_new_term_replace_the_end() {
+        let mut r = RecentEntries::default();
+        for i in 1..=5 {
+            r.push(entry(1, i), 10);
+        }
+        r.keep_below(4);
+        r.push(entry(2, 4), 10);
+        assert_eq!(
+            indexes(r.get(3, None)),
+            Some(vec![(1, 3), (2, 4)]),
+            "entry 5 of term 1 is gone"
+        );
+        // Without a truncation first, an append over the end still replaces it.
+        r.push(entry(3, 2), 10);
+        assert_eq!(indexes(r.get(1, None)), Some(vec![(1, 1), (3, 2)]));
+        assert_eq!(r.bytes, 20);
+        // A gap (a snapshot installed past the tail): the old tail goes.
+        r.push(entry(3, 50), 10);
+        assert_eq!(indexes(r.get(1, None)), None);
+        assert_eq!(indexes(r.get(50, None)), Some(vec![(3, 50)]));
+        assert_eq!(r.bytes, 10);
+    }
+
+    #[test]
+    fn t03_a_purge_and_the_bounds_drop_the_oldest() {
+        let mut r = RecentEntries::default();
+        for i in 1..=10 {
+            r.push(entry(1, i), 10);
+        }
+        r.keep_above(4);
+        assert_eq!(r.first_index(), Some(5));
+        assert_eq!(
+            indexes(r.get(4, Some(5))),
+            None,
+            "purged entries are not served"
+        );
+        for i in 11..=(RECENT_ENTRIES as u64 + 20) {
+            r.push(entry(1, i), 10);
+        }
+        assert_eq!(r.entries.len(), RECENT_ENTRIES);
+        assert_eq!(r.first_index(), Some(21));
+        r.push(entry(1, RECENT_ENTRIES as u64 + 21), RECENT_BYTES);
+        assert_eq!(
+            r.entries.len(),
+            1,
+            "one entry at the byte bound pushes out the rest"
+        );
+        assert_eq!(r.bytes, RECENT_BYTES);
+    }
 }
