@@ -107,6 +107,27 @@ async fn t10_bootstrap_three_peers() {
         .await;
     assert!(streamed > 0, "nothing went over a stream");
     assert_eq!(requests, 0, "RPCs sent as HTTP requests");
+    // The stream is a Raft route: without the secret it is refused before any upgrade, and
+    // another protocol token is told the one spoken here.
+    let status_of = |secret: String, token: &'static str| {
+        let addr = format!("{}:{PORT}", c.hosts[0].ip);
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let ask = format!(
+                "GET /raft/stream HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: {token}\r\nx-flynn-cluster-secret: {secret}\r\n\r\n"
+            );
+            s.write_all(ask.as_bytes()).await.unwrap();
+            let mut head = vec![0u8; 512];
+            let n = s.read(&mut head).await.unwrap();
+            String::from_utf8_lossy(&head[..n]).into_owned()
+        }
+    };
+    let head = status_of("wrong".into(), "flynn-raft-1").await;
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    let head = status_of(c.secret.clone(), "flynn-raft-9").await;
+    assert!(head.starts_with("HTTP/1.1 426"), "{head}");
+    assert!(head.contains("upgrade: flynn-raft-1"), "{head}");
     // Followers synced their appends as they wrote them.
     for (i, h) in c.hosts.iter().enumerate() {
         if i != leader {

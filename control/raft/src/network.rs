@@ -193,7 +193,10 @@ impl PeerConnection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let frame = stream::request_frame(kind, req);
+        let frame = match stream::request_frame(kind, req) {
+            Ok(f) => f,
+            Err(e) => return Some(Err(RPCError::Network(NetworkError::new(&e)))),
+        };
         let ttl = option.hard_ttl();
         let answer = match tokio::time::timeout(ttl, self.exchange(&frame)).await {
             Ok(Ok(answer)) => answer,
@@ -229,6 +232,9 @@ impl PeerConnection {
     /// had carried requests and fails before answering is opened again once: the peer may
     /// have closed it while idle, or restarted. (AppendEntries and Vote may be repeated.)
     async fn exchange(&mut self, frame: &[u8]) -> Result<Vec<u8>, OpenError> {
+        if self.stream.as_ref().is_some_and(|s| !s.reusable()) {
+            self.stream = None;
+        }
         for _ in 0..2 {
             let stream = match &mut self.stream {
                 Some(s) => s,
@@ -352,6 +358,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
     use openraft::network::RPCOption;
     use openraft::raft::{VoteRequest, VoteResponse};
@@ -375,10 +382,13 @@ mod tests {
         OneAnswerPerStream,
         /// Takes the upgrade and the request, then closes without answering.
         CutsBeforeAnswering,
+        /// Answers every request with the vote it asked for, the first one after 300 ms.
+        EchoesSlowlyAtFirst,
+        /// Speaks another stream protocol: 426 for this one.
+        OtherProtocol,
     }
 
-    fn vote_answer() -> Vec<u8> {
-        let vote = crate::Vote::new(4, 2);
+    fn vote_answer(vote: crate::Vote) -> Vec<u8> {
         let ok: Result<VoteResponse<TypeConfig>, openraft::error::RaftError<TypeConfig>> =
             Ok(VoteResponse::new(vote, None, true));
         serde_json::to_vec(&ok).unwrap()
@@ -411,10 +421,15 @@ mod tests {
                         assert!(head.contains(&format!("{SECRET_HEADER}: s3cret")), "{head}");
                         log.lock().unwrap().push(line.replace(" HTTP/1.1", ""));
                         if line.starts_with(&format!("GET {PATH_STREAM} ")) {
-                            if let Peer::NoStream = behaviour {
-                                let body = br#"{"error":"no such endpoint"}"#;
+                            let refusal = match behaviour {
+                                Peer::NoStream => Some("404 Not Found"),
+                                Peer::OtherProtocol => Some("426 Upgrade Required"),
+                                _ => None,
+                            };
+                            if let Some(status) = refusal {
+                                let body = br#"{"error":"no"}"#;
                                 let ans = format!(
-                                    "HTTP/1.1 404 Not Found\r\ncontent-length: {}\r\n\r\n",
+                                    "HTTP/1.1 {status}\r\ncontent-length: {}\r\n\r\n",
                                     body.len()
                                 );
                                 s.write_all(ans.as_bytes()).await.unwrap();
@@ -423,20 +438,34 @@ mod tests {
                             }
                             assert!(head.contains(&format!("upgrade: {PROTOCOL}")), "{head}");
                             s.write_all(format!("HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {PROTOCOL}\r\n\r\n").as_bytes()).await.unwrap();
-                            let mut len = [0u8; 4];
-                            s.read_exact(&mut len).await.unwrap();
-                            let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
-                            s.read_exact(&mut frame).await.unwrap();
-                            serde_json::from_slice::<VoteRequest<TypeConfig>>(&frame[1..]).unwrap();
-                            log.lock().unwrap().push(format!("frame {}", frame[0]));
-                            if let Peer::OneAnswerPerStream = behaviour {
-                                let answer = vote_answer();
-                                s.write_all(&(answer.len() as u32).to_be_bytes())
-                                    .await
-                                    .unwrap();
-                                s.write_all(&answer).await.unwrap();
+                            for n in 0.. {
+                                let mut len = [0u8; 4];
+                                if s.read_exact(&mut len).await.is_err() {
+                                    return; // the caller closed the stream
+                                }
+                                let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+                                s.read_exact(&mut frame).await.unwrap();
+                                let req: VoteRequest<TypeConfig> =
+                                    serde_json::from_slice(&frame[1..]).unwrap();
+                                log.lock().unwrap().push(format!("frame {}", frame[0]));
+                                let answer = match behaviour {
+                                    Peer::OneAnswerPerStream => vote_answer(req.vote),
+                                    Peer::EchoesSlowlyAtFirst => {
+                                        if n == 0 {
+                                            tokio::time::sleep(Duration::from_millis(300)).await;
+                                        }
+                                        vote_answer(req.vote)
+                                    }
+                                    _ => return, // closed without an answer
+                                };
+                                let mut out = (answer.len() as u32).to_be_bytes().to_vec();
+                                out.extend_from_slice(&answer);
+                                if s.write_all(&out).await.is_err()
+                                    || matches!(behaviour, Peer::OneAnswerPerStream)
+                                {
+                                    return; // closed after its one answer
+                                }
                             }
-                            return; // the stream is closed
                         }
                         assert!(line.starts_with(&format!("POST {PATH_VOTE} ")), "{line}");
                         let length: usize = head
@@ -448,8 +477,8 @@ mod tests {
                             .unwrap();
                         let mut body = vec![0u8; length];
                         s.read_exact(&mut body).await.unwrap();
-                        serde_json::from_slice::<VoteRequest<TypeConfig>>(&body).unwrap();
-                        let answer = vote_answer();
+                        let req: VoteRequest<TypeConfig> = serde_json::from_slice(&body).unwrap();
+                        let answer = vote_answer(req.vote);
                         let ans = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", answer.len());
                         s.write_all(ans.as_bytes()).await.unwrap();
                         s.write_all(&answer).await.unwrap();
@@ -478,7 +507,14 @@ mod tests {
     async fn vote(
         c: &mut PeerConnection,
     ) -> RpcResult<VoteResponse<TypeConfig>, openraft::error::Infallible> {
-        let req = VoteRequest::<TypeConfig>::new(crate::Vote::new(4, 1), None);
+        vote_in(c, 4).await
+    }
+
+    async fn vote_in(
+        c: &mut PeerConnection,
+        term: u64,
+    ) -> RpcResult<VoteResponse<TypeConfig>, openraft::error::Infallible> {
+        let req = VoteRequest::<TypeConfig>::new(crate::Vote::new(term, 1), None);
         c.vote(req, RPCOption::new(std::time::Duration::from_secs(5)))
             .await
     }
@@ -553,5 +589,36 @@ mod tests {
         assert!(!r.note(8, "/raft/vote", None), "another peer is its own");
         assert!(r.note(7, "/raft/append", None), "back");
         assert!(!r.note(7, "/raft/append", None));
+    }
+
+    #[tokio::test]
+    async fn t05_a_call_given_up_midway_leaves_no_answer_for_the_next() {
+        // openraft's heartbeat wraps each call in a timeout of its own: the stream must not
+        // hand the next call the answer of the one given up.
+        let (addr, log) = fake_peer(Peer::EchoesSlowlyAtFirst).await;
+        let mut c = connection(&addr);
+        let given_up = tokio::time::timeout(Duration::from_millis(50), vote_in(&mut c, 7)).await;
+        assert!(given_up.is_err(), "the first answer takes 300 ms");
+        tokio::time::sleep(Duration::from_millis(400)).await; // its answer is there now
+        for term in [8, 9] {
+            let answer = vote_in(&mut c, term).await.expect("answered");
+            assert_eq!(answer.vote.leader_id().term, term, "another call's answer");
+        }
+        let opens = seen(&log).iter().filter(|l| l.starts_with("GET ")).count();
+        assert_eq!(
+            opens, 2,
+            "a new stream after the abandoned one, then reused"
+        );
+    }
+
+    #[tokio::test]
+    async fn t06_a_peer_with_another_stream_protocol_is_spoken_to_over_http() {
+        let (addr, log) = fake_peer(Peer::OtherProtocol).await;
+        let mut c = connection(&addr);
+        assert!(vote(&mut c).await.expect("answered over HTTP").vote_granted);
+        assert_eq!(
+            seen(&log),
+            [format!("GET {PATH_STREAM}"), format!("POST {PATH_VOTE}")]
+        );
     }
 }

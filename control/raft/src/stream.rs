@@ -2,7 +2,8 @@
 //!
 //! A lone write costs the leader two AppendEntries per follower (the entry, then the new
 //! commit index), and a request per RPC paid for a URL, a header map, hyper's client
-//! connection task and an axum route on each side. Here each replication stream keeps one
+//! connection task and an axum route on each side. Here each network client openraft makes
+//! (one per peer for replication, one for heartbeats, one per election for votes) keeps one
 //! TCP connection to its peer, opened as an HTTP/1.1 upgrade of `GET /raft/stream` (so the
 //! cluster secret is checked as on every `/raft` route, and one port serves both), and
 //! then carries length-prefixed frames, one answer per request, in order.
@@ -11,8 +12,9 @@
 //! byte ([`Kind`]) and the JSON of the request; an answer's bytes are the JSON the HTTP
 //! route answers (`Result<Response, RaftError>`). Snapshots stay on HTTP, in chunks.
 //!
-//! A peer of an older build answers the upgrade with 404: the caller then uses the HTTP
-//! routes (see `network`), which every build still serves.
+//! A peer of an older build answers the upgrade with 404, and one that speaks another
+//! protocol token 426: the caller then uses the HTTP routes (see `network`), which every
+//! build still serves.
 
 use std::time::Duration;
 
@@ -26,9 +28,12 @@ pub const PATH_STREAM: &str = "/raft/stream";
 pub const PROTOCOL: &str = "flynn-raft-1";
 /// The largest frame either side accepts: the `/raft` routes' body limit.
 pub const MAX_FRAME: usize = 64 * 1024 * 1024;
-/// A stream with no request for this long is closed by the peer serving it. A leader's
-/// heartbeats keep a replication stream busier than that.
+/// A stream with no request for this long is closed by the peer serving it (a peer that
+/// went away without a word, or a leader that had nothing to replicate).
 const IDLE: Duration = Duration::from_secs(60);
+/// The caller opens a new stream instead of one unused for this long, so it does not send
+/// into one the peer is closing.
+const REUSE_WITHIN: Duration = Duration::from_secs(45);
 /// The most bytes of an upgrade answer's head.
 const MAX_HEAD: usize = 8 * 1024;
 
@@ -49,14 +54,21 @@ impl Kind {
     }
 }
 
-/// A request frame, whole: length, kind and the JSON of `req`, ready for one write.
-pub fn request_frame<T: serde::Serialize>(kind: Kind, req: &T) -> Vec<u8> {
+/// A request frame, whole: length, kind and the JSON of `req`, ready for one write; an
+/// error when it is over [`MAX_FRAME`], which the peer would refuse.
+pub fn request_frame<T: serde::Serialize>(kind: Kind, req: &T) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; 5];
-    serde_json::to_writer(&mut buf, req).expect("raft requests always serialize");
-    let len = u32::try_from(buf.len() - 4).unwrap_or(u32::MAX);
-    buf[..4].copy_from_slice(&len.to_be_bytes());
+    serde_json::to_writer(&mut buf, req).map_err(std::io::Error::other)?;
+    let len = buf.len() - 4;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a request of {len} bytes is over the {MAX_FRAME}-byte frame limit"),
+        ));
+    }
+    buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
     buf[4] = kind as u8;
-    buf
+    Ok(buf)
 }
 
 /// Reads one frame; `None` when the stream ended cleanly before one began.
@@ -74,8 +86,15 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<V
             format!("a frame of {len} bytes is over the {MAX_FRAME}-byte limit"),
         ));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
+    // Grown as bytes come, not sized from the prefix up front.
+    let mut body = Vec::with_capacity(len.min(64 * 1024));
+    r.take(len as u64).read_to_end(&mut body).await?;
+    if body.len() != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the stream ended inside a frame",
+        ));
+    }
     Ok(Some(body))
 }
 
@@ -133,6 +152,11 @@ pub struct PeerStream {
     /// Whether an answer has come over it: a fresh stream's failure is the peer's, one that
     /// had served may just have been closed by the peer while idle.
     answered: bool,
+    /// A request was sent (or begun) and its answer not read whole: the call was given up
+    /// (openraft's heartbeat wraps each call in a timeout of its own), and the next answer
+    /// on this stream would be that request's, not the next one's.
+    in_flight: bool,
+    last_used: std::time::Instant,
 }
 
 /// Why a stream could not be opened.
@@ -177,14 +201,19 @@ impl PeerStream {
             101 => Ok(PeerStream {
                 io,
                 answered: false,
+                in_flight: false,
+                last_used: std::time::Instant::now(),
             }),
-            404 => Err(OpenError::NotOffered),
+            // An older build (no such route), or one with another protocol token.
+            404 | 426 => Err(OpenError::NotOffered),
             s => Err(OpenError::Refused(format!("{s}: {body}"))),
         }
     }
 
     /// Sends one request frame and reads its answer.
     pub async fn call(&mut self, frame: &[u8]) -> std::io::Result<Vec<u8>> {
+        self.in_flight = true;
+        self.last_used = std::time::Instant::now();
         self.io.write_all(frame).await?;
         let answer = read_frame(&mut self.io).await?.ok_or_else(|| {
             std::io::Error::new(
@@ -192,6 +221,7 @@ impl PeerStream {
                 "the peer closed the stream",
             )
         })?;
+        self.in_flight = false;
         self.answered = true;
         Ok(answer)
     }
@@ -199,6 +229,12 @@ impl PeerStream {
     /// Whether an earlier request was answered over this stream.
     pub fn answered_before(&self) -> bool {
         self.answered
+    }
+
+    /// Whether the next request may go over this stream: nothing of an abandoned call is
+    /// pending on it, and the peer is not about to close it as idle.
+    pub fn reusable(&self) -> bool {
+        !self.in_flight && self.last_used.elapsed() < REUSE_WITHIN
     }
 }
 

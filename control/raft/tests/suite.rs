@@ -33,8 +33,9 @@ async fn openraft_storage_suite() {
     }
 }
 
-/// No entry of the suite is of this node's term: every append is synced inline.
-#[tokio::test(flavor = "multi_thread")]
+/// No entry of the suite is of this node's term: every append is synced inline (which
+/// takes a runtime of two workers or more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openraft_storage_suite_as_a_follower() {
     if let Err(e) = Suite::test_all(RocksBuilder {
         own_id: Some(u64::MAX),

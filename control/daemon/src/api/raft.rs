@@ -35,11 +35,20 @@ async fn open_stream(State(host): State<AppState>, mut req: Request) -> ApiResul
     });
     let upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
     let Some(upgrade) = upgrade.filter(|_| asked) else {
-        return Err(crate::error::ApiError::Invalid(format!(
+        // 426 names the protocol spoken here; a caller asking for another one (a newer
+        // build) falls back to the per-RPC routes on it.
+        let mut refusal = crate::error::ApiError::Invalid(format!(
             "{} is an HTTP/1.1 upgrade to {}",
             stream::PATH_STREAM,
             stream::PROTOCOL
-        )));
+        ))
+        .into_response();
+        *refusal.status_mut() = StatusCode::UPGRADE_REQUIRED;
+        refusal.headers_mut().insert(
+            header::UPGRADE,
+            header::HeaderValue::from_static(stream::PROTOCOL),
+        );
+        return Ok(refusal);
     };
     tokio::spawn(async move {
         let served = match upgrade.await {
