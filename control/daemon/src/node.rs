@@ -205,46 +205,37 @@ async fn propose_batch(raft: &Raft, commands: Vec<Command>) -> Vec<ProposeOutcom
         splice(commands)
     };
     let total: usize = spans.iter().map(|(n, _)| n).sum();
-    let outcomes: Vec<ProposeOutcome> =
-        match tokio::time::timeout(COMMIT_WAIT, raft.client_write(entry)).await {
-            Ok(Ok(resp)) if single => vec![ProposeOutcome::Applied(resp.data)],
-            Ok(Ok(resp)) => match resp.data {
-                Ok(flynn_state::Response::Batch { results }) if results.len() == total => {
-                    unsplice(results, &spans)
-                        .into_iter()
-                        .map(ProposeOutcome::Applied)
-                        .collect()
-                }
-                other => {
-                    let why = format!("unexpected batch result {other:?}");
-                    (0..count)
-                        .map(|_| ProposeOutcome::Unknown(why.clone()))
-                        .collect()
-                }
-            },
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
-                let why = format!("not the leader (leader: {:?})", f.leader_id);
-                (0..count)
-                    .map(|_| ProposeOutcome::NotLeader(why.clone()))
+    // One failure, told to every command of the entry.
+    let every = |outcome: fn(String) -> ProposeOutcome, why: String| {
+        (0..count).map(|_| outcome(why.clone())).collect()
+    };
+    match tokio::time::timeout(COMMIT_WAIT, raft.client_write(entry)).await {
+        Ok(Ok(resp)) if single => vec![ProposeOutcome::Applied(resp.data)],
+        Ok(Ok(resp)) => match resp.data {
+            Ok(flynn_state::Response::Batch { results }) if results.len() == total => {
+                unsplice(results, &spans)
+                    .into_iter()
+                    .map(ProposeOutcome::Applied)
                     .collect()
             }
-            Ok(Err(e)) => {
-                let why = e.to_string();
-                (0..count)
-                    .map(|_| ProposeOutcome::Unknown(why.clone()))
-                    .collect()
-            }
-            Err(_) => {
-                let why = format!(
-                    "not committed within {}s; the write may still be applied",
-                    COMMIT_WAIT.as_secs()
-                );
-                (0..count)
-                    .map(|_| ProposeOutcome::Unknown(why.clone()))
-                    .collect()
-            }
-        };
-    outcomes
+            other => every(
+                ProposeOutcome::Unknown,
+                format!("unexpected batch result {other:?}"),
+            ),
+        },
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => every(
+            ProposeOutcome::NotLeader,
+            format!("not the leader (leader: {:?})", f.leader_id),
+        ),
+        Ok(Err(e)) => every(ProposeOutcome::Unknown, e.to_string()),
+        Err(_) => every(
+            ProposeOutcome::Unknown,
+            format!(
+                "not committed within {}s; the write may still be applied",
+                COMMIT_WAIT.as_secs()
+            ),
+        ),
+    }
 }
 
 pub struct Node {

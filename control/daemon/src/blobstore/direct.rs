@@ -401,6 +401,7 @@ async fn send_object(
             None => {
                 let piece = super::store::read_piece_soon(object.clone(), at, window).await?;
                 send_all(stream, &piece, 0).await?;
+                b.metrics.copied_uncached(piece.len() as u64);
                 piece.len() as u64
             }
         };
@@ -462,9 +463,14 @@ fn cached(fd: RawFd, at: u64, len: u64) -> bool {
     if MISSING.load(std::sync::atomic::Ordering::Relaxed) {
         return false;
     }
-    #[allow(unsafe_code)]
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    /// The page size, asked once.
+    static PAGE: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+        #[allow(unsafe_code)]
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        page.max(4096) as u64
+    });
+    let page = *PAGE;
     let pages = (at + len - 1) / page - at / page + 1;
     let range = Range { off: at, len };
     let mut stat = Stat::default();

@@ -28,6 +28,9 @@ struct PerBackend {
     bytes_out: BTreeMap<String, u64>,
     /// Bytes of local objects the kernel sent from the page cache (`sendfile`).
     sent_uncopied: u64,
+    /// Bytes of local objects the front read and wrote itself: windows the page cache did
+    /// not hold whole, or held with a page the kernel would not read without waiting.
+    copied_uncached: u64,
     /// GETs answered before the API (`direct.rs`).
     answered_directly: u64,
 }
@@ -82,6 +85,10 @@ impl Metrics {
         self.inner.lock().expect("metrics lock").sent_uncopied += n;
     }
 
+    pub fn copied_uncached(&self, n: u64) {
+        self.inner.lock().expect("metrics lock").copied_uncached += n;
+    }
+
     pub fn render(&self) -> String {
         let m = self.inner.lock().expect("metrics lock");
         let mut out = String::new();
@@ -113,6 +120,11 @@ impl Metrics {
             out,
             "# HELP flynn_blobstore_sendfile_bytes_total Bytes of local objects sent from the page cache without a copy (sendfile).\n# TYPE flynn_blobstore_sendfile_bytes_total counter\nflynn_blobstore_sendfile_bytes_total {}",
             m.sent_uncopied
+        );
+        let _ = writeln!(
+            out,
+            "# HELP flynn_blobstore_uncached_bytes_total Bytes of local objects sent by a read and a write, not sendfile: the page cache did not hold them whole, or not readable without waiting.\n# TYPE flynn_blobstore_uncached_bytes_total counter\nflynn_blobstore_uncached_bytes_total {}",
+            m.copied_uncached
         );
         let _ = writeln!(
             out,
